@@ -1,0 +1,314 @@
+//! MQTT control packets as plain data: one struct per packet, shared by the
+//! three protocol versions. Fields that only exist in MQTT 5 are ignored when
+//! encoding for 3.1 / 3.1.1 and left at their defaults when decoding them.
+
+use bytes::Bytes;
+use bytestring::ByteString;
+
+use crate::ReasonCode;
+
+/// Protocol version negotiated in CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// MQTT 3.1, protocol name `MQIsdp`, level 3.
+    V3_1,
+    /// MQTT 3.1.1, protocol name `MQTT`, level 4.
+    V3_1_1,
+    /// MQTT 5.0, protocol name `MQTT`, level 5.
+    V5,
+}
+
+impl Protocol {
+    pub fn level(self) -> u8 {
+        match self {
+            Protocol::V3_1 => 3,
+            Protocol::V3_1_1 => 4,
+            Protocol::V5 => 5,
+        }
+    }
+    pub fn is_v5(self) -> bool {
+        self == Protocol::V5
+    }
+}
+
+/// Quality of service level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum QoS {
+    #[default]
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+    ExactlyOnce = 2,
+}
+
+impl QoS {
+    pub fn from_u8(v: u8) -> Option<QoS> {
+        match v {
+            0 => Some(QoS::AtMostOnce),
+            1 => Some(QoS::AtLeastOnce),
+            2 => Some(QoS::ExactlyOnce),
+            _ => None,
+        }
+    }
+}
+
+/// A user property (MQTT 5): an ordered name / value pair; names may repeat.
+pub type UserProperty = (ByteString, ByteString);
+
+/// Every packet a client or server can send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Packet {
+    Connect(Box<Connect>),
+    ConnAck(ConnAck),
+    Publish(Publish),
+    PubAck(PubResp),
+    PubRec(PubResp),
+    PubRel(PubResp),
+    PubComp(PubResp),
+    Subscribe(Subscribe),
+    SubAck(SubAck),
+    Unsubscribe(Unsubscribe),
+    UnsubAck(UnsubAck),
+    PingReq,
+    PingResp,
+    Disconnect(Disconnect),
+    Auth(Auth),
+}
+
+impl Packet {
+    /// Name of the packet type, for logs and error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Packet::Connect(_) => "CONNECT",
+            Packet::ConnAck(_) => "CONNACK",
+            Packet::Publish(_) => "PUBLISH",
+            Packet::PubAck(_) => "PUBACK",
+            Packet::PubRec(_) => "PUBREC",
+            Packet::PubRel(_) => "PUBREL",
+            Packet::PubComp(_) => "PUBCOMP",
+            Packet::Subscribe(_) => "SUBSCRIBE",
+            Packet::SubAck(_) => "SUBACK",
+            Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+            Packet::UnsubAck(_) => "UNSUBACK",
+            Packet::PingReq => "PINGREQ",
+            Packet::PingResp => "PINGRESP",
+            Packet::Disconnect(_) => "DISCONNECT",
+            Packet::Auth(_) => "AUTH",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connect {
+    pub protocol: Protocol,
+    /// Clean Session (3.x) / Clean Start (5).
+    pub clean_start: bool,
+    pub keep_alive: u16,
+    pub properties: ConnectProperties,
+    pub client_id: ByteString,
+    pub will: Option<LastWill>,
+    pub username: Option<ByteString>,
+    pub password: Option<Bytes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConnectProperties {
+    pub session_expiry_interval: Option<u32>,
+    pub receive_maximum: Option<u16>,
+    pub maximum_packet_size: Option<u32>,
+    pub topic_alias_maximum: Option<u16>,
+    pub request_response_information: Option<bool>,
+    pub request_problem_information: Option<bool>,
+    pub user_properties: Vec<UserProperty>,
+    pub authentication_method: Option<ByteString>,
+    pub authentication_data: Option<Bytes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastWill {
+    pub topic: ByteString,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: WillProperties,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WillProperties {
+    pub will_delay_interval: Option<u32>,
+    pub payload_format_indicator: Option<u8>,
+    pub message_expiry_interval: Option<u32>,
+    pub content_type: Option<ByteString>,
+    pub response_topic: Option<ByteString>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<UserProperty>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConnAck {
+    pub session_present: bool,
+    /// For 3.x the encoder maps this to the 3.1.1 return code
+    /// (see [`ReasonCode::to_v3_connack`]).
+    pub reason_code: ReasonCode,
+    pub properties: ConnAckProperties,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConnAckProperties {
+    pub session_expiry_interval: Option<u32>,
+    pub receive_maximum: Option<u16>,
+    pub maximum_qos: Option<QoS>,
+    pub retain_available: Option<bool>,
+    pub maximum_packet_size: Option<u32>,
+    pub assigned_client_identifier: Option<ByteString>,
+    pub topic_alias_maximum: Option<u16>,
+    pub reason_string: Option<ByteString>,
+    pub user_properties: Vec<UserProperty>,
+    pub wildcard_subscription_available: Option<bool>,
+    pub subscription_identifiers_available: Option<bool>,
+    pub shared_subscription_available: Option<bool>,
+    pub server_keep_alive: Option<u16>,
+    pub response_information: Option<ByteString>,
+    pub server_reference: Option<ByteString>,
+    pub authentication_method: Option<ByteString>,
+    pub authentication_data: Option<Bytes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Publish {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+    /// May be empty in MQTT 5 when a topic alias is present.
+    pub topic: ByteString,
+    /// Present (non-zero) exactly when `qos > 0`.
+    pub packet_id: Option<u16>,
+    pub properties: PublishProperties,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PublishProperties {
+    pub payload_format_indicator: Option<u8>,
+    pub message_expiry_interval: Option<u32>,
+    pub topic_alias: Option<u16>,
+    pub response_topic: Option<ByteString>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<UserProperty>,
+    /// Server to client only; a client sending one is a protocol error.
+    pub subscription_identifiers: Vec<u32>,
+    pub content_type: Option<ByteString>,
+}
+
+impl PublishProperties {
+    pub fn is_empty(&self) -> bool {
+        self.payload_format_indicator.is_none()
+            && self.message_expiry_interval.is_none()
+            && self.topic_alias.is_none()
+            && self.response_topic.is_none()
+            && self.correlation_data.is_none()
+            && self.user_properties.is_empty()
+            && self.subscription_identifiers.is_empty()
+            && self.content_type.is_none()
+    }
+}
+
+/// PUBACK, PUBREC, PUBREL and PUBCOMP share one layout.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PubResp {
+    pub packet_id: u16,
+    pub reason_code: ReasonCode,
+    pub properties: AckProperties,
+}
+
+impl PubResp {
+    pub fn new(packet_id: u16) -> Self {
+        PubResp {
+            packet_id,
+            reason_code: ReasonCode::SUCCESS,
+            properties: AckProperties::default(),
+        }
+    }
+    pub fn with_reason(packet_id: u16, reason_code: ReasonCode) -> Self {
+        PubResp {
+            packet_id,
+            reason_code,
+            properties: AckProperties::default(),
+        }
+    }
+}
+
+/// Properties of PUBACK / PUBREC / PUBREL / PUBCOMP / SUBACK / UNSUBACK.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AckProperties {
+    pub reason_string: Option<ByteString>,
+    pub user_properties: Vec<UserProperty>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct SubscriptionOptions {
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    /// 0: send retained on subscribe; 1: only if the subscription is new; 2: never.
+    pub retain_handling: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Subscribe {
+    pub packet_id: u16,
+    pub subscription_identifier: Option<u32>,
+    pub user_properties: Vec<UserProperty>,
+    pub filters: Vec<(ByteString, SubscriptionOptions)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SubAck {
+    pub packet_id: u16,
+    pub properties: AckProperties,
+    /// One per filter. For 3.x: 0x00..=0x02 granted QoS, anything >= 0x80
+    /// is encoded as 0x80 (failure).
+    pub reason_codes: Vec<ReasonCode>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Unsubscribe {
+    pub packet_id: u16,
+    pub user_properties: Vec<UserProperty>,
+    pub filters: Vec<ByteString>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UnsubAck {
+    pub packet_id: u16,
+    pub properties: AckProperties,
+    /// One per filter (MQTT 5 only; not encoded for 3.x).
+    pub reason_codes: Vec<ReasonCode>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Disconnect {
+    pub reason_code: ReasonCode,
+    pub properties: DisconnectProperties,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DisconnectProperties {
+    pub session_expiry_interval: Option<u32>,
+    pub reason_string: Option<ByteString>,
+    pub user_properties: Vec<UserProperty>,
+    pub server_reference: Option<ByteString>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Auth {
+    pub reason_code: ReasonCode,
+    pub properties: AuthProperties,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuthProperties {
+    pub authentication_method: Option<ByteString>,
+    pub authentication_data: Option<Bytes>,
+    pub reason_string: Option<ByteString>,
+    pub user_properties: Vec<UserProperty>,
+}
