@@ -1,1 +1,24 @@
-//! placeholder
+//! # Millet
+//!
+//! An MQTT 3.1 / 3.1.1 / 5.0 message gateway.
+//!
+//! ## Layout
+//! - [`millet_codec`] (separate crate): packets ⇄ bytes, sans-IO, errors carry reason codes.
+//! - [`protocol`]: one connection's state machine (CONNECT, keep-alive, aliases,
+//!   QoS handshakes, flow control), sans-IO, driven with `now`.
+//! - [`session`]: what outlives a connection: subscriptions, queue, in-flight
+//!   window, QoS 2 ids awaiting PUBREL, will, expiry.
+//! - [`broker`]: routing (subscription index, `$share` groups), retained
+//!   messages, client registry and takeover, delayed wills, `$SYS`.
+//! - [`auth`]: the enhanced-authentication (AUTH) provider interface.
+//! - [`config`]: configuration layers (defaults, TOML, env, flags).
+//! - [`server`]: the tokio driver: listeners, connection tasks, ticker, drain.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod protocol;
+pub mod server;
+pub mod session;

@@ -1,0 +1,610 @@
+//! The broker: routing and everything shared between connections.
+//!
+//! Owns the subscription index (filter → sessions), the retained messages, the
+//! client registry (client id → session; one live connection per client id,
+//! takeover), delayed wills, and broker statistics. No IO and no clock: time
+//! comes in as `now`, and the server's ticker calls [`Broker::handle_timeout`].
+//!
+//! Lock order (never acquire against it): `registry` → a session's `state`.
+//! A session's `state` lock is never held while taking `index` or `retained`,
+//! because publishers hold `index` (read) while they take session locks.
+
+pub mod index;
+pub mod retained;
+mod sys;
+#[cfg(test)]
+mod topic_tree_tests;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytestring::ByteString;
+use millet_codec::{topic, LastWill, QoS, ReasonCode};
+use parking_lot::{Mutex, RwLock};
+use smallvec::SmallVec;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, ShareStrategyConfig};
+use crate::session::{
+    ConnWaker, Delivery, Enqueued, Message, Session, SessionCell, SessionId, Subscription, Will,
+};
+use index::{ShareStrategy, SubscriptionIndex};
+use retained::RetainedStore;
+
+/// The value stored for each subscription in the index.
+#[derive(Debug, Clone)]
+pub struct IndexEntry {
+    pub cell: Arc<SessionCell>,
+    pub options: millet_codec::SubscriptionOptions,
+    pub identifier: Option<u32>,
+    /// The full `$share/g/f` filter for shared subscriptions.
+    pub share: Option<ByteString>,
+}
+
+/// Broker-wide counters, published under `$SYS`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub clients_connected: AtomicU64,
+    pub clients_total: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub messages_dropped: AtomicU64,
+    pub subscriptions: AtomicU64,
+}
+
+/// Result of attaching a connection to a session.
+pub struct Attached {
+    pub cell: Arc<SessionCell>,
+    pub epoch: u64,
+    pub session_present: bool,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeOutcome {
+    /// Granted; `true` if the subscription did not exist before.
+    Granted {
+        is_new: bool,
+    },
+    Refused(ReasonCode),
+}
+
+struct DelayedWill {
+    at: Instant,
+    will: Will,
+}
+
+pub struct Broker {
+    pub config: Config,
+    index: RwLock<SubscriptionIndex<SessionId, IndexEntry>>,
+    retained: RwLock<RetainedStore<Arc<Message>>>,
+    registry: Mutex<HashMap<ByteString, Arc<SessionCell>>>,
+    delayed_wills: Mutex<Vec<DelayedWill>>,
+    next_session_id: AtomicU64,
+    next_epoch: AtomicU64,
+    pub stats: Stats,
+    started: Instant,
+    last_sys: Mutex<Option<Instant>>,
+    authenticator: Option<Arc<dyn Authenticator>>,
+}
+
+thread_local! {
+    static MATCHES: RefCell<Vec<index::Match<SessionId, IndexEntry>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Broker {
+    pub fn new(config: Config, now: Instant) -> Broker {
+        let strategy = match config.shared_strategy {
+            ShareStrategyConfig::RoundRobin => ShareStrategy::RoundRobin,
+            ShareStrategyConfig::Random => ShareStrategy::Random,
+            ShareStrategyConfig::HashClientId => ShareStrategy::HashClientId,
+        };
+        Broker {
+            config,
+            index: RwLock::new(SubscriptionIndex::new(strategy)),
+            retained: RwLock::new(RetainedStore::new()),
+            registry: Mutex::new(HashMap::new()),
+            delayed_wills: Mutex::new(Vec::new()),
+            next_session_id: AtomicU64::new(1),
+            next_epoch: AtomicU64::new(1),
+            stats: Stats::default(),
+            started: now,
+            last_sys: Mutex::new(None),
+            authenticator: None,
+        }
+    }
+
+    /// Install the enhanced-authentication provider (MQTT 5 AUTH).
+    pub fn with_authenticator(mut self, a: Arc<dyn Authenticator>) -> Broker {
+        self.authenticator = Some(a);
+        self
+    }
+
+    pub fn authenticator(&self) -> Option<&Arc<dyn Authenticator>> {
+        self.authenticator.as_ref()
+    }
+
+    pub fn uptime(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+
+    /// Attach a new connection to the session of `client_id`, creating it,
+    /// resuming it or discarding it per `clean_start` [MQTT-3.1.2-4..6]. A
+    /// connection already attached is told to close with 0x8E [MQTT-3.1.4-3].
+    pub fn connect(
+        &self,
+        client_id: &ByteString,
+        clean_start: bool,
+        expiry_interval: u32,
+        will: Option<LastWill>,
+        waker: Arc<ConnWaker>,
+        now: Instant,
+    ) -> Attached {
+        let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
+        let mut wills_now: Vec<Will> = Vec::new();
+        let mut ended: Option<Arc<SessionCell>> = None;
+        let attached = {
+            let mut reg = self.registry.lock();
+            let existing = reg.get(client_id).cloned();
+            let mut resumed = None;
+            if let Some(cell) = existing {
+                let mut st = cell.state.lock();
+                if st.conn_epoch != 0 {
+                    // Takeover: the old connection sees its epoch replaced and
+                    // closes with 0x8E; its will (if any) is published now
+                    // unless the session resumes with a will delay.
+                    st.conn_epoch = 0;
+                    st.wake();
+                    st.waker = None;
+                    self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
+                }
+                if let Some(w) = st.session.will.take() {
+                    let delay = w.will.properties.will_delay_interval.unwrap_or(0);
+                    if clean_start || delay == 0 {
+                        wills_now.push(w);
+                    }
+                }
+                self.cancel_delayed_will(cell.id);
+                if clean_start {
+                    drop(st);
+                    reg.remove(client_id);
+                    ended = Some(cell);
+                } else {
+                    st.conn_epoch = epoch;
+                    st.waker = Some(waker.clone());
+                    st.kick = None;
+                    st.session.expires_at = None;
+                    st.session.expiry_interval = expiry_interval;
+                    drop(st);
+                    resumed = Some(cell);
+                }
+            }
+            match resumed {
+                Some(cell) => Attached {
+                    cell,
+                    epoch,
+                    session_present: true,
+                },
+                None => {
+                    let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
+                    let mut s = Session::new(id, client_id.clone(), self.config.limits.max_queued);
+                    s.expiry_interval = expiry_interval;
+                    let cell = SessionCell::new(s);
+                    {
+                        let mut st = cell.state.lock();
+                        st.conn_epoch = epoch;
+                        st.waker = Some(waker.clone());
+                    }
+                    reg.insert(client_id.clone(), cell.clone());
+                    Attached {
+                        cell,
+                        epoch,
+                        session_present: false,
+                    }
+                }
+            }
+        };
+        {
+            let mut st = attached.cell.state.lock();
+            st.session.will = will.map(|will| Will {
+                will,
+                client_id: client_id.clone(),
+                session: attached.cell.id,
+            });
+        }
+        if let Some(cell) = ended {
+            self.end_session(&cell, now);
+        }
+        for w in wills_now {
+            self.publish_will(w, now);
+        }
+        self.stats.clients_connected.fetch_add(1, Ordering::Relaxed);
+        self.stats.clients_total.fetch_add(1, Ordering::Relaxed);
+        attached
+    }
+
+    /// The connection `epoch` of `cell` has closed. `publish_will` is false
+    /// after a normal DISCONNECT [MQTT-3.1.2-10]. `expiry_override` is the
+    /// session expiry from a v5 DISCONNECT.
+    pub fn disconnect(
+        &self,
+        cell: &Arc<SessionCell>,
+        epoch: u64,
+        publish_will: bool,
+        expiry_override: Option<u32>,
+        now: Instant,
+    ) {
+        let mut will_now = None;
+        let end = {
+            let reg = self.registry.lock();
+            let mut st = cell.state.lock();
+            if st.conn_epoch != epoch {
+                return; // taken over: the new connection dealt with the will
+            }
+            st.conn_epoch = 0;
+            st.kick = None;
+            st.waker = None;
+            self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
+            if let Some(e) = expiry_override {
+                st.session.expiry_interval = e;
+            }
+            let expiry = st.session.expiry_interval;
+            let will = st.session.will.take();
+            if let (true, Some(w)) = (publish_will, will) {
+                let delay = w
+                    .will
+                    .properties
+                    .will_delay_interval
+                    .unwrap_or(0)
+                    .min(expiry);
+                if delay == 0 {
+                    will_now = Some(w);
+                } else {
+                    self.delayed_wills.lock().push(DelayedWill {
+                        at: now + Duration::from_secs(u64::from(delay)),
+                        will: w,
+                    });
+                }
+            }
+            if expiry == 0 {
+                true
+            } else {
+                st.session.expires_at =
+                    (expiry != u32::MAX).then(|| now + Duration::from_secs(u64::from(expiry)));
+                drop(st);
+                drop(reg);
+                false
+            }
+        };
+        if end {
+            let client_id = cell.state.lock().session.client_id.clone();
+            {
+                let mut reg = self.registry.lock();
+                if reg.get(&client_id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+                    reg.remove(&client_id);
+                }
+            }
+            self.end_session(cell, now);
+        }
+        if let Some(w) = will_now {
+            self.publish_will(w, now);
+        }
+    }
+
+    /// Forget a session: its subscriptions leave the index, and QoS 1/2
+    /// messages it received through shared subscriptions but did not
+    /// acknowledge go to another member of their group.
+    fn end_session(&self, cell: &Arc<SessionCell>, now: Instant) {
+        let (subs, pending) = {
+            let mut st = cell.state.lock();
+            let subs: Vec<(ByteString, Subscription)> = st.session.subscriptions.drain().collect();
+            let pending = st.session.drain_all();
+            (subs, pending)
+        };
+        {
+            let mut idx = self.index.write();
+            for (filter, sub) in &subs {
+                remove_from_index(&mut idx, filter, sub, cell.id);
+            }
+        }
+        self.stats
+            .subscriptions
+            .fetch_sub(subs.len() as u64, Ordering::Relaxed);
+        for d in pending {
+            let Some(share) = d.share.clone() else {
+                continue;
+            };
+            if d.qos == QoS::AtMostOnce || d.msg.is_expired(now) {
+                continue;
+            }
+            let Ok(Some(sf)) = topic::parse_shared(&share) else {
+                continue;
+            };
+            let member = self
+                .index
+                .read()
+                .pick_shared_member(sf.group, sf.filter, cell.id);
+            if let Some((_, entry)) = member {
+                self.deliver(&entry.cell, d);
+            }
+        }
+    }
+
+    fn cancel_delayed_will(&self, session: SessionId) {
+        self.delayed_wills
+            .lock()
+            .retain(|d| d.will.session != session);
+    }
+
+    fn publish_will(&self, w: Will, now: Instant) {
+        let will = w.will;
+        let mut properties = millet_codec::PublishProperties {
+            payload_format_indicator: will.properties.payload_format_indicator,
+            message_expiry_interval: will.properties.message_expiry_interval,
+            response_topic: will.properties.response_topic,
+            correlation_data: will.properties.correlation_data,
+            user_properties: will.properties.user_properties,
+            content_type: will.properties.content_type,
+            ..Default::default()
+        };
+        let expires_at = properties
+            .message_expiry_interval
+            .map(|s| now + Duration::from_secs(u64::from(s)));
+        properties.topic_alias = None;
+        let msg = Message {
+            topic: will.topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties,
+            expires_at,
+            publisher: Some(w.session),
+            publisher_client_id: w.client_id,
+        };
+        tracing::debug!(topic = %msg.topic, "publishing will");
+        self.publish(Arc::new(msg), now);
+    }
+
+    /// Route a message to every matching subscription; store or clear it as
+    /// retained if its retain flag is set. Returns the number of sessions it
+    /// was offered to.
+    pub fn publish(&self, msg: Arc<Message>, _now: Instant) -> usize {
+        self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
+        if msg.retain {
+            let mut r = self.retained.write();
+            if msg.payload.is_empty() {
+                r.remove(&msg.topic); // [MQTT-3.3.1-10]
+            } else {
+                r.set(&msg.topic, msg.clone()); // [MQTT-3.3.1-5]
+            }
+        }
+        self.route(&msg)
+    }
+
+    fn route(&self, msg: &Arc<Message>) -> usize {
+        let mut matches = MATCHES.with(|m| std::mem::take(&mut *m.borrow_mut()));
+        self.index
+            .read()
+            .matches(&msg.topic, &msg.publisher_client_id, &mut matches);
+        let mut delivered = 0;
+        // Overlapping subscriptions of one session are merged into one delivery
+        // with the highest QoS and every subscription identifier [MQTT-3.3.4-2..5].
+        for run in index::group_by_key(&mut matches) {
+            let mut best: Option<Delivery> = None;
+            for m in run {
+                let e = &m.value;
+                if e.options.no_local && e.share.is_none() && msg.publisher == Some(m.key) {
+                    continue; // [MQTT-3.8.3-3]
+                }
+                let qos = msg.qos.min(e.options.qos);
+                let retain = e.options.retain_as_published && msg.retain;
+                match &mut best {
+                    None => {
+                        let mut ids = SmallVec::new();
+                        ids.extend(e.identifier);
+                        best = Some(Delivery {
+                            msg: msg.clone(),
+                            qos,
+                            retain,
+                            subscription_ids: ids,
+                            share: e.share.clone(),
+                        });
+                    }
+                    Some(d) => {
+                        d.qos = d.qos.max(qos);
+                        d.retain |= retain;
+                        d.subscription_ids.extend(e.identifier);
+                    }
+                }
+            }
+            if let (Some(d), Some(first)) = (best, run.first()) {
+                self.deliver(&first.value.cell, d);
+                delivered += 1;
+            }
+        }
+        matches.clear();
+        MATCHES.with(|m| *m.borrow_mut() = matches);
+        delivered
+    }
+
+    /// Queue a delivery on a session and wake its connection.
+    pub fn deliver(&self, cell: &SessionCell, d: Delivery) {
+        let r = {
+            let mut st = cell.state.lock();
+            let r = st.session.enqueue(d);
+            st.wake();
+            r
+        };
+        if r != Enqueued::Queued {
+            self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Add a subscription for `cell`. `filter` is as the client sent it.
+    pub fn subscribe(
+        &self,
+        cell: &Arc<SessionCell>,
+        filter: &ByteString,
+        sub: Subscription,
+    ) -> SubscribeOutcome {
+        let limits = &self.config.limits;
+        if filter.len() > limits.max_topic_length
+            || filter.split('/').count() > limits.max_topic_levels
+        {
+            return SubscribeOutcome::Refused(ReasonCode::TOPIC_FILTER_INVALID);
+        }
+        let shared = match topic::parse_shared(filter) {
+            Ok(s) => s,
+            Err(_) => return SubscribeOutcome::Refused(ReasonCode::TOPIC_FILTER_INVALID),
+        };
+        if shared.is_none() && !topic::valid_topic_filter(filter) {
+            return SubscribeOutcome::Refused(ReasonCode::TOPIC_FILTER_INVALID);
+        }
+        if shared.is_some() && sub.options.no_local {
+            // [MQTT-3.8.3-4]: a protocol error; the caller turns this into a DISCONNECT.
+            return SubscribeOutcome::Refused(ReasonCode::PROTOCOL_ERROR);
+        }
+        let is_new = {
+            let mut st = cell.state.lock();
+            let exists = st.session.subscriptions.contains_key(filter);
+            if !exists && st.session.subscriptions.len() >= limits.max_subscriptions {
+                return SubscribeOutcome::Refused(ReasonCode::QUOTA_EXCEEDED);
+            }
+            st.session.subscriptions.insert(filter.clone(), sub.clone());
+            !exists
+        };
+        let entry = IndexEntry {
+            cell: cell.clone(),
+            options: sub.options,
+            identifier: sub.identifier,
+            share: shared.as_ref().map(|_| filter.clone()),
+        };
+        {
+            let mut idx = self.index.write();
+            match &shared {
+                Some(sf) => {
+                    idx.insert_shared(sf.group, sf.filter, cell.id, entry);
+                }
+                None => {
+                    idx.insert(filter, cell.id, entry);
+                }
+            }
+        }
+        if is_new {
+            self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
+        SubscribeOutcome::Granted { is_new }
+    }
+
+    /// Remove a subscription; returns whether it existed.
+    pub fn unsubscribe(&self, cell: &Arc<SessionCell>, filter: &ByteString) -> bool {
+        let Some(sub) = cell.state.lock().session.subscriptions.remove(filter) else {
+            return false;
+        };
+        remove_from_index(&mut self.index.write(), filter, &sub, cell.id);
+        self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Retained messages matching `filter`, for delivery on subscribe.
+    pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
+        let mut out = Vec::new();
+        self.retained.read().for_each_matching(filter, |_, m| {
+            if !m.is_expired(now) {
+                out.push(m.clone());
+            }
+        });
+        out
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.read().len()
+    }
+
+    /// Re-establish every subscription of a resumed session (no-op for the
+    /// in-memory engine, whose index still holds them; kept as the seam the
+    /// durable engine restores through).
+    pub fn session_count(&self) -> usize {
+        self.registry.lock().len()
+    }
+
+    /// Time-driven work: delayed wills, session expiry, retained expiry,
+    /// `$SYS` publication. Call it about once a second.
+    pub fn handle_timeout(&self, now: Instant) {
+        let due: Vec<Will> = {
+            let mut dw = self.delayed_wills.lock();
+            let mut due = Vec::new();
+            dw.retain(|d| {
+                if d.at <= now {
+                    due.push(d.will.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            due
+        };
+        for w in due {
+            self.publish_will(w, now);
+        }
+        let expired: Vec<Arc<SessionCell>> = {
+            let mut reg = self.registry.lock();
+            let ids: Vec<ByteString> = reg
+                .iter()
+                .filter(|(_, c)| {
+                    let st = c.state.lock();
+                    st.conn_epoch == 0 && st.session.expires_at.is_some_and(|t| t <= now)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            ids.iter().filter_map(|k| reg.remove(k)).collect()
+        };
+        for cell in expired {
+            tracing::debug!(session = cell.id, "session expired");
+            self.end_session(&cell, now);
+        }
+        self.retained.write().retain_where(|m| !m.is_expired(now));
+        let interval = self.config.sys_interval;
+        if interval > 0 {
+            let due = {
+                let mut last = self.last_sys.lock();
+                let due = last.is_none_or(|t| {
+                    now.saturating_duration_since(t) >= Duration::from_secs(interval)
+                });
+                if due {
+                    *last = Some(now);
+                }
+                due
+            };
+            if due {
+                sys::publish_sys(self, now);
+            }
+        }
+    }
+
+    /// Every session's cell, for shutdown.
+    pub fn all_sessions(&self) -> Vec<Arc<SessionCell>> {
+        self.registry.lock().values().cloned().collect()
+    }
+}
+
+fn remove_from_index(
+    idx: &mut SubscriptionIndex<SessionId, IndexEntry>,
+    filter: &str,
+    sub: &Subscription,
+    id: SessionId,
+) {
+    match (&sub.share_group, topic::parse_shared(filter)) {
+        (Some(_), Ok(Some(sf))) => {
+            idx.remove_shared(sf.group, sf.filter, id);
+        }
+        _ => {
+            idx.remove(filter, id);
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Retained message store: one retained message per topic name, found by
+//! topic filter when a client subscribes (OASIS MQTT 5.0 section 3.3.1.3).
+//!
+//! # Structure
+//!
+//! A trie of topic levels (`/`-separated, empty levels included), with
+//! children in an `ahash` map keyed by `Box<str>`. A node holds an `Entry`
+//! (the full topic name and the message) when a message is retained on the
+//! topic that ends there. Storing the topic name lets matching hand out
+//! `&str` topics without building strings.
+//!
+//! Matching a filter walks the trie along the filter: a literal level is one
+//! hash lookup, `+` visits every child, `#` visits the node itself (the parent
+//! level) and its whole subtree. So a subscription to `devices/123/#` costs
+//! the size of that subtree, whatever else is retained. As in the
+//! subscription index, a `+` or `#` first filter level skips topics starting
+//! with `$` [MQTT-4.7.2-1].
+//!
+//! Every walk uses an explicit stack (no recursion) and `Node`'s `Drop` is
+//! iterative, so topics with tens of thousands of levels cannot overflow the
+//! thread stack. Removal prunes nodes left without a message or children.
+
+use ahash::AHashMap;
+use smallvec::SmallVec;
+
+/// A retained message and the topic it was published on.
+#[derive(Debug)]
+struct Entry<M> {
+    topic: Box<str>,
+    msg: M,
+}
+
+#[derive(Debug)]
+struct Node<M> {
+    children: AHashMap<Box<str>, Node<M>>,
+    entry: Option<Entry<M>>,
+}
+
+impl<M> Node<M> {
+    fn new() -> Self {
+        Self {
+            children: AHashMap::new(),
+            entry: None,
+        }
+    }
+}
+
+impl<M> Drop for Node<M> {
+    /// Iterative drop: a very deep chain must not overflow the stack.
+    fn drop(&mut self) {
+        if self.children.is_empty() {
+            return;
+        }
+        let mut stack: Vec<Node<M>> = self.children.drain().map(|(_, n)| n).collect();
+        while let Some(mut node) = stack.pop() {
+            stack.extend(node.children.drain().map(|(_, n)| n));
+        }
+    }
+}
+
+/// The retained message store. See the module documentation.
+#[derive(Debug)]
+pub struct RetainedStore<M> {
+    root: Node<M>,
+    len: usize,
+    /// Nodes besides the root.
+    nodes: usize,
+}
+
+impl<M: Clone> Default for RetainedStore<M> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A pending step of a filter walk: a node and the byte offset of the next
+/// filter level (`None` once every level is consumed).
+type Frame<'a, M> = (&'a Node<M>, Option<usize>);
+
+impl<M: Clone> RetainedStore<M> {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self {
+            root: Node::new(),
+            len: 0,
+            nodes: 0,
+        }
+    }
+
+    /// Number of retained messages.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no message is retained.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of trie nodes besides the root (memory use / pruning checks).
+    pub fn node_count(&self) -> usize {
+        self.nodes
+    }
+
+    fn find(&self, topic: &str) -> Option<&Node<M>> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        Some(node)
+    }
+
+    fn find_mut(&mut self, topic: &str) -> Option<&mut Node<M>> {
+        let mut node = &mut self.root;
+        for level in topic.split('/') {
+            node = node.children.get_mut(level)?;
+        }
+        Some(node)
+    }
+
+    /// Retains `msg` on `topic` (a topic name, no wildcards), replacing and
+    /// returning the previous one.
+    pub fn set(&mut self, topic: &str, msg: M) -> Option<M> {
+        let mut node = &mut self.root;
+        let mut created = 0;
+        for level in topic.split('/') {
+            node = node.children.entry(level.into()).or_insert_with(|| {
+                created += 1;
+                Node::new()
+            });
+        }
+        self.nodes += created;
+        match &mut node.entry {
+            Some(entry) => Some(std::mem::replace(&mut entry.msg, msg)),
+            slot @ None => {
+                *slot = Some(Entry {
+                    topic: topic.into(),
+                    msg,
+                });
+                self.len += 1;
+                None
+            }
+        }
+    }
+
+    /// Removes and returns the message retained on `topic`, pruning the nodes
+    /// left empty.
+    pub fn remove(&mut self, topic: &str) -> Option<M> {
+        let node = self.find_mut(topic)?;
+        let entry = node.entry.take()?;
+        let leaf = node.children.is_empty();
+        self.len -= 1;
+        if leaf {
+            self.prune(topic);
+        }
+        Some(entry.msg)
+    }
+
+    /// The message retained on `topic`.
+    pub fn get(&self, topic: &str) -> Option<&M> {
+        self.find(topic)?.entry.as_ref().map(|e| &e.msg)
+    }
+
+    /// Removes the (empty, childless) node of `topic` and every ancestor left
+    /// empty: finds the deepest ancestor that must stay, then cuts below it.
+    fn prune(&mut self, topic: &str) {
+        let mut keep_depth = 0;
+        let mut depth = 0;
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            if depth > 0 && (node.entry.is_some() || node.children.len() > 1) {
+                keep_depth = depth;
+            }
+            let Some(next) = node.children.get(level) else {
+                return;
+            };
+            node = next;
+            depth += 1;
+        }
+        if node.entry.is_some() || !node.children.is_empty() {
+            return;
+        }
+        let mut node = &mut self.root;
+        let mut levels = topic.split('/');
+        for _ in 0..keep_depth {
+            let Some(next) = levels.next().and_then(|l| node.children.get_mut(l)) else {
+                return;
+            };
+            node = next;
+        }
+        if let Some(level) = levels.next() {
+            if node.children.remove(level).is_some() {
+                self.nodes -= depth - keep_depth;
+            }
+        }
+    }
+
+    /// Appends to `out` (cloned) every retained message whose topic matches
+    /// `filter` (a validated topic filter). Order is unspecified.
+    pub fn matching(&self, filter: &str, out: &mut Vec<M>) {
+        self.for_each_matching(filter, |_, msg| out.push(msg.clone()));
+    }
+
+    /// Visitor form of [`matching`](Self::matching), borrowing the topic
+    /// names and messages. Order is unspecified.
+    pub fn for_each_matching<'a>(&'a self, filter: &str, mut visit: impl FnMut(&'a str, &'a M)) {
+        let mut emit = |node: &'a Node<M>| {
+            if let Some(e) = &node.entry {
+                visit(&e.topic, &e.msg);
+            }
+        };
+        let mut stack: SmallVec<[Frame<'a, M>; 16]> = SmallVec::new();
+        let mut subtree: SmallVec<[&'a Node<M>; 32]> = SmallVec::new();
+        stack.push((&self.root, Some(0)));
+        while let Some((node, pos)) = stack.pop() {
+            let Some(start) = pos else {
+                emit(node);
+                continue;
+            };
+            // [MQTT-4.7.2-1]: no leading wildcard matches a `$` topic.
+            let skip_dollar = start == 0;
+            let wanted = |name: &str| !(skip_dollar && name.starts_with('$'));
+            let rest = filter.get(start..).unwrap_or_default();
+            let (level, next) = match rest.find('/') {
+                Some(i) => (&rest[..i], Some(start + i + 1)),
+                None => (rest, None),
+            };
+            match level {
+                "#" => {
+                    // The parent level itself, then the whole subtree.
+                    emit(node);
+                    subtree.extend(
+                        node.children
+                            .iter()
+                            .filter(|(name, _)| wanted(name))
+                            .map(|(_, n)| n),
+                    );
+                    while let Some(n) = subtree.pop() {
+                        emit(n);
+                        subtree.extend(n.children.values());
+                    }
+                }
+                "+" => stack.extend(
+                    node.children
+                        .iter()
+                        .filter(|(name, _)| wanted(name))
+                        .map(|(_, n)| (n, next)),
+                ),
+                _ => {
+                    if let Some(c) = node.children.get(level) {
+                        stack.push((c, next));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Visits every retained message (including `$` topics). Order is
+    /// unspecified.
+    pub fn for_each<'a>(&'a self, mut visit: impl FnMut(&'a str, &'a M)) {
+        let mut stack: Vec<&'a Node<M>> = vec![&self.root];
+        while let Some(n) = stack.pop() {
+            if let Some(e) = &n.entry {
+                visit(&e.topic, &e.msg);
+            }
+            stack.extend(n.children.values());
+        }
+    }
+
+    /// Keeps only the messages for which `keep` returns true (e.g. removes
+    /// the expired ones), pruning the nodes left empty. Returns how many were
+    /// removed.
+    pub fn retain_where(&mut self, mut keep: impl FnMut(&M) -> bool) -> usize {
+        let mut doomed: Vec<Box<str>> = Vec::new();
+        self.for_each(|topic, msg| {
+            if !keep(msg) {
+                doomed.push(topic.into());
+            }
+        });
+        for topic in &doomed {
+            self.remove(topic);
+        }
+        doomed.len()
+    }
+}

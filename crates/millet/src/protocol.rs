@@ -1,0 +1,977 @@
+//! One connection's MQTT state machine (EMQX calls it the "channel").
+//!
+//! Sans-IO: the driver feeds it decoded packets ([`Connection::handle_packet`]),
+//! decode errors ([`Connection::handle_decode_error`]) and timer expiries
+//! ([`Connection::handle_timeout`]), each with `now`; it asks for bytes to
+//! write ([`Connection::poll_transmit`]), the next deadline
+//! ([`Connection::poll_timeout`]) and whether to close ([`Connection::poll_close`]).
+//! When the socket is gone the driver calls [`Connection::handle_closed`] once.
+//!
+//! Call order per wake-up: `handle_*` for every input, then `poll_transmit`
+//! (which also drains the session queue), then `poll_close`, then
+//! `poll_timeout` to re-arm the timer.
+//!
+//! Owns: protocol version, keep-alive, topic aliases both ways, the client's
+//! receive maximum and maximum packet size, the pending AUTH exchange, and the
+//! control packets waiting to be written. Session state (in-flight, queue,
+//! QoS 2 ids, subscriptions) lives in [`crate::session`]; routing in
+//! [`crate::broker`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use bytestring::ByteString;
+use millet_codec::{
+    encode, encoded_len, topic, Auth, AuthProperties, ConnAck, ConnAckProperties, Connect,
+    DecodeError, Disconnect, DisconnectProperties, Packet, Protocol, PubResp, Publish,
+    PublishProperties, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
+};
+
+use crate::auth::{AuthExchange, AuthStep};
+use crate::broker::{Broker, SubscribeOutcome};
+use crate::session::{ConnWaker, Delivery, InflightState, Message, SessionCell, Subscription};
+
+/// Why and how the connection ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    /// Reason code sent in a server DISCONNECT (v5 only), if any.
+    pub reason: ReasonCode,
+    /// Whether the will is published [MQTT-3.1.2-8] (false after a normal DISCONNECT).
+    pub publish_will: bool,
+    /// For the log.
+    pub why: String,
+}
+
+/// The timers a connection can have (exactly one is armed at a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    /// CONNECT (or the AUTH exchange) must complete by then.
+    Connect(Instant),
+    /// No packet from the client by then: keep-alive expired [MQTT-3.1.2-22].
+    KeepAlive(Instant),
+}
+
+impl Timer {
+    pub fn deadline(self) -> Instant {
+        match self {
+            Timer::Connect(t) | Timer::KeepAlive(t) => t,
+        }
+    }
+}
+
+enum State {
+    AwaitConnect,
+    /// CONNECT received with an authentication method; AUTH exchange running.
+    Authenticating(Box<PendingConnect>),
+    Connected(Box<Active>),
+    Closed,
+}
+
+struct PendingConnect {
+    connect: Box<Connect>,
+    exchange: Box<dyn AuthExchange>,
+}
+
+struct Active {
+    client_id: ByteString,
+    cell: Arc<SessionCell>,
+    epoch: u64,
+    keep_alive: Option<Duration>,
+    alias_in: HashMap<u16, ByteString>,
+    alias_in_max: u16,
+    alias_out: HashMap<ByteString, u16>,
+    alias_out_max: u16,
+    /// Outgoing QoS 1/2 window: min(client receive maximum, server max_inflight).
+    send_window: usize,
+    /// Largest packet the client accepts.
+    client_max_packet: usize,
+    /// Resend the in-flight window (DUP) before anything else.
+    resend: bool,
+    /// Session expiry granted at CONNECT (a DISCONNECT may not raise it from 0).
+    session_expiry: u32,
+    auth_method: Option<ByteString>,
+    reauth: Option<Box<dyn AuthExchange>>,
+}
+
+pub struct Connection {
+    broker: Arc<Broker>,
+    state: State,
+    protocol: Option<Protocol>,
+    /// Control packets (acks, CONNACK, SUBACK, ...) waiting to be written.
+    out: VecDeque<Packet>,
+    close: Option<Close>,
+    timer: Option<Timer>,
+    last_recv: Instant,
+    /// Session expiry set by the client's v5 DISCONNECT.
+    disconnect_expiry: Option<u32>,
+    waker: Arc<ConnWaker>,
+}
+
+impl Connection {
+    pub fn new(broker: Arc<Broker>, now: Instant) -> Connection {
+        let timeout = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+        Connection {
+            broker,
+            state: State::AwaitConnect,
+            protocol: None,
+            out: VecDeque::new(),
+            close: None,
+            timer: Some(Timer::Connect(now + timeout)),
+            last_recv: now,
+            disconnect_expiry: None,
+            waker: Arc::new(ConnWaker::default()),
+        }
+    }
+
+    // ---- getters -------------------------------------------------------
+
+    /// The negotiated protocol (None before CONNECT), for the decoder.
+    pub fn protocol(&self) -> Option<Protocol> {
+        self.protocol
+    }
+
+    /// Largest packet accepted from the client, for the decoder.
+    pub fn max_packet_size(&self) -> usize {
+        self.broker.config.limits.max_packet_size as usize
+    }
+
+    /// What the driver waits on for deliveries and kicks.
+    pub fn waker(&self) -> &Arc<ConnWaker> {
+        &self.waker
+    }
+
+    pub fn client_id(&self) -> Option<&str> {
+        match &self.state {
+            State::Connected(a) => Some(&a.client_id),
+            _ => None,
+        }
+    }
+
+    // ---- inputs --------------------------------------------------------
+
+    /// A packet arrived from the client.
+    pub fn handle_packet(&mut self, packet: Packet, now: Instant) {
+        if self.close.is_some() {
+            return;
+        }
+        self.last_recv = now;
+        self.rearm_keepalive(now);
+        match std::mem::replace(&mut self.state, State::Closed) {
+            State::AwaitConnect => match packet {
+                Packet::Connect(c) => self.handle_connect(c, now),
+                other => {
+                    // [MQTT-3.1.0-1]: the first packet must be CONNECT.
+                    self.close_silently(format!("{} before CONNECT", other.name()));
+                }
+            },
+            State::Authenticating(pending) => match packet {
+                Packet::Auth(a) => self.handle_auth_during_connect(pending, a, now),
+                other => {
+                    self.protocol_error(format!("{} during the AUTH exchange", other.name()));
+                }
+            },
+            State::Connected(mut active) => {
+                self.handle_connected(&mut active, packet, now);
+                if self.close.is_none() || matches!(self.state, State::Closed) {
+                    self.state = State::Connected(active);
+                }
+            }
+            State::Closed => {}
+        }
+    }
+
+    /// The decoder rejected the client's bytes.
+    pub fn handle_decode_error(&mut self, err: &DecodeError) {
+        if self.close.is_some() {
+            return;
+        }
+        let reason = err.reason_code();
+        match (&self.state, err) {
+            (State::AwaitConnect, DecodeError::UnsupportedProtocol) => {
+                // [MQTT-3.1.2-2]: CONNACK 0x01 / 0x84, then close.
+                self.out.push_back(Packet::ConnAck(ConnAck {
+                    reason_code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+                    ..Default::default()
+                }));
+                self.protocol.get_or_insert(Protocol::V3_1_1);
+                self.set_close(reason, true, err.to_string());
+            }
+            (State::AwaitConnect, _) => {
+                self.close_silently(format!("bad CONNECT: {err}"));
+            }
+            _ => self.close_with(reason, err.to_string()),
+        }
+    }
+
+    /// The timer returned by [`Connection::poll_timeout`] fired.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(t) = self.timer else { return };
+        if now < t.deadline() {
+            return;
+        }
+        self.timer = None;
+        match t {
+            Timer::Connect(_) => {
+                self.close_silently("no CONNECT within the connect timeout".into())
+            }
+            Timer::KeepAlive(_) => {
+                self.close_with(ReasonCode::KEEP_ALIVE_TIMEOUT, "keep alive timeout".into())
+            }
+        }
+    }
+
+    /// The server is shutting down: v5 clients get DISCONNECT 0x8B. The will
+    /// is not published (the session would outlive us in a durable store).
+    pub fn handle_shutdown(&mut self) {
+        if self.close.is_some() {
+            return;
+        }
+        if self.protocol == Some(Protocol::V5) && matches!(self.state, State::Connected(_)) {
+            self.out.push_back(Packet::Disconnect(Disconnect {
+                reason_code: ReasonCode::SERVER_SHUTTING_DOWN,
+                properties: DisconnectProperties::default(),
+            }));
+        }
+        self.set_close(
+            ReasonCode::SERVER_SHUTTING_DOWN,
+            false,
+            "server shutting down".into(),
+        );
+    }
+
+    /// The network connection is gone (or was closed by us). Tells the broker,
+    /// which publishes the will if due and starts the session expiry.
+    pub fn handle_closed(&mut self, now: Instant) {
+        let publish_will = self.close.as_ref().is_none_or(|c| c.publish_will);
+        if let State::Connected(a) = std::mem::replace(&mut self.state, State::Closed) {
+            self.broker
+                .disconnect(&a.cell, a.epoch, publish_will, self.disconnect_expiry, now);
+        }
+    }
+
+    // ---- outputs -------------------------------------------------------
+
+    /// Encode everything ready to send into `buf`: control packets first, then
+    /// the in-flight window on resume, then queued messages within the
+    /// client's receive maximum.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) {
+        let Some(protocol) = self.protocol else {
+            return;
+        };
+        self.check_kick();
+        while let Some(p) = self.out.pop_front() {
+            if let Err(e) = encode(&p, protocol, buf) {
+                tracing::warn!(error = %e, packet = p.name(), "cannot encode packet; dropped");
+            }
+        }
+        if self.close.is_some() {
+            return;
+        }
+        let State::Connected(active) = &mut self.state else {
+            return;
+        };
+        let stats = &self.broker.stats;
+        let start = buf.len();
+        let mut sent = 0u64;
+        let cell = active.cell.clone();
+        self.waker.clear();
+        let mut st = cell.state.lock();
+        let session = &mut st.session;
+        if active.resend {
+            active.resend = false;
+            // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP) and PUBREL in order.
+            let resend: Vec<(u16, InflightState, Delivery)> = session
+                .inflight()
+                .map(|(p, i)| (p, i.state, i.delivery.clone()))
+                .collect();
+            for (pid, state, d) in resend {
+                match state {
+                    InflightState::AwaitAck => {
+                        let p = active.publish_packet(&d, Some(pid), true, now, protocol);
+                        let _ = encode(&Packet::Publish(p), protocol, buf);
+                    }
+                    InflightState::AwaitComp => {
+                        let _ = encode(&Packet::PubRel(PubResp::new(pid)), protocol, buf);
+                    }
+                }
+                sent += 1;
+            }
+        }
+        loop {
+            let window_full = session.inflight_len() >= active.send_window;
+            let Some(d) = session.pop_queued(now) else {
+                break;
+            };
+            if d.qos != QoS::AtMostOnce && window_full {
+                session.unpop(d);
+                break;
+            }
+            let pid = if d.qos == QoS::AtMostOnce {
+                None
+            } else {
+                match session.alloc_packet_id() {
+                    Some(p) => Some(p),
+                    None => {
+                        session.unpop(d);
+                        break;
+                    }
+                }
+            };
+            let publish = active.publish_packet(&d, pid, false, now, protocol);
+            let packet = Packet::Publish(publish);
+            match encoded_len(&packet, protocol) {
+                Ok(n) if n <= active.client_max_packet => {}
+                _ => {
+                    // [MQTT-3.1.2-25]: a message too big for the client is
+                    // discarded as if it had been sent; a topic alias assigned
+                    // for it must be forgotten.
+                    if let Packet::Publish(p) = &packet {
+                        if p.properties.topic_alias.is_some() && !p.topic.is_empty() {
+                            active.alias_out.remove(&p.topic);
+                        }
+                    }
+                    stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            if encode(&packet, protocol, buf).is_err() {
+                continue;
+            }
+            if let Some(pid) = pid {
+                session.push_inflight(pid, d);
+            }
+            sent += 1;
+        }
+        drop(st);
+        if sent > 0 {
+            stats.messages_sent.fetch_add(sent, Ordering::Relaxed);
+        }
+        stats
+            .bytes_sent
+            .fetch_add((buf.len() - start) as u64, Ordering::Relaxed);
+    }
+
+    /// The earliest deadline at which [`Connection::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timer.map(Timer::deadline)
+    }
+
+    /// `Some` once the connection must close (after writing what
+    /// `poll_transmit` produced).
+    pub fn poll_close(&self) -> Option<&Close> {
+        self.close.as_ref()
+    }
+
+    // ---- internals -----------------------------------------------------
+
+    fn rearm_keepalive(&mut self, now: Instant) {
+        if let State::Connected(a) = &self.state {
+            self.timer = a.keep_alive.map(|k| Timer::KeepAlive(now + k + k / 2));
+        }
+    }
+
+    fn set_close(&mut self, reason: ReasonCode, publish_will: bool, why: String) {
+        if self.close.is_none() {
+            self.close = Some(Close {
+                reason,
+                publish_will,
+                why,
+            });
+        }
+    }
+
+    /// Close with a DISCONNECT carrying `reason` (v5) or a plain close (3.x).
+    fn close_with(&mut self, reason: ReasonCode, why: String) {
+        if self.close.is_some() {
+            return;
+        }
+        if self.protocol == Some(Protocol::V5)
+            && matches!(self.state, State::Connected(_) | State::Authenticating(_))
+        {
+            self.out.push_back(Packet::Disconnect(Disconnect {
+                reason_code: reason,
+                properties: DisconnectProperties::default(),
+            }));
+        }
+        self.set_close(reason, true, why);
+    }
+
+    fn protocol_error(&mut self, why: String) {
+        self.close_with(ReasonCode::PROTOCOL_ERROR, why);
+    }
+
+    fn close_silently(&mut self, why: String) {
+        self.set_close(ReasonCode::UNSPECIFIED_ERROR, true, why);
+    }
+
+    fn check_kick(&mut self) {
+        let State::Connected(a) = &self.state else {
+            return;
+        };
+        let kick = {
+            let mut st = a.cell.state.lock();
+            if st.conn_epoch != a.epoch {
+                Some(ReasonCode::SESSION_TAKEN_OVER) // [MQTT-3.1.4-3]
+            } else {
+                st.kick.take()
+            }
+        };
+        if let Some(reason) = kick {
+            // The broker already detached us and dealt with the will.
+            if self.protocol == Some(Protocol::V5) {
+                self.out.push_back(Packet::Disconnect(Disconnect {
+                    reason_code: reason,
+                    properties: DisconnectProperties::default(),
+                }));
+            }
+            self.set_close(reason, false, format!("closed by the server ({reason})"));
+            self.state = State::Closed;
+        }
+    }
+
+    fn connack_error(&mut self, reason: ReasonCode, why: String) {
+        self.out.push_back(Packet::ConnAck(ConnAck {
+            session_present: false,
+            reason_code: reason,
+            properties: ConnAckProperties::default(),
+        }));
+        self.set_close(reason, false, why);
+        self.state = State::Closed;
+    }
+
+    fn handle_connect(&mut self, c: Box<Connect>, now: Instant) {
+        self.protocol = Some(c.protocol);
+        let limits = &self.broker.config.limits;
+        if self.broker.stats.clients_connected.load(Ordering::Relaxed) as usize
+            >= limits.max_connections
+        {
+            let rc = if c.protocol.is_v5() {
+                ReasonCode::QUOTA_EXCEEDED
+            } else {
+                ReasonCode::SERVER_UNAVAILABLE
+            };
+            return self.connack_error(rc, "max_connections reached".into());
+        }
+        if c.client_id.is_empty()
+            && (!c.clean_start || c.protocol == Protocol::V3_1)
+            && !c.protocol.is_v5()
+        {
+            // [MQTT-3.1.3-8]: zero-length id requires clean session in 3.1.1.
+            return self.connack_error(
+                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                "empty client id".into(),
+            );
+        }
+        if let Some(w) = &c.will {
+            if !topic::valid_topic_name(&w.topic) || w.topic.len() > limits.max_topic_length {
+                return self
+                    .connack_error(ReasonCode::TOPIC_NAME_INVALID, "invalid will topic".into());
+            }
+        }
+        if let Some(method) = &c.properties.authentication_method {
+            let client_id = c.client_id.to_string();
+            let exchange = self
+                .broker
+                .authenticator()
+                .and_then(|a| a.start(method, &client_id));
+            let Some(mut exchange) = exchange else {
+                return self.connack_error(
+                    ReasonCode::BAD_AUTHENTICATION_METHOD,
+                    format!("unsupported authentication method {method}"),
+                );
+            };
+            let step = exchange.step(c.properties.authentication_data.as_deref());
+            return self.auth_step(
+                Box::new(PendingConnect {
+                    connect: c,
+                    exchange,
+                }),
+                step,
+                now,
+            );
+        }
+        self.accept(c, None, now);
+    }
+
+    fn auth_step(&mut self, pending: Box<PendingConnect>, step: AuthStep, now: Instant) {
+        match step {
+            AuthStep::Continue(data) => {
+                self.out.push_back(Packet::Auth(Auth {
+                    reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
+                    properties: AuthProperties {
+                        authentication_method: pending
+                            .connect
+                            .properties
+                            .authentication_method
+                            .clone(),
+                        authentication_data: Some(data),
+                        ..Default::default()
+                    },
+                }));
+                self.state = State::Authenticating(pending);
+            }
+            AuthStep::Success(data) => self.accept(pending.connect, data, now),
+            AuthStep::Failure => {
+                self.connack_error(ReasonCode::NOT_AUTHORIZED, "authentication failed".into())
+            }
+        }
+    }
+
+    fn handle_auth_during_connect(
+        &mut self,
+        mut pending: Box<PendingConnect>,
+        a: Auth,
+        now: Instant,
+    ) {
+        if a.reason_code != ReasonCode::CONTINUE_AUTHENTICATION
+            || a.properties.authentication_method
+                != pending.connect.properties.authentication_method
+        {
+            // [MQTT-4.12.0-4]: wrong method or reason is a protocol error.
+            self.state = State::Authenticating(pending);
+            return self.protocol_error("invalid AUTH during authentication".into());
+        }
+        let step = pending
+            .exchange
+            .step(a.properties.authentication_data.as_deref());
+        self.auth_step(pending, step, now);
+    }
+
+    fn accept(&mut self, c: Box<Connect>, auth_data: Option<bytes::Bytes>, now: Instant) {
+        let limits = self.broker.config.limits.clone();
+        let v5 = c.protocol.is_v5();
+        let mut props = ConnAckProperties::default();
+        let client_id: ByteString = if c.client_id.is_empty() {
+            let id: ByteString = format!("millet-{:016x}", rand::random::<u64>()).into();
+            if v5 {
+                props.assigned_client_identifier = Some(id.clone()); // [MQTT-3.2.2-16]
+            }
+            id
+        } else {
+            c.client_id.clone()
+        };
+        let mut keep_alive = c.keep_alive;
+        if v5 {
+            if keep_alive > limits.max_keepalive || (keep_alive == 0 && limits.min_keepalive > 0) {
+                keep_alive = if keep_alive == 0 {
+                    limits.min_keepalive
+                } else {
+                    limits.max_keepalive
+                };
+                props.server_keep_alive = Some(keep_alive); // [MQTT-3.2.2-21]
+            }
+        }
+        let mut expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        if expiry > limits.max_session_expiry {
+            expiry = limits.max_session_expiry;
+            if v5 {
+                props.session_expiry_interval = Some(expiry);
+            }
+        }
+        let attached = self.broker.connect(
+            &client_id,
+            c.clean_start,
+            expiry,
+            c.will.clone(),
+            self.waker.clone(),
+            now,
+        );
+        if v5 {
+            props.receive_maximum = Some(limits.receive_maximum);
+            props.retain_available = Some(true);
+            props.maximum_packet_size = Some(limits.max_packet_size);
+            props.topic_alias_maximum = Some(limits.topic_alias_max);
+            props.wildcard_subscription_available = Some(true);
+            props.subscription_identifiers_available = Some(true);
+            props.shared_subscription_available = Some(true);
+            if auth_data.is_some() || c.properties.authentication_method.is_some() {
+                props.authentication_method = c.properties.authentication_method.clone();
+                props.authentication_data = auth_data;
+            }
+        }
+        self.out.push_back(Packet::ConnAck(ConnAck {
+            session_present: attached.session_present,
+            reason_code: ReasonCode::SUCCESS,
+            properties: props,
+        }));
+        let client_receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
+        let active = Active {
+            client_id,
+            cell: attached.cell.clone(),
+            epoch: attached.epoch,
+            keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive))),
+            alias_in: HashMap::new(),
+            alias_in_max: if v5 { limits.topic_alias_max } else { 0 },
+            alias_out: HashMap::new(),
+            alias_out_max: if v5 {
+                c.properties.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            },
+            send_window: usize::from(client_receive_max.min(limits.max_inflight)),
+            client_max_packet: c
+                .properties
+                .maximum_packet_size
+                .map_or(usize::MAX, |m| m as usize),
+            resend: attached.session_present,
+            session_expiry: expiry,
+            auth_method: c.properties.authentication_method.clone(),
+            reauth: None,
+        };
+        tracing::debug!(client_id = %active.client_id, protocol = ?c.protocol, session_present = attached.session_present, "client connected");
+        self.state = State::Connected(Box::new(active));
+        self.rearm_keepalive(now);
+        if !self.timer.is_some_and(|t| matches!(t, Timer::KeepAlive(_))) {
+            self.timer = None;
+        }
+    }
+
+    fn handle_connected(&mut self, a: &mut Active, packet: Packet, now: Instant) {
+        let v5 = self.protocol == Some(Protocol::V5);
+        match packet {
+            Packet::Publish(p) => self.handle_publish(a, p, now),
+            Packet::PubAck(r) => {
+                if !a.cell.state.lock().session.handle_puback(r.packet_id) {
+                    tracing::debug!(packet_id = r.packet_id, "PUBACK for unknown packet id");
+                }
+            }
+            Packet::PubRec(r) => {
+                let known = a
+                    .cell
+                    .state
+                    .lock()
+                    .session
+                    .handle_pubrec(r.packet_id, r.reason_code.is_error());
+                if !r.reason_code.is_error() {
+                    let reason = if known || !v5 {
+                        ReasonCode::SUCCESS
+                    } else {
+                        ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+                    };
+                    self.out
+                        .push_back(Packet::PubRel(PubResp::with_reason(r.packet_id, reason)));
+                }
+            }
+            Packet::PubRel(r) => {
+                let known = a
+                    .cell
+                    .state
+                    .lock()
+                    .session
+                    .awaiting_rel
+                    .remove(&r.packet_id);
+                let reason = if known || !v5 {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.out
+                    .push_back(Packet::PubComp(PubResp::with_reason(r.packet_id, reason)));
+            }
+            Packet::PubComp(r) => {
+                a.cell.state.lock().session.handle_pubcomp(r.packet_id);
+            }
+            Packet::Subscribe(s) => self.handle_subscribe(a, s, now),
+            Packet::Unsubscribe(u) => self.handle_unsubscribe(a, u),
+            Packet::PingReq => self.out.push_back(Packet::PingResp),
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.properties.session_expiry_interval {
+                    if a.session_expiry == 0 && e != 0 {
+                        // [MQTT-3.14.2-2]
+                        return self
+                            .protocol_error("DISCONNECT raised a zero session expiry".into());
+                    }
+                    self.disconnect_expiry =
+                        Some(e.min(self.broker.config.limits.max_session_expiry));
+                }
+                let publish_will = d.reason_code == ReasonCode::DISCONNECT_WITH_WILL;
+                self.set_close(d.reason_code, publish_will, "client sent DISCONNECT".into());
+            }
+            Packet::Auth(x) => self.handle_reauth(a, x),
+            Packet::Connect(_) => self.protocol_error("second CONNECT".into()), // [MQTT-3.1.0-2]
+            other => self.protocol_error(format!("unexpected {} from a client", other.name())),
+        }
+    }
+
+    fn handle_publish(&mut self, a: &mut Active, mut p: Publish, now: Instant) {
+        let v5 = self.protocol == Some(Protocol::V5);
+        let limits = &self.broker.config.limits;
+        self.broker.stats.bytes_received.fetch_add(
+            p.payload.len() as u64 + p.topic.len() as u64,
+            Ordering::Relaxed,
+        );
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if alias == 0 || alias > a.alias_in_max {
+                return self.close_with(
+                    ReasonCode::TOPIC_ALIAS_INVALID,
+                    format!("topic alias {alias} out of range"),
+                );
+            }
+            if p.topic.is_empty() {
+                match a.alias_in.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => return self.protocol_error(format!("unknown topic alias {alias}")),
+                }
+            } else {
+                a.alias_in.insert(alias, p.topic.clone());
+            }
+        }
+        if p.topic.is_empty() || !topic::valid_topic_name(&p.topic) {
+            return self.close_with(ReasonCode::TOPIC_NAME_INVALID, "invalid topic name".into());
+        }
+        if !p.properties.subscription_identifiers.is_empty() {
+            return self.protocol_error("PUBLISH with a subscription identifier".into());
+            // [MQTT-3.3.4-6]
+        }
+        if p.topic.len() > limits.max_topic_length
+            || p.topic.split('/').count() > limits.max_topic_levels
+        {
+            if v5 && p.qos != QoS::AtMostOnce {
+                let rc = ReasonCode::TOPIC_NAME_INVALID;
+                let pid = p.packet_id.unwrap_or(1);
+                self.out.push_back(match p.qos {
+                    QoS::AtLeastOnce => Packet::PubAck(PubResp::with_reason(pid, rc)),
+                    _ => Packet::PubRec(PubResp::with_reason(pid, rc)),
+                });
+                return;
+            }
+            return self.close_with(
+                ReasonCode::TOPIC_NAME_INVALID,
+                "topic exceeds the configured limits".into(),
+            );
+        }
+        let qos = p.qos;
+        let pid = p.packet_id.unwrap_or(0);
+        if qos == QoS::ExactlyOnce {
+            let mut st = a.cell.state.lock();
+            if st.session.awaiting_rel.contains(&pid) {
+                // A resend of a message we already have: acknowledge, don't
+                // deliver twice [MQTT-4.3.3-10].
+                drop(st);
+                self.out.push_back(Packet::PubRec(PubResp::new(pid)));
+                return;
+            }
+            if st.session.awaiting_rel.len() >= usize::from(limits.receive_maximum) {
+                drop(st);
+                return self.close_with(
+                    ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                    "receive maximum exceeded".into(),
+                );
+            }
+            st.session.awaiting_rel.insert(pid);
+        }
+        let expires_at = p
+            .properties
+            .message_expiry_interval
+            .map(|s| now + Duration::from_secs(u64::from(s)));
+        let msg = Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos,
+            retain: p.retain,
+            properties: p.properties,
+            expires_at,
+            publisher: Some(a.cell.id),
+            publisher_client_id: a.client_id.clone(),
+        };
+        let matched = self.broker.publish(Arc::new(msg), now);
+        let rc = if matched == 0 && v5 {
+            ReasonCode::NO_MATCHING_SUBSCRIBERS
+        } else {
+            ReasonCode::SUCCESS
+        };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self
+                .out
+                .push_back(Packet::PubAck(PubResp::with_reason(pid, rc))),
+            QoS::ExactlyOnce => self
+                .out
+                .push_back(Packet::PubRec(PubResp::with_reason(pid, rc))),
+        }
+    }
+
+    fn handle_subscribe(&mut self, a: &mut Active, s: Subscribe, now: Instant) {
+        let v5 = self.protocol == Some(Protocol::V5);
+        let mut codes = Vec::with_capacity(s.filters.len());
+        for (filter, options) in &s.filters {
+            let share_group = match topic::parse_shared(filter) {
+                Ok(Some(sf)) => Some(ByteString::from(sf.group)),
+                _ => None,
+            };
+            let sub = Subscription {
+                options: *options,
+                identifier: s.subscription_identifier,
+                share_group: share_group.clone(),
+            };
+            match self.broker.subscribe(&a.cell, filter, sub) {
+                SubscribeOutcome::Refused(ReasonCode::PROTOCOL_ERROR) => {
+                    return self.protocol_error("No Local on a shared subscription".into());
+                }
+                SubscribeOutcome::Refused(rc) => codes.push(rc),
+                SubscribeOutcome::Granted { is_new } => {
+                    codes.push(ReasonCode(options.qos as u8));
+                    let send_retained = share_group.is_none()
+                        && (options.retain_handling == 0
+                            || (options.retain_handling == 1 && is_new));
+                    if send_retained {
+                        for m in self.broker.retained_matching(filter, now) {
+                            let mut ids = smallvec::SmallVec::new();
+                            ids.extend(s.subscription_identifier);
+                            let d = Delivery {
+                                qos: m.qos.min(options.qos),
+                                msg: m,
+                                retain: true, // [MQTT-3.3.1-8]
+                                subscription_ids: ids,
+                                share: None,
+                            };
+                            self.broker.deliver(&a.cell, d);
+                        }
+                    }
+                }
+            }
+        }
+        let _ = v5;
+        self.out.push_back(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            properties: Default::default(),
+            reason_codes: codes,
+        }));
+    }
+
+    fn handle_unsubscribe(&mut self, a: &mut Active, u: Unsubscribe) {
+        let codes = u
+            .filters
+            .iter()
+            .map(|f| {
+                if self.broker.unsubscribe(&a.cell, f) {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::NO_SUBSCRIPTION_EXISTED
+                }
+            })
+            .collect();
+        self.out.push_back(Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            properties: Default::default(),
+            reason_codes: codes,
+        }));
+    }
+
+    /// Re-authentication (v5 AUTH 0x19 after CONNACK), section 4.12.1.
+    fn handle_reauth(&mut self, a: &mut Active, x: Auth) {
+        if a.auth_method.is_none() || x.properties.authentication_method != a.auth_method {
+            // [MQTT-4.12.0-7] / [MQTT-4.12.1-1]
+            return self
+                .protocol_error("AUTH without (or with a different) authentication method".into());
+        }
+        if x.reason_code == ReasonCode::REAUTHENTICATE {
+            let method = a.auth_method.clone().unwrap_or_default();
+            a.reauth = self
+                .broker
+                .authenticator()
+                .and_then(|au| au.start(&method, &a.client_id));
+        } else if x.reason_code != ReasonCode::CONTINUE_AUTHENTICATION || a.reauth.is_none() {
+            return self.protocol_error("unexpected AUTH reason code".into());
+        }
+        let Some(ex) = a.reauth.as_mut() else {
+            return self.close_with(
+                ReasonCode::NOT_AUTHORIZED,
+                "re-authentication refused".into(),
+            );
+        };
+        match ex.step(x.properties.authentication_data.as_deref()) {
+            AuthStep::Continue(data) => self.out.push_back(Packet::Auth(Auth {
+                reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
+                properties: AuthProperties {
+                    authentication_method: a.auth_method.clone(),
+                    authentication_data: Some(data),
+                    ..Default::default()
+                },
+            })),
+            AuthStep::Success(data) => {
+                a.reauth = None;
+                self.out.push_back(Packet::Auth(Auth {
+                    reason_code: ReasonCode::SUCCESS,
+                    properties: AuthProperties {
+                        authentication_method: a.auth_method.clone(),
+                        authentication_data: data,
+                        ..Default::default()
+                    },
+                }));
+            }
+            AuthStep::Failure => {
+                a.reauth = None;
+                self.close_with(
+                    ReasonCode::NOT_AUTHORIZED,
+                    "re-authentication failed".into(),
+                );
+            }
+        }
+    }
+}
+
+impl Active {
+    /// Build the PUBLISH for a delivery: QoS as downgraded, message expiry
+    /// decremented [MQTT-3.3.2-6], subscription identifiers, outbound alias.
+    fn publish_packet(
+        &mut self,
+        d: &Delivery,
+        pid: Option<u16>,
+        dup: bool,
+        now: Instant,
+        protocol: Protocol,
+    ) -> Publish {
+        let m = &d.msg;
+        let mut topic = m.topic.clone();
+        let properties = if protocol.is_v5() {
+            let mut props = PublishProperties {
+                payload_format_indicator: m.properties.payload_format_indicator,
+                message_expiry_interval: m.expires_at.map(|t| {
+                    let left = t.saturating_duration_since(now);
+                    (left.as_secs() + u64::from(left.subsec_nanos() > 0)).min(u64::from(u32::MAX))
+                        as u32
+                }),
+                topic_alias: None,
+                response_topic: m.properties.response_topic.clone(),
+                correlation_data: m.properties.correlation_data.clone(),
+                user_properties: m.properties.user_properties.clone(),
+                subscription_identifiers: d.subscription_ids.to_vec(),
+                content_type: m.properties.content_type.clone(),
+            };
+            if self.alias_out_max > 0 && !dup {
+                if let Some(&alias) = self.alias_out.get(&topic) {
+                    props.topic_alias = Some(alias);
+                    topic = ByteString::new();
+                } else if self.alias_out.len() < usize::from(self.alias_out_max) {
+                    let used: Vec<u16> = self.alias_out.values().copied().collect();
+                    if let Some(alias) = (1..=self.alias_out_max).find(|a| !used.contains(a)) {
+                        self.alias_out.insert(topic.clone(), alias);
+                        props.topic_alias = Some(alias);
+                    }
+                }
+            }
+            props
+        } else {
+            PublishProperties::default()
+        };
+        Publish {
+            dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic,
+            packet_id: pid,
+            properties,
+            payload: m.payload.clone(),
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! Session state: what outlives a connection (MQTT 5 section 4.1).
+//!
+//! This module owns, per client id: the subscriptions, the bounded queue of
+//! messages waiting for the client, the outgoing in-flight window (QoS 1/2
+//! awaiting PUBACK / PUBREC / PUBCOMP), the incoming QoS 2 packet ids awaiting
+//! PUBREL, the will, and the expiry. It is plain data: no IO, no clock (every
+//! time-dependent call takes `now`). The broker shares each session between the
+//! publishers that enqueue into it and the one connection that drains it, behind
+//! a mutex in [`SessionCell`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use bytestring::ByteString;
+use millet_codec::{LastWill, PublishProperties, QoS, SubscriptionOptions};
+use smallvec::SmallVec;
+
+/// Broker-wide unique id of a session (never reused within a process).
+pub type SessionId = u64;
+
+/// A message as routed: shared by every subscriber that receives it.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: ByteString,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// Forwarded properties (topic alias and subscription identifiers removed).
+    pub properties: PublishProperties,
+    /// When the message expires (from the message expiry interval).
+    pub expires_at: Option<Instant>,
+    /// The publishing session, for No Local.
+    pub publisher: Option<SessionId>,
+    /// The publisher's client id (hash strategy of shared subscriptions).
+    pub publisher_client_id: ByteString,
+}
+
+impl Message {
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+}
+
+/// One message on its way to one session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    /// QoS after downgrade to the subscription's maximum.
+    pub qos: QoS,
+    /// Retain flag as it will be sent.
+    pub retain: bool,
+    pub subscription_ids: SmallVec<[u32; 1]>,
+    /// The `$share/g/f` filter this came through, if shared (for redelivery to
+    /// another member when this session ends).
+    pub share: Option<ByteString>,
+}
+
+/// A subscription as the session records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub options: SubscriptionOptions,
+    pub identifier: Option<u32>,
+    /// `Some(group)` for `$share/{group}/{filter}` subscriptions.
+    pub share_group: Option<ByteString>,
+}
+
+/// An outgoing QoS 1/2 message not yet fully acknowledged.
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    pub delivery: Delivery,
+    pub state: InflightState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightState {
+    /// PUBLISH sent (or to be resent), waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    AwaitAck,
+    /// PUBREL sent, waiting for PUBCOMP.
+    AwaitComp,
+}
+
+/// What happened to a message offered to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Queued,
+    /// The queue was full; the new message was dropped.
+    Dropped,
+    /// The queue was full; an older QoS 0 message was dropped to make room.
+    DisplacedQos0,
+}
+
+/// The will of the session's current (or last) connection.
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub will: LastWill,
+    pub client_id: ByteString,
+    pub session: SessionId,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub id: SessionId,
+    pub client_id: ByteString,
+    /// Filter (including the `$share/g/` prefix) → subscription.
+    pub subscriptions: HashMap<ByteString, Subscription>,
+    queue: VecDeque<Delivery>,
+    max_queued: usize,
+    /// Insertion-ordered outgoing window, keyed by packet id.
+    inflight: VecDeque<(u16, Inflight)>,
+    /// Incoming QoS 2 packet ids: PUBREC sent, PUBREL not yet received.
+    pub awaiting_rel: HashSet<u16>,
+    next_packet_id: u16,
+    /// Session expiry interval in seconds (v3 clean session 0 = u32::MAX).
+    pub expiry_interval: u32,
+    /// Set while no connection is attached.
+    pub expires_at: Option<Instant>,
+    pub will: Option<Will>,
+    /// Messages dropped because the queue was full.
+    pub dropped: u64,
+    drop_logged: bool,
+}
+
+impl Session {
+    pub fn new(id: SessionId, client_id: ByteString, max_queued: usize) -> Self {
+        Session {
+            id,
+            client_id,
+            subscriptions: HashMap::new(),
+            queue: VecDeque::new(),
+            max_queued,
+            inflight: VecDeque::new(),
+            awaiting_rel: HashSet::new(),
+            next_packet_id: 1,
+            expiry_interval: 0,
+            expires_at: None,
+            will: None,
+            dropped: 0,
+            drop_logged: false,
+        }
+    }
+
+    /// Offer a message to the session's queue. When the queue is full, a queued
+    /// QoS 0 message is dropped first; if there is none, the new message is
+    /// dropped. Drops are counted and logged once per session.
+    pub fn enqueue(&mut self, d: Delivery) -> Enqueued {
+        if self.queue.len() < self.max_queued {
+            self.queue.push_back(d);
+            return Enqueued::Queued;
+        }
+        let result = if d.qos != QoS::AtMostOnce {
+            if let Some(pos) = self.queue.iter().position(|q| q.qos == QoS::AtMostOnce) {
+                self.queue.remove(pos);
+                self.queue.push_back(d);
+                Enqueued::DisplacedQos0
+            } else {
+                Enqueued::Dropped
+            }
+        } else {
+            Enqueued::Dropped
+        };
+        self.dropped += 1;
+        if !self.drop_logged {
+            self.drop_logged = true;
+            tracing::warn!(client_id = %self.client_id, max_queued = self.max_queued,
+                "session queue full: dropping messages (QoS 0 first); further drops are counted, not logged");
+        }
+        result
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Take the next queued delivery, skipping expired messages.
+    pub fn pop_queued(&mut self, now: Instant) -> Option<Delivery> {
+        while let Some(d) = self.queue.pop_front() {
+            if !d.msg.is_expired(now) {
+                return Some(d);
+            }
+        }
+        None
+    }
+
+    /// Put a delivery back at the head of the queue (it could not be sent yet).
+    pub fn unpop(&mut self, d: Delivery) {
+        self.queue.push_front(d);
+    }
+
+    /// Allocate a packet identifier not used by the in-flight window.
+    pub fn alloc_packet_id(&mut self) -> Option<u16> {
+        for _ in 0..=u16::MAX {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if id != 0 && !self.inflight.iter().any(|(p, _)| *p == id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    pub fn push_inflight(&mut self, packet_id: u16, delivery: Delivery) {
+        self.inflight.push_back((
+            packet_id,
+            Inflight {
+                delivery,
+                state: InflightState::AwaitAck,
+            },
+        ));
+    }
+
+    fn inflight_pos(&self, packet_id: u16) -> Option<usize> {
+        self.inflight.iter().position(|(p, _)| *p == packet_id)
+    }
+
+    /// PUBACK received: returns true if it matched a QoS 1 message in flight.
+    pub fn handle_puback(&mut self, packet_id: u16) -> bool {
+        match self.inflight_pos(packet_id) {
+            Some(pos)
+                if self.inflight[pos].1.delivery.qos == QoS::AtLeastOnce
+                    && self.inflight[pos].1.state == InflightState::AwaitAck =>
+            {
+                self.inflight.remove(pos);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// PUBREC received: returns true if a QoS 2 message moved to "awaiting PUBCOMP".
+    /// With an error reason code the message is done [MQTT-4.3.3-?]: removed.
+    pub fn handle_pubrec(&mut self, packet_id: u16, is_error: bool) -> bool {
+        match self.inflight_pos(packet_id) {
+            Some(pos) if self.inflight[pos].1.delivery.qos == QoS::ExactlyOnce => {
+                if is_error {
+                    self.inflight.remove(pos);
+                } else {
+                    self.inflight[pos].1.state = InflightState::AwaitComp;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// PUBCOMP received.
+    pub fn handle_pubcomp(&mut self, packet_id: u16) -> bool {
+        match self.inflight_pos(packet_id) {
+            Some(pos) if self.inflight[pos].1.state == InflightState::AwaitComp => {
+                self.inflight.remove(pos);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The in-flight window in send order, for resending on session resume.
+    pub fn inflight(&self) -> impl Iterator<Item = (u16, &Inflight)> {
+        self.inflight.iter().map(|(p, i)| (*p, i))
+    }
+
+    /// Remove every in-flight and queued message (for shared-subscription
+    /// redelivery when the session ends): returns them.
+    pub fn drain_all(&mut self) -> Vec<Delivery> {
+        let mut out: Vec<Delivery> = self
+            .inflight
+            .drain(..)
+            .filter(|(_, i)| i.state == InflightState::AwaitAck)
+            .map(|(_, i)| i.delivery)
+            .collect();
+        out.extend(self.queue.drain(..));
+        out
+    }
+
+    /// Forget messages that have expired while queued.
+    pub fn expire_queued(&mut self, now: Instant) {
+        self.queue.retain(|d| !d.msg.is_expired(now));
+    }
+}
+
+/// Wakes one connection task when its session has work (messages queued,
+/// kicked). One per connection, so a takeover can wake the old connection
+/// without the new one stealing the wake-up.
+#[derive(Debug, Default)]
+pub struct ConnWaker {
+    notify: tokio::sync::Notify,
+    /// True while a wake-up is pending: avoids a notify per message under load.
+    pending: AtomicBool,
+}
+
+impl ConnWaker {
+    pub fn wake(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Called by the connection before it drains the session.
+    pub fn clear(&self) {
+        self.pending.store(false, Ordering::Release);
+    }
+
+    /// Resolves after the next `wake` (or at once if one is stored).
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// A session shared between the broker and the connection serving it.
+#[derive(Debug)]
+pub struct SessionCell {
+    pub id: SessionId,
+    pub state: parking_lot::Mutex<SessionStateGuarded>,
+}
+
+/// Session plus the identity of the connection attached to it.
+#[derive(Debug)]
+pub struct SessionStateGuarded {
+    pub session: Session,
+    /// Epoch of the attached connection; 0 when none is attached. A
+    /// connection whose epoch no longer matches has been taken over.
+    pub conn_epoch: u64,
+    /// Wakes the attached connection.
+    pub waker: Option<Arc<ConnWaker>>,
+    /// Set when the attached connection must close (admin kick, shutdown),
+    /// with the v5 reason code to send.
+    pub kick: Option<millet_codec::ReasonCode>,
+}
+
+impl SessionStateGuarded {
+    pub fn wake(&self) {
+        if let Some(w) = &self.waker {
+            w.wake();
+        }
+    }
+}
+
+impl SessionCell {
+    pub fn new(session: Session) -> Arc<Self> {
+        Arc::new(SessionCell {
+            id: session.id,
+            state: parking_lot::Mutex::new(SessionStateGuarded {
+                session,
+                conn_epoch: 0,
+                waker: None,
+                kick: None,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(qos: QoS) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                topic: "t".into(),
+                payload: Bytes::from_static(b"x"),
+                qos,
+                retain: false,
+                properties: PublishProperties::default(),
+                expires_at: None,
+                publisher: None,
+                publisher_client_id: "p".into(),
+            }),
+            qos,
+            retain: false,
+            subscription_ids: SmallVec::new(),
+            share: None,
+        }
+    }
+
+    #[test]
+    fn full_queue_drops_qos0_first() {
+        let mut s = Session::new(1, "c".into(), 2);
+        assert_eq!(s.enqueue(msg(QoS::AtMostOnce)), Enqueued::Queued);
+        assert_eq!(s.enqueue(msg(QoS::AtLeastOnce)), Enqueued::Queued);
+        assert_eq!(s.enqueue(msg(QoS::AtLeastOnce)), Enqueued::DisplacedQos0);
+        assert_eq!(s.enqueue(msg(QoS::AtLeastOnce)), Enqueued::Dropped);
+        assert_eq!(s.enqueue(msg(QoS::AtMostOnce)), Enqueued::Dropped);
+        assert_eq!(s.queue_len(), 2);
+        assert_eq!(s.dropped, 3);
+    }
+
+    #[test]
+    fn packet_ids_skip_inflight_and_zero() {
+        let mut s = Session::new(1, "c".into(), 10);
+        s.next_packet_id = u16::MAX;
+        let a = s.alloc_packet_id();
+        assert_eq!(a, Some(u16::MAX));
+        s.push_inflight(u16::MAX, msg(QoS::AtLeastOnce));
+        assert_eq!(s.alloc_packet_id(), Some(1));
+        s.push_inflight(2, msg(QoS::AtLeastOnce));
+        assert_eq!(s.alloc_packet_id(), Some(3));
+    }
+
+    #[test]
+    fn qos2_outgoing_flow() {
+        let mut s = Session::new(1, "c".into(), 10);
+        s.push_inflight(7, msg(QoS::ExactlyOnce));
+        assert!(!s.handle_puback(7), "PUBACK does not complete QoS 2");
+        assert!(!s.handle_pubcomp(7), "PUBCOMP before PUBREC is ignored");
+        assert!(s.handle_pubrec(7, false));
+        assert_eq!(s.inflight_len(), 1);
+        assert!(s.handle_pubcomp(7));
+        assert_eq!(s.inflight_len(), 0);
+    }
+}

@@ -1,0 +1,471 @@
+//! Protocol state machine tests: real broker, real connections, no sockets,
+//! on a fake clock (every call takes an explicit `now`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use millet::broker::Broker;
+use millet::config::Config;
+use millet::protocol::Connection;
+use millet_codec::*;
+
+struct Client {
+    conn: Connection,
+    proto: Protocol,
+    wire: BytesMut,
+    /// Packets received along with the CONNACK.
+    backlog: Vec<Packet>,
+}
+
+fn broker_with(f: impl FnOnce(&mut Config)) -> (Arc<Broker>, Instant) {
+    let mut cfg = Config::default();
+    cfg.sys_interval = 0;
+    f(&mut cfg);
+    let now = Instant::now();
+    (Arc::new(Broker::new(cfg, now)), now)
+}
+
+fn broker() -> (Arc<Broker>, Instant) {
+    broker_with(|_| {})
+}
+
+fn connect_packet(proto: Protocol, id: &str, clean: bool) -> Connect {
+    Connect {
+        protocol: proto,
+        clean_start: clean,
+        keep_alive: 0,
+        properties: ConnectProperties::default(),
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+    }
+}
+
+impl Client {
+    fn new(b: &Arc<Broker>, c: Connect, now: Instant) -> (Client, ConnAck) {
+        let proto = c.protocol;
+        let mut cl = Client {
+            conn: Connection::new(b.clone(), now),
+            proto,
+            wire: BytesMut::new(),
+            backlog: Vec::new(),
+        };
+        cl.send(Packet::Connect(Box::new(c)), now);
+        let mut pkts = cl.recv(now);
+        match pkts.first() {
+            Some(Packet::ConnAck(a)) => {
+                let a = a.clone();
+                pkts.remove(0);
+                cl.backlog = pkts;
+                (cl, a)
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    fn v5(b: &Arc<Broker>, id: &str, now: Instant) -> Client {
+        Client::new(b, connect_packet(Protocol::V5, id, true), now).0
+    }
+
+    fn send(&mut self, p: Packet, now: Instant) {
+        self.conn.handle_packet(p, now);
+    }
+
+    fn recv(&mut self, now: Instant) -> Vec<Packet> {
+        self.conn.poll_transmit(now, &mut self.wire);
+        let mut out = std::mem::take(&mut self.backlog);
+        while let Some(p) = decode(&mut self.wire, Some(self.proto), usize::MAX)
+            .expect("server sent a valid packet")
+        {
+            out.push(p);
+        }
+        out
+    }
+
+    fn subscribe(&mut self, filter: &str, qos: QoS, now: Instant) {
+        self.send(
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                subscription_identifier: None,
+                user_properties: vec![],
+                filters: vec![(
+                    filter.into(),
+                    SubscriptionOptions {
+                        qos,
+                        ..Default::default()
+                    },
+                )],
+            }),
+            now,
+        );
+        let p = self.recv(now);
+        assert!(matches!(p.first(), Some(Packet::SubAck(_))), "{p:?}");
+    }
+
+    fn publish(
+        &mut self,
+        topic: &str,
+        payload: &'static [u8],
+        qos: QoS,
+        pid: Option<u16>,
+        now: Instant,
+    ) {
+        self.send(
+            Packet::Publish(Publish {
+                topic: topic.into(),
+                payload: bytes::Bytes::from_static(payload),
+                qos,
+                packet_id: pid,
+                ..Default::default()
+            }),
+            now,
+        );
+    }
+}
+
+fn publishes(p: &[Packet]) -> Vec<&Publish> {
+    p.iter()
+        .filter_map(|p| match p {
+            Packet::Publish(x) => Some(x),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn keep_alive_closes_after_one_and_a_half_intervals() {
+    // [MQTT-3.1.2-22]
+    let (b, t0) = broker();
+    let mut c = connect_packet(Protocol::V5, "ka", true);
+    c.keep_alive = 10;
+    let (mut cl, _) = Client::new(&b, c, t0);
+    assert_eq!(cl.conn.poll_timeout(), Some(t0 + Duration::from_secs(15)));
+    cl.conn.handle_timeout(t0 + Duration::from_secs(14));
+    assert!(cl.conn.poll_close().is_none());
+    cl.send(Packet::PingReq, t0 + Duration::from_secs(14));
+    assert_eq!(cl.recv(t0), vec![Packet::PingResp]);
+    cl.conn.handle_timeout(t0 + Duration::from_secs(28));
+    assert!(
+        cl.conn.poll_close().is_none(),
+        "the ping re-armed the timer"
+    );
+    cl.conn.handle_timeout(t0 + Duration::from_secs(29));
+    let close = cl.conn.poll_close().expect("closed");
+    assert_eq!(close.reason, ReasonCode::KEEP_ALIVE_TIMEOUT);
+    assert!(close.publish_will);
+    let p = cl.recv(t0);
+    assert!(
+        matches!(&p[..], [Packet::Disconnect(d)] if d.reason_code == ReasonCode::KEEP_ALIVE_TIMEOUT)
+    );
+}
+
+#[test]
+fn server_keep_alive_caps_the_client() {
+    // [MQTT-3.2.2-21]
+    let (b, t0) = broker_with(|c| c.limits.max_keepalive = 60);
+    let mut c = connect_packet(Protocol::V5, "ka2", true);
+    c.keep_alive = 600;
+    let (cl, ack) = Client::new(&b, c, t0);
+    assert_eq!(ack.properties.server_keep_alive, Some(60));
+    assert_eq!(cl.conn.poll_timeout(), Some(t0 + Duration::from_secs(90)));
+}
+
+#[test]
+fn connect_timeout_closes_silent_connections() {
+    let (b, t0) = broker();
+    let mut conn = Connection::new(b, t0);
+    let deadline = conn.poll_timeout().expect("connect timer");
+    conn.handle_timeout(deadline);
+    assert!(conn.poll_close().is_some());
+}
+
+#[test]
+fn qos2_inbound_is_delivered_once_even_when_resent() {
+    // [MQTT-4.3.3-10]: a resent QoS 2 PUBLISH (same id, before PUBREL) is not delivered twice.
+    let (b, t0) = broker();
+    let mut sub = Client::v5(&b, "sub", t0);
+    sub.subscribe("a/b", QoS::ExactlyOnce, t0);
+    let mut publ = Client::v5(&b, "pub", t0);
+    publ.publish("a/b", b"x", QoS::ExactlyOnce, Some(7), t0);
+    let mut p = publ.recv(t0);
+    assert!(matches!(&p[..], [Packet::PubRec(r)] if r.packet_id == 7));
+    publ.send(
+        Packet::Publish(Publish {
+            dup: true,
+            topic: "a/b".into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos: QoS::ExactlyOnce,
+            packet_id: Some(7),
+            ..Default::default()
+        }),
+        t0,
+    );
+    p = publ.recv(t0);
+    assert!(matches!(&p[..], [Packet::PubRec(r)] if r.packet_id == 7));
+    publ.send(Packet::PubRel(PubResp::new(7)), t0);
+    p = publ.recv(t0);
+    assert!(
+        matches!(&p[..], [Packet::PubComp(r)] if r.packet_id == 7 && r.reason_code == ReasonCode::SUCCESS)
+    );
+    let got = sub.recv(t0);
+    assert_eq!(publishes(&got).len(), 1);
+    // Outgoing QoS 2: PUBREC → PUBREL → PUBCOMP completes the window.
+    let pid = publishes(&got)[0].packet_id.expect("pid");
+    sub.send(Packet::PubRec(PubResp::new(pid)), t0);
+    assert!(matches!(&sub.recv(t0)[..], [Packet::PubRel(r)] if r.packet_id == pid));
+    sub.send(Packet::PubComp(PubResp::new(pid)), t0);
+    assert!(sub.recv(t0).is_empty());
+}
+
+#[test]
+fn pubrel_for_unknown_id_gets_packet_identifier_not_found() {
+    let (b, t0) = broker();
+    let mut c = Client::v5(&b, "c", t0);
+    c.send(Packet::PubRel(PubResp::new(99)), t0);
+    assert!(
+        matches!(&c.recv(t0)[..], [Packet::PubComp(r)] if r.reason_code == ReasonCode::PACKET_IDENTIFIER_NOT_FOUND)
+    );
+}
+
+#[test]
+fn receive_maximum_limits_the_outgoing_window() {
+    // [MQTT-3.3.4-9]: no more than receive-maximum unacknowledged QoS 1/2 PUBLISH.
+    let (b, t0) = broker();
+    let mut c = connect_packet(Protocol::V5, "slow", true);
+    c.properties.receive_maximum = Some(2);
+    let (mut sub, _) = Client::new(&b, c, t0);
+    sub.subscribe("t", QoS::AtLeastOnce, t0);
+    let mut publ = Client::v5(&b, "p", t0);
+    for i in 1..=5 {
+        publ.publish("t", b"m", QoS::AtLeastOnce, Some(i), t0);
+    }
+    let got = sub.recv(t0);
+    let first = publishes(&got);
+    assert_eq!(first.len(), 2);
+    let pid = first[0].packet_id.expect("pid");
+    assert!(sub.recv(t0).is_empty(), "window full");
+    sub.send(Packet::PubAck(PubResp::new(pid)), t0);
+    assert_eq!(publishes(&sub.recv(t0)).len(), 1, "one ack frees one slot");
+}
+
+#[test]
+fn inbound_topic_alias() {
+    let (b, t0) = broker_with(|c| c.limits.topic_alias_max = 4);
+    let mut sub = Client::v5(&b, "s", t0);
+    sub.subscribe("alias/topic", QoS::AtMostOnce, t0);
+    let mut p = Client::v5(&b, "p", t0);
+    let mut pb = Publish {
+        topic: "alias/topic".into(),
+        payload: bytes::Bytes::from_static(b"1"),
+        ..Default::default()
+    };
+    pb.properties.topic_alias = Some(3);
+    p.send(Packet::Publish(pb.clone()), t0);
+    pb.topic = "".into();
+    pb.payload = bytes::Bytes::from_static(b"2");
+    p.send(Packet::Publish(pb.clone()), t0);
+    let got = sub.recv(t0);
+    let got = publishes(&got);
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|x| &*x.topic == "alias/topic"));
+    // [MQTT-3.3.2-9]: alias above the maximum is a protocol error (0x94).
+    pb.properties.topic_alias = Some(5);
+    p.send(Packet::Publish(pb), t0);
+    assert_eq!(
+        p.conn.poll_close().map(|c| c.reason),
+        Some(ReasonCode::TOPIC_ALIAS_INVALID)
+    );
+}
+
+#[test]
+fn outbound_topic_alias_is_used_when_the_client_allows_it() {
+    let (b, t0) = broker();
+    let mut c = connect_packet(Protocol::V5, "s", true);
+    c.properties.topic_alias_maximum = Some(2);
+    let (mut sub, _) = Client::new(&b, c, t0);
+    sub.subscribe("x/#", QoS::AtMostOnce, t0);
+    let mut p = Client::v5(&b, "p", t0);
+    p.publish("x/1", b"a", QoS::AtMostOnce, None, t0);
+    p.publish("x/1", b"b", QoS::AtMostOnce, None, t0);
+    let got = sub.recv(t0);
+    let got = publishes(&got);
+    assert_eq!(&*got[0].topic, "x/1");
+    assert_eq!(got[0].properties.topic_alias, Some(1));
+    assert_eq!(&*got[1].topic, "");
+    assert_eq!(got[1].properties.topic_alias, Some(1));
+}
+
+#[test]
+fn takeover_closes_the_old_connection_with_0x8e_and_resumes() {
+    // [MQTT-3.1.4-3]
+    let (b, t0) = broker();
+    let mut c = connect_packet(Protocol::V5, "dup", false);
+    c.properties.session_expiry_interval = Some(60);
+    let (mut old, _) = Client::new(&b, c.clone(), t0);
+    old.subscribe("t", QoS::AtLeastOnce, t0);
+    let (mut new, ack) = Client::new(&b, c, t0);
+    assert!(ack.session_present);
+    let p = old.recv(t0);
+    assert!(
+        matches!(&p[..], [Packet::Disconnect(d)] if d.reason_code == ReasonCode::SESSION_TAKEN_OVER)
+    );
+    assert!(old.conn.poll_close().is_some());
+    old.conn.handle_closed(t0);
+    // The subscription survived on the new connection.
+    let mut p = Client::v5(&b, "p", t0);
+    p.publish("t", b"m", QoS::AtLeastOnce, Some(1), t0);
+    assert_eq!(publishes(&new.recv(t0)).len(), 1);
+}
+
+#[test]
+fn will_delay_is_honoured_and_cancelled_by_reconnect() {
+    let (b, t0) = broker();
+    let mut watcher = Client::v5(&b, "w", t0);
+    watcher.subscribe("will/#", QoS::AtMostOnce, t0);
+    let mut c = connect_packet(Protocol::V5, "dies", false);
+    c.properties.session_expiry_interval = Some(100);
+    c.will = Some(LastWill {
+        topic: "will/dies".into(),
+        payload: bytes::Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: WillProperties {
+            will_delay_interval: Some(5),
+            ..Default::default()
+        },
+    });
+    // First: dies, comes back after 3 s → no will [MQTT-3.1.3-9].
+    let (mut cl, _) = Client::new(&b, c.clone(), t0);
+    cl.conn.handle_closed(t0);
+    b.handle_timeout(t0 + Duration::from_secs(3));
+    let (mut cl, _) = Client::new(&b, c.clone(), t0 + Duration::from_secs(3));
+    b.handle_timeout(t0 + Duration::from_secs(10));
+    assert!(publishes(&watcher.recv(t0)).is_empty());
+    // Second: dies and stays away → will after 5 s, not before.
+    cl.conn.handle_closed(t0 + Duration::from_secs(10));
+    b.handle_timeout(t0 + Duration::from_secs(14));
+    assert!(publishes(&watcher.recv(t0)).is_empty());
+    b.handle_timeout(t0 + Duration::from_secs(15));
+    let got = watcher.recv(t0);
+    assert_eq!(publishes(&got).len(), 1);
+    assert_eq!(&publishes(&got)[0].payload[..], b"gone");
+}
+
+#[test]
+fn normal_disconnect_discards_the_will() {
+    // [MQTT-3.14.4-3]
+    let (b, t0) = broker();
+    let mut watcher = Client::v5(&b, "w", t0);
+    watcher.subscribe("will", QoS::AtMostOnce, t0);
+    let mut c = connect_packet(Protocol::V3_1_1, "polite", true);
+    c.will = Some(LastWill {
+        topic: "will".into(),
+        payload: bytes::Bytes::from_static(b"x"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let (mut cl, _) = Client::new(&b, c.clone(), t0);
+    cl.send(Packet::Disconnect(Disconnect::default()), t0);
+    cl.conn.handle_closed(t0);
+    assert!(publishes(&watcher.recv(t0)).is_empty());
+    let (mut cl, _) = Client::new(&b, c, t0);
+    cl.conn.handle_closed(t0); // abnormal
+    assert_eq!(publishes(&watcher.recv(t0)).len(), 1);
+}
+
+#[test]
+fn message_expiry_drops_queued_messages_and_decrements_the_interval() {
+    // [MQTT-3.3.2-5], [MQTT-3.3.2-6]
+    let (b, t0) = broker();
+    let mut c = connect_packet(Protocol::V5, "off", false);
+    c.properties.session_expiry_interval = Some(1000);
+    let (mut sub, _) = Client::new(&b, c.clone(), t0);
+    sub.subscribe("e", QoS::AtLeastOnce, t0);
+    sub.conn.handle_closed(t0);
+    let mut p = Client::v5(&b, "p", t0);
+    for (i, secs) in [(1u16, 5u32), (2, 60)] {
+        let mut pb = Publish {
+            topic: "e".into(),
+            payload: bytes::Bytes::from_static(b"m"),
+            qos: QoS::AtLeastOnce,
+            packet_id: Some(i),
+            ..Default::default()
+        };
+        pb.properties.message_expiry_interval = Some(secs);
+        p.send(Packet::Publish(pb), t0);
+    }
+    let t1 = t0 + Duration::from_secs(10);
+    let (mut sub, ack) = Client::new(&b, c, t1);
+    assert!(ack.session_present);
+    let got = sub.recv(t1);
+    let got = publishes(&got);
+    assert_eq!(got.len(), 1, "the 5 s message expired while queued");
+    assert_eq!(got[0].properties.message_expiry_interval, Some(50));
+}
+
+#[test]
+fn session_expires_after_its_interval() {
+    let (b, t0) = broker();
+    let mut c = connect_packet(Protocol::V5, "exp", false);
+    c.properties.session_expiry_interval = Some(30);
+    let (mut cl, _) = Client::new(&b, c.clone(), t0);
+    cl.conn.handle_closed(t0);
+    b.handle_timeout(t0 + Duration::from_secs(29));
+    let (mut cl, ack) = Client::new(&b, c.clone(), t0 + Duration::from_secs(29));
+    assert!(ack.session_present);
+    cl.conn.handle_closed(t0 + Duration::from_secs(29));
+    b.handle_timeout(t0 + Duration::from_secs(60));
+    let (_, ack) = Client::new(&b, c, t0 + Duration::from_secs(60));
+    assert!(!ack.session_present);
+}
+
+#[test]
+fn unacked_messages_are_resent_with_dup_on_resume() {
+    // [MQTT-4.4.0-1]
+    let (b, t0) = broker();
+    let c = connect_packet(Protocol::V3_1_1, "resume", false);
+    let (mut sub, _) = Client::new(&b, c.clone(), t0);
+    sub.subscribe("r", QoS::AtLeastOnce, t0);
+    let mut p = Client::v5(&b, "p", t0);
+    p.publish("r", b"m", QoS::AtLeastOnce, Some(1), t0);
+    let first = sub.recv(t0);
+    assert!(!publishes(&first)[0].dup);
+    sub.conn.handle_closed(t0);
+    let (mut sub, ack) = Client::new(&b, c, t0);
+    assert!(ack.session_present);
+    let again = sub.recv(t0);
+    let again = publishes(&again);
+    assert_eq!(again.len(), 1);
+    assert!(again[0].dup);
+    assert_eq!(again[0].packet_id, publishes(&first)[0].packet_id);
+}
+
+#[test]
+fn second_connect_is_a_protocol_error() {
+    // [MQTT-3.1.0-2]
+    let (b, t0) = broker();
+    let mut c = Client::v5(&b, "twice", t0);
+    c.send(
+        Packet::Connect(Box::new(connect_packet(Protocol::V5, "twice", true))),
+        t0,
+    );
+    assert_eq!(
+        c.conn.poll_close().map(|c| c.reason),
+        Some(ReasonCode::PROTOCOL_ERROR)
+    );
+}
+
+#[test]
+fn empty_client_id_rules() {
+    // [MQTT-3.1.3-8] (3.1.1 with clean session 0) and [MQTT-3.2.2-16] (v5 assigned id)
+    let (b, t0) = broker();
+    let (_, ack) = Client::new(&b, connect_packet(Protocol::V3_1_1, "", false), t0);
+    assert_eq!(ack.reason_code, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+    let (_, ack) = Client::new(&b, connect_packet(Protocol::V3_1_1, "", true), t0);
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    let (_, ack) = Client::new(&b, connect_packet(Protocol::V5, "", true), t0);
+    assert!(ack.properties.assigned_client_identifier.is_some());
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit and integration tests, the
+# conformance suite (paho-mqtt over real sockets against the release binary),
+# and a short fuzzing run of the decoder. Installs what it needs.
+#
+#   scripts/test.sh            # everything
+#   SKIP_FUZZ=1 scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n=== %s\n' "$*"; }
+
+log "toolchain"
+cargo --version
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "build (release)"
+cargo build --release --workspace --bins
+
+log "unit and integration tests"
+cargo nextest run --workspace --no-fail-fast
+
+log "conformance suite (paho-mqtt against target/release/millet)"
+MILLET_BIN="$PWD/target/release/millet" scripts/test-conformance.sh
+
+if [[ -z "${SKIP_FUZZ:-}" && -x scripts/fuzz-decode.sh ]]; then
+  log "fuzz the decoder briefly"
+  scripts/fuzz-decode.sh "${FUZZ_SECONDS:-60}"
+fi
+
+log "all tests passed"
