@@ -108,6 +108,8 @@ pub struct Connection {
     /// Session expiry set by the client's v5 DISCONNECT.
     disconnect_expiry: Option<u32>,
     waker: Arc<ConnWaker>,
+    /// CONNACK 0x00 has been queued: errors from now on are DISCONNECTs.
+    accepted: bool,
 }
 
 impl Connection {
@@ -123,6 +125,7 @@ impl Connection {
             last_recv: now,
             disconnect_expiry: None,
             waker: Arc::new(ConnWaker::default()),
+            accepted: false,
         }
     }
 
@@ -175,9 +178,7 @@ impl Connection {
             },
             State::Connected(mut active) => {
                 self.handle_connected(&mut active, packet, now);
-                if self.close.is_none() || matches!(self.state, State::Closed) {
-                    self.state = State::Connected(active);
-                }
+                self.state = State::Connected(active);
             }
             State::Closed => {}
         }
@@ -229,7 +230,7 @@ impl Connection {
         if self.close.is_some() {
             return;
         }
-        if self.protocol == Some(Protocol::V5) && matches!(self.state, State::Connected(_)) {
+        if self.protocol == Some(Protocol::V5) && self.accepted {
             self.out.push_back(Packet::Disconnect(Disconnect {
                 reason_code: ReasonCode::SERVER_SHUTTING_DOWN,
                 properties: DisconnectProperties::default(),
@@ -388,9 +389,7 @@ impl Connection {
         if self.close.is_some() {
             return;
         }
-        if self.protocol == Some(Protocol::V5)
-            && matches!(self.state, State::Connected(_) | State::Authenticating(_))
-        {
+        if self.protocol == Some(Protocol::V5) && self.accepted {
             self.out.push_back(Packet::Disconnect(Disconnect {
                 reason_code: reason,
                 properties: DisconnectProperties::default(),
@@ -598,6 +597,7 @@ impl Connection {
                 props.authentication_data = auth_data;
             }
         }
+        self.accepted = true;
         self.out.push_back(Packet::ConnAck(ConnAck {
             session_present: attached.session_present,
             reason_code: ReasonCode::SUCCESS,

@@ -469,3 +469,21 @@ fn empty_client_id_rules() {
     let (_, ack) = Client::new(&b, connect_packet(Protocol::V5, "", true), t0);
     assert!(ack.properties.assigned_client_identifier.is_some());
 }
+
+#[test]
+fn protocol_errors_after_connack_send_disconnect_in_v5_only() {
+    // [MQTT-4.13.1-1] (v5 DISCONNECT with reason) vs a plain close in 3.1.1 [MQTT-4.8.0-1]
+    let (b, t0) = broker();
+    let mut c = Client::v5(&b, "e5", t0);
+    c.send(Packet::PubComp(PubResp::new(1)), t0); // harmless
+    c.send(Packet::SubAck(SubAck::default()), t0); // a server-only packet
+    let p = c.recv(t0);
+    assert!(
+        matches!(&p[..], [Packet::Disconnect(d)] if d.reason_code == ReasonCode::PROTOCOL_ERROR),
+        "{p:?}"
+    );
+    let (mut c3, _) = Client::new(&b, connect_packet(Protocol::V3_1_1, "e3", true), t0);
+    c3.send(Packet::SubAck(SubAck::default()), t0);
+    assert!(c3.recv(t0).is_empty());
+    assert!(c3.conn.poll_close().is_some());
+}
