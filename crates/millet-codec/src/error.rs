@@ -70,8 +70,8 @@ impl DecodeError {
             DecodeError::PacketTooLarge { .. } => ReasonCode::PACKET_TOO_LARGE,
             DecodeError::UnsupportedProtocol => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
             DecodeError::InvalidTopicName => ReasonCode::TOPIC_NAME_INVALID,
-            DecodeError::InvalidQoS(_)
-            | DecodeError::DuplicateProperty { .. }
+            // QoS 3 in PUBLISH is a Malformed Packet [MQTT-3.3.1-4], handled below.
+            DecodeError::DuplicateProperty { .. }
             | DecodeError::InvalidPropertyValue { .. }
             | DecodeError::ZeroPacketId(_)
             | DecodeError::NoTopicFilters(_)
