@@ -24,6 +24,7 @@
 //! - `topic`: topic name and filter validation, `$share` parsing.
 
 #![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 mod decode;
 mod encode;

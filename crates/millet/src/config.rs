@@ -45,6 +45,9 @@ pub struct Limits {
     pub receive_maximum: u16,
     /// Messages queued per offline or slow session; when full, QoS 0 goes first, then new messages are dropped (counted).
     pub max_queued: usize,
+    /// Back-pressure threshold: a publisher sending to an online session with
+    /// this many messages queued stops being read until the queue halves.
+    pub backpressure_queued: usize,
     /// Longest topic name or filter, bytes.
     pub max_topic_length: usize,
     /// Most levels in a topic name or filter.
@@ -83,6 +86,7 @@ impl Default for Limits {
             max_inflight: 32,
             receive_maximum: 128,
             max_queued: 10_000,
+            backpressure_queued: 1000,
             max_topic_length: 1024,
             max_topic_levels: 32,
             max_subscriptions: 1024,
@@ -123,6 +127,8 @@ pub struct Cli {
     #[arg(long)]
     pub max_queued: Option<usize>,
     #[arg(long)]
+    pub backpressure_queued: Option<usize>,
+    #[arg(long)]
     pub max_subscriptions: Option<usize>,
     #[arg(long)]
     pub max_keepalive: Option<u16>,
@@ -137,7 +143,7 @@ pub struct Cli {
 
 impl Config {
     /// Merge defaults, the config file, `MILLET_*` environment variables and flags.
-    pub fn load(cli: &Cli) -> Result<Config, figment::Error> {
+    pub fn load(cli: &Cli) -> Result<Config, Box<figment::Error>> {
         use figment::providers::{Env, Format, Serialized, Toml};
         let mut fig = figment::Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &cli.config {
@@ -148,7 +154,7 @@ impl Config {
                 .ignore(&["CONFIG", "LOG"])
                 .split("__"),
         );
-        let mut cfg: Config = fig.extract()?;
+        let mut cfg: Config = fig.extract().map_err(Box::new)?;
         if !cli.listen.is_empty() {
             cfg.listen = cli.listen.clone();
         }
@@ -169,10 +175,12 @@ impl Config {
         set!(l.receive_maximum, cli.receive_maximum);
         set!(l.max_queued, cli.max_queued);
         set!(l.max_subscriptions, cli.max_subscriptions);
+        set!(l.backpressure_queued, cli.backpressure_queued);
         set!(l.max_keepalive, cli.max_keepalive);
         set!(l.topic_alias_max, cli.topic_alias_max);
         set!(l.connect_timeout, cli.connect_timeout);
-        cfg.validate().map_err(figment::Error::from)?;
+        cfg.validate()
+            .map_err(|e| Box::new(figment::Error::from(e)))?;
         Ok(cfg)
     }
 

@@ -15,6 +15,7 @@
 //! - [`server`]: the tokio driver: listeners, connection tasks, ticker, drain.
 
 #![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod auth;
 pub mod broker;

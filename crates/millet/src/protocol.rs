@@ -110,6 +110,9 @@ pub struct Connection {
     waker: Arc<ConnWaker>,
     /// CONNACK 0x00 has been queued: errors from now on are DISCONNECTs.
     accepted: bool,
+    /// A session this client publishes to is congested: stop reading from
+    /// the client until the waker fires (back-pressure through TCP).
+    paused: bool,
 }
 
 impl Connection {
@@ -126,6 +129,7 @@ impl Connection {
             disconnect_expiry: None,
             waker: Arc::new(ConnWaker::default()),
             accepted: false,
+            paused: false,
         }
     }
 
@@ -139,6 +143,12 @@ impl Connection {
     /// Largest packet accepted from the client, for the decoder.
     pub fn max_packet_size(&self) -> usize {
         self.broker.config.limits.max_packet_size as usize
+    }
+
+    /// True while the driver must not read from the client (back-pressure).
+    /// Cleared by the next wake-up of [`Connection::waker`].
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// What the driver waits on for deliveries and kicks.
@@ -278,7 +288,9 @@ impl Connection {
         let start = buf.len();
         let mut sent = 0u64;
         let cell = active.cell.clone();
-        self.waker.clear();
+        if self.waker.clear() {
+            self.paused = false; // woken: maybe by the congested session draining
+        }
         let mut st = cell.state.lock();
         let session = &mut st.session;
         if active.resend {
@@ -345,6 +357,11 @@ impl Connection {
                 session.push_inflight(pid, d);
             }
             sent += 1;
+        }
+        if !st.blocked.is_empty()
+            && st.session.queue_len() <= self.broker.config.limits.backpressure_queued / 2
+        {
+            st.release_blocked();
         }
         drop(st);
         if sent > 0 {
@@ -553,15 +570,15 @@ impl Connection {
             c.client_id.clone()
         };
         let mut keep_alive = c.keep_alive;
-        if v5 {
-            if keep_alive > limits.max_keepalive || (keep_alive == 0 && limits.min_keepalive > 0) {
-                keep_alive = if keep_alive == 0 {
-                    limits.min_keepalive
-                } else {
-                    limits.max_keepalive
-                };
-                props.server_keep_alive = Some(keep_alive); // [MQTT-3.2.2-21]
-            }
+        if v5
+            && (keep_alive > limits.max_keepalive || (keep_alive == 0 && limits.min_keepalive > 0))
+        {
+            keep_alive = if keep_alive == 0 {
+                limits.min_keepalive
+            } else {
+                limits.max_keepalive
+            };
+            props.server_keep_alive = Some(keep_alive); // [MQTT-3.2.2-21]
         }
         let mut expiry = if v5 {
             c.properties.session_expiry_interval.unwrap_or(0)
@@ -783,8 +800,11 @@ impl Connection {
             publisher: Some(a.cell.id),
             publisher_client_id: a.client_id.clone(),
         };
-        let matched = self.broker.publish(Arc::new(msg), now);
-        let rc = if matched == 0 && v5 {
+        let routed = self.broker.publish(Arc::new(msg), Some(&self.waker), now);
+        if routed.congested {
+            self.paused = true;
+        }
+        let rc = if routed.sessions == 0 && v5 {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
         } else {
             ReasonCode::SUCCESS

@@ -177,7 +177,7 @@ async fn serve(
         let deadline = conn.poll_timeout().map(tokio::time::Instant::from_std);
         let waker = conn.waker().clone();
         tokio::select! {
-            r = stream.readable() => {
+            r = stream.readable(), if !conn.is_paused() => {
                 if r.is_err() { break; }
                 loop {
                     rbuf.reserve(READ_CHUNK);

@@ -305,9 +305,15 @@ impl ConnWaker {
         }
     }
 
-    /// Called by the connection before it drains the session.
-    pub fn clear(&self) {
-        self.pending.store(false, Ordering::Release);
+    /// A wake-up is pending (for tests and diagnostics).
+    pub fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Called by the connection before it drains the session; returns
+    /// whether a wake-up was pending.
+    pub fn clear(&self) -> bool {
+        self.pending.swap(false, Ordering::AcqRel)
     }
 
     /// Resolves after the next `wake` (or at once if one is stored).
@@ -335,11 +341,21 @@ pub struct SessionStateGuarded {
     /// Set when the attached connection must close (admin kick, shutdown),
     /// with the v5 reason code to send.
     pub kick: Option<millet_codec::ReasonCode>,
+    /// Publishers paused because this session's queue is over the
+    /// back-pressure threshold; woken when it drains or goes offline.
+    pub blocked: Vec<Arc<ConnWaker>>,
 }
 
 impl SessionStateGuarded {
     pub fn wake(&self) {
         if let Some(w) = &self.waker {
+            w.wake();
+        }
+    }
+
+    /// Wake every publisher paused on this session.
+    pub fn release_blocked(&mut self) {
+        for w in self.blocked.drain(..) {
             w.wake();
         }
     }
@@ -354,6 +370,7 @@ impl SessionCell {
                 conn_epoch: 0,
                 waker: None,
                 kick: None,
+                blocked: Vec::new(),
             }),
         })
     }

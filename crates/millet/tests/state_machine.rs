@@ -1,6 +1,8 @@
 //! Protocol state machine tests: real broker, real connections, no sockets,
 //! on a fake clock (every call takes an explicit `now`).
 
+#![allow(clippy::field_reassign_with_default)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -486,4 +488,44 @@ fn protocol_errors_after_connack_send_disconnect_in_v5_only() {
     c3.send(Packet::SubAck(SubAck::default()), t0);
     assert!(c3.recv(t0).is_empty());
     assert!(c3.conn.poll_close().is_some());
+}
+
+#[test]
+fn slow_online_subscriber_pauses_publishers_instead_of_dropping() {
+    // Back-pressure: the publisher stops being read while the receiver's queue
+    // is above the threshold, and is woken once it drains to half.
+    let (b, t0) = broker_with(|c| c.limits.backpressure_queued = 4);
+    let mut c = connect_packet(Protocol::V5, "slow", true);
+    c.properties.receive_maximum = Some(1);
+    let (mut sub, _) = Client::new(&b, c, t0);
+    sub.subscribe("bp", QoS::AtLeastOnce, t0);
+    let mut publ = Client::v5(&b, "fast", t0);
+    let mut pid = 0;
+    while !publ.conn.is_paused() {
+        pid += 1;
+        assert!(pid < 10, "never paused");
+        publ.publish("bp", b"m", QoS::AtLeastOnce, Some(pid), t0);
+    }
+    assert_eq!(pid, 4, "paused when the queue reached the threshold");
+    publ.recv(t0); // the acks still go out
+    assert!(publ.conn.is_paused());
+    let w = publ.conn.waker().clone();
+    // The subscriber acknowledges one message at a time until the queue halves.
+    let mut acked = 0;
+    while !w.is_pending() {
+        let got = sub.recv(t0);
+        for p in publishes(&got) {
+            sub.send(Packet::PubAck(PubResp::new(p.packet_id.expect("pid"))), t0);
+            acked += 1;
+        }
+        assert!(acked < 10, "publisher never woken");
+    }
+    publ.recv(t0);
+    assert!(!publ.conn.is_paused());
+    assert_eq!(
+        b.stats
+            .messages_dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }

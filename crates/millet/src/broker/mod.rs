@@ -57,6 +57,15 @@ pub struct Stats {
     pub subscriptions: AtomicU64,
 }
 
+/// What [`Broker::publish`] did with a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Routed {
+    /// Sessions the message was offered to.
+    pub sessions: usize,
+    /// A receiving session is congested: the publisher should pause.
+    pub congested: bool,
+}
+
 /// Result of attaching a connection to a session.
 pub struct Attached {
     pub cell: Arc<SessionCell>,
@@ -249,6 +258,7 @@ impl Broker {
             st.conn_epoch = 0;
             st.kick = None;
             st.waker = None;
+            st.release_blocked();
             self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
             if let Some(e) = expiry_override {
                 st.session.expiry_interval = e;
@@ -367,13 +377,24 @@ impl Broker {
             publisher_client_id: w.client_id,
         };
         tracing::debug!(topic = %msg.topic, "publishing will");
-        self.publish(Arc::new(msg), now);
+        self.publish(Arc::new(msg), None, now);
     }
 
     /// Route a message to every matching subscription; store or clear it as
     /// retained if its retain flag is set. Returns the number of sessions it
     /// was offered to.
-    pub fn publish(&self, msg: Arc<Message>, _now: Instant) -> usize {
+    ///
+    /// Back-pressure: when `publisher` is given and a receiving session that
+    /// is online has more than `limits.backpressure_queued` messages waiting,
+    /// the publisher's waker is parked on that session and `congested` is set
+    /// in the result; the publisher should stop reading until woken (the
+    /// subscriber wakes it once its queue drained to half the threshold).
+    pub fn publish(
+        &self,
+        msg: Arc<Message>,
+        publisher: Option<&Arc<ConnWaker>>,
+        _now: Instant,
+    ) -> Routed {
         self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
         if msg.retain {
             let mut r = self.retained.write();
@@ -383,15 +404,15 @@ impl Broker {
                 r.set(&msg.topic, msg.clone()); // [MQTT-3.3.1-5]
             }
         }
-        self.route(&msg)
+        self.route(&msg, publisher)
     }
 
-    fn route(&self, msg: &Arc<Message>) -> usize {
+    fn route(&self, msg: &Arc<Message>, publisher: Option<&Arc<ConnWaker>>) -> Routed {
         let mut matches = MATCHES.with(|m| std::mem::take(&mut *m.borrow_mut()));
         self.index
             .read()
             .matches(&msg.topic, &msg.publisher_client_id, &mut matches);
-        let mut delivered = 0;
+        let mut routed = Routed::default();
         // Overlapping subscriptions of one session are merged into one delivery
         // with the highest QoS and every subscription identifier [MQTT-3.3.4-2..5].
         for run in index::group_by_key(&mut matches) {
@@ -423,26 +444,48 @@ impl Broker {
                 }
             }
             if let (Some(d), Some(first)) = (best, run.first()) {
-                self.deliver(&first.value.cell, d);
-                delivered += 1;
+                routed.congested |= self.deliver_with_pressure(&first.value.cell, d, publisher);
+                routed.sessions += 1;
             }
         }
         matches.clear();
         MATCHES.with(|m| *m.borrow_mut() = matches);
-        delivered
+        routed
     }
 
     /// Queue a delivery on a session and wake its connection.
     pub fn deliver(&self, cell: &SessionCell, d: Delivery) {
-        let r = {
+        self.deliver_with_pressure(cell, d, None);
+    }
+
+    /// Queue a delivery; returns true if the session is congested and
+    /// `publisher` was parked on it.
+    fn deliver_with_pressure(
+        &self,
+        cell: &SessionCell,
+        d: Delivery,
+        publisher: Option<&Arc<ConnWaker>>,
+    ) -> bool {
+        let threshold = self.config.limits.backpressure_queued;
+        let (r, congested) = {
             let mut st = cell.state.lock();
             let r = st.session.enqueue(d);
             st.wake();
-            r
+            let congested = match publisher {
+                Some(w) if st.conn_epoch != 0 && st.session.queue_len() >= threshold => {
+                    if !st.blocked.iter().any(|b| Arc::ptr_eq(b, w)) {
+                        st.blocked.push(w.clone());
+                    }
+                    true
+                }
+                _ => false,
+            };
+            (r, congested)
         };
         if r != Enqueued::Queued {
             self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
         }
+        congested
     }
 
     /// Add a subscription for `cell`. `filter` is as the client sent it.

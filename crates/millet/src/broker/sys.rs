@@ -47,6 +47,6 @@ pub(super) fn publish_sys(broker: &Broker, now: Instant) {
             publisher: None,
             publisher_client_id: "$SYS".into(),
         };
-        broker.publish(Arc::new(msg), now);
+        broker.publish(Arc::new(msg), None, now);
     }
 }
