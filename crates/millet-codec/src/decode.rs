@@ -570,7 +570,8 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
         (b"MQTT", 4) => Protocol::V3_1_1,
         (b"MQTT", 5) => Protocol::V5,
         (b"MQIsdp", 3) => Protocol::V3_1,
-        _ => return Err(DecodeError::UnsupportedProtocol),
+        (b"MQTT", _) | (b"MQIsdp", _) => return Err(DecodeError::UnsupportedProtocol),
+        _ => return Err(DecodeError::InvalidProtocolName),
     };
     let flags = r.u8("connect flags")?;
     let will_flag = flags & 0x04 != 0;
@@ -1141,7 +1142,7 @@ mod tests {
             ("protocol MQTT level 3", NONE, pkt(0x10, &cat(&[&f(b"MQTT"), &[3, 2, 0, 60], &f(b"c")])), E::UnsupportedProtocol, ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
             ("protocol MQTT level 6", NONE, connect(6, 0x02, &f(b"c")), E::UnsupportedProtocol, ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
             ("protocol MQIsdp level 4", NONE, pkt(0x10, &cat(&[&f(b"MQIsdp"), &[4, 2, 0, 60], &f(b"c")])), E::UnsupportedProtocol, ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
-            ("protocol name mqtt", NONE, pkt(0x10, &cat(&[&f(b"mqtt"), &[4, 2, 0, 60], &f(b"c")])), E::UnsupportedProtocol, ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
+            ("protocol name mqtt", NONE, pkt(0x10, &cat(&[&f(b"mqtt"), &[4, 2, 0, 60], &f(b"c")])), E::InvalidProtocolName, ReasonCode::MALFORMED_PACKET),
             ("reserved connect flag [MQTT-3.1.2-3]", NONE, connect(4, 0x03, &f(b"c")), E::InvalidConnectFlags(0x03), MALFORMED),
             ("will QoS without will [MQTT-3.1.2-11]", NONE, connect(4, 0x0A, &f(b"c")), E::InvalidConnectFlags(0x0A), MALFORMED),
             ("will retain without will [MQTT-3.1.2-13]", NONE, connect(5, 0x22, &cat(&[&[0], &f(b"c")])), E::InvalidConnectFlags(0x22), MALFORMED),

@@ -48,9 +48,14 @@ pub enum DecodeError {
     /// Subscription options with reserved bits set or retain handling 3 [MQTT-3.8.3-5].
     #[error("invalid subscription options {0:#04x}")]
     InvalidSubscriptionOptions(u8),
-    /// A CONNECT whose protocol name or level this server does not speak.
-    #[error("unsupported protocol name or level")]
+    /// A CONNECT with protocol name `MQTT` / `MQIsdp` and a level this server
+    /// does not speak: answered with CONNACK 0x01 / 0x84 [MQTT-3.1.2-2].
+    #[error("unsupported protocol level")]
     UnsupportedProtocol,
+    /// A CONNECT whose protocol name is neither `MQTT` nor `MQIsdp`: the
+    /// connection is closed without a CONNACK [MQTT-3.1.2-1].
+    #[error("invalid protocol name")]
+    InvalidProtocolName,
     /// CONNECT flags: reserved bit set [MQTT-3.1.2-3], will flags inconsistent [MQTT-3.1.2-11..15],
     /// password without user name in 3.x [MQTT-3.1.2-22].
     #[error("invalid CONNECT flags {0:#04x}")]

@@ -99,6 +99,11 @@ impl Default for Limits {
     }
 }
 
+/// Top-level keys settable through `MILLET_<KEY>`.
+const ENV_KEYS: &[&str] = &["listen", "data_dir", "sys_interval", "shared_strategy"];
+/// Sections settable through `MILLET_<SECTION>__<KEY>`.
+const ENV_SECTIONS: &[&str] = &["limits__"];
+
 /// Command-line flags. Every flag also reads an environment variable.
 #[derive(Debug, clap::Parser, Default)]
 #[command(name = "millet", version, about = "Millet MQTT gateway")]
@@ -149,9 +154,14 @@ impl Config {
         if let Some(path) = &cli.config {
             fig = fig.merge(Toml::file_exact(path));
         }
+        // Only variables naming a configuration key: MILLET_BIN, MILLET_ARGS
+        // and friends belong to scripts, not to us.
         fig = fig.merge(
             Env::prefixed("MILLET_")
-                .ignore(&["CONFIG", "LOG"])
+                .filter(|k| {
+                    let k = k.as_str().to_ascii_lowercase();
+                    ENV_KEYS.contains(&k.as_str()) || ENV_SECTIONS.iter().any(|s| k.starts_with(s))
+                })
                 .split("__"),
         );
         let mut cfg: Config = fig.extract().map_err(Box::new)?;

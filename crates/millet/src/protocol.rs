@@ -710,7 +710,7 @@ impl Connection {
                     self.disconnect_expiry =
                         Some(e.min(self.broker.config.limits.max_session_expiry));
                 }
-                let publish_will = d.reason_code == ReasonCode::DISCONNECT_WITH_WILL;
+                let publish_will = d.reason_code != ReasonCode::NORMAL_DISCONNECTION; // [MQTT-3.14.4-3]
                 self.set_close(d.reason_code, publish_will, "client sent DISCONNECT".into());
             }
             Packet::Auth(x) => self.handle_reauth(a, x),

@@ -163,6 +163,10 @@ impl Broker {
             let mut resumed = None;
             if let Some(cell) = existing {
                 let mut st = cell.state.lock();
+                // A session with expiry 0 ends when its connection closes,
+                // and a takeover closes it: nothing to resume.
+                let clean_start =
+                    clean_start || (st.conn_epoch != 0 && st.session.expiry_interval == 0);
                 if st.conn_epoch != 0 {
                     // Takeover: the old connection sees its epoch replaced and
                     // closes with 0x8E; its will (if any) is published now

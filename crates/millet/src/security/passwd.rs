@@ -1,0 +1,487 @@
+//! Password file: `username:$argon2id$v=19$m=...,t=...,p=...$salt$hash`, one
+//! entry per line; blank lines and lines starting with `#` are comments (kept
+//! as they are when the file is rewritten). Only argon2id PHC hashes are
+//! stored, never a plain-text password.
+//!
+//! Managed with `millet passwd FILE USER [--password PW | --delete]`; without
+//! `--password` the password is the first line of standard input.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+
+use super::Decision;
+
+/// Password file errors.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswdError {
+    #[error("cannot read or write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("line {line}: {msg}")]
+    Parse { line: usize, msg: String },
+    #[error("invalid username {0:?} (empty, or contains ':' or a line break)")]
+    BadUsername(String),
+    #[error("password hashing failed: {0}")]
+    Hash(String),
+}
+
+#[derive(Debug, Clone)]
+enum Line {
+    Other(String),
+    Entry { user: String, hash: String },
+}
+
+/// The parsed file, with comments and order preserved.
+#[derive(Debug, Clone, Default)]
+pub struct PasswordFile {
+    lines: Vec<Line>,
+    index: HashMap<String, usize>,
+}
+
+/// Hash `password` with argon2id and the default (OWASP) parameters.
+pub fn hash_password(password: &str) -> Result<String, PasswdError> {
+    hash_password_with(password, Params::default())
+}
+
+/// Hash `password` with argon2id and the given cost parameters.
+pub fn hash_password_with(password: &str, params: Params) -> Result<String, PasswdError> {
+    let mut bytes = [0u8; 16];
+    rand::fill(&mut bytes);
+    let salt = SaltString::encode_b64(&bytes).map_err(|e| PasswdError::Hash(e.to_string()))?;
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| PasswdError::Hash(e.to_string()))
+}
+
+/// Verify `password` against a PHC hash string (argon2id only). The
+/// comparison is constant-time (done by the `argon2` crate).
+pub fn verify_password(hash: &str, password: &[u8]) -> bool {
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return false;
+    };
+    if parsed.algorithm != Algorithm::Argon2id.ident() {
+        return false;
+    }
+    Argon2::default().verify_password(password, &parsed).is_ok()
+}
+
+/// A fixed hash verified against when the user does not exist, so that an
+/// unknown user costs as much time as a wrong password.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| hash_password("millet-dummy-password").unwrap_or_default())
+}
+
+fn check_username(user: &str) -> Result<(), PasswdError> {
+    if user.is_empty() || user.contains([':', '\n', '\r']) || user.trim() != user {
+        return Err(PasswdError::BadUsername(user.to_string()));
+    }
+    Ok(())
+}
+
+impl PasswordFile {
+    /// Parse the file's text.
+    pub fn parse(text: &str) -> Result<PasswordFile, PasswdError> {
+        let mut f = PasswordFile::default();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                f.lines.push(Line::Other(raw.to_string()));
+                continue;
+            }
+            let Some((user, hash)) = line.split_once(':') else {
+                return Err(PasswdError::Parse {
+                    line: i + 1,
+                    msg: "expected username:hash".into(),
+                });
+            };
+            let parsed = PasswordHash::new(hash).map_err(|e| PasswdError::Parse {
+                line: i + 1,
+                msg: format!("bad hash: {e}"),
+            })?;
+            if parsed.algorithm != Algorithm::Argon2id.ident() {
+                return Err(PasswdError::Parse {
+                    line: i + 1,
+                    msg: "only $argon2id$ hashes are accepted".into(),
+                });
+            }
+            if f.index.contains_key(user) {
+                return Err(PasswdError::Parse {
+                    line: i + 1,
+                    msg: format!("duplicate user {user:?}"),
+                });
+            }
+            f.index.insert(user.to_string(), f.lines.len());
+            f.lines.push(Line::Entry {
+                user: user.to_string(),
+                hash: hash.to_string(),
+            });
+        }
+        Ok(f)
+    }
+
+    /// Read and parse `path`.
+    pub fn load(path: &Path) -> Result<PasswordFile, PasswdError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PasswdError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        PasswordFile::parse(&text)
+    }
+
+    /// Write the file atomically (temporary file + rename), mode 0600 on Unix.
+    pub fn save(&self, path: &Path) -> Result<(), PasswdError> {
+        let io = |source| PasswdError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, self.render()).map_err(io)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// The file's text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for l in &self.lines {
+            match l {
+                Line::Other(s) => out.push_str(s),
+                Line::Entry { user, hash } => {
+                    out.push_str(user);
+                    out.push(':');
+                    out.push_str(hash);
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Number of users.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// The stored hash for `user`.
+    pub fn hash_of(&self, user: &str) -> Option<&str> {
+        match self.lines.get(*self.index.get(user)?) {
+            Some(Line::Entry { hash, .. }) => Some(hash),
+            _ => None,
+        }
+    }
+
+    /// Add or replace `user` with a fresh argon2id hash of `password`.
+    pub fn set_password(&mut self, user: &str, password: &str) -> Result<(), PasswdError> {
+        check_username(user)?;
+        let hash = hash_password(password)?;
+        self.set_hash(user, hash)
+    }
+
+    /// Add or replace `user` with an existing argon2id PHC hash.
+    pub fn set_hash(&mut self, user: &str, hash: String) -> Result<(), PasswdError> {
+        check_username(user)?;
+        match PasswordHash::new(&hash) {
+            Ok(p) if p.algorithm == Algorithm::Argon2id.ident() => {}
+            _ => return Err(PasswdError::Hash("not an argon2id PHC string".into())),
+        }
+        let entry = Line::Entry {
+            user: user.to_string(),
+            hash,
+        };
+        match self.index.get(user) {
+            Some(&i) => self.lines[i] = entry,
+            None => {
+                self.index.insert(user.to_string(), self.lines.len());
+                self.lines.push(entry);
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove `user`; `false` if absent.
+    pub fn remove(&mut self, user: &str) -> bool {
+        let Some(i) = self.index.remove(user) else {
+            return false;
+        };
+        self.lines.remove(i);
+        for v in self.index.values_mut() {
+            if *v > i {
+                *v -= 1;
+            }
+        }
+        true
+    }
+
+    /// Verify a user's password (CPU-heavy: call from a blocking thread).
+    /// An unknown user costs as much as a wrong password.
+    pub fn verify(&self, user: &str, password: &[u8]) -> bool {
+        match self.hash_of(user) {
+            Some(h) => verify_password(h, password),
+            None => {
+                let _ = verify_password(dummy_hash(), password);
+                false
+            }
+        }
+    }
+}
+
+/// The password-file authentication provider: the parsed file behind
+/// `arc-swap`, reloadable.
+#[derive(Debug)]
+pub struct PasswordStore {
+    path: Option<PathBuf>,
+    file: ArcSwap<PasswordFile>,
+}
+
+impl PasswordStore {
+    pub fn new(file: PasswordFile) -> PasswordStore {
+        PasswordStore {
+            path: None,
+            file: ArcSwap::from_pointee(file),
+        }
+    }
+
+    pub fn from_file(path: impl Into<PathBuf>) -> Result<PasswordStore, PasswdError> {
+        let path = path.into();
+        let file = PasswordFile::load(&path)?;
+        Ok(PasswordStore {
+            path: Some(path),
+            file: ArcSwap::from_pointee(file),
+        })
+    }
+
+    /// Re-read the file; on error the old entries stay in force.
+    pub fn reload(&self) -> Result<(), PasswdError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        match PasswordFile::load(path) {
+            Ok(f) => {
+                self.file.store(Arc::new(f));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "password file reload failed; keeping the previous one");
+                Err(e)
+            }
+        }
+    }
+
+    pub fn current(&self) -> Arc<PasswordFile> {
+        self.file.load_full()
+    }
+
+    /// Blocking check (argon2 is CPU-heavy; the chain runs this on
+    /// `spawn_blocking`). No username or password → ignore; a user not in
+    /// the file → ignore; a wrong password → deny.
+    pub fn check(&self, username: Option<&str>, password: Option<&[u8]>) -> Decision {
+        let (Some(user), Some(pw)) = (username, password) else {
+            return Decision::Ignore;
+        };
+        let file = self.file.load();
+        if file.hash_of(user).is_none() {
+            // equalise timing with a wrong password, then let others decide
+            let _ = file.verify(user, pw);
+            return Decision::Ignore;
+        }
+        if file.verify(user, pw) {
+            Decision::allow()
+        } else {
+            Decision::Deny
+        }
+    }
+}
+
+const USAGE: &str = "usage: millet passwd FILE USER [--password PASSWORD | --delete]\n\
+    (without --password, the password is read from the first line of standard input)";
+
+/// `millet passwd FILE USER [--password PW | --delete]`: add, update or
+/// delete a user. `args` excludes the program and subcommand names. The
+/// password is read from standard input's first line unless `--password`.
+pub fn run_passwd_cli(args: &[String]) -> Result<(), String> {
+    let stdin = std::io::stdin();
+    let mut lock = stdin.lock();
+    run_passwd_cli_with(args, &mut lock)
+}
+
+/// [`run_passwd_cli`] reading the password from `input`.
+pub fn run_passwd_cli_with(args: &[String], input: &mut dyn BufRead) -> Result<(), String> {
+    let mut positional = Vec::new();
+    let mut password: Option<String> = None;
+    let mut delete = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--delete" | "-D" => delete = true,
+            "--password" | "-p" => {
+                password = Some(it.next().ok_or_else(|| USAGE.to_string())?.clone());
+            }
+            "--help" | "-h" => return Err(USAGE.to_string()),
+            s if s.starts_with("--password=") => {
+                password = Some(s["--password=".len()..].to_string());
+            }
+            s if s.starts_with('-') => return Err(format!("unknown option {s}\n{USAGE}")),
+            _ => positional.push(a.clone()),
+        }
+    }
+    let [file, user] = positional.as_slice() else {
+        return Err(USAGE.to_string());
+    };
+    if delete && password.is_some() {
+        return Err(format!("--delete and --password exclude each other\n{USAGE}"));
+    }
+    let path = Path::new(file);
+    let mut pf = match PasswordFile::load(path) {
+        Ok(f) => f,
+        Err(PasswdError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound && !delete =>
+        {
+            PasswordFile::default()
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    if delete {
+        if !pf.remove(user) {
+            return Err(format!("no user {user:?} in {file}"));
+        }
+    } else {
+        let pw = match password {
+            Some(p) => p,
+            None => {
+                let mut line = String::new();
+                input
+                    .read_line(&mut line)
+                    .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+                line.trim_end_matches(['\r', '\n']).to_string()
+            }
+        };
+        if pw.is_empty() {
+            return Err("empty password".into());
+        }
+        pf.set_password(user, &pw).map_err(|e| e.to_string())?;
+    }
+    pf.save(path).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cheap(pw: &str) -> String {
+        let params = Params::new(64, 1, 1, None).unwrap();
+        hash_password_with(pw, params).unwrap()
+    }
+
+    #[test]
+    fn parse_verify_and_edit_preserving_comments() {
+        let text = format!(
+            "# users\nalice:{}\n\nbob:{}\n",
+            cheap("wonderland"),
+            cheap("builder")
+        );
+        let mut f = PasswordFile::parse(&text).unwrap();
+        assert_eq!(f.len(), 2);
+        assert!(f.verify("alice", b"wonderland"));
+        assert!(!f.verify("alice", b"builder"));
+        assert!(f.verify("bob", b"builder"));
+        assert!(!f.verify("carol", b"x"));
+        assert_eq!(f.render(), text);
+
+        f.set_hash("carol", cheap("c")).unwrap();
+        f.set_hash("alice", cheap("new")).unwrap();
+        assert!(f.remove("bob"));
+        assert!(!f.remove("bob"));
+        let f2 = PasswordFile::parse(&f.render()).unwrap();
+        assert!(f2.verify("alice", b"new"));
+        assert!(!f2.verify("alice", b"wonderland"));
+        assert!(f2.verify("carol", b"c"));
+        assert!(f2.hash_of("bob").is_none());
+        assert!(f2.render().starts_with("# users\n"));
+        assert!(!f2.render().contains("new\n"));
+    }
+
+    #[test]
+    fn rejects_bad_lines() {
+        assert!(PasswordFile::parse("alice\n").is_err());
+        assert!(PasswordFile::parse("alice:plaintext\n").is_err());
+        let argon2i = "$argon2i$v=19$m=64,t=1,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+        assert!(PasswordFile::parse(&format!("alice:{argon2i}\n")).is_err());
+        let h = cheap("x");
+        assert!(PasswordFile::parse(&format!("a:{h}\na:{h}\n")).is_err());
+        let mut f = PasswordFile::default();
+        assert!(f.set_hash("a:b", h.clone()).is_err());
+        assert!(f.set_hash("", h).is_err());
+    }
+
+    #[test]
+    fn store_check_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passwd");
+        std::fs::write(&path, format!("alice:{}\n", cheap("pw"))).unwrap();
+        let store = PasswordStore::from_file(&path).unwrap();
+        assert!(matches!(
+            store.check(Some("alice"), Some(b"pw")),
+            Decision::Allow { .. }
+        ));
+        assert_eq!(store.check(Some("alice"), Some(b"no")), Decision::Deny);
+        assert_eq!(store.check(Some("bob"), Some(b"pw")), Decision::Ignore);
+        assert_eq!(store.check(None, Some(b"pw")), Decision::Ignore);
+        assert_eq!(store.check(Some("alice"), None), Decision::Ignore);
+        std::fs::write(&path, "garbage\n").unwrap();
+        assert!(store.reload().is_err());
+        assert!(matches!(
+            store.check(Some("alice"), Some(b"pw")),
+            Decision::Allow { .. }
+        ));
+        std::fs::write(&path, format!("bob:{}\n", cheap("pw2"))).unwrap();
+        store.reload().unwrap();
+        assert_eq!(store.check(Some("alice"), Some(b"pw")), Decision::Ignore);
+        assert!(matches!(
+            store.check(Some("bob"), Some(b"pw2")),
+            Decision::Allow { .. }
+        ));
+    }
+
+    #[test]
+    fn cli_add_update_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passwd");
+        let file = path.to_string_lossy().to_string();
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut stdin: &[u8] = b"s3cret\nignored\n";
+        run_passwd_cli_with(&args(&[&file, "alice"]), &mut stdin).unwrap();
+        run_passwd_cli_with(&args(&[&file, "bob", "--password", "pw"]), &mut &b""[..]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("s3cret"));
+        let f = PasswordFile::load(&path).unwrap();
+        assert!(f.verify("alice", b"s3cret"));
+        assert!(f.verify("bob", b"pw"));
+        run_passwd_cli_with(&args(&[&file, "alice", "--delete"]), &mut &b""[..]).unwrap();
+        let f = PasswordFile::load(&path).unwrap();
+        assert!(f.hash_of("alice").is_none());
+        assert!(f.hash_of("bob").is_some());
+        assert!(run_passwd_cli_with(&args(&[&file, "alice", "--delete"]), &mut &b""[..]).is_err());
+        assert!(run_passwd_cli_with(&args(&[&file]), &mut &b""[..]).is_err());
+        assert!(run_passwd_cli_with(&args(&[&file, "carol"]), &mut &b"\n"[..]).is_err());
+    }
+}

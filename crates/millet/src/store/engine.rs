@@ -1,0 +1,693 @@
+//! The redb side: table layout, open + recovery scan, applying ops, sweeping.
+//!
+//! Tables (keys are raw bytes so that a damaged key can never make the engine
+//! panic while decoding it; strings are UTF-8 client ids / topics):
+//!
+//! | table          | key                         | value                  |
+//! |----------------|-----------------------------|------------------------|
+//! | `meta`         | name                        | `MetaRecord`           |
+//! | `sessions`     | client id                   | `SessionRecord`        |
+//! | `messages`     | message id (u64)            | `MessageRecord`        |
+//! | `queue`        | (client id, seq u64)        | `QueueEntry`           |
+//! | `inflight`     | (client id, packet id u16)  | `InflightEntry`        |
+//! | `awaiting_rel` | (client id, packet id u16)  | `()`                   |
+//! | `retained`     | topic                       | message id (u64)       |
+
+use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+
+use super::records::{
+    InflightEntry, MessageRecord, MetaRecord, QueueEntry, Record, SessionRecord, FORMAT_VERSION,
+};
+use super::{Op, Recovered, RecoveredSession, StoreError, DB_FILE};
+
+const META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("meta");
+const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
+const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+const QUEUE: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("queue");
+const INFLIGHT: TableDefinition<(&[u8], u16), &[u8]> = TableDefinition::new("inflight");
+const AWAITING_REL: TableDefinition<(&[u8], u16), ()> = TableDefinition::new("awaiting_rel");
+const RETAINED: TableDefinition<&[u8], u64> = TableDefinition::new("retained");
+
+/// Map an engine error to a store error (disk full is told apart).
+pub(crate) fn map_err(e: impl Into<redb::Error>) -> StoreError {
+    let e: redb::Error = e.into();
+    match e {
+        redb::Error::Io(io) => map_io(&io),
+        redb::Error::Corrupted(s) => StoreError::Corrupt(s),
+        other => StoreError::Io(other.to_string()),
+    }
+}
+
+pub(crate) fn map_io(io: &std::io::Error) -> StoreError {
+    // ENOSPC = 28, EDQUOT = 122 on Linux.
+    if io.kind() == std::io::ErrorKind::StorageFull
+        || io.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(io.raw_os_error(), Some(28) | Some(122))
+    {
+        StoreError::DiskFull(io.to_string())
+    } else {
+        StoreError::Io(io.to_string())
+    }
+}
+
+fn panic_msg(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "engine panicked".to_owned()
+    }
+}
+
+/// Reference count and expiry of a stored message (writer's memory).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MsgMeta {
+    pub refs: u32,
+    pub expires_at_ms: Option<u64>,
+}
+
+/// What the writer keeps in memory about the stored state.
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    pub msgs: HashMap<u64, MsgMeta>,
+    /// The next sweep scans every table (set after a recovery that dropped
+    /// records, so that what it skipped is removed from disk too).
+    pub full_sweep: bool,
+}
+
+pub(crate) struct Loaded {
+    pub recovered: Recovered,
+    pub index: Index,
+    pub next_message_id: u64,
+}
+
+pub(crate) struct Engine {
+    pub db: redb::Database,
+}
+
+fn open_error(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Open {
+        path: path.to_path_buf(),
+        source: Arc::new(e),
+    }
+}
+
+impl Engine {
+    /// Open the engine file in `dir` (creating dir and file) without loading.
+    /// Errors are [`StoreError::Open`] naming the path.
+    pub fn open(dir: &Path) -> Result<Engine, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| open_error(dir, e))?;
+        Engine::reopen(dir).map_err(|e| open_error(&dir.join(DB_FILE), e))
+    }
+
+    /// Open the engine file of an existing store (after an I/O error), with
+    /// the error kept distinguishable (disk full stays [`StoreError::DiskFull`]).
+    pub fn reopen(dir: &Path) -> Result<Engine, StoreError> {
+        let file = dir.join(DB_FILE);
+        let db = match catch_unwind(AssertUnwindSafe(|| redb::Database::create(&file))) {
+            Ok(r) => r.map_err(map_err)?,
+            Err(p) => return Err(StoreError::Corrupt(panic_msg(&*p))),
+        };
+        let engine = Engine { db };
+        engine.init()?;
+        Ok(engine)
+    }
+
+    /// Create the tables and check the format marker.
+    fn init(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(map_err)?;
+        {
+            let mut meta = tx.open_table(META).map_err(map_err)?;
+            let existing = meta
+                .get(b"format".as_slice())
+                .map_err(map_err)?
+                .map(|v| MetaRecord::decode(v.value()));
+            match existing {
+                None => {
+                    let rec = MetaRecord {
+                        format: FORMAT_VERSION,
+                    };
+                    meta.insert(b"format".as_slice(), rec.encode().as_slice())
+                        .map_err(map_err)?;
+                }
+                Some(Ok(m)) if m.format == FORMAT_VERSION => {}
+                Some(Ok(m)) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "store format {} is not supported (this build reads {FORMAT_VERSION})",
+                        m.format
+                    )))
+                }
+                Some(Err(e)) => {
+                    return Err(StoreError::Corrupt(format!("format marker: {e}")));
+                }
+            }
+            tx.open_table(SESSIONS).map_err(map_err)?;
+            tx.open_table(MESSAGES).map_err(map_err)?;
+            tx.open_table(QUEUE).map_err(map_err)?;
+            tx.open_table(INFLIGHT).map_err(map_err)?;
+            tx.open_table(AWAITING_REL).map_err(map_err)?;
+            tx.open_table(RETAINED).map_err(map_err)?;
+        }
+        tx.commit().map_err(map_err)
+    }
+
+    /// Open and read everything back. With `quarantine`, a file that fails to
+    /// open is moved aside and an empty store is started instead.
+    pub fn open_and_load(dir: &Path, quarantine: bool) -> Result<(Engine, Loaded), StoreError> {
+        let first = Engine::open(dir).and_then(|e| {
+            let loaded = e.load_guarded(dir)?;
+            Ok((e, loaded))
+        });
+        match first {
+            Ok(v) => Ok(v),
+            Err(err) if quarantine && Self::is_corruption(&err) => {
+                let file = dir.join(DB_FILE);
+                let aside = dir.join(format!("{DB_FILE}.corrupt-{}", super::unix_now_ms()));
+                tracing::error!(path = %file.display(), moved_to = %aside.display(), error = %err,
+                    "store cannot be opened; moving it aside and starting with an empty store");
+                std::fs::rename(&file, &aside).map_err(|e| open_error(&file, e))?;
+                let e = Engine::open(dir)?;
+                let loaded = e.load_guarded(dir)?;
+                Ok((e, loaded))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Errors that a fresh file would cure (not permissions, locks, ENOSPC).
+    fn is_corruption(err: &StoreError) -> bool {
+        match err {
+            StoreError::Corrupt(_) => true,
+            StoreError::Open { source, .. } => {
+                let s = source.to_string().to_ascii_lowercase();
+                !(s.contains("already open")
+                    || s.contains("permission")
+                    || s.contains("no space")
+                    || s.contains("lock"))
+            }
+            _ => false,
+        }
+    }
+
+    fn load_guarded(&self, dir: &Path) -> Result<Loaded, StoreError> {
+        let file = dir.join(DB_FILE);
+        match catch_unwind(AssertUnwindSafe(|| self.load())) {
+            Ok(Ok(l)) => Ok(l),
+            Ok(Err(e)) => Err(open_error(&file, e)),
+            Err(p) => Err(open_error(&file, std::io::Error::other(panic_msg(&*p)))),
+        }
+    }
+
+    /// Read the whole store. Undecodable records and entries pointing at
+    /// missing sessions / messages are skipped and counted in `dropped`.
+    pub fn load(&self) -> Result<Loaded, StoreError> {
+        let tx = self.db.begin_read().map_err(map_err)?;
+        let mut dropped = 0usize;
+        let mut index = Index::default();
+
+        let mut sessions: Vec<RecoveredSession> = Vec::new();
+        let mut by_client: HashMap<Vec<u8>, usize> = HashMap::new();
+        let t = tx.open_table(SESSIONS).map_err(map_err)?;
+        for row in t.iter().map_err(map_err)? {
+            let (k, v) = row.map_err(map_err)?;
+            match SessionRecord::decode(v.value()) {
+                Ok(s) if s.client_id.as_bytes() == k.value() => {
+                    by_client.insert(k.value().to_vec(), sessions.len());
+                    sessions.push(RecoveredSession {
+                        session: s,
+                        queue: Vec::new(),
+                        inflight: Vec::new(),
+                        awaiting_rel: Vec::new(),
+                    });
+                }
+                _ => dropped += 1,
+            }
+        }
+
+        let mut messages: HashMap<u64, MessageRecord> = HashMap::new();
+        let mut max_id = 0u64;
+        let t = tx.open_table(MESSAGES).map_err(map_err)?;
+        for row in t.iter().map_err(map_err)? {
+            let (k, v) = row.map_err(map_err)?;
+            max_id = max_id.max(k.value());
+            match MessageRecord::decode(v.value()) {
+                Ok(m) => {
+                    index.msgs.insert(
+                        k.value(),
+                        MsgMeta {
+                            refs: 0,
+                            expires_at_ms: m.properties.expires_at_ms,
+                        },
+                    );
+                    messages.insert(k.value(), m);
+                }
+                Err(_) => dropped += 1,
+            }
+        }
+
+        let mut referenced: HashSet<u64> = HashSet::new();
+        let add_ref = |index: &mut Index, id: u64| {
+            if let Some(m) = index.msgs.get_mut(&id) {
+                m.refs = m.refs.saturating_add(1);
+            }
+        };
+
+        let t = tx.open_table(QUEUE).map_err(map_err)?;
+        for row in t.iter().map_err(map_err)? {
+            let (k, v) = row.map_err(map_err)?;
+            let (cid, seq) = k.value();
+            let Ok(e) = QueueEntry::decode(v.value()) else {
+                dropped += 1;
+                continue;
+            };
+            add_ref(&mut index, e.message_id);
+            match (by_client.get(cid), messages.contains_key(&e.message_id)) {
+                (Some(&i), true) => {
+                    referenced.insert(e.message_id);
+                    sessions[i].queue.push((seq, e));
+                }
+                _ => dropped += 1,
+            }
+        }
+
+        let t = tx.open_table(INFLIGHT).map_err(map_err)?;
+        for row in t.iter().map_err(map_err)? {
+            let (k, v) = row.map_err(map_err)?;
+            let (cid, pid) = k.value();
+            let Ok(e) = InflightEntry::decode(v.value()) else {
+                dropped += 1;
+                continue;
+            };
+            add_ref(&mut index, e.message_id);
+            match (by_client.get(cid), messages.contains_key(&e.message_id)) {
+                (Some(&i), true) => {
+                    referenced.insert(e.message_id);
+                    sessions[i].inflight.push((pid, e));
+                }
+                _ => dropped += 1,
+            }
+        }
+
+        let t = tx.open_table(AWAITING_REL).map_err(map_err)?;
+        for row in t.iter().map_err(map_err)? {
+            let (k, _) = row.map_err(map_err)?;
+            let (cid, pid) = k.value();
+            match by_client.get(cid) {
+                Some(&i) => sessions[i].awaiting_rel.push(pid),
+                None => dropped += 1,
+            }
+        }
+
+        let mut retained = Vec::new();
+        let t = tx.open_table(RETAINED).map_err(map_err)?;
+        for row in t.iter().map_err(map_err)? {
+            let (k, v) = row.map_err(map_err)?;
+            let id = v.value();
+            add_ref(&mut index, id);
+            match (String::from_utf8(k.value().to_vec()), messages.contains_key(&id)) {
+                (Ok(topic), true) => {
+                    referenced.insert(id);
+                    retained.push((topic, id));
+                }
+                _ => dropped += 1,
+            }
+        }
+
+        index.full_sweep = dropped > 0 || index.msgs.values().any(|m| m.refs == 0);
+        for s in &mut sessions {
+            // queue is already in seq order (key order); awaiting_rel too.
+            s.inflight.sort_by_key(|(pid, e)| (e.order, *pid));
+        }
+        let orphaned_messages = messages.len() - referenced.len().min(messages.len());
+        messages.retain(|id, _| referenced.contains(id));
+
+        Ok(Loaded {
+            recovered: Recovered {
+                sessions,
+                messages,
+                retained,
+                dropped,
+                orphaned_messages,
+            },
+            index,
+            next_message_id: max_id.saturating_add(1),
+        })
+    }
+
+    /// Logical bytes in use (live records + engine metadata).
+    pub fn used_bytes(&self, tx: &WriteTransaction) -> Result<u64, StoreError> {
+        let s = tx.stats().map_err(map_err)?;
+        Ok(s.stored_bytes() + s.metadata_bytes())
+    }
+}
+
+/// The tables of one write transaction.
+pub(crate) struct Tables<'t> {
+    sessions: redb::Table<'t, &'static [u8], &'static [u8]>,
+    messages: redb::Table<'t, u64, &'static [u8]>,
+    queue: redb::Table<'t, (&'static [u8], u64), &'static [u8]>,
+    inflight: redb::Table<'t, (&'static [u8], u16), &'static [u8]>,
+    awaiting: redb::Table<'t, (&'static [u8], u16), ()>,
+    retained: redb::Table<'t, &'static [u8], u64>,
+}
+
+/// Counts of what a sweep removed.
+#[derive(Debug, Default)]
+pub(crate) struct Swept {
+    pub sessions: u64,
+    pub messages: u64,
+    pub entries: u64,
+}
+
+impl<'t> Tables<'t> {
+    pub fn open(tx: &'t WriteTransaction) -> Result<Tables<'t>, StoreError> {
+        Ok(Tables {
+            sessions: tx.open_table(SESSIONS).map_err(map_err)?,
+            messages: tx.open_table(MESSAGES).map_err(map_err)?,
+            queue: tx.open_table(QUEUE).map_err(map_err)?,
+            inflight: tx.open_table(INFLIGHT).map_err(map_err)?,
+            awaiting: tx.open_table(AWAITING_REL).map_err(map_err)?,
+            retained: tx.open_table(RETAINED).map_err(map_err)?,
+        })
+    }
+
+    /// Apply the ops of one submit, then delete messages they left without
+    /// references.
+    pub fn apply(&mut self, index: &mut Index, ops: &[Op]) -> Result<(), StoreError> {
+        let mut touched: Vec<u64> = Vec::new();
+        for op in ops {
+            self.apply_one(index, op, &mut touched)?;
+        }
+        self.collect(index, touched)?;
+        Ok(())
+    }
+
+    fn collect(&mut self, index: &mut Index, touched: Vec<u64>) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for id in touched {
+            if index.msgs.get(&id).is_some_and(|m| m.refs == 0) {
+                index.msgs.remove(&id);
+                self.messages.remove(id).map_err(map_err)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn apply_one(
+        &mut self,
+        index: &mut Index,
+        op: &Op,
+        touched: &mut Vec<u64>,
+    ) -> Result<(), StoreError> {
+        let unref = |index: &mut Index, id: u64, touched: &mut Vec<u64>| {
+            if let Some(m) = index.msgs.get_mut(&id) {
+                m.refs = m.refs.saturating_sub(1);
+                touched.push(id);
+            }
+        };
+        let add_ref = |index: &mut Index, id: u64| {
+            // A reference to a message not (yet) stored is kept; recovery
+            // drops it if the message never arrives.
+            if let Some(m) = index.msgs.get_mut(&id) {
+                m.refs = m.refs.saturating_add(1);
+            }
+        };
+        match op {
+            Op::PutSession(s) => {
+                self.sessions
+                    .insert(s.client_id.as_bytes(), s.encode().as_slice())
+                    .map_err(map_err)?;
+            }
+            Op::DeleteSession { client_id } => {
+                let ids = self.delete_session(client_id.as_bytes())?;
+                for id in ids {
+                    unref(index, id, touched);
+                }
+            }
+            Op::PutMessage { id, message } => {
+                self.messages
+                    .insert(*id, message.encode().as_slice())
+                    .map_err(map_err)?;
+                let m = index.msgs.entry(*id).or_default();
+                m.expires_at_ms = message.properties.expires_at_ms;
+                touched.push(*id);
+            }
+            Op::PutQueueEntry {
+                client_id,
+                seq,
+                entry,
+            } => {
+                let old = self
+                    .queue
+                    .insert((client_id.as_bytes(), *seq), entry.encode().as_slice())
+                    .map_err(map_err)?
+                    .and_then(|g| QueueEntry::decode(g.value()).ok());
+                add_ref(index, entry.message_id);
+                if let Some(o) = old {
+                    unref(index, o.message_id, touched);
+                }
+            }
+            Op::DeleteQueueEntry { client_id, seq } => {
+                let old = self
+                    .queue
+                    .remove((client_id.as_bytes(), *seq))
+                    .map_err(map_err)?
+                    .and_then(|g| QueueEntry::decode(g.value()).ok());
+                if let Some(o) = old {
+                    unref(index, o.message_id, touched);
+                }
+            }
+            Op::PutInflight {
+                client_id,
+                packet_id,
+                entry,
+            } => {
+                let old = self
+                    .inflight
+                    .insert((client_id.as_bytes(), *packet_id), entry.encode().as_slice())
+                    .map_err(map_err)?
+                    .and_then(|g| InflightEntry::decode(g.value()).ok());
+                add_ref(index, entry.message_id);
+                if let Some(o) = old {
+                    unref(index, o.message_id, touched);
+                }
+            }
+            Op::DeleteInflight {
+                client_id,
+                packet_id,
+            } => {
+                let old = self
+                    .inflight
+                    .remove((client_id.as_bytes(), *packet_id))
+                    .map_err(map_err)?
+                    .and_then(|g| InflightEntry::decode(g.value()).ok());
+                if let Some(o) = old {
+                    unref(index, o.message_id, touched);
+                }
+            }
+            Op::PutAwaitingRel {
+                client_id,
+                packet_id,
+            } => {
+                self.awaiting
+                    .insert((client_id.as_bytes(), *packet_id), ())
+                    .map_err(map_err)?;
+            }
+            Op::DeleteAwaitingRel {
+                client_id,
+                packet_id,
+            } => {
+                self.awaiting
+                    .remove((client_id.as_bytes(), *packet_id))
+                    .map_err(map_err)?;
+            }
+            Op::PutRetained { topic, message_id } => {
+                let old = self
+                    .retained
+                    .insert(topic.as_bytes(), *message_id)
+                    .map_err(map_err)?
+                    .map(|g| g.value());
+                add_ref(index, *message_id);
+                if let Some(o) = old {
+                    unref(index, o, touched);
+                }
+            }
+            Op::DeleteRetained { topic } => {
+                let old = self
+                    .retained
+                    .remove(topic.as_bytes())
+                    .map_err(map_err)?
+                    .map(|g| g.value());
+                if let Some(o) = old {
+                    unref(index, o, touched);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove a session and everything it owns; returns the message ids its
+    /// entries referenced.
+    fn delete_session(&mut self, cid: &[u8]) -> Result<Vec<u64>, StoreError> {
+        self.sessions.remove(cid).map_err(map_err)?;
+        let mut ids = Vec::new();
+        for row in self
+            .queue
+            .extract_from_if((cid, 0u64)..=(cid, u64::MAX), |_, _| true)
+            .map_err(map_err)?
+        {
+            let (_, v) = row.map_err(map_err)?;
+            if let Ok(e) = QueueEntry::decode(v.value()) {
+                ids.push(e.message_id);
+            }
+        }
+        for row in self
+            .inflight
+            .extract_from_if((cid, 0u16)..=(cid, u16::MAX), |_, _| true)
+            .map_err(map_err)?
+        {
+            let (_, v) = row.map_err(map_err)?;
+            if let Ok(e) = InflightEntry::decode(v.value()) {
+                ids.push(e.message_id);
+            }
+        }
+        self.awaiting
+            .retain_in((cid, 0u16)..=(cid, u16::MAX), |_, _| false)
+            .map_err(map_err)?;
+        Ok(ids)
+    }
+
+    /// See [`super::Store::sweep`].
+    pub fn sweep(&mut self, index: &mut Index, now_ms: u64) -> Result<Swept, StoreError> {
+        let mut swept = Swept::default();
+        let mut touched: Vec<u64> = Vec::new();
+
+        // Expired sessions (and undecodable session records: they would be
+        // dropped at every recovery anyway).
+        let mut live: HashSet<Vec<u8>> = HashSet::new();
+        let mut dead: Vec<Vec<u8>> = Vec::new();
+        for row in self.sessions.iter().map_err(map_err)? {
+            let (k, v) = row.map_err(map_err)?;
+            match SessionRecord::decode(v.value()) {
+                Ok(s) if !s.expires_at_ms.is_some_and(|t| t <= now_ms) => {
+                    live.insert(k.value().to_vec());
+                }
+                _ => dead.push(k.value().to_vec()),
+            }
+        }
+        for cid in dead {
+            for id in self.delete_session(&cid)? {
+                if let Some(m) = index.msgs.get_mut(&id) {
+                    m.refs = m.refs.saturating_sub(1);
+                    touched.push(id);
+                }
+            }
+            swept.sessions += 1;
+        }
+
+        let expired: HashSet<u64> = index
+            .msgs
+            .iter()
+            .filter(|(_, m)| m.expires_at_ms.is_some_and(|t| t <= now_ms))
+            .map(|(id, _)| *id)
+            .collect();
+        let full = std::mem::take(&mut index.full_sweep);
+        if expired.is_empty() && !full {
+            // Nothing can have become unreferenced or orphaned but through
+            // expired sessions, whose entries were removed above.
+            swept.messages += self.collect(index, touched)?;
+            return Ok(swept);
+        }
+
+        // Queue entries of expired messages or of sessions that are gone.
+        let mut unref_ids = Vec::new();
+        for row in self
+            .queue
+            .extract_if(|(cid, _), v| {
+                !live.contains(cid)
+                    || QueueEntry::decode(v).map_or(true, |e| expired.contains(&e.message_id))
+            })
+            .map_err(map_err)?
+        {
+            let (_, v) = row.map_err(map_err)?;
+            swept.entries += 1;
+            if let Ok(e) = QueueEntry::decode(v.value()) {
+                unref_ids.push(e.message_id);
+            }
+        }
+        // In-flight entries survive message expiry, but not their session.
+        for row in self
+            .inflight
+            .extract_if(|(cid, _), v| {
+                !live.contains(cid) || InflightEntry::decode(v).is_err()
+            })
+            .map_err(map_err)?
+        {
+            let (_, v) = row.map_err(map_err)?;
+            swept.entries += 1;
+            if let Ok(e) = InflightEntry::decode(v.value()) {
+                unref_ids.push(e.message_id);
+            }
+        }
+        let before = self.awaiting.len().map_err(map_err)?;
+        self.awaiting
+            .retain(|(cid, _), _| live.contains(cid))
+            .map_err(map_err)?;
+        swept.entries += before - self.awaiting.len().map_err(map_err)?;
+        for row in self
+            .retained
+            .extract_if(|_, id| expired.contains(&id))
+            .map_err(map_err)?
+        {
+            let (_, v) = row.map_err(map_err)?;
+            swept.entries += 1;
+            unref_ids.push(v.value());
+        }
+        for id in unref_ids {
+            if let Some(m) = index.msgs.get_mut(&id) {
+                m.refs = m.refs.saturating_sub(1);
+                touched.push(id);
+            }
+        }
+        swept.messages += self.collect(index, touched)?;
+
+        // Messages nothing references (left by a crash between versions, or
+        // whose references were undecodable) and undecodable messages.
+        let orphans: Vec<u64> = index
+            .msgs
+            .iter()
+            .filter(|(_, m)| m.refs == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphans {
+            index.msgs.remove(&id);
+            self.messages.remove(id).map_err(map_err)?;
+            swept.messages += 1;
+        }
+        if !full {
+            return Ok(swept);
+        }
+        let undecodable: Vec<u64> = {
+            let mut v = Vec::new();
+            for row in self.messages.iter().map_err(map_err)? {
+                let (k, _) = row.map_err(map_err)?;
+                if !index.msgs.contains_key(&k.value()) {
+                    v.push(k.value());
+                }
+            }
+            v
+        };
+        for id in undecodable {
+            self.messages.remove(id).map_err(map_err)?;
+            swept.messages += 1;
+        }
+        Ok(swept)
+    }
+}

@@ -1,0 +1,604 @@
+//! Durable embedded store: what a broker keeps for sessions that outlive a
+//! restart (see `README.md` beside this file for the engine choice).
+//!
+//! - [`records`]: the stored records and their versioned binary encoding.
+//! - [`Store`]: open + recover, a non-blocking [`Store::submit`] of [`Op`]s that
+//!   returns a commit sequence number, and one background writer thread that
+//!   group-commits everything queued in one engine transaction (one fsync for
+//!   many publishers), then advances [`Store::durable_seq`] and calls the
+//!   [`Store::on_durable`] callback. Failed sequences are reported through
+//!   [`Store::on_failed`] *before* `durable_seq` passes them.
+//!
+//! ## Durability policies
+//! - [`Durability::Sync`]: a sequence is durable once its transaction is
+//!   fsynced. Nothing acknowledged is lost, whatever crashes.
+//! - [`Durability::Interval`]`(d)`: a sequence is reported durable once it is
+//!   committed (visible, ordered), and the writer fsyncs every `d`.
+//!   **What can be lost:** on any crash — a killed or panicking process as well
+//!   as a power loss — everything committed since the last fsync, i.e. up to
+//!   `d` (plus one commit) of acknowledged messages and state changes. Commits
+//!   are all-or-nothing and ordered, so what survives is a prefix of the
+//!   sequence. [`Store::synced_seq`] tells how far the fsync has got.
+//!
+//! ## Messages and references
+//! A message is stored once ([`Op::PutMessage`]) and referenced by queue,
+//! in-flight and retained entries. The writer counts references; a message
+//! whose count is zero at the end of a [`Store::submit`] call is deleted. So
+//! submit a message together with its first references, and move a message
+//! (queue → in-flight) with both ops in one submit.
+//!
+//! ## Threading
+//! `Store` is `Send + Sync`; share it behind an `Arc`. `submit` takes a
+//! short mutex and never waits for IO. Callbacks run on the writer thread:
+//! keep them short and never call [`Store::wait_durable`] from them.
+
+mod engine;
+pub mod records;
+mod writer;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+pub use records::{
+    DecodeError, InflightEntry, InflightState, MessageProperties, MessageRecord, QueueEntry,
+    Record, SessionRecord, SubscriptionRecord, WillRecord,
+};
+
+/// Name of the engine file inside the store directory.
+pub const DB_FILE: &str = "millet.redb";
+
+/// When a QoS 1/2 PUBLISH may be acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync before the sequence is reported durable (group commit).
+    Sync,
+    /// Report durable once committed; fsync every given interval. See the
+    /// module documentation for what can be lost.
+    Interval(Duration),
+}
+
+/// Options of [`Store::open_with`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub durability: Durability,
+    /// Bound on the stored data (bytes of live records and engine metadata).
+    /// Once reached, submits that add messages ([`Op::PutMessage`],
+    /// [`Op::PutRetained`]) fail with [`StoreError::QuotaExceeded`]; other
+    /// submits (acks, deletes, session changes) still go through.
+    pub max_bytes: Option<u64>,
+    /// If the engine file cannot be opened because it is corrupt, move it
+    /// aside (`millet.redb.corrupt-<unix ms>`), log an error and start empty,
+    /// instead of failing with [`StoreError::Open`]. Off by default.
+    pub quarantine_corrupt: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            durability: Durability::Sync,
+            max_bytes: None,
+            quarantine_corrupt: false,
+        }
+    }
+}
+
+/// One change to the stored state. Strings are client ids / topics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Create or replace a session (metadata, subscriptions, will, expiry).
+    PutSession(SessionRecord),
+    /// Remove a session with all its queue, in-flight and awaiting-PUBREL
+    /// entries (dropping the message references they hold).
+    DeleteSession { client_id: String },
+    /// Store a message under a broker-chosen id ([`Store::alloc_message_id`]).
+    PutMessage { id: u64, message: MessageRecord },
+    /// Queue a message for a session at position `seq` (increasing per
+    /// session; recovery returns the queue in `seq` order). Replaces an entry
+    /// at the same position.
+    PutQueueEntry {
+        client_id: String,
+        seq: u64,
+        entry: QueueEntry,
+    },
+    DeleteQueueEntry { client_id: String, seq: u64 },
+    /// Record (or update, e.g. AwaitAck → AwaitComp) an outgoing in-flight
+    /// message under its packet id.
+    PutInflight {
+        client_id: String,
+        packet_id: u16,
+        entry: InflightEntry,
+    },
+    DeleteInflight { client_id: String, packet_id: u16 },
+    /// An incoming QoS 2 packet id awaiting PUBREL.
+    PutAwaitingRel { client_id: String, packet_id: u16 },
+    DeleteAwaitingRel { client_id: String, packet_id: u16 },
+    /// Make a stored message the retained message of `topic` (replaces).
+    PutRetained { topic: String, message_id: u64 },
+    DeleteRetained { topic: String },
+}
+
+impl Op {
+    /// Ops that make the store grow (refused when over `max_bytes`).
+    fn grows(&self) -> bool {
+        matches!(self, Op::PutMessage { .. } | Op::PutRetained { .. })
+    }
+}
+
+/// Errors of the store.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be opened (names the path).
+    #[error("cannot open store at {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// The device is full (ENOSPC / EDQUOT). Writes succeed again once space
+    /// returns.
+    #[error("disk full: {0}")]
+    DiskFull(String),
+    /// The configured `max_bytes` is reached.
+    #[error("store size limit of {limit} bytes reached")]
+    QuotaExceeded { limit: u64 },
+    /// Another I/O error.
+    #[error("store I/O error: {0}")]
+    Io(String),
+    /// The engine found corrupt data.
+    #[error("store corrupted: {0}")]
+    Corrupt(String),
+    /// The store is shut down.
+    #[error("store is closed")]
+    Closed,
+    /// [`Store::wait_durable`] gave up.
+    #[error("timed out waiting for the store")]
+    Timeout,
+}
+
+impl StoreError {
+    /// Disk full or quota reached: answer QoS 1/2 publishes with v5 0x97
+    /// (Quota exceeded) / v3 0x80 rather than acknowledging them.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(
+            self,
+            StoreError::DiskFull(_) | StoreError::QuotaExceeded { .. }
+        )
+    }
+}
+
+/// A session as recovered, with everything it owns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecoveredSession {
+    pub session: SessionRecord,
+    /// Queue in `seq` order.
+    pub queue: Vec<(u64, QueueEntry)>,
+    /// In-flight window as `(packet id, entry)`, in `entry.order` order.
+    pub inflight: Vec<(u16, InflightEntry)>,
+    /// Incoming QoS 2 packet ids awaiting PUBREL, ascending.
+    pub awaiting_rel: Vec<u16>,
+}
+
+/// Everything read back at open.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Recovered {
+    pub sessions: Vec<RecoveredSession>,
+    /// Every message referenced by a recovered queue / in-flight / retained
+    /// entry (entries whose message is missing are dropped and counted).
+    pub messages: HashMap<u64, MessageRecord>,
+    /// Retained messages: topic → message id (a key of `messages`).
+    pub retained: Vec<(String, u64)>,
+    /// Records skipped because they failed to decode or referenced something
+    /// missing (also logged once with `tracing::warn!`).
+    pub dropped: usize,
+    /// Messages stored but referenced by nothing (not returned; the first
+    /// [`Store::sweep`] deletes them).
+    pub orphaned_messages: usize,
+}
+
+/// Counters of the writer (monotonic since open).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// `submit` calls.
+    pub submits: u64,
+    /// Ops in those calls.
+    pub ops: u64,
+    /// Engine transactions committed (one per group).
+    pub commits: u64,
+    /// Commits made durable with an fsync.
+    pub fsyncs: u64,
+    /// Submits that failed (reported through `on_failed`).
+    pub failed_submits: u64,
+    /// Times the engine was reopened after an I/O error.
+    pub reopens: u64,
+    pub sweeps: u64,
+    pub swept_sessions: u64,
+    pub swept_messages: u64,
+    /// Queue / in-flight / awaiting / retained entries removed by sweeps.
+    pub swept_entries: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    submits: AtomicU64,
+    ops: AtomicU64,
+    commits: AtomicU64,
+    fsyncs: AtomicU64,
+    failed_submits: AtomicU64,
+    reopens: AtomicU64,
+    sweeps: AtomicU64,
+    swept_sessions: AtomicU64,
+    swept_messages: AtomicU64,
+    swept_entries: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> StoreStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StoreStats {
+            submits: g(&self.submits),
+            ops: g(&self.ops),
+            commits: g(&self.commits),
+            fsyncs: g(&self.fsyncs),
+            failed_submits: g(&self.failed_submits),
+            reopens: g(&self.reopens),
+            sweeps: g(&self.sweeps),
+            swept_sessions: g(&self.swept_sessions),
+            swept_messages: g(&self.swept_messages),
+            swept_entries: g(&self.swept_entries),
+        }
+    }
+}
+
+/// What the writer is asked to do; each command has its sequence number.
+pub(crate) enum Cmd {
+    Submit { seq: u64, ops: Vec<Op> },
+    Sweep { seq: u64, now_unix_ms: u64 },
+}
+
+impl Cmd {
+    fn seq(&self) -> u64 {
+        match self {
+            Cmd::Submit { seq, .. } | Cmd::Sweep { seq, .. } => *seq,
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Queue {
+    cmds: Vec<Cmd>,
+    next_seq: u64,
+    shutdown: bool,
+}
+
+type DurableFn = Arc<dyn Fn(u64) + Send + Sync>;
+type FailedFn = Arc<dyn Fn(RangeInclusive<u64>, &StoreError) + Send + Sync>;
+
+/// How many failed ranges [`Store::wait_durable`] remembers.
+const FAILED_LOG: usize = 4096;
+
+pub(crate) struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the writer.
+    work: Condvar,
+    durable_seq: AtomicU64,
+    synced_seq: AtomicU64,
+    /// Guards the durable/failed progress for `wait_durable`.
+    progress: Mutex<VecDeque<(RangeInclusive<u64>, StoreError)>>,
+    progressed: Condvar,
+    on_durable: RwLock<Option<DurableFn>>,
+    on_failed: RwLock<Option<FailedFn>>,
+    counters: Counters,
+    writer_dead: std::sync::atomic::AtomicBool,
+}
+
+/// The store. See the module documentation.
+pub struct Store {
+    shared: Arc<Shared>,
+    next_message_id: AtomicU64,
+    path: PathBuf,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("durable_seq", &self.durable_seq())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Open (creating if needed) the store in `dir` and recover its content.
+    pub fn open(dir: &Path, policy: Durability) -> Result<(Store, Recovered), StoreError> {
+        Store::open_with(
+            dir,
+            StoreOptions {
+                durability: policy,
+                ..StoreOptions::default()
+            },
+        )
+    }
+
+    /// [`Store::open`] with all options.
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<(Store, Recovered), StoreError> {
+        let (engine, loaded) = engine::Engine::open_and_load(dir, options.quarantine_corrupt)?;
+        if loaded.recovered.dropped > 0 {
+            tracing::warn!(
+                path = %dir.display(),
+                dropped = loaded.recovered.dropped,
+                "store recovery dropped {} corrupt or dangling records; everything else was recovered",
+                loaded.recovered.dropped
+            );
+        }
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                cmds: Vec::new(),
+                next_seq: 1,
+                shutdown: false,
+            }),
+            work: Condvar::new(),
+            durable_seq: AtomicU64::new(0),
+            synced_seq: AtomicU64::new(0),
+            progress: Mutex::new(VecDeque::new()),
+            progressed: Condvar::new(),
+            on_durable: RwLock::new(None),
+            on_failed: RwLock::new(None),
+            counters: Counters::default(),
+            writer_dead: std::sync::atomic::AtomicBool::new(false),
+        });
+        let next_message_id = loaded.next_message_id;
+        let recovered = loaded.recovered;
+        let w = writer::Writer::new(
+            engine,
+            loaded.index,
+            dir.to_path_buf(),
+            options,
+            shared.clone(),
+        );
+        let writer = std::thread::Builder::new()
+            .name("millet-store".into())
+            .spawn(move || w.run())
+            .map_err(|e| StoreError::Open {
+                path: dir.to_path_buf(),
+                source: Arc::new(e),
+            })?;
+        Ok((
+            Store {
+                shared,
+                next_message_id: AtomicU64::new(next_message_id),
+                path: dir.to_path_buf(),
+                writer: Some(writer),
+            },
+            recovered,
+        ))
+    }
+
+    /// The store directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A fresh message id (greater than every id recovered).
+    pub fn alloc_message_id(&self) -> u64 {
+        self.next_message_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queue `ops` for the writer; returns their commit sequence number.
+    /// Never blocks on IO. The ops of one call are applied atomically and in
+    /// order; calls are applied in sequence order. After shutdown began the
+    /// sequence is reported failed with [`StoreError::Closed`].
+    pub fn submit(&self, ops: Vec<Op>) -> u64 {
+        let c = &self.shared.counters;
+        c.submits.fetch_add(1, Ordering::Relaxed);
+        c.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        self.push(|seq| Cmd::Submit { seq, ops })
+    }
+
+    /// Ask the writer to remove, as of `now_unix_ms`: expired sessions (with
+    /// everything they own), queue entries and retained entries of expired
+    /// messages, entries of sessions that no longer exist, and messages that
+    /// nothing references. In-flight entries are kept even if their message
+    /// expired (delivery has started). Returns the sequence of the sweep.
+    pub fn sweep(&self, now_unix_ms: u64) -> u64 {
+        self.push(|seq| Cmd::Sweep { seq, now_unix_ms })
+    }
+
+    fn push(&self, make: impl FnOnce(u64) -> Cmd) -> u64 {
+        let mut q = self.shared.queue.lock();
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        if q.shutdown || self.shared.writer_dead.load(Ordering::Acquire) {
+            drop(q);
+            self.shared.report_failed(&[seq..=seq], &StoreError::Closed);
+            return seq;
+        }
+        q.cmds.push(make(seq));
+        drop(q);
+        self.shared.work.notify_one();
+        seq
+    }
+
+    /// Highest sequence that satisfies the durability policy (every sequence
+    /// at or below it is durable or was reported failed).
+    pub fn durable_seq(&self) -> u64 {
+        self.shared.durable_seq.load(Ordering::Acquire)
+    }
+
+    /// Highest sequence known to be fsynced (equals `durable_seq` under
+    /// [`Durability::Sync`]).
+    pub fn synced_seq(&self) -> u64 {
+        self.shared.synced_seq.load(Ordering::Acquire)
+    }
+
+    /// Register the callback called (on the writer thread) with the new
+    /// `durable_seq` after each group. Replaces a previous one.
+    pub fn on_durable(&self, f: impl Fn(u64) + Send + Sync + 'static) {
+        *self.shared.on_durable.write() = Some(Arc::new(f));
+    }
+
+    /// Register the callback called (on the writer thread) with each range of
+    /// sequences that failed, before `durable_seq` moves past them.
+    pub fn on_failed(&self, f: impl Fn(RangeInclusive<u64>, &StoreError) + Send + Sync + 'static) {
+        *self.shared.on_failed.write() = Some(Arc::new(f));
+    }
+
+    /// Block until `seq` is durable (`Ok`) or failed (`Err` with the reason),
+    /// at most `timeout`. For tests and simple callers; the broker should use
+    /// the callbacks. Failures older than the last 4096 failed ranges are
+    /// forgotten and reported as `Ok`.
+    pub fn wait_durable(&self, seq: u64, timeout: Duration) -> Result<(), StoreError> {
+        let deadline = Instant::now() + timeout;
+        let mut log = self.shared.progress.lock();
+        loop {
+            if let Some((_, e)) = log.iter().rev().find(|(r, _)| r.contains(&seq)) {
+                return Err(e.clone());
+            }
+            if self.durable_seq() >= seq {
+                return Ok(());
+            }
+            if self.shared.writer_dead.load(Ordering::Acquire) {
+                return Err(StoreError::Closed);
+            }
+            if self
+                .shared
+                .progressed
+                .wait_until(&mut log, deadline)
+                .timed_out()
+            {
+                if let Some((_, e)) = log.iter().rev().find(|(r, _)| r.contains(&seq)) {
+                    return Err(e.clone());
+                }
+                return if self.durable_seq() >= seq {
+                    Ok(())
+                } else {
+                    Err(StoreError::Timeout)
+                };
+            }
+        }
+    }
+
+    /// Submits not yet taken by the writer (for backpressure).
+    pub fn pending(&self) -> usize {
+        self.shared.queue.lock().cmds.len()
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Stop accepting submits, let the writer finish what is queued, fsync,
+    /// and close the engine. Also done on drop.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.queue.lock().shutdown = true;
+        self.shared.work.notify_one();
+        if let Some(h) = self.writer.take() {
+            // The writer never panics by design; if it did, there is nothing
+            // left to do here but not propagate it out of Drop.
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Shared {
+    fn report_failed(&self, ranges: &[RangeInclusive<u64>], err: &StoreError) {
+        if ranges.is_empty() {
+            return;
+        }
+        let n: u64 = ranges.iter().map(|r| r.end() - r.start() + 1).sum();
+        self.counters.failed_submits.fetch_add(n, Ordering::Relaxed);
+        {
+            let mut log = self.progress.lock();
+            for r in ranges {
+                if log.len() == FAILED_LOG {
+                    log.pop_front();
+                }
+                log.push_back((r.clone(), err.clone()));
+            }
+        }
+        let cb = self.on_failed.read().clone();
+        if let Some(cb) = cb {
+            for r in ranges {
+                cb(r.clone(), err);
+            }
+        }
+        self.progressed.notify_all();
+    }
+
+    fn advance(&self, durable: u64, synced: Option<u64>) {
+        if let Some(s) = synced {
+            self.synced_seq.fetch_max(s, Ordering::AcqRel);
+        }
+        {
+            // Under the lock so that `wait_durable` cannot miss the wakeup.
+            let _log = self.progress.lock();
+            self.durable_seq.fetch_max(durable, Ordering::AcqRel);
+        }
+        self.progressed.notify_all();
+        let cb = self.on_durable.read().clone();
+        if let Some(cb) = cb {
+            cb(durable);
+        }
+    }
+}
+
+/// Group consecutive sequence numbers into ranges.
+fn ranges(mut seqs: Vec<u64>) -> Vec<RangeInclusive<u64>> {
+    seqs.sort_unstable();
+    let mut out: Vec<RangeInclusive<u64>> = Vec::new();
+    for s in seqs {
+        match out.last_mut() {
+            Some(r) if *r.end() + 1 == s => *r = *r.start()..=s,
+            _ => out.push(s..=s),
+        }
+    }
+    out
+}
+
+/// Current wall clock in unix milliseconds (for expiry deadlines and sweeps).
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge() {
+        assert_eq!(ranges(vec![5, 1, 2, 3, 7, 8]), vec![1..=3, 5..=5, 7..=8]);
+        assert!(ranges(vec![]).is_empty());
+    }
+
+    #[test]
+    fn open_error_names_path() {
+        let e = StoreError::Open {
+            path: PathBuf::from("/x/y"),
+            source: Arc::new(std::io::Error::other("boom")),
+        };
+        assert_eq!(e.to_string(), "cannot open store at /x/y: boom");
+        assert!(StoreError::DiskFull("x".into()).is_out_of_space());
+        assert!(StoreError::QuotaExceeded { limit: 1 }.is_out_of_space());
+        assert!(!StoreError::Io("x".into()).is_out_of_space());
+    }
+}
