@@ -23,3 +23,4 @@ pub mod config;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod store;

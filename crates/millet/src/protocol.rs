@@ -335,20 +335,19 @@ impl Connection {
             };
             let publish = active.publish_packet(&d, pid, false, now, protocol);
             let packet = Packet::Publish(publish);
-            match encoded_len(&packet, protocol) {
-                Ok(n) if n <= active.client_max_packet => {}
-                _ => {
-                    // [MQTT-3.1.2-25]: a message too big for the client is
-                    // discarded as if it had been sent; a topic alias assigned
-                    // for it must be forgotten.
-                    if let Packet::Publish(p) = &packet {
-                        if p.properties.topic_alias.is_some() && !p.topic.is_empty() {
-                            active.alias_out.remove(&p.topic);
-                        }
+            let fits = active.client_max_packet == usize::MAX
+                || encoded_len(&packet, protocol).is_ok_and(|n| n <= active.client_max_packet);
+            if !fits {
+                // [MQTT-3.1.2-25]: a message too big for the client is
+                // discarded as if it had been sent; a topic alias assigned
+                // for it must be forgotten.
+                if let Packet::Publish(p) = &packet {
+                    if p.properties.topic_alias.is_some() && !p.topic.is_empty() {
+                        active.alias_out.remove(&p.topic);
                     }
-                    stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
-                    continue;
                 }
+                stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
             if encode(&packet, protocol, buf).is_err() {
                 continue;
