@@ -21,6 +21,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod protocol;
+pub mod security;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -566,7 +566,8 @@ impl Connection {
             }
             id
         } else {
-            c.client_id.clone()
+            // Copied: a slice would pin the whole read chunk for the life of the session.
+            ByteString::from(&*c.client_id)
         };
         let mut keep_alive = c.keep_alive;
         if v5
@@ -596,7 +597,7 @@ impl Connection {
             &client_id,
             c.clean_start,
             expiry,
-            c.will.clone(),
+            c.will.as_ref().map(detach_will),
             self.waker.clone(),
             now,
         );
@@ -993,4 +994,13 @@ impl Active {
             payload: m.payload.clone(),
         }
     }
+}
+
+/// A copy of the will that shares no memory with the read buffer (it may be
+/// kept for the whole session).
+fn detach_will(w: &millet_codec::LastWill) -> millet_codec::LastWill {
+    let mut w = w.clone();
+    w.topic = ByteString::from(&*w.topic);
+    w.payload = bytes::Bytes::copy_from_slice(&w.payload);
+    w
 }

@@ -21,8 +21,12 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::protocol::Connection;
 
-/// Largest read buffer growth step, bytes.
-const READ_CHUNK: usize = 16 * 1024;
+/// Read sizes adapt between these bounds: a read that fills the buffer
+/// doubles the next one, one that doesn't halves it. Idle and lightly loaded
+/// connections (the fleet's common case) read small, so connection bursts and
+/// retained pieces of the read buffer stay small; busy publishers read big.
+const READ_MIN: usize = 512;
+const READ_MAX: usize = 64 * 1024;
 /// Write buffers above this capacity are released after each flush.
 const KEEP_WRITE_CAPACITY: usize = 8 * 1024;
 
@@ -98,10 +102,12 @@ async fn accept_loop(
                     let broker = broker.clone();
                     let shutdown = shutdown.clone();
                     let done = done.clone();
-                    tokio::spawn(async move {
+                    let fut = async move {
                         serve(stream, peer, broker, shutdown).await;
                         drop(done);
-                    });
+                    };
+                    tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
+                    tokio::spawn(fut);
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -136,6 +142,7 @@ async fn serve(
     let mut rbuf = BytesMut::new();
     let mut wbuf = BytesMut::new();
     let mut eof = false;
+    let mut read_size = READ_MIN;
     let mut shutting_down = false;
     loop {
         // 1. Decode and handle every complete packet received so far.
@@ -180,12 +187,15 @@ async fn serve(
             r = stream.readable(), if !conn.is_paused() => {
                 if r.is_err() { break; }
                 loop {
-                    rbuf.reserve(READ_CHUNK);
+                    rbuf.reserve(read_size);
                     let space = rbuf.capacity() - rbuf.len();
                     match stream.try_read_buf(&mut rbuf) {
                         Ok(0) => { eof = true; break; }
-                        Ok(n) if n == space && rbuf.len() < 4 * READ_CHUNK => continue,
-                        Ok(_) => break,
+                        Ok(n) if n == space => {
+                            read_size = (read_size * 2).min(READ_MAX);
+                            if rbuf.len() >= READ_MAX { break; }
+                        }
+                        Ok(_) => { read_size = (read_size / 2).max(READ_MIN); break; }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                         Err(_) => { eof = true; break; }
                     }

@@ -39,6 +39,21 @@ pub struct Message {
 }
 
 impl Message {
+    /// A copy sharing no memory with the connection's read buffer, for
+    /// messages kept long (retained): a slice would pin the whole read chunk.
+    pub fn detached(&self) -> Message {
+        Message {
+            topic: ByteString::from(&*self.topic),
+            payload: Bytes::copy_from_slice(&self.payload),
+            qos: self.qos,
+            retain: self.retain,
+            properties: self.properties.clone(),
+            expires_at: self.expires_at,
+            publisher: self.publisher,
+            publisher_client_id: ByteString::from(&*self.publisher_client_id),
+        }
+    }
+
     pub fn is_expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }

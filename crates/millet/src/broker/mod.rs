@@ -405,7 +405,7 @@ impl Broker {
             if msg.payload.is_empty() {
                 r.remove(&msg.topic); // [MQTT-3.3.1-10]
             } else {
-                r.set(&msg.topic, msg.clone()); // [MQTT-3.3.1-5]
+                r.set(&msg.topic, Arc::new(msg.detached())); // [MQTT-3.3.1-5]
             }
         }
         self.route(&msg, publisher)
@@ -522,14 +522,17 @@ impl Broker {
             if !exists && st.session.subscriptions.len() >= limits.max_subscriptions {
                 return SubscribeOutcome::Refused(ReasonCode::QUOTA_EXCEEDED);
             }
-            st.session.subscriptions.insert(filter.clone(), sub.clone());
+            // Copied: the filter is a slice of the read chunk.
+            st.session
+                .subscriptions
+                .insert(ByteString::from(&**filter), sub.clone());
             !exists
         };
         let entry = IndexEntry {
             cell: cell.clone(),
             options: sub.options,
             identifier: sub.identifier,
-            share: shared.as_ref().map(|_| filter.clone()),
+            share: shared.as_ref().map(|_| ByteString::from(&**filter)),
         };
         {
             let mut idx = self.index.write();

@@ -118,11 +118,8 @@ impl Rule {
                 | (Action::Subscribe, Access::Subscribe)
         );
         action_ok
-            && self.client_id.as_deref().map_or(true, |c| c == client_id)
-            && self
-                .username
-                .as_deref()
-                .map_or(true, |u| Some(u) == username)
+            && self.client_id.as_deref().is_none_or(|c| c == client_id)
+            && self.username.as_deref().is_none_or(|u| Some(u) == username)
     }
 
     /// Does this rule match the request? (`None`: it does not apply.)
@@ -518,10 +515,21 @@ topics = ["devices/+/down"]
 
     #[test]
     fn parse_errors() {
-        assert!(parse_rules("[[rules]]\npermission = \"maybe\"\naction=\"all\"\ntopics=[\"a\"]").is_err());
-        assert!(parse_rules("[[rules]]\npermission = \"allow\"\naction=\"all\"\ntopics=[\"a/#/b\"]").is_err());
-        assert!(parse_rules("[[rules]]\npermission = \"allow\"\naction=\"all\"\ntopics=[]").is_err());
-        assert!(parse_rules("[[rules]]\npermission = \"allow\"\naction=\"all\"\ntopics=[\"a\"]\nbogus=1").is_err());
+        assert!(
+            parse_rules("[[rules]]\npermission = \"maybe\"\naction=\"all\"\ntopics=[\"a\"]")
+                .is_err()
+        );
+        assert!(parse_rules(
+            "[[rules]]\npermission = \"allow\"\naction=\"all\"\ntopics=[\"a/#/b\"]"
+        )
+        .is_err());
+        assert!(
+            parse_rules("[[rules]]\npermission = \"allow\"\naction=\"all\"\ntopics=[]").is_err()
+        );
+        assert!(parse_rules(
+            "[[rules]]\npermission = \"allow\"\naction=\"all\"\ntopics=[\"a\"]\nbogus=1"
+        )
+        .is_err());
         assert!(matches!(parse_rules(""), Ok(v) if v.is_empty()));
     }
 

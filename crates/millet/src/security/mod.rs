@@ -1,23 +1,816 @@
-//! Security (stub while building)
+//! Security: TLS, authentication providers and their chain, authorization
+//! (ACL), quotas and bans. Everything here is self-contained; the protocol
+//! and server call in through [`Security`] (built from [`SecurityConfig`]).
+//!
+//! - [`tls`]: rustls server config from PEM files, mTLS, hot reload,
+//!   certificate identity.
+//! - [`passwd`]: argon2id password file and the `millet passwd` command.
+//! - [`signature`]: per-device / per-product HMAC signatures with a replay
+//!   window.
+//! - [`jwt`]: HS256 / RS256 / ES256 tokens, claims → ACL rules.
+//! - [`http_hook`]: POST to an HTTP service, cached, fail-closed.
+//! - [`scram`]: SCRAM-SHA-256 for MQTT 5 enhanced authentication.
+//! - [`acl`]: rules, topic matching, reload.
+//! - [`quota`]: token buckets, connection rate, per-user connections, bans.
+//!
+//! # Configuration (TOML)
+//! ```toml
+//! [auth]
+//! chain = ["tls_cert", "password_file", "signature", "jwt", "http"]
+//! anonymous_listeners = ["0.0.0.0:1884"]   # optional: explicitly anonymous
+//! [auth.password_file]
+//! path = "/etc/millet/passwd"
+//! [auth.signature]
+//! secrets = "/etc/millet/device-secrets.toml"
+//! algorithm = "hmac-sha256"   # hmac-sha384 | hmac-sha512
+//! encoding = "hex"            # base64
+//! window_secs = 300
+//! [auth.jwt]
+//! algorithm = "HS256"         # RS256 | ES256 (public_key = PEM or jwks = JSON)
+//! secret = "change-me"
+//! [auth.http]
+//! url = "http://127.0.0.1:8080/mqtt/auth"
+//! timeout_ms = 2000
+//! cache_ttl_secs = 60
+//! on_error = "deny"           # ignore
+//! [auth.scram]
+//! path = "/etc/millet/scram"  # SCRAM-SHA-256 over v5 AUTH
+//!
+//! [acl]
+//! file = "/etc/millet/acl.toml"
+//!
+//! [quota]
+//! messages_per_sec = 100
+//! bytes_per_sec = 1048576
+//! on_exceeded = "disconnect"  # backpressure
+//! connections_per_sec = 50
+//! max_connections_per_user = 10
+//! bans = ["ip:192.0.2.0/24", "client:bad-device"]
+//!
+//! [tls]
+//! cert = "/etc/millet/server.pem"
+//! key = "/etc/millet/server.key"
+//! ca = "/etc/millet/clients-ca.pem"
+//! require_client_cert = true
+//! identity_as = "username"    # client_id | none
+//! ```
+//!
+//! # The chain
+//! Providers are asked in `chain` order: allow → accepted (with the
+//! provider's per-client ACL rules); deny → refused; ignore → next. At the
+//! end of the chain the listener's [`ListenerPolicy`] decides: anonymous →
+//! allow, authenticated → deny. [`AuthChain::authenticate`] uses "anonymous
+//! iff no provider is configured".
+//!
+//! # Posture
+//! Without configuration Millet listens on loopback only and lets anonymous
+//! clients in there. A listener on any other address requires
+//! authentication unless listed in `auth.anonymous_listeners`; see
+//! [`ListenerPolicy::for_listener`] and [`posture_report`].
+
 pub mod acl;
+pub mod http_hook;
+pub mod jwt;
 pub mod passwd;
 pub mod quota;
 pub mod scram;
 pub mod signature;
 pub mod tls;
 
-use acl::Rule;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use acl::{Acl, Rule};
+use http_hook::{HttpHook, HttpHookConfig};
+use jwt::{JwtAuth, JwtConfig};
+use passwd::PasswordStore;
+use quota::{BanList, BanTarget, ConnectionRateLimiter, QuotaConfig, UserConnections};
+use scram::{ScramAuthenticator, ScramStore};
+use signature::{SignatureAuth, SignatureConfig};
+use tls::{IdentityAs, ReloadableTls, TlsConfig};
 
 /// A provider's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allow { acl: Vec<Rule> },
+    /// Accepted, with extra ACL rules for this client (consulted before the
+    /// ACL file's).
+    Allow {
+        acl: Vec<Rule>,
+    },
     Deny,
+    /// Not this provider's business: ask the next.
     Ignore,
 }
 
 impl Decision {
+    /// Allow without extra rules.
     pub fn allow() -> Decision {
         Decision::Allow { acl: Vec::new() }
+    }
+}
+
+/// The chain's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthResult {
+    /// Accepted; `acl` holds the per-client rules to pass to every
+    /// [`Acl::check`] for this connection.
+    Allow { acl: Vec<Rule> },
+    /// Refused: CONNACK 0x87 (v5) / 0x05 (v3.1.1).
+    Deny,
+}
+
+/// What the chain knows about a CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Vec<u8>>,
+    pub peer: SocketAddr,
+    /// Protocol level: 3 (3.1), 4 (3.1.1) or 5.
+    pub protocol: u8,
+    /// Identity of a verified client certificate ([`tls::peer_identity`]).
+    pub tls_identity: Option<String>,
+}
+
+impl ConnectRequest {
+    /// Replace the username or client id with the certificate identity (per
+    /// `tls.identity_as`). Call before [`AuthChain::authenticate`], and use
+    /// the resulting names for the session.
+    pub fn apply_tls_identity(&mut self, how: IdentityAs) {
+        let Some(id) = self.tls_identity.clone() else {
+            return;
+        };
+        match how {
+            IdentityAs::None => {}
+            IdentityAs::Username => self.username = Some(id),
+            IdentityAs::ClientId => self.client_id = id,
+        }
+    }
+}
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An authentication provider in the chain.
+pub trait AuthProvider: Send + Sync {
+    /// Name for logs (`password_file`, `jwt`, ...).
+    fn name(&self) -> &'static str;
+    /// Decide on one CONNECT.
+    fn authenticate<'a>(&'a self, req: &'a ConnectRequest) -> BoxFuture<'a, Decision>;
+    /// Re-read files; on error the old state stays in force.
+    fn reload(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Argon2 password file (verification on a blocking thread).
+pub struct PasswordFileProvider(pub Arc<PasswordStore>);
+
+impl AuthProvider for PasswordFileProvider {
+    fn name(&self) -> &'static str {
+        "password_file"
+    }
+    fn authenticate<'a>(&'a self, req: &'a ConnectRequest) -> BoxFuture<'a, Decision> {
+        let store = self.0.clone();
+        let user = req.username.clone();
+        let pw = req.password.clone();
+        Box::pin(async move {
+            if user.is_none() || pw.is_none() {
+                return Decision::Ignore;
+            }
+            tokio::task::spawn_blocking(move || store.check(user.as_deref(), pw.as_deref()))
+                .await
+                .unwrap_or(Decision::Deny)
+        })
+    }
+    fn reload(&self) -> Result<(), String> {
+        self.0.reload().map_err(|e| e.to_string())
+    }
+}
+
+/// Device signatures (clock: the system's).
+pub struct SignatureProvider(pub Arc<SignatureAuth>);
+
+impl AuthProvider for SignatureProvider {
+    fn name(&self) -> &'static str {
+        "signature"
+    }
+    fn authenticate<'a>(&'a self, req: &'a ConnectRequest) -> BoxFuture<'a, Decision> {
+        Box::pin(async move {
+            self.0.check(
+                &req.client_id,
+                req.username.as_deref(),
+                req.password.as_deref(),
+                signature::unix_now_ms(),
+            )
+        })
+    }
+    fn reload(&self) -> Result<(), String> {
+        self.0.reload().map_err(|e| e.to_string())
+    }
+}
+
+/// JWT in the password.
+pub struct JwtProvider(pub Arc<JwtAuth>);
+
+impl AuthProvider for JwtProvider {
+    fn name(&self) -> &'static str {
+        "jwt"
+    }
+    fn authenticate<'a>(&'a self, req: &'a ConnectRequest) -> BoxFuture<'a, Decision> {
+        Box::pin(async move {
+            self.0.check(
+                &req.client_id,
+                req.username.as_deref(),
+                req.password.as_deref(),
+                signature::unix_now_ms() / 1000,
+            )
+        })
+    }
+    fn reload(&self) -> Result<(), String> {
+        self.0.reload().map_err(|e| e.to_string())
+    }
+}
+
+/// HTTP hook.
+pub struct HttpProvider(pub Arc<HttpHook>);
+
+impl AuthProvider for HttpProvider {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+    fn authenticate<'a>(&'a self, req: &'a ConnectRequest) -> BoxFuture<'a, Decision> {
+        Box::pin(self.0.check(
+            &req.client_id,
+            req.username.as_deref(),
+            req.password.as_deref(),
+            req.peer,
+            req.protocol,
+        ))
+    }
+    fn reload(&self) -> Result<(), String> {
+        self.0.clear_cache();
+        Ok(())
+    }
+}
+
+/// A verified client certificate authenticates the client (allow when the
+/// TLS layer verified one, ignore otherwise).
+pub struct TlsCertProvider;
+
+impl AuthProvider for TlsCertProvider {
+    fn name(&self) -> &'static str {
+        "tls_cert"
+    }
+    fn authenticate<'a>(&'a self, req: &'a ConnectRequest) -> BoxFuture<'a, Decision> {
+        let d = if req.tls_identity.is_some() {
+            Decision::allow()
+        } else {
+            Decision::Ignore
+        };
+        Box::pin(std::future::ready(d))
+    }
+}
+
+/// What happens at the end of the chain on one listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerPolicy {
+    /// Clients no provider decided on are let in.
+    Anonymous,
+    /// Clients no provider accepted are refused.
+    Authenticated,
+}
+
+impl ListenerPolicy {
+    /// The posture rule: explicitly anonymous listeners are anonymous; a
+    /// loopback listener is anonymous while no provider is configured;
+    /// anything else requires authentication.
+    pub fn for_listener(
+        addr: SocketAddr,
+        marked_anonymous: bool,
+        providers_configured: bool,
+    ) -> ListenerPolicy {
+        if marked_anonymous || (!providers_configured && addr.ip().is_loopback()) {
+            ListenerPolicy::Anonymous
+        } else {
+            ListenerPolicy::Authenticated
+        }
+    }
+}
+
+/// Start-up log lines describing each listener's posture: `(is_warning, line)`.
+pub fn posture_report(
+    listeners: &[(SocketAddr, bool)],
+    providers: &[&'static str],
+) -> Vec<(bool, String)> {
+    listeners
+        .iter()
+        .map(|&(addr, marked)| {
+            match ListenerPolicy::for_listener(addr, marked, !providers.is_empty()) {
+                ListenerPolicy::Anonymous if marked => (
+                    !addr.ip().is_loopback(),
+                    format!("listener {addr}: anonymous clients allowed (explicitly marked anonymous)"),
+                ),
+                ListenerPolicy::Anonymous => (
+                    false,
+                    format!("listener {addr}: anonymous clients allowed (loopback, no authentication configured)"),
+                ),
+                ListenerPolicy::Authenticated if providers.is_empty() => (
+                    true,
+                    format!("listener {addr}: authentication required but no provider is configured: every client will be refused (configure [auth] or mark the listener anonymous)"),
+                ),
+                ListenerPolicy::Authenticated => (
+                    false,
+                    format!("listener {addr}: authentication required (chain: {})", providers.join(", ")),
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Log [`posture_report`] at info / warn.
+pub fn log_posture(listeners: &[(SocketAddr, bool)], providers: &[&'static str]) {
+    for (warn, line) in posture_report(listeners, providers) {
+        if warn {
+            tracing::warn!("{line}");
+        } else {
+            tracing::info!("{line}");
+        }
+    }
+}
+
+/// The ordered provider chain.
+#[derive(Default)]
+pub struct AuthChain {
+    providers: Vec<Arc<dyn AuthProvider>>,
+}
+
+impl std::fmt::Debug for AuthChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
+}
+
+impl AuthChain {
+    pub fn new(providers: Vec<Arc<dyn AuthProvider>>) -> AuthChain {
+        AuthChain { providers }
+    }
+
+    pub fn push(&mut self, p: Arc<dyn AuthProvider>) {
+        self.providers.push(p);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.providers.is_empty()
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.providers.iter().map(|p| p.name()).collect()
+    }
+
+    /// Ask the chain; end of chain → deny if any provider is configured,
+    /// allow ("anonymous") if none.
+    pub async fn authenticate(&self, req: &ConnectRequest) -> AuthResult {
+        let policy = if self.providers.is_empty() {
+            ListenerPolicy::Anonymous
+        } else {
+            ListenerPolicy::Authenticated
+        };
+        self.authenticate_with(req, policy).await
+    }
+
+    /// Ask the chain with an explicit end-of-chain policy.
+    pub async fn authenticate_with(
+        &self,
+        req: &ConnectRequest,
+        policy: ListenerPolicy,
+    ) -> AuthResult {
+        for p in &self.providers {
+            match p.authenticate(req).await {
+                Decision::Allow { acl } => {
+                    tracing::debug!(client_id = %req.client_id, provider = p.name(), "authenticated");
+                    return AuthResult::Allow { acl };
+                }
+                Decision::Deny => {
+                    tracing::info!(client_id = %req.client_id, peer = %req.peer, provider = p.name(), "authentication refused");
+                    return AuthResult::Deny;
+                }
+                Decision::Ignore => {}
+            }
+        }
+        match policy {
+            ListenerPolicy::Anonymous => AuthResult::Allow { acl: Vec::new() },
+            ListenerPolicy::Authenticated => {
+                tracing::info!(client_id = %req.client_id, peer = %req.peer, "no provider accepted the client");
+                AuthResult::Deny
+            }
+        }
+    }
+
+    /// Reload every provider; returns the errors (`provider: error`).
+    pub fn reload(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .filter_map(|p| p.reload().err().map(|e| format!("{}: {e}", p.name())))
+            .collect()
+    }
+}
+
+/// A provider name in `auth.chain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    PasswordFile,
+    Signature,
+    Jwt,
+    Http,
+    TlsCert,
+}
+
+/// `[auth.password_file]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordFileConfig {
+    pub path: PathBuf,
+}
+
+/// `[auth.scram]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScramConfig {
+    pub path: PathBuf,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub chain: Vec<ProviderKind>,
+    /// Listeners explicitly marked anonymous.
+    pub anonymous_listeners: Vec<SocketAddr>,
+    pub password_file: Option<PasswordFileConfig>,
+    pub signature: Option<SignatureConfig>,
+    pub jwt: Option<JwtConfig>,
+    pub http: Option<HttpHookConfig>,
+    pub scram: Option<ScramConfig>,
+}
+
+/// `[acl]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclConfig {
+    /// Rule file (TOML, see [`acl`]); none: no rules (everything allowed,
+    /// unless a provider hands out per-client rules).
+    pub file: Option<PathBuf>,
+}
+
+/// The whole security configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    pub auth: AuthConfig,
+    pub acl: AclConfig,
+    pub quota: QuotaConfig,
+    pub tls: Option<TlsConfig>,
+}
+
+impl SecurityConfig {
+    pub fn from_toml(text: &str) -> Result<SecurityConfig, SecurityError> {
+        toml::from_str(text).map_err(|e| SecurityError::Config(e.to_string()))
+    }
+}
+
+/// Errors building [`Security`].
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    #[error("security configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Passwd(#[from] passwd::PasswdError),
+    #[error(transparent)]
+    Signature(#[from] signature::SignatureError),
+    #[error(transparent)]
+    Jwt(#[from] jwt::JwtError),
+    #[error(transparent)]
+    Http(#[from] http_hook::HttpHookError),
+    #[error(transparent)]
+    Scram(#[from] scram::ScramError),
+    #[error(transparent)]
+    Acl(#[from] acl::AclError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// Everything the server and protocol need, built from [`SecurityConfig`].
+pub struct Security {
+    pub config: SecurityConfig,
+    pub chain: AuthChain,
+    pub acl: Arc<Acl>,
+    pub bans: Arc<BanList>,
+    pub user_connections: Arc<UserConnections>,
+    /// `Some` when `[tls]` is configured.
+    pub tls: Option<Arc<ReloadableTls>>,
+    /// `Some` when `[auth.scram]` is configured: the broker's
+    /// [`crate::auth::Authenticator`].
+    pub scram: Option<Arc<ScramAuthenticator>>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("chain", &self.chain)
+            .field("tls", &self.tls.is_some())
+            .field("scram", &self.scram.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Security {
+    /// Load every file and build the providers. Must run inside a tokio
+    /// runtime only for [`ReloadableTls`]' spawn helpers (not here).
+    pub fn from_config(config: SecurityConfig) -> Result<Security, SecurityError> {
+        let a = &config.auth;
+        let mut chain = AuthChain::default();
+        for (i, kind) in a.chain.iter().enumerate() {
+            if a.chain[..i].contains(kind) {
+                return Err(SecurityError::Config(format!(
+                    "provider {kind:?} listed twice in auth.chain"
+                )));
+            }
+            let missing = |s: &str| {
+                SecurityError::Config(format!("auth.chain names {s} but [auth.{s}] is missing"))
+            };
+            let p: Arc<dyn AuthProvider> = match kind {
+                ProviderKind::PasswordFile => {
+                    let c = a
+                        .password_file
+                        .as_ref()
+                        .ok_or_else(|| missing("password_file"))?;
+                    Arc::new(PasswordFileProvider(Arc::new(PasswordStore::from_file(
+                        &c.path,
+                    )?)))
+                }
+                ProviderKind::Signature => {
+                    let c = a.signature.clone().ok_or_else(|| missing("signature"))?;
+                    Arc::new(SignatureProvider(Arc::new(SignatureAuth::from_config(c)?)))
+                }
+                ProviderKind::Jwt => {
+                    let c = a.jwt.clone().ok_or_else(|| missing("jwt"))?;
+                    Arc::new(JwtProvider(Arc::new(JwtAuth::new(c)?)))
+                }
+                ProviderKind::Http => {
+                    let c = a.http.clone().ok_or_else(|| missing("http"))?;
+                    Arc::new(HttpProvider(Arc::new(HttpHook::new(c)?)))
+                }
+                ProviderKind::TlsCert => {
+                    if config.tls.as_ref().and_then(|t| t.ca.as_ref()).is_none() {
+                        return Err(SecurityError::Config(
+                            "auth.chain names tls_cert but [tls] has no ca".into(),
+                        ));
+                    }
+                    Arc::new(TlsCertProvider)
+                }
+            };
+            chain.push(p);
+        }
+        let acl = match &config.acl.file {
+            Some(f) => Acl::from_file(f)?,
+            None => Acl::default(),
+        };
+        let bans = BanList::new();
+        let now = std::time::Instant::now();
+        for b in &config.quota.bans {
+            let t: BanTarget = b.parse().map_err(SecurityError::Config)?;
+            bans.ban(t, None, now);
+        }
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(ReloadableTls::new(t.clone())?)),
+            None => None,
+        };
+        let scram = match &a.scram {
+            Some(s) => Some(Arc::new(ScramAuthenticator::new(Arc::new(
+                ScramStore::from_file(&s.path)?,
+            )))),
+            None => None,
+        };
+        Ok(Security {
+            user_connections: Arc::new(UserConnections::new(config.quota.max_connections_per_user)),
+            config,
+            chain,
+            acl: Arc::new(acl),
+            bans: Arc::new(bans),
+            tls,
+            scram,
+        })
+    }
+
+    /// The end-of-chain policy for a listener.
+    pub fn listener_policy(&self, addr: SocketAddr) -> ListenerPolicy {
+        ListenerPolicy::for_listener(
+            addr,
+            self.config.auth.anonymous_listeners.contains(&addr),
+            !self.chain.is_empty(),
+        )
+    }
+
+    /// Authenticate a CONNECT received on `listener` (applies the TLS
+    /// identity per `tls.identity_as` first; the possibly rewritten request
+    /// is returned with the result).
+    pub async fn authenticate(
+        &self,
+        mut req: ConnectRequest,
+        listener: SocketAddr,
+    ) -> (ConnectRequest, AuthResult) {
+        if let Some(t) = &self.config.tls {
+            req.apply_tls_identity(t.identity_as);
+        }
+        let r = self
+            .chain
+            .authenticate_with(&req, self.listener_policy(listener))
+            .await;
+        (req, r)
+    }
+
+    /// A new-connection rate limiter for one listener.
+    pub fn connection_rate_limiter(&self) -> ConnectionRateLimiter {
+        ConnectionRateLimiter::new(
+            self.config.quota.connections_per_sec,
+            self.config.quota.connections_burst,
+            std::time::Instant::now(),
+        )
+    }
+
+    /// Log each listener's posture.
+    pub fn log_posture(&self, listeners: &[SocketAddr]) {
+        let l: Vec<(SocketAddr, bool)> = listeners
+            .iter()
+            .map(|a| (*a, self.config.auth.anonymous_listeners.contains(a)))
+            .collect();
+        log_posture(&l, &self.chain.names());
+    }
+
+    /// Reload every file (providers, ACL, TLS, SCRAM); old state stays on
+    /// error. Returns the errors.
+    pub fn reload(&self) -> Vec<String> {
+        let mut errs = self.chain.reload();
+        if let Err(e) = self.acl.reload() {
+            errs.push(format!("acl: {e}"));
+        }
+        if let Some(t) = &self.tls {
+            if let Err(e) = t.reload() {
+                errs.push(format!("tls: {e}"));
+            }
+        }
+        if let Some(s) = &self.scram {
+            if let Err(e) = s.store().reload() {
+                errs.push(format!("scram: {e}"));
+            }
+        }
+        errs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(&'static str, Decision);
+    impl AuthProvider for Fixed {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn authenticate<'a>(&'a self, _: &'a ConnectRequest) -> BoxFuture<'a, Decision> {
+            Box::pin(std::future::ready(self.1.clone()))
+        }
+    }
+
+    fn req() -> ConnectRequest {
+        ConnectRequest {
+            client_id: "c".into(),
+            username: Some("u".into()),
+            password: Some(b"p".to_vec()),
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            protocol: 5,
+            tls_identity: None,
+        }
+    }
+
+    fn p(name: &'static str, d: Decision) -> Arc<dyn AuthProvider> {
+        Arc::new(Fixed(name, d))
+    }
+
+    #[tokio::test]
+    async fn chain_order_and_end_of_chain() {
+        let empty = AuthChain::default();
+        assert_eq!(
+            empty.authenticate(&req()).await,
+            AuthResult::Allow { acl: vec![] }
+        );
+        let rules = vec![Rule::allow(acl::Action::All, vec!["x".into()])];
+        let chain = AuthChain::new(vec![
+            p("a", Decision::Ignore),
+            p("b", Decision::Allow { acl: rules.clone() }),
+            p("c", Decision::Deny),
+        ]);
+        assert_eq!(
+            chain.authenticate(&req()).await,
+            AuthResult::Allow { acl: rules }
+        );
+        let chain = AuthChain::new(vec![p("a", Decision::Deny), p("b", Decision::allow())]);
+        assert_eq!(chain.authenticate(&req()).await, AuthResult::Deny);
+        let chain = AuthChain::new(vec![p("a", Decision::Ignore)]);
+        assert_eq!(chain.authenticate(&req()).await, AuthResult::Deny);
+        assert_eq!(
+            chain
+                .authenticate_with(&req(), ListenerPolicy::Anonymous)
+                .await,
+            AuthResult::Allow { acl: vec![] }
+        );
+    }
+
+    #[test]
+    fn posture() {
+        let lo: SocketAddr = "127.0.0.1:1883".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:1883".parse().unwrap();
+        let v6lo: SocketAddr = "[::1]:1883".parse().unwrap();
+        use ListenerPolicy::*;
+        assert_eq!(ListenerPolicy::for_listener(lo, false, false), Anonymous);
+        assert_eq!(ListenerPolicy::for_listener(v6lo, false, false), Anonymous);
+        assert_eq!(ListenerPolicy::for_listener(lo, false, true), Authenticated);
+        assert_eq!(
+            ListenerPolicy::for_listener(any, false, false),
+            Authenticated
+        );
+        assert_eq!(ListenerPolicy::for_listener(any, true, true), Anonymous);
+        let r = posture_report(&[(lo, false), (any, false)], &[]);
+        assert!(!r[0].0 && r[0].1.contains("anonymous"));
+        assert!(r[1].0 && r[1].1.contains("every client will be refused"));
+        let r = posture_report(&[(any, false)], &["jwt"]);
+        assert!(!r[0].0 && r[0].1.contains("chain: jwt"));
+    }
+
+    #[test]
+    fn tls_identity_rewrites_fields() {
+        let mut r = req();
+        r.apply_tls_identity(IdentityAs::Username);
+        assert_eq!(r.username.as_deref(), Some("u"));
+        r.tls_identity = Some("dev-1".into());
+        r.apply_tls_identity(IdentityAs::Username);
+        assert_eq!(r.username.as_deref(), Some("dev-1"));
+        r.apply_tls_identity(IdentityAs::ClientId);
+        assert_eq!(r.client_id, "dev-1");
+    }
+
+    #[test]
+    fn config_parses_and_validates() {
+        let c = SecurityConfig::from_toml(
+            r#"
+[auth]
+chain = ["jwt", "http"]
+anonymous_listeners = ["0.0.0.0:1884"]
+[auth.jwt]
+algorithm = "HS256"
+secret = "k"
+[auth.http]
+url = "http://127.0.0.1:9/auth"
+on_error = "ignore"
+[quota]
+messages_per_sec = 10.0
+bans = ["ip:192.0.2.0/24"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.auth.chain, vec![ProviderKind::Jwt, ProviderKind::Http]);
+        let s = Security::from_config(c).unwrap();
+        assert_eq!(s.chain.names(), vec!["jwt", "http"]);
+        assert_eq!(
+            s.listener_policy("0.0.0.0:1884".parse().unwrap()),
+            ListenerPolicy::Anonymous
+        );
+        assert_eq!(
+            s.listener_policy("127.0.0.1:1883".parse().unwrap()),
+            ListenerPolicy::Authenticated
+        );
+        assert!(s
+            .bans
+            .ip_banned("192.0.2.1".parse().unwrap(), std::time::Instant::now())
+            .is_some());
+        assert!(SecurityConfig::from_toml("[auth]\nchain=[\"nope\"]").is_err());
+        assert!(SecurityConfig::from_toml("[bogus]").is_err());
+        let missing = SecurityConfig::from_toml("[auth]\nchain=[\"jwt\"]").unwrap();
+        assert!(Security::from_config(missing).is_err());
+        let twice = SecurityConfig::from_toml(
+            "[auth]\nchain=[\"jwt\",\"jwt\"]\n[auth.jwt]\nalgorithm=\"HS256\"\nsecret=\"k\"",
+        )
+        .unwrap();
+        assert!(Security::from_config(twice).is_err());
+        let default = Security::from_config(SecurityConfig::default()).unwrap();
+        assert!(default.chain.is_empty());
+        assert!(default.tls.is_none() && default.scram.is_none());
     }
 }

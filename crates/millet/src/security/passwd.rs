@@ -348,7 +348,9 @@ pub fn run_passwd_cli_with(args: &[String], input: &mut dyn BufRead) -> Result<(
         return Err(USAGE.to_string());
     };
     if delete && password.is_some() {
-        return Err(format!("--delete and --password exclude each other\n{USAGE}"));
+        return Err(format!(
+            "--delete and --password exclude each other\n{USAGE}"
+        ));
     }
     let path = Path::new(file);
     let mut pf = match PasswordFile::load(path) {

@@ -147,7 +147,9 @@ impl TokenBucket {
 pub enum QuotaDecision {
     Allow,
     /// Over quota; tokens would be available after `retry_after`.
-    Exceeded { retry_after: Duration },
+    Exceeded {
+        retry_after: Duration,
+    },
 }
 
 /// One client's message and byte buckets.
@@ -347,7 +349,7 @@ struct Bans {
 }
 
 fn live(until: &Option<Instant>, now: Instant) -> bool {
-    until.map_or(true, |u| now < u)
+    until.is_none_or(|u| now < u)
 }
 
 impl BanList {
@@ -460,7 +462,7 @@ mod tests {
     }
 
     fn close(a: Duration, b: Duration) -> bool {
-        let d = if a > b { a - b } else { b - a };
+        let d = a.abs_diff(b);
         d < Duration::from_micros(10)
     }
 
@@ -550,7 +552,11 @@ mod tests {
         let bans = BanList::new();
         let ip = |s: &str| s.parse::<IpAddr>().ok();
         bans.ban("client:bad".parse().unwrap(), None, t0);
-        bans.ban("user:eve".parse().unwrap(), Some(Duration::from_secs(10)), t0);
+        bans.ban(
+            "user:eve".parse().unwrap(),
+            Some(Duration::from_secs(10)),
+            t0,
+        );
         bans.ban("ip:192.0.2.0/24".parse().unwrap(), None, t0);
         bans.ban("ip:2001:db8::1".parse().unwrap(), None, t0);
         assert_eq!(
@@ -561,9 +567,13 @@ mod tests {
             bans.check("ok", Some("eve"), None, t0),
             Some(BanTarget::Username("eve".into()))
         );
-        assert!(bans.check("ok", Some("eve"), None, t0 + Duration::from_secs(10)).is_none());
+        assert!(bans
+            .check("ok", Some("eve"), None, t0 + Duration::from_secs(10))
+            .is_none());
         assert!(bans.check("ok", None, ip("192.0.2.77"), t0).is_some());
-        assert!(bans.check("ok", None, ip("::ffff:192.0.2.77"), t0).is_some());
+        assert!(bans
+            .check("ok", None, ip("::ffff:192.0.2.77"), t0)
+            .is_some());
         assert!(bans.check("ok", None, ip("192.0.3.1"), t0).is_none());
         assert!(bans.check("ok", None, ip("2001:db8::1"), t0).is_some());
         assert!(bans.check("ok", None, ip("2001:db8::2"), t0).is_none());

@@ -529,7 +529,8 @@ pub(crate) mod tests {
 
     fn store() -> Arc<ScramStore> {
         let s = ScramStore::default();
-        s.set_password("user", b"pencil", DEFAULT_ITERATIONS).unwrap();
+        s.set_password("user", b"pencil", DEFAULT_ITERATIONS)
+            .unwrap();
         s.set_password("a,b=c", b"weird", 4096).unwrap();
         Arc::new(s)
     }
@@ -559,7 +560,10 @@ pub(crate) mod tests {
         let cf = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0";
         let am = format!("{cfb},{sf},{cf}");
         let sig = hmac(&cred.server_key, am.as_bytes());
-        assert_eq!(B64.encode(sig), "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
+        assert_eq!(
+            B64.encode(sig),
+            "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+        );
         let csig = hmac(&cred.stored_key, am.as_bytes());
         let mut salted = [0u8; 32];
         pbkdf2::pbkdf2_hmac::<Sha256>(b"pencil", &salt, 4096, &mut salted);
@@ -591,10 +595,7 @@ pub(crate) mod tests {
     fn reauthentication_is_a_fresh_exchange() {
         let auth = ScramAuthenticator::new(store());
         for _ in 0..2 {
-            assert!(matches!(
-                run(&auth, "user", "pencil"),
-                AuthStep::Success(_)
-            ));
+            assert!(matches!(run(&auth, "user", "pencil"), AuthStep::Success(_)));
         }
     }
 

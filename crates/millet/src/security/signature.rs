@@ -425,7 +425,10 @@ mod tests {
     #[test]
     fn not_ours_is_ignored() {
         let a = auth(SignatureEncoding::Hex, SignatureAlgorithm::HmacSha256);
-        assert_eq!(a.check("c", Some("alice"), Some(b"pw"), NOW), Decision::Ignore);
+        assert_eq!(
+            a.check("c", Some("alice"), Some(b"pw"), NOW),
+            Decision::Ignore
+        );
         assert_eq!(a.check("c", None, Some(b"pw"), NOW), Decision::Ignore);
         assert_eq!(
             a.check("c", Some("d|unknown-pk|1"), Some(b"pw"), NOW),

@@ -306,8 +306,8 @@ pub fn peer_identity(conn: &rustls::ServerConnection) -> Option<String> {
 pub(crate) mod tests {
     use super::*;
     use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose, SanType,
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
     };
     use rustls::pki_types::ServerName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -333,7 +333,8 @@ pub(crate) mod tests {
             let key = KeyPair::generate()?;
             let mut p = CertificateParams::new(Vec::<String>::new())?;
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.distinguished_name.push(DnType::CommonName, "Millet Test CA");
+            p.distinguished_name
+                .push(DnType::CommonName, "Millet Test CA");
             p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
             let ca = p.self_signed(&key)?;
             Ok(Pki {
@@ -544,7 +545,10 @@ pub(crate) mod tests {
             vec![SanType::Rfc822Name("dev@example.com".try_into()?)],
             false,
         )?;
-        assert_eq!(cert_identity(&email.der).as_deref(), Some("dev@example.com"));
+        assert_eq!(
+            cert_identity(&email.der).as_deref(),
+            Some("dev@example.com")
+        );
         let none = pki.issue(None, vec![], false)?;
         assert_eq!(cert_identity(&none.der), None);
         assert_eq!(cert_identity(b"not a certificate"), None);

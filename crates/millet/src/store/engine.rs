@@ -18,7 +18,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{
+    ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
 
 use super::records::{
     InflightEntry, MessageRecord, MetaRecord, QueueEntry, Record, SessionRecord, FORMAT_VERSION,
@@ -310,7 +312,10 @@ impl Engine {
             let (k, v) = row.map_err(map_err)?;
             let id = v.value();
             add_ref(&mut index, id);
-            match (String::from_utf8(k.value().to_vec()), messages.contains_key(&id)) {
+            match (
+                String::from_utf8(k.value().to_vec()),
+                messages.contains_key(&id),
+            ) {
                 (Ok(topic), true) => {
                     referenced.insert(id);
                     retained.push((topic, id));
@@ -471,7 +476,10 @@ impl<'t> Tables<'t> {
             } => {
                 let old = self
                     .inflight
-                    .insert((client_id.as_bytes(), *packet_id), entry.encode().as_slice())
+                    .insert(
+                        (client_id.as_bytes(), *packet_id),
+                        entry.encode().as_slice(),
+                    )
                     .map_err(map_err)?
                     .and_then(|g| InflightEntry::decode(g.value()).ok());
                 add_ref(index, entry.message_id);
@@ -576,7 +584,7 @@ impl<'t> Tables<'t> {
         for row in self.sessions.iter().map_err(map_err)? {
             let (k, v) = row.map_err(map_err)?;
             match SessionRecord::decode(v.value()) {
-                Ok(s) if !s.expires_at_ms.is_some_and(|t| t <= now_ms) => {
+                Ok(s) if s.expires_at_ms.is_none_or(|t| t > now_ms) => {
                     live.insert(k.value().to_vec());
                 }
                 _ => dead.push(k.value().to_vec()),
@@ -625,9 +633,7 @@ impl<'t> Tables<'t> {
         // In-flight entries survive message expiry, but not their session.
         for row in self
             .inflight
-            .extract_if(|(cid, _), v| {
-                !live.contains(cid) || InflightEntry::decode(v).is_err()
-            })
+            .extract_if(|(cid, _), v| !live.contains(cid) || InflightEntry::decode(v).is_err())
             .map_err(map_err)?
         {
             let (_, v) = row.map_err(map_err)?;

@@ -96,9 +96,14 @@ pub enum Op {
     PutSession(SessionRecord),
     /// Remove a session with all its queue, in-flight and awaiting-PUBREL
     /// entries (dropping the message references they hold).
-    DeleteSession { client_id: String },
+    DeleteSession {
+        client_id: String,
+    },
     /// Store a message under a broker-chosen id ([`Store::alloc_message_id`]).
-    PutMessage { id: u64, message: MessageRecord },
+    PutMessage {
+        id: u64,
+        message: MessageRecord,
+    },
     /// Queue a message for a session at position `seq` (increasing per
     /// session; recovery returns the queue in `seq` order). Replaces an entry
     /// at the same position.
@@ -107,7 +112,10 @@ pub enum Op {
         seq: u64,
         entry: QueueEntry,
     },
-    DeleteQueueEntry { client_id: String, seq: u64 },
+    DeleteQueueEntry {
+        client_id: String,
+        seq: u64,
+    },
     /// Record (or update, e.g. AwaitAck → AwaitComp) an outgoing in-flight
     /// message under its packet id.
     PutInflight {
@@ -115,13 +123,27 @@ pub enum Op {
         packet_id: u16,
         entry: InflightEntry,
     },
-    DeleteInflight { client_id: String, packet_id: u16 },
+    DeleteInflight {
+        client_id: String,
+        packet_id: u16,
+    },
     /// An incoming QoS 2 packet id awaiting PUBREL.
-    PutAwaitingRel { client_id: String, packet_id: u16 },
-    DeleteAwaitingRel { client_id: String, packet_id: u16 },
+    PutAwaitingRel {
+        client_id: String,
+        packet_id: u16,
+    },
+    DeleteAwaitingRel {
+        client_id: String,
+        packet_id: u16,
+    },
     /// Make a stored message the retained message of `topic` (replaces).
-    PutRetained { topic: String, message_id: u64 },
-    DeleteRetained { topic: String },
+    PutRetained {
+        topic: String,
+        message_id: u64,
+    },
+    DeleteRetained {
+        topic: String,
+    },
 }
 
 impl Op {
@@ -536,7 +558,7 @@ impl Shared {
         let cb = self.on_failed.read().clone();
         if let Some(cb) = cb {
             for r in ranges {
-                cb(r.clone(), err);
+                guarded("on_failed", || cb(r.clone(), err));
             }
         }
         self.progressed.notify_all();
@@ -554,8 +576,15 @@ impl Shared {
         self.progressed.notify_all();
         let cb = self.on_durable.read().clone();
         if let Some(cb) = cb {
-            cb(durable);
+            guarded("on_durable", || cb(durable));
         }
+    }
+}
+
+/// Run a user callback; a panic in it must not kill the writer thread.
+fn guarded(name: &str, f: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+        tracing::error!("store: the {name} callback panicked; the writer goes on");
     }
 }
 

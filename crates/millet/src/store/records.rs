@@ -45,10 +45,7 @@ pub trait Record: Serialize + DeserializeOwned {
         // maps with non-string keys, no untagged enums) or a full fixed-size
         // buffer (we grow a Vec), so the error branch is unreachable in
         // practice; it yields a value that fails to decode rather than panic.
-        match postcard::to_extend(self, out) {
-            Ok(v) => v,
-            Err(_) => Vec::new(),
-        }
+        postcard::to_extend(self, out).unwrap_or_default()
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
@@ -59,7 +56,10 @@ pub trait Record: Serialize + DeserializeOwned {
         let (rec, tail): (Self, &[u8]) =
             postcard::take_from_bytes(rest).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         if !tail.is_empty() {
-            return Err(DecodeError::Malformed(format!("{} trailing bytes", tail.len())));
+            return Err(DecodeError::Malformed(format!(
+                "{} trailing bytes",
+                tail.len()
+            )));
         }
         rec.validate()?;
         Ok(rec)

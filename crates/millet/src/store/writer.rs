@@ -104,12 +104,10 @@ impl Writer {
             match (self.interval(), self.unsynced) {
                 (Some(d), Some(_)) => {
                     let due = self.last_sync + d;
-                    if Instant::now() >= due
-                        || self.shared.work.wait_until(&mut q, due).timed_out()
-                    {
-                        if q.cmds.is_empty() {
-                            return (Vec::new(), q.shutdown);
-                        }
+                    let timed_out = Instant::now() >= due
+                        || self.shared.work.wait_until(&mut q, due).timed_out();
+                    if timed_out && q.cmds.is_empty() {
+                        return (Vec::new(), q.shutdown);
                     }
                 }
                 _ => {
@@ -219,7 +217,8 @@ impl Writer {
                         .fetch_add(swept.1.sessions, Ordering::Relaxed);
                     c.swept_messages
                         .fetch_add(swept.1.messages, Ordering::Relaxed);
-                    c.swept_entries.fetch_add(swept.1.entries, Ordering::Relaxed);
+                    c.swept_entries
+                        .fetch_add(swept.1.entries, Ordering::Relaxed);
                 }
                 if !rejected.is_empty() {
                     let limit = self.options.max_bytes.unwrap_or(0);

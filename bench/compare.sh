@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# Race Millet against Mosquitto with millet-bench and write BENCHMARKS.md.
+#
+# Usage: bench/compare.sh [--quick] [--no-pinned] [--skip-build]
+#
+#   --quick       small counts (CI smoke test, ~2 minutes)
+#   --no-pinned   skip the taskset pass (broker on CPU 0, load tool on CPU 1)
+#   --skip-build  use the existing target/release binaries
+#
+# Output: bench/results/*.json (one file per pass/case/broker plus meta.json),
+# BENCHMARKS.md at the repository root and the chart bench/results.png.
+# Millet may not start (or not build) yet: its cells are then "n/a" and the
+# Mosquitto column is produced anyway. Everything talks to 127.0.0.1 only and
+# every run is bounded by `timeout`.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+
+MODE=full
+PINNED=1
+BUILD=1
+for arg in "$@"; do
+    case "$arg" in
+        --quick) MODE=quick ;;
+        --no-pinned) PINNED=0 ;;
+        --skip-build) BUILD=0 ;;
+        -h | --help)
+            sed -n '2,15p' "$0"
+            exit 0
+            ;;
+        *)
+            echo "unknown argument: $arg" >&2
+            exit 2
+            ;;
+    esac
+done
+
+RESULTS="$ROOT/bench/results"
+WORK="$(mktemp -d /tmp/millet-compare.XXXXXX)"
+BENCH="${MILLET_BENCH_BIN:-$ROOT/target/release/millet-bench}"
+MILLET="${MILLET_BIN:-$ROOT/target/release/millet}"
+MOSQ_PORT="${MOSQ_PORT:-21883}"
+MILLET_PORT="${MILLET_PORT:-21884}"
+BROKER_PID=""
+NOTES=()
+START_TS=$(date +%s)
+
+log() { echo "[compare $(date +%H:%M:%S)] $*" >&2; }
+
+stop_broker() {
+    if [ -n "$BROKER_PID" ]; then
+        kill -TERM "$BROKER_PID" 2>/dev/null
+        for _ in $(seq 1 50); do
+            kill -0 "$BROKER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$BROKER_PID" 2>/dev/null
+        wait "$BROKER_PID" 2>/dev/null
+        BROKER_PID=""
+    fi
+}
+
+cleanup() {
+    stop_broker
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+json_escape() {
+    local s="$1"
+    s="${s//\\/\\\\}"
+    s="${s//\"/\\\"}"
+    s="${s//$'\t'/ }"
+    s="${s//$'\n'/ }"
+    printf '%s' "$s"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# ---------------------------------------------------------------- setup
+if ! [ -x /usr/sbin/mosquitto ] && ! command -v mosquitto >/dev/null 2>&1; then
+    log "installing mosquitto (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null ||
+        {
+            log "cannot install mosquitto"
+            exit 1
+        }
+    # Do not leave a system broker running on 1883.
+    service mosquitto stop >/dev/null 2>&1 || true
+fi
+MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+MOSQ_VERSION="$("$MOSQUITTO" -h 2>/dev/null | head -1 | sed 's/^mosquitto version //')"
+
+MILLET_STATUS="built"
+if [ "$BUILD" = 1 ]; then
+    log "building millet-bench (release)"
+    if ! cargo build --release -p millet-bench >"$WORK/bench-build.log" 2>&1; then
+        tail -30 "$WORK/bench-build.log" >&2
+        log "millet-bench does not build"
+        exit 1
+    fi
+    log "building millet (release)"
+    if ! cargo build --release -p millet >"$WORK/millet-build.log" 2>&1; then
+        MILLET_STATUS="build failed"
+        NOTES+=("Millet did not build: $(grep -m1 '^error' "$WORK/millet-build.log" || echo 'see cargo output')")
+        log "millet does not build; its column will be n/a"
+    fi
+fi
+[ -x "$BENCH" ] || {
+    log "missing $BENCH"
+    exit 1
+}
+if [ "$MILLET_STATUS" = built ] && ! [ -x "$MILLET" ]; then
+    MILLET_STATUS="binary missing"
+fi
+
+# Every connection is a file descriptor, in the broker and in the tool.
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+NOFILE="$(ulimit -n)"
+
+for var in MOSQ_PORT MILLET_PORT; do
+    p="${!var}"
+    for _ in $(seq 1 20); do
+        port_open "$p" || break
+        p=$((p + 2))
+    done
+    printf -v "$var" '%s' "$p"
+done
+
+if [ "$MODE" = quick ]; then
+    N_FANIN=10000 N_Q1=10000 N_Q1OV=10000 FANOUT_SUBS=200 FANOUT_N=50
+    LAT_DUR=3s CONN_SMALL=1000 CONN_BIG=0 CONN_RATE=1000 HOLD=2s
+    SMALL_CASE=conn-10k REPEAT=1
+else
+    N_FANIN=50000 N_Q1=50000 N_Q1OV=50000 FANOUT_SUBS=1000 FANOUT_N=300
+    LAT_DUR=10s CONN_SMALL=10000 CONN_BIG=50000 CONN_RATE=2000 HOLD=5s
+    SMALL_CASE=conn-10k REPEAT=3
+fi
+
+rm -f "$RESULTS"/*.json
+mkdir -p "$RESULTS"
+
+MOSQ_CONF="$WORK/mosquitto.conf"
+cat >"$MOSQ_CONF" <<EOF
+listener $MOSQ_PORT 127.0.0.1
+allow_anonymous true
+max_connections -1
+max_inflight_messages 32
+log_dest stderr
+log_type error
+log_type warning
+EOF
+MOSQ_CONF_TEXT="listener $MOSQ_PORT 127.0.0.1; allow_anonymous true; max_connections -1; max_inflight_messages 32; log_type error+warning"
+log "Mosquitto $MOSQ_VERSION: max_queued_messages left at its default (1000 per client)"
+
+# ------------------------------------------------------------- brokers
+# start_broker NAME PASS -> sets BROKER_PID and PORT, returns 1 (with the
+# reason in $WORK/reason) when the broker does not come up.
+start_broker() {
+    local name="$1" pass="$2" pin=()
+    if [ "$pass" = pinned ]; then pin=(taskset -c 0); fi
+    : >"$WORK/reason"
+    case "$name" in
+        mosquitto)
+            PORT="$MOSQ_PORT"
+            "${pin[@]}" "$MOSQUITTO" -c "$MOSQ_CONF" >"$WORK/mosquitto.log" 2>&1 &
+            BROKER_PID=$!
+            ;;
+        millet)
+            PORT="$MILLET_PORT"
+            if [ "$MILLET_STATUS" != built ]; then
+                echo "Millet $MILLET_STATUS" >"$WORK/reason"
+                return 1
+            fi
+            rm -rf "$WORK/millet-data"
+            MILLET_LOG=warn "${pin[@]}" "$MILLET" --listen "127.0.0.1:$PORT" \
+                --data-dir "$WORK/millet-data" >"$WORK/millet.log" 2>&1 &
+            BROKER_PID=$!
+            ;;
+    esac
+    for _ in $(seq 1 100); do
+        if ! kill -0 "$BROKER_PID" 2>/dev/null; then
+            wait "$BROKER_PID" 2>/dev/null
+            echo "$name exited at startup: $(tail -3 "$WORK/$name.log" | tr '\n' ' ')" >"$WORK/reason"
+            BROKER_PID=""
+            return 1
+        fi
+        if port_open "$PORT"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "$name did not listen on 127.0.0.1:$PORT within 10s" >"$WORK/reason"
+    stop_broker
+    return 1
+}
+
+MILLET_STARTS=0
+MILLET_FAILS=0
+MILLET_FAIL_REASON=""
+
+unavailable() { # FILE REASON
+    printf '{"unavailable":"%s"}\n' "$(json_escape "$2")" >"$1"
+}
+
+# run_case PASS CASE BROKER RUN ARGS... : one broker instance, one load run.
+run_case() {
+    local pass="$1" case="$2" broker="$3" run="$4"
+    shift 4
+    local out="$RESULTS/${pass}__${case}__${broker}__r${run}.json"
+    local tool=("$BENCH") threads=2
+    if [ "$pass" = pinned ]; then
+        tool=(taskset -c 1 "$BENCH")
+        threads=1
+    fi
+    if ! start_broker "$broker" "$pass"; then
+        if [ "$broker" = millet ]; then
+            MILLET_FAILS=$((MILLET_FAILS + 1))
+            MILLET_FAIL_REASON="$(cat "$WORK/reason")"
+        fi
+        log "$pass/$case/$broker#$run: n/a ($(cat "$WORK/reason"))"
+        unavailable "$out" "$(cat "$WORK/reason")"
+        return
+    fi
+    [ "$broker" = millet ] && MILLET_STARTS=$((MILLET_STARTS + 1))
+    log "$pass/$case/$broker#$run: $*"
+    timeout 600 "${tool[@]}" --port "$PORT" --threads "$threads" --label "$broker" \
+        --case "$case" --json-out "$out" "$@" --broker-pid "$BROKER_PID" \
+        >/dev/null 2>"$WORK/run.log"
+    local rc=$?
+    grep -v '^\[' "$WORK/run.log" | sed 's/^/    /' >&2
+    if ! kill -0 "$BROKER_PID" 2>/dev/null; then
+        unavailable "$out" "$broker died during the run (millet-bench exit $rc): $(tail -2 "$WORK/$broker.log" | tr '\n' ' ')"
+        log "$pass/$case/$broker#$run: broker died"
+        BROKER_PID=""
+        return
+    fi
+    if ! [ -s "$out" ]; then
+        unavailable "$out" "millet-bench exit $rc: $(tail -2 "$WORK/run.log" | tr '\n' ' ')"
+    fi
+    stop_broker
+}
+
+# both PASS CASE RUNS ARGS... : alternate the brokers, RUNS times each.
+both() {
+    local pass="$1" case="$2" runs="$3"
+    shift 3
+    for run in $(seq 1 "$runs"); do
+        run_case "$pass" "$case" mosquitto "$run" "$@"
+        run_case "$pass" "$case" millet "$run" "$@"
+    done
+}
+
+throughput_cases() { # PASS
+    local pass="$1" R="$REPEAT"
+    both "$pass" qos0-fanin "$R" scenario fan-in -p 4 --qos 0 --size 64 --count "$N_FANIN"
+    both "$pass" qos1-single "$R" run -p 1 -s 1 --qos 1 --inflight 32 --size 64 --count "$N_Q1"
+    both "$pass" qos1-overload "$R" scenario fan-in -p 4 --qos 1 --inflight 32 --size 64 --count "$N_Q1OV"
+    both "$pass" qos0-fanout "$R" scenario fan-out -s "$FANOUT_SUBS" --qos 0 --size 64 --count "$FANOUT_N"
+    both "$pass" lat-qos0-1k 1 run -p 1 -s 1 --qos 0 --size 64 --rate 1000 --duration "$LAT_DUR"
+}
+
+# ----------------------------------------------------------------- runs
+LOADAVG="$(cut -d' ' -f1-3 /proc/loadavg)"
+log "mode $MODE; ports mosquitto $MOSQ_PORT, millet $MILLET_PORT; open-files limit $NOFILE"
+
+throughput_cases default
+both default lat-qos1-1k 1 run -p 1 -s 1 --qos 1 --size 64 --rate 1000 --duration "$LAT_DUR"
+both default "$SMALL_CASE" 1 conn -n "$CONN_SMALL" --rate "$CONN_RATE" --hold "$HOLD"
+if [ "$CONN_BIG" -gt 0 ]; then
+    if [ "$NOFILE" -ge $((CONN_BIG + 1000)) ]; then
+        both default conn-50k 1 conn -n "$CONN_BIG" --rate 5000 --hold "$HOLD" --connect-timeout 30s
+    else
+        reason="skipped: the open-files hard limit here is $NOFILE (< $((CONN_BIG + 1000))), so no broker can hold $CONN_BIG connections"
+        unavailable "$RESULTS/default__conn-50k__mosquitto__r1.json" "$reason"
+        unavailable "$RESULTS/default__conn-50k__millet__r1.json" "$reason"
+        NOTES+=("conn-50k $reason; raise it (e.g. run as a user allowed to \`ulimit -n 200000\`) to run it.")
+        log "conn-50k $reason"
+    fi
+fi
+
+if [ "$PINNED" = 1 ]; then
+    if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
+        throughput_cases pinned
+    else
+        NOTES+=("Pinned pass skipped: needs taskset and at least 2 CPUs.")
+    fi
+fi
+
+# ---------------------------------------------------------------- report
+if [ "$MILLET_STATUS" = built ]; then
+    if [ "$MILLET_STARTS" -gt 0 ] && [ "$MILLET_FAILS" -eq 0 ]; then
+        MILLET_STATUS="started for every case"
+    elif [ "$MILLET_STARTS" -gt 0 ]; then
+        MILLET_STATUS="started $MILLET_STARTS times, failed $MILLET_FAILS times ($MILLET_FAIL_REASON)"
+    else
+        MILLET_STATUS="did not start: $MILLET_FAIL_REASON"
+    fi
+fi
+NOTES+=("Mosquitto logs only errors and warnings (\`log_type error\`, \`log_type warning\`) and Millet runs with \`MILLET_LOG=warn\`, so that per-connection logging does not dominate the connection cases.")
+NOTES+=("Mosquitto keeps its default \`set_tcp_nodelay false\`: Nagle's algorithm can delay its small PUBACKs, which shows in PUBLISH→PUBACK latency at low rates.")
+NOTES+=("Unlimited-rate QoS 0 cases measure delivery throughput; their latency percentiles are mostly queueing time in socket buffers, not broker latency. Use the 1k msg/s cases for latency.")
+NOTES+=("\"acknowledged but lost\": the broker PUBACKed a QoS 1 message to its publisher but never delivered it to the subscriber within the drain period (2 s without progress). Mosquitto drops messages beyond \`max_queued_messages\` (default 1000) per subscriber.")
+NOTES+=("Millet status for this run: $MILLET_STATUS.")
+{
+    printf '{'
+    printf '"date":"%s",' "$(date -u '+%Y-%m-%d %H:%M UTC')"
+    printf '"mode":"%s",' "$MODE"
+    printf '"nproc":"%s",' "$(nproc)"
+    printf '"cpu":"%s",' "$(json_escape "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')")"
+    printf '"kernel":"%s",' "$(json_escape "$(uname -sr)")"
+    printf '"mem":"%s",' "$(json_escape "$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)")"
+    printf '"nofile":"%s",' "$NOFILE"
+    printf '"loadavg":"%s",' "$LOADAVG"
+    printf '"mosquitto_version":"%s",' "$(json_escape "$MOSQ_VERSION")"
+    printf '"mosquitto_cmd":"%s",' "$(json_escape "mosquitto -c mosquitto.conf")"
+    printf '"mosquitto_conf":"%s",' "$(json_escape "$MOSQ_CONF_TEXT")"
+    printf '"mosquitto_max_queued":"1000",'
+    printf '"millet_status":"%s",' "$(json_escape "$MILLET_STATUS")"
+    printf '"millet_cmd":"%s",' "$(json_escape "MILLET_LOG=warn target/release/millet --listen 127.0.0.1:PORT --data-dir DIR")"
+    printf '"notes":['
+    sep=""
+    for n in "${NOTES[@]}"; do
+        printf '%s"%s"' "$sep" "$(json_escape "$n")"
+        sep=","
+    done
+    printf ']}\n'
+} >"$RESULTS/meta.json"
+
+"$BENCH" report --results "$RESULTS" --out "$ROOT/BENCHMARKS.md" --chart "$ROOT/bench/results.png" ||
+    {
+        log "report failed"
+        exit 1
+    }
+log "done in $(($(date +%s) - START_TS))s: BENCHMARKS.md, bench/results.png, bench/results/*.json (Millet: $MILLET_STATUS)"

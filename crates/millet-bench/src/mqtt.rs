@@ -1,0 +1,566 @@
+//! Thin MQTT client layer over `mqttbytes` (v4 = MQTT 3.1.1, v5 = MQTT 5.0).
+//!
+//! The client loops themselves live in `run.rs` / `conn.rs`; this module only
+//! knows how to encode the few packets a load generator sends, how to turn the
+//! decoded packets of both protocol versions into one small enum, and how to do
+//! the CONNECT / CONNACK handshake.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::{Bytes, BytesMut};
+use mqttbytes::{v4, v5, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Largest packet we accept from the broker.
+pub const MAX_PACKET: usize = 16 * 1024 * 1024;
+
+/// MQTT protocol level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    V4,
+    V5,
+}
+
+impl Version {
+    pub fn from_level(level: u8) -> Result<Self> {
+        match level {
+            4 | 3 => Ok(Version::V4),
+            5 => Ok(Version::V5),
+            other => bail!("unsupported MQTT version {other} (use 4 or 5)"),
+        }
+    }
+
+    pub fn level(self) -> u8 {
+        match self {
+            Version::V4 => 4,
+            Version::V5 => 5,
+        }
+    }
+}
+
+pub fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// Incoming packet, protocol-version independent and reduced to what the
+/// load generator needs.
+#[derive(Debug)]
+pub enum In {
+    ConnAck {
+        code: u8,
+        session_present: bool,
+    },
+    Publish {
+        qos: u8,
+        pkid: u16,
+        payload: Bytes,
+    },
+    /// PUBACK; `ok` is false when a v5 broker returned a failure reason.
+    PubAck {
+        pkid: u16,
+        ok: bool,
+    },
+    PubRec {
+        pkid: u16,
+        ok: bool,
+    },
+    PubRel(u16),
+    PubComp(u16),
+    SubAck {
+        ok: bool,
+    },
+    PingResp,
+    Disconnect,
+    Other,
+}
+
+fn codec_err(e: mqttbytes::Error) -> anyhow::Error {
+    anyhow!("MQTT decode error: {e:?}")
+}
+
+/// Extract the next complete packet from `buf`, or `None` if more bytes are needed.
+pub fn read_packet(ver: Version, buf: &mut BytesMut) -> Result<Option<In>> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let fh = match mqttbytes::check(buf.iter(), MAX_PACKET) {
+        Ok(fh) => fh,
+        Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(codec_err(e)),
+    };
+    // DISCONNECT is decoded here: mqttbytes' v5 reader rejects the legal
+    // zero-length form.
+    if buf[0] >> 4 == 14 {
+        let _ = buf.split_to(fh.frame_length());
+        return Ok(Some(In::Disconnect));
+    }
+    let pkt = match ver {
+        Version::V4 => match v4::read(buf, MAX_PACKET).map_err(codec_err)? {
+            v4::Packet::ConnAck(c) => In::ConnAck {
+                code: c.code as u8,
+                session_present: c.session_present,
+            },
+            v4::Packet::Publish(p) => In::Publish {
+                qos: p.qos as u8,
+                pkid: p.pkid,
+                payload: p.payload,
+            },
+            v4::Packet::PubAck(a) => In::PubAck {
+                pkid: a.pkid,
+                ok: true,
+            },
+            v4::Packet::PubRec(a) => In::PubRec {
+                pkid: a.pkid,
+                ok: true,
+            },
+            v4::Packet::PubRel(a) => In::PubRel(a.pkid),
+            v4::Packet::PubComp(a) => In::PubComp(a.pkid),
+            v4::Packet::SubAck(s) => In::SubAck {
+                ok: s
+                    .return_codes
+                    .iter()
+                    .all(|c| !matches!(c, v4::SubscribeReasonCode::Failure)),
+            },
+            v4::Packet::PingResp => In::PingResp,
+            v4::Packet::Disconnect => In::Disconnect,
+            _ => In::Other,
+        },
+        Version::V5 => match v5::read(buf, MAX_PACKET).map_err(codec_err)? {
+            v5::Packet::ConnAck(c) => In::ConnAck {
+                code: c.code as u8,
+                session_present: c.session_present,
+            },
+            v5::Packet::Publish(p) => In::Publish {
+                qos: p.qos as u8,
+                pkid: p.pkid,
+                payload: p.payload,
+            },
+            v5::Packet::PubAck(a) => In::PubAck {
+                pkid: a.pkid,
+                ok: (a.reason as u8) < 0x80,
+            },
+            v5::Packet::PubRec(a) => In::PubRec {
+                pkid: a.pkid,
+                ok: (a.reason as u8) < 0x80,
+            },
+            v5::Packet::PubRel(a) => In::PubRel(a.pkid),
+            v5::Packet::PubComp(a) => In::PubComp(a.pkid),
+            v5::Packet::SubAck(s) => In::SubAck {
+                ok: s.return_codes.iter().all(|c| {
+                    matches!(
+                        c,
+                        v5::SubscribeReasonCode::QoS0
+                            | v5::SubscribeReasonCode::QoS1
+                            | v5::SubscribeReasonCode::QoS2
+                    )
+                }),
+            },
+            v5::Packet::PingResp => In::PingResp,
+            v5::Packet::Disconnect(_) => In::Disconnect,
+            _ => In::Other,
+        },
+    };
+    Ok(Some(pkt))
+}
+
+/// Options of a CONNECT packet.
+#[derive(Clone, Debug)]
+pub struct ConnectOpts {
+    pub version: Version,
+    pub keep_alive: u16,
+    pub clean: bool,
+    /// v5 only: session expiry interval (seconds) sent when `clean` is false.
+    pub session_expiry: u32,
+}
+
+pub fn encode_connect(opts: &ConnectOpts, client_id: &str, out: &mut BytesMut) -> Result<()> {
+    match opts.version {
+        Version::V4 => {
+            let mut c = v4::Connect::new(client_id);
+            c.keep_alive = opts.keep_alive;
+            c.clean_session = opts.clean;
+            c.write(out).map_err(codec_err)?;
+        }
+        Version::V5 => {
+            let mut c = v5::Connect::new(client_id);
+            c.keep_alive = opts.keep_alive;
+            c.clean_session = opts.clean;
+            if !opts.clean {
+                c.properties = Some(v5::ConnectProperties {
+                    session_expiry_interval: Some(opts.session_expiry),
+                    receive_maximum: None,
+                    max_packet_size: None,
+                    topic_alias_max: None,
+                    request_response_info: None,
+                    request_problem_info: None,
+                    user_properties: Vec::new(),
+                    authentication_method: None,
+                    authentication_data: None,
+                });
+            }
+            c.write(out).map_err(codec_err)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn encode_subscribe(
+    ver: Version,
+    pkid: u16,
+    filter: &str,
+    q: u8,
+    out: &mut BytesMut,
+) -> Result<()> {
+    match ver {
+        Version::V4 => {
+            let mut s = v4::Subscribe::new(filter, qos(q));
+            s.pkid = pkid;
+            s.write(out).map_err(codec_err)?;
+        }
+        Version::V5 => {
+            let mut s = v5::Subscribe::new(filter, qos(q));
+            s.pkid = pkid;
+            s.write(out).map_err(codec_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Encode a PUBLISH the generic (allocating) way; used for retained storms
+/// and cleanups where every message has its own topic.
+pub fn encode_publish(
+    ver: Version,
+    topic: &str,
+    q: u8,
+    retain: bool,
+    pkid: u16,
+    payload: Bytes,
+    out: &mut BytesMut,
+) -> Result<()> {
+    match ver {
+        Version::V4 => {
+            let mut p = v4::Publish::from_bytes(topic, qos(q), payload);
+            p.retain = retain;
+            p.pkid = if q == 0 { 0 } else { pkid };
+            p.write(out).map_err(codec_err)?;
+        }
+        Version::V5 => {
+            let mut p = v5::Publish::from_bytes(topic, qos(q), payload);
+            p.retain = retain;
+            p.pkid = if q == 0 { 0 } else { pkid };
+            p.write(out).map_err(codec_err)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn encode_puback(ver: Version, pkid: u16, out: &mut BytesMut) -> Result<()> {
+    match ver {
+        Version::V4 => v4::PubAck::new(pkid).write(out).map_err(codec_err)?,
+        Version::V5 => v5::PubAck::new(pkid).write(out).map_err(codec_err)?,
+    };
+    Ok(())
+}
+
+pub fn encode_pubrec(ver: Version, pkid: u16, out: &mut BytesMut) -> Result<()> {
+    match ver {
+        Version::V4 => v4::PubRec::new(pkid).write(out).map_err(codec_err)?,
+        Version::V5 => v5::PubRec::new(pkid).write(out).map_err(codec_err)?,
+    };
+    Ok(())
+}
+
+pub fn encode_pubrel(ver: Version, pkid: u16, out: &mut BytesMut) -> Result<()> {
+    match ver {
+        Version::V4 => v4::PubRel::new(pkid).write(out).map_err(codec_err)?,
+        Version::V5 => v5::PubRel::new(pkid).write(out).map_err(codec_err)?,
+    };
+    Ok(())
+}
+
+pub fn encode_pubcomp(ver: Version, pkid: u16, out: &mut BytesMut) -> Result<()> {
+    match ver {
+        Version::V4 => v4::PubComp::new(pkid).write(out).map_err(codec_err)?,
+        Version::V5 => v5::PubComp::new(pkid).write(out).map_err(codec_err)?,
+    };
+    Ok(())
+}
+
+pub fn encode_pingreq(ver: Version, out: &mut BytesMut) -> Result<()> {
+    match ver {
+        Version::V4 => v4::PingReq.write(out).map_err(codec_err)?,
+        Version::V5 => v5::PingReq.write(out).map_err(codec_err)?,
+    };
+    Ok(())
+}
+
+pub fn encode_disconnect(ver: Version, out: &mut BytesMut) -> Result<()> {
+    match ver {
+        Version::V4 => v4::Disconnect.write(out).map_err(codec_err)?,
+        Version::V5 => v5::Disconnect::new().write(out).map_err(codec_err)?,
+    };
+    Ok(())
+}
+
+/// Size of the fixed benchmark header at the start of every payload:
+/// publisher id (u64 BE), sequence (u64 BE), send timestamp in ns (u64 BE).
+pub const HEADER_LEN: usize = 24;
+
+/// A pre-encoded PUBLISH frame for one (topic, qos, size): every message is a
+/// copy of the frame with the packet id and the 24-byte payload header patched
+/// in, so the hot path does no allocation and no re-encoding.
+#[derive(Clone, Debug)]
+pub struct PubTemplate {
+    frame: Vec<u8>,
+    pkid_off: Option<usize>,
+    payload_off: usize,
+}
+
+impl PubTemplate {
+    pub fn new(
+        ver: Version,
+        topic: &str,
+        q: u8,
+        retain: bool,
+        payload_size: usize,
+    ) -> Result<Self> {
+        let size = payload_size.max(HEADER_LEN);
+        let mut buf = BytesMut::with_capacity(size + topic.len() + 16);
+        let payload = Bytes::from(vec![0u8; size]);
+        encode_publish(ver, topic, q, retain, 1, payload, &mut buf)?;
+        let frame = buf.to_vec();
+        // Fixed header: 1 byte type/flags + 1..4 bytes remaining length.
+        let mut fh = 1;
+        while fh < frame.len() && frame[fh] & 0x80 != 0 {
+            fh += 1;
+        }
+        fh += 1;
+        let pkid_off = if q > 0 {
+            Some(fh + 2 + topic.len())
+        } else {
+            None
+        };
+        let payload_off = frame.len() - size;
+        Ok(PubTemplate {
+            frame,
+            pkid_off,
+            payload_off,
+        })
+    }
+
+    pub fn frame_len(&self) -> usize {
+        self.frame.len()
+    }
+
+    #[inline]
+    pub fn write(&self, out: &mut BytesMut, pkid: u16, pub_id: u64, seq: u64, ts_ns: u64) {
+        let start = out.len();
+        out.extend_from_slice(&self.frame);
+        let f = &mut out[start..];
+        if let Some(off) = self.pkid_off {
+            f[off..off + 2].copy_from_slice(&pkid.to_be_bytes());
+        }
+        let p = self.payload_off;
+        f[p..p + 8].copy_from_slice(&pub_id.to_be_bytes());
+        f[p + 8..p + 16].copy_from_slice(&seq.to_be_bytes());
+        f[p + 16..p + 24].copy_from_slice(&ts_ns.to_be_bytes());
+    }
+}
+
+/// Benchmark header decoded from a received payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub pub_id: u64,
+    pub seq: u64,
+    pub ts_ns: u64,
+}
+
+pub fn parse_header(payload: &[u8]) -> Option<Header> {
+    if payload.len() < HEADER_LEN {
+        return None;
+    }
+    let rd = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&payload[i..i + 8]);
+        u64::from_be_bytes(b)
+    };
+    Some(Header {
+        pub_id: rd(0),
+        seq: rd(8),
+        ts_ns: rd(16),
+    })
+}
+
+/// Open a TCP connection (optionally from a given local address).
+pub async fn tcp_connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = bind {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = sock.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Result of a successful MQTT handshake.
+pub struct Connected {
+    pub stream: TcpStream,
+    /// Bytes received after the CONNACK (normally empty).
+    pub rbuf: BytesMut,
+    pub session_present: bool,
+}
+
+/// TCP connect + CONNECT/CONNACK, all within `timeout`.
+pub async fn mqtt_connect(
+    addr: SocketAddr,
+    bind: Option<IpAddr>,
+    opts: &ConnectOpts,
+    client_id: &str,
+    timeout: Duration,
+    rbuf_cap: usize,
+) -> Result<Connected> {
+    let fut = async {
+        let mut stream = tcp_connect(addr, bind)
+            .await
+            .with_context(|| format!("TCP connect to {addr}"))?;
+        let mut out = BytesMut::with_capacity(64 + client_id.len());
+        encode_connect(opts, client_id, &mut out)?;
+        stream.write_all(&out).await?;
+        let mut rbuf = BytesMut::with_capacity(rbuf_cap.max(64));
+        loop {
+            if let Some(pkt) = read_packet(opts.version, &mut rbuf)? {
+                return match pkt {
+                    In::ConnAck {
+                        code: 0,
+                        session_present,
+                    } => Ok(Connected {
+                        stream,
+                        rbuf,
+                        session_present,
+                    }),
+                    In::ConnAck { code, .. } => Err(anyhow!("CONNACK refused, code {code}")),
+                    other => Err(anyhow!("expected CONNACK, got {other:?}")),
+                };
+            }
+            if stream.read_buf(&mut rbuf).await? == 0 {
+                bail!("connection closed before CONNACK");
+            }
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| anyhow!("connect timed out after {timeout:?}"))?
+}
+
+/// MQTT topic filter matching (`+`, `#`, `$share/<group>/` stripped by caller).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('#') || filter.starts_with('+')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Split `$share/<group>/<filter>` into (Some(group), filter).
+pub fn split_shared(filter: &str) -> (Option<&str>, &str) {
+    if let Some(rest) = filter.strip_prefix("$share/") {
+        if let Some((group, f)) = rest.split_once('/') {
+            return (Some(group), f);
+        }
+    }
+    (None, filter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_roundtrip_v4_v5() -> Result<()> {
+        for ver in [Version::V4, Version::V5] {
+            for q in 0..=2u8 {
+                let t = PubTemplate::new(ver, "bench/17", q, false, 100)?;
+                let mut buf = BytesMut::new();
+                t.write(&mut buf, 4242, 7, 99, 123_456);
+                t.write(&mut buf, 4243, 7, 100, 123_457);
+                for (pk, seq) in [(4242u16, 99u64), (4243, 100)] {
+                    match read_packet(ver, &mut buf)? {
+                        Some(In::Publish {
+                            qos, pkid, payload, ..
+                        }) => {
+                            assert_eq!(qos, q);
+                            assert_eq!(pkid, if q == 0 { 0 } else { pk });
+                            assert_eq!(payload.len(), 100);
+                            let h = parse_header(&payload).ok_or_else(|| anyhow!("header"))?;
+                            assert_eq!(h.pub_id, 7);
+                            assert_eq!(h.seq, seq);
+                        }
+                        other => bail!("unexpected {other:?}"),
+                    }
+                }
+                assert!(buf.is_empty());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn long_topic_and_big_payload() -> Result<()> {
+        let topic = "t/".repeat(100);
+        let t = PubTemplate::new(Version::V4, &topic, 1, false, 70_000)?;
+        let mut buf = BytesMut::new();
+        t.write(&mut buf, 9, 1, 2, 3);
+        match read_packet(Version::V4, &mut buf)? {
+            Some(In::Publish { pkid, payload, .. }) => {
+                assert_eq!(pkid, 9);
+                assert_eq!(parse_header(&payload).map(|h| h.seq), Some(2));
+            }
+            other => bail!("unexpected {other:?}"),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matching() {
+        assert!(topic_matches("bench/#", "bench/1"));
+        assert!(topic_matches("#", "bench/1/2"));
+        assert!(topic_matches("bench/+", "bench/1"));
+        assert!(!topic_matches("bench/+", "bench/1/2"));
+        assert!(topic_matches("bench/1", "bench/1"));
+        assert!(!topic_matches("bench/1", "bench/10"));
+        assert!(!topic_matches("#", "$SYS/x"));
+        assert_eq!(split_shared("$share/g/bench/#"), (Some("g"), "bench/#"));
+        assert_eq!(split_shared("bench/#"), (None, "bench/#"));
+    }
+
+    #[test]
+    fn zero_length_disconnect() -> Result<()> {
+        let mut buf = BytesMut::from(&[0xE0u8, 0x00][..]);
+        assert!(matches!(
+            read_packet(Version::V5, &mut buf)?,
+            Some(In::Disconnect)
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,711 @@
+//! `report`: turn the JSON results written by `bench/compare.sh` into
+//! BENCHMARKS.md (tables, commands) and a PNG bar chart (plotters, bitmap
+//! backend, bundled DejaVu font: no system font dependency).
+//!
+//! Result files are named `<pass>__<case>__<broker>.json` (one JSON object);
+//! a file holding `{"unavailable": "reason"}` marks a cell as n/a.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use plotters::prelude::*;
+use serde_json::Value;
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Directory with the JSON results (and meta.json).
+    #[arg(long, default_value = "bench/results")]
+    pub results: PathBuf,
+    /// Markdown file to write.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+    /// PNG chart to write.
+    #[arg(long, default_value = "bench/results.png")]
+    pub chart: PathBuf,
+    /// Path of the chart as referenced from the markdown file.
+    #[arg(long, default_value = "bench/results.png")]
+    pub chart_link: String,
+}
+
+pub const BROKERS: [&str; 2] = ["millet", "mosquitto"];
+
+/// How a metric compares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Better {
+    Higher,
+    Lower,
+    /// Shown for context only (no ratio).
+    Info,
+}
+
+struct Metric {
+    name: &'static str,
+    /// Dotted path into the result JSON.
+    path: &'static str,
+    better: Better,
+    unit: &'static str,
+}
+
+struct Case {
+    id: &'static str,
+    title: &'static str,
+    metrics: &'static [Metric],
+}
+
+const fn m(name: &'static str, path: &'static str, better: Better, unit: &'static str) -> Metric {
+    Metric {
+        name,
+        path,
+        better,
+        unit,
+    }
+}
+
+use Better::{Higher, Info, Lower};
+
+const CASES: &[Case] = &[
+    Case {
+        id: "qos0-fanin",
+        title: "QoS 0 fan-in (4 publishers, one `bench/#` subscriber, 64 B, unlimited rate)",
+        metrics: &[
+            m("received", "recv_rate", Higher, "msg/s"),
+            m("loss", "loss_pct", Lower, "%"),
+            m(
+                "latency p99 (queueing, unlimited rate)",
+                "latency.p99_us",
+                Lower,
+                "µs",
+            ),
+            m("broker CPU", "broker_cpu_s", Lower, "s"),
+            m("millet-bench CPU", "tool_cpu_s", Info, "s"),
+        ],
+    },
+    Case {
+        id: "qos1-single",
+        title: "QoS 1, one publisher, one subscriber (window 32, 64 B)",
+        metrics: &[
+            m("acknowledged", "ack_rate", Higher, "msg/s"),
+            m("received", "recv_rate", Higher, "msg/s"),
+            m("PUBLISH→PUBACK p99", "ack_latency.p99_us", Lower, "µs"),
+            m("end-to-end p99", "latency.p99_us", Lower, "µs"),
+            m("lost", "lost", Lower, "msgs"),
+            m("broker CPU", "broker_cpu_s", Lower, "s"),
+            m("millet-bench CPU", "tool_cpu_s", Info, "s"),
+        ],
+    },
+    Case {
+        id: "qos1-overload",
+        title: "QoS 1 fan-in overload (4 publishers, window 32 each, one `bench/#` subscriber)",
+        metrics: &[
+            m("acknowledged", "ack_rate", Higher, "msg/s"),
+            m("received", "recv_rate", Higher, "msg/s"),
+            m("acknowledged but lost", "acked_lost", Lower, "msgs"),
+            m("loss", "loss_pct", Lower, "%"),
+            m("duplicates", "duplicates", Lower, "msgs"),
+        ],
+    },
+    Case {
+        id: "qos0-fanout",
+        title: "QoS 0 fan-out (1 publisher, many subscribers on one topic)",
+        metrics: &[
+            m("deliveries", "recv_rate", Higher, "msg/s"),
+            m("loss", "loss_pct", Lower, "%"),
+            m("latency p99 (queueing)", "latency.p99_us", Lower, "µs"),
+            m("broker CPU", "broker_cpu_s", Lower, "s"),
+            m("millet-bench CPU", "tool_cpu_s", Info, "s"),
+        ],
+    },
+    Case {
+        id: "lat-qos0-1k",
+        title: "Latency at 1k msg/s, QoS 0 (1 publisher, 1 subscriber)",
+        metrics: &[
+            m("p50", "latency.p50_us", Lower, "µs"),
+            m("p90", "latency.p90_us", Lower, "µs"),
+            m("p99", "latency.p99_us", Lower, "µs"),
+            m("p99.9", "latency.p999_us", Lower, "µs"),
+            m("max", "latency.max_us", Lower, "µs"),
+            m("loss", "loss_pct", Lower, "%"),
+        ],
+    },
+    Case {
+        id: "lat-qos1-1k",
+        title: "Latency at 1k msg/s, QoS 1 (1 publisher, 1 subscriber)",
+        metrics: &[
+            m("p50", "latency.p50_us", Lower, "µs"),
+            m("p99", "latency.p99_us", Lower, "µs"),
+            m("p99.9", "latency.p999_us", Lower, "µs"),
+            m("PUBLISH→PUBACK p99", "ack_latency.p99_us", Lower, "µs"),
+            m("loss", "loss_pct", Lower, "%"),
+        ],
+    },
+    Case {
+        id: "conn-10k",
+        title: "Idle connections held with keep-alive pings ({n} connections)",
+        metrics: &[
+            m("connected", "connected", Higher, "conns"),
+            m("failed", "failed", Lower, "conns"),
+            m("connect rate achieved", "connect_rate", Higher, "conn/s"),
+            m("connect p99", "connect_latency.p99_us", Lower, "µs"),
+            m(
+                "broker RSS per connection",
+                "broker_rss_kib_per_conn",
+                Lower,
+                "KiB",
+            ),
+            m(
+                "broker RSS with all connected",
+                "broker_rss_kib_connected",
+                Lower,
+                "KiB",
+            ),
+        ],
+    },
+    Case {
+        id: "conn-50k",
+        title: "Idle connections held with keep-alive pings ({n} connections)",
+        metrics: &[
+            m("connected", "connected", Higher, "conns"),
+            m("failed", "failed", Lower, "conns"),
+            m("connect rate achieved", "connect_rate", Higher, "conn/s"),
+            m("connect p99", "connect_latency.p99_us", Lower, "µs"),
+            m(
+                "broker RSS per connection",
+                "broker_rss_kib_per_conn",
+                Lower,
+                "KiB",
+            ),
+            m(
+                "broker RSS with all connected",
+                "broker_rss_kib_connected",
+                Lower,
+                "KiB",
+            ),
+        ],
+    },
+];
+
+const PASSES: &[(&str, &str)] = &[
+    (
+        "default",
+        "Unpinned (scheduler decides; broker and tool share both cores)",
+    ),
+    (
+        "pinned",
+        "Pinned (`taskset`: broker on CPU 0, millet-bench on CPU 1, `--threads 1`)",
+    ),
+];
+
+/// The runs of one (pass, case, broker).
+#[derive(Default)]
+struct Runs {
+    ok: Vec<Value>,
+    /// Reasons of runs without a result (broker did not start, crashed, ...).
+    failed: Vec<String>,
+}
+
+/// (pass, case, broker) -> runs.
+type Results = BTreeMap<(String, String, String), Runs>;
+
+fn load(dir: &Path) -> Result<(Results, Value)> {
+    let mut out = Results::new();
+    let mut meta = Value::Null;
+    let rd = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    for p in paths {
+        let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(stem) = name.strip_suffix(".json") else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        let v: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
+        if stem == "meta" {
+            meta = v;
+            continue;
+        }
+        // <pass>__<case>__<broker>[__r<N>]
+        let parts: Vec<&str> = stem.split("__").collect();
+        if parts.len() != 3 && parts.len() != 4 {
+            continue;
+        }
+        let key = (
+            parts[0].to_string(),
+            parts[1].to_string(),
+            parts[2].to_string(),
+        );
+        let val = if let Some(r) = v.get("unavailable").and_then(Value::as_str) {
+            Err(r.to_string())
+        } else if v.is_null() {
+            Err("no result (the run produced no JSON)".to_string())
+        } else {
+            Ok(v)
+        };
+        let entry = out.entry(key).or_default();
+        match val {
+            Ok(v) => entry.ok.push(v),
+            Err(r) => entry.failed.push(r),
+        }
+    }
+    Ok((out, meta))
+}
+
+fn get_path<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut cur = v;
+    for k in path.split('.') {
+        cur = cur.get(k)?;
+    }
+    if cur.is_null() {
+        None
+    } else {
+        Some(cur)
+    }
+}
+
+/// Median over the runs of one (pass, case, broker).
+fn metric(results: &Results, pass: &str, case: &str, broker: &str, path: &str) -> Option<f64> {
+    let runs = &results
+        .get(&(pass.to_string(), case.to_string(), broker.to_string()))?
+        .ok;
+    let mut vals: Vec<f64> = runs
+        .iter()
+        .filter_map(|v| get_path(v, path)?.as_f64())
+        .collect();
+    if vals.is_empty() {
+        return None;
+    }
+    vals.sort_by(|a, b| a.total_cmp(b));
+    let n = vals.len();
+    Some(if n % 2 == 1 {
+        vals[n / 2]
+    } else {
+        (vals[n / 2 - 1] + vals[n / 2]) / 2.0
+    })
+}
+
+fn runs_of(results: &Results, pass: &str, case: &str, broker: &str) -> usize {
+    results
+        .get(&(pass.to_string(), case.to_string(), broker.to_string()))
+        .map(|r| r.ok.len())
+        .unwrap_or(0)
+}
+
+fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1000.0 {
+        let s = format!("{:.0}", v);
+        // thousands separators
+        let (sign, digits) = s.strip_prefix('-').map(|d| ("-", d)).unwrap_or(("", &s));
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        format!("{sign}{out}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if v == 0.0 {
+        "0".into()
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn cell(results: &Results, pass: &str, case: &str, broker: &str, path: &str) -> String {
+    match results.get(&(pass.to_string(), case.to_string(), broker.to_string())) {
+        Some(r) if !r.ok.is_empty() => match metric(results, pass, case, broker, path) {
+            Some(x) => fmt_num(x),
+            None => "–".into(),
+        },
+        _ => "n/a".into(),
+    }
+}
+
+fn meta_str(meta: &Value, k: &str) -> String {
+    match meta.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "unknown".into(),
+        Some(v) => v.to_string(),
+    }
+}
+
+pub fn report(a: &ReportArgs) -> Result<()> {
+    let (results, meta) = load(&a.results)?;
+    let mut md = String::new();
+    let w = &mut md;
+    let _ = writeln!(w, "# Benchmarks: Millet vs Mosquitto\n");
+    let _ = writeln!(
+        w,
+        "Generated by `bench/compare.sh{}` with `millet-bench` (crates/millet-bench) on {}. \
+         Both brokers run on this same machine, one at a time, each freshly started for every \
+         case, against the same load generator on the loopback interface. Raw results: \
+         `bench/results/*.json`.\n",
+        if meta_str(&meta, "mode") == "quick" {
+            " --quick"
+        } else {
+            ""
+        },
+        meta_str(&meta, "date")
+    );
+    let _ = writeln!(w, "## Machine\n");
+    let _ = writeln!(w, "| | |\n|---|---|");
+    for (k, label) in [
+        ("nproc", "CPUs (nproc)"),
+        ("cpu", "CPU model"),
+        ("kernel", "Kernel"),
+        ("mem", "Memory"),
+        ("nofile", "Open-files limit (hard)"),
+        ("loadavg", "Load average at start"),
+    ] {
+        let _ = writeln!(w, "| {label} | {} |", meta_str(&meta, k));
+    }
+    let _ = writeln!(
+        w,
+        "\nThe machine is shared (other work may run at the same time): treat small \
+         differences as noise and compare ratios rather than absolute numbers.\n"
+    );
+    let _ = writeln!(w, "## Brokers\n");
+    let _ = writeln!(
+        w,
+        "- **Mosquitto** {}: `{}` with config `{}`. Its `max_queued_messages` is left at the \
+         default ({}): a subscriber's queue beyond in-flight is capped there, so QoS 1/2 \
+         messages above it are dropped even after PUBACK to the publisher.",
+        meta_str(&meta, "mosquitto_version"),
+        meta_str(&meta, "mosquitto_cmd"),
+        meta_str(&meta, "mosquitto_conf"),
+        meta_str(&meta, "mosquitto_max_queued")
+    );
+    let _ = writeln!(
+        w,
+        "- **Millet** ({}): `{}`\n",
+        meta_str(&meta, "millet_status"),
+        meta_str(&meta, "millet_cmd")
+    );
+    let _ = writeln!(
+        w,
+        "Ratio = Millet / Mosquitto. For \"higher is better\" metrics a ratio above 1 favours \
+         Millet; for \"lower is better\" metrics a ratio below 1 favours Millet. \
+         n/a = no result (broker failed to start or crashed, or the case was skipped).\n"
+    );
+
+    for (pass, pass_title) in PASSES {
+        let any = results.keys().any(|(p, _, _)| p == pass);
+        if !any {
+            continue;
+        }
+        let _ = writeln!(w, "## {pass_title}\n");
+        for case in CASES {
+            let has = results.keys().any(|(p, c, _)| p == pass && c == case.id);
+            if !has {
+                continue;
+            }
+            let n = BROKERS
+                .iter()
+                .filter_map(|b| {
+                    results.get(&(pass.to_string(), case.id.to_string(), b.to_string()))
+                })
+                .flat_map(|r| r.ok.iter())
+                .find_map(|v| get_path(v, "config.connections").and_then(Value::as_u64))
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| case.id.trim_start_matches("conn-").to_string());
+            let _ = writeln!(w, "### {}\n", case.title.replace("{n}", &n));
+            let _ = writeln!(
+                w,
+                "| metric | Millet | Mosquitto | Millet/Mosquitto | better |\n|---|---:|---:|---:|---|"
+            );
+            for mt in case.metrics {
+                let mil = metric(&results, pass, case.id, "millet", mt.path);
+                let mos = metric(&results, pass, case.id, "mosquitto", mt.path);
+                let ratio = match (mil, mos) {
+                    _ if mt.better == Info => "".into(),
+                    (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+                    (Some(0.0), Some(_)) => "=".into(),
+                    _ => "n/a".into(),
+                };
+                let _ = writeln!(
+                    w,
+                    "| {} ({}) | {} | {} | {} | {} |",
+                    mt.name,
+                    mt.unit,
+                    cell(&results, pass, case.id, "millet", mt.path),
+                    cell(&results, pass, case.id, "mosquitto", mt.path),
+                    ratio,
+                    match mt.better {
+                        Higher => "higher",
+                        Lower => "lower",
+                        Info => "(context)",
+                    }
+                );
+            }
+            let nruns = BROKERS
+                .iter()
+                .map(|b| runs_of(&results, pass, case.id, b))
+                .max()
+                .unwrap_or(0);
+            if nruns > 1 {
+                let _ = writeln!(w, "\nMedian of {nruns} runs (fresh broker each run).");
+            }
+            // Reasons for n/a cells, and errors reported by the load tool.
+            for b in BROKERS {
+                let Some(runs) =
+                    results.get(&(pass.to_string(), case.id.to_string(), b.to_string()))
+                else {
+                    continue;
+                };
+                if let Some(r) = runs.failed.first() {
+                    let what = if runs.ok.is_empty() {
+                        "n/a".to_string()
+                    } else {
+                        format!(
+                            "{} of {} runs failed",
+                            runs.failed.len(),
+                            runs.failed.len() + runs.ok.len()
+                        )
+                    };
+                    let _ = writeln!(w, "\n{b}: {what} — {r}");
+                }
+                let errs: Vec<&str> = runs
+                    .ok
+                    .iter()
+                    .filter_map(|v| v.get("errors").and_then(Value::as_array))
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                if !errs.is_empty() {
+                    let first: Vec<String> =
+                        errs.iter().take(2).map(|s| format!("`{s}`")).collect();
+                    let _ = writeln!(
+                        w,
+                        "\n{b}: {} error(s) reported by millet-bench, e.g. {}",
+                        errs.len(),
+                        first.join(", ")
+                    );
+                }
+            }
+            let _ = writeln!(w);
+        }
+    }
+
+    let _ = writeln!(w, "## Chart\n");
+    let _ = writeln!(w, "![throughput and latency]({})\n", a.chart_link);
+
+    let _ = writeln!(w, "## Commands\n");
+    let _ = writeln!(w, "Brokers:\n");
+    let _ = writeln!(w, "```sh");
+    let _ = writeln!(w, "{}", meta_str(&meta, "mosquitto_cmd"));
+    let _ = writeln!(w, "{}", meta_str(&meta, "millet_cmd"));
+    let _ = writeln!(w, "```\n");
+    let _ = writeln!(
+        w,
+        "Load (as run against Mosquitto, `$PID` = the broker's pid; Millet's differ only in port and label; pinned runs are prefixed with `taskset -c 1`, the broker with `taskset -c 0`):\n"
+    );
+    let _ = writeln!(w, "```sh");
+    for (pass, _) in PASSES {
+        for case in CASES {
+            let key = (
+                pass.to_string(),
+                case.id.to_string(),
+                "mosquitto".to_string(),
+            );
+            let alt = (pass.to_string(), case.id.to_string(), "millet".to_string());
+            let cmd = results
+                .get(&key)
+                .and_then(|r| r.ok.first())
+                .or_else(|| results.get(&alt).and_then(|r| r.ok.first()))
+                .and_then(|v| v.get("command"))
+                .and_then(Value::as_str);
+            if let Some(c) = cmd {
+                let c = c.split_once("millet-bench ").map(|x| x.1).unwrap_or(c);
+                let c = tidy_command(c);
+                let _ = writeln!(w, "# {pass} / {}\nmillet-bench {c}", case.id);
+            }
+        }
+    }
+    let _ = writeln!(w, "```\n");
+    if let Some(notes) = meta.get("notes").and_then(Value::as_array) {
+        if !notes.is_empty() {
+            let _ = writeln!(w, "## Notes\n");
+            for n in notes.iter().filter_map(Value::as_str) {
+                let _ = writeln!(w, "- {n}");
+            }
+            let _ = writeln!(w);
+        }
+    }
+    std::fs::write(&a.out, md).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {}", a.out.display());
+    chart(&results, &a.chart)?;
+    eprintln!("wrote {}", a.chart.display());
+    Ok(())
+}
+
+/// Panels of the chart: (title, case, metric path).
+const PANELS: &[(&str, &str, &str)] = &[
+    ("QoS0 fan-in: received msg/s", "qos0-fanin", "recv_rate"),
+    ("QoS1 1 pub: acked msg/s", "qos1-single", "ack_rate"),
+    (
+        "QoS1 fan-in overload: acked msg/s",
+        "qos1-overload",
+        "ack_rate",
+    ),
+    ("QoS0 fan-out: deliveries/s", "qos0-fanout", "recv_rate"),
+    (
+        "1k msg/s QoS0: p50 latency (µs)",
+        "lat-qos0-1k",
+        "latency.p50_us",
+    ),
+    (
+        "1k msg/s QoS0: p99 latency (µs)",
+        "lat-qos0-1k",
+        "latency.p99_us",
+    ),
+    (
+        "1k msg/s QoS1: p99 latency (µs)",
+        "lat-qos1-1k",
+        "latency.p99_us",
+    ),
+    (
+        "idle conns: broker KiB/conn",
+        "conn-10k",
+        "broker_rss_kib_per_conn",
+    ),
+];
+
+static CHART_BROKERS: [&str; 2] = ["Mosquitto", "Millet"];
+
+fn chart(results: &Results, out: &Path) -> Result<()> {
+    register_font();
+    if let Some(dir) = out.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    let root = BitMapBackend::new(out, (1600, 860)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("chart: {e}");
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let root = root
+        .titled(
+            "Millet vs Mosquitto (unpinned pass; higher is better for msg/s, lower for latency and memory)",
+            ("sans-serif", 22),
+        )
+        .map_err(|e| err(&e))?;
+    let panels = root.split_evenly((2, 4));
+    let names: &'static [&str; 2] = &CHART_BROKERS;
+    let colors = [RGBColor(90, 110, 200), RGBColor(230, 140, 40)];
+    for (area, (title, case, path)) in panels.iter().zip(PANELS) {
+        let vals = [
+            metric(results, "default", case, "mosquitto", path),
+            metric(results, "default", case, "millet", path),
+        ];
+        let max = vals.iter().flatten().copied().fold(0.0f64, f64::max);
+        let top = if max > 0.0 { max * 1.2 } else { 1.0 };
+        let mut ch = ChartBuilder::on(area)
+            .caption(*title, ("sans-serif", 17))
+            .margin(10)
+            .x_label_area_size(28)
+            .y_label_area_size(62)
+            .build_cartesian_2d(names[..].into_segmented(), 0f64..top)
+            .map_err(|e| err(&e))?;
+        ch.configure_mesh()
+            .disable_x_mesh()
+            .x_label_formatter(&|v| match v {
+                SegmentValue::Exact(s) | SegmentValue::CenterOf(s) => s.to_string(),
+                SegmentValue::Last => String::new(),
+            })
+            .y_labels(6)
+            .y_label_formatter(&|v| short(*v))
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, name) in names.iter().enumerate() {
+            let color = colors[i];
+            match vals[i] {
+                Some(v) => {
+                    let mut bar = Rectangle::new(
+                        [
+                            (SegmentValue::Exact(name), 0.0),
+                            (
+                                if i + 1 < names.len() {
+                                    SegmentValue::Exact(&names[i + 1])
+                                } else {
+                                    SegmentValue::Last
+                                },
+                                v,
+                            ),
+                        ],
+                        color.filled(),
+                    );
+                    bar.set_margin(0, 0, 25, 25);
+                    ch.draw_series(std::iter::once(bar)).map_err(|e| err(&e))?;
+                    ch.draw_series(std::iter::once(Text::new(
+                        short(v),
+                        (SegmentValue::CenterOf(name), v + top * 0.03),
+                        ("sans-serif", 14).into_font().color(&BLACK),
+                    )))
+                    .map_err(|e| err(&e))?;
+                }
+                None => {
+                    ch.draw_series(std::iter::once(Text::new(
+                        "n/a".to_string(),
+                        (SegmentValue::CenterOf(name), top * 0.05),
+                        ("sans-serif", 16).into_font().color(&RED),
+                    )))
+                    .map_err(|e| err(&e))?;
+                }
+            }
+        }
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Drop the per-run `--json-out FILE` and show the broker pid as `$PID`.
+fn tidy_command(c: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut it = c.split_whitespace();
+    while let Some(w) = it.next() {
+        match w {
+            "--json-out" => {
+                it.next();
+            }
+            "--broker-pid" => {
+                it.next();
+                out.push("--broker-pid");
+                out.push("$PID");
+            }
+            _ => out.push(w),
+        }
+    }
+    out.join(" ")
+}
+
+fn short(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if a >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if a >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else if a >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn register_font() {
+    // Bundled font: no fontconfig / system fonts needed.
+    let _ = plotters::style::register_font(
+        "sans-serif",
+        plotters::style::FontStyle::Normal,
+        dejavu::sans::regular(),
+    );
+}

@@ -1,0 +1,291 @@
+"""Fixtures for the Millet black-box MQTT conformance suite.
+
+Broker selection:
+  BROKER=mosquitto   run against Mosquitto (validation of the suite itself)
+  (default)          run against Millet: $MILLET_BIN, else <repo>/target/release/millet,
+                     else <repo>/target/debug/millet; extra args from $MILLET_ARGS.
+
+Every broker is started on a free loopback port and waited for by polling the port
+with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import HOST, Client, RawClient, unique, V311, V5  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+BROKER_KIND = os.environ.get("BROKER", "millet").strip().lower() or "millet"
+IS_MOSQUITTO = BROKER_KIND == "mosquitto"
+STARTUP_TIMEOUT = 15.0
+
+# Settings a test may ask a fresh broker for, and their Millet flag / mosquitto.conf option.
+SETTINGS = {
+    "max_packet_size": ("--max-packet-size", "max_packet_size"),
+    "max_inflight": ("--max-inflight", "max_inflight_messages"),
+    # the Receive Maximum the server announces in CONNACK (mosquitto derives it from
+    # max_inflight_messages)
+    "receive_maximum": ("--receive-maximum", "max_inflight_messages"),
+    "max_queued": ("--max-queued", "max_queued_messages"),
+    "topic_alias_max": ("--topic-alias-max", "max_topic_alias"),
+    "max_keepalive": ("--max-keepalive", "max_keepalive"),
+    "sys_interval": ("--sys-interval", "sys_interval"),
+}
+# mosquitto options that belong to the listener block rather than the global section
+_MOSQ_LISTENER_OPTS = {"max_topic_alias"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "millet_only(reason): only meaningful against Millet")
+    config.addinivalue_line("markers", "mosquitto_only(reason): only meaningful against Mosquitto")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("CONFORMANCE_RUN_ALL"):
+        return  # debugging aid: run millet_only / mosquitto_only tests against any broker
+    for item in items:
+        m = item.get_closest_marker("millet_only")
+        if m is not None and IS_MOSQUITTO:
+            reason = m.kwargs.get("reason") or (m.args[0] if m.args else "Millet-specific behaviour")
+            item.add_marker(pytest.mark.skip(reason=f"millet_only: {reason}"))
+        m = item.get_closest_marker("mosquitto_only")
+        if m is not None and not IS_MOSQUITTO:
+            reason = m.kwargs.get("reason") or (m.args[0] if m.args else "Mosquitto-specific behaviour")
+            item.add_marker(pytest.mark.skip(reason=f"mosquitto_only: {reason}"))
+
+
+def pytest_report_header(config):
+    return f"conformance broker under test: {BROKER_KIND}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _find_mosquitto() -> str:
+    exe = shutil.which("mosquitto")
+    if exe:
+        return exe
+    for cand in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/local/bin/mosquitto"):
+        if os.path.exists(cand):
+            return cand
+    pytest.exit("BROKER=mosquitto but no mosquitto binary found (apt-get install mosquitto)", returncode=3)
+
+
+def _find_millet() -> str:
+    env = os.environ.get("MILLET_BIN")
+    if env:
+        return env
+    for cand in (REPO / "target" / "release" / "millet", REPO / "target" / "debug" / "millet"):
+        if cand.exists():
+            return str(cand)
+    pytest.exit("Millet binary not found: build it (cargo build --release) or set MILLET_BIN", returncode=3)
+
+
+@dataclass
+class Broker:
+    kind: str
+    host: str
+    port: int
+    settings: dict
+    proc: subprocess.Popen | None = None
+    workdir: str = ""
+    log_path: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_mosquitto(self) -> bool:
+        return self.kind == "mosquitto"
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path, "r", errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def start(self):
+        self.workdir = tempfile.mkdtemp(prefix=f"conformance-{self.kind}-")
+        self.log_path = os.path.join(self.workdir, "broker.log")
+        if self.is_mosquitto:
+            conf = os.path.join(self.workdir, "mosquitto.conf")
+            glob_lines = ["persistence false", "log_dest stderr", "log_type all", "allow_anonymous true"]
+            listener_lines = [f"listener {self.port} {self.host}"]
+            for key, value in self.settings.items():
+                opt = SETTINGS[key][1]
+                (listener_lines if opt in _MOSQ_LISTENER_OPTS else glob_lines).append(f"{opt} {value}")
+            with open(conf, "w") as f:
+                f.write("\n".join(glob_lines + listener_lines) + "\n")
+            os.chmod(self.workdir, 0o755)
+            os.chmod(conf, 0o644)
+            cmd = [_find_mosquitto(), "-c", conf]
+        else:
+            data_dir = os.path.join(self.workdir, "data")
+            os.makedirs(data_dir, exist_ok=True)
+            cmd = [_find_millet(), "--listen", f"{self.host}:{self.port}", "--data-dir", data_dir]
+            for key, value in self.settings.items():
+                cmd += [SETTINGS[key][0], str(value)]
+            cmd += shlex.split(os.environ.get("MILLET_ARGS", ""))
+        self.extra["cmd"] = cmd
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode} during startup: {cmd}\n"
+                                   f"{self.log_tail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise RuntimeError(f"broker did not accept connections within {STARTUP_TIMEOUT}s: {cmd}\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+        if os.environ.get("KEEP_BROKER_LOGS"):
+            return
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_broker(**settings) -> Broker:
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown broker settings: {unknown}")
+    b = Broker(kind="mosquitto" if IS_MOSQUITTO else "millet", host=HOST, port=free_port(), settings=settings)
+    last = None
+    for _ in range(3):  # a free port may be grabbed between probe and bind; retry a few times
+        try:
+            b.start()
+            return b
+        except RuntimeError as e:
+            last = e
+            if "in use" not in str(e).lower():
+                break
+            b.port = free_port()
+    raise last  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """The shared broker under test, default settings."""
+    b = start_broker()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def broker_factory():
+    """Start fresh brokers with specific settings: ``broker_factory(max_packet_size=1000)``."""
+    started: list[Broker] = []
+
+    def make(**settings) -> Broker:
+        b = start_broker(**settings)
+        started.append(b)
+        return b
+
+    yield make
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture(autouse=True)
+def _broker_still_alive(request):
+    """Fail loudly if a test crashed the shared broker."""
+    yield
+    if "broker" in request.fixturenames:
+        b = request.getfixturevalue("broker")
+        if not b.alive():
+            pytest.fail(f"broker process died during this test:\n{b.log_tail()}")
+
+
+@pytest.fixture
+def uid() -> str:
+    """Unique prefix for topics of one test (the shared broker keeps retained messages)."""
+    return unique("conf/t")
+
+
+@pytest.fixture
+def clients(broker):
+    """Factory for paho clients bound to the shared broker; all closed at teardown."""
+    made: list = []
+
+    def make(version=V311, target=None, **kw) -> Client:
+        c = Client(target or broker, version, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def raw(broker):
+    """Factory for RawClients bound to the shared broker; all closed at teardown."""
+    made: list = []
+
+    def make(version=V311, target=None, **kw) -> RawClient:
+        r = RawClient(target or broker, version, **kw)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def pubsub_roundtrip(target: Broker, version=V311):
+    """Check that a fresh client can connect, subscribe, publish and receive on ``target``."""
+    topic = unique("conf/alive/")
+    c = Client(target, version)
+    try:
+        c.connect()
+        assert c.subscribe(topic, 1) == [1]
+        c.publish(topic, b"still-alive", qos=1)
+        msgs = c.messages.wait_for(1)
+        assert msgs[0].payload == b"still-alive"
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def assert_alive(broker):
+    def check(target=None, version=V311):
+        b = target or broker
+        assert b.alive(), f"broker process died:\n{b.log_tail()}"
+        pubsub_roundtrip(b, version)
+    return check

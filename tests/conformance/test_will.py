@@ -1,0 +1,191 @@
+"""Will messages: published on abnormal disconnection, never after a normal DISCONNECT, MQTT 5 Will
+Delay Interval and will properties."""
+
+import time
+
+import pytest
+
+from helpers import (
+    DISCONNECT, V31, V311, V5, publish_packet, unique,
+    P_CONTENT_TYPE, P_CORRELATION_DATA, P_PAYLOAD_FORMAT, P_RESPONSE_TOPIC, P_SESSION_EXPIRY,
+    P_USER_PROPERTY, P_WILL_DELAY,
+)
+
+ALL = [V31, V311, V5]
+BOTH = [V311, V5]
+
+
+def watcher(clients, topic, version=V311, qos=2):
+    w = clients(version)
+    w.connect()
+    w.subscribe(topic, qos)
+    return w
+
+
+def will_client(raw, version, topic, payload=b"gone", qos=0, retain=False, will_props=None,
+                keepalive=60, conn_props=None, client_id=None, clean=True):
+    r = raw(version)
+    will = {"topic": topic, "payload": payload, "qos": qos, "retain": retain}
+    if will_props is not None:
+        will["properties"] = will_props
+    kw = {"properties": conn_props} if conn_props is not None else {}
+    r.connect(client_id=client_id, will=will, keepalive=keepalive, clean=clean, **kw)
+    return r
+
+
+@pytest.mark.parametrize("version", ALL)
+def test_will_published_on_abnormal_close(raw, clients, uid, version):
+    """[MQTT-3.1.2-8] the Will Message is published when the network connection is closed without a
+    DISCONNECT; [MQTT-3.1.2-14]/3.1.2.6: with the Will QoS."""
+    w = watcher(clients, f"{uid}/will")
+    r = will_client(raw, version, f"{uid}/will", b"abnormal", qos=1)
+    r.abort()
+    m = w.messages.wait_for(1)[0]
+    assert (m.topic, m.payload, m.qos, m.retain) == (f"{uid}/will", b"abnormal", 1, False)
+
+
+@pytest.mark.parametrize("version", BOTH)
+def test_will_retain_flag(raw, clients, uid, version):
+    """[MQTT-3.1.2-17] Will Retain = 1: the will is published as a retained message;
+    [MQTT-3.1.2-16] Will Retain = 0: it is not retained."""
+    retained = will_client(raw, version, f"{uid}/will/kept", b"kept", qos=1, retain=True)
+    plain = will_client(raw, version, f"{uid}/will/plain", b"plain", qos=1, retain=False)
+    w = watcher(clients, f"{uid}/will/#")
+    retained.abort()
+    plain.abort()
+    assert len(w.messages.wait_for(2)) == 2
+    late = clients(version)
+    late.connect()
+    late.subscribe(f"{uid}/will/#", 1)
+    msgs = late.messages.wait_for(1)
+    assert (msgs[0].payload, msgs[0].retain) == (b"kept", True)
+    late.messages.assert_no_more(1)  # fixed negative window: the non-retained will is not stored
+
+
+@pytest.mark.parametrize("version", BOTH)
+def test_will_published_on_keepalive_timeout(raw, clients, uid, version):
+    """[MQTT-3.1.2-8] a keep alive failure (no packet within 1.5x Keep Alive) closes the connection
+    and publishes the will. (Generous deadline: mosquitto's keep-alive timer is coarse.)"""
+    w = watcher(clients, f"{uid}/will")
+    will_client(raw, version, f"{uid}/will", b"timeout", keepalive=1)
+    m = w.messages.wait_for(1, timeout=8)[0]
+    assert m.payload == b"timeout"
+
+
+@pytest.mark.parametrize("version", BOTH)
+def test_will_published_on_protocol_error(raw, clients, uid, version):
+    """[MQTT-3.1.2-8] (3.1.1 3.1.2.5: "the Server closes the Network Connection because of a protocol
+    error") the will is published when the server drops the client for a malformed packet (here a
+    QoS 3 PUBLISH, [MQTT-3.3.1-4])."""
+    w = watcher(clients, f"{uid}/will")
+    r = will_client(raw, version, f"{uid}/will", b"proto-error")
+    r.send(publish_packet(f"{uid}/x", b"bad", flags=0x06, pid=1, version=version))
+    r.wait_closed()
+    assert w.messages.wait_for(1)[0].payload == b"proto-error"
+
+
+@pytest.mark.parametrize("version", ALL)
+def test_no_will_after_normal_disconnect(raw, clients, uid, version):
+    """3.1.1 [MQTT-3.1.2-10] / [MQTT-3.14.4-3], 5.0 [MQTT-3.14.4-3]: on DISCONNECT (reason 0x00) the
+    server discards the will without publishing it."""
+    w = watcher(clients, f"{uid}/#")
+    r = will_client(raw, version, f"{uid}/will", b"must-not-appear")
+    r.disconnect(0x00 if version == V5 else None)
+    r.wait_closed()  # the server closes after DISCONNECT, so it has processed it
+    marker = clients(version)
+    marker.connect()
+    marker.publish(f"{uid}/marker", b"m", qos=1)
+    w.messages.wait_for(1, pred=lambda m: m.payload == b"m")
+    w.messages.assert_no_more(0, pred=lambda m: m.topic == f"{uid}/will")  # fixed negative window
+
+
+def test_v5_disconnect_with_will_message(raw, clients, uid):
+    """5.0 3.14.2.1 Reason Code 0x04 (Disconnect with Will Message): the server publishes the will."""
+    w = watcher(clients, f"{uid}/will")
+    r = will_client(raw, V5, f"{uid}/will", b"please-publish")
+    r.disconnect(0x04)
+    assert w.messages.wait_for(1)[0].payload == b"please-publish"
+
+
+@pytest.mark.millet_only(reason="mosquitto 2.0 discards the will for every DISCONNECT reason code "
+                                "except 0x04, contrary to [MQTT-3.1.2-8]")
+@pytest.mark.parametrize("rc", [0x80, 0x83])
+def test_v5_disconnect_with_error_reason_publishes_will(raw, clients, uid, rc):
+    """5.0 [MQTT-3.1.2-8]: the will is deleted only on DISCONNECT with Reason Code 0x00; a DISCONNECT
+    with an error reason code (0x80 unspecified / 0x83 implementation specific) still publishes it."""
+    w = watcher(clients, f"{uid}/will")
+    r = will_client(raw, V5, f"{uid}/will", b"error-disconnect")
+    r.disconnect(rc)
+    assert w.messages.wait_for(1)[0].payload == b"error-disconnect"
+
+
+def test_v5_will_delay_interval_honoured(raw, clients, uid):
+    """5.0 [MQTT-3.1.3-9] 3.1.3.2.2: the will is published only after the Will Delay Interval (2 s)
+    has passed since the connection closed (session expiry 30 s outlives it)."""
+    w = watcher(clients, f"{uid}/will")
+    r = will_client(raw, V5, f"{uid}/will", b"delayed", will_props={P_WILL_DELAY: 2},
+                    conn_props={P_SESSION_EXPIRY: 30}, clean=False)
+    r.abort()
+    t0 = time.monotonic()
+    m = w.messages.wait_for(1, timeout=7)[0]
+    elapsed = m.received_at - t0
+    assert elapsed >= 1.8, f"will published after {elapsed:.2f}s, before the 2 s Will Delay Interval"
+
+
+def test_v5_will_delay_cancelled_by_reconnect(raw, clients, uid):
+    """5.0 [MQTT-3.1.3-9]: if the client reconnects to the session before the Will Delay Interval
+    passes, the will MUST NOT be sent. (Fixed 3 s negative window, past the 2 s delay.)"""
+    cid = unique("willdelay")
+    w = watcher(clients, f"{uid}/will")
+    r = will_client(raw, V5, f"{uid}/will", b"cancelled", will_props={P_WILL_DELAY: 2},
+                    conn_props={P_SESSION_EXPIRY: 30}, client_id=cid, clean=False)
+    r.abort()
+    r2 = raw(V5)
+    ack = r2.connect(client_id=cid, clean=False, properties={P_SESSION_EXPIRY: 30})
+    assert ack.session_present
+    w.messages.assert_no_more(0, window=3.0)
+
+
+def test_v5_will_published_when_session_ends_before_delay(raw, clients, uid):
+    """5.0 3.1.3.2.2 / [MQTT-3.1.2-8]: the will is published when the Will Delay Interval passes *or
+    the session ends*, whichever is first: Will Delay 30 s, Session Expiry 1 s -> published ~1 s
+    after the close."""
+    w = watcher(clients, f"{uid}/will")
+    r = will_client(raw, V5, f"{uid}/will", b"session-ended", will_props={P_WILL_DELAY: 30},
+                    conn_props={P_SESSION_EXPIRY: 1}, clean=False)
+    r.abort()
+    assert w.messages.wait_for(1, timeout=6)[0].payload == b"session-ended"
+
+
+def test_v5_will_properties_forwarded(raw, clients, uid):
+    """5.0 3.1.3.2: will properties are sent with the will message: Payload Format Indicator,
+    Content Type, Response Topic, Correlation Data and User Properties in order [MQTT-3.1.3-10]."""
+    w = clients(V5)
+    w.connect()
+    w.subscribe(f"{uid}/will", 1)
+    r = will_client(raw, V5, f"{uid}/will", b"{\"gone\":true}", qos=1, will_props=[
+        (P_PAYLOAD_FORMAT, 1),
+        (P_CONTENT_TYPE, "application/json"),
+        (P_RESPONSE_TOPIC, f"{uid}/resp"),
+        (P_CORRELATION_DATA, b"\x01\x02corr"),
+        (P_USER_PROPERTY, ("a", "1")),
+        (P_USER_PROPERTY, ("b", "2")),
+        (P_USER_PROPERTY, ("a", "3")),
+    ])
+    r.abort()
+    m = w.messages.wait_for(1)[0]
+    assert m.prop("PayloadFormatIndicator") == 1
+    assert m.prop("ContentType") == "application/json"
+    assert m.prop("ResponseTopic") == f"{uid}/resp"
+    assert m.prop("CorrelationData") == b"\x01\x02corr"
+    assert m.prop("UserProperty") == [("a", "1"), ("b", "2"), ("a", "3")]
+
+
+def test_v311_server_sends_nothing_on_disconnect(raw):
+    """3.1.1 3.14: the server never sends DISCONNECT to a 3.1.1 client; after the client's
+    DISCONNECT the server closes the connection."""
+    r = raw(V311)
+    r.connect()
+    r.disconnect()
+    pkts = r.wait_closed()
+    assert all(p.type != DISCONNECT for p in pkts) and pkts == []
