@@ -268,10 +268,10 @@ log "mode $MODE; ports mosquitto $MOSQ_PORT, millet $MILLET_PORT; open-files lim
 
 throughput_cases default
 both default lat-qos1-1k 1 run -p 1 -s 1 --qos 1 --size 64 --rate 1000 --duration "$LAT_DUR"
-both default "$SMALL_CASE" 1 conn -n "$CONN_SMALL" --rate "$CONN_RATE" --hold "$HOLD"
+both default "$SMALL_CASE" 1 conn -n "$CONN_SMALL" --rate "$CONN_RATE" --hold "$HOLD" --keepalive 4
 if [ "$CONN_BIG" -gt 0 ]; then
     if [ "$NOFILE" -ge $((CONN_BIG + 1000)) ]; then
-        both default conn-50k 1 conn -n "$CONN_BIG" --rate 5000 --hold "$HOLD" --connect-timeout 30s
+        both default conn-50k 1 conn -n "$CONN_BIG" --rate 5000 --hold "$HOLD" --keepalive 4 --connect-timeout 30s
     else
         reason="skipped: the open-files hard limit here is $NOFILE (< $((CONN_BIG + 1000))), so no broker can hold $CONN_BIG connections"
         unavailable "$RESULTS/default__conn-50k__mosquitto__r1.json" "$reason"

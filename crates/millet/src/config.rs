@@ -30,6 +30,58 @@ pub struct Config {
     /// How shared subscription groups pick a member.
     pub shared_strategy: ShareStrategyConfig,
     pub limits: Limits,
+    pub store: StoreConfig,
+    /// MQTT-over-TLS listeners, e.g. `["127.0.0.1:8883"]`; need `[security.tls]`
+    /// (which, with this list empty, listens on `127.0.0.1:8883`).
+    pub tls_listen: Vec<SocketAddr>,
+    /// Authentication chain, ACL, quotas, bans and TLS (`[security.auth]`,
+    /// `[security.acl]`, `[security.quota]`, `[security.tls]`; see
+    /// [`crate::security`]).
+    pub security: crate::security::SecurityConfig,
+}
+
+/// When an acknowledged QoS 1/2 message is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DurabilityConfig {
+    /// fsync before PUBACK / PUBREC (group commit shares one fsync among many
+    /// publishers). Nothing acknowledged is lost on a crash or power loss.
+    #[default]
+    Sync,
+    /// fsync every `interval_ms`: acknowledged messages of the last interval
+    /// can be lost on a crash (process kill included: commits not yet synced
+    /// sit in memory).
+    Interval,
+    /// No store: sessions, queues and retained messages live in memory only
+    /// and are lost on restart.
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub durability: DurabilityConfig,
+    /// fsync period for `interval`, milliseconds.
+    pub interval_ms: u64,
+    /// Upper bound on the store's size, bytes: beyond it QoS 1/2 publishes
+    /// that need storing are refused (v5 0x97) instead of acknowledged.
+    pub max_bytes: Option<u64>,
+    /// Move an unreadable store aside and start empty (default: refuse to start).
+    pub quarantine_corrupt: bool,
+    /// Also store QoS 0 messages queued for persistent sessions.
+    pub persist_qos0: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            durability: DurabilityConfig::Sync,
+            interval_ms: 100,
+            max_bytes: None,
+            quarantine_corrupt: false,
+            persist_qos0: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +126,9 @@ impl Default for Config {
             sys_interval: 10,
             shared_strategy: ShareStrategyConfig::RoundRobin,
             limits: Limits::default(),
+            store: StoreConfig::default(),
+            tls_listen: Vec::new(),
+            security: crate::security::SecurityConfig::default(),
         }
     }
 }
@@ -100,13 +155,25 @@ impl Default for Limits {
 }
 
 /// Top-level keys settable through `MILLET_<KEY>`.
-const ENV_KEYS: &[&str] = &["listen", "data_dir", "sys_interval", "shared_strategy"];
+const ENV_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "sys_interval",
+    "shared_strategy",
+    "tls_listen",
+];
 /// Sections settable through `MILLET_<SECTION>__<KEY>`.
-const ENV_SECTIONS: &[&str] = &["limits__"];
+const ENV_SECTIONS: &[&str] = &["limits__", "store__", "security__"];
 
 /// Command-line flags. Every flag also reads an environment variable.
 #[derive(Debug, clap::Parser, Default)]
-#[command(name = "millet", version, about = "Millet MQTT gateway")]
+#[command(
+    name = "millet",
+    version,
+    about = "Millet MQTT gateway",
+    after_help = "Password file: millet passwd FILE USER [--password PW | --delete] \
+                  (argon2id; without --password the password is read from stdin)"
+)]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "MILLET_CONFIG")]
@@ -114,6 +181,9 @@ pub struct Cli {
     /// Listen address (repeatable), e.g. 127.0.0.1:1883.
     #[arg(long)]
     pub listen: Vec<SocketAddr>,
+    /// MQTT-over-TLS listen address (repeatable), e.g. 127.0.0.1:8883; needs [security.tls].
+    #[arg(long)]
+    pub tls_listen: Vec<SocketAddr>,
     /// Data directory for the embedded store.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -141,6 +211,9 @@ pub struct Cli {
     pub topic_alias_max: Option<u16>,
     #[arg(long)]
     pub connect_timeout: Option<u64>,
+    /// Durability of acknowledged messages: sync, interval or none (memory only).
+    #[arg(long, value_enum)]
+    pub durability: Option<DurabilityConfig>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info,millet=debug`.
     #[arg(long, env = "MILLET_LOG", default_value = "info")]
     pub log: String,
@@ -168,6 +241,15 @@ impl Config {
         if !cli.listen.is_empty() {
             cfg.listen = cli.listen.clone();
         }
+        if !cli.tls_listen.is_empty() {
+            cfg.tls_listen = cli.tls_listen.clone();
+        }
+        if cfg.security.tls.is_some() && cfg.tls_listen.is_empty() {
+            cfg.tls_listen = vec![SocketAddr::from((
+                [127, 0, 0, 1],
+                crate::security::tls::DEFAULT_TLS_PORT,
+            ))];
+        }
         macro_rules! set {
             ($field:expr, $opt:expr) => {
                 if let Some(v) = $opt {
@@ -189,6 +271,7 @@ impl Config {
         set!(l.max_keepalive, cli.max_keepalive);
         set!(l.topic_alias_max, cli.topic_alias_max);
         set!(l.connect_timeout, cli.connect_timeout);
+        set!(cfg.store.durability, cli.durability);
         cfg.validate()
             .map_err(|e| Box::new(figment::Error::from(e)))?;
         Ok(cfg)
@@ -201,6 +284,9 @@ impl Config {
         }
         if l.max_inflight == 0 || l.receive_maximum == 0 {
             return Err("max_inflight and receive_maximum must be at least 1".into());
+        }
+        if !self.tls_listen.is_empty() && self.security.tls.is_none() {
+            return Err("tls_listen needs a [security.tls] section (cert and key)".into());
         }
         if l.max_packet_size < 64 {
             return Err("max_packet_size must be at least 64 bytes".into());

@@ -1,11 +1,22 @@
 //! The `millet` binary: parse configuration, start the listeners, drain on
-//! SIGINT / SIGTERM.
+//! SIGINT / SIGTERM. `millet passwd FILE USER` edits an argon2id password file.
 
 use clap::Parser;
 use millet::config::{Cli, Config};
 use millet::server::Server;
 
 fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("passwd") {
+        // `millet passwd FILE USER [--password PW | --delete]`
+        return match millet::security::passwd::run_passwd_cli(&args[2..]) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("millet passwd: {e}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

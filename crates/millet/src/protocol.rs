@@ -31,8 +31,43 @@ use millet_codec::{
 };
 
 use crate::auth::{AuthExchange, AuthStep};
+use crate::broker::persist::AckStatus;
+use crate::store::Op;
 use crate::broker::{Broker, SubscribeOutcome};
+use crate::security::acl::{Access, Rule};
+use crate::security::quota::{ClientLimiter, ExceededAction, QuotaDecision};
+use crate::security::V3DenyAction;
 use crate::session::{ConnWaker, Delivery, InflightState, Message, SessionCell, Subscription};
+
+/// The driver's decision on a CONNECT (authentication chain, bans, per-user
+/// connection limit), given to [`Connection::set_connect_verdict`] before the
+/// CONNECT itself. Without one the client is accepted as it presents itself
+/// (anonymous; the state-machine tests rely on this).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectVerdict {
+    /// `SUCCESS` to accept; otherwise the (v5) CONNACK reason code, mapped
+    /// for 3.x clients: 0x86 bad user name or password (3.x: 4), 0x87 not
+    /// authorized (5), 0x8A banned (5), 0x97 quota exceeded (5).
+    pub reason: ReasonCode,
+    /// The effective username (possibly the client certificate's identity),
+    /// for the ACL's `username` and `%u`.
+    pub username: Option<String>,
+    /// A replacement client id (the client certificate's identity with
+    /// `tls.identity_as = "client_id"`).
+    pub client_id: Option<String>,
+    /// Per-client ACL rules (JWT claims, HTTP hook), consulted first.
+    pub acl: Vec<Rule>,
+}
+
+impl ConnectVerdict {
+    /// Refuse the CONNECT with `reason`.
+    pub fn refuse(reason: ReasonCode) -> ConnectVerdict {
+        ConnectVerdict {
+            reason,
+            ..Default::default()
+        }
+    }
+}
 
 /// Why and how the connection ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +129,12 @@ struct Active {
     session_expiry: u32,
     auth_method: Option<ByteString>,
     reauth: Option<Box<dyn AuthExchange>>,
+    /// Effective username, for the ACL.
+    username: Option<ByteString>,
+    /// Per-client ACL rules from the authentication provider.
+    acl: Vec<Rule>,
+    /// Incoming message / byte rate limit (`[security.quota]`).
+    limiter: Option<ClientLimiter>,
 }
 
 pub struct Connection {
@@ -113,6 +154,13 @@ pub struct Connection {
     /// A session this client publishes to is congested: stop reading from
     /// the client until the waker fires (back-pressure through TCP).
     paused: bool,
+    /// Verdict on the CONNECT, from the driver (see [`ConnectVerdict`]).
+    verdict: Option<ConnectVerdict>,
+    /// Rate limit in back-pressure mode: not read from until then.
+    throttle_until: Option<Instant>,
+    /// PUBACK / PUBREC held until the store sequence they depend on is
+    /// durable; released in order [MQTT-4.6.0-2].
+    pending_acks: VecDeque<(u64, Packet)>,
 }
 
 impl Connection {
@@ -130,6 +178,9 @@ impl Connection {
             waker: Arc::new(ConnWaker::default()),
             accepted: false,
             paused: false,
+            pending_acks: VecDeque::new(),
+            verdict: None,
+            throttle_until: None,
         }
     }
 
@@ -148,7 +199,18 @@ impl Connection {
     /// True while the driver must not read from the client (back-pressure).
     /// Cleared by the next wake-up of [`Connection::waker`].
     pub fn is_paused(&self) -> bool {
-        self.paused
+        self.paused || self.throttle_until.is_some()
+    }
+
+    /// True until a CONNECT was handled: the driver authenticates the next
+    /// CONNECT and calls [`Connection::set_connect_verdict`] first.
+    pub fn is_awaiting_connect(&self) -> bool {
+        matches!(self.state, State::AwaitConnect) && self.close.is_none()
+    }
+
+    /// The verdict on the CONNECT about to be handled.
+    pub fn set_connect_verdict(&mut self, v: ConnectVerdict) {
+        self.verdict = Some(v);
     }
 
     /// What the driver waits on for deliveries and kicks.
@@ -219,6 +281,9 @@ impl Connection {
 
     /// The timer returned by [`Connection::poll_timeout`] fired.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.throttle_until.is_some_and(|t| now >= t) {
+            self.throttle_until = None;
+        }
         let Some(t) = self.timer else { return };
         if now < t.deadline() {
             return;
@@ -273,6 +338,9 @@ impl Connection {
             return;
         };
         self.check_kick();
+        if !self.pending_acks.is_empty() {
+            self.release_acks();
+        }
         while let Some(p) = self.out.pop_front() {
             if let Err(e) = encode(&p, protocol, buf) {
                 tracing::warn!(error = %e, packet = p.name(), "cannot encode packet; dropped");
@@ -293,6 +361,9 @@ impl Connection {
         }
         let mut st = cell.state.lock();
         let session = &mut st.session;
+        // Store ops mirroring queue → in-flight moves, submitted once at the end.
+        let persist = self.broker.persistence().filter(|_| session.persisted);
+        let mut ops: Vec<Op> = Vec::new();
         if active.resend {
             active.resend = false;
             // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP) and PUBREL in order.
@@ -333,6 +404,12 @@ impl Connection {
                     }
                 }
             };
+            if let (Some(_), true) = (persist, d.seq != 0) {
+                ops.push(Op::DeleteQueueEntry {
+                    client_id: session.client_id.to_string(),
+                    seq: d.seq,
+                });
+            }
             let publish = active.publish_packet(&d, pid, false, now, protocol);
             let packet = Packet::Publish(publish);
             let fits = active.client_max_packet == usize::MAX
@@ -353,9 +430,19 @@ impl Connection {
                 continue;
             }
             if let Some(pid) = pid {
+                if let Some(p) = persist {
+                    // Moved from queue to in-flight in one batch (the message
+                    // keeps a reference throughout).
+                    p.message_id(&d.msg, &mut ops, d.seq == 0);
+                    let order = session.take_seq();
+                    ops.push(p.inflight_op(&session.client_id, pid, &d, false, order));
+                }
                 session.push_inflight(pid, d);
             }
             sent += 1;
+        }
+        if let Some(p) = persist {
+            p.submit(ops);
         }
         if !st.blocked.is_empty()
             && st.session.queue_len() <= self.broker.config.limits.backpressure_queued / 2
@@ -373,7 +460,11 @@ impl Connection {
 
     /// The earliest deadline at which [`Connection::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timer.map(Timer::deadline)
+        let t = self.timer.map(Timer::deadline);
+        match (t, self.throttle_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// `Some` once the connection must close (after writing what
@@ -447,6 +538,20 @@ impl Connection {
         }
     }
 
+    /// The ACL's answer (everything is allowed without a security layer).
+    fn acl_allows(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        extra: &[Rule],
+        access: Access,
+        topic: &str,
+    ) -> bool {
+        self.broker
+            .security()
+            .is_none_or(|s| s.acl.check(client_id, username, extra, access, topic))
+    }
+
     fn connack_error(&mut self, reason: ReasonCode, why: String) {
         self.out.push_back(Packet::ConnAck(ConnAck {
             session_present: false,
@@ -457,8 +562,15 @@ impl Connection {
         self.state = State::Closed;
     }
 
-    fn handle_connect(&mut self, c: Box<Connect>, now: Instant) {
+    fn handle_connect(&mut self, mut c: Box<Connect>, now: Instant) {
         self.protocol = Some(c.protocol);
+        let mut verdict = self.verdict.take().unwrap_or_else(|| ConnectVerdict {
+            username: c.username.as_deref().map(str::to_string),
+            ..Default::default()
+        });
+        if let Some(id) = verdict.client_id.take() {
+            c.client_id = ByteString::from(id);
+        }
         let limits = &self.broker.config.limits;
         if self.broker.stats.clients_connected.load(Ordering::Relaxed) as usize
             >= limits.max_connections
@@ -486,6 +598,28 @@ impl Connection {
                     .connack_error(ReasonCode::TOPIC_NAME_INVALID, "invalid will topic".into());
             }
         }
+        if verdict.reason != ReasonCode::SUCCESS {
+            let why = format!("CONNECT refused ({})", verdict.reason);
+            return self.connack_error(verdict.reason, why);
+        }
+        if let Some(w) = &c.will {
+            // A will the client could not publish itself is refused with the
+            // CONNECT (0x87 / 3.x 5) rather than silently dropped later.
+            if !self.acl_allows(
+                &c.client_id,
+                verdict.username.as_deref(),
+                &verdict.acl,
+                Access::Publish,
+                &w.topic,
+            ) {
+                tracing::info!(client_id = %c.client_id, topic = %w.topic, "will topic not authorized");
+                return self.connack_error(
+                    ReasonCode::NOT_AUTHORIZED,
+                    "will topic not authorized".into(),
+                );
+            }
+        }
+        self.verdict = Some(verdict);
         if let Some(method) = &c.properties.authentication_method {
             let client_id = c.client_id.to_string();
             let exchange = self
@@ -556,6 +690,7 @@ impl Connection {
     }
 
     fn accept(&mut self, c: Box<Connect>, auth_data: Option<bytes::Bytes>, now: Instant) {
+        let grant = self.verdict.take().unwrap_or_default();
         let limits = self.broker.config.limits.clone();
         let v5 = c.protocol.is_v5();
         let mut props = ConnAckProperties::default();
@@ -643,6 +778,13 @@ impl Connection {
             session_expiry: expiry,
             auth_method: c.properties.authentication_method.clone(),
             reauth: None,
+            username: grant.username.map(ByteString::from),
+            acl: grant.acl,
+            limiter: self
+                .broker
+                .security()
+                .map(|s| ClientLimiter::new(&s.config.quota, now))
+                .filter(ClientLimiter::is_limited),
         };
         tracing::debug!(client_id = %active.client_id, protocol = ?c.protocol, session_present = attached.session_present, "client connected");
         self.state = State::Connected(Box::new(active));
@@ -657,17 +799,24 @@ impl Connection {
         match packet {
             Packet::Publish(p) => self.handle_publish(a, p, now),
             Packet::PubAck(r) => {
-                if !a.cell.state.lock().session.handle_puback(r.packet_id) {
+                let mut st = a.cell.state.lock();
+                if st.session.handle_puback(r.packet_id) {
+                    self.persist_inflight_done(&st.session, r.packet_id);
+                } else {
                     tracing::debug!(packet_id = r.packet_id, "PUBACK for unknown packet id");
                 }
             }
             Packet::PubRec(r) => {
-                let known = a
-                    .cell
-                    .state
-                    .lock()
-                    .session
-                    .handle_pubrec(r.packet_id, r.reason_code.is_error());
+                let known = {
+                    let mut st = a.cell.state.lock();
+                    let known = st
+                        .session
+                        .handle_pubrec(r.packet_id, r.reason_code.is_error());
+                    if known {
+                        self.persist_pubrec(&mut st.session, r.packet_id, r.reason_code.is_error());
+                    }
+                    known
+                };
                 if !r.reason_code.is_error() {
                     let reason = if known || !v5 {
                         ReasonCode::SUCCESS
@@ -679,13 +828,17 @@ impl Connection {
                 }
             }
             Packet::PubRel(r) => {
-                let known = a
-                    .cell
-                    .state
-                    .lock()
-                    .session
-                    .awaiting_rel
-                    .remove(&r.packet_id);
+                let known = {
+                    let mut st = a.cell.state.lock();
+                    let known = st.session.awaiting_rel.remove(&r.packet_id);
+                    if let (true, true, Some(p)) = (known, st.session.persisted, self.broker.persistence()) {
+                        p.submit(vec![Op::DeleteAwaitingRel {
+                            client_id: st.session.client_id.to_string(),
+                            packet_id: r.packet_id,
+                        }]);
+                    }
+                    known
+                };
                 let reason = if known || !v5 {
                     ReasonCode::SUCCESS
                 } else {
@@ -695,7 +848,10 @@ impl Connection {
                     .push_back(Packet::PubComp(PubResp::with_reason(r.packet_id, reason)));
             }
             Packet::PubComp(r) => {
-                a.cell.state.lock().session.handle_pubcomp(r.packet_id);
+                let mut st = a.cell.state.lock();
+                if st.session.handle_pubcomp(r.packet_id) {
+                    self.persist_inflight_done(&st.session, r.packet_id);
+                }
             }
             Packet::Subscribe(s) => self.handle_subscribe(a, s, now),
             Packet::Unsubscribe(u) => self.handle_unsubscribe(a, u),
@@ -766,15 +922,43 @@ impl Connection {
                 "topic exceeds the configured limits".into(),
             );
         }
+        if let Some(limiter) = a.limiter.as_mut() {
+            let size = p.payload.len() + p.topic.len();
+            if let QuotaDecision::Exceeded { retry_after } = limiter.check_publish(size, now) {
+                let backpressure = self
+                    .broker
+                    .security()
+                    .is_some_and(|s| s.config.quota.on_exceeded == ExceededAction::Backpressure);
+                if !backpressure {
+                    tracing::info!(client_id = %a.client_id, "message rate quota exceeded; disconnecting");
+                    return self.close_with(
+                        ReasonCode::MESSAGE_RATE_TOO_HIGH,
+                        "message rate quota exceeded".into(),
+                    );
+                }
+                // Accept this one, then stop reading until the bucket refills.
+                self.throttle_until = Some(now + retry_after);
+            }
+        }
+        if !self.acl_allows(
+            &a.client_id,
+            a.username.as_deref(),
+            &a.acl,
+            Access::Publish,
+            &p.topic,
+        ) {
+            return self.publish_denied(a, &p);
+        }
         let qos = p.qos;
         let pid = p.packet_id.unwrap_or(0);
+        let mut rel_seq = 0;
         if qos == QoS::ExactlyOnce {
             let mut st = a.cell.state.lock();
             if st.session.awaiting_rel.contains(&pid) {
                 // A resend of a message we already have: acknowledge, don't
                 // deliver twice [MQTT-4.3.3-10].
                 drop(st);
-                self.out.push_back(Packet::PubRec(PubResp::new(pid)));
+                self.queue_ack(0, Packet::PubRec(PubResp::new(pid)));
                 return;
             }
             if st.session.awaiting_rel.len() >= usize::from(limits.receive_maximum) {
@@ -785,6 +969,12 @@ impl Connection {
                 );
             }
             st.session.awaiting_rel.insert(pid);
+            if let (Some(p), true) = (self.broker.persistence(), st.session.persisted) {
+                rel_seq = p.submit(vec![Op::PutAwaitingRel {
+                    client_id: st.session.client_id.to_string(),
+                    packet_id: pid,
+                }]);
+            }
         }
         let expires_at = p
             .properties
@@ -799,6 +989,7 @@ impl Connection {
             expires_at,
             publisher: Some(a.cell.id),
             publisher_client_id: a.client_id.clone(),
+            store_id: Default::default(),
         };
         let routed = self.broker.publish(Arc::new(msg), Some(&self.waker), now);
         if routed.congested {
@@ -809,11 +1000,120 @@ impl Connection {
         } else {
             ReasonCode::SUCCESS
         };
+        // Acknowledged only once durable (group commit) [issue: durable by default].
+        let seq = routed.store_seq.max(rel_seq);
         match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.queue_ack(seq, Packet::PubAck(PubResp::with_reason(pid, rc))),
+            QoS::ExactlyOnce => self.queue_ack(seq, Packet::PubRec(PubResp::with_reason(pid, rc))),
+        }
+    }
+
+    /// The store forgets a completed outgoing message.
+    fn persist_inflight_done(&self, session: &crate::session::Session, packet_id: u16) {
+        if let (true, Some(p)) = (session.persisted, self.broker.persistence()) {
+            p.submit(vec![Op::DeleteInflight {
+                client_id: session.client_id.to_string(),
+                packet_id,
+            }]);
+        }
+    }
+
+    /// PUBREC received: the stored entry moves to "awaiting PUBCOMP" (or is
+    /// dropped when the PUBREC carried an error).
+    fn persist_pubrec(&self, session: &mut crate::session::Session, packet_id: u16, is_error: bool) {
+        let Some(p) = self.broker.persistence().filter(|_| session.persisted) else {
+            return;
+        };
+        if is_error {
+            return self.persist_inflight_done(session, packet_id);
+        }
+        let order = session.take_seq();
+        if let Some(i) = session.inflight_get(packet_id) {
+            let op = p.inflight_op(&session.client_id, packet_id, &i.delivery, true, order);
+            p.submit(vec![op]);
+        }
+    }
+
+    /// Queue a PUBACK / PUBREC that may go out once store sequence `seq` is
+    /// durable (0: nothing to wait for, but stay behind earlier held acks).
+    fn queue_ack(&mut self, seq: u64, ack: Packet) {
+        if seq == 0 && self.pending_acks.is_empty() {
+            self.out.push_back(ack);
+            return;
+        }
+        if let Some(p) = self.broker.persistence() {
+            if seq != 0 {
+                p.wait(seq, &self.waker);
+            }
+        }
+        self.pending_acks.push_back((seq, ack));
+    }
+
+    /// Move held acknowledgements whose writes completed to `out`; a failed
+    /// write turns the ack into a refusal (v5 0x97 quota exceeded on a full
+    /// disk, 0x80 otherwise; 3.x has no negative ack, so the connection is
+    /// closed and the client will resend).
+    fn release_acks(&mut self) {
+        let Some(p) = self.broker.persistence() else {
+            self.out.extend(self.pending_acks.drain(..).map(|(_, a)| a));
+            return;
+        };
+        while let Some((seq, _)) = self.pending_acks.front() {
+            let status = p.status(*seq);
+            if status == AckStatus::Pending {
+                break;
+            }
+            let Some((_, mut ack)) = self.pending_acks.pop_front() else { break };
+            if let AckStatus::Failed { out_of_space } = status {
+                if self.protocol != Some(Protocol::V5) {
+                    self.pending_acks.clear();
+                    self.close_silently("store write failed: cannot acknowledge".into());
+                    return;
+                }
+                let rc = if out_of_space {
+                    ReasonCode::QUOTA_EXCEEDED
+                } else {
+                    ReasonCode::UNSPECIFIED_ERROR
+                };
+                if let Packet::PubAck(r) | Packet::PubRec(r) = &mut ack {
+                    r.reason_code = rc;
+                }
+            }
+            self.out.push_back(ack);
+        }
+    }
+
+    /// A PUBLISH the ACL refuses: not routed. v5: PUBACK / PUBREC 0x87 (QoS
+    /// 0: dropped). 3.x: per `acl.v3_deny_action`, dropped but still
+    /// acknowledged (so the client does not resend it forever), or closed.
+    fn publish_denied(&mut self, a: &Active, p: &Publish) {
+        let v5 = self.protocol == Some(Protocol::V5);
+        tracing::debug!(client_id = %a.client_id, topic = %p.topic, "PUBLISH not authorized");
+        let disconnect = !v5
+            && self
+                .broker
+                .security()
+                .is_some_and(|s| s.config.acl.v3_deny_action == V3DenyAction::Disconnect);
+        if disconnect {
+            return self.close_with(
+                ReasonCode::NOT_AUTHORIZED,
+                format!("PUBLISH to {} not authorized", p.topic),
+            );
+        }
+        let rc = if v5 {
+            ReasonCode::NOT_AUTHORIZED
+        } else {
+            ReasonCode::SUCCESS
+        };
+        let pid = p.packet_id.unwrap_or(0);
+        match p.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self
                 .out
                 .push_back(Packet::PubAck(PubResp::with_reason(pid, rc))),
+            // An error PUBREC ends the v5 exchange; a 3.x client's PUBREL
+            // for an id we don't hold is still answered with PUBCOMP.
             QoS::ExactlyOnce => self
                 .out
                 .push_back(Packet::PubRec(PubResp::with_reason(pid, rc))),
@@ -824,6 +1124,18 @@ impl Connection {
         let v5 = self.protocol == Some(Protocol::V5);
         let mut codes = Vec::with_capacity(s.filters.len());
         for (filter, options) in &s.filters {
+            if !self.acl_allows(
+                &a.client_id,
+                a.username.as_deref(),
+                &a.acl,
+                Access::Subscribe,
+                filter,
+            ) {
+                // 0x87; the 3.x encoder turns any failure into 0x80.
+                tracing::debug!(client_id = %a.client_id, %filter, "SUBSCRIBE not authorized");
+                codes.push(ReasonCode::NOT_AUTHORIZED);
+                continue;
+            }
             let share_group = match topic::parse_shared(filter) {
                 Ok(Some(sf)) => Some(ByteString::from(sf.group)),
                 _ => None,
@@ -853,6 +1165,7 @@ impl Connection {
                                 retain: true, // [MQTT-3.3.1-8]
                                 subscription_ids: ids,
                                 share: None,
+                                seq: 0,
                             };
                             self.broker.deliver(&a.cell, d);
                         }

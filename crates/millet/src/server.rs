@@ -8,18 +8,23 @@
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use millet_codec::decode;
-use tokio::io::AsyncWriteExt;
+use millet_codec::{decode, Connect, Packet, ReasonCode};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::protocol::Connection;
+use crate::protocol::{Connection, ConnectVerdict};
+use crate::security::quota::{ConnectionPermit, ConnectionRateLimiter};
+use crate::security::tls::ReloadableTls;
+use crate::security::{AuthResult, ConnectRequest, Security};
 
 /// Read sizes adapt between these bounds: a read that fills the buffer
 /// doubles the next one, one that doesn't halves it. Idle and lightly loaded
@@ -42,7 +47,11 @@ pub struct Server {
 impl Server {
     /// Bind every listener and start serving.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
-        let broker = Arc::new(Broker::new(config.clone(), Instant::now()));
+        let security = build_security(&config)?;
+        // The embedded store: opened (and recovered) before any listener.
+        let broker = Broker::open(config.clone(), Instant::now())
+            .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?;
+        let broker = Arc::new(with_security(broker, security));
         Self::start_with(broker).await
     }
 
@@ -51,19 +60,51 @@ impl Server {
         let (done_tx, done) = mpsc::channel::<()>(1);
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
-        for addr in &broker.config.listen {
+        let security = broker.security().cloned();
+        let tls = security.as_ref().and_then(|s| s.tls.clone());
+        if !broker.config.tls_listen.is_empty() && tls.is_none() {
+            anyhow::bail!("tls_listen needs [security.tls]");
+        }
+        let plain = broker.config.listen.iter().map(|a| (*a, None));
+        let secure = broker.config.tls_listen.iter().map(|a| (*a, tls.clone()));
+        for (addr, tls) in plain.chain(secure) {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
             let local = listener.local_addr()?;
-            tracing::info!(addr = %local, "listening for MQTT over TCP");
+            if tls.is_some() {
+                tracing::info!(addr = %local, "listening for MQTT over TLS");
+            } else {
+                tracing::info!(addr = %local, "listening for MQTT over TCP");
+            }
             addrs.push(local);
+            let rate = match &security {
+                Some(s) => s.connection_rate_limiter(),
+                None => ConnectionRateLimiter::new(0.0, 0.0, Instant::now()),
+            };
+            let ctx = Arc::new(ListenerCtx {
+                configured: addr,
+                tls,
+                rate,
+            });
             tasks.push(tokio::spawn(accept_loop(
                 listener,
+                ctx,
                 broker.clone(),
                 shutdown_rx.clone(),
                 done_tx.clone(),
             )));
+        }
+        if let Some(s) = &security {
+            let all: Vec<SocketAddr> = broker
+                .config
+                .listen
+                .iter()
+                .chain(&broker.config.tls_listen)
+                .copied()
+                .collect();
+            s.log_posture(&all);
+            tasks.extend(spawn_reloaders(s.clone()));
         }
         tasks.push(tokio::spawn(ticker(broker.clone(), shutdown_rx.clone())));
         drop(done_tx);
@@ -88,8 +129,78 @@ impl Server {
     }
 }
 
+/// Build the security layer from `config.security` (files are read here).
+pub fn build_security(config: &Config) -> anyhow::Result<Arc<Security>> {
+    Ok(Arc::new(Security::from_config(config.security.clone())?))
+}
+
+/// Install `security` in `broker`, with its SCRAM authenticator (v5 AUTH)
+/// when `[security.auth.scram]` is configured.
+pub fn with_security(broker: Broker, security: Arc<Security>) -> Broker {
+    let broker = match &security.scram {
+        Some(s) => broker.with_authenticator(s.clone()),
+        None => broker,
+    };
+    broker.with_security(security)
+}
+
+/// Reload the security files on SIGHUP and when they change (polled), and
+/// drop expired bans.
+fn spawn_reloaders(security: Arc<Security>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            let s = security.clone();
+            tasks.push(tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the security configuration files");
+                    for e in s.reload() {
+                        tracing::error!(error = %e, "reload failed; previous state kept");
+                    }
+                }
+            }));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP; reload on file change only"),
+    }
+    tasks.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(SECURITY_WATCH_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            for e in security.reload_if_changed().unwrap_or_default() {
+                tracing::error!(error = %e, "reload failed; previous state kept");
+            }
+            security.bans.prune(Instant::now());
+        }
+    }));
+    tasks
+}
+
+/// How often the security files are checked for changes.
+const SECURITY_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One listener's shared state.
+struct ListenerCtx {
+    /// The address as configured: the posture and `auth.anonymous_listeners`
+    /// refer to it.
+    configured: SocketAddr,
+    /// `Some` on a TLS listener.
+    tls: Option<Arc<ReloadableTls>>,
+    rate: ConnectionRateLimiter,
+}
+
+/// What the driver knows about a connection, for authentication.
+struct PeerInfo {
+    addr: SocketAddr,
+    listener: SocketAddr,
+    /// Identity (CN / SAN) of a verified client certificate.
+    tls_identity: Option<String>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
+    ctx: Arc<ListenerCtx>,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
@@ -98,16 +209,44 @@ async fn accept_loop(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    let now = Instant::now();
+                    if let Some(sec) = broker.security() {
+                        if let Some(ban) = sec.bans.ip_banned(peer.ip(), now) {
+                            tracing::debug!(%peer, %ban, "banned address: connection closed");
+                            continue;
+                        }
+                    }
+                    if !ctx.rate.allow(now) {
+                        tracing::debug!(%peer, listener = %ctx.configured, "connection rate limit: connection closed");
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     let broker = broker.clone();
                     let shutdown = shutdown.clone();
                     let done = done.clone();
-                    let fut = async move {
-                        serve(stream, peer, broker, shutdown).await;
-                        drop(done);
+                    let mut info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None };
+                    let Some(tls) = &ctx.tls else {
+                        let fut = async move {
+                            serve(stream, info, broker, shutdown).await;
+                            drop(done);
+                        };
+                        tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
+                        tokio::spawn(fut);
+                        continue;
                     };
-                    tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
-                    tokio::spawn(fut);
+                    let acceptor = tls.acceptor();
+                    tokio::spawn(async move {
+                        let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+                        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => {
+                                info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
+                                serve(s, info, broker, shutdown).await;
+                            }
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                        drop(done);
+                    });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -131,13 +270,178 @@ async fn ticker(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// A byte stream a connection task reads and writes: TCP or TLS over TCP.
+trait Transport: AsyncWrite + Unpin + Send {
+    /// Read what is available into `buf`, reserving about `hint` bytes
+    /// (TCP: only once the socket is readable, so waiting holds no buffer).
+    /// `Ok(0)`: end of stream.
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        hint: usize,
+    ) -> Poll<std::io::Result<usize>>;
+}
+
+impl Transport for TcpStream {
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        hint: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.poll_read_ready(cx))?;
+            buf.reserve(hint);
+            match self.try_read_buf(buf) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                }
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        hint: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        buf.reserve(hint);
+        let r = tokio_util::io::poll_read_buf(Pin::new(self), cx, buf);
+        if r.is_pending() && buf.is_empty() {
+            *buf = BytesMut::new();
+        }
+        r
+    }
+}
+
+/// Read until the transport has nothing more (or `READ_MAX` is buffered),
+/// adapting `read_size`: `Ready(Ok(0))` only at end of stream.
+fn poll_read_some<S: Transport>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    rbuf: &mut BytesMut,
+    read_size: &mut usize,
+) -> Poll<std::io::Result<usize>> {
+    let mut total = 0;
+    loop {
+        match stream.poll_read_into(cx, rbuf, *read_size) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Ok(total)),
+            Poll::Ready(Ok(n)) => {
+                total += n;
+                if n < *read_size {
+                    *read_size = (*read_size / 2).max(READ_MIN);
+                    return Poll::Ready(Ok(total));
+                }
+                *read_size = (*read_size * 2).min(READ_MAX);
+                if rbuf.len() >= READ_MAX {
+                    return Poll::Ready(Ok(total));
+                }
+            }
+            Poll::Ready(Err(e)) if total == 0 => return Poll::Ready(Err(e)),
+            Poll::Pending if total == 0 => return Poll::Pending,
+            Poll::Ready(Err(_)) | Poll::Pending => return Poll::Ready(Ok(total)),
+        }
+    }
+}
+
+/// Decide on a CONNECT: bans (client id, username, address), the
+/// authentication chain (or, for an enhanced-authentication CONNECT, the
+/// AUTH exchange that follows), bans on the effective names, and the
+/// per-username connection limit (the permit is held by the connection).
+async fn connect_verdict(
+    sec: &Security,
+    c: &Connect,
+    peer: &PeerInfo,
+    limit: Duration,
+) -> (ConnectVerdict, Option<ConnectionPermit>) {
+    let now = Instant::now();
+    let banned = |client_id: &str, username: Option<&str>| {
+        let ban = sec.bans.check(client_id, username, Some(peer.addr.ip()), now);
+        if let Some(b) = &ban {
+            tracing::info!(peer = %peer.addr, client_id, ban = %b, "banned client refused");
+        }
+        ban.is_some()
+    };
+    if banned(&c.client_id, c.username.as_deref()) {
+        return (ConnectVerdict::refuse(ReasonCode::BANNED), None);
+    }
+    let mut v = ConnectVerdict::default();
+    if c.properties.authentication_method.is_some() {
+        // The AUTH exchange authenticates (an unknown method gets 0x8C);
+        // the SCRAM user becomes the ACL's username.
+        v.username = c
+            .properties
+            .authentication_data
+            .as_deref()
+            .and_then(crate::security::scram::client_first_username);
+    } else {
+        let req = ConnectRequest {
+            client_id: c.client_id.to_string(),
+            username: c.username.as_deref().map(str::to_string),
+            password: c.password.as_deref().map(<[u8]>::to_vec),
+            peer: peer.addr,
+            protocol: c.protocol.level(),
+            tls_identity: peer.tls_identity.clone(),
+        };
+        let (req, result) =
+            match tokio::time::timeout(limit, sec.authenticate(req, peer.listener)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(peer = %peer.addr, client_id = %c.client_id, "authentication timed out");
+                    return (ConnectVerdict::refuse(ReasonCode::NOT_AUTHORIZED), None);
+                }
+            };
+        match result {
+            AuthResult::Deny => {
+                let rc = if c.password.is_some() {
+                    ReasonCode::BAD_USER_NAME_OR_PASSWORD
+                } else {
+                    ReasonCode::NOT_AUTHORIZED
+                };
+                return (ConnectVerdict::refuse(rc), None);
+            }
+            AuthResult::Allow { acl } => {
+                v.acl = acl;
+                if req.client_id != *c.client_id {
+                    v.client_id = Some(req.client_id);
+                }
+                v.username = req.username;
+            }
+        }
+        let client_id = v.client_id.as_deref().unwrap_or(&c.client_id);
+        if banned(client_id, v.username.as_deref()) {
+            return (ConnectVerdict::refuse(ReasonCode::BANNED), None);
+        }
+    }
+    let mut permit = None;
+    if let Some(user) = &v.username {
+        match sec.user_connections.try_acquire(user) {
+            Some(p) => permit = Some(p),
+            None => {
+                tracing::info!(peer = %peer.addr, username = %user, "max_connections_per_user reached");
+                return (ConnectVerdict::refuse(ReasonCode::QUOTA_EXCEEDED), None);
+            }
+        }
+    }
+    (v, permit)
+}
+
 /// Drive one connection until it closes.
-async fn serve(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+async fn serve<S: Transport>(
+    mut stream: S,
+    info: PeerInfo,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let peer = info.addr;
+    let mut _permit: Option<ConnectionPermit> = None;
     let mut conn = Connection::new(broker.clone(), Instant::now());
     let mut rbuf = BytesMut::new();
     let mut wbuf = BytesMut::new();
@@ -148,7 +452,18 @@ async fn serve(
         // 1. Decode and handle every complete packet received so far.
         while conn.poll_close().is_none() && !rbuf.is_empty() {
             match decode(&mut rbuf, conn.protocol(), conn.max_packet_size()) {
-                Ok(Some(p)) => conn.handle_packet(p, Instant::now()),
+                Ok(Some(p)) => {
+                    if let (Packet::Connect(c), Some(sec)) = (&p, broker.security()) {
+                        if conn.is_awaiting_connect() {
+                            let limit =
+                                Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+                            let (v, permit) = connect_verdict(sec, c, &info, limit).await;
+                            _permit = permit;
+                            conn.set_connect_verdict(v);
+                        }
+                    }
+                    conn.handle_packet(p, Instant::now())
+                }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::info!(%peer, client_id = conn.client_id().unwrap_or(""), error = %e,
@@ -163,7 +478,7 @@ async fn serve(
         // 2. Write what the state machine produced.
         conn.poll_transmit(Instant::now(), &mut wbuf);
         if !wbuf.is_empty() {
-            if stream.write_all(&wbuf).await.is_err() {
+            if stream.write_all(&wbuf).await.is_err() || stream.flush().await.is_err() {
                 break;
             }
             if wbuf.capacity() > KEEP_WRITE_CAPACITY {
@@ -184,22 +499,8 @@ async fn serve(
         let deadline = conn.poll_timeout().map(tokio::time::Instant::from_std);
         let waker = conn.waker().clone();
         tokio::select! {
-            r = stream.readable(), if !conn.is_paused() => {
-                if r.is_err() { break; }
-                loop {
-                    rbuf.reserve(read_size);
-                    let space = rbuf.capacity() - rbuf.len();
-                    match stream.try_read_buf(&mut rbuf) {
-                        Ok(0) => { eof = true; break; }
-                        Ok(n) if n == space => {
-                            read_size = (read_size * 2).min(READ_MAX);
-                            if rbuf.len() >= READ_MAX { break; }
-                        }
-                        Ok(_) => { read_size = (read_size / 2).max(READ_MIN); break; }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(_) => { eof = true; break; }
-                    }
-                }
+            r = std::future::poll_fn(|cx| poll_read_some(&mut stream, cx, &mut rbuf, &mut read_size)), if !conn.is_paused() => {
+                if !matches!(r, Ok(n) if n > 0) { eof = true; }
             }
             _ = waker.notified() => {}
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
@@ -211,6 +512,6 @@ async fn serve(
             }
         }
     }
-    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
     conn.handle_closed(Instant::now());
 }

@@ -36,6 +36,8 @@ pub struct Message {
     pub publisher: Option<SessionId>,
     /// The publisher's client id (hash strategy of shared subscriptions).
     pub publisher_client_id: ByteString,
+    /// Id in the durable store, set when the message is first persisted.
+    pub store_id: std::sync::OnceLock<u64>,
 }
 
 impl Message {
@@ -51,6 +53,7 @@ impl Message {
             expires_at: self.expires_at,
             publisher: self.publisher,
             publisher_client_id: ByteString::from(&*self.publisher_client_id),
+            store_id: Default::default(),
         }
     }
 
@@ -71,6 +74,8 @@ pub struct Delivery {
     /// The `$share/g/f` filter this came through, if shared (for redelivery to
     /// another member when this session ends).
     pub share: Option<ByteString>,
+    /// Position of the stored queue entry (0: not persisted).
+    pub seq: u64,
 }
 
 /// A subscription as the session records it.
@@ -135,6 +140,11 @@ pub struct Session {
     pub will: Option<Will>,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
+    /// The session has a record in the durable store (it is persistent and
+    /// a store is configured): its queue, in-flight and QoS 2 ids are mirrored there.
+    pub persisted: bool,
+    /// Next queue entry / in-flight order number for the store.
+    pub next_seq: u64,
     drop_logged: bool,
 }
 
@@ -154,6 +164,8 @@ impl Session {
             will: None,
             dropped: 0,
             drop_logged: false,
+            persisted: false,
+            next_seq: 1,
         }
     }
 
@@ -225,13 +237,23 @@ impl Session {
     }
 
     pub fn push_inflight(&mut self, packet_id: u16, delivery: Delivery) {
-        self.inflight.push_back((
-            packet_id,
-            Inflight {
-                delivery,
-                state: InflightState::AwaitAck,
-            },
-        ));
+        self.push_inflight_state(packet_id, delivery, InflightState::AwaitAck);
+    }
+
+    pub fn push_inflight_state(&mut self, packet_id: u16, delivery: Delivery, state: InflightState) {
+        self.inflight.push_back((packet_id, Inflight { delivery, state }));
+    }
+
+    /// The in-flight entry for `packet_id`.
+    pub fn inflight_get(&self, packet_id: u16) -> Option<&Inflight> {
+        self.inflight.iter().find(|(p, _)| *p == packet_id).map(|(_, i)| i)
+    }
+
+    /// Take the next store sequence number.
+    pub fn take_seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
     }
 
     fn inflight_pos(&self, packet_id: u16) -> Option<usize> {
@@ -406,11 +428,13 @@ mod tests {
                 expires_at: None,
                 publisher: None,
                 publisher_client_id: "p".into(),
+                store_id: Default::default(),
             }),
             qos,
             retain: false,
             subscription_ids: SmallVec::new(),
             share: None,
+            seq: 0,
         }
     }
 

@@ -529,3 +529,250 @@ fn slow_online_subscriber_pauses_publishers_instead_of_dropping() {
         0
     );
 }
+
+// ---- security: connect verdicts, ACL, quotas ------------------------------
+
+mod security {
+    use super::*;
+    use millet::protocol::ConnectVerdict;
+    use millet::security::acl::{Action, Permission, Rule};
+    use millet::security::{Security, SecurityConfig};
+
+    fn secure_broker(
+        rules: Vec<Rule>,
+        f: impl FnOnce(&mut SecurityConfig),
+    ) -> (Arc<Broker>, Instant) {
+        let mut sc = SecurityConfig::default();
+        f(&mut sc);
+        let sec = Security::from_config(sc).expect("security config");
+        sec.acl.set_rules(rules).expect("valid rules");
+        let mut cfg = Config::default();
+        cfg.sys_interval = 0;
+        let now = Instant::now();
+        (
+            Arc::new(Broker::new(cfg, now).with_security(Arc::new(sec))),
+            now,
+        )
+    }
+
+    fn connect_with(
+        b: &Arc<Broker>,
+        c: Connect,
+        v: ConnectVerdict,
+        now: Instant,
+    ) -> (Client, ConnAck) {
+        let mut cl = Client {
+            conn: Connection::new(b.clone(), now),
+            proto: c.protocol,
+            wire: BytesMut::new(),
+            backlog: Vec::new(),
+        };
+        cl.conn.set_connect_verdict(v);
+        cl.send(Packet::Connect(Box::new(c)), now);
+        let mut pkts = cl.recv(now);
+        match pkts.first() {
+            Some(Packet::ConnAck(a)) => {
+                let a = a.clone();
+                pkts.remove(0);
+                cl.backlog = pkts;
+                (cl, a)
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    fn rule(permission: Permission, action: Action, client_id: Option<&str>, t: &str) -> Rule {
+        Rule {
+            permission,
+            action,
+            username: None,
+            client_id: client_id.map(str::to_string),
+            topics: vec![t.to_string()],
+        }
+    }
+
+    fn subscribe_codes(c: &mut Client, filters: &[&str], now: Instant) -> Vec<ReasonCode> {
+        c.send(
+            Packet::Subscribe(Subscribe {
+                packet_id: 7,
+                subscription_identifier: None,
+                user_properties: vec![],
+                filters: filters
+                    .iter()
+                    .map(|f| (bytestring::ByteString::from(*f), SubscriptionOptions::default()))
+                    .collect(),
+            }),
+            now,
+        );
+        match c.recv(now).first() {
+            Some(Packet::SubAck(a)) => a.reason_codes.clone(),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusing_verdicts_answer_connack_with_the_mapped_code_and_close() {
+        let (b, t0) = broker();
+        let cases = [
+            (Protocol::V5, ReasonCode::BAD_USER_NAME_OR_PASSWORD, ReasonCode(0x86)),
+            (Protocol::V5, ReasonCode::NOT_AUTHORIZED, ReasonCode(0x87)),
+            (Protocol::V5, ReasonCode::BANNED, ReasonCode(0x8A)),
+            (Protocol::V5, ReasonCode::QUOTA_EXCEEDED, ReasonCode(0x97)),
+            // 3.1.1 return codes 4 and 5, decoded back as 0x86 / 0x87
+            (Protocol::V3_1_1, ReasonCode::BAD_USER_NAME_OR_PASSWORD, ReasonCode(0x86)),
+            (Protocol::V3_1_1, ReasonCode::BANNED, ReasonCode(0x87)),
+        ];
+        for (i, (proto, rc, want)) in cases.into_iter().enumerate() {
+            let id = format!("refused-{i}");
+            let (c, ack) = connect_with(
+                &b,
+                connect_packet(proto, &id, true),
+                ConnectVerdict::refuse(rc),
+                t0,
+            );
+            assert_eq!(ack.reason_code, want, "{proto:?} {rc}");
+            assert!(c.conn.poll_close().is_some());
+            assert!(c.conn.client_id().is_none());
+        }
+        assert_eq!(b.session_count(), 0);
+    }
+
+    #[test]
+    fn verdict_rewrites_the_client_id_and_carries_per_client_rules() {
+        let (b, t0) = secure_broker(vec![], |_| {});
+        let v = ConnectVerdict {
+            client_id: Some("cert-cn".into()),
+            username: Some("cert-cn".into()),
+            acl: vec![Rule::allow(Action::All, vec!["dev/%u/#".into()])],
+            ..Default::default()
+        };
+        let (mut c, ack) = connect_with(&b, connect_packet(Protocol::V5, "claimed", true), v, t0);
+        assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+        assert_eq!(c.conn.client_id(), Some("cert-cn"));
+        assert_eq!(
+            subscribe_codes(&mut c, &["dev/cert-cn/+", "dev/other/+"], t0),
+            vec![ReasonCode::SUCCESS, ReasonCode::NOT_AUTHORIZED]
+        );
+    }
+
+    #[test]
+    fn acl_denies_publish_and_subscribe_v5_and_v3() {
+        let rules = vec![
+            rule(Permission::Allow, Action::Subscribe, Some("watcher"), "#"),
+            rule(Permission::Allow, Action::Publish, None, "up/%c/#"),
+            rule(Permission::Allow, Action::Subscribe, None, "down/%c/#"),
+        ];
+        let (b, t0) = secure_broker(rules, |_| {});
+        let mut w = Client::v5(&b, "watcher", t0);
+        w.subscribe("#", QoS::AtLeastOnce, t0);
+        let mut d5 = Client::v5(&b, "d5", t0);
+        d5.publish("up/d5/t", b"ok", QoS::AtLeastOnce, Some(1), t0);
+        d5.publish("up/other/t", b"no", QoS::AtLeastOnce, Some(2), t0);
+        d5.publish("up/other/t", b"no", QoS::ExactlyOnce, Some(3), t0);
+        d5.publish("up/other/t", b"no", QoS::AtMostOnce, None, t0);
+        let p = d5.recv(t0);
+        assert!(
+            matches!(&p[..], [Packet::PubAck(a), Packet::PubAck(b), Packet::PubRec(c)]
+                if a.packet_id == 1 && !a.reason_code.is_error()
+                && b.packet_id == 2 && b.reason_code == ReasonCode::NOT_AUTHORIZED
+                && c.packet_id == 3 && c.reason_code == ReasonCode::NOT_AUTHORIZED),
+            "{p:?}"
+        );
+        assert_eq!(
+            subscribe_codes(&mut d5, &["down/d5/#", "down/x/#", "#"], t0),
+            vec![
+                ReasonCode::SUCCESS,
+                ReasonCode::NOT_AUTHORIZED,
+                ReasonCode::NOT_AUTHORIZED
+            ]
+        );
+        // 3.1.1 (drop): acknowledged as usual, never routed; SUBACK 0x80.
+        let (mut d3, _) = Client::new(&b, connect_packet(Protocol::V3_1_1, "d3", true), t0);
+        d3.publish("up/d5/t", b"no", QoS::AtLeastOnce, Some(4), t0);
+        let p = d3.recv(t0);
+        assert!(
+            matches!(&p[..], [Packet::PubAck(a)] if a.packet_id == 4),
+            "{p:?}"
+        );
+        assert!(d3.conn.poll_close().is_none());
+        assert_eq!(
+            subscribe_codes(&mut d3, &["down/x/#"], t0),
+            vec![ReasonCode(0x80)]
+        );
+        let got = w.recv(t0);
+        let got = publishes(&got);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(&*got[0].topic, "up/d5/t");
+    }
+
+    #[test]
+    fn v3_deny_action_disconnect_closes() {
+        let rules = vec![rule(Permission::Allow, Action::Publish, None, "ok")];
+        let (b, t0) = secure_broker(rules, |s| {
+            s.acl.v3_deny_action = millet::security::V3DenyAction::Disconnect;
+        });
+        let (mut d3, _) = Client::new(&b, connect_packet(Protocol::V3_1_1, "d3", true), t0);
+        d3.publish("nope", b"x", QoS::AtLeastOnce, Some(1), t0);
+        assert!(d3.recv(t0).is_empty());
+        assert_eq!(
+            d3.conn.poll_close().map(|c| c.reason),
+            Some(ReasonCode::NOT_AUTHORIZED)
+        );
+    }
+
+    #[test]
+    fn will_topic_outside_the_acl_refuses_the_connect() {
+        let rules = vec![rule(Permission::Allow, Action::Publish, None, "wills/%c")];
+        let (b, t0) = secure_broker(rules, |_| {});
+        let will = |t: &str| LastWill {
+            topic: t.into(),
+            payload: bytes::Bytes::from_static(b"gone"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Default::default(),
+        };
+        let mut c = connect_packet(Protocol::V5, "w1", true);
+        c.will = Some(will("elsewhere"));
+        let (_, ack) = Client::new(&b, c, t0);
+        assert_eq!(ack.reason_code, ReasonCode::NOT_AUTHORIZED);
+        let mut c = connect_packet(Protocol::V5, "w2", true);
+        c.will = Some(will("wills/w2"));
+        let (_, ack) = Client::new(&b, c, t0);
+        assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    }
+
+    #[test]
+    fn message_rate_quota_disconnects_with_0x96_or_throttles() {
+        let (b, t0) = secure_broker(vec![], |s| {
+            s.quota.messages_per_sec = 1.0;
+            s.quota.messages_burst = 2.0;
+        });
+        let mut c = Client::v5(&b, "fast", t0);
+        for i in 1..=3 {
+            c.publish("t", b"x", QoS::AtMostOnce, None, t0);
+            if i < 3 {
+                assert!(c.conn.poll_close().is_none());
+            }
+        }
+        let p = c.recv(t0);
+        assert!(
+            matches!(&p[..], [Packet::Disconnect(d)] if d.reason_code == ReasonCode::MESSAGE_RATE_TOO_HIGH),
+            "{p:?}"
+        );
+        // back-pressure mode: accepted, then not read until the bucket refills
+        let (b, t0) = secure_broker(vec![], |s| {
+            s.quota.messages_per_sec = 1.0;
+            s.quota.messages_burst = 1.0;
+            s.quota.on_exceeded = millet::security::quota::ExceededAction::Backpressure;
+        });
+        let mut c = Client::v5(&b, "slowed", t0);
+        c.publish("t", b"x", QoS::AtMostOnce, None, t0);
+        assert!(!c.conn.is_paused());
+        c.publish("t", b"x", QoS::AtMostOnce, None, t0);
+        assert!(c.conn.is_paused() && c.conn.poll_close().is_none());
+        let until = c.conn.poll_timeout().expect("throttle deadline");
+        assert!(until > t0 && until <= t0 + Duration::from_secs(1));
+        c.conn.handle_timeout(until);
+        assert!(!c.conn.is_paused());
+    }
+}

@@ -10,6 +10,7 @@
 //! because publishers hold `index` (read) while they take session locks.
 
 pub mod index;
+pub mod persist;
 pub mod retained;
 mod sys;
 #[cfg(test)]
@@ -28,6 +29,7 @@ use smallvec::SmallVec;
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ShareStrategyConfig};
+use crate::store::Op;
 use crate::session::{
     ConnWaker, Delivery, Enqueued, Message, Session, SessionCell, SessionId, Subscription, Will,
 };
@@ -64,6 +66,8 @@ pub struct Routed {
     pub sessions: usize,
     /// A receiving session is congested: the publisher should pause.
     pub congested: bool,
+    /// Store sequence the acknowledgement must wait for (0: nothing stored).
+    pub store_seq: u64,
 }
 
 /// Result of attaching a connection to a session.
@@ -100,6 +104,11 @@ pub struct Broker {
     started: Instant,
     last_sys: Mutex<Option<Instant>>,
     authenticator: Option<Arc<dyn Authenticator>>,
+    /// Authorization, quotas and bans ([`crate::security`]); `None`: allow all.
+    security: Option<Arc<crate::security::Security>>,
+    /// The embedded store; `None` runs in memory only.
+    persist: Option<persist::Persistence>,
+    last_sweep: Mutex<Option<Instant>>,
 }
 
 thread_local! {
@@ -125,7 +134,179 @@ impl Broker {
             started: now,
             last_sys: Mutex::new(None),
             authenticator: None,
+            security: None,
+            persist: None,
+            last_sweep: Mutex::new(None),
         }
+    }
+
+    /// A broker on the embedded store configured in `config.store`, with
+    /// everything the store holds restored (sessions, queues, in-flight
+    /// windows, QoS 2 ids, delayed wills, retained messages).
+    pub fn open(config: Config, now: Instant) -> Result<Broker, crate::store::StoreError> {
+        let opened = persist::Persistence::open(&config.data_dir, &config.store, now)?;
+        let mut broker = Broker::new(config, now);
+        if let Some((p, recovered)) = opened {
+            broker.persist = Some(p);
+            broker.restore(recovered, now);
+        }
+        Ok(broker)
+    }
+
+    /// The store, if any (for the protocol's ack gating).
+    pub fn persistence(&self) -> Option<&persist::Persistence> {
+        self.persist.as_ref()
+    }
+
+    /// Rebuild the in-memory state from what the store recovered.
+    fn restore(&mut self, rec: crate::store::Recovered, now: Instant) {
+        let Some(p) = &self.persist else { return };
+        let now_ms = p.unix_ms(now);
+        let mut messages: HashMap<u64, Arc<Message>> = HashMap::new();
+        let mut message = |id: u64| -> Option<Arc<Message>> {
+            if let Some(m) = messages.get(&id) {
+                return Some(m.clone());
+            }
+            let r = rec.messages.get(&id)?;
+            let m = Arc::new(p.message_from_record(id, r, now));
+            messages.insert(id, m.clone());
+            Some(m)
+        };
+        let (mut n_sessions, mut n_queued, mut n_inflight) = (0usize, 0usize, 0usize);
+        let mut registry = HashMap::new();
+        let mut wills = Vec::new();
+        let idx = self.index.get_mut();
+        for rs in &rec.sessions {
+            let client_id = ByteString::from(rs.session.client_id.as_str());
+            let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
+            let mut s = Session::new(id, client_id.clone(), self.config.limits.max_queued);
+            s.persisted = true;
+            s.expiry_interval = rs.session.expiry_interval;
+            // Connected at the crash: the session's clock starts now.
+            let expires_ms = rs.session.expires_at_ms.or_else(|| {
+                (rs.session.expiry_interval != u32::MAX)
+                    .then(|| now_ms.saturating_add(u64::from(rs.session.expiry_interval) * 1000))
+            });
+            s.expires_at = expires_ms.map(|ms| p.instant(ms, now));
+            let cell_subs: Vec<(ByteString, Subscription)> = rs
+                .session
+                .subscriptions
+                .iter()
+                .map(|r| {
+                    let filter = ByteString::from(r.filter.as_str());
+                    let share_group = match topic::parse_shared(&filter) {
+                        Ok(Some(sf)) => Some(ByteString::from(sf.group)),
+                        _ => None,
+                    };
+                    (
+                        filter,
+                        Subscription {
+                            options: r.options(),
+                            identifier: r.identifier,
+                            share_group,
+                        },
+                    )
+                })
+                .collect();
+            for (seq, e) in &rs.queue {
+                let Some(msg) = message(e.message_id) else { continue };
+                let mut ids = SmallVec::new();
+                ids.extend(e.subscription_ids.iter().copied());
+                s.enqueue(Delivery {
+                    msg,
+                    qos: persist::qos(e.qos),
+                    retain: e.retain,
+                    subscription_ids: ids,
+                    share: e.share.as_deref().map(ByteString::from),
+                    seq: *seq,
+                });
+                s.next_seq = s.next_seq.max(seq + 1);
+                n_queued += 1;
+            }
+            for (pid, e) in &rs.inflight {
+                let Some(msg) = message(e.message_id) else { continue };
+                let mut ids = SmallVec::new();
+                ids.extend(e.subscription_ids.iter().copied());
+                let d = Delivery {
+                    msg,
+                    qos: persist::qos(e.qos),
+                    retain: e.retain,
+                    subscription_ids: ids,
+                    share: None,
+                    seq: 0,
+                };
+                let state = match e.state {
+                    crate::store::InflightState::AwaitAck => crate::session::InflightState::AwaitAck,
+                    crate::store::InflightState::AwaitComp => crate::session::InflightState::AwaitComp,
+                };
+                s.push_inflight_state(*pid, d, state);
+                s.next_seq = s.next_seq.max(e.order + 1);
+                n_inflight += 1;
+            }
+            s.awaiting_rel.extend(rs.awaiting_rel.iter().copied());
+            if let Some(w) = &rs.session.will {
+                // A will pending at the crash (or of a connection the crash
+                // cut) is published after its delay from now, or at its
+                // recorded time.
+                let at = match rs.session.will_at_ms {
+                    Some(ms) => p.instant(ms, now),
+                    None => now + Duration::from_secs(u64::from(w.delay_interval.unwrap_or(0))),
+                };
+                wills.push(DelayedWill {
+                    at,
+                    will: persist::Persistence::will_from_record(w, &client_id, id),
+                });
+            }
+            let cell = SessionCell::new(s);
+            for (filter, sub) in cell_subs {
+                let entry = IndexEntry {
+                    cell: cell.clone(),
+                    options: sub.options,
+                    identifier: sub.identifier,
+                    share: sub.share_group.as_ref().map(|_| filter.clone()),
+                };
+                match topic::parse_shared(&filter) {
+                    Ok(Some(sf)) => {
+                        idx.insert_shared(sf.group, sf.filter, id, entry);
+                    }
+                    _ => {
+                        idx.insert(&filter, id, entry);
+                    }
+                }
+                cell.state.lock().session.subscriptions.insert(filter, sub);
+                self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+            }
+            registry.insert(client_id, cell);
+            n_sessions += 1;
+        }
+        let retained = self.retained.get_mut();
+        for (topic_name, id) in &rec.retained {
+            if let Some(m) = message(*id) {
+                if !m.is_expired(now) {
+                    retained.set(topic_name, m);
+                }
+            }
+        }
+        *self.registry.get_mut() = registry;
+        self.delayed_wills.get_mut().extend(wills);
+        tracing::info!(
+            sessions = n_sessions,
+            queued = n_queued,
+            inflight = n_inflight,
+            retained = rec.retained.len(),
+            dropped_records = rec.dropped,
+            "recovered state from the store"
+        );
+    }
+
+    /// Install the security layer (ACL, quotas, bans) consulted by connections.
+    pub fn with_security(mut self, s: Arc<crate::security::Security>) -> Broker {
+        self.security = Some(s);
+        self
+    }
+
+    pub fn security(&self) -> Option<&Arc<crate::security::Security>> {
+        self.security.as_ref()
     }
 
     /// Install the enhanced-authentication provider (MQTT 5 AUTH).
@@ -229,6 +410,12 @@ impl Broker {
                 client_id: client_id.clone(),
                 session: attached.cell.id,
             });
+            if let Some(p) = &self.persist {
+                if expiry_interval > 0 {
+                    st.session.persisted = true;
+                    p.submit(vec![Op::PutSession(p.session_record(&st.session, None))]);
+                }
+            }
         }
         if let Some(cell) = ended {
             self.end_session(&cell, now);
@@ -269,6 +456,7 @@ impl Broker {
             }
             let expiry = st.session.expiry_interval;
             let will = st.session.will.take();
+            let mut delayed: Option<(crate::store::WillRecord, Instant)> = None;
             if let (true, Some(w)) = (publish_will, will) {
                 let delay = w
                     .will
@@ -279,10 +467,9 @@ impl Broker {
                 if delay == 0 {
                     will_now = Some(w);
                 } else {
-                    self.delayed_wills.lock().push(DelayedWill {
-                        at: now + Duration::from_secs(u64::from(delay)),
-                        will: w,
-                    });
+                    let at = now + Duration::from_secs(u64::from(delay));
+                    delayed = Some((crate::store::WillRecord::from(&w.will), at));
+                    self.delayed_wills.lock().push(DelayedWill { at, will: w });
                 }
             }
             if expiry == 0 {
@@ -290,6 +477,11 @@ impl Broker {
             } else {
                 st.session.expires_at =
                     (expiry != u32::MAX).then(|| now + Duration::from_secs(u64::from(expiry)));
+                if let (Some(p), true) = (&self.persist, st.session.persisted) {
+                    let mut rec = p.session_record(&st.session, delayed.as_ref().map(|d| d.1));
+                    rec.will = delayed.map(|d| d.0);
+                    p.submit(vec![Op::PutSession(rec)]);
+                }
                 drop(st);
                 drop(reg);
                 false
@@ -318,6 +510,12 @@ impl Broker {
             let mut st = cell.state.lock();
             let subs: Vec<(ByteString, Subscription)> = st.session.subscriptions.drain().collect();
             let pending = st.session.drain_all();
+            if let (Some(p), true) = (&self.persist, st.session.persisted) {
+                st.session.persisted = false;
+                p.submit(vec![Op::DeleteSession {
+                    client_id: st.session.client_id.to_string(),
+                }]);
+            }
             (subs, pending)
         };
         {
@@ -379,6 +577,7 @@ impl Broker {
             expires_at,
             publisher: Some(w.session),
             publisher_client_id: w.client_id,
+            store_id: Default::default(),
         };
         tracing::debug!(topic = %msg.topic, "publishing will");
         self.publish(Arc::new(msg), None, now);
@@ -399,16 +598,38 @@ impl Broker {
         publisher: Option<&Arc<ConnWaker>>,
         _now: Instant,
     ) -> Routed {
-        self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
+        if msg.publisher.is_some() {
+            self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut retained_seq = 0;
+        // `$SYS` is regenerated every interval: not worth a disk write.
+        let persist = self.persist.as_ref().filter(|_| !msg.topic.starts_with("$SYS/"));
         if msg.retain {
             let mut r = self.retained.write();
             if msg.payload.is_empty() {
                 r.remove(&msg.topic); // [MQTT-3.3.1-10]
+                if let Some(p) = persist {
+                    retained_seq = p.submit(vec![Op::DeleteRetained {
+                        topic: msg.topic.to_string(),
+                    }]);
+                }
             } else {
-                r.set(&msg.topic, Arc::new(msg.detached())); // [MQTT-3.3.1-5]
+                let kept = Arc::new(msg.detached());
+                if let Some(p) = persist {
+                    let mut ops = Vec::with_capacity(2);
+                    let message_id = p.message_id(&kept, &mut ops, true);
+                    ops.push(Op::PutRetained {
+                        topic: msg.topic.to_string(),
+                        message_id,
+                    });
+                    retained_seq = p.submit(ops);
+                }
+                r.set(&msg.topic, kept); // [MQTT-3.3.1-5]
             }
         }
-        self.route(&msg, publisher)
+        let mut routed = self.route(&msg, publisher);
+        routed.store_seq = routed.store_seq.max(retained_seq);
+        routed
     }
 
     fn route(&self, msg: &Arc<Message>, publisher: Option<&Arc<ConnWaker>>) -> Routed {
@@ -417,6 +638,7 @@ impl Broker {
             .read()
             .matches(&msg.topic, &msg.publisher_client_id, &mut matches);
         let mut routed = Routed::default();
+        let mut ops = Vec::new();
         // Overlapping subscriptions of one session are merged into one delivery
         // with the highest QoS and every subscription identifier [MQTT-3.3.4-2..5].
         for run in index::group_by_key(&mut matches) {
@@ -438,6 +660,7 @@ impl Broker {
                             retain,
                             subscription_ids: ids,
                             share: e.share.clone(),
+                            seq: 0,
                         });
                     }
                     Some(d) => {
@@ -448,18 +671,33 @@ impl Broker {
                 }
             }
             if let (Some(d), Some(first)) = (best, run.first()) {
-                routed.congested |= self.deliver_with_pressure(&first.value.cell, d, publisher);
+                routed.congested |=
+                    self.deliver_with_pressure(&first.value.cell, d, publisher, &mut ops, false);
                 routed.sessions += 1;
             }
         }
         matches.clear();
         MATCHES.with(|m| *m.borrow_mut() = matches);
+        if let Some(p) = &self.persist {
+            routed.store_seq = p.submit(ops);
+        }
         routed
     }
 
     /// Queue a delivery on a session and wake its connection.
     pub fn deliver(&self, cell: &SessionCell, d: Delivery) {
-        self.deliver_with_pressure(cell, d, None);
+        let mut ops = Vec::new();
+        self.deliver_with_pressure(cell, d, None, &mut ops, true);
+        if let Some(p) = &self.persist {
+            p.submit(ops);
+        }
+    }
+
+    /// Store the session record (metadata, subscriptions, will) if persisted.
+    fn persist_session(&self, s: &Session) {
+        if let (Some(p), true) = (&self.persist, s.persisted) {
+            p.submit(vec![Op::PutSession(p.session_record(s, None))]);
+        }
     }
 
     /// Queue a delivery; returns true if the session is congested and
@@ -467,13 +705,27 @@ impl Broker {
     fn deliver_with_pressure(
         &self,
         cell: &SessionCell,
-        d: Delivery,
+        mut d: Delivery,
         publisher: Option<&Arc<ConnWaker>>,
+        ops: &mut Vec<Op>,
+        force_message: bool,
     ) -> bool {
         let threshold = self.config.limits.backpressure_queued;
         let (r, congested) = {
             let mut st = cell.state.lock();
+            let op = match &self.persist {
+                Some(p) if st.session.persisted && (d.qos != QoS::AtMostOnce || p.persist_qos0) => {
+                    d.seq = st.session.take_seq();
+                    Some(p.queue_op(&st.session.client_id, &d, ops, force_message))
+                }
+                _ => None,
+            };
             let r = st.session.enqueue(d);
+            if let Some(op) = op {
+                if r != Enqueued::Dropped {
+                    ops.push(op);
+                }
+            }
             st.wake();
             let congested = match publisher {
                 Some(w) if st.conn_epoch != 0 && st.session.queue_len() >= threshold => {
@@ -526,6 +778,7 @@ impl Broker {
             st.session
                 .subscriptions
                 .insert(ByteString::from(&**filter), sub.clone());
+            self.persist_session(&st.session);
             !exists
         };
         let entry = IndexEntry {
@@ -553,8 +806,13 @@ impl Broker {
 
     /// Remove a subscription; returns whether it existed.
     pub fn unsubscribe(&self, cell: &Arc<SessionCell>, filter: &ByteString) -> bool {
-        let Some(sub) = cell.state.lock().session.subscriptions.remove(filter) else {
-            return false;
+        let sub = {
+            let mut st = cell.state.lock();
+            let Some(sub) = st.session.subscriptions.remove(filter) else {
+                return false;
+            };
+            self.persist_session(&st.session);
+            sub
         };
         remove_from_index(&mut self.index.write(), filter, &sub, cell.id);
         self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
@@ -619,6 +877,13 @@ impl Broker {
             self.end_session(&cell, now);
         }
         self.retained.write().retain_where(|m| !m.is_expired(now));
+        if let Some(p) = &self.persist {
+            let mut last = self.last_sweep.lock();
+            if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(30)) {
+                *last = Some(now);
+                p.sweep();
+            }
+        }
         let interval = self.config.sys_interval;
         if interval > 0 {
             let due = {

@@ -46,6 +46,7 @@ pub(super) fn publish_sys(broker: &Broker, now: Instant) {
             expires_at: None,
             publisher: None,
             publisher_client_id: "$SYS".into(),
+            store_id: Default::default(),
         };
         broker.publish(Arc::new(msg), None, now);
     }

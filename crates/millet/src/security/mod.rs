@@ -467,6 +467,19 @@ pub struct AclConfig {
     /// Rule file (TOML, see [`acl`]); none: no rules (everything allowed,
     /// unless a provider hands out per-client rules).
     pub file: Option<PathBuf>,
+    /// What a denied PUBLISH from an MQTT 3.x client does (v5 clients get
+    /// PUBACK / PUBREC 0x87): `"drop"` (QoS 1/2 still acknowledged so the
+    /// client does not resend forever) or `"disconnect"` (close).
+    pub v3_deny_action: V3DenyAction,
+}
+
+/// `acl.v3_deny_action`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum V3DenyAction {
+    #[default]
+    Drop,
+    Disconnect,
 }
 
 /// The whole security configuration.
@@ -518,6 +531,21 @@ pub struct Security {
     /// `Some` when `[auth.scram]` is configured: the broker's
     /// [`crate::auth::Authenticator`].
     pub scram: Option<Arc<ScramAuthenticator>>,
+    /// Modification stamps of [`Security::watched_files`] at the last (re)load.
+    stamps: parking_lot::Mutex<Vec<FileStamp>>,
+}
+
+type FileStamp = Option<(std::time::SystemTime, u64)>;
+
+fn file_stamps(paths: &[PathBuf]) -> Vec<FileStamp> {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for Security {
@@ -598,7 +626,9 @@ impl Security {
             )))),
             None => None,
         };
+        let stamps = parking_lot::Mutex::new(file_stamps(&watched_files(&config)));
         Ok(Security {
+            stamps,
             user_connections: Arc::new(UserConnections::new(config.quota.max_connections_per_user)),
             config,
             chain,
@@ -654,9 +684,28 @@ impl Security {
         log_posture(&l, &self.chain.names());
     }
 
+    /// The files this configuration reads (ACL, password, SCRAM, signature
+    /// secrets, JWT keys, TLS certificate / key / CA).
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        watched_files(&self.config)
+    }
+
+    /// Reload everything if any watched file's modification time or size
+    /// changed since the last (attempted) load. Returns the errors, or `None`
+    /// when nothing changed.
+    pub fn reload_if_changed(&self) -> Option<Vec<String>> {
+        let now = file_stamps(&self.watched_files());
+        if *self.stamps.lock() == now {
+            return None;
+        }
+        tracing::info!("security files changed: reloading");
+        Some(self.reload())
+    }
+
     /// Reload every file (providers, ACL, TLS, SCRAM); old state stays on
     /// error. Returns the errors.
     pub fn reload(&self) -> Vec<String> {
+        *self.stamps.lock() = file_stamps(&self.watched_files());
         let mut errs = self.chain.reload();
         if let Err(e) = self.acl.reload() {
             errs.push(format!("acl: {e}"));
@@ -673,6 +722,26 @@ impl Security {
         }
         errs
     }
+}
+
+fn watched_files(c: &SecurityConfig) -> Vec<PathBuf> {
+    let a = &c.auth;
+    let mut v: Vec<PathBuf> = Vec::new();
+    v.extend(c.acl.file.clone());
+    v.extend(a.password_file.as_ref().map(|p| p.path.clone()));
+    v.extend(a.scram.as_ref().map(|p| p.path.clone()));
+    v.extend(a.signature.as_ref().map(|p| p.secrets.clone()));
+    if let Some(j) = &a.jwt {
+        v.extend(j.secret_file.clone());
+        v.extend(j.public_key.clone());
+        v.extend(j.jwks.clone());
+    }
+    if let Some(t) = &c.tls {
+        v.push(t.cert.clone());
+        v.push(t.key.clone());
+        v.extend(t.ca.clone());
+    }
+    v
 }
 
 #[cfg(test)]

@@ -324,6 +324,16 @@ fn decode_saslname(s: &str) -> Option<String> {
     (!out.is_empty()).then_some(out)
 }
 
+/// The user named in a SCRAM client-first message (`n,,n=user,r=...`), for
+/// the ACL's username: the exchange then proves the client knows that user's
+/// password.
+pub fn client_first_username(data: &[u8]) -> Option<String> {
+    let msg = std::str::from_utf8(data).ok()?;
+    let (_, rest) = msg.split_once(',')?;
+    let (_, bare) = rest.split_once(',')?;
+    bare.split(',').next()?.strip_prefix("n=").and_then(decode_saslname)
+}
+
 fn valid_nonce(n: &str) -> bool {
     !n.is_empty() && n.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',')
 }

@@ -1,0 +1,274 @@
+//! The embedded engine's durability: the broker's side of [`crate::store`].
+//!
+//! Owns the store handle, the conversion between in-memory state and store
+//! records, the wall clock ↔ `Instant` mapping (records hold unix
+//! milliseconds; the broker runs on `Instant`s), and the bookkeeping that lets
+//! a connection hold back a PUBACK / PUBREC until the store has made the
+//! message durable (group commit: many publishers share one fsync).
+
+use std::collections::VecDeque;
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use bytestring::ByteString;
+use millet_codec::QoS;
+use parking_lot::Mutex;
+
+use crate::config::{DurabilityConfig, StoreConfig};
+use crate::session::{ConnWaker, Delivery, Message, Session, SessionId, Will};
+use crate::store::{
+    self, Durability, InflightEntry, InflightState as StoredState, MessageProperties, MessageRecord, Op,
+    QueueEntry, Recovered, SessionRecord, Store, StoreError, StoreOptions, SubscriptionRecord, WillRecord,
+};
+
+/// Whether an acknowledgement held for store sequence `seq` may go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckStatus {
+    Pending,
+    Durable,
+    /// The write failed; `out_of_space` tells disk full / quota from other errors.
+    Failed { out_of_space: bool },
+}
+
+/// Connections waiting for sequences to become durable.
+#[derive(Default)]
+struct Waiters {
+    waiting: Vec<(u64, Arc<ConnWaker>)>,
+    /// Recently failed ranges (bounded), consulted when releasing acks.
+    failed: VecDeque<(RangeInclusive<u64>, bool)>,
+}
+
+pub struct Persistence {
+    store: Store,
+    waiters: Arc<Mutex<Waiters>>,
+    base_instant: Instant,
+    base_unix_ms: u64,
+    pub persist_qos0: bool,
+}
+
+impl Persistence {
+    /// Open the store in `dir` per `cfg`. `now` anchors the clock mapping.
+    pub fn open(
+        dir: &std::path::Path,
+        cfg: &StoreConfig,
+        now: Instant,
+    ) -> Result<Option<(Persistence, Recovered)>, StoreError> {
+        let durability = match cfg.durability {
+            DurabilityConfig::None => return Ok(None),
+            DurabilityConfig::Sync => Durability::Sync,
+            DurabilityConfig::Interval => Durability::Interval(Duration::from_millis(cfg.interval_ms.max(1))),
+        };
+        let options = StoreOptions {
+            durability,
+            max_bytes: cfg.max_bytes,
+            quarantine_corrupt: cfg.quarantine_corrupt,
+        };
+        let (store, recovered) = Store::open_with(&dir.join("store"), options)?;
+        let waiters: Arc<Mutex<Waiters>> = Arc::default();
+        let w = waiters.clone();
+        store.on_durable(move |durable| {
+            let mut g = w.lock();
+            g.waiting.retain(|(seq, waker)| {
+                if *seq <= durable {
+                    waker.wake();
+                    false
+                } else {
+                    true
+                }
+            });
+        });
+        let w = waiters.clone();
+        store.on_failed(move |range, err| {
+            tracing::error!(error = %err, first = range.start(), last = range.end(),
+                "store write failed: the affected QoS 1/2 publishes are refused, not acknowledged");
+            let mut g = w.lock();
+            if g.failed.len() >= 64 {
+                g.failed.pop_front();
+            }
+            g.failed.push_back((range, err.is_out_of_space()));
+        });
+        Ok(Some((
+            Persistence {
+                store,
+                waiters,
+                base_instant: now,
+                base_unix_ms: store::unix_now_ms(),
+                persist_qos0: cfg.persist_qos0,
+            },
+            recovered,
+        )))
+    }
+
+    pub fn submit(&self, ops: Vec<Op>) -> u64 {
+        if ops.is_empty() {
+            return 0;
+        }
+        self.store.submit(ops)
+    }
+
+    /// Ask for `waker` to be woken once `seq` is durable (or failed).
+    pub fn wait(&self, seq: u64, waker: &Arc<ConnWaker>) {
+        let mut g = self.waiters.lock();
+        if self.store.durable_seq() >= seq {
+            waker.wake();
+            return;
+        }
+        g.waiting.push((seq, waker.clone()));
+    }
+
+    pub fn status(&self, seq: u64) -> AckStatus {
+        if seq == 0 {
+            return AckStatus::Durable;
+        }
+        if self.store.durable_seq() < seq {
+            return AckStatus::Pending;
+        }
+        let g = self.waiters.lock();
+        match g.failed.iter().find(|(r, _)| r.contains(&seq)) {
+            Some((_, out_of_space)) => AckStatus::Failed {
+                out_of_space: *out_of_space,
+            },
+            None => AckStatus::Durable,
+        }
+    }
+
+    /// Background cleanup of expired sessions and messages in the store.
+    pub fn sweep(&self) {
+        self.store.sweep(store::unix_now_ms());
+    }
+
+    pub fn unix_ms(&self, t: Instant) -> u64 {
+        match t.checked_duration_since(self.base_instant) {
+            Some(d) => self.base_unix_ms.saturating_add(d.as_millis() as u64),
+            None => self
+                .base_unix_ms
+                .saturating_sub(self.base_instant.duration_since(t).as_millis() as u64),
+        }
+    }
+
+    pub fn instant(&self, unix_ms: u64, now: Instant) -> Instant {
+        let now_ms = self.unix_ms(now);
+        if unix_ms >= now_ms {
+            now + Duration::from_millis(unix_ms - now_ms)
+        } else {
+            now.checked_sub(Duration::from_millis(now_ms - unix_ms)).unwrap_or(now)
+        }
+    }
+
+    /// The store id of `msg`, adding a `PutMessage` to `ops` the first time
+    /// (and whenever `force` is set: a new reference made in a later batch,
+    /// when the earlier references may all be gone).
+    pub fn message_id(&self, msg: &Message, ops: &mut Vec<Op>, force: bool) -> u64 {
+        let mut fresh = false;
+        let id = *msg.store_id.get_or_init(|| {
+            fresh = true;
+            self.store.alloc_message_id()
+        });
+        if fresh || force {
+            ops.push(Op::PutMessage {
+                id,
+                message: self.message_record(msg),
+            });
+        }
+        id
+    }
+
+    pub fn message_record(&self, m: &Message) -> MessageRecord {
+        MessageRecord {
+            topic: m.topic.to_string(),
+            payload: m.payload.to_vec(),
+            qos: m.qos as u8,
+            retain: m.retain,
+            properties: MessageProperties::from_publish(&m.properties, m.expires_at.map(|t| self.unix_ms(t))),
+            publisher: Some(m.publisher_client_id.to_string()),
+        }
+    }
+
+    pub fn message_from_record(&self, id: u64, r: &MessageRecord, now: Instant) -> Message {
+        let now_ms = self.unix_ms(now);
+        let msg = Message {
+            topic: ByteString::from(r.topic.as_str()),
+            payload: Bytes::from(r.payload.clone()),
+            qos: qos(r.qos),
+            retain: r.retain,
+            properties: r.properties.to_publish(now_ms),
+            expires_at: r.properties.expires_at_ms.map(|ms| self.instant(ms, now)),
+            publisher: None,
+            publisher_client_id: ByteString::from(r.publisher.as_deref().unwrap_or("")),
+            store_id: Default::default(),
+        };
+        let _ = msg.store_id.set(id);
+        msg
+    }
+
+    /// A queue entry for `d`, referencing its message (stored if needed).
+    pub fn queue_op(&self, client_id: &str, d: &Delivery, ops: &mut Vec<Op>, force_message: bool) -> Op {
+        let message_id = self.message_id(&d.msg, ops, force_message);
+        Op::PutQueueEntry {
+            client_id: client_id.to_string(),
+            seq: d.seq,
+            entry: QueueEntry {
+                message_id,
+                qos: d.qos as u8,
+                retain: d.retain,
+                subscription_ids: d.subscription_ids.to_vec(),
+                share: d.share.as_ref().map(|s| s.to_string()),
+            },
+        }
+    }
+
+    pub fn inflight_op(&self, client_id: &str, packet_id: u16, d: &Delivery, await_comp: bool, order: u64) -> Op {
+        Op::PutInflight {
+            client_id: client_id.to_string(),
+            packet_id,
+            entry: InflightEntry {
+                message_id: d.msg.store_id.get().copied().unwrap_or(0),
+                qos: d.qos as u8,
+                retain: d.retain,
+                subscription_ids: d.subscription_ids.to_vec(),
+                state: if await_comp {
+                    StoredState::AwaitComp
+                } else {
+                    StoredState::AwaitAck
+                },
+                order,
+            },
+        }
+    }
+
+    /// The session record: metadata, subscriptions, will and expiry.
+    pub fn session_record(&self, s: &Session, will_at: Option<Instant>) -> SessionRecord {
+        SessionRecord {
+            client_id: s.client_id.to_string(),
+            expiry_interval: s.expiry_interval,
+            expires_at_ms: s.expires_at.map(|t| self.unix_ms(t)),
+            subscriptions: s
+                .subscriptions
+                .iter()
+                .map(|(f, sub)| SubscriptionRecord::new(f, &sub.options, sub.identifier))
+                .collect(),
+            will: s.will.as_ref().map(|w| WillRecord::from(&w.will)),
+            will_at_ms: will_at.map(|t| self.unix_ms(t)),
+        }
+    }
+
+    /// Rebuild a will from its record.
+    pub fn will_from_record(r: &WillRecord, client_id: &ByteString, session: SessionId) -> Will {
+        Will {
+            will: r.to_last_will(),
+            client_id: client_id.clone(),
+            session,
+        }
+    }
+
+    pub fn shutdown(self) {
+        self.store.shutdown();
+    }
+}
+
+/// QoS of a stored entry.
+pub fn qos(q: u8) -> QoS {
+    QoS::from_u8(q).unwrap_or_default()
+}
