@@ -1,5 +1,8 @@
-//! The IO driver: TCP listeners, one task per connection, the broker ticker,
-//! and graceful drain on SIGINT / SIGTERM.
+//! The IO driver: TCP and TLS listeners, one task per connection, the broker
+//! ticker, and graceful drain on SIGINT / SIGTERM. It also runs the security
+//! layer's IO: ban and connection-rate checks at accept, TLS handshakes, the
+//! (async) authentication chain before a CONNECT reaches the state machine,
+//! and reloads on SIGHUP / file change.
 //!
 //! A connection task only moves bytes, wake-ups and timers in and out of
 //! [`crate::protocol::Connection`]; it makes no protocol decisions. It waits
@@ -21,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::protocol::{Connection, ConnectVerdict};
+use crate::protocol::{ConnectVerdict, Connection};
 use crate::security::quota::{ConnectionPermit, ConnectionRateLimiter};
 use crate::security::tls::ReloadableTls;
 use crate::security::{AuthResult, ConnectRequest, Security};
@@ -68,9 +71,8 @@ impl Server {
         let plain = broker.config.listen.iter().map(|a| (*a, None));
         let secure = broker.config.tls_listen.iter().map(|a| (*a, tls.clone()));
         for (addr, tls) in plain.chain(secure) {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            let listener =
+                bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
             let local = listener.local_addr()?;
             if tls.is_some() {
                 tracing::info!(addr = %local, "listening for MQTT over TLS");
@@ -197,6 +199,22 @@ struct PeerInfo {
     /// Identity (CN / SAN) of a verified client certificate.
     tls_identity: Option<String>,
 }
+
+/// Listen with a deep backlog (capped by the kernel's somaxconn): fleets
+/// reconnect in bursts, and a full SYN queue costs a client a 1 s retransmit.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Accept backlog requested from the kernel.
+const LISTEN_BACKLOG: u32 = 8192;
 
 async fn accept_loop(
     listener: TcpListener,
@@ -363,7 +381,9 @@ async fn connect_verdict(
 ) -> (ConnectVerdict, Option<ConnectionPermit>) {
     let now = Instant::now();
     let banned = |client_id: &str, username: Option<&str>| {
-        let ban = sec.bans.check(client_id, username, Some(peer.addr.ip()), now);
+        let ban = sec
+            .bans
+            .check(client_id, username, Some(peer.addr.ip()), now);
         if let Some(b) = &ban {
             tracing::info!(peer = %peer.addr, client_id, ban = %b, "banned client refused");
         }
@@ -390,14 +410,15 @@ async fn connect_verdict(
             protocol: c.protocol.level(),
             tls_identity: peer.tls_identity.clone(),
         };
-        let (req, result) =
-            match tokio::time::timeout(limit, sec.authenticate(req, peer.listener)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!(peer = %peer.addr, client_id = %c.client_id, "authentication timed out");
-                    return (ConnectVerdict::refuse(ReasonCode::NOT_AUTHORIZED), None);
-                }
-            };
+        let (req, result) = match tokio::time::timeout(limit, sec.authenticate(req, peer.listener))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(peer = %peer.addr, client_id = %c.client_id, "authentication timed out");
+                return (ConnectVerdict::refuse(ReasonCode::NOT_AUTHORIZED), None);
+            }
+        };
         match result {
             AuthResult::Deny => {
                 let rc = if c.password.is_some() {
