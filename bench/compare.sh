@@ -7,6 +7,10 @@
 #   --no-pinned   skip the taskset pass (broker on CPU 0, load tool on CPU 1)
 #   --skip-build  use the existing target/release binaries
 #
+# Durability pass: QoS 1 to a persistent session (millet-bench scenario
+# qos1-persistent) against Millet with --durability sync / interval / none and
+# Mosquitto with persistence (autosave_interval 1).
+#
 # Output: bench/results/*.json (one file per pass/case/broker plus meta.json),
 # BENCHMARKS.md at the repository root and the chart bench/results.png.
 # Millet may not start (or not build) yet: its cells are then "n/a" and the
@@ -132,11 +136,11 @@ done
 if [ "$MODE" = quick ]; then
     N_FANIN=10000 N_Q1=10000 N_Q1OV=10000 FANOUT_SUBS=200 FANOUT_N=50
     LAT_DUR=3s CONN_SMALL=1000 CONN_BIG=0 CONN_RATE=1000 HOLD=2s
-    SMALL_CASE=conn-10k REPEAT=1
+    SMALL_CASE=conn-10k REPEAT=1 N_PERSIST=10000 DUR_REPEAT=1
 else
     N_FANIN=50000 N_Q1=50000 N_Q1OV=50000 FANOUT_SUBS=1000 FANOUT_N=300
     LAT_DUR=10s CONN_SMALL=10000 CONN_BIG=50000 CONN_RATE=2000 HOLD=5s
-    SMALL_CASE=conn-10k REPEAT=3
+    SMALL_CASE=conn-10k REPEAT=3 N_PERSIST=25000 DUR_REPEAT=3
 fi
 
 rm -f "$RESULTS"/*.json
@@ -153,6 +157,20 @@ log_type error
 log_type warning
 EOF
 MOSQ_CONF_TEXT="listener $MOSQ_PORT 127.0.0.1; allow_anonymous true; max_connections -1; max_inflight_messages 32; log_type error+warning"
+# Mosquitto with persistence for the durability pass: an in-memory broker that
+# writes a snapshot of everything every autosave_interval seconds (and at exit).
+# The directory must be writable after it drops privileges to user mosquitto.
+MOSQ_PERSIST_DIR="$WORK/mosquitto-persist/"
+MOSQ_PERSIST_CONF="$WORK/mosquitto-persist.conf"
+chmod 755 "$WORK"
+{
+    cat "$MOSQ_CONF"
+    echo "persistence true"
+    echo "persistence_location $MOSQ_PERSIST_DIR"
+    echo "autosave_interval 1"
+} >"$MOSQ_PERSIST_CONF"
+chmod 644 "$MOSQ_CONF" "$MOSQ_PERSIST_CONF"
+MOSQ_PERSIST_CONF_TEXT="$MOSQ_CONF_TEXT; persistence true; persistence_location DIR; autosave_interval 1"
 log "Mosquitto $MOSQ_VERSION: max_queued_messages left at its default (1000 per client)"
 
 # ------------------------------------------------------------- brokers
@@ -168,15 +186,24 @@ start_broker() {
             "${pin[@]}" "$MOSQUITTO" -c "$MOSQ_CONF" >"$WORK/mosquitto.log" 2>&1 &
             BROKER_PID=$!
             ;;
-        millet)
+        mosquitto-persist)
+            PORT="$MOSQ_PORT"
+            rm -rf "$MOSQ_PERSIST_DIR"
+            mkdir -p "$MOSQ_PERSIST_DIR" && chmod 777 "$MOSQ_PERSIST_DIR"
+            "${pin[@]}" "$MOSQUITTO" -c "$MOSQ_PERSIST_CONF" >"$WORK/$name.log" 2>&1 &
+            BROKER_PID=$!
+            ;;
+        millet | millet-sync | millet-interval | millet-none)
             PORT="$MILLET_PORT"
             if [ "$MILLET_STATUS" != built ]; then
                 echo "Millet $MILLET_STATUS" >"$WORK/reason"
                 return 1
             fi
+            local durability=()
+            if [ "$name" != millet ]; then durability=(--durability "${name#millet-}"); fi
             rm -rf "$WORK/millet-data"
             MILLET_LOG=warn "${pin[@]}" "$MILLET" --listen "127.0.0.1:$PORT" \
-                --data-dir "$WORK/millet-data" >"$WORK/millet.log" 2>&1 &
+                --data-dir "$WORK/millet-data" "${durability[@]}" >"$WORK/$name.log" 2>&1 &
             BROKER_PID=$!
             ;;
     esac
@@ -216,7 +243,7 @@ run_case() {
         threads=1
     fi
     if ! start_broker "$broker" "$pass"; then
-        if [ "$broker" = millet ]; then
+        if [[ "$broker" == millet* ]]; then
             MILLET_FAILS=$((MILLET_FAILS + 1))
             MILLET_FAIL_REASON="$(cat "$WORK/reason")"
         fi
@@ -224,7 +251,7 @@ run_case() {
         unavailable "$out" "$(cat "$WORK/reason")"
         return
     fi
-    [ "$broker" = millet ] && MILLET_STARTS=$((MILLET_STARTS + 1))
+    [[ "$broker" == millet* ]] && MILLET_STARTS=$((MILLET_STARTS + 1))
     log "$pass/$case/$broker#$run: $*"
     timeout 600 "${tool[@]}" --port "$PORT" --threads "$threads" --label "$broker" \
         --case "$case" --json-out "$out" "$@" --broker-pid "$BROKER_PID" \
@@ -262,6 +289,18 @@ throughput_cases() { # PASS
     both "$pass" lat-qos0-1k 1 run -p 1 -s 1 --qos 0 --size 64 --rate 1000 --duration "$LAT_DUR"
 }
 
+# Durability pass: QoS 1 to a persistent session (4 publishers, one online
+# clean_session=false subscriber on bench/#), alternating the configurations.
+durability_cases() {
+    local run b
+    for run in $(seq 1 "$DUR_REPEAT"); do
+        for b in mosquitto-persist millet-sync millet-interval millet-none; do
+            run_case durability qos1-persistent "$b" "$run" scenario qos1-persistent \
+                --inflight 32 --size 64 --count "$N_PERSIST"
+        done
+    done
+}
+
 # ----------------------------------------------------------------- runs
 LOADAVG="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "mode $MODE; ports mosquitto $MOSQ_PORT, millet $MILLET_PORT; open-files limit $NOFILE"
@@ -280,6 +319,8 @@ if [ "$CONN_BIG" -gt 0 ]; then
         log "conn-50k $reason"
     fi
 fi
+
+durability_cases
 
 if [ "$PINNED" = 1 ]; then
     if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
@@ -303,6 +344,8 @@ NOTES+=("Mosquitto logs only errors and warnings (\`log_type error\`, \`log_type
 NOTES+=("Mosquitto keeps its default \`set_tcp_nodelay false\`: Nagle's algorithm can delay its small PUBACKs, which shows in PUBLISH→PUBACK latency at low rates.")
 NOTES+=("Unlimited-rate QoS 0 cases measure delivery throughput; their latency percentiles are mostly queueing time in socket buffers, not broker latency. Use the 1k msg/s cases for latency.")
 NOTES+=("\"acknowledged but lost\": the broker PUBACKed a QoS 1 message to its publisher but never delivered it to the subscriber within the drain period (2 s without progress). Mosquitto drops messages beyond \`max_queued_messages\` (default 1000) per subscriber.")
+NOTES+=("Durability pass: Millet \`--durability sync\` makes every acknowledged QoS 1/2 message to a persistent session durable (fsync, shared by concurrent publishers through group commit) before its PUBACK; \`interval\` acknowledges after the (unsynced) commit and fsyncs every \`interval_ms\` (100 ms), so a crash can lose the last interval; \`none\` keeps everything in memory. The other cases run Millet with its default (\`sync\`), but their clean sessions never touch the store.")
+NOTES+=("Mosquitto with \`persistence true\` keeps messages in memory and only writes a snapshot of its whole state every \`autosave_interval\` seconds (1 s here) and at a clean exit: it acknowledges messages before they are on disk, so a crash (kill -9, power loss) loses every message acknowledged since the last snapshot. Its throughput compares with Millet's \`interval\` / \`none\`, not with \`sync\`.")
 NOTES+=("Millet status for this run: $MILLET_STATUS.")
 {
     printf '{'
@@ -318,8 +361,10 @@ NOTES+=("Millet status for this run: $MILLET_STATUS.")
     printf '"mosquitto_cmd":"%s",' "$(json_escape "mosquitto -c mosquitto.conf")"
     printf '"mosquitto_conf":"%s",' "$(json_escape "$MOSQ_CONF_TEXT")"
     printf '"mosquitto_max_queued":"1000",'
+    printf '"mosquitto_persist_conf":"%s",' "$(json_escape "$MOSQ_PERSIST_CONF_TEXT")"
     printf '"millet_status":"%s",' "$(json_escape "$MILLET_STATUS")"
     printf '"millet_cmd":"%s",' "$(json_escape "MILLET_LOG=warn target/release/millet --listen 127.0.0.1:PORT --data-dir DIR")"
+    printf '"millet_durability_cmd":"%s",' "$(json_escape "MILLET_LOG=warn target/release/millet --listen 127.0.0.1:PORT --data-dir DIR --durability sync|interval|none")"
     printf '"notes":['
     sep=""
     for n in "${NOTES[@]}"; do

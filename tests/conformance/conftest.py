@@ -289,3 +289,98 @@ def assert_alive(broker):
         assert b.alive(), f"broker process died:\n{b.log_tail()}"
         pubsub_roundtrip(b, version)
     return check
+
+
+# ---------------------------------------------------------------------------
+# Millet started from a generated TOML configuration file (security tests)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ConfigBroker(Broker):
+    """A Millet started with ``--config FILE`` (the TOML text given), listening on
+    ``listen`` (default ``host:port``) and, with ``tls_port``, on ``host:tls_port`` over TLS."""
+
+    config_text: str = ""
+    listen: str = ""
+    tls_port: int | None = None
+    args: list = field(default_factory=list)
+
+    def start(self):
+        self.workdir = tempfile.mkdtemp(prefix="conformance-millet-cfg-")
+        self.log_path = os.path.join(self.workdir, "broker.log")
+        data_dir = os.path.join(self.workdir, "data")
+        os.makedirs(data_dir, exist_ok=True)
+        conf = os.path.join(self.workdir, "millet.toml")
+        with open(conf, "w") as f:
+            f.write(self.config_text)
+        cmd = [_find_millet(), "--config", conf, "--data-dir", data_dir,
+               "--listen", self.listen or f"{self.host}:{self.port}"]
+        if self.tls_port is not None:
+            cmd += ["--tls-listen", f"{self.host}:{self.tls_port}"]
+        cmd += [str(a) for a in self.args]
+        self.extra["cmd"] = cmd
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode} during startup: {cmd}\n"
+                                   f"{self.log_tail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    if self.tls_port is None:
+                        return
+                    with socket.create_connection((self.host, self.tls_port), timeout=0.5):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise RuntimeError(f"broker did not accept connections within {STARTUP_TIMEOUT}s: {cmd}\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, "r", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+def start_millet_config(config_text: str = "", tls: bool = False, listen: str | None = None,
+                        args=()) -> ConfigBroker:
+    """Start Millet with ``config_text`` as its TOML file (``{PORT}`` in it is replaced by the
+    plain listener's port). ``listen`` may contain ``{port}``."""
+    last = None
+    for _ in range(3):
+        port = free_port()
+        text = config_text.replace("{PORT}", str(port))
+        b = ConfigBroker(kind="millet", host=HOST, port=port, settings={}, config_text=text,
+                         listen=(listen or "").format(port=port),
+                         tls_port=free_port() if tls else None, args=list(args))
+        try:
+            b.start()
+            return b
+        except RuntimeError as e:
+            last = e
+            if "in use" not in str(e).lower():
+                break
+    raise last  # type: ignore[misc]
+
+
+@pytest.fixture
+def millet_config():
+    """Start Millet brokers from TOML text: ``millet_config(text, tls=True)``; stopped at teardown."""
+    started: list[ConfigBroker] = []
+
+    def make(config_text: str = "", **kw) -> ConfigBroker:
+        b = start_millet_config(config_text, **kw)
+        started.append(b)
+        return b
+
+    yield make
+    for b in started:
+        b.stop()

@@ -198,6 +198,31 @@ const PASSES: &[(&str, &str)] = &[
     ),
 ];
 
+/// The durability pass (`bench/compare.sh`): one case, one column per
+/// broker configuration instead of Millet vs Mosquitto.
+const DURABILITY_PASS: &str = "durability";
+const DURABILITY_CASE: &str = "qos1-persistent";
+const DURABILITY_BROKERS: [(&str, &str); 4] = [
+    ("millet-sync", "Millet `sync`"),
+    ("millet-interval", "Millet `interval`"),
+    ("millet-none", "Millet `none` (memory)"),
+    ("mosquitto-persist", "Mosquitto `persistence true`"),
+];
+const DURABILITY_METRICS: &[Metric] = &[
+    m("acknowledged", "ack_rate", Higher, "msg/s"),
+    m("received", "recv_rate", Higher, "msg/s"),
+    m("PUBLISH→PUBACK p50", "ack_latency.p50_us", Lower, "µs"),
+    m("PUBLISH→PUBACK p99", "ack_latency.p99_us", Lower, "µs"),
+    m("end-to-end p99", "latency.p99_us", Lower, "µs"),
+    m("acknowledged but lost", "acked_lost", Lower, "msgs"),
+    m("duplicates", "duplicates", Lower, "msgs"),
+    m("broker CPU", "broker_cpu_s", Lower, "s"),
+];
+/// Targets of the durable store: `sync` acknowledges at least this many
+/// QoS 1 msg/s, and `interval` stays within this fraction of in-memory.
+const SYNC_TARGET: f64 = 20_000.0;
+const INTERVAL_TARGET: f64 = 0.7;
+
 /// The runs of one (pass, case, broker).
 #[derive(Default)]
 struct Runs {
@@ -453,46 +478,12 @@ pub fn report(a: &ReportArgs) -> Result<()> {
             if nruns > 1 {
                 let _ = writeln!(w, "\nMedian of {nruns} runs (fresh broker each run).");
             }
-            // Reasons for n/a cells, and errors reported by the load tool.
-            for b in BROKERS {
-                let Some(runs) =
-                    results.get(&(pass.to_string(), case.id.to_string(), b.to_string()))
-                else {
-                    continue;
-                };
-                if let Some(r) = runs.failed.first() {
-                    let what = if runs.ok.is_empty() {
-                        "n/a".to_string()
-                    } else {
-                        format!(
-                            "{} of {} runs failed",
-                            runs.failed.len(),
-                            runs.failed.len() + runs.ok.len()
-                        )
-                    };
-                    let _ = writeln!(w, "\n{b}: {what} — {r}");
-                }
-                let errs: Vec<&str> = runs
-                    .ok
-                    .iter()
-                    .filter_map(|v| v.get("errors").and_then(Value::as_array))
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect();
-                if !errs.is_empty() {
-                    let first: Vec<String> =
-                        errs.iter().take(2).map(|s| format!("`{s}`")).collect();
-                    let _ = writeln!(
-                        w,
-                        "\n{b}: {} error(s) reported by millet-bench, e.g. {}",
-                        errs.len(),
-                        first.join(", ")
-                    );
-                }
-            }
+            run_notes(w, &results, pass, case.id, &BROKERS);
             let _ = writeln!(w);
         }
     }
+
+    durability_section(w, &results, &meta);
 
     let _ = writeln!(w, "## Chart\n");
     let _ = writeln!(w, "![throughput and latency]({})\n", a.chart_link);
@@ -529,6 +520,25 @@ pub fn report(a: &ReportArgs) -> Result<()> {
             }
         }
     }
+    let cmd = DURABILITY_BROKERS
+        .iter()
+        .filter_map(|(b, _)| {
+            results.get(&(
+                DURABILITY_PASS.to_string(),
+                DURABILITY_CASE.to_string(),
+                b.to_string(),
+            ))
+        })
+        .flat_map(|r| r.ok.iter())
+        .find_map(|v| v.get("command").and_then(Value::as_str));
+    if let Some(c) = cmd {
+        let c = c.split_once("millet-bench ").map(|x| x.1).unwrap_or(c);
+        let _ = writeln!(
+            w,
+            "# {DURABILITY_PASS} / {DURABILITY_CASE} (every configuration)\nmillet-bench {}",
+            tidy_command(c)
+        );
+    }
     let _ = writeln!(w, "```\n");
     if let Some(notes) = meta.get("notes").and_then(Value::as_array) {
         if !notes.is_empty() {
@@ -544,6 +554,134 @@ pub fn report(a: &ReportArgs) -> Result<()> {
     chart(&results, &a.chart)?;
     eprintln!("wrote {}", a.chart.display());
     Ok(())
+}
+
+/// Reasons for n/a cells, and errors reported by the load tool.
+fn run_notes(w: &mut String, results: &Results, pass: &str, case: &str, brokers: &[&str]) {
+    for b in brokers {
+        let Some(runs) = results.get(&(pass.to_string(), case.to_string(), b.to_string())) else {
+            continue;
+        };
+        if let Some(r) = runs.failed.first() {
+            let what = if runs.ok.is_empty() {
+                "n/a".to_string()
+            } else {
+                format!(
+                    "{} of {} runs failed",
+                    runs.failed.len(),
+                    runs.failed.len() + runs.ok.len()
+                )
+            };
+            let _ = writeln!(w, "\n{b}: {what} — {r}");
+        }
+        let errs: Vec<&str> = runs
+            .ok
+            .iter()
+            .filter_map(|v| v.get("errors").and_then(Value::as_array))
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if !errs.is_empty() {
+            let first: Vec<String> = errs.iter().take(2).map(|s| format!("`{s}`")).collect();
+            let _ = writeln!(
+                w,
+                "\n{b}: {} error(s) reported by millet-bench, e.g. {}",
+                errs.len(),
+                first.join(", ")
+            );
+        }
+    }
+}
+
+/// The durability pass: QoS 1 to a persistent session under each durability
+/// setting of Millet and under Mosquitto's periodic snapshots, with the
+/// targets of the durable store.
+fn durability_section(w: &mut String, results: &Results, meta: &Value) {
+    let (pass, case) = (DURABILITY_PASS, DURABILITY_CASE);
+    if !results.keys().any(|(p, c, _)| p == pass && c == case) {
+        return;
+    }
+    let _ = writeln!(w, "## Durability: QoS 1 to a persistent session\n");
+    let _ = writeln!(
+        w,
+        "millet-bench scenario `qos1-persistent`: 4 publishers (window 32 each, 64 B) on \
+         `bench/%i`, one online subscriber with a persistent session (`clean_session=false`) \
+         on `bench/#`, so every message is queued for a session that outlives a restart. \
+         Millet runs with `--durability sync` (fsync before PUBACK, group commit), `interval` \
+         (acknowledged after the commit, fsync every 100 ms) and `none` (in memory; \
+         `{}`). Mosquitto runs with `{}`: it acknowledges from memory and writes a snapshot \
+         every second, so it can lose acknowledged messages on a crash.\n",
+        meta_str(meta, "millet_durability_cmd"),
+        meta_str(meta, "mosquitto_persist_conf"),
+    );
+    let _ = write!(w, "| metric |");
+    for (_, title) in DURABILITY_BROKERS {
+        let _ = write!(w, " {title} |");
+    }
+    let _ = writeln!(w, " better |\n|---|---:|---:|---:|---:|---|");
+    for mt in DURABILITY_METRICS {
+        let _ = write!(w, "| {} ({}) |", mt.name, mt.unit);
+        for (b, _) in DURABILITY_BROKERS {
+            let _ = write!(w, " {} |", cell(results, pass, case, b, mt.path));
+        }
+        let better = if mt.better == Higher {
+            "higher"
+        } else {
+            "lower"
+        };
+        let _ = writeln!(w, " {better} |");
+    }
+    let brokers: Vec<&str> = DURABILITY_BROKERS.iter().map(|(b, _)| *b).collect();
+    let nruns = brokers
+        .iter()
+        .map(|b| runs_of(results, pass, case, b))
+        .max()
+        .unwrap_or(0);
+    if nruns > 1 {
+        let _ = writeln!(w, "\nMedian of {nruns} runs (fresh broker each run).");
+    }
+    run_notes(w, results, pass, case, &brokers);
+    let acked = |b: &str| metric(results, pass, case, b, "ack_rate");
+    let _ = writeln!(w, "\nTargets:\n");
+    match acked("millet-sync") {
+        Some(v) => {
+            let _ = writeln!(
+                w,
+                "- `sync` ≥ {} acknowledged QoS 1 msg/s: **{}** ({} msg/s).",
+                fmt_num(SYNC_TARGET),
+                if v >= SYNC_TARGET { "met" } else { "not met" },
+                fmt_num(v)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                w,
+                "- `sync` ≥ {} acknowledged QoS 1 msg/s: n/a.",
+                fmt_num(SYNC_TARGET)
+            );
+        }
+    }
+    match (acked("millet-interval"), acked("millet-none")) {
+        (Some(i), Some(n)) if n > 0.0 => {
+            let _ = writeln!(
+                w,
+                "- `interval` within {:.0}% of in-memory: **{}** ({} vs {} msg/s, {:.0}%).",
+                (1.0 - INTERVAL_TARGET) * 100.0,
+                if i >= INTERVAL_TARGET * n {
+                    "met"
+                } else {
+                    "not met"
+                },
+                fmt_num(i),
+                fmt_num(n),
+                i / n * 100.0
+            );
+        }
+        _ => {
+            let _ = writeln!(w, "- `interval` within 30% of in-memory: n/a.");
+        }
+    }
+    let _ = writeln!(w);
 }
 
 /// Panels of the chart: (title, case, metric path).

@@ -11,6 +11,7 @@
 //! - [`broker`]: routing (subscription index, `$share` groups), retained
 //!   messages, client registry and takeover, delayed wills, `$SYS`.
 //! - [`auth`]: the enhanced-authentication (AUTH) provider interface.
+//! - [`security`]: TLS, the authentication chain, ACL, quotas and bans.
 //! - [`config`]: configuration layers (defaults, TOML, env, flags).
 //! - [`server`]: the tokio driver: listeners, connection tasks, ticker, drain.
 

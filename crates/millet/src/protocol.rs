@@ -32,12 +32,12 @@ use millet_codec::{
 
 use crate::auth::{AuthExchange, AuthStep};
 use crate::broker::persist::AckStatus;
-use crate::store::Op;
 use crate::broker::{Broker, SubscribeOutcome};
 use crate::security::acl::{Access, Rule};
 use crate::security::quota::{ClientLimiter, ExceededAction, QuotaDecision};
 use crate::security::V3DenyAction;
 use crate::session::{ConnWaker, Delivery, InflightState, Message, SessionCell, Subscription};
+use crate::store::Op;
 
 /// The driver's decision on a CONNECT (authentication chain, bans, per-user
 /// connection limit), given to [`Connection::set_connect_verdict`] before the
@@ -364,6 +364,9 @@ impl Connection {
         // Store ops mirroring queue → in-flight moves, submitted once at the end.
         let persist = self.broker.persistence().filter(|_| session.persisted);
         let mut ops: Vec<Op> = Vec::new();
+        // QoS 2 PUBLISH held until its in-flight record is durable (and, to
+        // keep the order and topic aliases right, everything behind it).
+        let mut held: Vec<Packet> = Vec::new();
         if active.resend {
             active.resend = false;
             // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP) and PUBREL in order.
@@ -426,7 +429,14 @@ impl Connection {
                 stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if encode(&packet, protocol, buf).is_err() {
+            // A QoS 2 PUBLISH the client completes (PUBREC, PUBREL, PUBCOMP)
+            // before its in-flight record is durable would, after a crash, be
+            // sent again from the queue under a new packet id: delivered twice.
+            let hold = persist.is_some()
+                && (d.qos == QoS::ExactlyOnce || !held.is_empty() || !self.pending_acks.is_empty());
+            if hold {
+                held.push(packet);
+            } else if encode(&packet, protocol, buf).is_err() {
                 continue;
             }
             if let Some(pid) = pid {
@@ -442,7 +452,14 @@ impl Connection {
             sent += 1;
         }
         if let Some(p) = persist {
-            p.submit(ops);
+            let seq = p.submit(ops);
+            if !held.is_empty() {
+                if seq != 0 {
+                    p.wait(seq, &self.waker);
+                }
+                self.pending_acks
+                    .extend(held.into_iter().map(|packet| (seq, packet)));
+            }
         }
         if !st.blocked.is_empty()
             && st.session.queue_len() <= self.broker.config.limits.backpressure_queued / 2
@@ -807,15 +824,17 @@ impl Connection {
                 }
             }
             Packet::PubRec(r) => {
-                let known = {
+                let (known, seq) = {
                     let mut st = a.cell.state.lock();
                     let known = st
                         .session
                         .handle_pubrec(r.packet_id, r.reason_code.is_error());
-                    if known {
-                        self.persist_pubrec(&mut st.session, r.packet_id, r.reason_code.is_error());
-                    }
-                    known
+                    let seq = if known {
+                        self.persist_pubrec(&mut st.session, r.packet_id, r.reason_code.is_error())
+                    } else {
+                        0
+                    };
+                    (known, seq)
                 };
                 if !r.reason_code.is_error() {
                     let reason = if known || !v5 {
@@ -823,15 +842,23 @@ impl Connection {
                     } else {
                         ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
                     };
-                    self.out
-                        .push_back(Packet::PubRel(PubResp::with_reason(r.packet_id, reason)));
+                    // PUBREL only once "awaiting PUBCOMP" is durable: the client
+                    // forgets the packet id when it answers, so a crash that
+                    // brought back "awaiting PUBREC" would make us resend the
+                    // PUBLISH and deliver it twice.
+                    self.queue_ack(
+                        seq,
+                        Packet::PubRel(PubResp::with_reason(r.packet_id, reason)),
+                    );
                 }
             }
             Packet::PubRel(r) => {
                 let known = {
                     let mut st = a.cell.state.lock();
                     let known = st.session.awaiting_rel.remove(&r.packet_id);
-                    if let (true, true, Some(p)) = (known, st.session.persisted, self.broker.persistence()) {
+                    if let (true, true, Some(p)) =
+                        (known, st.session.persisted, self.broker.persistence())
+                    {
                         p.submit(vec![Op::DeleteAwaitingRel {
                             client_id: st.session.client_id.to_string(),
                             packet_id: r.packet_id,
@@ -1020,18 +1047,28 @@ impl Connection {
     }
 
     /// PUBREC received: the stored entry moves to "awaiting PUBCOMP" (or is
-    /// dropped when the PUBREC carried an error).
-    fn persist_pubrec(&self, session: &mut crate::session::Session, packet_id: u16, is_error: bool) {
+    /// dropped when the PUBREC carried an error). Returns the store sequence
+    /// the PUBREL must wait for (0: nothing stored).
+    fn persist_pubrec(
+        &self,
+        session: &mut crate::session::Session,
+        packet_id: u16,
+        is_error: bool,
+    ) -> u64 {
         let Some(p) = self.broker.persistence().filter(|_| session.persisted) else {
-            return;
+            return 0;
         };
         if is_error {
-            return self.persist_inflight_done(session, packet_id);
+            self.persist_inflight_done(session, packet_id);
+            return 0;
         }
         let order = session.take_seq();
-        if let Some(i) = session.inflight_get(packet_id) {
-            let op = p.inflight_op(&session.client_id, packet_id, &i.delivery, true, order);
-            p.submit(vec![op]);
+        match session.inflight_get(packet_id) {
+            Some(i) => {
+                let op = p.inflight_op(&session.client_id, packet_id, &i.delivery, true, order);
+                p.submit(vec![op])
+            }
+            None => 0,
         }
     }
 
@@ -1064,7 +1101,9 @@ impl Connection {
             if status == AckStatus::Pending {
                 break;
             }
-            let Some((_, mut ack)) = self.pending_acks.pop_front() else { break };
+            let Some((_, mut ack)) = self.pending_acks.pop_front() else {
+                break;
+            };
             if let AckStatus::Failed { out_of_space } = status {
                 if self.protocol != Some(Protocol::V5) {
                     self.pending_acks.clear();

@@ -240,13 +240,22 @@ impl Session {
         self.push_inflight_state(packet_id, delivery, InflightState::AwaitAck);
     }
 
-    pub fn push_inflight_state(&mut self, packet_id: u16, delivery: Delivery, state: InflightState) {
-        self.inflight.push_back((packet_id, Inflight { delivery, state }));
+    pub fn push_inflight_state(
+        &mut self,
+        packet_id: u16,
+        delivery: Delivery,
+        state: InflightState,
+    ) {
+        self.inflight
+            .push_back((packet_id, Inflight { delivery, state }));
     }
 
     /// The in-flight entry for `packet_id`.
     pub fn inflight_get(&self, packet_id: u16) -> Option<&Inflight> {
-        self.inflight.iter().find(|(p, _)| *p == packet_id).map(|(_, i)| i)
+        self.inflight
+            .iter()
+            .find(|(p, _)| *p == packet_id)
+            .map(|(_, i)| i)
     }
 
     /// Take the next store sequence number.

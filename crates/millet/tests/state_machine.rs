@@ -599,7 +599,12 @@ mod security {
                 user_properties: vec![],
                 filters: filters
                     .iter()
-                    .map(|f| (bytestring::ByteString::from(*f), SubscriptionOptions::default()))
+                    .map(|f| {
+                        (
+                            bytestring::ByteString::from(*f),
+                            SubscriptionOptions::default(),
+                        )
+                    })
                     .collect(),
             }),
             now,
@@ -614,12 +619,20 @@ mod security {
     fn refusing_verdicts_answer_connack_with_the_mapped_code_and_close() {
         let (b, t0) = broker();
         let cases = [
-            (Protocol::V5, ReasonCode::BAD_USER_NAME_OR_PASSWORD, ReasonCode(0x86)),
+            (
+                Protocol::V5,
+                ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                ReasonCode(0x86),
+            ),
             (Protocol::V5, ReasonCode::NOT_AUTHORIZED, ReasonCode(0x87)),
             (Protocol::V5, ReasonCode::BANNED, ReasonCode(0x8A)),
             (Protocol::V5, ReasonCode::QUOTA_EXCEEDED, ReasonCode(0x97)),
             // 3.1.1 return codes 4 and 5, decoded back as 0x86 / 0x87
-            (Protocol::V3_1_1, ReasonCode::BAD_USER_NAME_OR_PASSWORD, ReasonCode(0x86)),
+            (
+                Protocol::V3_1_1,
+                ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                ReasonCode(0x86),
+            ),
             (Protocol::V3_1_1, ReasonCode::BANNED, ReasonCode(0x87)),
         ];
         for (i, (proto, rc, want)) in cases.into_iter().enumerate() {

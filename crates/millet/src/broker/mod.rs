@@ -29,10 +29,10 @@ use smallvec::SmallVec;
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ShareStrategyConfig};
-use crate::store::Op;
 use crate::session::{
     ConnWaker, Delivery, Enqueued, Message, Session, SessionCell, SessionId, Subscription, Will,
 };
+use crate::store::Op;
 use index::{ShareStrategy, SubscriptionIndex};
 use retained::RetainedStore;
 
@@ -209,7 +209,9 @@ impl Broker {
                 })
                 .collect();
             for (seq, e) in &rs.queue {
-                let Some(msg) = message(e.message_id) else { continue };
+                let Some(msg) = message(e.message_id) else {
+                    continue;
+                };
                 let mut ids = SmallVec::new();
                 ids.extend(e.subscription_ids.iter().copied());
                 s.enqueue(Delivery {
@@ -224,7 +226,9 @@ impl Broker {
                 n_queued += 1;
             }
             for (pid, e) in &rs.inflight {
-                let Some(msg) = message(e.message_id) else { continue };
+                let Some(msg) = message(e.message_id) else {
+                    continue;
+                };
                 let mut ids = SmallVec::new();
                 ids.extend(e.subscription_ids.iter().copied());
                 let d = Delivery {
@@ -236,8 +240,12 @@ impl Broker {
                     seq: 0,
                 };
                 let state = match e.state {
-                    crate::store::InflightState::AwaitAck => crate::session::InflightState::AwaitAck,
-                    crate::store::InflightState::AwaitComp => crate::session::InflightState::AwaitComp,
+                    crate::store::InflightState::AwaitAck => {
+                        crate::session::InflightState::AwaitAck
+                    }
+                    crate::store::InflightState::AwaitComp => {
+                        crate::session::InflightState::AwaitComp
+                    }
                 };
                 s.push_inflight_state(*pid, d, state);
                 s.next_seq = s.next_seq.max(e.order + 1);
@@ -603,7 +611,10 @@ impl Broker {
         }
         let mut retained_seq = 0;
         // `$SYS` is regenerated every interval: not worth a disk write.
-        let persist = self.persist.as_ref().filter(|_| !msg.topic.starts_with("$SYS/"));
+        let persist = self
+            .persist
+            .as_ref()
+            .filter(|_| !msg.topic.starts_with("$SYS/"));
         if msg.retain {
             let mut r = self.retained.write();
             if msg.payload.is_empty() {

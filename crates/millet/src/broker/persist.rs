@@ -19,8 +19,9 @@ use parking_lot::Mutex;
 use crate::config::{DurabilityConfig, StoreConfig};
 use crate::session::{ConnWaker, Delivery, Message, Session, SessionId, Will};
 use crate::store::{
-    self, Durability, InflightEntry, InflightState as StoredState, MessageProperties, MessageRecord, Op,
-    QueueEntry, Recovered, SessionRecord, Store, StoreError, StoreOptions, SubscriptionRecord, WillRecord,
+    self, Durability, InflightEntry, InflightState as StoredState, MessageProperties,
+    MessageRecord, Op, QueueEntry, Recovered, SessionRecord, Store, StoreError, StoreOptions,
+    SubscriptionRecord, WillRecord,
 };
 
 /// Whether an acknowledgement held for store sequence `seq` may go out.
@@ -29,7 +30,9 @@ pub enum AckStatus {
     Pending,
     Durable,
     /// The write failed; `out_of_space` tells disk full / quota from other errors.
-    Failed { out_of_space: bool },
+    Failed {
+        out_of_space: bool,
+    },
 }
 
 /// Connections waiting for sequences to become durable.
@@ -58,7 +61,9 @@ impl Persistence {
         let durability = match cfg.durability {
             DurabilityConfig::None => return Ok(None),
             DurabilityConfig::Sync => Durability::Sync,
-            DurabilityConfig::Interval => Durability::Interval(Duration::from_millis(cfg.interval_ms.max(1))),
+            DurabilityConfig::Interval => {
+                Durability::Interval(Duration::from_millis(cfg.interval_ms.max(1)))
+            }
         };
         let options = StoreOptions {
             durability,
@@ -153,7 +158,8 @@ impl Persistence {
         if unix_ms >= now_ms {
             now + Duration::from_millis(unix_ms - now_ms)
         } else {
-            now.checked_sub(Duration::from_millis(now_ms - unix_ms)).unwrap_or(now)
+            now.checked_sub(Duration::from_millis(now_ms - unix_ms))
+                .unwrap_or(now)
         }
     }
 
@@ -181,7 +187,10 @@ impl Persistence {
             payload: m.payload.to_vec(),
             qos: m.qos as u8,
             retain: m.retain,
-            properties: MessageProperties::from_publish(&m.properties, m.expires_at.map(|t| self.unix_ms(t))),
+            properties: MessageProperties::from_publish(
+                &m.properties,
+                m.expires_at.map(|t| self.unix_ms(t)),
+            ),
             publisher: Some(m.publisher_client_id.to_string()),
         }
     }
@@ -204,7 +213,13 @@ impl Persistence {
     }
 
     /// A queue entry for `d`, referencing its message (stored if needed).
-    pub fn queue_op(&self, client_id: &str, d: &Delivery, ops: &mut Vec<Op>, force_message: bool) -> Op {
+    pub fn queue_op(
+        &self,
+        client_id: &str,
+        d: &Delivery,
+        ops: &mut Vec<Op>,
+        force_message: bool,
+    ) -> Op {
         let message_id = self.message_id(&d.msg, ops, force_message);
         Op::PutQueueEntry {
             client_id: client_id.to_string(),
@@ -219,7 +234,14 @@ impl Persistence {
         }
     }
 
-    pub fn inflight_op(&self, client_id: &str, packet_id: u16, d: &Delivery, await_comp: bool, order: u64) -> Op {
+    pub fn inflight_op(
+        &self,
+        client_id: &str,
+        packet_id: u16,
+        d: &Delivery,
+        await_comp: bool,
+        order: u64,
+    ) -> Op {
         Op::PutInflight {
             client_id: client_id.to_string(),
             packet_id,

@@ -533,6 +533,8 @@ pub struct Security {
     pub scram: Option<Arc<ScramAuthenticator>>,
     /// Modification stamps of [`Security::watched_files`] at the last (re)load.
     stamps: parking_lot::Mutex<Vec<FileStamp>>,
+    /// Bans loaded from `quota.bans_file` (lifted when the file drops them).
+    file_bans: parking_lot::Mutex<Vec<BanTarget>>,
 }
 
 type FileStamp = Option<(std::time::SystemTime, u64)>;
@@ -627,8 +629,25 @@ impl Security {
             None => None,
         };
         let stamps = parking_lot::Mutex::new(file_stamps(&watched_files(&config)));
+        let file_bans = match &config.quota.bans_file {
+            Some(f) => {
+                let text = std::fs::read_to_string(f).map_err(|e| {
+                    SecurityError::Config(format!("cannot read {}: {e}", f.display()))
+                })?;
+                let list = quota::parse_ban_file(&text)
+                    .map_err(|e| SecurityError::Config(format!("{}: {e}", f.display())))?;
+                list.into_iter()
+                    .map(|(t, d)| {
+                        bans.ban(t.clone(), d, now);
+                        t
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         Ok(Security {
             stamps,
+            file_bans: parking_lot::Mutex::new(file_bans),
             user_connections: Arc::new(UserConnections::new(config.quota.max_connections_per_user)),
             config,
             chain,
@@ -720,7 +739,32 @@ impl Security {
                 errs.push(format!("scram: {e}"));
             }
         }
+        if let Err(e) = self.reload_ban_file() {
+            errs.push(format!("bans_file: {e}"));
+        }
         errs
+    }
+
+    /// Re-read `quota.bans_file`: its bans replace the ones it gave before
+    /// (bans from `quota.bans` stay). On error nothing changes.
+    fn reload_ban_file(&self) -> Result<(), String> {
+        let Some(f) = &self.config.quota.bans_file else {
+            return Ok(());
+        };
+        let text =
+            std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        let list = quota::parse_ban_file(&text)?;
+        let now = std::time::Instant::now();
+        let mut old = self.file_bans.lock();
+        for t in old.drain(..) {
+            self.bans.unban(&t);
+        }
+        for (t, d) in list {
+            self.bans.ban(t.clone(), d, now);
+            old.push(t);
+        }
+        tracing::info!(path = %f.display(), bans = old.len(), "ban file reloaded");
+        Ok(())
     }
 }
 
@@ -728,6 +772,7 @@ fn watched_files(c: &SecurityConfig) -> Vec<PathBuf> {
     let a = &c.auth;
     let mut v: Vec<PathBuf> = Vec::new();
     v.extend(c.acl.file.clone());
+    v.extend(c.quota.bans_file.clone());
     v.extend(a.password_file.as_ref().map(|p| p.path.clone()));
     v.extend(a.scram.as_ref().map(|p| p.path.clone()));
     v.extend(a.signature.as_ref().map(|p| p.secrets.clone()));

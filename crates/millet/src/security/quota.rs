@@ -42,6 +42,10 @@ pub struct QuotaConfig {
     pub max_connections_per_user: usize,
     /// Bans at start-up: `"client:ID"`, `"user:NAME"`, `"ip:ADDR_OR_CIDR"`.
     pub bans: Vec<String>,
+    /// Bans changeable at run time: a file with one `TARGET [SECONDS]` per
+    /// line (`#` comments; SECONDS: expiry from the (re)load, none:
+    /// permanent), re-read on SIGHUP and when it changes.
+    pub bans_file: Option<std::path::PathBuf>,
 }
 
 impl Default for QuotaConfig {
@@ -56,6 +60,7 @@ impl Default for QuotaConfig {
             connections_burst: 0.0,
             max_connections_per_user: 0,
             bans: Vec::new(),
+            bans_file: None,
         }
     }
 }
@@ -324,6 +329,36 @@ impl FromStr for BanTarget {
             k => Err(format!("ban {s:?}: unknown kind {k:?}")),
         }
     }
+}
+
+/// Parse a ban file: `TARGET [SECONDS]` per line, `#` comments.
+pub fn parse_ban_file(text: &str) -> Result<Vec<(BanTarget, Option<Duration>)>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut it = line.split_whitespace();
+        let target: BanTarget = it
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| format!("line {}: {e}", i + 1))?;
+        let duration = match it.next() {
+            Some(s) => {
+                Some(Duration::from_secs(s.parse().map_err(|e| {
+                    format!("line {}: seconds {s:?}: {e}", i + 1)
+                })?))
+            }
+            None => None,
+        };
+        if it.next().is_some() {
+            return Err(format!("line {}: expected TARGET [SECONDS]", i + 1));
+        }
+        out.push((target, duration));
+    }
+    Ok(out)
 }
 
 /// One ban as listed.

@@ -331,7 +331,10 @@ pub fn client_first_username(data: &[u8]) -> Option<String> {
     let msg = std::str::from_utf8(data).ok()?;
     let (_, rest) = msg.split_once(',')?;
     let (_, bare) = rest.split_once(',')?;
-    bare.split(',').next()?.strip_prefix("n=").and_then(decode_saslname)
+    bare.split(',')
+        .next()?
+        .strip_prefix("n=")
+        .and_then(decode_saslname)
 }
 
 fn valid_nonce(n: &str) -> bool {
