@@ -29,6 +29,13 @@ pub struct Config {
     pub sys_interval: u64,
     /// How shared subscription groups pick a member.
     pub shared_strategy: ShareStrategyConfig,
+    /// Server redirection (MQTT 5): when set, every v5 CONNECT is answered
+    /// with CONNACK 0x9C "use another server" (or 0x9D "server moved" with
+    /// `server_moved`) carrying this server reference, and the drain at
+    /// shutdown sends DISCONNECT 0x9C with it instead of 0x8B. 3.x clients get
+    /// CONNACK 3 (server unavailable). For moving a fleet between clusters.
+    pub server_reference: Option<String>,
+    pub server_moved: bool,
     pub limits: Limits,
     pub store: StoreConfig,
     /// MQTT-over-TLS listeners, e.g. `["127.0.0.1:8883"]`; need `[security.tls]`
@@ -125,6 +132,8 @@ impl Default for Config {
             data_dir: PathBuf::from("millet-data"),
             sys_interval: 10,
             shared_strategy: ShareStrategyConfig::RoundRobin,
+            server_reference: None,
+            server_moved: false,
             limits: Limits::default(),
             store: StoreConfig::default(),
             tls_listen: Vec::new(),
@@ -161,6 +170,8 @@ const ENV_KEYS: &[&str] = &[
     "sys_interval",
     "shared_strategy",
     "tls_listen",
+    "server_reference",
+    "server_moved",
 ];
 /// Sections settable through `MILLET_<SECTION>__<KEY>`.
 const ENV_SECTIONS: &[&str] = &["limits__", "store__", "security__"];
@@ -191,6 +202,9 @@ pub struct Cli {
     pub sys_interval: Option<u64>,
     #[arg(long, value_enum)]
     pub shared_strategy: Option<ShareStrategyConfig>,
+    /// Redirect MQTT 5 clients to this server (CONNACK 0x9C + server reference).
+    #[arg(long)]
+    pub server_reference: Option<String>,
     #[arg(long)]
     pub max_connections: Option<usize>,
     #[arg(long)]
@@ -260,6 +274,9 @@ impl Config {
         set!(cfg.data_dir, cli.data_dir.clone());
         set!(cfg.sys_interval, cli.sys_interval);
         set!(cfg.shared_strategy, cli.shared_strategy);
+        if cli.server_reference.is_some() {
+            cfg.server_reference = cli.server_reference.clone();
+        }
         let l = &mut cfg.limits;
         set!(l.max_connections, cli.max_connections);
         set!(l.max_packet_size, cli.max_packet_size);

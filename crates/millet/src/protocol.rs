@@ -306,9 +306,21 @@ impl Connection {
             return;
         }
         if self.protocol == Some(Protocol::V5) && self.accepted {
+            // With a server reference configured the drain redirects clients
+            // (0x9C + reference) instead of only announcing the shutdown.
+            let (reason_code, server_reference) = match &self.broker.config.server_reference {
+                Some(r) => (
+                    ReasonCode::USE_ANOTHER_SERVER,
+                    Some(ByteString::from(r.as_str())),
+                ),
+                None => (ReasonCode::SERVER_SHUTTING_DOWN, None),
+            };
             self.out.push_back(Packet::Disconnect(Disconnect {
-                reason_code: ReasonCode::SERVER_SHUTTING_DOWN,
-                properties: DisconnectProperties::default(),
+                reason_code,
+                properties: DisconnectProperties {
+                    server_reference,
+                    ..Default::default()
+                },
             }));
         }
         self.set_close(
@@ -587,6 +599,26 @@ impl Connection {
         });
         if let Some(id) = verdict.client_id.take() {
             c.client_id = ByteString::from(id);
+        }
+        if let Some(reference) = &self.broker.config.server_reference {
+            // Server redirection [MQTT-4.11]: v5 learns where to go; 3.x
+            // only hears "server unavailable".
+            let rc = match (c.protocol.is_v5(), self.broker.config.server_moved) {
+                (true, true) => ReasonCode::SERVER_MOVED,
+                (true, false) => ReasonCode::USE_ANOTHER_SERVER,
+                (false, _) => ReasonCode::SERVER_UNAVAILABLE,
+            };
+            self.out.push_back(Packet::ConnAck(ConnAck {
+                session_present: false,
+                reason_code: rc,
+                properties: ConnAckProperties {
+                    server_reference: Some(ByteString::from(reference.as_str())),
+                    ..Default::default()
+                },
+            }));
+            self.set_close(rc, false, format!("redirected to {reference}"));
+            self.state = State::Closed;
+            return;
         }
         let limits = &self.broker.config.limits;
         if self.broker.stats.clients_connected.load(Ordering::Relaxed) as usize

@@ -789,3 +789,24 @@ mod security {
         assert!(!c.conn.is_paused());
     }
 }
+
+#[test]
+fn server_redirection_answers_with_the_server_reference() {
+    // [MQTT-4.11]: CONNACK 0x9C / 0x9D carry a Server Reference; 3.1.1 gets 3 (unavailable).
+    let (b, t0) = broker_with(|c| c.server_reference = Some("other.example:1883".into()));
+    let (c, ack) = Client::new(&b, connect_packet(Protocol::V5, "moved", true), t0);
+    assert_eq!(ack.reason_code, ReasonCode::USE_ANOTHER_SERVER);
+    assert_eq!(
+        ack.properties.server_reference.as_deref(),
+        Some("other.example:1883")
+    );
+    assert!(c.conn.poll_close().is_some());
+    let (_, ack) = Client::new(&b, connect_packet(Protocol::V3_1_1, "moved3", true), t0);
+    assert_eq!(ack.reason_code, ReasonCode::SERVER_UNAVAILABLE);
+    let (b, t0) = broker_with(|c| {
+        c.server_reference = Some("new.example".into());
+        c.server_moved = true;
+    });
+    let (_, ack) = Client::new(&b, connect_packet(Protocol::V5, "moved", true), t0);
+    assert_eq!(ack.reason_code, ReasonCode::SERVER_MOVED);
+}
