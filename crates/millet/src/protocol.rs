@@ -555,8 +555,10 @@ impl Connection {
             }
         };
         if let Some(reason) = kick {
-            // The broker already detached us and dealt with the will.
-            if self.protocol == Some(Protocol::V5) {
+            // The broker already detached us and dealt with the will. Already
+            // closing (e.g. a malformed packet in the same wake-up): its own
+            // DISCONNECT, if any, is the last packet [MQTT-3.14.4-1].
+            if self.protocol == Some(Protocol::V5) && self.close.is_none() {
                 self.out.push_back(Packet::Disconnect(Disconnect {
                     reason_code: reason,
                     properties: DisconnectProperties::default(),

@@ -121,8 +121,17 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Create the tables and check the format marker.
+    /// [`Engine::init`], with a panic inside redb (seen on damaged pages)
+    /// turned into [`StoreError::Corrupt`] instead of taking the server down.
     fn init(&self) -> Result<(), StoreError> {
+        match catch_unwind(AssertUnwindSafe(|| self.init_unguarded())) {
+            Ok(r) => r,
+            Err(p) => Err(StoreError::Corrupt(panic_msg(&*p))),
+        }
+    }
+
+    /// Create the tables and check the format marker.
+    fn init_unguarded(&self) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(map_err)?;
         {
             let mut meta = tx.open_table(META).map_err(map_err)?;
