@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests, the
 # conformance suite (paho-mqtt over real sockets against the release binary),
-# and a short fuzzing run of the decoder. Installs what it needs.
+# and a short fuzzing run of the decoder and the protocol state machine.
+# Installs what it needs.
 #
 #   scripts/test.sh            # everything
 #   SKIP_FUZZ=1 scripts/test.sh
@@ -40,9 +41,9 @@ cargo nextest run --workspace --no-fail-fast
 log "conformance suite (paho-mqtt against target/release/millet)"
 MILLET_BIN="$PWD/target/release/millet" scripts/test-conformance.sh
 
-if [[ -z "${SKIP_FUZZ:-}" && -x scripts/fuzz-decode.sh ]]; then
-  log "fuzz the decoder briefly"
-  scripts/fuzz-decode.sh "${FUZZ_SECONDS:-60}"
+if [[ -z "${SKIP_FUZZ:-}" && -x scripts/fuzz.sh ]]; then
+  log "fuzz the decoder and the protocol state machine briefly"
+  scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
 fi
 
 log "all tests passed"

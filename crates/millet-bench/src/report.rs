@@ -549,6 +549,17 @@ pub fn report(a: &ReportArgs) -> Result<()> {
             let _ = writeln!(w);
         }
     }
+    // Hand-kept history of optimizations (before / after, with commands),
+    // carried into every regenerated report.
+    let history = a
+        .out
+        .parent()
+        .map(|d| d.join("bench").join("HISTORY.md"))
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    if let Some(h) = history {
+        let _ = writeln!(w, "{}", h.trim_end());
+        let _ = writeln!(w);
+    }
     std::fs::write(&a.out, md).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!("wrote {}", a.out.display());
     chart(&results, &a.chart)?;

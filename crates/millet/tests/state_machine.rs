@@ -322,6 +322,25 @@ fn takeover_closes_the_old_connection_with_0x8e_and_resumes() {
 }
 
 #[test]
+fn taken_over_while_already_closing_sends_a_single_disconnect() {
+    // Found by the `protocol` fuzz target: a malformed packet and a takeover
+    // in the same wake-up queued DISCONNECT 0x81 and then DISCONNECT 0x8E.
+    // Nothing may follow the server's DISCONNECT [MQTT-3.14.4-1].
+    let (b, t0) = broker();
+    let mut old = Client::v5(&b, "twice", t0);
+    let _new = Client::v5(&b, "twice", t0);
+    old.conn
+        .handle_decode_error(&DecodeError::Malformed("PUBREL", "packet identifier"));
+    let p = old.recv(t0);
+    assert!(
+        matches!(&p[..], [Packet::Disconnect(d)] if d.reason_code == ReasonCode::MALFORMED_PACKET),
+        "{p:?}"
+    );
+    assert!(old.conn.poll_close().is_some());
+    old.conn.handle_closed(t0);
+}
+
+#[test]
 fn will_delay_is_honoured_and_cancelled_by_reconnect() {
     let (b, t0) = broker();
     let mut watcher = Client::v5(&b, "w", t0);
