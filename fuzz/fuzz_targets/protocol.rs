@@ -232,11 +232,9 @@ impl Conn {
         }
         peer.received += 1;
         let limits = peer.connected.filter(|l| l.protocol == proto);
-        // Only PUBLISH is checked: the server discards one too big for the
-        // client [MQTT-3.1.2-25]. A control packet (CONNACK with its fixed
-        // properties, a DISCONNECT with a reason code) can exceed an absurdly
-        // small client maximum: see docs/FUZZING.md, findings.
-        if let (Some(l), Protocol::V5, Packet::Publish(_)) = (limits, proto, p) {
+        // Every packet, control packets included [MQTT-3.1.2-24]: the server
+        // leaves out optional properties, or discards the packet.
+        if let (Some(l), Protocol::V5) = (limits, proto) {
             assert!(
                 len <= l.maximum_packet_size,
                 "{}-byte {} exceeds the client's maximum packet size {}: {raw:?}",

@@ -95,6 +95,72 @@ impl Packet {
             Packet::Auth(_) => "AUTH",
         }
     }
+
+    /// Removes the Reason String and User Properties of a server-sent
+    /// control packet, the properties MQTT 5 says a server must leave out
+    /// when they would push a packet past the client's Maximum Packet Size
+    /// ([MQTT-3.2.2-19], [MQTT-3.2.2-20], [MQTT-3.4.2-2], [MQTT-3.4.2-3],
+    /// [MQTT-3.9.2-1], [MQTT-3.14.2-3], [MQTT-3.15.2-2] and their siblings).
+    /// For a CONNACK it also drops the capability flags whose absence means
+    /// the same as the value sent (`true`). Returns whether anything changed.
+    /// A PUBLISH, CONNECT, SUBSCRIBE or UNSUBSCRIBE is left alone.
+    pub fn strip_optional_properties(&mut self) -> bool {
+        fn ack(p: &mut AckProperties) -> bool {
+            let changed = p.reason_string.is_some() || !p.user_properties.is_empty();
+            p.reason_string = None;
+            p.user_properties = Vec::new();
+            changed
+        }
+        match self {
+            Packet::ConnAck(c) => {
+                let p = &mut c.properties;
+                let changed = p.reason_string.is_some()
+                    || !p.user_properties.is_empty()
+                    || p.retain_available == Some(true)
+                    || p.wildcard_subscription_available == Some(true)
+                    || p.subscription_identifiers_available == Some(true)
+                    || p.shared_subscription_available == Some(true);
+                p.reason_string = None;
+                p.user_properties = Vec::new();
+                for flag in [
+                    &mut p.retain_available,
+                    &mut p.wildcard_subscription_available,
+                    &mut p.subscription_identifiers_available,
+                    &mut p.shared_subscription_available,
+                ] {
+                    if *flag == Some(true) {
+                        *flag = None;
+                    }
+                }
+                changed
+            }
+            Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
+                ack(&mut r.properties)
+            }
+            Packet::SubAck(s) => ack(&mut s.properties),
+            Packet::UnsubAck(u) => ack(&mut u.properties),
+            Packet::Disconnect(d) => {
+                let p = &mut d.properties;
+                let changed = p.reason_string.is_some() || !p.user_properties.is_empty();
+                p.reason_string = None;
+                p.user_properties = Vec::new();
+                changed
+            }
+            Packet::Auth(a) => {
+                let p = &mut a.properties;
+                let changed = p.reason_string.is_some() || !p.user_properties.is_empty();
+                p.reason_string = None;
+                p.user_properties = Vec::new();
+                changed
+            }
+            Packet::Connect(_)
+            | Packet::Publish(_)
+            | Packet::Subscribe(_)
+            | Packet::Unsubscribe(_)
+            | Packet::PingReq
+            | Packet::PingResp => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -121,8 +121,6 @@ struct Active {
     alias_out_max: u16,
     /// Outgoing QoS 1/2 window: min(client receive maximum, server max_inflight).
     send_window: usize,
-    /// Largest packet the client accepts.
-    client_max_packet: usize,
     /// Resend the in-flight window (DUP) before anything else.
     resend: bool,
     /// Session expiry granted at CONNECT (a DISCONNECT may not raise it from 0).
@@ -161,6 +159,10 @@ pub struct Connection {
     /// PUBACK / PUBREC held until the store sequence they depend on is
     /// durable; released in order [MQTT-4.6.0-2].
     pending_acks: VecDeque<(u64, Packet)>,
+    /// Largest packet the client accepts (its v5 Maximum Packet Size).
+    peer_max_packet: usize,
+    /// A packet too big for the client has been discarded and logged.
+    warned_oversize: bool,
 }
 
 impl Connection {
@@ -181,6 +183,8 @@ impl Connection {
             pending_acks: VecDeque::new(),
             verdict: None,
             throttle_until: None,
+            peer_max_packet: usize::MAX,
+            warned_oversize: false,
         }
     }
 
@@ -353,7 +357,13 @@ impl Connection {
         if !self.pending_acks.is_empty() {
             self.release_acks();
         }
-        while let Some(p) = self.out.pop_front() {
+        while let Some(mut p) = self.out.pop_front() {
+            if self.peer_max_packet != usize::MAX
+                && !fit_control_packet(&mut p, protocol, self.peer_max_packet)
+            {
+                self.discard_oversized(&p);
+                continue;
+            }
             if let Err(e) = encode(&p, protocol, buf) {
                 tracing::warn!(error = %e, packet = p.name(), "cannot encode packet; dropped");
             }
@@ -379,22 +389,57 @@ impl Connection {
         // QoS 2 PUBLISH held until its in-flight record is durable (and, to
         // keep the order and topic aliases right, everything behind it).
         let mut held: Vec<Packet> = Vec::new();
+        // Store sequence the held packets wait for.
+        let mut hold_seq = 0;
+        let max_packet = self.peer_max_packet;
         if active.resend {
             active.resend = false;
+            // A resent PUBLISH or PUBREL describes in-flight state the store
+            // may not hold yet (moved there just before the client went
+            // away): the client must not complete it before that is durable,
+            // or a crash would bring the message back from the queue under a
+            // new packet id. Resends wait for everything submitted so far.
+            if let Some(p) = persist {
+                let last = p.submitted_seq();
+                if p.status(last) == AckStatus::Pending {
+                    hold_seq = last;
+                }
+            }
             // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP) and PUBREL in order.
             let resend: Vec<(u16, InflightState, Delivery)> = session
                 .inflight()
                 .map(|(p, i)| (p, i.state, i.delivery.clone()))
                 .collect();
             for (pid, state, d) in resend {
-                match state {
+                let packet = match state {
                     InflightState::AwaitAck => {
-                        let p = active.publish_packet(&d, Some(pid), true, now, protocol);
-                        let _ = encode(&Packet::Publish(p), protocol, buf);
+                        Packet::Publish(active.publish_packet(&d, Some(pid), true, now, protocol))
                     }
-                    InflightState::AwaitComp => {
-                        let _ = encode(&Packet::PubRel(PubResp::new(pid)), protocol, buf);
+                    InflightState::AwaitComp => Packet::PubRel(PubResp::new(pid)),
+                };
+                if max_packet != usize::MAX
+                    && !encoded_len(&packet, protocol).is_ok_and(|n| n <= max_packet)
+                {
+                    // The client lowered its Maximum Packet Size since: the
+                    // message is discarded as if delivered [MQTT-3.1.2-25].
+                    if let Packet::Publish(p) = &packet {
+                        if p.properties.topic_alias.is_some() && !p.topic.is_empty() {
+                            active.alias_out.remove(&p.topic);
+                        }
                     }
+                    if session.forget_inflight(pid) && persist.is_some() {
+                        ops.push(Op::DeleteInflight {
+                            client_id: session.client_id.to_string(),
+                            packet_id: pid,
+                        });
+                    }
+                    stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if hold_seq != 0 {
+                    held.push(packet);
+                } else {
+                    let _ = encode(&packet, protocol, buf);
                 }
                 sent += 1;
             }
@@ -427,8 +472,8 @@ impl Connection {
             }
             let publish = active.publish_packet(&d, pid, false, now, protocol);
             let packet = Packet::Publish(publish);
-            let fits = active.client_max_packet == usize::MAX
-                || encoded_len(&packet, protocol).is_ok_and(|n| n <= active.client_max_packet);
+            let fits = max_packet == usize::MAX
+                || encoded_len(&packet, protocol).is_ok_and(|n| n <= max_packet);
             if !fits {
                 // [MQTT-3.1.2-25]: a message too big for the client is
                 // discarded as if it had been sent; a topic alias assigned
@@ -464,7 +509,7 @@ impl Connection {
             sent += 1;
         }
         if let Some(p) = persist {
-            let seq = p.submit(ops);
+            let seq = p.submit(ops).max(hold_seq);
             if !held.is_empty() {
                 if seq != 0 {
                     p.wait(seq, &self.waker);
@@ -583,6 +628,32 @@ impl Connection {
             .is_none_or(|s| s.acl.check(client_id, username, extra, access, topic))
     }
 
+    /// A control packet does not fit the client's Maximum Packet Size even
+    /// without its optional properties: it is not sent [MQTT-3.1.2-24]. A
+    /// client that cannot receive its CONNACK cannot use the connection.
+    fn discard_oversized(&mut self, p: &Packet) {
+        if !self.warned_oversize {
+            self.warned_oversize = true;
+            tracing::warn!(
+                packet = p.name(),
+                client_maximum_packet_size = self.peer_max_packet,
+                "packet too big for the client's maximum packet size; discarded (logged once per connection)"
+            );
+        }
+        if let Packet::ConnAck(_) = p {
+            self.set_close(
+                ReasonCode::PACKET_TOO_LARGE,
+                false,
+                format!(
+                    "the client's maximum packet size ({}) is too small for a CONNACK",
+                    self.peer_max_packet
+                ),
+            );
+            // Nothing may follow a CONNACK the client never got.
+            self.out.clear();
+        }
+    }
+
     fn connack_error(&mut self, reason: ReasonCode, why: String) {
         self.out.push_back(Packet::ConnAck(ConnAck {
             session_present: false,
@@ -595,6 +666,13 @@ impl Connection {
 
     fn handle_connect(&mut self, mut c: Box<Connect>, now: Instant) {
         self.protocol = Some(c.protocol);
+        if c.protocol.is_v5() {
+            // Applies to every packet from now on, CONNACK included [MQTT-3.1.2-24].
+            self.peer_max_packet = c
+                .properties
+                .maximum_packet_size
+                .map_or(usize::MAX, |m| m as usize);
+        }
         let mut verdict = self.verdict.take().unwrap_or_else(|| ConnectVerdict {
             username: c.username.as_deref().map(str::to_string),
             ..Default::default()
@@ -821,10 +899,6 @@ impl Connection {
                 0
             },
             send_window: usize::from(client_receive_max.min(limits.max_inflight)),
-            client_max_packet: c
-                .properties
-                .maximum_packet_size
-                .map_or(usize::MAX, |m| m as usize),
             resend: attached.session_present,
             session_expiry: expiry,
             auth_method: c.properties.authentication_method.clone(),
@@ -1389,4 +1463,12 @@ fn detach_will(w: &millet_codec::LastWill) -> millet_codec::LastWill {
     w.topic = ByteString::from(&*w.topic);
     w.payload = bytes::Bytes::copy_from_slice(&w.payload);
     w
+}
+
+/// Whether `p` fits in `max` bytes, after dropping the optional properties
+/// MQTT 5 tells a server to leave out rather than exceed the client's
+/// Maximum Packet Size (see [`Packet::strip_optional_properties`]).
+fn fit_control_packet(p: &mut Packet, protocol: Protocol, max: usize) -> bool {
+    let fits = |p: &Packet| encoded_len(p, protocol).is_ok_and(|n| n <= max);
+    fits(p) || (p.strip_optional_properties() && fits(p))
 }

@@ -315,6 +315,18 @@ impl Session {
         self.inflight.iter().map(|(p, i)| (*p, i))
     }
 
+    /// Forget an in-flight message whatever its state (it can never be sent:
+    /// too big for the client [MQTT-3.1.2-25]). Returns true if it was there.
+    pub fn forget_inflight(&mut self, packet_id: u16) -> bool {
+        match self.inflight_pos(packet_id) {
+            Some(pos) => {
+                self.inflight.remove(pos);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Remove every in-flight and queued message (for shared-subscription
     /// redelivery when the session ends): returns them.
     pub fn drain_all(&mut self) -> Vec<Delivery> {

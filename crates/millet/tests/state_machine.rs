@@ -829,3 +829,167 @@ fn server_redirection_answers_with_the_server_reference() {
     let (_, ack) = Client::new(&b, connect_packet(Protocol::V5, "moved", true), t0);
     assert_eq!(ack.reason_code, ReasonCode::SERVER_MOVED);
 }
+
+/// The wire size of every packet the server has written so far.
+fn wire_sizes(cl: &mut Client, now: Instant) -> Vec<(&'static str, usize)> {
+    cl.conn.poll_transmit(now, &mut cl.wire);
+    let mut out = Vec::new();
+    loop {
+        let before = cl.wire.len();
+        match decode(&mut cl.wire, Some(cl.proto), usize::MAX).expect("valid packet") {
+            Some(p) => out.push((p.name(), before - cl.wire.len())),
+            None => break,
+        }
+    }
+    out
+}
+
+fn v5_with_max_packet(b: &Arc<Broker>, id: &str, max: u32, now: Instant) -> Client {
+    let mut c = connect_packet(Protocol::V5, id, true);
+    c.properties.maximum_packet_size = Some(max);
+    let mut cl = Client {
+        conn: Connection::new(b.clone(), now),
+        proto: Protocol::V5,
+        wire: BytesMut::new(),
+        backlog: Vec::new(),
+    };
+    cl.send(Packet::Connect(Box::new(c)), now);
+    cl
+}
+
+#[test]
+fn connack_leaves_out_default_flags_to_fit_a_small_maximum_packet_size() {
+    // [MQTT-3.1.2-24]: nothing bigger than the client's maximum, CONNACK included.
+    let (b, t0) = broker();
+    let mut roomy = v5_with_max_packet(&b, "roomy", 1024, t0);
+    let full = wire_sizes(&mut roomy, t0);
+    assert_eq!(full[0].0, "CONNACK");
+    let small = (full[0].1 - 4) as u32; // the four `true` flags take 8 bytes
+    let mut cl = v5_with_max_packet(&b, "small", small, t0);
+    let got = wire_sizes(&mut cl, t0);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "CONNACK");
+    assert!(got[0].1 <= small as usize, "{got:?} > {small}");
+    assert!(cl.conn.poll_close().is_none());
+}
+
+#[test]
+fn a_client_too_small_for_any_connack_is_closed_without_one() {
+    // The reproducer from docs/FUZZING.md: Maximum Packet Size 3.
+    let (b, t0) = broker();
+    let mut cl = v5_with_max_packet(&b, "tiny", 3, t0);
+    let got = wire_sizes(&mut cl, t0);
+    assert!(got.is_empty(), "{got:?}");
+    let close = cl.conn.poll_close().expect("closed");
+    assert_eq!(close.reason, ReasonCode::PACKET_TOO_LARGE);
+    cl.conn.handle_closed(t0);
+    // The session was released: the same client id connects normally.
+    let (_, ack) = Client::new(&b, connect_packet(Protocol::V5, "tiny", true), t0);
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+}
+
+#[test]
+fn suback_too_big_for_the_client_is_discarded() {
+    let (b, t0) = broker();
+    let mut cl = v5_with_max_packet(&b, "s", 40, t0);
+    assert_eq!(wire_sizes(&mut cl, t0)[0].0, "CONNACK");
+    let filters = (0..50)
+        .map(|i| (format!("f/{i}").into(), SubscriptionOptions::default()))
+        .collect();
+    cl.send(
+        Packet::Subscribe(Subscribe {
+            packet_id: 7,
+            subscription_identifier: None,
+            user_properties: vec![],
+            filters,
+        }),
+        t0,
+    );
+    // 50 reason codes do not fit in 40 bytes: no SUBACK [MQTT-3.1.2-24] ...
+    assert!(wire_sizes(&mut cl, t0).is_empty());
+    // ... but the connection goes on, and a small SUBACK gets through.
+    cl.subscribe("one", QoS::AtMostOnce, t0);
+    assert!(cl.conn.poll_close().is_none());
+}
+
+#[test]
+fn dup_resend_too_big_for_a_lowered_maximum_is_dropped_as_delivered() {
+    // [MQTT-3.1.2-25]: a resumed client that lowered its Maximum Packet Size
+    // does not get the in-flight message that no longer fits, and its window
+    // is freed.
+    let (b, t0) = broker();
+    let mut c = connect_packet(Protocol::V5, "low", false);
+    c.properties.session_expiry_interval = Some(60);
+    let (mut sub, _) = Client::new(&b, c.clone(), t0);
+    sub.subscribe("big", QoS::AtLeastOnce, t0);
+    let mut p = Client::v5(&b, "p", t0);
+    p.send(
+        Packet::Publish(Publish {
+            topic: "big".into(),
+            payload: bytes::Bytes::from(vec![b'x'; 200]),
+            qos: QoS::AtLeastOnce,
+            packet_id: Some(1),
+            ..Default::default()
+        }),
+        t0,
+    );
+    assert_eq!(publishes(&sub.recv(t0)).len(), 1);
+    sub.conn.handle_closed(t0);
+    c.clean_start = false;
+    c.properties.maximum_packet_size = Some(100);
+    let (mut sub, ack) = Client::new(&b, c.clone(), t0);
+    assert!(ack.session_present);
+    assert!(publishes(&sub.recv(t0)).is_empty());
+    // Not resent on the next resume either: it was forgotten.
+    sub.conn.handle_closed(t0);
+    c.properties.maximum_packet_size = None;
+    let (mut sub, _) = Client::new(&b, c, t0);
+    assert!(publishes(&sub.recv(t0)).is_empty());
+}
+
+#[test]
+fn dup_resend_on_a_plain_reconnect_waits_until_the_inflight_record_is_durable() {
+    // A QoS 2 message moved from the queue to the in-flight window just
+    // before its subscriber reconnected: if the client could PUBREC the DUP
+    // before that move is durable, a crash would bring the message back from
+    // the queue under a new packet id, delivered twice [MQTT-4.3.3].
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.sys_interval = 0;
+    cfg.data_dir = dir.path().to_path_buf();
+    let t0 = Instant::now();
+    let b = Arc::new(Broker::open(cfg, t0).unwrap());
+    let store = b.persistence().expect("the default config has a store");
+    let mut c = connect_packet(Protocol::V5, "dur", false);
+    c.properties.session_expiry_interval = Some(300);
+    let (mut sub, _) = Client::new(&b, c.clone(), t0);
+    sub.subscribe("q2", QoS::ExactlyOnce, t0);
+    let mut p = Client::v5(&b, "p", t0);
+    store
+        .wait_durable(store.submitted_seq(), Duration::from_secs(30))
+        .unwrap();
+
+    store.pause_writes(true); // a disk that has not synced yet
+    p.publish("q2", b"once", QoS::ExactlyOnce, Some(1), t0);
+    assert!(
+        publishes(&sub.recv(t0)).is_empty(),
+        "first send waits (held)"
+    );
+    sub.conn.handle_closed(t0);
+    let (mut sub, ack) = Client::new(&b, c, t0);
+    assert!(ack.session_present);
+    assert!(
+        publishes(&sub.recv(t0)).is_empty(),
+        "the DUP resend must wait for the store"
+    );
+
+    store.pause_writes(false);
+    store
+        .wait_durable(store.submitted_seq(), Duration::from_secs(30))
+        .unwrap();
+    let got = sub.recv(t0);
+    let got = publishes(&got);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].dup);
+    assert_eq!(got[0].qos, QoS::ExactlyOnce);
+}

@@ -113,6 +113,24 @@ impl Persistence {
         self.store.submit(ops)
     }
 
+    /// The last sequence submitted to the store so far (see
+    /// [`crate::store::Store::submitted_seq`]).
+    pub fn submitted_seq(&self) -> u64 {
+        self.store.submitted_seq()
+    }
+
+    /// See [`crate::store::Store::pause_writes`] (tests only).
+    #[doc(hidden)]
+    pub fn pause_writes(&self, paused: bool) {
+        self.store.pause_writes(paused);
+    }
+
+    /// Block until `seq` is durable or failed, at most `timeout` (tests and
+    /// tools; the broker itself never blocks on the store).
+    pub fn wait_durable(&self, seq: u64, timeout: Duration) -> Result<(), StoreError> {
+        self.store.wait_durable(seq, timeout)
+    }
+
     /// Ask for `waker` to be woken once `seq` is durable (or failed).
     pub fn wait(&self, seq: u64, waker: &Arc<ConnWaker>) {
         let mut g = self.waiters.lock();

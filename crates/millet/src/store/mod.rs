@@ -297,6 +297,8 @@ pub(crate) struct Queue {
     cmds: Vec<Cmd>,
     next_seq: u64,
     shutdown: bool,
+    /// The writer takes no new work (see [`Store::pause_writes`]).
+    paused: bool,
 }
 
 type DurableFn = Arc<dyn Fn(u64) + Send + Sync>;
@@ -365,6 +367,7 @@ impl Store {
                 cmds: Vec::new(),
                 next_seq: 1,
                 shutdown: false,
+                paused: false,
             }),
             work: Condvar::new(),
             durable_seq: AtomicU64::new(0),
@@ -448,6 +451,13 @@ impl Store {
         seq
     }
 
+    /// The last sequence handed out by [`Store::submit`] or [`Store::sweep`]
+    /// (0 before any): once [`Store::durable_seq`] reaches it, everything
+    /// submitted so far is durable.
+    pub fn submitted_seq(&self) -> u64 {
+        self.shared.queue.lock().next_seq.saturating_sub(1)
+    }
+
     /// Highest sequence that satisfies the durability policy (every sequence
     /// at or below it is durable or was reported failed).
     pub fn durable_seq(&self) -> u64 {
@@ -505,6 +515,15 @@ impl Store {
                 };
             }
         }
+    }
+
+    /// Stop (`true`) or restart the writer taking new work, as a very slow
+    /// disk would: submits queue up and nothing new becomes durable. For
+    /// tests of what waits for durability; shutdown overrides it.
+    #[doc(hidden)]
+    pub fn pause_writes(&self, paused: bool) {
+        self.shared.queue.lock().paused = paused;
+        self.shared.work.notify_one();
     }
 
     /// Submits not yet taken by the writer (for backpressure).

@@ -95,7 +95,7 @@ impl Writer {
     fn next_batch(&mut self) -> (Vec<Cmd>, bool) {
         let mut q = self.shared.queue.lock();
         loop {
-            if !q.cmds.is_empty() {
+            if !q.cmds.is_empty() && (!q.paused || q.shutdown) {
                 return (std::mem::take(&mut q.cmds), q.shutdown);
             }
             if q.shutdown {
