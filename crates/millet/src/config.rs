@@ -77,6 +77,12 @@ pub struct StoreConfig {
     pub quarantine_corrupt: bool,
     /// Also store QoS 0 messages queued for persistent sessions.
     pub persist_qos0: bool,
+    /// Checkpoint the write-ahead log into the store once it holds this many
+    /// bytes ...
+    pub checkpoint_bytes: u64,
+    /// ... or this many milliseconds after its first record (0: after every
+    /// group, which gives up write absorption).
+    pub checkpoint_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -87,6 +93,8 @@ impl Default for StoreConfig {
             max_bytes: None,
             quarantine_corrupt: false,
             persist_qos0: false,
+            checkpoint_bytes: 1 << 20,
+            checkpoint_ms: 100,
         }
     }
 }

@@ -135,6 +135,10 @@ struct Active {
     limiter: Option<ClientLimiter>,
 }
 
+/// Longest a publisher is held back by a congested session before it is
+/// read again (breaks cycles of connections that hold each other back).
+const MAX_BACKPRESSURE_PAUSE: Duration = Duration::from_secs(1);
+
 pub struct Connection {
     broker: Arc<Broker>,
     state: State,
@@ -150,8 +154,10 @@ pub struct Connection {
     /// CONNACK 0x00 has been queued: errors from now on are DISCONNECTs.
     accepted: bool,
     /// A session this client publishes to is congested: stop reading from
-    /// the client until the waker fires (back-pressure through TCP).
-    paused: bool,
+    /// the client until every congested session drained to half its
+    /// threshold (back-pressure through TCP), or until this deadline, which
+    /// breaks a cycle of publishers that hold each other back.
+    paused_until: Option<Instant>,
     /// Verdict on the CONNECT, from the driver (see [`ConnectVerdict`]).
     verdict: Option<ConnectVerdict>,
     /// Rate limit in back-pressure mode: not read from until then.
@@ -179,7 +185,7 @@ impl Connection {
             disconnect_expiry: None,
             waker: Arc::new(ConnWaker::default()),
             accepted: false,
-            paused: false,
+            paused_until: None,
             pending_acks: VecDeque::new(),
             verdict: None,
             throttle_until: None,
@@ -203,7 +209,7 @@ impl Connection {
     /// True while the driver must not read from the client (back-pressure).
     /// Cleared by the next wake-up of [`Connection::waker`].
     pub fn is_paused(&self) -> bool {
-        self.paused || self.throttle_until.is_some()
+        (self.paused_until.is_some() && self.waker.is_blocked()) || self.throttle_until.is_some()
     }
 
     /// True until a CONNECT was handled: the driver authenticates the next
@@ -287,6 +293,14 @@ impl Connection {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.throttle_until.is_some_and(|t| now >= t) {
             self.throttle_until = None;
+        }
+        if self.paused_until.is_some_and(|t| now >= t) {
+            if self.waker.is_blocked() {
+                tracing::debug!(
+                    "publisher held back for {MAX_BACKPRESSURE_PAUSE:?}; reading again"
+                );
+            }
+            self.paused_until = None;
         }
         let Some(t) = self.timer else { return };
         if now < t.deadline() {
@@ -378,8 +392,9 @@ impl Connection {
         let start = buf.len();
         let mut sent = 0u64;
         let cell = active.cell.clone();
-        if self.waker.clear() {
-            self.paused = false; // woken: maybe by the congested session draining
+        self.waker.clear();
+        if !self.waker.is_blocked() {
+            self.paused_until = None; // every congested session drained
         }
         let mut st = cell.state.lock();
         let session = &mut st.session;
@@ -534,11 +549,14 @@ impl Connection {
 
     /// The earliest deadline at which [`Connection::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let t = self.timer.map(Timer::deadline);
-        match (t, self.throttle_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.timer.map(Timer::deadline),
+            self.throttle_until,
+            self.paused_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// `Some` once the connection must close (after writing what
@@ -1127,8 +1145,8 @@ impl Connection {
             store_id: Default::default(),
         };
         let routed = self.broker.publish(Arc::new(msg), Some(&self.waker), now);
-        if routed.congested {
-            self.paused = true;
+        if routed.congested && self.paused_until.is_none() {
+            self.paused_until = Some(now + MAX_BACKPRESSURE_PAUSE);
         }
         let rc = if routed.sessions == 0 && v5 {
             ReasonCode::NO_MATCHING_SUBSCRIBERS

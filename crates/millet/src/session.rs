@@ -354,6 +354,9 @@ pub struct ConnWaker {
     notify: tokio::sync::Notify,
     /// True while a wake-up is pending: avoids a notify per message under load.
     pending: AtomicBool,
+    /// Number of congested sessions this connection (as a publisher) is
+    /// waiting for (see [`SessionStateGuarded::blocked`]).
+    blocked_on: std::sync::atomic::AtomicUsize,
 }
 
 impl ConnWaker {
@@ -361,6 +364,24 @@ impl ConnWaker {
         if !self.pending.swap(true, Ordering::AcqRel) {
             self.notify.notify_one();
         }
+    }
+
+    /// A congested session registered this publisher.
+    pub fn block(&self) {
+        self.blocked_on.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A congested session drained (or went away): one fewer to wait for.
+    pub fn unblock(&self) {
+        let _ = self
+            .blocked_on
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.wake();
+    }
+
+    /// Some congested session still holds this publisher back.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked_on.load(Ordering::Acquire) > 0
     }
 
     /// A wake-up is pending (for tests and diagnostics).
@@ -414,8 +435,15 @@ impl SessionStateGuarded {
     /// Wake every publisher paused on this session.
     pub fn release_blocked(&mut self) {
         for w in self.blocked.drain(..) {
-            w.wake();
+            w.unblock();
         }
+    }
+}
+
+impl Drop for SessionStateGuarded {
+    /// A session that goes away must not leave its publishers paused.
+    fn drop(&mut self) {
+        self.release_blocked();
     }
 }
 

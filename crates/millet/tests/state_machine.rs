@@ -549,6 +549,67 @@ fn slow_online_subscriber_pauses_publishers_instead_of_dropping() {
     );
 }
 
+#[test]
+fn a_paused_publisher_stays_paused_through_unrelated_wake_ups() {
+    // Found by the qos1-persistent benchmark under `interval` durability: the
+    // wake-ups that release a publisher's held PUBACKs (store durable) also
+    // resumed reading it, so the congested queue grew to `max_queued` and
+    // acknowledged messages were dropped. Only the congested session
+    // draining (or the 1 s safety deadline) resumes it now.
+    let (b, t0) = broker_with(|c| {
+        c.limits.backpressure_queued = 4;
+        c.limits.max_queued = 6;
+    });
+    let mut c = connect_packet(Protocol::V5, "slow2", true);
+    c.properties.receive_maximum = Some(1);
+    let (mut sub, _) = Client::new(&b, c, t0);
+    sub.subscribe("bp2", QoS::AtLeastOnce, t0);
+    let mut publ = Client::v5(&b, "fast2", t0);
+    let mut pid = 0;
+    while !publ.conn.is_paused() {
+        pid += 1;
+        publ.publish("bp2", b"m", QoS::AtLeastOnce, Some(pid), t0);
+    }
+    // Something else wakes the publisher (here: directly, as the store's
+    // durability callback does); it goes through its output ...
+    publ.conn.waker().wake();
+    publ.recv(t0);
+    // ... and stays paused: its session is still congested.
+    assert!(
+        publ.conn.is_paused(),
+        "woken for another reason and resumed"
+    );
+    // The safety deadline bounds the pause even if the receiver never drains.
+    let deadline = publ.conn.poll_timeout().expect("a pause deadline");
+    assert!(deadline <= t0 + Duration::from_secs(1));
+    publ.conn.handle_timeout(deadline);
+    assert!(!publ.conn.is_paused());
+    // Back to normal: draining the receiver releases it as before, and no
+    // acknowledged message was dropped.
+    let got = sub.recv(t0);
+    assert_eq!(publishes(&got).len(), 1);
+    assert_eq!(
+        b.stats
+            .messages_dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[test]
+fn a_publisher_is_never_paused_by_its_own_session() {
+    // It must keep reading the PUBACKs that drain that session.
+    let (b, t0) = broker_with(|c| c.limits.backpressure_queued = 2);
+    let mut c = connect_packet(Protocol::V5, "loop", true);
+    c.properties.receive_maximum = Some(1);
+    let (mut me, _) = Client::new(&b, c, t0);
+    me.subscribe("self", QoS::AtLeastOnce, t0);
+    for pid in 1..=5 {
+        me.publish("self", b"m", QoS::AtLeastOnce, Some(pid), t0);
+        assert!(!me.conn.is_paused(), "paused by its own queue at {pid}");
+    }
+}
+
 // ---- security: connect verdicts, ACL, quotas ------------------------------
 
 mod security {

@@ -738,10 +738,17 @@ impl Broker {
                 }
             }
             st.wake();
+            // A publisher is never held back by its own session: it must
+            // keep reading the acknowledgements that drain it.
             let congested = match publisher {
-                Some(w) if st.conn_epoch != 0 && st.session.queue_len() >= threshold => {
+                Some(w)
+                    if st.conn_epoch != 0
+                        && st.session.queue_len() >= threshold
+                        && !st.waker.as_ref().is_some_and(|own| Arc::ptr_eq(own, w)) =>
+                {
                     if !st.blocked.iter().any(|b| Arc::ptr_eq(b, w)) {
                         st.blocked.push(w.clone());
+                        w.block();
                     }
                     true
                 }

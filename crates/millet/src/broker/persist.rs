@@ -69,6 +69,8 @@ impl Persistence {
             durability,
             max_bytes: cfg.max_bytes,
             quarantine_corrupt: cfg.quarantine_corrupt,
+            checkpoint_bytes: cfg.checkpoint_bytes,
+            checkpoint_interval: Duration::from_millis(cfg.checkpoint_ms),
         };
         let (store, recovered) = Store::open_with(&dir.join("store"), options)?;
         let waiters: Arc<Mutex<Waiters>> = Arc::default();

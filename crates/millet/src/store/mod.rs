@@ -34,6 +34,7 @@
 
 mod engine;
 pub mod records;
+mod wal;
 mod writer;
 
 use std::collections::{HashMap, VecDeque};
@@ -53,6 +54,7 @@ pub use records::{
 
 /// Name of the engine file inside the store directory.
 pub const DB_FILE: &str = "millet.redb";
+pub use wal::WAL_PREFIX;
 
 /// When a QoS 1/2 PUBLISH may be acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +79,12 @@ pub struct StoreOptions {
     /// aside (`millet.redb.corrupt-<unix ms>`), log an error and start empty,
     /// instead of failing with [`StoreError::Open`]. Off by default.
     pub quarantine_corrupt: bool,
+    /// Checkpoint (apply the log to the engine and empty it) once the log
+    /// holds this many bytes ...
+    pub checkpoint_bytes: u64,
+    /// ... or this long after the first record logged since the last
+    /// checkpoint. Zero checkpoints after every group (no absorption window).
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for StoreOptions {
@@ -85,12 +93,16 @@ impl Default for StoreOptions {
             durability: Durability::Sync,
             max_bytes: None,
             quarantine_corrupt: false,
+            checkpoint_bytes: 1 << 20,
+            checkpoint_interval: Duration::from_millis(100),
         }
     }
 }
 
 /// One change to the stored state. Strings are client ids / topics.
-#[derive(Debug, Clone, PartialEq)]
+/// (Serialized into the write-ahead log with postcard: a change to this enum
+/// must bump the log's magic.)
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// Create or replace a session (metadata, subscriptions, will, expiry).
     PutSession(SessionRecord),
@@ -105,8 +117,11 @@ pub enum Op {
         message: MessageRecord,
     },
     /// Queue a message for a session at position `seq` (increasing per
-    /// session; recovery returns the queue in `seq` order). Replaces an entry
-    /// at the same position.
+    /// session; recovery returns the queue in `seq` order). Contract: a
+    /// position is never reused while an entry may be stored there (the
+    /// writer relies on it to drop a put and its delete without touching
+    /// the engine); within one submit group a later put at the same
+    /// position replaces the earlier one.
     PutQueueEntry {
         client_id: String,
         seq: u64,
@@ -117,7 +132,9 @@ pub enum Op {
         seq: u64,
     },
     /// Record (or update, e.g. AwaitAck → AwaitComp) an outgoing in-flight
-    /// message under its packet id.
+    /// message under its packet id. Contract: an `AwaitAck` put is the
+    /// first record of that packet id since its previous use was deleted
+    /// (the broker allocates packet ids outside the in-flight window).
     PutInflight {
         client_id: String,
         packet_id: u16,
@@ -231,9 +248,10 @@ pub struct StoreStats {
     pub submits: u64,
     /// Ops in those calls.
     pub ops: u64,
-    /// Engine transactions committed (one per group).
+    /// Groups committed (one log append each; the engine only sees them at
+    /// a checkpoint).
     pub commits: u64,
-    /// Commits made durable with an fsync.
+    /// fsyncs of the log (a checkpoint's own fsync is not counted).
     pub fsyncs: u64,
     /// Submits that failed (reported through `on_failed`).
     pub failed_submits: u64,
@@ -244,6 +262,12 @@ pub struct StoreStats {
     pub swept_messages: u64,
     /// Queue / in-flight / awaiting / retained entries removed by sweeps.
     pub swept_entries: u64,
+    /// Ops never written because a later op of the same group superseded
+    /// them (an entry put and deleted again, a message whose every
+    /// reference went away before its group was committed).
+    pub absorbed: u64,
+    /// Checkpoints: log content applied to the engine in one transaction.
+    pub checkpoints: u64,
 }
 
 #[derive(Default)]
@@ -258,6 +282,8 @@ struct Counters {
     swept_sessions: AtomicU64,
     swept_messages: AtomicU64,
     swept_entries: AtomicU64,
+    absorbed: AtomicU64,
+    checkpoints: AtomicU64,
 }
 
 impl Counters {
@@ -274,6 +300,8 @@ impl Counters {
             swept_sessions: g(&self.swept_sessions),
             swept_messages: g(&self.swept_messages),
             swept_entries: g(&self.swept_entries),
+            absorbed: g(&self.absorbed),
+            checkpoints: g(&self.checkpoints),
         }
     }
 }
@@ -282,14 +310,6 @@ impl Counters {
 pub(crate) enum Cmd {
     Submit { seq: u64, ops: Vec<Op> },
     Sweep { seq: u64, now_unix_ms: u64 },
-}
-
-impl Cmd {
-    fn seq(&self) -> u64 {
-        match self {
-            Cmd::Submit { seq, .. } | Cmd::Sweep { seq, .. } => *seq,
-        }
-    }
 }
 
 #[derive(Default)]
@@ -353,7 +373,22 @@ impl Store {
 
     /// [`Store::open`] with all options.
     pub fn open_with(dir: &Path, options: StoreOptions) -> Result<(Store, Recovered), StoreError> {
-        let (engine, loaded) = engine::Engine::open_and_load(dir, options.quarantine_corrupt)?;
+        let (engine, mut loaded) = engine::Engine::open_and_load(dir, options.quarantine_corrupt)?;
+        let (wal, replay) = wal::Wal::open(dir)?;
+        if !replay.groups.is_empty() {
+            // Groups logged after the last checkpoint: into the engine, then
+            // read everything back.
+            let n = replay.groups.len();
+            engine
+                .replay(&mut loaded.index, &replay.groups)
+                .map_err(|e| open_failed(&dir.join(DB_FILE), e))?;
+            loaded = engine
+                .load_guarded(dir)
+                .map_err(|e| open_failed(&dir.join(DB_FILE), e))?;
+            tracing::info!(path = %dir.display(), groups = n,
+                "store log replayed into the engine");
+        }
+        wal::Wal::remove_segments(dir, &replay.segments).map_err(|e| open_failed(dir, e))?;
         if loaded.recovered.dropped > 0 {
             tracing::warn!(
                 path = %dir.display(),
@@ -383,11 +418,16 @@ impl Store {
         let recovered = loaded.recovered;
         let w = writer::Writer::new(
             engine,
+            wal,
             loaded.index,
             dir.to_path_buf(),
             options,
             shared.clone(),
-        );
+        )
+        .map_err(|e| StoreError::Open {
+            path: dir.to_path_buf(),
+            source: Arc::new(e),
+        })?;
         let writer = std::thread::Builder::new()
             .name("millet-store".into())
             .spawn(move || w.run())
@@ -542,6 +582,18 @@ impl Store {
     }
 
     fn stop(&mut self) {
+        if self.writer.is_some() {
+            let s = self.stats();
+            tracing::info!(
+                submits = s.submits,
+                ops = s.ops,
+                absorbed = s.absorbed,
+                commits = s.commits,
+                fsyncs = s.fsyncs,
+                failed = s.failed_submits,
+                "store closing"
+            );
+        }
         self.shared.queue.lock().shutdown = true;
         self.shared.work.notify_one();
         if let Some(h) = self.writer.take() {
@@ -597,6 +649,18 @@ impl Shared {
         if let Some(cb) = cb {
             guarded("on_durable", || cb(durable));
         }
+    }
+}
+
+/// An error met while opening, as [`StoreError::Open`] naming `path`
+/// (unchanged if it already is one).
+fn open_failed(path: &Path, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Open { .. } => e,
+        other => StoreError::Open {
+            path: path.to_path_buf(),
+            source: Arc::new(other),
+        },
     }
 }
 

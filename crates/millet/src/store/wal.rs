@@ -1,0 +1,266 @@
+//! The write-ahead log in front of the engine.
+//!
+//! Every group the writer takes is appended to the current log segment
+//! (`millet.wal.<generation>`) as one record and, under
+//! [`super::Durability::Sync`], made durable with one `fdatasync` before its
+//! sequences are reported durable. The engine (redb) only receives the ops at
+//! a *checkpoint*: the writer starts a new segment and hands the groups of
+//! the old one to the checkpoint thread, which applies them in one
+//! transaction with write absorption (see `Tables::apply_group`), commits
+//! with an fsync and deletes the old segment. Logging never waits for a
+//! checkpoint.
+//! Most messages to online subscribers are published, delivered and
+//! acknowledged between two checkpoints, so their queue and in-flight entries
+//! never reach the B-tree: the log turns six B-tree mutations per message
+//! into one sequential append (measured in docs/STORE.md).
+//!
+//! Segment layout: an 8-byte magic (`MLTWAL01`), then records
+//! `[payload length: u32 LE][CRC-32 of payload: u32 LE][payload]`, where the
+//! payload is `postcard(Vec<Op>)`. On open the segments are read back in
+//! generation order until the end or the first record that is torn (shorter
+//! than its length), fails its checksum or does not decode; that record and
+//! everything after it, later segments included, are dropped (they were
+//! never reported durable if the tear is the crash itself) and logged, so
+//! what is replayed is always a prefix of the history.
+//!
+//! Replaying a log onto an engine that already holds some of its groups (a
+//! crash between a checkpoint's commit and the log reset) gives the same
+//! state: every op sets or removes one key (or a session's keys), so applying
+//! a suffix of the history twice ends where applying it once does.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::engine::map_io;
+use super::{Op, StoreError};
+
+/// Log segments are the files `millet.wal.<generation>` (20 digits) of
+/// the store directory.
+pub const WAL_PREFIX: &str = "millet.wal.";
+const MAGIC: &[u8; 8] = b"MLTWAL01";
+const HEADER: usize = 8;
+/// A record larger than this is treated as corrupt on read (a length field
+/// damaged into something huge must not make recovery allocate it).
+const MAX_RECORD: usize = 1 << 30;
+
+pub(crate) struct Wal {
+    dir: PathBuf,
+    /// The current segment.
+    file: File,
+    path: PathBuf,
+    generation: u64,
+    /// Bytes of valid log in the current segment (magic + whole records).
+    len: u64,
+    buf: Vec<u8>,
+}
+
+/// What [`Wal::open`] read back.
+pub(crate) struct Replay {
+    /// The logged groups, oldest first.
+    pub groups: Vec<Vec<Op>>,
+    /// Bytes dropped at the tail (torn or corrupt).
+    pub dropped_bytes: u64,
+    /// The segments read (to delete once replayed).
+    pub segments: Vec<PathBuf>,
+}
+
+impl Wal {
+    /// Read back every segment in `dir` (see the module documentation),
+    /// then start a new, empty segment. The old segments stay until
+    /// [`Wal::remove_segments`] once their groups are in the engine.
+    pub fn open(dir: &Path) -> Result<(Wal, Replay), StoreError> {
+        let segments = segments(dir).map_err(|e| open_io(dir, e))?;
+        let mut replay = Replay {
+            groups: Vec::new(),
+            dropped_bytes: 0,
+            segments: Vec::new(),
+        };
+        let mut broken = false;
+        let mut last_gen = 0;
+        for (generation, path) in segments {
+            last_gen = generation;
+            let data = std::fs::read(&path).map_err(|e| open_io(&path, e))?;
+            replay.segments.push(path.clone());
+            if broken {
+                replay.dropped_bytes += data.len() as u64;
+                continue;
+            }
+            if data.len() < HEADER || &data[..HEADER] != MAGIC {
+                if !data.is_empty() {
+                    broken = true;
+                    replay.dropped_bytes += data.len() as u64;
+                }
+                continue;
+            }
+            let mut pos = HEADER;
+            while let Some((ops, next)) = read_record(&data, pos) {
+                replay.groups.push(ops);
+                pos = next;
+            }
+            if pos < data.len() {
+                broken = true;
+                replay.dropped_bytes += (data.len() - pos) as u64;
+            }
+        }
+        if replay.dropped_bytes > 0 {
+            tracing::warn!(path = %dir.display(), dropped_bytes = replay.dropped_bytes,
+                recovered_groups = replay.groups.len(),
+                "store log ends with a torn or corrupt record; it and what follows are dropped");
+        }
+        let wal = Wal::create(dir, last_gen + 1).map_err(|e| open_io(dir, e))?;
+        Ok((wal, replay))
+    }
+
+    fn create(dir: &Path, generation: u64) -> std::io::Result<Wal> {
+        let path = segment_path(dir, generation);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        file.write_all_at(MAGIC, 0)?;
+        file.sync_all()?;
+        sync_dir(dir)?;
+        Ok(Wal {
+            dir: dir.to_path_buf(),
+            file,
+            path,
+            generation,
+            len: HEADER as u64,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Start a new segment; returns the path of the one just closed (synced
+    /// first, so that it can be replayed whatever happens next).
+    pub fn rotate(&mut self) -> Result<PathBuf, StoreError> {
+        self.sync()?;
+        let next = Wal::create(&self.dir, self.generation + 1).map_err(|e| map_io(&e))?;
+        let old = std::mem::replace(self, next);
+        Ok(old.path)
+    }
+
+    /// Delete segments whose groups are durable in the engine.
+    pub fn remove_segments(dir: &Path, paths: &[PathBuf]) -> Result<(), StoreError> {
+        for p in paths {
+            match std::fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(map_io(&e)),
+            }
+        }
+        sync_dir(dir).map_err(|e| map_io(&e))
+    }
+
+    /// Bytes in the current segment (header included).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Append one record holding `groups` (in order). Not synced. On error
+    /// the log is cut back to where it was, so a failed append leaves no
+    /// partial record behind.
+    pub fn append<'a>(&mut self, groups: impl Iterator<Item = &'a [Op]>) -> Result<(), StoreError> {
+        self.buf.clear();
+        self.buf.extend_from_slice(&[0u8; 8]);
+        let ops: Vec<&Op> = groups.flat_map(|g| g.iter()).collect();
+        let buf = std::mem::take(&mut self.buf);
+        let mut buf = postcard::to_extend(&ops, buf)
+            .map_err(|e| StoreError::Io(format!("cannot encode a log record: {e}")))?;
+        let payload_len = buf.len() - 8;
+        let len = u32::try_from(payload_len)
+            .ok()
+            .filter(|n| (*n as usize) <= MAX_RECORD)
+            .ok_or_else(|| {
+                StoreError::Io(format!("log record of {payload_len} bytes is too large"))
+            })?;
+        let crc = crc32fast::hash(&buf[8..]);
+        buf[..4].copy_from_slice(&len.to_le_bytes());
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        let r = self.file.write_all_at(&buf, self.len);
+        let n = buf.len() as u64;
+        self.buf = buf;
+        match r {
+            Ok(()) => {
+                self.len += n;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.len);
+                Err(map_io(&e))
+            }
+        }
+    }
+
+    /// Make everything appended durable.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        self.file.sync_data().map_err(|e| map_io(&e))
+    }
+
+    /// Cut the log back to `len` bytes (a record whose fsync failed).
+    pub fn truncate(&mut self, len: u64) -> Result<(), StoreError> {
+        self.file.set_len(len).map_err(|e| map_io(&e))?;
+        self.len = len;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The record at `pos`, and where the next one starts; `None` at the end or
+/// at a torn or corrupt record.
+fn read_record(data: &[u8], pos: usize) -> Option<(Vec<Op>, usize)> {
+    let head = data.get(pos..pos.checked_add(8)?)?;
+    let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(head[4..8].try_into().ok()?);
+    if len > MAX_RECORD {
+        return None;
+    }
+    let start = pos + 8;
+    let payload = data.get(start..start.checked_add(len)?)?;
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let ops: Vec<Op> = postcard::from_bytes(payload).ok()?;
+    Some((ops, start + len))
+}
+
+/// Segment path for a generation.
+fn segment_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("{WAL_PREFIX}{generation:020}"))
+}
+
+/// The log segments in `dir`, oldest first.
+fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        let Some(generation) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(WAL_PREFIX))
+            .and_then(|g| g.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        out.push((generation, e.path()));
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Make a file creation or removal in `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn open_io(path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Open {
+        path: path.to_path_buf(),
+        source: std::sync::Arc::new(e),
+    }
+}
