@@ -504,7 +504,7 @@ impl Connection {
             // A QoS 2 PUBLISH the client completes (PUBREC, PUBREL, PUBCOMP)
             // before its in-flight record is durable would, after a crash, be
             // sent again from the queue under a new packet id: delivered twice.
-            let hold = persist.is_some()
+            let hold = persist.is_some_and(|p| !p.acks_early())
                 && (d.qos == QoS::ExactlyOnce || !held.is_empty() || !self.pending_acks.is_empty());
             if hold {
                 held.push(packet);
@@ -1206,6 +1206,12 @@ impl Connection {
             return;
         }
         if let Some(p) = self.broker.persistence() {
+            if p.acks_early() {
+                // Decided now (refused only while the store is failing).
+                self.pending_acks.push_back((seq, ack));
+                self.release_acks();
+                return;
+            }
             if seq != 0 {
                 p.wait(seq, &self.waker);
             }

@@ -49,6 +49,10 @@ pub struct Persistence {
     base_instant: Instant,
     base_unix_ms: u64,
     pub persist_qos0: bool,
+    /// Interval policy: a PUBACK / PUBREC goes out once the write is handed
+    /// to the store's writer (which logs within `linger` and fsyncs every
+    /// interval), not after it; see the README's durability table.
+    early_ack: bool,
 }
 
 impl Persistence {
@@ -71,6 +75,12 @@ impl Persistence {
             quarantine_corrupt: cfg.quarantine_corrupt,
             checkpoint_bytes: cfg.checkpoint_bytes,
             checkpoint_interval: Duration::from_millis(cfg.checkpoint_ms),
+            // Interval acknowledges before the write (see `early_ack`): let
+            // rounds fill up, and absorb the messages acknowledged within.
+            linger: match durability {
+                Durability::Interval(d) => (d / 4).min(Duration::from_millis(5)),
+                Durability::Sync => Duration::ZERO,
+            },
         };
         let (store, recovered) = Store::open_with(&dir.join("store"), options)?;
         let waiters: Arc<Mutex<Waiters>> = Arc::default();
@@ -103,6 +113,7 @@ impl Persistence {
                 base_instant: now,
                 base_unix_ms: store::unix_now_ms(),
                 persist_qos0: cfg.persist_qos0,
+                early_ack: matches!(durability, Durability::Interval(_)),
             },
             recovered,
         )))
@@ -133,8 +144,17 @@ impl Persistence {
         self.store.wait_durable(seq, timeout)
     }
 
+    /// Acknowledgements go out before the write (interval policy).
+    pub fn acks_early(&self) -> bool {
+        self.early_ack
+    }
+
     /// Ask for `waker` to be woken once `seq` is durable (or failed).
     pub fn wait(&self, seq: u64, waker: &Arc<ConnWaker>) {
+        if self.early_ack {
+            waker.wake();
+            return;
+        }
         let mut g = self.waiters.lock();
         if self.store.durable_seq() >= seq {
             waker.wake();
@@ -146,6 +166,15 @@ impl Persistence {
     pub fn status(&self, seq: u64) -> AckStatus {
         if seq == 0 {
             return AckStatus::Durable;
+        }
+        if self.early_ack {
+            // Interval: acknowledged once handed to the writer, unless the
+            // writer is refusing work (then refused at once: v5 0x97 on a
+            // full disk).
+            return match self.store.failing() {
+                Some(out_of_space) => AckStatus::Failed { out_of_space },
+                None => AckStatus::Durable,
+            };
         }
         if self.store.durable_seq() < seq {
             return AckStatus::Pending;

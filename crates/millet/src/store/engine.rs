@@ -387,6 +387,69 @@ impl Engine {
     }
 }
 
+/// Write absorption before logging: whether each op of `groups` (flattened,
+/// in order) still matters once the whole batch is applied, and how many do
+/// not.
+/// An entry created and deleted within the batch leaves nothing; otherwise
+/// only the last op on a key counts; a message stored in the batch is kept
+/// only if a surviving op references it. Applying the survivors in order
+/// gives the same state as applying everything (see `Tables::apply_group`,
+/// which does the same while applying).
+pub(crate) fn absorb<'a>(groups: &[&'a [Op]]) -> (Vec<bool>, u64) {
+    let mut keys: FxHashMap<EntryKey<'a>, (bool, (usize, usize))> = FxHashMap::default();
+    for (g, ops) in groups.iter().enumerate() {
+        for (i, op) in ops.iter().enumerate() {
+            if let Some(k) = op.entry_key() {
+                keys.entry(k)
+                    .and_modify(|(_, at)| *at = (g, i))
+                    .or_insert((op.creates(), (g, i)));
+            }
+        }
+    }
+    let mut keep: Vec<bool> = Vec::new();
+    let mut referenced: rustc_hash::FxHashSet<u64> = Default::default();
+    let mut dropped = 0u64;
+    for (g, ops) in groups.iter().enumerate() {
+        for (i, op) in ops.iter().enumerate() {
+            if let Some(k) = op.entry_key() {
+                let vanishes = keys.get(&k).is_none_or(|&(creates, last)| {
+                    let (lg, li) = last;
+                    (creates && groups[lg][li].is_delete()) || last != (g, i)
+                });
+                if vanishes {
+                    dropped += 1;
+                    keep.push(false);
+                    continue;
+                }
+            }
+            match op {
+                Op::PutQueueEntry { entry, .. } => {
+                    referenced.insert(entry.message_id);
+                }
+                Op::PutInflight { entry, .. } => {
+                    referenced.insert(entry.message_id);
+                }
+                Op::PutRetained { message_id, .. } => {
+                    referenced.insert(*message_id);
+                }
+                _ => {}
+            }
+            keep.push(true);
+        }
+    }
+    // Messages nobody references any more were never needed on disk.
+    let all = groups.iter().flat_map(|g| g.iter());
+    for (k, op) in keep.iter_mut().zip(all) {
+        if let (true, Op::PutMessage { id, .. }) = (*k, op) {
+            if !referenced.contains(id) {
+                *k = false;
+                dropped += 1;
+            }
+        }
+    }
+    (keep, dropped)
+}
+
 /// The table key an op writes, for write absorption within a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum EntryKey<'a> {

@@ -85,6 +85,11 @@ pub struct StoreOptions {
     /// ... or this long after the first record logged since the last
     /// checkpoint. Zero checkpoints after every group (no absorption window).
     pub checkpoint_interval: Duration,
+    /// After each round the writer waits this long before taking the next,
+    /// so that a round carries more and absorbs more (zero: take work as
+    /// soon as it comes). Only for callers that do not wait for each
+    /// sequence to be durable (the interval policy acknowledges first).
+    pub linger: Duration,
 }
 
 impl Default for StoreOptions {
@@ -95,6 +100,7 @@ impl Default for StoreOptions {
             quarantine_corrupt: false,
             checkpoint_bytes: 1 << 20,
             checkpoint_interval: Duration::from_millis(100),
+            linger: Duration::ZERO,
         }
     }
 }
@@ -340,6 +346,8 @@ pub(crate) struct Shared {
     on_failed: RwLock<Option<FailedFn>>,
     counters: Counters,
     writer_dead: std::sync::atomic::AtomicBool,
+    /// Outcome of the writer's last round (see [`Store::failing`]).
+    failing: std::sync::atomic::AtomicU8,
 }
 
 /// The store. See the module documentation.
@@ -413,6 +421,7 @@ impl Store {
             on_failed: RwLock::new(None),
             counters: Counters::default(),
             writer_dead: std::sync::atomic::AtomicBool::new(false),
+            failing: std::sync::atomic::AtomicU8::new(0),
         });
         let next_message_id = loaded.next_message_id;
         let recovered = loaded.recovered;
@@ -566,6 +575,19 @@ impl Store {
         self.shared.work.notify_one();
     }
 
+    /// Whether the writer's last round failed: `None` when it logged fine,
+    /// `Some(true)` when it refused writes for lack of space (disk full or
+    /// `max_bytes`), `Some(false)` on another error. Lets a caller that
+    /// acknowledges before durability (interval policy) refuse new work
+    /// while the store is failing.
+    pub fn failing(&self) -> Option<bool> {
+        match self.shared.failing.load(Ordering::Acquire) {
+            0 => None,
+            2 => Some(true),
+            _ => Some(false),
+        }
+    }
+
     /// Submits not yet taken by the writer (for backpressure).
     pub fn pending(&self) -> usize {
         self.shared.queue.lock().cmds.len()
@@ -611,6 +633,15 @@ impl Drop for Store {
 }
 
 impl Shared {
+    fn set_failing(&self, e: Option<&StoreError>) {
+        let v = match e {
+            None => 0,
+            Some(e) if e.is_out_of_space() => 2,
+            Some(_) => 1,
+        };
+        self.failing.store(v, Ordering::Release);
+    }
+
     fn report_failed(&self, ranges: &[RangeInclusive<u64>], err: &StoreError) {
         if ranges.is_empty() {
             return;

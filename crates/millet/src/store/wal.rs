@@ -159,15 +159,14 @@ impl Wal {
         self.len
     }
 
-    /// Append one record holding `groups` (in order). Not synced. On error
+    /// Append one record holding `ops` (in order). Not synced. On error
     /// the log is cut back to where it was, so a failed append leaves no
     /// partial record behind.
-    pub fn append<'a>(&mut self, groups: impl Iterator<Item = &'a [Op]>) -> Result<(), StoreError> {
+    pub fn append(&mut self, ops: &[&Op]) -> Result<(), StoreError> {
         self.buf.clear();
         self.buf.extend_from_slice(&[0u8; 8]);
-        let ops: Vec<&Op> = groups.flat_map(|g| g.iter()).collect();
         let buf = std::mem::take(&mut self.buf);
-        let mut buf = postcard::to_extend(&ops, buf)
+        let mut buf = postcard::to_extend(ops, buf)
             .map_err(|e| StoreError::Io(format!("cannot encode a log record: {e}")))?;
         let payload_len = buf.len() - 8;
         let len = u32::try_from(payload_len)

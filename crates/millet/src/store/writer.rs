@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::engine::{map_err, Engine, Index, Swept, Tables};
+use super::engine::{absorb, map_err, Engine, Index, Swept, Tables};
 use super::wal::Wal;
 use super::{ranges, Cmd, Durability, Op, Shared, StoreError, StoreOptions, DB_FILE};
 
@@ -264,7 +264,12 @@ impl Writer {
             let (cmds, shutdown) = self.next_batch();
             let idle = cmds.is_empty();
             if !idle {
+                let started = Instant::now();
                 self.process(cmds);
+                let linger = self.options.linger;
+                if !shutdown && started.elapsed() < linger {
+                    std::thread::sleep(linger - started.elapsed());
+                }
             }
             self.timers();
             if idle && shutdown {
@@ -473,6 +478,7 @@ impl Writer {
         let refuse_growth = match self.admit() {
             Ok(r) => r,
             Err(e) => {
+                self.shared.set_failing(Some(&e));
                 self.shared
                     .report_failed(&ranges(segment.iter().map(|(s, _)| *s).collect()), &e);
                 self.shared.advance(last, None);
@@ -487,6 +493,7 @@ impl Writer {
                 .report_failed(&ranges(rejected.iter().map(|(s, _)| *s).collect()), e);
         }
         if accepted.is_empty() {
+            self.shared.set_failing(refuse_growth.as_ref());
             self.shared.advance(last, None);
             return;
         }
@@ -494,10 +501,23 @@ impl Writer {
             None => true,
             Some(d) => self.last_sync.elapsed() >= d,
         };
+        // Only what survives the batch is logged (write absorption).
+        let groups: Vec<&[Op]> = accepted.iter().map(|(_, ops)| ops.as_slice()).collect();
+        let (keep, absorbed) = absorb(&groups);
+        let survivors: Vec<&Op> = groups
+            .iter()
+            .flat_map(|g| g.iter())
+            .zip(&keep)
+            .filter_map(|(op, k)| k.then_some(op))
+            .collect();
+        drop(groups);
         let before = self.wal.len();
-        let mut r = self
-            .wal
-            .append(accepted.iter().map(|(_, ops)| ops.as_slice()));
+        let mut r = if survivors.is_empty() {
+            Ok(())
+        } else {
+            self.wal.append(&survivors)
+        };
+        drop(survivors);
         if r.is_ok() && sync {
             r = self.wal.sync();
             if r.is_err() {
@@ -513,12 +533,24 @@ impl Writer {
                     tracing::info!(path = %self.wal.path().display(), "store log writes resume");
                 }
                 c.commits.fetch_add(1, Ordering::Relaxed);
-                if self.pending.is_empty() {
-                    self.pending_since = Some(Instant::now());
+                c.absorbed.fetch_add(absorbed, Ordering::Relaxed);
+                self.shared.set_failing(refuse_growth.as_ref());
+                let mut survivors: Vec<Op> = Vec::new();
+                let mut keep = keep.into_iter();
+                for (_, ops) in accepted {
+                    for op in ops {
+                        if keep.next().unwrap_or(true) {
+                            survivors.push(op);
+                        }
+                    }
                 }
-                self.pending_last_seq = self.pending_last_seq.max(last);
-                self.pending
-                    .extend(accepted.into_iter().map(|(_, ops)| ops));
+                if !survivors.is_empty() {
+                    if self.pending.is_empty() {
+                        self.pending_since = Some(Instant::now());
+                    }
+                    self.pending_last_seq = self.pending_last_seq.max(last);
+                    self.pending.push(survivors);
+                }
                 if sync {
                     c.fsyncs.fetch_add(1, Ordering::Relaxed);
                     self.last_sync = Instant::now();
@@ -530,6 +562,7 @@ impl Writer {
                 }
             }
             Err(e) => {
+                self.shared.set_failing(Some(&e));
                 if !self.log_failing {
                     self.log_failing = true;
                     tracing::error!(path = %self.wal.path().display(), error = %e,
