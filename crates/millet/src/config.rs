@@ -55,9 +55,10 @@ pub enum DurabilityConfig {
     /// publishers). Nothing acknowledged is lost on a crash or power loss.
     #[default]
     Sync,
-    /// fsync every `interval_ms`: acknowledged messages of the last interval
-    /// can be lost on a crash (process kill included: commits not yet synced
-    /// sit in memory).
+    /// PUBACK / PUBREC once the write is handed to the store's writer, which
+    /// logs it within 5 ms; fsync every `interval_ms`. A killed process can
+    /// lose the acknowledged writes of the last ≤ 5 ms, an OS crash or power
+    /// loss those of the last interval.
     Interval,
     /// No store: sessions, queues and retained messages live in memory only
     /// and are lost on restart.

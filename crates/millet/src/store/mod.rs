@@ -2,28 +2,32 @@
 //! restart (see `README.md` beside this file for the engine choice).
 //!
 //! - [`records`]: the stored records and their versioned binary encoding.
-//! - [`Store`]: open + recover, a non-blocking [`Store::submit`] of [`Op`]s that
-//!   returns a commit sequence number, and one background writer thread that
-//!   group-commits everything queued in one engine transaction (one fsync for
-//!   many publishers), then advances [`Store::durable_seq`] and calls the
-//!   [`Store::on_durable`] callback. Failed sequences are reported through
-//!   [`Store::on_failed`] *before* `durable_seq` passes them.
+//! - [`Store`]: open + recover (replaying the write-ahead log), a
+//!   non-blocking [`Store::submit`] of [`Op`]s that returns a commit sequence
+//!   number, a writer thread that appends everything queued since its last
+//!   round to the log as one record (after dropping the ops that cancel out
+//!   within the round) with one fsync for many publishers, then advances
+//!   [`Store::durable_seq`] and calls the [`Store::on_durable`] callback; and
+//!   a checkpoint thread that applies closed log segments to redb. Failed
+//!   sequences are reported through [`Store::on_failed`] *before*
+//!   `durable_seq` passes them. See `writer.rs`, `wal.rs` and docs/STORE.md.
 //!
 //! ## Durability policies
-//! - [`Durability::Sync`]: a sequence is durable once its transaction is
+//! - [`Durability::Sync`]: a sequence is durable once its log record is
 //!   fsynced. Nothing acknowledged is lost, whatever crashes.
-//! - [`Durability::Interval`]`(d)`: a sequence is reported durable once it is
-//!   committed (visible, ordered), and the writer fsyncs every `d`.
-//!   **What can be lost:** on any crash — a killed or panicking process as well
-//!   as a power loss — everything committed since the last fsync, i.e. up to
-//!   `d` (plus one commit) of acknowledged messages and state changes. Commits
-//!   are all-or-nothing and ordered, so what survives is a prefix of the
-//!   sequence. [`Store::synced_seq`] tells how far the fsync has got.
+//! - [`Durability::Interval`]`(d)`: a sequence is reported durable once its
+//!   record is appended (it survives a killed process), and the log is
+//!   fsynced every `d`. **What can be lost:** on an OS crash or power loss,
+//!   what was appended since the last fsync, up to `d`. What survives is a
+//!   prefix of the sequence. [`Store::synced_seq`] tells how far the fsync
+//!   has got. (The broker acknowledges even earlier under this policy, see
+//!   `broker::persist`.)
 //!
 //! ## Messages and references
 //! A message is stored once ([`Op::PutMessage`]) and referenced by queue,
 //! in-flight and retained entries. The writer counts references; a message
-//! whose count is zero at the end of a [`Store::submit`] call is deleted. So
+//! whose count is zero at the end of a round or checkpoint is deleted (or
+//! never written). So
 //! submit a message together with its first references, and move a message
 //! (queue → in-flight) with both ops in one submit.
 //!
