@@ -99,7 +99,10 @@ fn put_q(cid: &str, seq: u64, id: u64) -> Op {
 }
 
 fn put_m(id: u64, m: MessageRecord) -> Op {
-    Op::PutMessage { id, message: m }
+    Op::PutMessage {
+        id,
+        message: Box::new(m),
+    }
 }
 
 fn open(dir: &Path) -> (Store, Recovered) {
@@ -185,7 +188,7 @@ fn round_trip_every_record() {
     assert_eq!(r0, Recovered::default());
     let cid = "client-ü".to_string();
     let ids: Vec<u64> = (0..4).map(|_| store.alloc_message_id()).collect();
-    let mut ops = vec![Op::PutSession(full_session.clone())];
+    let mut ops = vec![Op::PutSession(Box::new(full_session.clone()))];
     ops.push(put_m(ids[0], rich.clone()));
     for &id in &ids[1..] {
         ops.push(put_m(id, msg("y/2", b"p", None)));
@@ -262,7 +265,7 @@ fn messages_are_stored_once_and_reference_counted() {
     let id = store.alloc_message_id();
     let mut ops = vec![put_m(id, msg("t", b"shared", None))];
     for c in ["a", "b", "c"] {
-        ops.push(Op::PutSession(session(c, None)));
+        ops.push(Op::PutSession(Box::new(session(c, None))));
         ops.push(put_q(c, 1, id));
     }
     commit(&store, ops);
@@ -367,8 +370,8 @@ fn delete_session_removes_everything_it_owns() {
     commit(
         &store,
         vec![
-            Op::PutSession(session("gone", None)),
-            Op::PutSession(session("kept", None)),
+            Op::PutSession(Box::new(session("gone", None))),
+            Op::PutSession(Box::new(session("kept", None))),
             put_m(id, msg("t", b"m", None)),
             put_q("gone", 1, id),
             put_q("gone", 2, id),
@@ -413,9 +416,9 @@ fn sweep_removes_expired_sessions_messages_and_orphans() {
     commit(
         &store,
         vec![
-            Op::PutSession(session("expired", Some(now - 1))),
-            Op::PutSession(session("live", Some(now + 3_600_000))),
-            Op::PutSession(session("connected", None)),
+            Op::PutSession(Box::new(session("expired", Some(now - 1)))),
+            Op::PutSession(Box::new(session("live", Some(now + 3_600_000)))),
+            Op::PutSession(Box::new(session("connected", None))),
             put_m(fresh, msg("t", b"fresh", Some(now + 3_600_000))),
             put_m(stale, msg("t", b"stale", Some(now - 1))),
             put_m(stale_inflight, msg("t", b"stale", Some(now - 1))),
@@ -475,7 +478,10 @@ fn group_commit_batches_many_submitters() {
     let dir = TempDir::new("group");
     let (store, _) = open(dir.path());
     let store = Arc::new(store);
-    commit(&store, vec![Op::PutSession(session("sink", None))]);
+    commit(
+        &store,
+        vec![Op::PutSession(Box::new(session("sink", None)))],
+    );
     let before = store.stats();
     let threads = 8u64;
     let per = 1000u64;
@@ -534,7 +540,10 @@ fn throughput_sync_qos1() {
     let dir = TempDir::new("throughput");
     let (store, _) = open(dir.path());
     let store = Arc::new(store);
-    commit(&store, vec![Op::PutSession(session("offline", None))]);
+    commit(
+        &store,
+        vec![Op::PutSession(Box::new(session("offline", None)))],
+    );
     let acked = Arc::new(AtomicU64::new(0));
     let acked2 = acked.clone();
     store.on_durable(move |seq| {
@@ -596,7 +605,7 @@ fn interval_policy_acks_before_fsync_then_syncs() {
     let dir = TempDir::new("interval");
     let (store, _) =
         Store::open(dir.path(), Durability::Interval(Duration::from_millis(50))).unwrap();
-    commit(&store, vec![Op::PutSession(session("s", None))]);
+    commit(&store, vec![Op::PutSession(Box::new(session("s", None)))]);
     let mut last = 0;
     for i in 0..200u64 {
         let id = store.alloc_message_id();
@@ -641,7 +650,7 @@ fn quota_refuses_growth_but_not_acks() {
             .push(format!("failed {}..={} {e}", r.start(), r.end()))
     });
     store.on_durable(move |s| e2.lock().unwrap().push(format!("durable {s}")));
-    commit(&store, vec![Op::PutSession(session("s", None))]);
+    commit(&store, vec![Op::PutSession(Box::new(session("s", None)))]);
     let mut refused = None;
     for i in 0..2000u64 {
         let id = store.alloc_message_id();
@@ -741,7 +750,7 @@ fn crash_child() {
     // seq 1 creates the session; seq k >= 2 carries message k at queue seq
     // k. One submitter, so the sequence numbers are known in advance; group
     // commit still batches because submit never waits for the disk.
-    let first = store.submit(vec![Op::PutSession(session("c", None))]);
+    let first = store.submit(vec![Op::PutSession(Box::new(session("c", None)))]);
     assert_eq!(first, 1);
     let mut k = 2u64;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -981,7 +990,7 @@ fn absorbed_ops_leave_the_same_state_as_applying_them_one_by_one() {
         packet_id: pid,
     };
     store.pause_writes(true); // everything below lands in one group
-    let mut last = store.submit(vec![Op::PutSession(session("s", None))]);
+    let mut last = store.submit(vec![Op::PutSession(Box::new(session("s", None)))]);
     for id in 1..=100u64 {
         store.submit(vec![
             put_m(id, msg("t", &[id as u8; 16], None)),
@@ -1041,7 +1050,7 @@ fn absorbed_ops_leave_the_same_state_as_applying_them_one_by_one() {
 /// A store with one session, `n` queued messages and a retained message.
 fn populate(dir: &Path, n: u64) -> Recovered {
     let (store, _) = open(dir);
-    let mut ops = vec![Op::PutSession(session("s", None))];
+    let mut ops = vec![Op::PutSession(Box::new(session("s", None)))];
     for i in 0..n {
         let id = store.alloc_message_id();
         ops.push(put_m(id, msg("t", &[i as u8; 64], None)));
@@ -1111,7 +1120,10 @@ fn open_damaged(dir: &Path, what: &str) -> Result<Recovered, StoreError> {
     match r {
         Ok((store, rec)) => {
             // and it is writable
-            commit(&store, vec![Op::PutSession(session("after", None))]);
+            commit(
+                &store,
+                vec![Op::PutSession(Box::new(session("after", None)))],
+            );
             Ok(rec)
         }
         Err(e) => {
@@ -1204,7 +1216,7 @@ fn quarantine_moves_a_corrupt_store_aside_and_starts() {
     )
     .unwrap();
     assert_eq!(r, Recovered::default());
-    commit(&store, vec![Op::PutSession(session("new", None))]);
+    commit(&store, vec![Op::PutSession(Box::new(session("new", None)))]);
     let aside: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
@@ -1269,7 +1281,7 @@ fn disk_full_fails_writes_then_recovers_when_space_returns() {
     std::fs::write(&filler, vec![0u8; 4 << 20]).unwrap();
     let store_dir = mnt.join("store");
     let (store, _) = open(&store_dir);
-    commit(&store, vec![Op::PutSession(session("s", None))]);
+    commit(&store, vec![Op::PutSession(Box::new(session("s", None)))]);
     let mut full = None;
     let mut written = 0u64;
     for i in 0..2000u64 {

@@ -421,7 +421,9 @@ impl Broker {
             if let Some(p) = &self.persist {
                 if expiry_interval > 0 {
                     st.session.persisted = true;
-                    p.submit(vec![Op::PutSession(p.session_record(&st.session, None))]);
+                    p.submit(vec![Op::PutSession(Box::new(
+                        p.session_record(&st.session, None),
+                    ))]);
                 }
             }
         }
@@ -488,7 +490,7 @@ impl Broker {
                 if let (Some(p), true) = (&self.persist, st.session.persisted) {
                     let mut rec = p.session_record(&st.session, delayed.as_ref().map(|d| d.1));
                     rec.will = delayed.map(|d| d.0);
-                    p.submit(vec![Op::PutSession(rec)]);
+                    p.submit(vec![Op::PutSession(Box::new(rec))]);
                 }
                 drop(st);
                 drop(reg);
@@ -707,7 +709,7 @@ impl Broker {
     /// Store the session record (metadata, subscriptions, will) if persisted.
     fn persist_session(&self, s: &Session) {
         if let (Some(p), true) = (&self.persist, s.persisted) {
-            p.submit(vec![Op::PutSession(p.session_record(s, None))]);
+            p.submit(vec![Op::PutSession(Box::new(p.session_record(s, None)))]);
         }
     }
 

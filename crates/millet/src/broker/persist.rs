@@ -224,7 +224,7 @@ impl Persistence {
         if fresh || force {
             ops.push(Op::PutMessage {
                 id,
-                message: self.message_record(msg),
+                message: Box::new(self.message_record(msg)),
             });
         }
         id

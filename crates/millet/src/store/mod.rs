@@ -115,7 +115,7 @@ impl Default for StoreOptions {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// Create or replace a session (metadata, subscriptions, will, expiry).
-    PutSession(SessionRecord),
+    PutSession(Box<SessionRecord>),
     /// Remove a session with all its queue, in-flight and awaiting-PUBREL
     /// entries (dropping the message references they hold).
     DeleteSession {
@@ -124,7 +124,7 @@ pub enum Op {
     /// Store a message under a broker-chosen id ([`Store::alloc_message_id`]).
     PutMessage {
         id: u64,
-        message: MessageRecord,
+        message: Box<MessageRecord>,
     },
     /// Queue a message for a session at position `seq` (increasing per
     /// session; recovery returns the queue in `seq` order). Contract: a
