@@ -445,6 +445,27 @@ def test_jwt_allow_expired_and_claims(millet_config, closing):
     assert raw_connack(b, V5, username="device", password=forged.encode()) == RC_BAD_CREDENTIALS
 
 
+def test_jwt_expiry_closes_the_connection(millet_config):
+    """A connection authenticated by a JWT is closed (v5 DISCONNECT 0x87) when the token's exp
+    (plus the leeway) passes; one whose token is still valid stays."""
+    b = millet_config('[security.auth]\nchain = ["jwt"]\n[security.auth.jwt]\n'
+                      'algorithm = "HS256"\nsecret = "jwt-secret"\nleeway_secs = 0\n')
+    now = int(time.time())
+    short = raw(b, V5)
+    long = raw(b, V5)
+    try:
+        short.connect(username="device", password=jwt_hs256("jwt-secret", {"exp": now + 2}).encode())
+        long.connect(username="device", password=jwt_hs256("jwt-secret", {"exp": now + 600}).encode())
+        seen = short.wait_closed(timeout=10.0)
+        assert any(p.type == DISCONNECT and p.disconnect()[0] == RC_NOT_AUTHORIZED for p in seen), seen
+        # negative: the long-lived token's connection is still served
+        long.send(PINGREQ_PACKET)
+        long.expect(PINGRESP)
+    finally:
+        short.close()
+        long.close()
+
+
 class _Hook(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -633,6 +654,59 @@ def test_message_rate_limit_disconnects_with_0x96(millet_config):
         ok.close()
 
 
+def test_byte_rate_limit_disconnects_with_0x96(millet_config):
+    """[security.quota] bytes_per_sec: topic + payload bytes per second per client."""
+    b = millet_config('[security.quota]\nbytes_per_sec = 200.0\nbytes_burst = 200.0\n')
+    r = raw(b, V5)
+    try:
+        r.connect()
+        # 3 x (3 + 90) bytes > the 200-byte burst; one write, so the server
+        # has read everything when it closes (no RST)
+        r.send(b"".join(publish_packet("b/t", b"x" * 90, version=V5) for _ in range(3)))
+        seen = r.wait_closed()
+        assert any(p.type == DISCONNECT and p.disconnect()[0] == 0x96 for p in seen), seen
+    finally:
+        r.close()
+    # negative: small messages within the budget keep the connection
+    ok = raw(b, V5)
+    try:
+        ok.connect()
+        for _ in range(3):
+            ok.publish("b/t", b"x" * 10, qos=1)
+        ok.assert_silent()
+    finally:
+        ok.close()
+
+
+def _connack_or_closed(broker, version=V5):
+    """The CONNACK code, or None when the server closed without one."""
+    r = raw(broker, version)
+    try:
+        r.send(connect_packet(version, unique("cr")))
+        got = r.recv(timeout=5.0)
+        return got.connack().rc if got is not None and got.type == CONNACK else None
+    except (ConnectionError, OSError):
+        return None
+    finally:
+        r.close()
+
+
+def test_connection_rate_limit_per_listener(millet_config):
+    """[security.quota] connections_per_sec: connections beyond the listener's rate are closed
+    at accept, before any CONNACK; the rate refills."""
+    b = millet_config('[security.quota]\nconnections_per_sec = 1.0\nconnections_burst = 2.0\n')
+    results = [_connack_or_closed(b) for _ in range(6)]
+    accepted = [r for r in results if r == 0]
+    refused = [r for r in results if r is None]
+    # at most the burst (2; the fixture's readiness probe may have used one token) plus one
+    # token refilled while the six were made
+    assert 1 <= len(accepted) <= 3, results
+    assert len(refused) >= 3, results
+    # negative: once the bucket refills, a connection is accepted again
+    wait_until(lambda: _connack_or_closed(b) == 0, timeout=10.0, interval=0.3,
+               what="a connection accepted after the rate refilled")
+
+
 def test_max_connections_per_username(millet_config, tmp_path):
     b, _ = password_broker(millet_config, tmp_path, extra="[security.quota]\nmax_connections_per_user = 1\n")
     first = raw(b, V5)
@@ -720,7 +794,7 @@ def scram_connect(b, user, password, client_id=None):
 
 
 def test_scram_sha256_enhanced_auth_and_reauthentication(millet_config, tmp_path):
-    creds = write(tmp_path / "scram", scram_line("carol", "pa55word"))
+    creds = write(tmp_path / "scram", scram_line("carol", "pa55word") + scram_line("dave", "d4ve"))
     pw = tmp_path / "passwd"
     passwd(str(pw), "alice", "--password", "s3cret")
     # an authenticated listener: SCRAM is an accepted way in, besides the chain
@@ -748,6 +822,19 @@ def test_scram_sha256_enhanced_auth_and_reauthentication(millet_config, tmp_path
         assert any(p.type == DISCONNECT and p.disconnect()[0] == RC_NOT_AUTHORIZED for p in seen), seen
     finally:
         r.close()
+    # re-authentication as another (valid) user: refused, the identity is fixed at CONNECT
+    r, rc, _ = scram_connect(b, "carol", "pa55word")
+    try:
+        assert rc == 0
+        other = Scram("dave", "d4ve")
+        r.send(auth_packet(0x19, other.first()))
+        seen = r.wait_closed()
+        assert any(p.type == DISCONNECT and p.disconnect()[0] == RC_NOT_AUTHORIZED for p in seen), seen
+    finally:
+        r.close()
+    r, rc, _ = scram_connect(b, "dave", "d4ve")  # negative: dave himself gets in
+    r.close()
+    assert rc == 0
     for user, password in [("carol", "wrong"), ("nobody", "pa55word")]:
         r, rc, _ = scram_connect(b, user, password)
         r.close()

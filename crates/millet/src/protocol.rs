@@ -57,6 +57,9 @@ pub struct ConnectVerdict {
     pub client_id: Option<String>,
     /// Per-client ACL rules (JWT claims, HTTP hook), consulted first.
     pub acl: Vec<Rule>,
+    /// The credentials expire this long after the CONNECT (a JWT's `exp`):
+    /// the connection is then closed with DISCONNECT 0x87 (v5).
+    pub valid_for: Option<Duration>,
 }
 
 impl ConnectVerdict {
@@ -133,6 +136,8 @@ struct Active {
     acl: Vec<Rule>,
     /// Incoming message / byte rate limit (`[security.quota]`).
     limiter: Option<ClientLimiter>,
+    /// When the credentials expire (a JWT's `exp`): closed then.
+    auth_deadline: Option<Instant>,
 }
 
 /// Longest a publisher is held back by a congested session before it is
@@ -294,6 +299,12 @@ impl Connection {
         if self.throttle_until.is_some_and(|t| now >= t) {
             self.throttle_until = None;
         }
+        let expired = matches!(&self.state, State::Connected(a)
+            if a.auth_deadline.is_some_and(|t| now >= t));
+        if expired {
+            tracing::info!("credentials expired (JWT exp); closing");
+            self.close_with(ReasonCode::NOT_AUTHORIZED, "credentials expired".into());
+        }
         if self.paused_until.is_some_and(|t| now >= t) {
             if self.waker.is_blocked() {
                 tracing::debug!(
@@ -444,7 +455,7 @@ impl Connection {
                     }
                     if session.forget_inflight(pid) && persist.is_some() {
                         ops.push(Op::DeleteInflight {
-                            client_id: session.client_id.to_string(),
+                            client_id: session.store_key.clone(),
                             packet_id: pid,
                         });
                     }
@@ -481,7 +492,7 @@ impl Connection {
             };
             if let (Some(_), true) = (persist, d.seq != 0) {
                 ops.push(Op::DeleteQueueEntry {
-                    client_id: session.client_id.to_string(),
+                    client_id: session.store_key.clone(),
                     seq: d.seq,
                 });
             }
@@ -517,7 +528,7 @@ impl Connection {
                     // keeps a reference throughout).
                     p.message_id(&d.msg, &mut ops, d.seq == 0);
                     let order = session.take_seq();
-                    ops.push(p.inflight_op(&session.client_id, pid, &d, false, order));
+                    ops.push(p.inflight_op(&session.store_key, pid, &d, false, order));
                 }
                 session.push_inflight(pid, d);
             }
@@ -549,10 +560,15 @@ impl Connection {
 
     /// The earliest deadline at which [`Connection::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let auth = match &self.state {
+            State::Connected(a) if self.close.is_none() => a.auth_deadline,
+            _ => None,
+        };
         [
             self.timer.map(Timer::deadline),
             self.throttle_until,
             self.paused_until,
+            auth,
         ]
         .into_iter()
         .flatten()
@@ -923,6 +939,7 @@ impl Connection {
             reauth: None,
             username: grant.username.map(ByteString::from),
             acl: grant.acl,
+            auth_deadline: grant.valid_for.map(|d| now + d),
             limiter: self
                 .broker
                 .security()
@@ -986,7 +1003,7 @@ impl Connection {
                         (known, st.session.persisted, self.broker.persistence())
                     {
                         p.submit(vec![Op::DeleteAwaitingRel {
-                            client_id: st.session.client_id.to_string(),
+                            client_id: st.session.store_key.clone(),
                             packet_id: r.packet_id,
                         }]);
                     }
@@ -1124,7 +1141,7 @@ impl Connection {
             st.session.awaiting_rel.insert(pid);
             if let (Some(p), true) = (self.broker.persistence(), st.session.persisted) {
                 rel_seq = p.submit(vec![Op::PutAwaitingRel {
-                    client_id: st.session.client_id.to_string(),
+                    client_id: st.session.store_key.clone(),
                     packet_id: pid,
                 }]);
             }
@@ -1166,7 +1183,7 @@ impl Connection {
     fn persist_inflight_done(&self, session: &crate::session::Session, packet_id: u16) {
         if let (true, Some(p)) = (session.persisted, self.broker.persistence()) {
             p.submit(vec![Op::DeleteInflight {
-                client_id: session.client_id.to_string(),
+                client_id: session.store_key.clone(),
                 packet_id,
             }]);
         }
@@ -1191,7 +1208,7 @@ impl Connection {
         let order = session.take_seq();
         match session.inflight_get(packet_id) {
             Some(i) => {
-                let op = p.inflight_op(&session.client_id, packet_id, &i.delivery, true, order);
+                let op = p.inflight_op(&session.store_key, packet_id, &i.delivery, true, order);
                 p.submit(vec![op])
             }
             None => 0,
@@ -1379,6 +1396,22 @@ impl Connection {
                 .protocol_error("AUTH without (or with a different) authentication method".into());
         }
         if x.reason_code == ReasonCode::REAUTHENTICATE {
+            // The connection's identity (the ACL's username) is fixed at
+            // CONNECT: re-authenticating as someone else is refused rather
+            // than silently keeping the old user's rights.
+            if a.auth_method.as_deref() == Some(crate::security::scram::SCRAM_SHA_256) {
+                let user = x
+                    .properties
+                    .authentication_data
+                    .as_deref()
+                    .and_then(crate::security::scram::client_first_username);
+                if user.as_deref() != a.username.as_deref() {
+                    return self.close_with(
+                        ReasonCode::NOT_AUTHORIZED,
+                        "re-authentication as a different user".into(),
+                    );
+                }
+            }
             let method = a.auth_method.clone().unwrap_or_default();
             a.reauth = self
                 .broker

@@ -428,8 +428,16 @@ async fn connect_verdict(
                 };
                 return (ConnectVerdict::refuse(rc), None);
             }
-            AuthResult::Allow { acl } => {
+            AuthResult::Allow { acl, valid_until } => {
                 v.acl = acl;
+                // A JWT's `exp`, as a time from now (the protocol closes the
+                // connection then).
+                v.valid_for = valid_until.map(|exp| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    Duration::from_secs(exp.saturating_sub(now))
+                });
                 if req.client_id != *c.client_id {
                     v.client_id = Some(req.client_id);
                 }

@@ -146,13 +146,14 @@ pub struct Session {
     /// Next queue entry / in-flight order number for the store.
     pub next_seq: u64,
     drop_logged: bool,
+    /// The client id as the store's ops carry it (shared, not copied per op).
+    pub store_key: Arc<str>,
 }
 
 impl Session {
     pub fn new(id: SessionId, client_id: ByteString, max_queued: usize) -> Self {
         Session {
             id,
-            client_id,
             subscriptions: HashMap::new(),
             queue: VecDeque::new(),
             max_queued,
@@ -166,6 +167,8 @@ impl Session {
             drop_logged: false,
             persisted: false,
             next_seq: 1,
+            store_key: Arc::from(&*client_id),
+            client_id,
         }
     }
 

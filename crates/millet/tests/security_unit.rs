@@ -86,7 +86,7 @@ max_connections_per_user = 1
     let (_, r) = sec
         .authenticate(req("c1", Some("alice"), Some(b"wonderland")), lo)
         .await;
-    let AuthResult::Allow { acl: extra } = r else {
+    let AuthResult::Allow { acl: extra, .. } = r else {
         return Err("alice refused".into());
     };
     assert!(sec
@@ -129,10 +129,13 @@ max_connections_per_user = 1
     assert_eq!(
         r,
         AuthResult::Allow {
-            acl: vec![Rule::allow(Action::Publish, vec!["t/%c".into()])]
+            acl: vec![Rule::allow(Action::Publish, vec!["t/%c".into()])],
+            // the token's exp plus the default 30 s leeway: the connection
+            // is closed then
+            valid_until: Some(exp + 30),
         }
     );
-    let AuthResult::Allow { acl: extra } = r else {
+    let AuthResult::Allow { acl: extra, .. } = r else {
         unreachable!()
     };
     assert!(sec.acl.check_publish("j1", Some("whoever"), &extra, "t/j1"));
@@ -171,7 +174,13 @@ async fn default_config_is_anonymous_on_loopback_only() -> R {
     let (_, r) = sec
         .authenticate(req("c", None, None), "127.0.0.1:1883".parse()?)
         .await;
-    assert_eq!(r, AuthResult::Allow { acl: vec![] });
+    assert_eq!(
+        r,
+        AuthResult::Allow {
+            acl: vec![],
+            valid_until: None
+        }
+    );
     let (_, r) = sec
         .authenticate(req("c", None, None), "0.0.0.0:1883".parse()?)
         .await;

@@ -749,6 +749,36 @@ mod security {
     }
 
     #[test]
+    fn expired_credentials_close_the_connection_with_0x87() {
+        // A JWT accepted at CONNECT stops being valid at its `exp`.
+        let (b, t0) = secure_broker(vec![], |_| {});
+        let v = ConnectVerdict {
+            valid_for: Some(Duration::from_secs(30)),
+            ..Default::default()
+        };
+        let (mut c, ack) = connect_with(&b, connect_packet(Protocol::V5, "jwt", true), v, t0);
+        assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+        assert_eq!(c.conn.poll_timeout(), Some(t0 + Duration::from_secs(30)));
+        c.conn.handle_timeout(t0 + Duration::from_secs(29));
+        assert!(c.conn.poll_close().is_none(), "still valid");
+        c.conn.handle_timeout(t0 + Duration::from_secs(30));
+        let got = c.recv(t0 + Duration::from_secs(30));
+        assert!(
+            matches!(got.last(), Some(Packet::Disconnect(d)) if d.reason_code == ReasonCode::NOT_AUTHORIZED),
+            "{got:?}"
+        );
+        assert!(c.conn.poll_close().is_some());
+        // negative: without an expiry there is no such deadline
+        let (c2, _) = connect_with(
+            &b,
+            connect_packet(Protocol::V5, "pw", true),
+            ConnectVerdict::default(),
+            t0,
+        );
+        assert_eq!(c2.conn.poll_timeout(), None);
+    }
+
+    #[test]
     fn acl_denies_publish_and_subscribe_v5_and_v3() {
         let rules = vec![
             rule(Permission::Allow, Action::Subscribe, Some("watcher"), "#"),

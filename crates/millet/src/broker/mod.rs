@@ -523,7 +523,7 @@ impl Broker {
             if let (Some(p), true) = (&self.persist, st.session.persisted) {
                 st.session.persisted = false;
                 p.submit(vec![Op::DeleteSession {
-                    client_id: st.session.client_id.to_string(),
+                    client_id: st.session.store_key.clone(),
                 }]);
             }
             (subs, pending)
@@ -729,7 +729,7 @@ impl Broker {
             let op = match &self.persist {
                 Some(p) if st.session.persisted && (d.qos != QoS::AtMostOnce || p.persist_qos0) => {
                     d.seq = st.session.take_seq();
-                    Some(p.queue_op(&st.session.client_id, &d, ops, force_message))
+                    Some(p.queue_op(&st.session.store_key, &d, ops, force_message))
                 }
                 _ => None,
             };

@@ -264,14 +264,14 @@ impl Persistence {
     /// A queue entry for `d`, referencing its message (stored if needed).
     pub fn queue_op(
         &self,
-        client_id: &str,
+        client_id: &Arc<str>,
         d: &Delivery,
         ops: &mut Vec<Op>,
         force_message: bool,
     ) -> Op {
         let message_id = self.message_id(&d.msg, ops, force_message);
         Op::PutQueueEntry {
-            client_id: client_id.to_string(),
+            client_id: client_id.clone(),
             seq: d.seq,
             entry: QueueEntry {
                 message_id,
@@ -285,14 +285,14 @@ impl Persistence {
 
     pub fn inflight_op(
         &self,
-        client_id: &str,
+        client_id: &Arc<str>,
         packet_id: u16,
         d: &Delivery,
         await_comp: bool,
         order: u64,
     ) -> Op {
         Op::PutInflight {
-            client_id: client_id.to_string(),
+            client_id: client_id.clone(),
             packet_id,
             entry: InflightEntry {
                 message_id: d.msg.store_id.get().copied().unwrap_or(0),

@@ -226,6 +226,7 @@ impl HttpHook {
         Ok(match r.result {
             HookResult::Allow => Decision::Allow {
                 acl: claims_to_rules(&r.publish, &r.subscribe),
+                valid_until: None,
             },
             HookResult::Deny => Decision::Deny,
             HookResult::Ignore => Decision::Ignore,
@@ -331,7 +332,8 @@ pub(crate) mod tests {
                 acl: vec![
                     Rule::allow(Action::Publish, vec!["up/%c".into()]),
                     Rule::allow(Action::Subscribe, vec!["down/%c".into()]),
-                ]
+                ],
+                valid_until: None,
             }
         );
         assert_eq!(

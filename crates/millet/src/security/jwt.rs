@@ -340,6 +340,8 @@ impl JwtAuth {
         }
         Decision::Allow {
             acl: claims_to_rules(&claims.publish, &claims.subscribe),
+            // Accepted within the leeway: valid until the leeway ends.
+            valid_until: claims.exp.map(|e| e.saturating_add(self.cfg.leeway_secs)),
         }
     }
 }
@@ -404,7 +406,7 @@ mod tests {
             json!({"exp": NOW + 60, "publish": ["d/%c/up", "bad/#/x"], "subscribe": ["d/%c/down"]}),
         );
         let d = a.check("c1", None, Some(t.as_bytes()), NOW);
-        let Decision::Allow { acl } = d else {
+        let Decision::Allow { acl, .. } = d else {
             panic!("{d:?}")
         };
         assert_eq!(

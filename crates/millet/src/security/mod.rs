@@ -101,6 +101,9 @@ pub enum Decision {
     /// ACL file's).
     Allow {
         acl: Vec<Rule>,
+        /// The credentials stop being valid then (unix seconds; a JWT's
+        /// `exp`): the connection is closed at that time.
+        valid_until: Option<u64>,
     },
     Deny,
     /// Not this provider's business: ask the next.
@@ -110,7 +113,10 @@ pub enum Decision {
 impl Decision {
     /// Allow without extra rules.
     pub fn allow() -> Decision {
-        Decision::Allow { acl: Vec::new() }
+        Decision::Allow {
+            acl: Vec::new(),
+            valid_until: None,
+        }
     }
 }
 
@@ -119,7 +125,11 @@ impl Decision {
 pub enum AuthResult {
     /// Accepted; `acl` holds the per-client rules to pass to every
     /// [`Acl::check`] for this connection.
-    Allow { acl: Vec<Rule> },
+    Allow {
+        acl: Vec<Rule>,
+        /// See [`Decision::Allow`].
+        valid_until: Option<u64>,
+    },
     /// Refused: CONNACK 0x87 (v5) / 0x05 (v3.1.1).
     Deny,
 }
@@ -392,9 +402,9 @@ impl AuthChain {
     ) -> AuthResult {
         for p in &self.providers {
             match p.authenticate(req).await {
-                Decision::Allow { acl } => {
+                Decision::Allow { acl, valid_until } => {
                     tracing::debug!(client_id = %req.client_id, provider = p.name(), "authenticated");
-                    return AuthResult::Allow { acl };
+                    return AuthResult::Allow { acl, valid_until };
                 }
                 Decision::Deny => {
                     tracing::info!(client_id = %req.client_id, peer = %req.peer, provider = p.name(), "authentication refused");
@@ -404,7 +414,10 @@ impl AuthChain {
             }
         }
         match policy {
-            ListenerPolicy::Anonymous => AuthResult::Allow { acl: Vec::new() },
+            ListenerPolicy::Anonymous => AuthResult::Allow {
+                acl: Vec::new(),
+                valid_until: None,
+            },
             ListenerPolicy::Authenticated => {
                 tracing::info!(client_id = %req.client_id, peer = %req.peer, "no provider accepted the client");
                 AuthResult::Deny
@@ -823,17 +836,29 @@ mod tests {
         let empty = AuthChain::default();
         assert_eq!(
             empty.authenticate(&req()).await,
-            AuthResult::Allow { acl: vec![] }
+            AuthResult::Allow {
+                acl: vec![],
+                valid_until: None
+            }
         );
         let rules = vec![Rule::allow(acl::Action::All, vec!["x".into()])];
         let chain = AuthChain::new(vec![
             p("a", Decision::Ignore),
-            p("b", Decision::Allow { acl: rules.clone() }),
+            p(
+                "b",
+                Decision::Allow {
+                    acl: rules.clone(),
+                    valid_until: None,
+                },
+            ),
             p("c", Decision::Deny),
         ]);
         assert_eq!(
             chain.authenticate(&req()).await,
-            AuthResult::Allow { acl: rules }
+            AuthResult::Allow {
+                acl: rules,
+                valid_until: None
+            }
         );
         let chain = AuthChain::new(vec![p("a", Decision::Deny), p("b", Decision::allow())]);
         assert_eq!(chain.authenticate(&req()).await, AuthResult::Deny);
@@ -843,7 +868,10 @@ mod tests {
             chain
                 .authenticate_with(&req(), ListenerPolicy::Anonymous)
                 .await,
-            AuthResult::Allow { acl: vec![] }
+            AuthResult::Allow {
+                acl: vec![],
+                valid_until: None
+            }
         );
     }
 

@@ -58,7 +58,7 @@ pub use records::{
 
 /// Name of the engine file inside the store directory.
 pub const DB_FILE: &str = "millet.redb";
-pub use wal::WAL_PREFIX;
+pub use wal::{RESERVE_FILE, WAL_PREFIX};
 
 /// When a QoS 1/2 PUBLISH may be acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +119,7 @@ pub enum Op {
     /// Remove a session with all its queue, in-flight and awaiting-PUBREL
     /// entries (dropping the message references they hold).
     DeleteSession {
-        client_id: String,
+        client_id: Arc<str>,
     },
     /// Store a message under a broker-chosen id ([`Store::alloc_message_id`]).
     PutMessage {
@@ -133,12 +133,12 @@ pub enum Op {
     /// the engine); within one submit group a later put at the same
     /// position replaces the earlier one.
     PutQueueEntry {
-        client_id: String,
+        client_id: Arc<str>,
         seq: u64,
         entry: QueueEntry,
     },
     DeleteQueueEntry {
-        client_id: String,
+        client_id: Arc<str>,
         seq: u64,
     },
     /// Record (or update, e.g. AwaitAck → AwaitComp) an outgoing in-flight
@@ -146,21 +146,21 @@ pub enum Op {
     /// first record of that packet id since its previous use was deleted
     /// (the broker allocates packet ids outside the in-flight window).
     PutInflight {
-        client_id: String,
+        client_id: Arc<str>,
         packet_id: u16,
         entry: InflightEntry,
     },
     DeleteInflight {
-        client_id: String,
+        client_id: Arc<str>,
         packet_id: u16,
     },
     /// An incoming QoS 2 packet id awaiting PUBREL.
     PutAwaitingRel {
-        client_id: String,
+        client_id: Arc<str>,
         packet_id: u16,
     },
     DeleteAwaitingRel {
-        client_id: String,
+        client_id: Arc<str>,
         packet_id: u16,
     },
     /// Make a stored message the retained message of `topic` (replaces).
@@ -387,20 +387,46 @@ impl Store {
     pub fn open_with(dir: &Path, options: StoreOptions) -> Result<(Store, Recovered), StoreError> {
         let (engine, mut loaded) = engine::Engine::open_and_load(dir, options.quarantine_corrupt)?;
         let (wal, replay) = wal::Wal::open(dir)?;
-        if !replay.groups.is_empty() {
-            // Groups logged after the last checkpoint: into the engine, then
-            // read everything back.
-            let n = replay.groups.len();
-            engine
-                .replay(&mut loaded.index, &replay.groups)
-                .map_err(|e| open_failed(&dir.join(DB_FILE), e))?;
+        // Room for about two segments' worth of checkpoint, within reason.
+        let reserve = wal::Reserve::new(
+            dir,
+            options.checkpoint_bytes.saturating_mul(2).min(64 << 20),
+        );
+        let mut engine = engine;
+        if replay.groups() > 0 {
+            // Groups logged after the last checkpoint go into the engine one
+            // segment at a time (each deleted once committed, so at most one
+            // segment's worth of space is needed twice); then everything is
+            // read back.
+            let n = replay.groups();
+            for (path, groups) in &replay.segments {
+                if !groups.is_empty() {
+                    let mut r = engine.replay(&mut loaded.index, groups);
+                    if r.as_ref().is_err_and(StoreError::is_out_of_space) && reserve.release() {
+                        // redb takes no more writes after an I/O error: reopen.
+                        drop(engine);
+                        engine = engine::Engine::reopen(dir)
+                            .map_err(|e| open_failed(&dir.join(DB_FILE), e))?;
+                        loaded = engine
+                            .load_guarded(dir)
+                            .map_err(|e| open_failed(&dir.join(DB_FILE), e))?;
+                        r = engine.replay(&mut loaded.index, groups);
+                    }
+                    r.map_err(|e| open_failed(&dir.join(DB_FILE), e))?;
+                }
+                wal::Wal::remove_segments(dir, std::slice::from_ref(path))
+                    .map_err(|e| open_failed(dir, e))?;
+            }
             loaded = engine
                 .load_guarded(dir)
                 .map_err(|e| open_failed(&dir.join(DB_FILE), e))?;
             tracing::info!(path = %dir.display(), groups = n,
                 "store log replayed into the engine");
+        } else {
+            let paths: Vec<PathBuf> = replay.segments.iter().map(|(p, _)| p.clone()).collect();
+            wal::Wal::remove_segments(dir, &paths).map_err(|e| open_failed(dir, e))?;
         }
-        wal::Wal::remove_segments(dir, &replay.segments).map_err(|e| open_failed(dir, e))?;
+        reserve.ensure();
         if loaded.recovered.dropped > 0 {
             tracing::warn!(
                 path = %dir.display(),
@@ -432,6 +458,7 @@ impl Store {
         let w = writer::Writer::new(
             engine,
             wal,
+            reserve,
             loaded.index,
             dir.to_path_buf(),
             options,

@@ -57,12 +57,18 @@ pub(crate) struct Wal {
 
 /// What [`Wal::open`] read back.
 pub(crate) struct Replay {
-    /// The logged groups, oldest first.
-    pub groups: Vec<Vec<Op>>,
+    /// Every segment read, oldest first, with the groups to replay from it
+    /// (none after a torn or corrupt record); each is deleted once its
+    /// groups are in the engine.
+    pub segments: Vec<(PathBuf, Vec<Vec<Op>>)>,
     /// Bytes dropped at the tail (torn or corrupt).
     pub dropped_bytes: u64,
-    /// The segments read (to delete once replayed).
-    pub segments: Vec<PathBuf>,
+}
+
+impl Replay {
+    pub fn groups(&self) -> usize {
+        self.segments.iter().map(|(_, g)| g.len()).sum()
+    }
 }
 
 impl Wal {
@@ -72,16 +78,17 @@ impl Wal {
     pub fn open(dir: &Path) -> Result<(Wal, Replay), StoreError> {
         let segments = segments(dir).map_err(|e| open_io(dir, e))?;
         let mut replay = Replay {
-            groups: Vec::new(),
-            dropped_bytes: 0,
             segments: Vec::new(),
+            dropped_bytes: 0,
         };
         let mut broken = false;
         let mut last_gen = 0;
         for (generation, path) in segments {
             last_gen = generation;
             let data = std::fs::read(&path).map_err(|e| open_io(&path, e))?;
-            replay.segments.push(path.clone());
+            replay.segments.push((path.clone(), Vec::new()));
+            let groups = &mut replay.segments.last_mut().map(|(_, g)| g);
+            let Some(groups) = groups else { continue };
             if broken {
                 replay.dropped_bytes += data.len() as u64;
                 continue;
@@ -95,7 +102,7 @@ impl Wal {
             }
             let mut pos = HEADER;
             while let Some((ops, next)) = read_record(&data, pos) {
-                replay.groups.push(ops);
+                groups.push(ops);
                 pos = next;
             }
             if pos < data.len() {
@@ -105,7 +112,7 @@ impl Wal {
         }
         if replay.dropped_bytes > 0 {
             tracing::warn!(path = %dir.display(), dropped_bytes = replay.dropped_bytes,
-                recovered_groups = replay.groups.len(),
+                recovered_groups = replay.groups(),
                 "store log ends with a torn or corrupt record; it and what follows are dropped");
         }
         let wal = Wal::create(dir, last_gen + 1).map_err(|e| open_io(dir, e))?;
@@ -261,5 +268,59 @@ fn open_io(path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Open {
         path: path.to_path_buf(),
         source: std::sync::Arc::new(e),
+    }
+}
+
+/// A file of zeros kept in the store directory (`millet.reserve`): when a
+/// checkpoint or a replay finds the disk full, it is deleted to give the
+/// engine room to take what the log holds, so that a store whose disk filled
+/// up can always be checkpointed and reopened; it is recreated once there is
+/// room again.
+pub(crate) struct Reserve {
+    path: PathBuf,
+    bytes: u64,
+}
+
+/// Name of the reserve file.
+pub const RESERVE_FILE: &str = "millet.reserve";
+
+impl Reserve {
+    pub fn new(dir: &Path, bytes: u64) -> Reserve {
+        Reserve {
+            path: dir.join(RESERVE_FILE),
+            bytes,
+        }
+    }
+
+    /// Create the file if it is missing (best effort: on a full disk it is
+    /// simply not there).
+    pub fn ensure(&self) {
+        if self.bytes == 0 || self.path.metadata().is_ok_and(|m| m.len() == self.bytes) {
+            return;
+        }
+        let zeros = vec![0u8; 64 << 10];
+        let r = (|| -> std::io::Result<()> {
+            let f = File::create(&self.path)?;
+            let mut at = 0u64;
+            while at < self.bytes {
+                let n = zeros.len().min((self.bytes - at) as usize);
+                f.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            f.sync_all()
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Delete the file; true if there was one (room was made).
+    pub fn release(&self) -> bool {
+        let had = std::fs::remove_file(&self.path).is_ok();
+        if had {
+            tracing::warn!(path = %self.path.display(), bytes = self.bytes,
+                "store: disk full; released the reserve so that the log can be checkpointed");
+        }
+        had
     }
 }

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::engine::{absorb, map_err, Engine, Index, Swept, Tables};
-use super::wal::Wal;
+use super::wal::{Reserve, Wal};
 use super::{ranges, Cmd, Durability, Op, Shared, StoreError, StoreOptions, DB_FILE};
 
 /// Minimum time between two attempts to reopen a failed engine.
@@ -55,6 +55,8 @@ struct EngineState {
     dir: PathBuf,
     /// When the engine failed: next reopen attempt and the error.
     failed: Option<(Instant, StoreError)>,
+    /// Released when a checkpoint finds the disk full (see [`Reserve`]).
+    reserve: Reserve,
 }
 
 impl EngineState {
@@ -113,8 +115,15 @@ impl EngineState {
             tx.commit().map_err(map_err)?;
             Ok(absorbed)
         })();
-        if let Err(e) = &r {
-            self.engine_failed(e.clone());
+        match &r {
+            Err(e) => {
+                // Make room for the retry (after the reopen back-off).
+                if e.is_out_of_space() {
+                    self.reserve.release();
+                }
+                self.engine_failed(e.clone());
+            }
+            Ok(_) => self.reserve.ensure(),
         }
         r
     }
@@ -210,6 +219,7 @@ impl Writer {
     pub fn new(
         engine: Engine,
         wal: Wal,
+        reserve: Reserve,
         index: Index,
         dir: PathBuf,
         options: StoreOptions,
@@ -221,6 +231,7 @@ impl Writer {
                 index,
                 dir: dir.clone(),
                 failed: None,
+                reserve,
             }),
             queue: Mutex::new(CkQueue::default()),
             work: Condvar::new(),
