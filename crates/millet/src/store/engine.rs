@@ -546,47 +546,27 @@ impl<'t> Tables<'t> {
     /// with no sweep in between), in order, then delete the messages they
     /// left without references. Returns how many ops were absorbed.
     ///
-    /// Write absorption: the group lands in one transaction, so only its
-    /// final state matters. For a queue, in-flight or awaiting-PUBREL entry
-    /// only the group's last op on that key is applied (a put followed by a
-    /// delete leaves just the delete, a lookup of a missing key); the
-    /// reference counts stay exact because every absorbed put is matched by
-    /// the later op that replaced or removed it. A message stored in the
-    /// group is only written if something still references it at the end.
-    /// An online persistent subscriber that acknowledges within the group
-    /// window so costs two B-tree lookups per message instead of six
-    /// mutations (see docs/STORE.md, "Write absorption").
+    /// Write absorption ([`absorb`]): the group lands in one transaction,
+    /// so only its final state matters. An entry created and deleted within
+    /// the group leaves nothing; otherwise only the group's last op on a
+    /// key is applied; the reference counts stay exact because every
+    /// absorbed put is matched by the later op that replaced or removed it.
+    /// A message stored in the group is only written if something still
+    /// references it at the end. A message that an online persistent
+    /// subscriber acknowledges within the group so never touches the B-tree
+    /// (see docs/STORE.md, "The write-ahead log, checkpoints and write
+    /// absorption").
     pub fn apply_group(&mut self, index: &mut Index, group: &[&[Op]]) -> Result<u64, StoreError> {
-        // Per key: whether its first op in the group creates the entry, and
-        // the position of its last op.
-        let mut keys: FxHashMap<EntryKey<'_>, (bool, (usize, usize))> = FxHashMap::default();
-        for (g, ops) in group.iter().enumerate() {
-            for (i, op) in ops.iter().enumerate() {
-                if let Some(k) = op.entry_key() {
-                    keys.entry(k)
-                        .and_modify(|(_, at)| *at = (g, i))
-                        .or_insert((op.creates(), (g, i)));
-                }
-            }
-        }
-        let mut absorbed = 0u64;
+        // Which ops still matter once the whole group is applied.
+        let (keep, mut absorbed) = absorb(group);
+        let mut keep = keep.into_iter();
         let mut touched: Vec<u64> = Vec::new();
         // Messages put in this group: (id, record, existed before).
         let mut deferred: Vec<(u64, &MessageRecord, bool)> = Vec::new();
-        for (g, ops) in group.iter().enumerate() {
-            for (i, op) in ops.iter().enumerate() {
-                if let Some(k) = op.entry_key() {
-                    let Some(&(creates, last)) = keys.get(&k) else {
-                        continue;
-                    };
-                    // A chain that creates the entry and deletes it again
-                    // leaves nothing; otherwise its last op decides.
-                    let (lg, li) = last;
-                    let vanishes = creates && group[lg][li].is_delete();
-                    if vanishes || last != (g, i) {
-                        absorbed += 1;
-                        continue;
-                    }
+        for ops in group {
+            for op in ops.iter() {
+                if !keep.next().unwrap_or(true) {
+                    continue;
                 }
                 if let Op::PutMessage { id, message } = op {
                     let existed = index.msgs.contains_key(id);
