@@ -105,23 +105,20 @@ impl Packet {
     /// the same as the value sent (`true`). Returns whether anything changed.
     /// A PUBLISH, CONNECT, SUBSCRIBE or UNSUBSCRIBE is left alone.
     pub fn strip_optional_properties(&mut self) -> bool {
-        fn ack(p: &mut AckProperties) -> bool {
-            let changed = p.reason_string.is_some() || !p.user_properties.is_empty();
-            p.reason_string = None;
-            p.user_properties = Vec::new();
+        /// Clears both; true if either was set.
+        fn clear(reason: &mut Option<ByteString>, user: &mut Vec<UserProperty>) -> bool {
+            let changed = reason.is_some() || !user.is_empty();
+            *reason = None;
+            *user = Vec::new();
             changed
+        }
+        fn ack(p: &mut AckProperties) -> bool {
+            clear(&mut p.reason_string, &mut p.user_properties)
         }
         match self {
             Packet::ConnAck(c) => {
                 let p = &mut c.properties;
-                let changed = p.reason_string.is_some()
-                    || !p.user_properties.is_empty()
-                    || p.retain_available == Some(true)
-                    || p.wildcard_subscription_available == Some(true)
-                    || p.subscription_identifiers_available == Some(true)
-                    || p.shared_subscription_available == Some(true);
-                p.reason_string = None;
-                p.user_properties = Vec::new();
+                let mut changed = clear(&mut p.reason_string, &mut p.user_properties);
                 for flag in [
                     &mut p.retain_available,
                     &mut p.wildcard_subscription_available,
@@ -130,6 +127,7 @@ impl Packet {
                 ] {
                     if *flag == Some(true) {
                         *flag = None;
+                        changed = true;
                     }
                 }
                 changed
@@ -141,17 +139,11 @@ impl Packet {
             Packet::UnsubAck(u) => ack(&mut u.properties),
             Packet::Disconnect(d) => {
                 let p = &mut d.properties;
-                let changed = p.reason_string.is_some() || !p.user_properties.is_empty();
-                p.reason_string = None;
-                p.user_properties = Vec::new();
-                changed
+                clear(&mut p.reason_string, &mut p.user_properties)
             }
             Packet::Auth(a) => {
                 let p = &mut a.properties;
-                let changed = p.reason_string.is_some() || !p.user_properties.is_empty();
-                p.reason_string = None;
-                p.user_properties = Vec::new();
-                changed
+                clear(&mut p.reason_string, &mut p.user_properties)
             }
             Packet::Connect(_)
             | Packet::Publish(_)

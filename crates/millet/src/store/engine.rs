@@ -358,22 +358,30 @@ impl Engine {
         })
     }
 
+    /// Run `f` on the tables in one write transaction committed with an
+    /// fsync (checkpoints, sweeps, replay).
+    pub fn write_durably<T>(
+        &self,
+        index: &mut Index,
+        f: impl FnOnce(&mut Tables<'_>, &mut Index) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut tx = self.db.begin_write().map_err(map_err)?;
+        tx.set_durability(redb::Durability::Immediate)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        let out = {
+            let mut t = Tables::open(&tx)?;
+            f(&mut t, index)?
+        };
+        tx.commit().map_err(map_err)?;
+        Ok(out)
+    }
+
     /// Apply groups read back from the write-ahead log, in one durable
     /// transaction (a panic inside redb on a damaged page becomes
     /// [`StoreError::Corrupt`]).
     pub fn replay(&self, index: &mut Index, groups: &[Vec<Op>]) -> Result<u64, StoreError> {
-        let run = || -> Result<u64, StoreError> {
-            let mut tx = self.db.begin_write().map_err(map_err)?;
-            tx.set_durability(redb::Durability::Immediate)
-                .map_err(|e| StoreError::Io(e.to_string()))?;
-            let absorbed = {
-                let mut t = Tables::open(&tx)?;
-                let refs: Vec<&[Op]> = groups.iter().map(Vec::as_slice).collect();
-                t.apply_group(index, &refs)?
-            };
-            tx.commit().map_err(map_err)?;
-            Ok(absorbed)
-        };
+        let refs: Vec<&[Op]> = groups.iter().map(Vec::as_slice).collect();
+        let run = || self.write_durably(index, |t, index| t.apply_group(index, &refs));
         match catch_unwind(AssertUnwindSafe(run)) {
             Ok(r) => r,
             Err(p) => Err(StoreError::Corrupt(panic_msg(&*p))),

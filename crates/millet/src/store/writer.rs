@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::engine::{absorb, map_err, Engine, Index, Swept, Tables};
+use super::engine::{absorb, map_err, Engine, Index, Swept};
 use super::wal::{Reserve, Wal};
 use super::{ranges, Cmd, Durability, Op, Shared, StoreError, StoreOptions, DB_FILE};
 
@@ -104,17 +104,7 @@ impl EngineState {
         let Some(engine) = self.engine.as_ref() else {
             return Err(StoreError::Closed);
         };
-        let r = (|| -> Result<u64, StoreError> {
-            let mut tx = engine.db.begin_write().map_err(map_err)?;
-            tx.set_durability(redb::Durability::Immediate)
-                .map_err(|e| StoreError::Io(e.to_string()))?;
-            let absorbed = {
-                let mut t = Tables::open(&tx)?;
-                t.apply_group(&mut self.index, groups)?
-            };
-            tx.commit().map_err(map_err)?;
-            Ok(absorbed)
-        })();
+        let r = engine.write_durably(&mut self.index, |t, index| t.apply_group(index, groups));
         match &r {
             Err(e) => {
                 // Make room for the retry (after the reopen back-off).
@@ -133,17 +123,7 @@ impl EngineState {
         let Some(engine) = self.engine.as_ref() else {
             return Err(StoreError::Closed);
         };
-        let r = (|| -> Result<Swept, StoreError> {
-            let mut tx = engine.db.begin_write().map_err(map_err)?;
-            tx.set_durability(redb::Durability::Immediate)
-                .map_err(|e| StoreError::Io(e.to_string()))?;
-            let swept = {
-                let mut t = Tables::open(&tx)?;
-                t.sweep(&mut self.index, now_unix_ms)?
-            };
-            tx.commit().map_err(map_err)?;
-            Ok(swept)
-        })();
+        let r = engine.write_durably(&mut self.index, |t, index| t.sweep(index, now_unix_ms));
         if let Err(e) = &r {
             self.engine_failed(e.clone());
         }
