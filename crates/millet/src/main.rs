@@ -18,17 +18,30 @@ fn main() -> std::process::ExitCode {
         };
     }
     let cli = Cli::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "millet: invalid --log / MILLET_LOG filter {:?}: {e}",
+                cli.log
+            );
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // Colour only for a person at a terminal: log files and journald get
+    // plain text.
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let config = match Config::load(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("millet: invalid configuration: {e}");
+            eprintln!(
+                "millet: invalid configuration: {}",
+                millet::config::describe_error(&e)
+            );
             return std::process::ExitCode::from(2);
         }
     };
@@ -45,10 +58,24 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("millet: {e:#}");
+            eprintln!("millet: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause only when the text so far does not
+/// already say it (our errors often embed their source's message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    for cause in e.chain().skip(1) {
+        let t = cause.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+    }
+    s
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -156,9 +156,8 @@ fn spawn_reloaders(security: Arc<Security>) -> Vec<tokio::task::JoinHandle<()>> 
             let s = security.clone();
             tasks.push(tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reloading the security configuration files");
                     for e in s.reload() {
-                        tracing::error!(error = %e, "reload failed; previous state kept");
+                        tracing::error!("security reload failed, previous state kept: {e}");
                     }
                 }
             }));
@@ -171,7 +170,7 @@ fn spawn_reloaders(security: Arc<Security>) -> Vec<tokio::task::JoinHandle<()>> 
         loop {
             every.tick().await;
             for e in security.reload_if_changed().unwrap_or_default() {
-                tracing::error!(error = %e, "reload failed; previous state kept");
+                tracing::error!("security reload failed, previous state kept: {e}");
             }
             security.bans.prune(Instant::now());
         }

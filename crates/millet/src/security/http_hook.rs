@@ -37,7 +37,7 @@ pub enum OnError {
     Ignore,
 }
 
-/// `[auth.http]` section.
+/// `[security.auth.http]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpHookConfig {

@@ -275,16 +275,9 @@ impl PasswordStore {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        match PasswordFile::load(path) {
-            Ok(f) => {
-                self.file.store(Arc::new(f));
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "password file reload failed; keeping the previous one");
-                Err(e)
-            }
-        }
+        // On error the caller logs it, once.
+        self.file.store(Arc::new(PasswordFile::load(path)?));
+        Ok(())
     }
 
     pub fn current(&self) -> Arc<PasswordFile> {

@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-/// `[quota]` section. Zero means "no limit" everywhere.
+/// `[security.quota]` section. Zero means "no limit" everywhere.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QuotaConfig {

@@ -200,16 +200,9 @@ impl ScramStore {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        match Self::read(path) {
-            Ok(c) => {
-                self.creds.store(Arc::new(c));
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "SCRAM credentials reload failed; keeping the previous ones");
-                Err(e)
-            }
-        }
+        // On error the caller logs it, once.
+        self.creds.store(Arc::new(Self::read(path)?));
+        Ok(())
     }
 
     pub fn get(&self, user: &str) -> Option<ScramCredential> {
