@@ -164,9 +164,9 @@ class Metered(RawClient):
                 raise AssertionError(f"no batch of {COUNTERS} within {timeout}s; got {seen}") from None
 
 
-def _check_counts(r: Metered, after: int) -> int:
-    """Skip the batch that may have been taken while this client's last exchange was under way,
-    check the next one exactly; returns the record index after it."""
+def _check_counts(r: Metered, after: int):
+    """Skip the first batch after record ``after`` (it may have been taken while this client's last
+    exchange was under way), check the next one exactly."""
     i, _, _ = r.live_batch(after)
     i, before, v = r.live_batch(i + 1)
     assert v == {
@@ -177,7 +177,6 @@ def _check_counts(r: Metered, after: int) -> int:
         "$SYS/broker/bytes/received": r.sent_bytes,
         "$SYS/broker/bytes/sent": before["bytes"],
     }
-    return i + len(COUNTERS)
 
 
 @pytest.mark.millet_only("every $SYS topic is republished at every interval")
@@ -189,11 +188,11 @@ def test_sys_wire_bytes_and_packet_counts_are_exact(sys_broker):
     try:
         r.connect(keepalive=0)
         assert r.subscribe([(t, 0) for t in COUNTERS]) == [0] * len(COUNTERS)
-        at = _check_counts(r, 0)
+        _check_counts(r, 0)
         # a QoS 1 PUBLISH with a 1000-byte payload, and its PUBACK
         r.publish(unique("sys/bytes/"), b"x" * 1000, qos=1)
         assert r.sent_publishes == 1
-        _check_counts(r, at)
+        _check_counts(r, len(r.records))
     finally:
         r.close()
 
