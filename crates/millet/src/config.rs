@@ -191,8 +191,9 @@ const ENV_SECTIONS: &[&str] = &["limits__", "store__", "security__"];
     name = "millet",
     version,
     about = "Millet MQTT gateway",
-    after_help = "Password file: millet passwd FILE USER [--password PW | --delete] \
-                  (argon2id; without --password the password is read from stdin)"
+    after_help = "Credential tools (without --password: prompted for twice on a terminal, else read from stdin):\n  \
+                  millet passwd FILE USER [--password PW | --delete]                   argon2id password file\n  \
+                  millet scram FILE USER [--password PW | --delete] [--iterations N]   SCRAM-SHA-256 credentials file"
 )]
 pub struct Cli {
     /// TOML configuration file.

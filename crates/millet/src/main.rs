@@ -1,5 +1,6 @@
 //! The `millet` binary: parse configuration, start the listeners, drain on
-//! SIGINT / SIGTERM. `millet passwd FILE USER` edits an argon2id password file.
+//! SIGINT / SIGTERM. `millet passwd FILE USER` edits an argon2id password file,
+//! `millet scram FILE USER` a SCRAM-SHA-256 credentials file.
 
 use clap::Parser;
 use millet::config::{Cli, Config};
@@ -7,15 +8,9 @@ use millet::server::Server;
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("passwd") {
-        // `millet passwd FILE USER [--password PW | --delete]`
-        return match millet::security::passwd::run_passwd_cli(&args[2..]) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("millet passwd: {e}");
-                std::process::ExitCode::from(2)
-            }
-        };
+    // `millet passwd ...` / `millet scram ...`
+    if let Some(code) = millet::tools::dispatch(&args) {
+        return code;
     }
     let cli = Cli::parse();
     let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {

@@ -244,6 +244,11 @@ impl Connection {
 
     /// A packet arrived from the client.
     pub fn handle_packet(&mut self, packet: Packet, now: Instant) {
+        let stats = &self.broker.stats;
+        stats.messages_received.fetch_add(1, Ordering::Relaxed);
+        if matches!(packet, Packet::Publish(_)) {
+            stats.publish_received.fetch_add(1, Ordering::Relaxed);
+        }
         if self.close.is_some() {
             return;
         }
@@ -382,6 +387,7 @@ impl Connection {
         if !self.pending_acks.is_empty() {
             self.release_acks();
         }
+        let mut sent = SentCount::default();
         while let Some(mut p) = self.out.pop_front() {
             if self.peer_max_packet != usize::MAX
                 && !fit_control_packet(&mut p, protocol, self.peer_max_packet)
@@ -389,10 +395,11 @@ impl Connection {
                 self.discard_oversized(&p);
                 continue;
             }
-            if let Err(e) = encode(&p, protocol, buf) {
+            if let Err(e) = sent.encode(&p, protocol, buf) {
                 tracing::warn!(error = %e, packet = p.name(), "cannot encode packet; dropped");
             }
         }
+        sent.add_to(&self.broker.stats);
         if self.close.is_some() {
             return;
         }
@@ -400,8 +407,7 @@ impl Connection {
             return;
         };
         let stats = &self.broker.stats;
-        let start = buf.len();
-        let mut sent = 0u64;
+        let mut sent = SentCount::default();
         let cell = active.cell.clone();
         self.waker.clear();
         if !self.waker.is_blocked() {
@@ -465,9 +471,8 @@ impl Connection {
                 if hold_seq != 0 {
                     held.push(packet);
                 } else {
-                    let _ = encode(&packet, protocol, buf);
+                    let _ = sent.encode(&packet, protocol, buf);
                 }
-                sent += 1;
             }
         }
         loop {
@@ -519,7 +524,7 @@ impl Connection {
                 && (d.qos == QoS::ExactlyOnce || !held.is_empty() || !self.pending_acks.is_empty());
             if hold {
                 held.push(packet);
-            } else if encode(&packet, protocol, buf).is_err() {
+            } else if sent.encode(&packet, protocol, buf).is_err() {
                 continue;
             }
             if let Some(pid) = pid {
@@ -532,7 +537,6 @@ impl Connection {
                 }
                 session.push_inflight(pid, d);
             }
-            sent += 1;
         }
         if let Some(p) = persist {
             let seq = p.submit(ops).max(hold_seq);
@@ -550,12 +554,7 @@ impl Connection {
             st.release_blocked();
         }
         drop(st);
-        if sent > 0 {
-            stats.messages_sent.fetch_add(sent, Ordering::Relaxed);
-        }
-        stats
-            .bytes_sent
-            .fetch_add((buf.len() - start) as u64, Ordering::Relaxed);
+        sent.add_to(stats);
     }
 
     /// The earliest deadline at which [`Connection::handle_timeout`] must be called.
@@ -1048,10 +1047,6 @@ impl Connection {
     fn handle_publish(&mut self, a: &mut Active, mut p: Publish, now: Instant) {
         let v5 = self.protocol == Some(Protocol::V5);
         let limits = &self.broker.config.limits;
-        self.broker.stats.bytes_received.fetch_add(
-            p.payload.len() as u64 + p.topic.len() as u64,
-            Ordering::Relaxed,
-        );
         if let Some(alias) = p.properties.topic_alias.take() {
             if alias == 0 || alias > a.alias_in_max {
                 return self.close_with(
@@ -1510,6 +1505,43 @@ impl Active {
             properties,
             payload: m.payload.clone(),
         }
+    }
+}
+
+/// Packets encoded by one [`Connection::poll_transmit`], added to the
+/// broker's `$SYS` counters once (not per packet: they are shared by every
+/// connection).
+#[derive(Default)]
+struct SentCount {
+    packets: u64,
+    publishes: u64,
+}
+
+impl SentCount {
+    fn encode(
+        &mut self,
+        p: &Packet,
+        protocol: Protocol,
+        buf: &mut BytesMut,
+    ) -> Result<(), millet_codec::EncodeError> {
+        encode(p, protocol, buf)?;
+        self.packets += 1;
+        self.publishes += u64::from(matches!(p, Packet::Publish(_)));
+        Ok(())
+    }
+
+    fn add_to(&mut self, stats: &crate::broker::Stats) {
+        if self.packets > 0 {
+            stats
+                .messages_sent
+                .fetch_add(self.packets, Ordering::Relaxed);
+        }
+        if self.publishes > 0 {
+            stats
+                .publish_sent
+                .fetch_add(self.publishes, Ordering::Relaxed);
+        }
+        *self = SentCount::default();
     }
 }
 

@@ -509,6 +509,7 @@ async fn serve<S: Transport>(
             if stream.write_all(&wbuf).await.is_err() || stream.flush().await.is_err() {
                 break;
             }
+            broker.stats.count_bytes_sent(wbuf.len());
             if wbuf.capacity() > KEEP_WRITE_CAPACITY {
                 wbuf = BytesMut::new();
             } else {
@@ -528,6 +529,7 @@ async fn serve<S: Transport>(
         let waker = conn.waker().clone();
         tokio::select! {
             r = std::future::poll_fn(|cx| poll_read_some(&mut stream, cx, &mut rbuf, &mut read_size)), if !conn.is_paused() => {
+                if let Ok(n) = &r { broker.stats.count_bytes_received(*n); }
                 if !matches!(r, Ok(n) if n > 0) { eof = true; }
             }
             _ = waker.notified() => {}
