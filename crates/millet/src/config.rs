@@ -208,31 +208,43 @@ pub struct Cli {
     /// Data directory for the embedded store.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Seconds between `$SYS` updates (0: off).
     #[arg(long)]
     pub sys_interval: Option<u64>,
+    /// How a shared subscription group picks a member.
     #[arg(long, value_enum)]
     pub shared_strategy: Option<ShareStrategyConfig>,
     /// Redirect MQTT 5 clients to this server (CONNACK 0x9C + server reference).
     #[arg(long)]
     pub server_reference: Option<String>,
+    /// Most simultaneous connections; beyond, CONNACK 0x97 (v5) / 3 (3.x).
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Largest packet accepted and sent, bytes (announced in the v5 CONNACK).
     #[arg(long)]
     pub max_packet_size: Option<u32>,
+    /// Unacknowledged outgoing QoS 1/2 messages per client (at most the client's receive maximum).
     #[arg(long)]
     pub max_inflight: Option<u16>,
+    /// Incoming QoS 2 messages awaiting PUBREL per client (our v5 receive maximum).
     #[arg(long)]
     pub receive_maximum: Option<u16>,
+    /// Messages queued per session; when full, QoS 0 goes first, then new messages are dropped.
     #[arg(long)]
     pub max_queued: Option<usize>,
+    /// A publisher to an online session with this many queued messages is not read until the queue halves.
     #[arg(long)]
     pub backpressure_queued: Option<usize>,
+    /// Subscriptions per client; beyond, SUBACK 0x97.
     #[arg(long)]
     pub max_subscriptions: Option<usize>,
+    /// Highest keep alive granted, seconds (v5 clients asking more get it as server keep alive).
     #[arg(long)]
     pub max_keepalive: Option<u16>,
+    /// Topic aliases a v5 client may define.
     #[arg(long)]
     pub topic_alias_max: Option<u16>,
+    /// Seconds a new connection has to complete CONNECT (and TLS).
     #[arg(long)]
     pub connect_timeout: Option<u64>,
     /// Durability of acknowledged messages: sync, interval or none (memory only).
@@ -459,6 +471,19 @@ mod tests {
         );
         let e = load_text("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
         assert!(e.contains("`max_inflight` in [limits]"), "{e}");
+    }
+
+    #[test]
+    fn every_flag_has_a_description() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        for a in cmd.get_arguments() {
+            assert!(
+                a.get_help().is_some() || a.get_long_help().is_some(),
+                "--{} has no description",
+                a.get_id()
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,12 @@ fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse();
     let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
-        Ok(f) => f,
+        // rustls warns once per handshake about a client that sends an IP
+        // address as SNI (mosquitto_pub -h 127.0.0.1 does): not news.
+        Ok(f) => match "rustls::msgs::handshake=error".parse() {
+            Ok(d) => f.add_directive(d),
+            Err(_) => f,
+        },
         Err(e) => {
             eprintln!(
                 "millet: invalid --log / MILLET_LOG filter {:?}: {e}",

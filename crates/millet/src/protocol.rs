@@ -364,6 +364,18 @@ impl Connection {
         );
     }
 
+    /// The server closes this connection for `reason` (a ban added at run
+    /// time, an administrator's kick): v5 gets DISCONNECT `reason`; the will
+    /// is published as for any server-initiated close [MQTT-3.1.2-8].
+    pub fn handle_kick(&mut self, reason: ReasonCode, why: String) {
+        self.close_with(reason, why);
+    }
+
+    /// Why the connection is closing, once it is (for the driver's log).
+    pub fn close_reason(&self) -> Option<&str> {
+        self.close.as_ref().map(|c| c.why.as_str())
+    }
+
     /// The network connection is gone (or was closed by us). Tells the broker,
     /// which publishes the will if due and starts the session expiry.
     pub fn handle_closed(&mut self, now: Instant) {

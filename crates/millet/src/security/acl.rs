@@ -15,8 +15,9 @@
 //!   and one of whose topic filters match decides (first match wins).
 //! - Per-client extra rules (from a JWT's claims or the HTTP hook's answer)
 //!   are consulted before the file's rules.
-//! - No match: **deny** when any rule (file or per-client) exists, **allow**
-//!   when there are none at all (no ACL configured).
+//! - No match: **deny** when a rule file is configured (even an empty one,
+//!   as in Mosquitto) or any per-client rule exists; **allow** only when
+//!   there is no ACL at all (no file, no per-client rules).
 //! - `%c` is replaced by the client id, `%u` by the username. A filter whose
 //!   placeholder cannot be filled (no username), or whose value contains `+`,
 //!   `#` or `/` (which would widen or shift the filter), matches nothing.

@@ -415,7 +415,7 @@ impl AuthChain {
                     return AuthResult::Allow { acl, valid_until };
                 }
                 Decision::Deny => {
-                    tracing::info!(client_id = %req.client_id, peer = %req.peer, provider = p.name(), "authentication refused");
+                    tracing::info!(client_id = %req.client_id, username = req.username.as_deref().unwrap_or(""), peer = %req.peer, protocol = req.protocol, provider = p.name(), "authentication refused");
                     return AuthResult::Deny;
                 }
                 Decision::Ignore => {}
@@ -427,7 +427,7 @@ impl AuthChain {
                 valid_until: None,
             },
             ListenerPolicy::Authenticated => {
-                tracing::info!(client_id = %req.client_id, peer = %req.peer, "no provider accepted the client");
+                tracing::info!(client_id = %req.client_id, username = req.username.as_deref().unwrap_or(""), peer = %req.peer, protocol = req.protocol, "authentication refused: no provider accepted the client");
                 AuthResult::Deny
             }
         }
