@@ -10,6 +10,7 @@
 //!   window, QoS 2 ids awaiting PUBREL, will, expiry.
 //! - [`broker`]: routing (subscription index, `$share` groups), retained
 //!   messages, client registry and takeover, delayed wills, `$SYS`.
+//! - [`alias`]: topic aliases both ways (O(1) outbound assignment with replacement).
 //! - [`auth`]: the enhanced-authentication (AUTH) provider interface.
 //! - [`security`]: TLS, the authentication chain, ACL, quotas and bans.
 //! - [`config`]: configuration layers (defaults, TOML, env, flags).
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod alias;
 pub mod auth;
 pub mod broker;
 pub mod config;

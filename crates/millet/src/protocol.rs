@@ -17,7 +17,7 @@
 //! QoS 2 ids, subscriptions) lives in [`crate::session`]; routing in
 //! [`crate::broker`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +30,7 @@ use millet_codec::{
     PublishProperties, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 
+use crate::alias::{InAliases, OutAlias, OutAliases};
 use crate::auth::{AuthExchange, AuthStep};
 use crate::broker::persist::AckStatus;
 use crate::broker::{Broker, SubscribeOutcome};
@@ -118,10 +119,9 @@ struct Active {
     cell: Arc<SessionCell>,
     epoch: u64,
     keep_alive: Option<Duration>,
-    alias_in: HashMap<u16, ByteString>,
+    alias_in: InAliases,
     alias_in_max: u16,
-    alias_out: HashMap<ByteString, u16>,
-    alias_out_max: u16,
+    alias_out: OutAliases,
     /// Outgoing QoS 1/2 window: min(client receive maximum, server max_inflight).
     send_window: usize,
     /// Resend the in-flight window (DUP) before anything else.
@@ -467,8 +467,9 @@ impl Connection {
                     // The client lowered its Maximum Packet Size since: the
                     // message is discarded as if delivered [MQTT-3.1.2-25].
                     if let Packet::Publish(p) = &packet {
-                        if p.properties.topic_alias.is_some() && !p.topic.is_empty() {
-                            active.alias_out.remove(&p.topic);
+                        if let (Some(alias), false) = (p.properties.topic_alias, p.topic.is_empty())
+                        {
+                            active.alias_out.forget(&p.topic, alias);
                         }
                     }
                     if session.forget_inflight(pid) && persist.is_some() {
@@ -522,8 +523,8 @@ impl Connection {
                 // discarded as if it had been sent; a topic alias assigned
                 // for it must be forgotten.
                 if let Packet::Publish(p) = &packet {
-                    if p.properties.topic_alias.is_some() && !p.topic.is_empty() {
-                        active.alias_out.remove(&p.topic);
+                    if let (Some(alias), false) = (p.properties.topic_alias, p.topic.is_empty()) {
+                        active.alias_out.forget(&p.topic, alias);
                     }
                 }
                 stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
@@ -935,14 +936,13 @@ impl Connection {
             cell: attached.cell.clone(),
             epoch: attached.epoch,
             keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive))),
-            alias_in: HashMap::new(),
+            alias_in: InAliases::default(),
             alias_in_max: if v5 { limits.topic_alias_max } else { 0 },
-            alias_out: HashMap::new(),
-            alias_out_max: if v5 {
+            alias_out: OutAliases::new(if v5 {
                 c.properties.topic_alias_maximum.unwrap_or(0)
             } else {
                 0
-            },
+            }),
             send_window: usize::from(client_receive_max.min(limits.max_inflight)),
             resend: attached.session_present,
             session_expiry: expiry,
@@ -1067,12 +1067,13 @@ impl Connection {
                 );
             }
             if p.topic.is_empty() {
-                match a.alias_in.get(&alias) {
+                match a.alias_in.get(alias) {
                     Some(t) => p.topic = t.clone(),
                     None => return self.protocol_error(format!("unknown topic alias {alias}")),
                 }
             } else {
-                a.alias_in.insert(alias, p.topic.clone());
+                // Stored as a copy: not a slice pinning the read buffer.
+                a.alias_in.set(alias, &p.topic);
             }
         }
         if p.topic.is_empty() || !topic::valid_topic_name(&p.topic) {
@@ -1492,16 +1493,15 @@ impl Active {
                 subscription_identifiers: d.subscription_ids.to_vec(),
                 content_type: m.properties.content_type.clone(),
             };
-            if self.alias_out_max > 0 && !dup {
-                if let Some(&alias) = self.alias_out.get(&topic) {
-                    props.topic_alias = Some(alias);
-                    topic = ByteString::new();
-                } else if self.alias_out.len() < usize::from(self.alias_out_max) {
-                    let used: Vec<u16> = self.alias_out.values().copied().collect();
-                    if let Some(alias) = (1..=self.alias_out_max).find(|a| !used.contains(a)) {
-                        self.alias_out.insert(topic.clone(), alias);
+            // A resend (DUP) carries the full topic and no alias.
+            if !dup {
+                match self.alias_out.assign(&topic) {
+                    OutAlias::None => {}
+                    OutAlias::Known(alias) => {
                         props.topic_alias = Some(alias);
+                        topic = ByteString::new();
                     }
+                    OutAlias::New(alias) => props.topic_alias = Some(alias),
                 }
             }
             props

@@ -674,6 +674,9 @@ impl Broker {
             .matches(&msg.topic, &msg.publisher_client_id, &mut matches);
         let mut routed = Routed::default();
         let mut ops = Vec::new();
+        // What the sessions queue: a copy detached from the publisher's read
+        // buffer, made once on the first match (see `Message::detached`).
+        let mut kept: Option<Arc<Message>> = None;
         // Overlapping subscriptions of one session are merged into one delivery
         // with the highest QoS and every subscription identifier [MQTT-3.3.4-2..5].
         for run in index::group_by_key(&mut matches) {
@@ -690,7 +693,7 @@ impl Broker {
                         let mut ids = SmallVec::new();
                         ids.extend(e.identifier);
                         best = Some(Delivery {
-                            msg: msg.clone(),
+                            msg: kept.get_or_insert_with(|| Arc::new(msg.detached())).clone(),
                             qos,
                             retain,
                             subscription_ids: ids,
@@ -748,8 +751,13 @@ impl Broker {
         let threshold = self.config.limits.backpressure_queued;
         let (r, congested) = {
             let mut st = cell.state.lock();
+            // A message about to be dropped costs no store work.
             let op = match &self.persist {
-                Some(p) if st.session.persisted && (d.qos != QoS::AtMostOnce || p.persist_qos0) => {
+                Some(p)
+                    if st.session.persisted
+                        && (d.qos != QoS::AtMostOnce || p.persist_qos0)
+                        && st.session.admits(d.qos) =>
+                {
                     d.seq = st.session.take_seq();
                     Some(p.queue_op(&st.session.store_key, &d, ops, force_message))
                 }
@@ -759,6 +767,21 @@ impl Broker {
             if let Some(op) = op {
                 if r != Enqueued::Dropped {
                     ops.push(op);
+                }
+            }
+            if let Enqueued::DisplacedQos0 { seq } = r {
+                if seq != 0 && self.persist.is_some() {
+                    ops.push(Op::DeleteQueueEntry {
+                        client_id: st.session.store_key.clone(),
+                        seq,
+                    });
+                }
+            }
+            if r != Enqueued::Queued {
+                if let Some(n) = st.session.drop_log.due(Instant::now()) {
+                    tracing::warn!(client_id = %st.session.client_id,
+                        max_queued = self.config.limits.max_queued, dropped = n,
+                        "session queue full: messages dropped (QoS 0 first) since the last such line; logged at most once a minute per session");
                 }
             }
             st.wake();

@@ -41,7 +41,14 @@ struct Waiters {
     waiting: Vec<(u64, Arc<ConnWaker>)>,
     /// Recently failed ranges (bounded), consulted when releasing acks.
     failed: VecDeque<(RangeInclusive<u64>, bool)>,
+    /// When the last "store write failed" line was logged, and the failed
+    /// writes since.
+    failed_logged: Option<Instant>,
+    failed_unlogged: u64,
 }
+
+/// At most one "store write failed" line per interval.
+const FAILED_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 pub struct Persistence {
     store: Store,
@@ -98,9 +105,17 @@ impl Persistence {
         });
         let w = waiters.clone();
         store.on_failed(move |range, err| {
-            tracing::error!(error = %err, first = range.start(), last = range.end(),
-                "store write failed: the affected QoS 1/2 publishes are refused, not acknowledged");
             let mut g = w.lock();
+            // Throttled: a failing store fails every write group.
+            g.failed_unlogged += 1;
+            let now = Instant::now();
+            if g.failed_logged.is_none_or(|t| now.duration_since(t) >= FAILED_LOG_INTERVAL) {
+                tracing::error!(error = %err, first = range.start(), last = range.end(),
+                    failed_writes = g.failed_unlogged,
+                    "store write failed: the affected QoS 1/2 publishes are refused, not acknowledged (logged at most once a minute, with the count of failed writes since the last line)");
+                g.failed_logged = Some(now);
+                g.failed_unlogged = 0;
+            }
             if g.failed.len() >= 64 {
                 g.failed.pop_front();
             }
