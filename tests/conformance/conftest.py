@@ -44,6 +44,8 @@ SETTINGS = {
     "topic_alias_max": ("--topic-alias-max", "max_topic_alias"),
     "max_keepalive": ("--max-keepalive", "max_keepalive"),
     "sys_interval": ("--sys-interval", "sys_interval"),
+    # Millet's store policy; the suite's mosquitto runs with persistence off anyway
+    "durability": ("--durability", None),
 }
 # mosquitto options that belong to the listener block rather than the global section
 _MOSQ_LISTENER_OPTS = {"max_topic_alias"}
@@ -129,6 +131,8 @@ class Broker:
             listener_lines = [f"listener {self.port} {self.host}"]
             for key, value in self.settings.items():
                 opt = SETTINGS[key][1]
+                if opt is None:
+                    continue
                 (listener_lines if opt in _MOSQ_LISTENER_OPTS else glob_lines).append(f"{opt} {value}")
             with open(conf, "w") as f:
                 f.write("\n".join(glob_lines + listener_lines) + "\n")
