@@ -151,6 +151,7 @@ async fn hold_one(
         1 + (i % u64::from(cfg.source_ips.clamp(1, 254))) as u8,
     ));
     let opts = mqtt::ConnectOpts {
+        topic_alias_max: None,
         version: cfg.version,
         keep_alive: cfg.keepalive,
         clean: true,

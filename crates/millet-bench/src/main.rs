@@ -87,6 +87,10 @@ enum Scenario {
     RetainedStorm,
     /// QoS 1 fan-in with persistent (clean_session=false) subscribers.
     Qos1Persistent,
+    /// MQTT 5: one publisher, every message to its own topic, one subscriber
+    /// on `bench/alias/#` announcing Topic Alias Maximum 65535 (the broker's
+    /// outbound alias assignment under many distinct topics).
+    AliasTopics,
 }
 
 impl Scenario {
@@ -98,6 +102,7 @@ impl Scenario {
             Scenario::Shared => "shared",
             Scenario::RetainedStorm => "retained-storm",
             Scenario::Qos1Persistent => "qos1-persistent",
+            Scenario::AliasTopics => "alias-topics",
         }
     }
 }
@@ -178,6 +183,13 @@ struct RunArgs {
     /// retained-storm: total number of retained messages to publish.
     #[arg(long)]
     retained: Option<u64>,
+    /// Every message to its own topic (`<pub-topic>/<seq>`).
+    #[arg(long)]
+    distinct_topics: bool,
+    /// MQTT 5 subscribers announce this Topic Alias Maximum (alias-topics:
+    /// 65535; 0 for the same run without aliases).
+    #[arg(long)]
+    sub_topic_alias_max: Option<u16>,
     /// Keep-alive in seconds.
     #[arg(long, default_value_t = 60)]
     keepalive: u16,
@@ -281,7 +293,12 @@ fn build_run_cfg(addr: SocketAddr, mode: Mode, a: &RunArgs) -> Result<run::RunCf
         Some(Scenario::Shared) => (4, 4, "bench/%i", "$share/g/bench/#", 0, true),
         Some(Scenario::RetainedStorm) => (1, 10, "bench/retained/%i", "#", 1, true),
         Some(Scenario::Qos1Persistent) => (4, 1, "bench/%i", "bench/#", 1, false),
+        Some(Scenario::AliasTopics) => (1, 1, "bench/alias/%i", "bench/alias/#", 1, true),
     };
+    let alias_topics = sc == Some(Scenario::AliasTopics);
+    if alias_topics && a.mqtt_version != 5 {
+        bail!("alias-topics is an MQTT 5 scenario: add --version 5");
+    }
     match mode {
         Mode::Pub => s = 0,
         Mode::Sub => p = 0,
@@ -306,8 +323,9 @@ fn build_run_cfg(addr: SocketAddr, mode: Mode, a: &RunArgs) -> Result<run::RunCf
         }
         None
     };
+    let count = a.count.or(alias_topics.then_some(20_000));
     let mut duration = a.duration;
-    if duration.is_none() && a.count.is_none() && retained.is_none() {
+    if duration.is_none() && count.is_none() && retained.is_none() {
         duration = Some(10.0);
     }
     let cfg = run::RunCfg {
@@ -329,7 +347,7 @@ fn build_run_cfg(addr: SocketAddr, mode: Mode, a: &RunArgs) -> Result<run::RunCf
         sub_qos: a.sub_qos.unwrap_or(qos),
         payload_size: a.size.max(mqtt::HEADER_LEN),
         rate: a.rate.max(0.0),
-        count: if retained.is_some() { None } else { a.count },
+        count: if retained.is_some() { None } else { count },
         duration_s: duration,
         inflight: a.inflight.max(1),
         clean_session: a.clean && !a.persistent && clean,
@@ -346,6 +364,11 @@ fn build_run_cfg(addr: SocketAddr, mode: Mode, a: &RunArgs) -> Result<run::RunCf
         retained,
         sub_offline_at_s: a.sub_offline_at,
         sub_offline_for_s: a.sub_offline_for,
+        distinct_topics: a.distinct_topics || alias_topics,
+        sub_topic_alias_max: a
+            .sub_topic_alias_max
+            .or(alias_topics.then_some(u16::MAX))
+            .filter(|_| version.level() == 5),
     };
     if a.size < mqtt::HEADER_LEN {
         eprintln!(

@@ -179,6 +179,8 @@ pub struct ConnectOpts {
     pub clean: bool,
     /// v5 only: session expiry interval (seconds) sent when `clean` is false.
     pub session_expiry: u32,
+    /// v5 only: the Topic Alias Maximum announced (aliases the broker may use).
+    pub topic_alias_max: Option<u16>,
 }
 
 pub fn encode_connect(opts: &ConnectOpts, client_id: &str, out: &mut BytesMut) -> Result<()> {
@@ -193,12 +195,12 @@ pub fn encode_connect(opts: &ConnectOpts, client_id: &str, out: &mut BytesMut) -
             let mut c = v5::Connect::new(client_id);
             c.keep_alive = opts.keep_alive;
             c.clean_session = opts.clean;
-            if !opts.clean {
+            if !opts.clean || opts.topic_alias_max.is_some() {
                 c.properties = Some(v5::ConnectProperties {
-                    session_expiry_interval: Some(opts.session_expiry),
+                    session_expiry_interval: (!opts.clean).then_some(opts.session_expiry),
                     receive_maximum: None,
                     max_packet_size: None,
-                    topic_alias_max: None,
+                    topic_alias_max: opts.topic_alias_max,
                     request_response_info: None,
                     request_problem_info: None,
                     user_properties: Vec::new(),

@@ -67,11 +67,17 @@ pub struct RunCfg {
     pub sub_offline_at_s: Option<f64>,
     /// ... for this long, then resume their (persistent) session.
     pub sub_offline_for_s: f64,
+    /// Every message to its own topic (`<topic>/<seq>`), as the retained
+    /// storm does (alias-topics scenario).
+    pub distinct_topics: bool,
+    /// v5 subscribers announce this Topic Alias Maximum (alias-topics).
+    pub sub_topic_alias_max: Option<u16>,
 }
 
 impl RunCfg {
     fn connect_opts(&self, clean: bool) -> mqtt::ConnectOpts {
         mqtt::ConnectOpts {
+            topic_alias_max: None,
             version: self.version,
             keep_alive: self.keepalive,
             clean,
@@ -233,7 +239,7 @@ pub struct PubResult {
 pub enum PubKind {
     /// Same topic for every message, pre-encoded template.
     Stream,
-    /// One topic per message (`<topic>/<seq>`), retained storm.
+    /// One topic per message (`<topic>/<seq>`): retained storm, alias-topics.
     PerMessageTopic,
 }
 
@@ -385,7 +391,7 @@ async fn publish_loop(
                             cfg.version,
                             &format!("{topic}/{seq}"),
                             qos,
-                            true,
+                            cfg.retained.is_some() || cfg.retain,
                             pkid,
                             Bytes::from(p),
                             &mut link.wbuf,
@@ -587,7 +593,10 @@ async fn subscribe_loop(
         mqtt::mqtt_connect(
             cfg.addr,
             None,
-            &cfg.connect_opts(cfg.clean_session),
+            &mqtt::ConnectOpts {
+                topic_alias_max: cfg.sub_topic_alias_max,
+                ..cfg.connect_opts(cfg.clean_session)
+            },
             client_id,
             cfg.connect_timeout(),
             rbuf_cap,
@@ -914,6 +923,7 @@ pub async fn run(cfg: RunCfg) -> Result<RunResult> {
             let p = cfg.publishers.max(1) as u64;
             (PubKind::PerMessageTopic, Some(m.div_ceil(p)))
         }
+        None if cfg.distinct_topics => (PubKind::PerMessageTopic, cfg.count),
         None => (PubKind::Stream, cfg.count),
     };
     for i in 0..cfg.publishers {
