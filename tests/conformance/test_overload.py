@@ -72,10 +72,13 @@ def test_full_offline_queues_do_not_slow_the_publisher(broker_factory):
     pub, _ = raw_session(b, unique("pub"), clean=True)
     # Fill every queue (QoS 1 only: nothing to displace, the old worst case).
     publish_acked(pub, topic, (b"fill-%05d" % i for i in range(max_queued)))
-    n = 300
-    base = one_at_a_time_rate(pub, "ovl/nobody/" + unique("x"), n)
+    # Best of two runs each, interleaved: robust to a busy machine.
+    n = 400
+    nobody = "ovl/nobody/" + unique("x")
+    base = one_at_a_time_rate(pub, nobody, n)
     loaded = one_at_a_time_rate(pub, topic, n)
-    base = max(base, one_at_a_time_rate(pub, "ovl/nobody/" + unique("x"), n))
+    base = max(base, one_at_a_time_rate(pub, nobody, n))
+    loaded = max(loaded, one_at_a_time_rate(pub, topic, n))
     print(f"publisher: {base:.0f} msg/s to no subscriber, {loaded:.0f} msg/s into "
           f"{sessions} full offline queues (ratio {loaded / base:.2f})")
     assert loaded >= 0.3 * base, (

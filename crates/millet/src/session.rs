@@ -66,7 +66,8 @@ impl Message {
             },
             expires_at: self.expires_at,
             publisher: self.publisher,
-            publisher_client_id: ByteString::from(&*self.publisher_client_id),
+            // Owned already (copied at CONNECT).
+            publisher_client_id: self.publisher_client_id.clone(),
             store_id: Default::default(),
         }
     }
@@ -221,6 +222,16 @@ impl DropLog {
         }
         self.last = Some(now);
         Some(std::mem::take(&mut self.count))
+    }
+
+    /// [`DropLog::due`], reading the clock only for the first drop after a
+    /// line and every 256th: a full queue drops at the publish rate, times
+    /// the sessions it fans out to.
+    pub fn due_with(&mut self, now: impl FnOnce() -> Instant) -> Option<u64> {
+        if self.count == 0 || (self.last.is_some() && self.count % 256 != 0 && self.count != 1) {
+            return None;
+        }
+        self.due(now())
     }
 }
 
@@ -771,6 +782,21 @@ mod tests {
         l.count += 1;
         assert_eq!(l.due(t0 + DropLog::INTERVAL), Some(6));
         assert_eq!(l.due(t0 + DropLog::INTERVAL * 3), None);
+        // The clock is read for the first drop after a line, then every 256th.
+        let mut l = DropLog::default();
+        let mut reads = 0;
+        let mut clock = |t: Instant| {
+            reads += 1;
+            t
+        };
+        l.count = 1;
+        assert_eq!(l.due_with(|| clock(t0)), Some(1));
+        for _ in 0..300 {
+            l.count += 1;
+            let want = (l.count == 256).then_some(256);
+            assert_eq!(l.due_with(|| clock(t0 + DropLog::INTERVAL)), want);
+        }
+        assert_eq!(reads, 3);
     }
 
     #[test]
