@@ -228,7 +228,9 @@ impl DropLog {
     /// line and every 256th: a full queue drops at the publish rate, times
     /// the sessions it fans out to.
     pub fn due_with(&mut self, now: impl FnOnce() -> Instant) -> Option<u64> {
-        if self.count == 0 || (self.last.is_some() && self.count % 256 != 0 && self.count != 1) {
+        if self.count == 0
+            || (self.last.is_some() && !self.count.is_multiple_of(256) && self.count != 1)
+        {
             return None;
         }
         self.due(now())
@@ -784,19 +786,25 @@ mod tests {
         assert_eq!(l.due(t0 + DropLog::INTERVAL * 3), None);
         // The clock is read for the first drop after a line, then every 256th.
         let mut l = DropLog::default();
-        let mut reads = 0;
-        let mut clock = |t: Instant| {
-            reads += 1;
+        let reads = std::cell::Cell::new(0);
+        let clock = |t: Instant| {
+            reads.set(reads.get() + 1);
             t
         };
         l.count = 1;
         assert_eq!(l.due_with(|| clock(t0)), Some(1));
+        let half = t0 + DropLog::INTERVAL / 2;
         for _ in 0..300 {
             l.count += 1;
-            let want = (l.count == 256).then_some(256);
+            assert_eq!(l.due_with(|| clock(half)), None, "within the minute");
+        }
+        assert_eq!(reads.get(), 3, "first drop, then the 256th");
+        for _ in 300..512 {
+            l.count += 1;
+            let want = (l.count == 512).then_some(512);
             assert_eq!(l.due_with(|| clock(t0 + DropLog::INTERVAL)), want);
         }
-        assert_eq!(reads, 3);
+        assert_eq!(reads.get(), 4);
     }
 
     #[test]
