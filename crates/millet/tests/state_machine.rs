@@ -1084,3 +1084,95 @@ fn dup_resend_on_a_plain_reconnect_waits_until_the_inflight_record_is_durable() 
     assert!(got[0].dup);
     assert_eq!(got[0].qos, QoS::ExactlyOnce);
 }
+
+#[test]
+fn displaced_qos0_messages_do_not_come_back_after_a_restart() {
+    // A full queue drops its oldest QoS 0 message for a new QoS 1 one; a
+    // stored QoS 0 entry must be deleted then, or a restart (here with a
+    // larger queue) brings it back (issue 11 item 2).
+    let dir = tempfile::tempdir().unwrap();
+    let open = |max_queued: usize| {
+        let mut cfg = Config::default();
+        cfg.sys_interval = 0;
+        cfg.data_dir = dir.path().to_path_buf();
+        cfg.store.persist_qos0 = true;
+        cfg.limits.max_queued = max_queued;
+        Arc::new(Broker::open(cfg, Instant::now()).unwrap())
+    };
+    let t0 = Instant::now();
+    let b = open(3);
+    let mut c = connect_packet(Protocol::V5, "off", false);
+    c.properties.session_expiry_interval = Some(300);
+    let (mut sub, _) = Client::new(&b, c.clone(), t0);
+    sub.subscribe("t", QoS::AtLeastOnce, t0);
+    sub.conn.handle_closed(t0);
+    let mut p = Client::v5(&b, "p", t0);
+    let sent: [(&'static [u8], QoS); 6] = [
+        (b"a", QoS::AtMostOnce),
+        (b"b", QoS::AtLeastOnce),
+        (b"c", QoS::AtMostOnce),
+        (b"d", QoS::AtLeastOnce), // displaces a
+        (b"e", QoS::AtLeastOnce), // displaces c
+        (b"f", QoS::AtLeastOnce), // dropped: nothing left to displace
+    ];
+    for (i, (payload, qos)) in sent.into_iter().enumerate() {
+        let pid = (qos != QoS::AtMostOnce).then_some(i as u16 + 1);
+        p.publish("t", payload, qos, pid, t0);
+    }
+    let store = b.persistence().expect("the default config has a store");
+    store
+        .wait_durable(store.submitted_seq(), Duration::from_secs(30))
+        .unwrap();
+    drop(p);
+    drop(sub);
+    drop(b);
+
+    let b = open(10);
+    let t1 = Instant::now();
+    let (mut sub, ack) = Client::new(&b, c, t1);
+    assert!(ack.session_present);
+    let got = sub.recv(t1);
+    let got: Vec<&[u8]> = publishes(&got).iter().map(|p| &p.payload[..]).collect();
+    assert_eq!(got, [&b"b"[..], b"d", b"e"]);
+}
+
+#[test]
+fn outbound_topic_aliases_are_remapped_past_the_maximum_and_reset_per_connection() {
+    let (b, t0) = broker();
+    let mut c = connect_packet(Protocol::V5, "s", false);
+    c.properties.topic_alias_maximum = Some(2);
+    c.properties.session_expiry_interval = Some(60);
+    let (mut sub, _) = Client::new(&b, c.clone(), t0);
+    sub.subscribe("x/#", QoS::AtMostOnce, t0);
+    let mut p = Client::v5(&b, "p", t0);
+    for t in ["x/1", "x/2", "x/1", "x/3", "x/2", "x/1"] {
+        p.publish(t, b"m", QoS::AtMostOnce, None, t0);
+    }
+    let got = sub.recv(t0);
+    let got: Vec<(String, Option<u16>)> = publishes(&got)
+        .iter()
+        .map(|p| (p.topic.to_string(), p.properties.topic_alias))
+        .collect();
+    let s = |t: &str, a: u16| (t.to_string(), Some(a));
+    assert_eq!(
+        got,
+        [
+            s("x/1", 1),
+            s("x/2", 2),
+            s("", 1),    // x/1, used again: keeps its alias
+            s("x/3", 2), // x/2 loses alias 2
+            s("x/2", 1), // x/1 was passed over once; now it goes
+            s("x/1", 2),
+        ]
+    );
+    // A new connection starts with no aliases.
+    sub.conn.handle_closed(t0);
+    let (mut sub, _) = Client::new(&b, c, t0);
+    p.publish("x/3", b"m", QoS::AtMostOnce, None, t0);
+    let got = sub.recv(t0);
+    let got = publishes(&got);
+    assert_eq!(
+        (&*got[0].topic, got[0].properties.topic_alias),
+        ("x/3", Some(1))
+    );
+}
