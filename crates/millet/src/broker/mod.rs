@@ -132,6 +132,22 @@ pub struct Broker {
     /// The embedded store; `None` runs in memory only.
     persist: Option<persist::Persistence>,
     last_sweep: Mutex<Option<Instant>>,
+    /// Broker-wide cap on the per-session "queue full" lines.
+    drop_lines: Mutex<DropLines>,
+}
+
+/// The per-session "queue full" lines of the current minute, broker-wide:
+/// at most [`DropLines::MAX`] a minute; the rest are summed into one line.
+#[derive(Default)]
+struct DropLines {
+    since: Option<Instant>,
+    lines: u32,
+    suppressed_sessions: u64,
+    suppressed_messages: u64,
+}
+
+impl DropLines {
+    const MAX: u32 = 10;
 }
 
 thread_local! {
@@ -160,6 +176,7 @@ impl Broker {
             security: None,
             persist: None,
             last_sweep: Mutex::new(None),
+            drop_lines: Mutex::default(),
         }
     }
 
@@ -809,9 +826,7 @@ impl Broker {
             }
             if r != Enqueued::Queued {
                 if let Some(n) = st.session.drop_log.due_with(Instant::now) {
-                    tracing::warn!(client_id = %st.session.client_id,
-                        max_queued = self.config.limits.max_queued, dropped = n,
-                        "session queue full: messages dropped (QoS 0 first) since the last such line; logged at most once a minute per session");
+                    self.log_queue_full(&st.session.client_id, n);
                 }
             }
             st.wake();
@@ -837,6 +852,40 @@ impl Broker {
             self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
         }
         congested
+    }
+
+    /// A session's throttled "queue full" line (at most one a minute per
+    /// session, [`crate::session::DropLog`]), itself capped broker-wide: at
+    /// most `DropLines::MAX` such lines a minute, the others summed into one
+    /// line when the next minute's first one is due.
+    fn log_queue_full(&self, client_id: &str, dropped: u64) {
+        let now = Instant::now();
+        let mut g = self.drop_lines.lock();
+        if g.since
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            if g.suppressed_sessions > 0 {
+                tracing::warn!(
+                    sessions = g.suppressed_sessions,
+                    dropped = g.suppressed_messages,
+                    "session queues full: more sessions dropped messages in the last minute (their lines left out: at most {} a minute)",
+                    DropLines::MAX
+                );
+            }
+            *g = DropLines {
+                since: Some(now),
+                ..Default::default()
+            };
+        }
+        if g.lines < DropLines::MAX {
+            g.lines += 1;
+            drop(g);
+            tracing::warn!(%client_id, max_queued = self.config.limits.max_queued, dropped,
+                "session queue full: messages dropped (QoS 0 first) since this session's last such line (at most one a minute per session)");
+        } else {
+            g.suppressed_sessions += 1;
+            g.suppressed_messages += dropped;
+        }
     }
 
     /// Add a subscription for `cell`. `filter` is as the client sent it.
