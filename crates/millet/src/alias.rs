@@ -145,9 +145,12 @@ pub struct InAliases {
 }
 
 impl InAliases {
-    /// Map `alias` to `topic`, stored as an owned copy.
+    /// Map `alias` to `topic`, stored as an owned copy (not copied again
+    /// when a client re-sends the mapping it already has).
     pub fn set(&mut self, alias: u16, topic: &ByteString) {
-        self.map.insert(alias, ByteString::from(&**topic));
+        if self.map.get(&alias) != Some(topic) {
+            self.map.insert(alias, ByteString::from(&**topic));
+        }
     }
 
     pub fn get(&self, alias: u16) -> Option<&ByteString> {

@@ -538,6 +538,12 @@ impl Connection {
             if hold {
                 held.push(packet);
             } else if sent.encode(&packet, protocol, buf).is_err() {
+                // Never sent: neither is the alias mapping it carried.
+                if let Packet::Publish(p) = &packet {
+                    if let (Some(alias), false) = (p.properties.topic_alias, p.topic.is_empty()) {
+                        active.alias_out.forget(&p.topic, alias);
+                    }
+                }
                 continue;
             }
             if let Some(pid) = pid {
