@@ -371,11 +371,6 @@ impl Connection {
         self.close_with(reason, why);
     }
 
-    /// Why the connection is closing, once it is (for the driver's log).
-    pub fn close_reason(&self) -> Option<&str> {
-        self.close.as_ref().map(|c| c.why.as_str())
-    }
-
     /// The network connection is gone (or was closed by us). Tells the broker,
     /// which publishes the will if due and starts the session expiry.
     pub fn handle_closed(&mut self, now: Instant) {
