@@ -512,6 +512,7 @@ impl MqttClient for V4 {
 
 // ---------------------------------------------------------------- v5
 
+#[allow(unused_imports)] // each test crate uses a different part
 pub mod v5 {
     pub use rumqttc::v5::mqttbytes::v5::{
         DisconnectReasonCode, Filter, LastWill, Packet, Publish, PublishProperties,
