@@ -165,9 +165,10 @@ def test_v311_publish_to_share_prefix_is_dropped(raw, clients, uid):
     assert w.messages.wait_for(1)[0].payload == b"real"
 
 
+@pytest.mark.millet_only(reason="Mosquitto 2.0.11 accepts the CONNECT (and drops the will later)")
 def test_will_on_sys_is_refused_at_connect(raw):
     """A will is a PUBLISH made later on the client's behalf: a will topic under $SYS/ refuses the
-    CONNECT (v5 0x87 Not authorized, 3.1.1 return code 5), as Mosquitto does."""
+    CONNECT (v5 0x87 Not authorized, 3.1.1 return code 5), like a will topic the ACL denies."""
     for version, rc in ((V5, 0x87), (V311, 5)):
         r = raw(version)
         r.connect(will={"topic": "$SYS/broker/uptime", "payload": b"forged"}, expect_rc=rc)
@@ -195,8 +196,8 @@ def _topic(levels: int, total: int, prefix: str) -> str:
 def test_maximal_topic_and_filters_are_accepted(raw, version, uid):
     """1.5.4 / 4.7.3: a Topic Name is a UTF-8 string of up to 65,535 bytes with any number of
     levels. Millet accepts, by default, 65,535 bytes and 128 levels (EMQX's default level limit),
-    and matching stays quick at that size: a maximal topic reaches an exact subscription, a
-    128-level "+/.../#" filter and "#" in well under the usual deadline."""
+    and matching stays quick at that size: a maximal topic reaches an exact subscription and a
+    128-level "+/.../#" filter well within the usual deadline."""
     topic = _topic(128, 65535, uid)
     wild = "/".join(["+"] * 127 + ["#"])
     sub = raw(version)
@@ -204,7 +205,7 @@ def test_maximal_topic_and_filters_are_accepted(raw, version, uid):
     assert sub.subscribe([(topic, sub_opts(1))]) == [1]
     sub2 = raw(version)
     sub2.connect()
-    assert sub2.subscribe([(wild, sub_opts(1)), (f"{uid}/#", sub_opts(1))]) == [1, 1]
+    assert sub2.subscribe([(wild, sub_opts(1))]) == [1]
     pub = raw(version)
     pub.connect()
     start = time.monotonic()

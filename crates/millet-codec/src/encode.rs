@@ -1239,7 +1239,7 @@ pub(crate) mod tests {
     /// Writes every sample, in every version, as fuzz seeds:
     /// `MILLET_FUZZ_SEEDS=fuzz/corpus/decode cargo test -p millet-codec -- --ignored`.
     #[test]
-    #[ignore]
+    #[ignore = "writes fuzz seeds: run with MILLET_FUZZ_SEEDS=dir and --ignored"]
     fn write_fuzz_seeds() {
         let Some(dir) = std::env::var_os("MILLET_FUZZ_SEEDS") else {
             return;
