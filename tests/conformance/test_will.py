@@ -157,6 +157,23 @@ def test_v5_will_published_when_session_ends_before_delay(raw, clients, uid):
     assert w.messages.wait_for(1, timeout=6)[0].payload == b"session-ended"
 
 
+@pytest.mark.millet_only(reason="mosquitto 2.0.11 drops a pending delayed will when the client id "
+                                "reconnects, even with Clean Start 1 (which ends the session)")
+def test_v5_delayed_will_published_when_a_clean_connection_ends_the_session(raw, clients, uid):
+    """5.0 3.1.3.2.2 / [MQTT-3.1.2-8]: a will waiting for its delay (30 s) is published as soon as
+    the session ends, here because the client id comes back with Clean Start 1; coming back with
+    Clean Start 0 instead cancels it ([MQTT-3.1.3-9], test_v5_will_delay_cancelled_by_reconnect)."""
+    cid = unique("wdclean")
+    w = watcher(clients, f"{uid}/will")
+    r = will_client(raw, V5, f"{uid}/will", b"ended-by-clean-start", will_props={P_WILL_DELAY: 30},
+                    conn_props={P_SESSION_EXPIRY: 60}, client_id=cid, clean=False)
+    r.abort()
+    w.messages.assert_no_more(0)  # fixed negative window: the delay is running
+    r2 = raw(V5)
+    assert not r2.connect(client_id=cid, clean=True).session_present
+    assert w.messages.wait_for(1)[0].payload == b"ended-by-clean-start"
+
+
 def test_v5_will_properties_forwarded(raw, clients, uid):
     """5.0 3.1.3.2: will properties are sent with the will message: Payload Format Indicator,
     Content Type, Response Topic, Correlation Data and User Properties in order [MQTT-3.1.3-10]."""
