@@ -23,6 +23,25 @@ from helpers import (
 
 TRIES = 5
 
+TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # Linux tcpi_state values
+
+
+def _tcp_state(sock) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def _wait_fin_without_reset(r: RawClient, attempt: int):
+    """Wait, without reading, for the server's FIN; then a fixed window (0.5 s) in which a reset
+    would arrive: it follows the FIN at once when the server closes with unread bytes."""
+    deadline = time.monotonic() + TIMEOUT
+    while _tcp_state(r.sock) not in (TCP_CLOSE_WAIT, TCP_CLOSE):
+        assert time.monotonic() < deadline, "the server did not close"
+        time.sleep(0.01)  # poll interval
+    window = time.monotonic() + 0.5
+    while time.monotonic() < window and _tcp_state(r.sock) != TCP_CLOSE:
+        time.sleep(0.01)  # poll interval
+    assert _tcp_state(r.sock) != TCP_CLOSE, f"try {attempt}: connection reset by the server"
+
 
 @pytest.mark.millet_only(reason="mosquitto 2.0.11 has no incoming Receive Maximum check (see "
                                 "test_server_receive_maximum_exceeded)")
@@ -59,31 +78,35 @@ def _flood_after(r: RawClient, first: bytes, version, extra_packets: int = 200):
     return t
 
 
-@pytest.mark.millet_only(reason="uses Millet's --max-connections flag")
+REFUSALS = {
+    # name: (config text, extra args, client id, v5 reason code, 3.1.1 return code)
+    "quota": ("", ["--max-connections", "0"], "refused", 0x97, 3),
+    "banned": ('[security.quota]\nbans = ["client:banned-device"]\n', [], "banned-device", 0x8A, 5),
+}
+
+
+@pytest.mark.millet_only(reason="uses Millet's --max-connections flag and [security.quota] bans")
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
 @pytest.mark.parametrize("version", [V311, V5])
-def test_refused_connect_connack_is_readable_by_a_client_still_sending(millet_config, version):
-    """[MQTT-3.2.2-5] / 3.2.2.3: a refused CONNECT gets its CONNACK return code before the close,
-    even when the client pipelined more packets behind the CONNECT (the server must not reset the
-    connection before the client read the CONNACK)."""
-    b = millet_config("", args=["--max-connections", "0"])
+def test_refused_connect_connack_is_readable_by_a_client_still_sending(millet_config, version, refusal):
+    """[MQTT-3.2.2-5] / 3.2.2.3: a refused CONNECT (quota, ban) gets its CONNACK return code
+    before the close, even when the client pipelined more packets behind the CONNECT: the server
+    does not reset the connection (no RST within a fixed window after its FIN), so the client can
+    still write and then read the CONNACK."""
+    config, args, cid, rc5, rc3 = REFUSALS[refusal]
+    b = millet_config(config, args=args)
     for attempt in range(TRIES):
         r = RawClient(b, version)
         try:
-            t = _flood_after(r, connect_packet(version, unique("refused")), version)
+            t = _flood_after(r, connect_packet(version, cid), version)
+            _wait_fin_without_reset(r, attempt)
             p = r.recv(TIMEOUT)
             assert p is not None and p.type == CONNACK, f"try {attempt}: expected CONNACK, got {p!r}"
             rc = p.connack().rc
-            assert rc == (0x97 if version == V5 else 3), f"try {attempt}: CONNACK {rc:#x}"
+            assert rc == (rc5 if version == V5 else rc3), f"try {attempt}: CONNACK {rc:#x}"
             t.join(TIMEOUT)
         finally:
             r.close()
-
-
-TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # Linux tcpi_state values
-
-
-def _tcp_state(sock) -> int:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
 
 
 @pytest.mark.millet_only(reason="mosquitto 2.0.11 has no incoming Receive Maximum check")
@@ -101,16 +124,7 @@ def test_disconnect_is_readable_by_a_raw_client_still_sending(broker_factory):
             burst += b"".join(publish_packet("flood/x", b"y" * 1000, qos=0, version=V5) for _ in range(300))
             t = threading.Thread(target=r.send, args=(burst,), daemon=True)
             t.start()
-            # Wait, without reading, for the server's FIN; then a fixed window in which a reset
-            # would arrive (it follows the FIN at once when the server closes with unread bytes).
-            deadline = time.monotonic() + TIMEOUT
-            while _tcp_state(r.sock) not in (TCP_CLOSE_WAIT, TCP_CLOSE):
-                assert time.monotonic() < deadline, "the server did not close"
-                time.sleep(0.01)
-            window = time.monotonic() + 0.5
-            while time.monotonic() < window and _tcp_state(r.sock) != TCP_CLOSE:
-                time.sleep(0.01)
-            assert _tcp_state(r.sock) != TCP_CLOSE, f"try {attempt}: connection reset by the server"
+            _wait_fin_without_reset(r, attempt)
             r.sock.sendall(ack_packet(PUBREL, 1, version=V5))  # must not fail (EPIPE / ECONNRESET)
             seen = r.wait_closed()
             assert any(p.type == DISCONNECT and p.disconnect()[0] == 0x93 for p in seen), \
