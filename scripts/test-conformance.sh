@@ -34,13 +34,14 @@ if [[ "${BROKER:-millet}" == "mosquitto" ]]; then
     # the suite starts its own mosquitto on free loopback ports; a system instance on 1883 is harmless
 fi
 
-# the security tests use mosquitto_pub / mosquitto_sub as independent TLS clients
-if ! command -v mosquitto_pub >/dev/null 2>&1; then
+# the security tests use mosquitto_pub / mosquitto_sub as independent TLS clients;
+# test_readme_recipes.py runs the README's recipes, which use them and openssl
+if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
     if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients >/dev/null \
-            || echo "warning: cannot install mosquitto-clients; the tests needing it are skipped" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients openssl >/dev/null \
+            || echo "warning: cannot install mosquitto-clients / openssl; the tests needing them are skipped" >&2
     else
-        echo "warning: mosquitto_pub not found (apt-get install mosquitto-clients); the tests needing it are skipped" >&2
+        echo "warning: mosquitto_pub or openssl not found (apt-get install mosquitto-clients openssl); the tests needing them are skipped" >&2
     fi
 fi
 

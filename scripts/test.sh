@@ -14,12 +14,14 @@ log() { printf '\n=== %s\n' "$*"; }
 log "toolchain and test dependencies"
 cargo --version
 # Independent MQTT peers used by the tests (mosquitto_pub / mosquitto_sub,
-# and Mosquitto itself for the load tool's own tests).
-if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto >/dev/null 2>&1; then
+# and Mosquitto itself for the load tool's own tests); openssl for the README's
+# TLS recipes (tests/conformance/test_readme_recipes.py).
+if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto >/dev/null 2>&1 \
+    || ! command -v openssl >/dev/null 2>&1; then
   if [[ $(id -u) -eq 0 ]]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null
   else
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null
   fi
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then

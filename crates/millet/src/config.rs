@@ -191,8 +191,9 @@ const ENV_SECTIONS: &[&str] = &["limits__", "store__", "security__"];
     name = "millet",
     version,
     about = "Millet MQTT gateway",
-    after_help = "Password file: millet passwd FILE USER [--password PW | --delete] \
-                  (argon2id; without --password the password is read from stdin)"
+    after_help = "Credential tools (without --password: prompted for twice on a terminal, else read from stdin):\n  \
+                  millet passwd FILE USER [--password PW | --delete]                   argon2id password file\n  \
+                  millet scram FILE USER [--password PW | --delete] [--iterations N]   SCRAM-SHA-256 credentials file"
 )]
 pub struct Cli {
     /// TOML configuration file.
@@ -207,31 +208,43 @@ pub struct Cli {
     /// Data directory for the embedded store.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Seconds between `$SYS` updates (0: off).
     #[arg(long)]
     pub sys_interval: Option<u64>,
+    /// How a shared subscription group picks a member.
     #[arg(long, value_enum)]
     pub shared_strategy: Option<ShareStrategyConfig>,
     /// Redirect MQTT 5 clients to this server (CONNACK 0x9C + server reference).
     #[arg(long)]
     pub server_reference: Option<String>,
+    /// Most simultaneous connections; beyond, CONNACK 0x97 (v5) / 3 (3.x).
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Largest packet accepted and sent, bytes (announced in the v5 CONNACK).
     #[arg(long)]
     pub max_packet_size: Option<u32>,
+    /// Unacknowledged outgoing QoS 1/2 messages per client (at most the client's receive maximum).
     #[arg(long)]
     pub max_inflight: Option<u16>,
+    /// Incoming QoS 2 messages awaiting PUBREL per client (our v5 receive maximum).
     #[arg(long)]
     pub receive_maximum: Option<u16>,
+    /// Messages queued per session; when full, QoS 0 goes first, then new messages are dropped.
     #[arg(long)]
     pub max_queued: Option<usize>,
+    /// A publisher to an online session with this many queued messages is not read until the queue halves.
     #[arg(long)]
     pub backpressure_queued: Option<usize>,
+    /// Subscriptions per client; beyond, SUBACK 0x97.
     #[arg(long)]
     pub max_subscriptions: Option<usize>,
+    /// Highest keep alive granted, seconds (v5 clients asking more get it as server keep alive).
     #[arg(long)]
     pub max_keepalive: Option<u16>,
+    /// Topic aliases a v5 client may define.
     #[arg(long)]
     pub topic_alias_max: Option<u16>,
+    /// Seconds a new connection has to complete CONNECT (and TLS).
     #[arg(long)]
     pub connect_timeout: Option<u64>,
     /// Durability of acknowledged messages: sync, interval or none (memory only).
@@ -314,9 +327,174 @@ impl Config {
         if !self.tls_listen.is_empty() && self.security.tls.is_none() {
             return Err("tls_listen needs a [security.tls] section (cert and key)".into());
         }
+        for a in &self.security.auth.anonymous_listeners {
+            if !self.listen.contains(a) && !self.tls_listen.contains(a) {
+                return Err(format!(
+                    "security.auth.anonymous_listeners names {a}, which is not a listener \
+                     (listen = {:?}, tls_listen = {:?})",
+                    self.listen, self.tls_listen
+                ));
+            }
+        }
         if l.max_packet_size < 64 {
             return Err("max_packet_size must be at least 64 bytes".into());
         }
         Ok(())
+    }
+}
+
+/// Top-level keys of [`Config`] (for "put it before the first table" hints).
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "sys_interval",
+    "shared_strategy",
+    "server_reference",
+    "server_moved",
+    "tls_listen",
+];
+
+/// A configuration error as an operator reads it: which file, which
+/// `[section]` and key, and what was expected (figment's own text says
+/// ``found `x`, expected `one of ...` for key "default.a.b"``).
+pub fn describe_error(e: &figment::Error) -> String {
+    e.clone()
+        .into_iter()
+        .map(|e| describe_one(&e))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn describe_one(e: &figment::Error) -> String {
+    use figment::error::Kind;
+    let origin = match e.metadata.as_ref() {
+        Some(m) => match &m.source {
+            Some(figment::Source::File(p)) => format!("{}: ", p.display()),
+            _ => format!("{}: ", m.name),
+        },
+        None => String::new(),
+    };
+    let (section, key) = match e.path.split_last() {
+        Some((k, s)) => (s.join("."), k.as_str()),
+        None => (String::new(), ""),
+    };
+    let place = if section.is_empty() {
+        "at the top level".to_string()
+    } else {
+        format!("in [{section}]")
+    };
+    match &e.kind {
+        Kind::UnknownField(field, expected) => {
+            let mut s = format!("{origin}unknown key `{field}` {place}");
+            if let Some(near) = nearest(field, expected) {
+                s.push_str(&format!(": did you mean `{near}`?"));
+            }
+            s.push_str(&format!(" (valid keys: {})", expected.join(", ")));
+            if !section.is_empty() && TOP_LEVEL_KEYS.contains(&field.as_str()) {
+                s.push_str(&format!(
+                    ". `{field}` is a top-level key: in a TOML file, top-level keys go before the first [table]"
+                ));
+            }
+            s
+        }
+        Kind::MissingField(field) => format!("{origin}missing key `{field}` {place}"),
+        kind if !key.is_empty() => format!("{origin}`{key}` {place}: {kind}"),
+        kind => format!("{origin}{kind}"),
+    }
+}
+
+/// The candidate within edit distance 2 of `word`, if any.
+fn nearest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(word, c), *c))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("millet.toml");
+        std::fs::write(&path, text).unwrap();
+        let cli = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        Config::load(&cli).map_err(|e| describe_error(&e))
+    }
+
+    #[test]
+    fn unknown_keys_read_naturally() {
+        let e = load_text("[security.auth.jwtt]\nalgorithm = \"HS256\"\n").unwrap_err();
+        assert!(
+            e.contains("millet.toml: unknown key `jwtt` in [security.auth]: did you mean `jwt`?"),
+            "{e}"
+        );
+        assert!(!e.contains("default."), "{e}");
+        let e = load_text("[limits]\nmax_inflightt = 3\n").unwrap_err();
+        assert!(
+            e.contains("unknown key `max_inflightt` in [limits]: did you mean `max_inflight`?"),
+            "{e}"
+        );
+        // a top-level key written after a table belongs to that table
+        let e = load_text(
+            "[security.tls]\ncert = \"c\"\nkey = \"k\"\ntls_listen = [\"127.0.0.1:8883\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("top-level keys go before the first [table]"),
+            "{e}"
+        );
+        let e = load_text("listenn = []\n").unwrap_err();
+        assert!(
+            e.contains("unknown key `listenn` at the top level: did you mean `listen`?"),
+            "{e}"
+        );
+        let e = load_text("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
+        assert!(e.contains("`max_inflight` in [limits]"), "{e}");
+    }
+
+    #[test]
+    fn every_flag_has_a_description() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        for a in cmd.get_arguments() {
+            assert!(
+                a.get_help().is_some() || a.get_long_help().is_some(),
+                "--{} has no description",
+                a.get_id()
+            );
+        }
+    }
+
+    #[test]
+    fn anonymous_listeners_must_be_listeners() {
+        let e = load_text(
+            "listen = [\"127.0.0.1:1883\"]\n[security.auth]\nanonymous_listeners = [\"0.0.0.0:1884\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("names 0.0.0.0:1884, which is not a listener"),
+            "{e}"
+        );
     }
 }

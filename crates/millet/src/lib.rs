@@ -14,6 +14,7 @@
 //! - [`security`]: TLS, the authentication chain, ACL, quotas and bans.
 //! - [`config`]: configuration layers (defaults, TOML, env, flags).
 //! - [`server`]: the tokio driver: listeners, connection tasks, ticker, drain.
+//! - [`tools`]: the `millet passwd` / `millet scram` credential tools.
 
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
@@ -26,3 +27,4 @@ pub mod security;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tools;

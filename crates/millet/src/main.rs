@@ -1,5 +1,6 @@
 //! The `millet` binary: parse configuration, start the listeners, drain on
-//! SIGINT / SIGTERM. `millet passwd FILE USER` edits an argon2id password file.
+//! SIGINT / SIGTERM. `millet passwd FILE USER` edits an argon2id password file,
+//! `millet scram FILE USER` a SCRAM-SHA-256 credentials file.
 
 use clap::Parser;
 use millet::config::{Cli, Config};
@@ -7,28 +8,40 @@ use millet::server::Server;
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("passwd") {
-        // `millet passwd FILE USER [--password PW | --delete]`
-        return match millet::security::passwd::run_passwd_cli(&args[2..]) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("millet passwd: {e}");
-                std::process::ExitCode::from(2)
-            }
-        };
+    // `millet passwd ...` / `millet scram ...`
+    if let Some(code) = millet::tools::dispatch(&args) {
+        return code;
     }
     let cli = Cli::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+        // rustls warns once per handshake about a client that sends an IP
+        // address as SNI (mosquitto_pub -h 127.0.0.1 does): not news.
+        Ok(f) => match "rustls::msgs::handshake=error".parse() {
+            Ok(d) => f.add_directive(d),
+            Err(_) => f,
+        },
+        Err(e) => {
+            eprintln!(
+                "millet: invalid --log / MILLET_LOG filter {:?}: {e}",
+                cli.log
+            );
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // Colour only for a person at a terminal: log files and journald get
+    // plain text.
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let config = match Config::load(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("millet: invalid configuration: {e}");
+            eprintln!(
+                "millet: invalid configuration: {}",
+                millet::config::describe_error(&e)
+            );
             return std::process::ExitCode::from(2);
         }
     };
@@ -45,10 +58,24 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("millet: {e:#}");
+            eprintln!("millet: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause only when the text so far does not
+/// already say it (our errors often embed their source's message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    for cause in e.chain().skip(1) {
+        let t = cause.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+    }
+    s
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -257,6 +257,11 @@ impl Connection {
 
     /// A packet arrived from the client.
     pub fn handle_packet(&mut self, packet: Packet, now: Instant) {
+        let stats = &self.broker.stats;
+        stats.messages_received.fetch_add(1, Ordering::Relaxed);
+        if matches!(packet, Packet::Publish(_)) {
+            stats.publish_received.fetch_add(1, Ordering::Relaxed);
+        }
         if self.close.is_some() {
             return;
         }
@@ -373,6 +378,18 @@ impl Connection {
         );
     }
 
+    /// The server closes this connection for `reason` (a ban added at run
+    /// time, an administrator's kick): v5 gets DISCONNECT `reason`; the will
+    /// is published as for any server-initiated close [MQTT-3.1.2-8].
+    pub fn handle_kick(&mut self, reason: ReasonCode, why: String) {
+        self.close_with(reason, why);
+    }
+
+    /// Why the connection is closing, once it is (for the driver's log).
+    pub fn close_reason(&self) -> Option<&str> {
+        self.close.as_ref().map(|c| c.why.as_str())
+    }
+
     /// The network connection is gone (or was closed by us). Tells the broker,
     /// which publishes the will if due and starts the session expiry.
     /// Idempotent, and safe after a panic in another `handle_*` call.
@@ -398,6 +415,7 @@ impl Connection {
         if !self.pending_acks.is_empty() {
             self.release_acks();
         }
+        let mut sent = SentCount::default();
         while let Some(mut p) = self.out.pop_front() {
             if self.peer_max_packet != usize::MAX
                 && !fit_control_packet(&mut p, protocol, self.peer_max_packet)
@@ -405,10 +423,11 @@ impl Connection {
                 self.discard_oversized(&p);
                 continue;
             }
-            if let Err(e) = encode(&p, protocol, buf) {
+            if let Err(e) = sent.encode(&p, protocol, buf) {
                 tracing::warn!(error = %e, packet = p.name(), "cannot encode packet; dropped");
             }
         }
+        sent.add_to(&self.broker.stats);
         if self.close.is_some() {
             return;
         }
@@ -416,8 +435,7 @@ impl Connection {
             return;
         };
         let stats = &self.broker.stats;
-        let start = buf.len();
-        let mut sent = 0u64;
+        let mut sent = SentCount::default();
         let cell = active.cell.clone();
         self.waker.clear();
         if !self.waker.is_blocked() {
@@ -481,9 +499,8 @@ impl Connection {
                 if hold_seq != 0 {
                     held.push(packet);
                 } else {
-                    let _ = encode(&packet, protocol, buf);
+                    let _ = sent.encode(&packet, protocol, buf);
                 }
-                sent += 1;
             }
         }
         loop {
@@ -535,7 +552,7 @@ impl Connection {
                 && (d.qos == QoS::ExactlyOnce || !held.is_empty() || !self.pending_acks.is_empty());
             if hold {
                 held.push(packet);
-            } else if encode(&packet, protocol, buf).is_err() {
+            } else if sent.encode(&packet, protocol, buf).is_err() {
                 continue;
             }
             if let Some(pid) = pid {
@@ -548,7 +565,6 @@ impl Connection {
                 }
                 session.push_inflight(pid, d);
             }
-            sent += 1;
         }
         if let Some(p) = persist {
             let seq = p.submit(ops).max(hold_seq);
@@ -566,12 +582,7 @@ impl Connection {
             st.release_blocked();
         }
         drop(st);
-        if sent > 0 {
-            stats.messages_sent.fetch_add(sent, Ordering::Relaxed);
-        }
-        stats
-            .bytes_sent
-            .fetch_add((buf.len() - start) as u64, Ordering::Relaxed);
+        sent.add_to(stats);
     }
 
     /// The earliest deadline at which [`Connection::handle_timeout`] must be called.
@@ -1107,10 +1118,6 @@ impl Connection {
     fn handle_publish(&mut self, a: &mut Active, mut p: Publish, now: Instant) {
         let v5 = self.protocol == Some(Protocol::V5);
         let limits = &self.broker.config.limits;
-        self.broker.stats.bytes_received.fetch_add(
-            p.payload.len() as u64 + p.topic.len() as u64,
-            Ordering::Relaxed,
-        );
         if let Some(alias) = p.properties.topic_alias.take() {
             if alias == 0 || alias > a.alias_in_max {
                 return self.close_with(
@@ -1646,6 +1653,43 @@ pub fn reserved_topic(topic: &str) -> Option<ReasonCode> {
         }
     }
     None
+}
+
+/// Packets encoded by one [`Connection::poll_transmit`], added to the
+/// broker's `$SYS` counters once (not per packet: they are shared by every
+/// connection).
+#[derive(Default)]
+struct SentCount {
+    packets: u64,
+    publishes: u64,
+}
+
+impl SentCount {
+    fn encode(
+        &mut self,
+        p: &Packet,
+        protocol: Protocol,
+        buf: &mut BytesMut,
+    ) -> Result<(), millet_codec::EncodeError> {
+        encode(p, protocol, buf)?;
+        self.packets += 1;
+        self.publishes += u64::from(matches!(p, Packet::Publish(_)));
+        Ok(())
+    }
+
+    fn add_to(&mut self, stats: &crate::broker::Stats) {
+        if self.packets > 0 {
+            stats
+                .messages_sent
+                .fetch_add(self.packets, Ordering::Relaxed);
+        }
+        if self.publishes > 0 {
+            stats
+                .publish_sent
+                .fetch_add(self.publishes, Ordering::Relaxed);
+        }
+        *self = SentCount::default();
+    }
 }
 
 /// A copy of the will that shares no memory with the read buffer (it may be

@@ -92,6 +92,7 @@ impl Server {
                 configured: addr,
                 tls,
                 rate,
+                tls_log: PerAddressThrottle::default(),
             });
             tasks.push(tokio::spawn(accept_loop(
                 listener,
@@ -160,9 +161,8 @@ fn spawn_reloaders(security: Arc<Security>) -> Vec<tokio::task::JoinHandle<()>> 
             let s = security.clone();
             tasks.push(tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reloading the security configuration files");
                     for e in s.reload() {
-                        tracing::error!(error = %e, "reload failed; previous state kept");
+                        tracing::error!("security reload failed, previous state kept: {e}");
                     }
                 }
             }));
@@ -175,7 +175,7 @@ fn spawn_reloaders(security: Arc<Security>) -> Vec<tokio::task::JoinHandle<()>> 
         loop {
             every.tick().await;
             for e in security.reload_if_changed().unwrap_or_default() {
-                tracing::error!(error = %e, "reload failed; previous state kept");
+                tracing::error!("security reload failed, previous state kept: {e}");
             }
             security.bans.prune(Instant::now());
         }
@@ -194,6 +194,72 @@ struct ListenerCtx {
     /// `Some` on a TLS listener.
     tls: Option<Arc<ReloadableTls>>,
     rate: ConnectionRateLimiter,
+    /// Throttles the info line for certificate failures.
+    tls_log: PerAddressThrottle,
+}
+
+/// Lets one event per address and kind through per
+/// [`PerAddressThrottle::PERIOD`] (bounded: forgets everything when it holds
+/// too many). Per kind, so an operator who first tries without a
+/// certificate and then with a wrong one sees both reasons.
+#[derive(Default)]
+struct PerAddressThrottle(
+    parking_lot::Mutex<std::collections::HashMap<(std::net::IpAddr, String), Instant>>,
+);
+
+impl PerAddressThrottle {
+    const PERIOD: Duration = Duration::from_secs(60);
+    const MAX_ADDRESSES: usize = 4096;
+
+    fn allow(&self, ip: std::net::IpAddr, kind: &str, now: Instant) -> bool {
+        let mut m = self.0.lock();
+        if m.len() >= Self::MAX_ADDRESSES {
+            m.retain(|_, t| now.duration_since(*t) < Self::PERIOD);
+            if m.len() >= Self::MAX_ADDRESSES {
+                m.clear();
+            }
+        }
+        let key = (ip, kind.to_string());
+        match m.get(&key) {
+            Some(t) if now.duration_since(*t) < Self::PERIOD => false,
+            _ => {
+                m.insert(key, now);
+                true
+            }
+        }
+    }
+}
+
+/// A TLS handshake error caused by a certificate (the client's, or the
+/// client refusing ours), in words; `None` for other failures (a client
+/// that went away, a port scan, a protocol mismatch).
+fn certificate_problem(e: &std::io::Error) -> Option<String> {
+    let err = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    let text = err.to_string();
+    let hint = if text.contains("UnsupportedCertVersion") {
+        ": the client certificate is X.509 v1; client certificates must be v3 (see the README's TLS recipe)"
+    } else {
+        ""
+    };
+    match err {
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            Some(format!("client certificate refused: {text}{hint}"))
+        }
+        rustls::Error::AlertReceived(a)
+            if matches!(
+                a,
+                rustls::AlertDescription::BadCertificate
+                    | rustls::AlertDescription::UnknownCA
+                    | rustls::AlertDescription::CertificateExpired
+                    | rustls::AlertDescription::CertificateUnknown
+                    | rustls::AlertDescription::UnsupportedCertificate
+                    | rustls::AlertDescription::CertificateRevoked
+            ) =>
+        {
+            Some(format!("the client refused the server certificate ({a:?})"))
+        }
+        _ => None,
+    }
 }
 
 /// What the driver knows about a connection, for authentication.
@@ -257,6 +323,7 @@ async fn accept_loop(
                         continue;
                     };
                     let acceptor = tls.acceptor();
+                    let ctx = ctx.clone();
                     tokio::spawn(async move {
                         let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
                         match tokio::time::timeout(limit, acceptor.accept(stream)).await {
@@ -264,7 +331,12 @@ async fn accept_loop(
                                 info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
                                 serve(s, info, broker, shutdown).await;
                             }
-                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Ok(Err(e)) => match certificate_problem(&e) {
+                                Some(why) if ctx.tls_log.allow(peer.ip(), &why, Instant::now()) => {
+                                    tracing::info!(%peer, "TLS handshake failed: {why} (logged once a minute per address)");
+                                }
+                                _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            },
                             Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                         }
                         drop(done);
@@ -389,7 +461,7 @@ async fn connect_verdict(
             .bans
             .check(client_id, username, Some(peer.addr.ip()), now);
         if let Some(b) = &ban {
-            tracing::info!(peer = %peer.addr, client_id, ban = %b, "banned client refused");
+            tracing::info!(peer = %peer.addr, client_id, username = username.unwrap_or(""), ban = %b, "banned client refused");
         }
         ban.is_some()
     };
@@ -491,6 +563,70 @@ impl std::ops::DerefMut for Detach {
     }
 }
 
+/// What a CONNECT said, for the "New client connected" log line.
+struct Hello {
+    level: u8,
+    clean_start: bool,
+    keep_alive: u16,
+    /// The effective username (the verdict's, else the CONNECT's).
+    username: Option<String>,
+}
+
+impl Hello {
+    fn from_connect(c: &Connect) -> Hello {
+        Hello {
+            level: c.protocol.level(),
+            clean_start: c.clean_start,
+            keep_alive: c.keep_alive,
+            username: c.username.as_deref().map(str::to_string),
+        }
+    }
+
+    /// Mosquitto's shape: `p5, c1, k60, u'alice'` (p: protocol level).
+    fn summary(&self) -> String {
+        let mut s = format!(
+            "p{}, c{}, k{}",
+            self.level,
+            u8::from(self.clean_start),
+            self.keep_alive
+        );
+        if let Some(u) = &self.username {
+            s.push_str(&format!(", u'{u}'"));
+        }
+        s
+    }
+}
+
+/// The first bytes of a connection that cannot start an MQTT CONNECT but
+/// are recognisably another protocol: what to call it in the log.
+fn sniff_non_mqtt(first: &[u8]) -> Option<&'static str> {
+    const HTTP: [&[u8]; 9] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"HEAD ",
+        b"DELETE ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"TRACE ",
+    ];
+    if first.first() == Some(&0x10) {
+        return None; // CONNECT
+    }
+    if HTTP.iter().any(|m| first.starts_with(m)) {
+        Some("an HTTP request on the MQTT port (MQTT over WebSocket is not enabled here)")
+    } else if first.starts_with(&[0x16, 0x03]) {
+        Some("a TLS handshake on a plain MQTT port (use the TLS listener)")
+    } else if first.starts_with(b"PROXY ") || first.starts_with(b"\r\n\r\n\0\r\nQUIT\n") {
+        Some("a PROXY protocol header (not enabled on this listener)")
+    } else if first.starts_with(b"SSH-") {
+        Some("an SSH client")
+    } else {
+        None
+    }
+}
+
 /// Drive one connection until it closes.
 async fn serve<S: Transport>(
     mut stream: S,
@@ -507,21 +643,47 @@ async fn serve<S: Transport>(
     let mut eof = false;
     let mut read_size = READ_MIN;
     let mut shutting_down = false;
+    // What the CONNECT said, for the connection log line; `None` once logged.
+    let mut hello: Option<Hello> = None;
+    let mut connected = false;
+    // Bans added while connected close the connection (0x8A).
+    let mut bans = broker.security().map(|s| s.bans.watch_added());
     loop {
         // 1. Decode and handle every complete packet received so far.
+        if conn.is_awaiting_connect() && hello.is_none() {
+            if let Some(what) = sniff_non_mqtt(&rbuf) {
+                tracing::info!(%peer, listener = %info.listener, "not MQTT: {what}; connection closed");
+                break;
+            }
+        }
         while conn.poll_close().is_none() && !rbuf.is_empty() {
             match decode(&mut rbuf, conn.protocol(), conn.max_packet_size()) {
                 Ok(Some(p)) => {
-                    if let (Packet::Connect(c), Some(sec)) = (&p, broker.security()) {
+                    if let Packet::Connect(c) = &p {
                         if conn.is_awaiting_connect() {
-                            let limit =
-                                Duration::from_secs(broker.config.limits.connect_timeout.max(1));
-                            let (v, permit) = connect_verdict(sec, c, &info, limit).await;
-                            _permit = permit;
-                            conn.set_connect_verdict(v);
+                            let mut h = Hello::from_connect(c);
+                            if let Some(sec) = broker.security() {
+                                let limit = Duration::from_secs(
+                                    broker.config.limits.connect_timeout.max(1),
+                                );
+                                let (v, permit) = connect_verdict(sec, c, &info, limit).await;
+                                _permit = permit;
+                                h.username = v.username.clone();
+                                conn.set_connect_verdict(v);
+                            }
+                            hello = Some(h);
                         }
                     }
-                    conn.handle_packet(p, Instant::now())
+                    conn.handle_packet(p, Instant::now());
+                    if !connected {
+                        if let (Some(id), Some(h)) = (conn.client_id(), &hello) {
+                            connected = true;
+                            tracing::info!(
+                                "New client connected from {peer} as {id} ({})",
+                                h.summary()
+                            );
+                        }
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -541,6 +703,7 @@ async fn serve<S: Transport>(
                 write_failed = true;
                 break;
             }
+            broker.stats.count_bytes_sent(wbuf.len());
             if wbuf.capacity() > KEEP_WRITE_CAPACITY {
                 wbuf = BytesMut::new();
             } else {
@@ -548,11 +711,19 @@ async fn serve<S: Transport>(
             }
         }
         if let Some(c) = conn.poll_close() {
-            tracing::debug!(%peer, client_id = conn.client_id().unwrap_or(""), reason = %c.reason, why = %c.why, "closing connection");
+            if connected {
+                tracing::info!(%peer, "Client {} disconnected: {}", conn.client_id().unwrap_or(""), c.why);
+            } else {
+                tracing::debug!(%peer, reason = %c.reason, why = %c.why, "closing connection");
+            }
             break;
         }
         if eof {
-            tracing::debug!(%peer, client_id = conn.client_id().unwrap_or(""), "connection closed by peer");
+            if connected {
+                tracing::info!(%peer, "Client {} disconnected: connection closed by the client without DISCONNECT", conn.client_id().unwrap_or(""));
+            } else {
+                tracing::debug!(%peer, "connection closed by peer");
+            }
             break;
         }
         // 3. Wait for input, a delivery, the timer or shutdown.
@@ -560,6 +731,7 @@ async fn serve<S: Transport>(
         let waker = conn.waker().clone();
         tokio::select! {
             r = std::future::poll_fn(|cx| poll_read_some(&mut stream, cx, &mut rbuf, &mut read_size)), if !conn.is_paused() => {
+                if let Ok(n) = &r { broker.stats.count_bytes_received(*n); }
                 if !matches!(r, Ok(n) if n > 0) { eof = true; }
             }
             _ = waker.notified() => {}
@@ -569,6 +741,22 @@ async fn serve<S: Transport>(
             _ = shutdown.changed(), if !shutting_down => {
                 shutting_down = true;
                 conn.handle_shutdown();
+            }
+            added = async {
+                match bans.as_mut() {
+                    Some(b) => b.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            }, if connected => {
+                if !added {
+                    bans = None;
+                } else if let (Some(sec), Some(id)) = (broker.security(), conn.client_id()) {
+                    let user = hello.as_ref().and_then(|h| h.username.as_deref());
+                    if let Some(ban) = sec.bans.check(id, user, Some(peer.ip()), Instant::now()) {
+                        tracing::info!(%peer, client_id = id, username = user.unwrap_or(""), %ban, "banned at run time: disconnecting");
+                        conn.handle_kick(ReasonCode::BANNED, format!("banned ({ban})"));
+                    }
+                }
             }
         }
     }

@@ -120,7 +120,7 @@ max_connections_per_user = 1
     let exp = now / 1000 + 60;
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
-        &serde_json::json!({"exp": exp, "publish": ["t/%c"]}),
+        &serde_json::json!({"exp": exp, "sub": "whoever", "publish": ["t/%c"]}),
         &jsonwebtoken::EncodingKey::from_secret(b"jwt-key"),
     )?;
     let (_, r) = sec

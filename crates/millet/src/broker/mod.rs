@@ -46,17 +46,40 @@ pub struct IndexEntry {
     pub share: Option<ByteString>,
 }
 
-/// Broker-wide counters, published under `$SYS`.
+/// Broker-wide counters, published under `$SYS` (see `sys.rs` for what
+/// each topic means).
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Connections attached to a session (CONNECT accepted).
     pub clients_connected: AtomicU64,
-    pub clients_total: AtomicU64,
+    /// The most sessions (connected or not) there have been at once.
+    pub clients_maximum: AtomicU64,
+    /// Disconnected sessions removed at the end of their expiry interval.
+    pub clients_expired: AtomicU64,
+    /// MQTT packets of any type received from / sent to clients.
     pub messages_received: AtomicU64,
     pub messages_sent: AtomicU64,
+    /// PUBLISH packets received from / sent to clients.
+    pub publish_received: AtomicU64,
+    pub publish_sent: AtomicU64,
+    /// Bytes on the wire (every packet, headers included; inside TLS).
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
+    /// Messages not delivered: a full queue, or too big for the client.
     pub messages_dropped: AtomicU64,
     pub subscriptions: AtomicU64,
+}
+
+impl Stats {
+    /// `n` bytes read from a client's connection.
+    pub fn count_bytes_received(&self, n: usize) {
+        self.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// `n` bytes written to a client's connection.
+    pub fn count_bytes_sent(&self, n: usize) {
+        self.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 /// What [`Broker::publish`] did with a message.
@@ -102,7 +125,7 @@ pub struct Broker {
     next_epoch: AtomicU64,
     pub stats: Stats,
     started: Instant,
-    last_sys: Mutex<Option<Instant>>,
+    sys: Mutex<sys::SysState>,
     authenticator: Option<Arc<dyn Authenticator>>,
     /// Authorization, quotas and bans ([`crate::security`]); `None`: allow all.
     security: Option<Arc<crate::security::Security>>,
@@ -134,7 +157,7 @@ impl Broker {
             next_epoch: AtomicU64::new(1),
             stats: Stats::default(),
             started: now,
-            last_sys: Mutex::new(None),
+            sys: Mutex::new(sys::SysState::default()),
             authenticator: None,
             security: None,
             persist: None,
@@ -429,6 +452,9 @@ impl Broker {
                         st.waker = Some(waker.clone());
                     }
                     reg.insert(client_id.clone(), cell.clone());
+                    self.stats
+                        .clients_maximum
+                        .fetch_max(reg.len() as u64, Ordering::Relaxed);
                     Attached {
                         cell,
                         epoch,
@@ -460,7 +486,6 @@ impl Broker {
             self.publish_will(w, now);
         }
         self.stats.clients_connected.fetch_add(1, Ordering::Relaxed);
-        self.stats.clients_total.fetch_add(1, Ordering::Relaxed);
         attached
     }
 
@@ -649,9 +674,6 @@ impl Broker {
         publisher: Option<&Arc<ConnWaker>>,
         _now: Instant,
     ) -> Routed {
-        if msg.publisher.is_some() {
-            self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
-        }
         let mut retained_seq = 0;
         // `$SYS` is regenerated every interval: not worth a disk write.
         let persist = self
@@ -895,9 +917,16 @@ impl Broker {
         self.retained.read().len()
     }
 
-    /// Re-establish every subscription of a resumed session (no-op for the
-    /// in-memory engine, whose index still holds them; kept as the seam the
-    /// durable engine restores through).
+    /// Retained messages, not counting the broker's own `$SYS` topics.
+    pub fn retained_count_without_sys(&self) -> usize {
+        let r = self.retained.read();
+        let mut sys = 0;
+        r.for_each_matching("$SYS/#", |_, _| sys += 1);
+        r.len().saturating_sub(sys)
+    }
+
+    /// Sessions in the registry: connected ones, and disconnected ones
+    /// that have not expired.
     pub fn session_count(&self) -> usize {
         self.registry.lock().len()
     }
@@ -933,6 +962,9 @@ impl Broker {
                 .collect();
             ids.iter().filter_map(|k| reg.remove(k)).collect()
         };
+        self.stats
+            .clients_expired
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
         for cell in expired {
             tracing::debug!(session = cell.id, "session expired");
             self.end_session(&cell, now);
@@ -945,22 +977,7 @@ impl Broker {
                 p.sweep();
             }
         }
-        let interval = self.config.sys_interval;
-        if interval > 0 {
-            let due = {
-                let mut last = self.last_sys.lock();
-                let due = last.is_none_or(|t| {
-                    now.saturating_duration_since(t) >= Duration::from_secs(interval)
-                });
-                if due {
-                    *last = Some(now);
-                }
-                due
-            };
-            if due {
-                sys::publish_sys(self, now);
-            }
-        }
+        sys::tick(self, now);
     }
 
     /// Every session's cell, for shutdown.

@@ -15,8 +15,9 @@
 //!   and one of whose topic filters match decides (first match wins).
 //! - Per-client extra rules (from a JWT's claims or the HTTP hook's answer)
 //!   are consulted before the file's rules.
-//! - No match: **deny** when any rule (file or per-client) exists, **allow**
-//!   when there are none at all (no ACL configured).
+//! - No match: **deny** when a rule file is configured (even an empty one,
+//!   as in Mosquitto) or any per-client rule exists; **allow** only when
+//!   there is no ACL at all (no file, no per-client rules).
 //! - `%c` is replaced by the client id, `%u` by the username. A filter whose
 //!   placeholder cannot be filled (no username), or whose value contains `+`,
 //!   `#` or `/` (which would widen or shift the filter), matches nothing.
@@ -161,6 +162,9 @@ pub enum AclError {
     Parse(String),
     #[error("invalid ACL rule: {0}")]
     Invalid(String),
+    /// A parse or rule error in a named file.
+    #[error("ACL file {path}: {msg}")]
+    InFile { path: PathBuf, msg: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,7 +189,10 @@ pub fn load_rules(path: &Path) -> Result<Vec<Rule>, AclError> {
         path: path.to_path_buf(),
         source,
     })?;
-    parse_rules(&text)
+    parse_rules(&text).map_err(|e| AclError::InFile {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
 }
 
 /// The broker-wide ACL: rules from a file (or set programmatically),
@@ -215,6 +222,9 @@ impl Acl {
     pub fn from_file(path: impl Into<PathBuf>) -> Result<Acl, AclError> {
         let path = path.into();
         let rules = load_rules(&path)?;
+        if rules.is_empty() {
+            tracing::warn!(path = %path.display(), "ACL file has no rules: every publish and subscribe is denied");
+        }
         Ok(Acl {
             path: Some(path),
             rules: ArcSwap::from_pointee(rules),
@@ -222,23 +232,17 @@ impl Acl {
     }
 
     /// Re-read the rule file. On error the current rules stay in force (and
-    /// the error is logged and returned). Returns the number of rules loaded.
+    /// the error is returned for the caller to log). Returns the number of rules loaded.
     pub fn reload(&self) -> Result<usize, AclError> {
         let Some(path) = &self.path else {
             return Ok(self.rules.load().len());
         };
-        match load_rules(path) {
-            Ok(rules) => {
-                let n = rules.len();
-                self.rules.store(Arc::new(rules));
-                tracing::info!(path = %path.display(), rules = n, "ACL reloaded");
-                Ok(n)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "ACL reload failed; keeping the previous rules");
-                Err(e)
-            }
-        }
+        // On error the caller logs it, once (the error names the file).
+        let rules = load_rules(path)?;
+        let n = rules.len();
+        self.rules.store(Arc::new(rules));
+        tracing::debug!(path = %path.display(), rules = n, "ACL reloaded");
+        Ok(n)
     }
 
     /// Replace the rules (validated first).
@@ -297,7 +301,10 @@ impl Acl {
                 return p == Permission::Allow;
             }
         }
-        extra.is_empty() && rules.is_empty()
+        // No rule at all: allowed, unless a rule file is configured (then,
+        // as in Mosquitto, what no rule allows is denied, even with an
+        // empty file).
+        self.path.is_none() && extra.is_empty() && rules.is_empty()
     }
 }
 

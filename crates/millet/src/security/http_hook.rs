@@ -37,7 +37,7 @@ pub enum OnError {
     Ignore,
 }
 
-/// `[auth.http]` section.
+/// `[security.auth.http]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpHookConfig {
@@ -190,7 +190,7 @@ impl HttpHook {
         let decision = match self.ask(&body).await {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(client_id, error = %e, url = %self.cfg.url, "HTTP auth hook failed");
+                tracing::warn!(client_id, url = %self.cfg.url, on_error = ?self.cfg.on_error, "HTTP auth hook failed: {e}");
                 return match self.cfg.on_error {
                     OnError::Deny => Decision::Deny,
                     OnError::Ignore => Decision::Ignore,
@@ -211,6 +211,30 @@ impl HttpHook {
         decision
     }
 
+    /// Why a request failed, in words: reqwest's own text ("error sending
+    /// request for url ...") hides the cause in its source chain.
+    fn why(&self, e: &reqwest::Error) -> String {
+        let mut cause = String::new();
+        let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+        while let Some(s) = src {
+            cause = s.to_string();
+            src = s.source();
+        }
+        if e.is_timeout() {
+            format!("timed out after {} ms", self.cfg.timeout_ms)
+        } else if e.is_connect() {
+            if cause.is_empty() {
+                "cannot connect".into()
+            } else {
+                format!("cannot connect: {cause}")
+            }
+        } else if cause.is_empty() {
+            e.to_string()
+        } else {
+            format!("{e}: {cause}")
+        }
+    }
+
     async fn ask(&self, body: &HookRequest<'_>) -> Result<Decision, String> {
         let resp = self
             .client
@@ -218,11 +242,14 @@ impl HttpHook {
             .json(body)
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.why(&e))?;
         if resp.status() != reqwest::StatusCode::OK {
-            return Err(format!("status {}", resp.status()));
+            return Err(format!("answered HTTP status {}", resp.status()));
         }
-        let r: HookResponse = resp.json().await.map_err(|e| e.to_string())?;
+        let r: HookResponse = resp
+            .json()
+            .await
+            .map_err(|e| format!("unreadable answer: {}", self.why(&e)))?;
         Ok(match r.result {
             HookResult::Allow => Decision::Allow {
                 acl: claims_to_rules(&r.publish, &r.subscribe),

@@ -5,7 +5,9 @@
 //!   JWKS holding exactly one key uses it).
 //! - `exp` (required unless `require_exp = false`) and `nbf` are checked
 //!   against the `now` passed in, with `leeway_secs`; `iss` / `aud` when
-//!   configured; `bind = "username" | "client_id"` requires `sub` to equal it.
+//!   configured; `bind = "username"` (default) | `"client_id"` requires the
+//!   `bind_claim` claim (default `sub`) to equal that CONNECT field;
+//!   `bind = "none"` accepts any name (warned about at start-up).
 //! - Claims `publish` / `subscribe` (lists of topic filters, `%c` / `%u`
 //!   allowed) become per-client allow rules: the client may then use those
 //!   topics only (plus what the ACL file allows after them).
@@ -13,7 +15,7 @@
 //!   a JWT that does not verify is denied.
 //!
 //! ```toml
-//! [auth.jwt]
+//! [security.auth.jwt]
 //! algorithm = "RS256"            # HS256 | RS256 | ES256
 //! public_key = "/etc/millet/jwt.pub.pem"   # or jwks = "...json", or secret = "..." (HS256)
 //! issuer = "https://issuer.example"
@@ -49,17 +51,25 @@ impl From<JwtAlgorithm> for Algorithm {
     }
 }
 
-/// Which connect field the `sub` claim must equal.
+/// Which connect field the token's identity claim (`bind_claim`, default
+/// `sub`) must equal. The identity a token proves is the identity the ACL
+/// sees: with the default `username`, a token for `sensor-1` presented with
+/// username `ops` is refused (0x86), so it cannot borrow `ops`'s ACL rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum JwtBind {
+    /// The CONNECT username must equal the claim.
     #[default]
-    None,
     Username,
+    /// The CONNECT client id must equal the claim.
     ClientId,
+    /// Not bound: any username / client id with any valid token (warned
+    /// about at start-up). Safe only when every token carries its own
+    /// `publish` / `subscribe` claims and the ACL file has no per-user rules.
+    None,
 }
 
-/// `[auth.jwt]` section.
+/// `[security.auth.jwt]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
@@ -86,6 +96,13 @@ pub struct JwtConfig {
     pub require_exp: bool,
     #[serde(default)]
     pub bind: JwtBind,
+    /// The claim `bind` compares with (a string claim).
+    #[serde(default = "default_bind_claim")]
+    pub bind_claim: String,
+}
+
+fn default_bind_claim() -> String {
+    "sub".into()
 }
 
 fn default_leeway() -> u64 {
@@ -108,7 +125,8 @@ impl JwtConfig {
             audience: None,
             leeway_secs: default_leeway(),
             require_exp: true,
-            bind: JwtBind::None,
+            bind: JwtBind::Username,
+            bind_claim: default_bind_claim(),
         }
     }
 }
@@ -145,6 +163,19 @@ pub struct Claims {
     pub publish: Vec<String>,
     #[serde(default)]
     pub subscribe: Vec<String>,
+    /// Every other claim (for `bind_claim`).
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Claims {
+    /// A string claim by name (`sub` included).
+    pub fn string(&self, name: &str) -> Option<&str> {
+        if name == "sub" {
+            return self.sub.as_deref();
+        }
+        self.other.get(name).and_then(|v| v.as_str())
+    }
 }
 
 /// The JWT provider.
@@ -239,16 +270,9 @@ impl JwtAuth {
 
     /// Re-read the key files; on error the old keys stay in force.
     pub fn reload(&self) -> Result<(), JwtError> {
-        match load_keys(&self.cfg) {
-            Ok(k) => {
-                self.keys.store(Arc::new(k));
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "JWT key reload failed; keeping the previous keys");
-                Err(e)
-            }
-        }
+        // On error the caller logs it, once.
+        self.keys.store(Arc::new(load_keys(&self.cfg)?));
+        Ok(())
     }
 
     /// Verify `token` and return its claims (no ACL conversion).
@@ -329,13 +353,21 @@ impl JwtAuth {
                 return Decision::Deny;
             }
         };
+        let claim = claims.string(&self.cfg.bind_claim);
         let bound = match self.cfg.bind {
             JwtBind::None => true,
-            JwtBind::Username => claims.sub.is_some() && claims.sub.as_deref() == username,
-            JwtBind::ClientId => claims.sub.as_deref() == Some(client_id),
+            JwtBind::Username => claim.is_some() && claim == username,
+            JwtBind::ClientId => claim == Some(client_id),
         };
         if !bound {
-            tracing::debug!(client_id, "JWT sub does not match");
+            tracing::info!(
+                client_id,
+                username = username.unwrap_or(""),
+                claim = %self.cfg.bind_claim,
+                token_identity = claim.unwrap_or("(none)"),
+                bind = ?self.cfg.bind,
+                "JWT refused: the token was issued for another identity"
+            );
             return Decision::Deny;
         }
         Decision::Allow {
@@ -394,13 +426,67 @@ mod tests {
         .unwrap()
     }
 
+    /// Tests of signatures and claims use tokens without `sub`.
+    fn unbound(secret: &str) -> JwtConfig {
+        JwtConfig {
+            bind: JwtBind::None,
+            ..JwtConfig::hs256(secret)
+        }
+    }
+
+    #[test]
+    fn binds_the_username_to_sub_by_default() {
+        let cfg = JwtConfig::hs256("k");
+        assert_eq!(cfg.bind, JwtBind::Username);
+        let from_toml: JwtConfig = toml::from_str("algorithm = \"HS256\"\nsecret = \"k\"").unwrap();
+        assert_eq!(from_toml.bind, JwtBind::Username);
+        assert_eq!(from_toml.bind_claim, "sub");
+        let a = JwtAuth::new(cfg).unwrap();
+        let t = hs("k", json!({"exp": NOW + 60, "sub": "sensor-1"}));
+        assert!(allowed(&a.check(
+            "c",
+            Some("sensor-1"),
+            Some(t.as_bytes()),
+            NOW
+        )));
+        // another username, or none, with sensor-1's token: refused
+        assert_eq!(
+            a.check("c", Some("ops"), Some(t.as_bytes()), NOW),
+            Decision::Deny
+        );
+        assert_eq!(a.check("c", None, Some(t.as_bytes()), NOW), Decision::Deny);
+        let no_sub = hs("k", json!({"exp": NOW + 60}));
+        assert_eq!(
+            a.check("c", Some("ops"), Some(no_sub.as_bytes()), NOW),
+            Decision::Deny
+        );
+        // another claim, bound to the client id
+        let a = JwtAuth::new(JwtConfig {
+            bind: JwtBind::ClientId,
+            bind_claim: "device_id".into(),
+            ..JwtConfig::hs256("k")
+        })
+        .unwrap();
+        let t = hs("k", json!({"exp": NOW + 60, "device_id": "dev-7"}));
+        assert!(allowed(&a.check(
+            "dev-7",
+            Some("x"),
+            Some(t.as_bytes()),
+            NOW
+        )));
+        assert_eq!(
+            a.check("dev-8", Some("x"), Some(t.as_bytes()), NOW),
+            Decision::Deny
+        );
+    }
+
     fn allowed(d: &Decision) -> bool {
         matches!(d, Decision::Allow { .. })
     }
 
     #[test]
     fn hs256_claims_become_rules() {
-        let a = JwtAuth::new(JwtConfig::hs256("k")).unwrap();
+        let a = JwtAuth::new(unbound("k")).unwrap();
         let t = hs(
             "k",
             json!({"exp": NOW + 60, "publish": ["d/%c/up", "bad/#/x"], "subscribe": ["d/%c/down"]}),
@@ -424,7 +510,7 @@ mod tests {
 
     #[test]
     fn hs256_rejections() {
-        let a = JwtAuth::new(JwtConfig::hs256("k")).unwrap();
+        let a = JwtAuth::new(unbound("k")).unwrap();
         let wrong_key = hs("other", json!({"exp": NOW + 60}));
         assert_eq!(
             a.check("c", None, Some(wrong_key.as_bytes()), NOW),
@@ -526,7 +612,7 @@ mod tests {
             algorithm: JwtAlgorithm::RS256,
             public_key: Some(pubp),
             secret: None,
-            ..JwtConfig::hs256("")
+            ..unbound("")
         })
         .unwrap();
         let key = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
@@ -561,7 +647,7 @@ mod tests {
             algorithm: JwtAlgorithm::ES256,
             jwks: Some(path.clone()),
             secret: None,
-            ..JwtConfig::hs256("")
+            ..unbound("")
         })
         .unwrap();
         let token = |kid: Option<&str>, k: &rcgen::KeyPair| {

@@ -15,31 +15,31 @@
 //!
 //! # Configuration (TOML)
 //! ```toml
-//! [auth]
+//! [security.auth]
 //! chain = ["tls_cert", "password_file", "signature", "jwt", "http"]
 //! anonymous_listeners = ["0.0.0.0:1884"]   # optional: explicitly anonymous
-//! [auth.password_file]
+//! [security.auth.password_file]
 //! path = "/etc/millet/passwd"
-//! [auth.signature]
+//! [security.auth.signature]
 //! secrets = "/etc/millet/device-secrets.toml"
 //! algorithm = "hmac-sha256"   # hmac-sha384 | hmac-sha512
 //! encoding = "hex"            # base64
 //! window_secs = 300
-//! [auth.jwt]
+//! [security.auth.jwt]
 //! algorithm = "HS256"         # RS256 | ES256 (public_key = PEM or jwks = JSON)
 //! secret = "change-me"
-//! [auth.http]
+//! [security.auth.http]
 //! url = "http://127.0.0.1:8080/mqtt/auth"
 //! timeout_ms = 2000
 //! cache_ttl_secs = 60
 //! on_error = "deny"           # ignore
-//! [auth.scram]
+//! [security.auth.scram]
 //! path = "/etc/millet/scram"  # SCRAM-SHA-256 over v5 AUTH
 //!
-//! [acl]
+//! [security.acl]
 //! file = "/etc/millet/acl.toml"
 //!
-//! [quota]
+//! [security.quota]
 //! messages_per_sec = 100
 //! bytes_per_sec = 1048576
 //! on_exceeded = "disconnect"  # backpressure
@@ -47,7 +47,7 @@
 //! max_connections_per_user = 10
 //! bans = ["ip:192.0.2.0/24", "client:bad-device"]
 //!
-//! [tls]
+//! [security.tls]
 //! cert = "/etc/millet/server.pem"
 //! key = "/etc/millet/server.key"
 //! ca = "/etc/millet/clients-ca.pem"
@@ -62,11 +62,19 @@
 //! allow, authenticated → deny. [`AuthChain::authenticate`] uses "anonymous
 //! iff no provider is configured".
 //!
+//! A configured provider is always in force (never silently anonymous):
+//! without `chain`, the chain is every configured provider in the order
+//! [`DEFAULT_CHAIN_ORDER`] (`tls_cert` only when `[security.tls]` verifies
+//! client certificates and uses them as an identity); with `chain`, a
+//! configured provider section the chain leaves out is a start-up error.
+//!
 //! # Posture
 //! Without configuration Millet listens on loopback only and lets anonymous
 //! clients in there. A listener on any other address requires
-//! authentication unless listed in `auth.anonymous_listeners`; see
-//! [`ListenerPolicy::for_listener`] and [`posture_report`].
+//! authentication unless listed in `security.auth.anonymous_listeners`;
+//! once any provider (or SCRAM) is configured, every listener not listed
+//! there requires it. See [`ListenerPolicy::for_listener`] and
+//! [`posture_report`].
 
 pub mod acl;
 pub mod http_hook;
@@ -332,7 +340,7 @@ pub fn posture_report(
                 ),
                 ListenerPolicy::Authenticated if providers.is_empty() => (
                     true,
-                    format!("listener {addr}: authentication required but no provider is configured: every client will be refused (configure [auth] or mark the listener anonymous)"),
+                    format!("listener {addr}: authentication required but no provider is configured: every client will be refused (configure a provider under [security.auth], or list the listener in security.auth.anonymous_listeners)"),
                 ),
                 ListenerPolicy::Authenticated => (
                     false,
@@ -407,7 +415,7 @@ impl AuthChain {
                     return AuthResult::Allow { acl, valid_until };
                 }
                 Decision::Deny => {
-                    tracing::info!(client_id = %req.client_id, peer = %req.peer, provider = p.name(), "authentication refused");
+                    tracing::info!(client_id = %req.client_id, username = req.username.as_deref().unwrap_or(""), peer = %req.peer, protocol = req.protocol, provider = p.name(), "authentication refused");
                     return AuthResult::Deny;
                 }
                 Decision::Ignore => {}
@@ -419,9 +427,17 @@ impl AuthChain {
                 valid_until: None,
             },
             ListenerPolicy::Authenticated => {
-                tracing::info!(client_id = %req.client_id, peer = %req.peer, "no provider accepted the client");
+                tracing::info!(client_id = %req.client_id, username = req.username.as_deref().unwrap_or(""), peer = %req.peer, protocol = req.protocol, "authentication refused: no provider accepted the client");
                 AuthResult::Deny
             }
+        }
+    }
+
+    /// Reload the provider named `name` (absent: nothing to do).
+    pub fn reload_one(&self, name: &str) -> Result<(), String> {
+        match self.providers.iter().find(|p| p.name() == name) {
+            Some(p) => p.reload(),
+            None => Ok(()),
         }
     }
 
@@ -445,21 +461,21 @@ pub enum ProviderKind {
     TlsCert,
 }
 
-/// `[auth.password_file]`.
+/// `[security.auth.password_file]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordFileConfig {
     pub path: PathBuf,
 }
 
-/// `[auth.scram]`.
+/// `[security.auth.scram]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScramConfig {
     pub path: PathBuf,
 }
 
-/// `[auth]`.
+/// `[security.auth]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
@@ -473,7 +489,7 @@ pub struct AuthConfig {
     pub scram: Option<ScramConfig>,
 }
 
-/// `[acl]`.
+/// `[security.acl]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AclConfig {
@@ -539,13 +555,14 @@ pub struct Security {
     pub acl: Arc<Acl>,
     pub bans: Arc<BanList>,
     pub user_connections: Arc<UserConnections>,
-    /// `Some` when `[tls]` is configured.
+    /// `Some` when `[security.tls]` is configured.
     pub tls: Option<Arc<ReloadableTls>>,
-    /// `Some` when `[auth.scram]` is configured: the broker's
+    /// `Some` when `[security.auth.scram]` is configured: the broker's
     /// [`crate::auth::Authenticator`].
     pub scram: Option<Arc<ScramAuthenticator>>,
-    /// Modification stamps of [`Security::watched_files`] at the last (re)load.
-    stamps: parking_lot::Mutex<Vec<FileStamp>>,
+    /// Modification stamps of each [`reloadable_parts`] entry's files at
+    /// its last (attempted) load.
+    stamps: parking_lot::Mutex<Vec<Vec<FileStamp>>>,
     /// Bans loaded from `quota.bans_file` (lifted when the file drops them).
     file_bans: parking_lot::Mutex<Vec<BanTarget>>,
 }
@@ -578,15 +595,13 @@ impl Security {
     /// runtime only for [`ReloadableTls`]' spawn helpers (not here).
     pub fn from_config(config: SecurityConfig) -> Result<Security, SecurityError> {
         let a = &config.auth;
+        let kinds = effective_chain(&config)?;
         let mut chain = AuthChain::default();
-        for (i, kind) in a.chain.iter().enumerate() {
-            if a.chain[..i].contains(kind) {
-                return Err(SecurityError::Config(format!(
-                    "provider {kind:?} listed twice in auth.chain"
-                )));
-            }
+        for kind in &kinds {
             let missing = |s: &str| {
-                SecurityError::Config(format!("auth.chain names {s} but [auth.{s}] is missing"))
+                SecurityError::Config(format!(
+                    "security.auth.chain names \"{s}\" but [security.auth.{s}] is missing"
+                ))
             };
             let p: Arc<dyn AuthProvider> = match kind {
                 ProviderKind::PasswordFile => {
@@ -604,6 +619,14 @@ impl Security {
                 }
                 ProviderKind::Jwt => {
                     let c = a.jwt.clone().ok_or_else(|| missing("jwt"))?;
+                    if c.bind == jwt::JwtBind::None {
+                        tracing::warn!(
+                            "[security.auth.jwt] bind = \"none\": a client with any valid token \
+                             may present any username or client id and gets that name's ACL rules; \
+                             use bind = \"username\" (the default) or \"client_id\" unless every \
+                             token carries its own publish / subscribe claims"
+                        );
+                    }
                     Arc::new(JwtProvider(Arc::new(JwtAuth::new(c)?)))
                 }
                 ProviderKind::Http => {
@@ -613,13 +636,24 @@ impl Security {
                 ProviderKind::TlsCert => {
                     if config.tls.as_ref().and_then(|t| t.ca.as_ref()).is_none() {
                         return Err(SecurityError::Config(
-                            "auth.chain names tls_cert but [tls] has no ca".into(),
+                            "security.auth.chain names \"tls_cert\" but [security.tls] has no ca \
+                             (client certificates are not verified)"
+                                .into(),
                         ));
                     }
                     Arc::new(TlsCertProvider)
                 }
             };
             chain.push(p);
+        }
+        if let Some(t) = &config.tls {
+            if t.ca.is_none() && t.identity_as != IdentityAs::None {
+                return Err(SecurityError::Config(
+                    "[security.tls] identity_as needs ca: without it client certificates \
+                     are not verified"
+                        .into(),
+                ));
+            }
         }
         let acl = match &config.acl.file {
             Some(f) => Acl::from_file(f)?,
@@ -641,7 +675,12 @@ impl Security {
             )))),
             None => None,
         };
-        let stamps = parking_lot::Mutex::new(file_stamps(&watched_files(&config)));
+        let stamps = parking_lot::Mutex::new(
+            reloadable_parts(&config)
+                .iter()
+                .map(|(_, f)| file_stamps(f))
+                .collect(),
+        );
         let file_bans = match &config.quota.bans_file {
             Some(f) => {
                 let text = std::fs::read_to_string(f).map_err(|e| {
@@ -676,8 +715,24 @@ impl Security {
         ListenerPolicy::for_listener(
             addr,
             self.config.auth.anonymous_listeners.contains(&addr),
-            !self.chain.is_empty(),
+            self.authentication_configured(),
         )
+    }
+
+    /// Some way to authenticate is configured: a provider in the chain, or
+    /// SCRAM over MQTT 5 AUTH.
+    pub fn authentication_configured(&self) -> bool {
+        !self.chain.is_empty() || self.scram.is_some()
+    }
+
+    /// What authenticates clients, for the posture log: the chain's
+    /// providers, then `scram` when configured.
+    pub fn provider_names(&self) -> Vec<&'static str> {
+        let mut v = self.chain.names();
+        if self.scram.is_some() {
+            v.push("scram (MQTT 5 AUTH)");
+        }
+        v
     }
 
     /// Authenticate a CONNECT received on `listener` (applies the TLS
@@ -713,7 +768,7 @@ impl Security {
             .iter()
             .map(|a| (*a, self.config.auth.anonymous_listeners.contains(a)))
             .collect();
-        log_posture(&l, &self.chain.names());
+        log_posture(&l, &self.provider_names());
     }
 
     /// The files this configuration reads (ACL, password, SCRAM, signature
@@ -722,47 +777,94 @@ impl Security {
         watched_files(&self.config)
     }
 
-    /// Reload everything if any watched file's modification time or size
-    /// changed since the last (attempted) load. Returns the errors, or `None`
-    /// when nothing changed.
+    /// Reload the parts whose files' modification time or size changed
+    /// since the last (attempted) load, and log one line saying what was
+    /// reloaded. Returns the errors (each names its part and file), or
+    /// `None` when nothing changed.
     pub fn reload_if_changed(&self) -> Option<Vec<String>> {
-        let now = file_stamps(&self.watched_files());
-        if *self.stamps.lock() == now {
+        let parts = reloadable_parts(&self.config);
+        let now: Vec<Vec<FileStamp>> = parts.iter().map(|(_, f)| file_stamps(f)).collect();
+        let changed: Vec<&'static str> = {
+            let mut old = self.stamps.lock();
+            let changed = parts
+                .iter()
+                .zip(&now)
+                .enumerate()
+                .filter(|(i, (_, stamp))| old.get(*i) != Some(*stamp))
+                .map(|(_, ((name, _), _))| *name)
+                .collect();
+            *old = now;
+            changed
+        };
+        if changed.is_empty() {
             return None;
         }
-        tracing::info!("security files changed: reloading");
-        Some(self.reload())
+        Some(self.reload_parts(&changed, "files changed"))
     }
 
-    /// Reload every file (providers, ACL, TLS, SCRAM); old state stays on
-    /// error. Returns the errors.
+    /// Reload every file (providers, ACL, TLS, SCRAM, bans); the old state
+    /// stays for each part that fails. Logs one line; returns the errors.
     pub fn reload(&self) -> Vec<String> {
-        *self.stamps.lock() = file_stamps(&self.watched_files());
-        let mut errs = self.chain.reload();
-        if let Err(e) = self.acl.reload() {
-            errs.push(format!("acl: {e}"));
-        }
-        if let Some(t) = &self.tls {
-            if let Err(e) = t.reload() {
-                errs.push(format!("tls: {e}"));
+        let parts = reloadable_parts(&self.config);
+        *self.stamps.lock() = parts.iter().map(|(_, f)| file_stamps(f)).collect();
+        let names: Vec<&'static str> = parts.iter().map(|(n, _)| *n).collect();
+        self.reload_parts(&names, "SIGHUP")
+    }
+
+    fn reload_parts(&self, names: &[&'static str], trigger: &str) -> Vec<String> {
+        let mut done = Vec::new();
+        let mut errs = Vec::new();
+        for &name in names {
+            match self.reload_part(name) {
+                Ok(what) => done.push(what),
+                Err(e) => errs.push(format!("{name}: {e}")),
             }
         }
-        if let Some(s) = &self.scram {
-            if let Err(e) = s.store().reload() {
-                errs.push(format!("scram: {e}"));
-            }
-        }
-        if let Err(e) = self.reload_ban_file() {
-            errs.push(format!("bans_file: {e}"));
+        if !done.is_empty() {
+            tracing::info!("security reload ({trigger}): {}", done.join("; "));
         }
         errs
     }
 
+    /// Reload one part; `Ok` describes what is now in force.
+    fn reload_part(&self, name: &'static str) -> Result<String, String> {
+        let c = &self.config;
+        match name {
+            "acl" => {
+                let n = self.acl.reload().map_err(|e| e.to_string())?;
+                let path = c.acl.file.as_deref().unwrap_or(std::path::Path::new(""));
+                Ok(format!("acl {} ({n} rules)", path.display()))
+            }
+            "bans_file" => {
+                let n = self.reload_ban_file()?;
+                Ok(format!("bans_file ({n} bans)"))
+            }
+            "tls" => match &self.tls {
+                Some(t) => {
+                    t.reload().map_err(|e| e.to_string())?;
+                    Ok(format!("tls {}", t.config().cert.display()))
+                }
+                None => Ok("tls".into()),
+            },
+            "scram" => match &self.scram {
+                Some(sc) => {
+                    sc.store().reload().map_err(|e| e.to_string())?;
+                    Ok("scram".into())
+                }
+                None => Ok("scram".into()),
+            },
+            provider => {
+                self.chain.reload_one(provider)?;
+                Ok(provider.to_string())
+            }
+        }
+    }
+
     /// Re-read `quota.bans_file`: its bans replace the ones it gave before
     /// (bans from `quota.bans` stay). On error nothing changes.
-    fn reload_ban_file(&self) -> Result<(), String> {
+    fn reload_ban_file(&self) -> Result<usize, String> {
         let Some(f) = &self.config.quota.bans_file else {
-            return Ok(());
+            return Ok(0);
         };
         let text =
             std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
@@ -776,9 +878,121 @@ impl Security {
             self.bans.ban(t.clone(), d, now);
             old.push(t);
         }
-        tracing::info!(path = %f.display(), bans = old.len(), "ban file reloaded");
-        Ok(())
+        Ok(old.len())
     }
+}
+
+/// The order of the default chain (`security.auth.chain` unset): the
+/// configured providers, cheapest and most specific first. `tls_cert` joins
+/// it only when `[security.tls]` verifies client certificates (`ca`) and uses
+/// them as an identity (`identity_as` not `none`).
+pub const DEFAULT_CHAIN_ORDER: [ProviderKind; 5] = [
+    ProviderKind::TlsCert,
+    ProviderKind::PasswordFile,
+    ProviderKind::Signature,
+    ProviderKind::Jwt,
+    ProviderKind::Http,
+];
+
+impl ProviderKind {
+    /// The name used in `security.auth.chain` and `[security.auth.NAME]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::PasswordFile => "password_file",
+            ProviderKind::Signature => "signature",
+            ProviderKind::Jwt => "jwt",
+            ProviderKind::Http => "http",
+            ProviderKind::TlsCert => "tls_cert",
+        }
+    }
+
+    /// Is this provider configured (its section present; for `tls_cert`,
+    /// client certificates verified and used as an identity)?
+    fn configured_in(self, c: &SecurityConfig) -> bool {
+        let a = &c.auth;
+        match self {
+            ProviderKind::PasswordFile => a.password_file.is_some(),
+            ProviderKind::Signature => a.signature.is_some(),
+            ProviderKind::Jwt => a.jwt.is_some(),
+            ProviderKind::Http => a.http.is_some(),
+            ProviderKind::TlsCert => c
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.ca.is_some() && t.identity_as != IdentityAs::None),
+        }
+    }
+}
+
+/// The chain in force: `security.auth.chain` as written (no duplicates, and
+/// leaving out no configured provider section), or, when it is empty, every
+/// configured provider in [`DEFAULT_CHAIN_ORDER`]. Never fails open: a
+/// provider that is configured is asked.
+pub fn effective_chain(c: &SecurityConfig) -> Result<Vec<ProviderKind>, SecurityError> {
+    let chain = &c.auth.chain;
+    if chain.is_empty() {
+        return Ok(DEFAULT_CHAIN_ORDER
+            .into_iter()
+            .filter(|k| k.configured_in(c))
+            .collect());
+    }
+    for (i, kind) in chain.iter().enumerate() {
+        if chain[..i].contains(kind) {
+            return Err(SecurityError::Config(format!(
+                "provider \"{}\" is listed twice in security.auth.chain",
+                kind.name()
+            )));
+        }
+    }
+    for kind in DEFAULT_CHAIN_ORDER {
+        if kind != ProviderKind::TlsCert && kind.configured_in(c) && !chain.contains(&kind) {
+            return Err(SecurityError::Config(format!(
+                "[security.auth.{0}] is configured but security.auth.chain does not list \"{0}\": \
+                 add it to the chain, or remove the section (or remove chain to use every \
+                 configured provider)",
+                kind.name()
+            )));
+        }
+    }
+    Ok(chain.clone())
+}
+
+/// The parts that can be reloaded, each with the files it reads (the
+/// provider names are those of the chain).
+fn reloadable_parts(c: &SecurityConfig) -> Vec<(&'static str, Vec<PathBuf>)> {
+    let a = &c.auth;
+    let mut v: Vec<(&'static str, Vec<PathBuf>)> = Vec::new();
+    if let Some(f) = &c.acl.file {
+        v.push(("acl", vec![f.clone()]));
+    }
+    if let Some(f) = &c.quota.bans_file {
+        v.push(("bans_file", vec![f.clone()]));
+    }
+    if let Some(p) = &a.password_file {
+        v.push(("password_file", vec![p.path.clone()]));
+    }
+    if let Some(p) = &a.scram {
+        v.push(("scram", vec![p.path.clone()]));
+    }
+    if let Some(p) = &a.signature {
+        v.push(("signature", vec![p.secrets.clone()]));
+    }
+    if let Some(j) = &a.jwt {
+        let files: Vec<PathBuf> = [&j.secret_file, &j.public_key, &j.jwks]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        v.push(("jwt", files));
+    }
+    if a.http.is_some() {
+        v.push(("http", Vec::new())); // no file: SIGHUP clears its cache
+    }
+    if let Some(t) = &c.tls {
+        let mut files = vec![t.cert.clone(), t.key.clone()];
+        files.extend(t.ca.clone());
+        v.push(("tls", files));
+    }
+    v
 }
 
 fn watched_files(c: &SecurityConfig) -> Vec<PathBuf> {
@@ -908,6 +1122,68 @@ mod tests {
         assert_eq!(r.client_id, "dev-1");
     }
 
+    fn passwd_file() -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), "").unwrap();
+        f
+    }
+
+    #[test]
+    fn a_configured_provider_is_in_force_without_a_chain() {
+        // The fail-open case: [security.auth.password_file] and no chain.
+        let f = passwd_file();
+        let c = SecurityConfig::from_toml(&format!(
+            "[auth.password_file]\npath = {:?}\n[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"k\"",
+            f.path()
+        ))
+        .unwrap();
+        let s = Security::from_config(c).unwrap();
+        assert_eq!(s.chain.names(), vec!["password_file", "jwt"]);
+        assert!(s.authentication_configured());
+        let lo: SocketAddr = "127.0.0.1:1883".parse().unwrap();
+        assert_eq!(s.listener_policy(lo), ListenerPolicy::Authenticated);
+    }
+
+    #[test]
+    fn a_configured_provider_left_out_of_the_chain_is_an_error() {
+        let f = passwd_file();
+        let c = SecurityConfig::from_toml(&format!(
+            "[auth]\nchain = [\"jwt\"]\n[auth.password_file]\npath = {:?}\n[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"k\"",
+            f.path()
+        ))
+        .unwrap();
+        let e = Security::from_config(c).unwrap_err().to_string();
+        assert!(
+            e.contains("[security.auth.password_file] is configured but security.auth.chain does not list \"password_file\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn scram_alone_requires_authentication_on_loopback() {
+        let f = passwd_file();
+        let c = SecurityConfig::from_toml(&format!("[auth.scram]\npath = {:?}", f.path())).unwrap();
+        let s = Security::from_config(c).unwrap();
+        assert!(s.chain.is_empty() && s.authentication_configured());
+        let lo: SocketAddr = "127.0.0.1:1883".parse().unwrap();
+        assert_eq!(s.listener_policy(lo), ListenerPolicy::Authenticated);
+    }
+
+    #[test]
+    fn tls_cert_joins_the_default_chain_only_as_an_identity() {
+        let base = "[tls]\ncert = \"c\"\nkey = \"k\"\nca = \"ca\"\n";
+        let c = SecurityConfig::from_toml(base).unwrap();
+        assert_eq!(effective_chain(&c).unwrap(), vec![]);
+        let c = SecurityConfig::from_toml(&format!("{base}identity_as = \"username\"")).unwrap();
+        assert_eq!(effective_chain(&c).unwrap(), vec![ProviderKind::TlsCert]);
+        let no_ca = SecurityConfig::from_toml(
+            "[tls]\ncert = \"c\"\nkey = \"k\"\nidentity_as = \"username\"",
+        )
+        .unwrap();
+        let e = Security::from_config(no_ca).unwrap_err().to_string();
+        assert!(e.contains("identity_as needs ca"), "{e}");
+    }
+
     #[test]
     fn config_parses_and_validates() {
         let c = SecurityConfig::from_toml(
@@ -945,7 +1221,8 @@ bans = ["ip:192.0.2.0/24"]
         assert!(SecurityConfig::from_toml("[auth]\nchain=[\"nope\"]").is_err());
         assert!(SecurityConfig::from_toml("[bogus]").is_err());
         let missing = SecurityConfig::from_toml("[auth]\nchain=[\"jwt\"]").unwrap();
-        assert!(Security::from_config(missing).is_err());
+        let e = Security::from_config(missing).unwrap_err().to_string();
+        assert!(e.contains("[security.auth.jwt] is missing"), "{e}");
         let twice = SecurityConfig::from_toml(
             "[auth]\nchain=[\"jwt\",\"jwt\"]\n[auth.jwt]\nalgorithm=\"HS256\"\nsecret=\"k\"",
         )

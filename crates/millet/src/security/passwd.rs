@@ -3,10 +3,10 @@
 //! as they are when the file is rewritten). Only argon2id PHC hashes are
 //! stored, never a plain-text password.
 //!
-//! Managed with `millet passwd FILE USER [--password PW | --delete]`; without
-//! `--password` the password is the first line of standard input.
+//! Managed with `millet passwd FILE USER [--password PW | --delete]`
+//! ([`crate::tools`]): without `--password` the password is prompted for
+//! (twice, without echo) on a terminal, else read from standard input.
 
-use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -16,6 +16,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::{Algorithm, Argon2, Params, Version};
 
 use super::Decision;
+use crate::tools::{valid_username, UserFile};
 
 /// Password file errors.
 #[derive(Debug, thiserror::Error)]
@@ -33,17 +34,10 @@ pub enum PasswdError {
     Hash(String),
 }
 
-#[derive(Debug, Clone)]
-enum Line {
-    Other(String),
-    Entry { user: String, hash: String },
-}
-
 /// The parsed file, with comments and order preserved.
 #[derive(Debug, Clone, Default)]
 pub struct PasswordFile {
-    lines: Vec<Line>,
-    index: HashMap<String, usize>,
+    file: UserFile,
 }
 
 /// Hash `password` with argon2id and the default (OWASP) parameters.
@@ -82,8 +76,17 @@ fn dummy_hash() -> &'static str {
 }
 
 fn check_username(user: &str) -> Result<(), PasswdError> {
-    if user.is_empty() || user.contains([':', '\n', '\r']) || user.trim() != user {
+    if !valid_username(user) {
         return Err(PasswdError::BadUsername(user.to_string()));
+    }
+    Ok(())
+}
+
+/// Check that `hash` is an argon2id PHC string.
+pub fn check_hash(hash: &str) -> Result<(), String> {
+    let parsed = PasswordHash::new(hash).map_err(|e| format!("bad hash: {e}"))?;
+    if parsed.algorithm != Algorithm::Argon2id.ident() {
+        return Err("only $argon2id$ hashes are accepted".into());
     }
     Ok(())
 }
@@ -91,42 +94,9 @@ fn check_username(user: &str) -> Result<(), PasswdError> {
 impl PasswordFile {
     /// Parse the file's text.
     pub fn parse(text: &str) -> Result<PasswordFile, PasswdError> {
-        let mut f = PasswordFile::default();
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') {
-                f.lines.push(Line::Other(raw.to_string()));
-                continue;
-            }
-            let Some((user, hash)) = line.split_once(':') else {
-                return Err(PasswdError::Parse {
-                    line: i + 1,
-                    msg: "expected username:hash".into(),
-                });
-            };
-            let parsed = PasswordHash::new(hash).map_err(|e| PasswdError::Parse {
-                line: i + 1,
-                msg: format!("bad hash: {e}"),
-            })?;
-            if parsed.algorithm != Algorithm::Argon2id.ident() {
-                return Err(PasswdError::Parse {
-                    line: i + 1,
-                    msg: "only $argon2id$ hashes are accepted".into(),
-                });
-            }
-            if f.index.contains_key(user) {
-                return Err(PasswdError::Parse {
-                    line: i + 1,
-                    msg: format!("duplicate user {user:?}"),
-                });
-            }
-            f.index.insert(user.to_string(), f.lines.len());
-            f.lines.push(Line::Entry {
-                user: user.to_string(),
-                hash: hash.to_string(),
-            });
-        }
-        Ok(f)
+        let file = UserFile::parse(text, check_hash)
+            .map_err(|(line, msg)| PasswdError::Parse { line, msg })?;
+        Ok(PasswordFile { file })
     }
 
     /// Read and parse `path`.
@@ -140,54 +110,29 @@ impl PasswordFile {
 
     /// Write the file atomically (temporary file + rename), mode 0600 on Unix.
     pub fn save(&self, path: &Path) -> Result<(), PasswdError> {
-        let io = |source| PasswdError::Io {
+        self.file.save(path).map_err(|source| PasswdError::Io {
             path: path.to_path_buf(),
             source,
-        };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        std::fs::write(&tmp, self.render()).map_err(io)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-        }
-        std::fs::rename(&tmp, path).map_err(io)
+        })
     }
 
     /// The file's text.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        for l in &self.lines {
-            match l {
-                Line::Other(s) => out.push_str(s),
-                Line::Entry { user, hash } => {
-                    out.push_str(user);
-                    out.push(':');
-                    out.push_str(hash);
-                }
-            }
-            out.push('\n');
-        }
-        out
+        self.file.render()
     }
 
     /// Number of users.
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.file.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.file.is_empty()
     }
 
     /// The stored hash for `user`.
     pub fn hash_of(&self, user: &str) -> Option<&str> {
-        match self.lines.get(*self.index.get(user)?) {
-            Some(Line::Entry { hash, .. }) => Some(hash),
-            _ => None,
-        }
+        self.file.get(user)
     }
 
     /// Add or replace `user` with a fresh argon2id hash of `password`.
@@ -200,36 +145,14 @@ impl PasswordFile {
     /// Add or replace `user` with an existing argon2id PHC hash.
     pub fn set_hash(&mut self, user: &str, hash: String) -> Result<(), PasswdError> {
         check_username(user)?;
-        match PasswordHash::new(&hash) {
-            Ok(p) if p.algorithm == Algorithm::Argon2id.ident() => {}
-            _ => return Err(PasswdError::Hash("not an argon2id PHC string".into())),
-        }
-        let entry = Line::Entry {
-            user: user.to_string(),
-            hash,
-        };
-        match self.index.get(user) {
-            Some(&i) => self.lines[i] = entry,
-            None => {
-                self.index.insert(user.to_string(), self.lines.len());
-                self.lines.push(entry);
-            }
-        }
+        check_hash(&hash).map_err(|_| PasswdError::Hash("not an argon2id PHC string".into()))?;
+        self.file.set(user, hash);
         Ok(())
     }
 
     /// Remove `user`; `false` if absent.
     pub fn remove(&mut self, user: &str) -> bool {
-        let Some(i) = self.index.remove(user) else {
-            return false;
-        };
-        self.lines.remove(i);
-        for v in self.index.values_mut() {
-            if *v > i {
-                *v -= 1;
-            }
-        }
-        true
+        self.file.remove(user)
     }
 
     /// Verify a user's password (CPU-heavy: call from a blocking thread).
@@ -275,16 +198,9 @@ impl PasswordStore {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        match PasswordFile::load(path) {
-            Ok(f) => {
-                self.file.store(Arc::new(f));
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "password file reload failed; keeping the previous one");
-                Err(e)
-            }
-        }
+        // On error the caller logs it, once.
+        self.file.store(Arc::new(PasswordFile::load(path)?));
+        Ok(())
     }
 
     pub fn current(&self) -> Arc<PasswordFile> {
@@ -312,77 +228,16 @@ impl PasswordStore {
     }
 }
 
-const USAGE: &str = "usage: millet passwd FILE USER [--password PASSWORD | --delete]\n\
-    (without --password, the password is read from the first line of standard input)";
-
-/// `millet passwd FILE USER [--password PW | --delete]`: add, update or
-/// delete a user. `args` excludes the program and subcommand names. The
-/// password is read from standard input's first line unless `--password`.
-pub fn run_passwd_cli(args: &[String]) -> Result<(), String> {
-    let stdin = std::io::stdin();
-    let mut lock = stdin.lock();
-    run_passwd_cli_with(args, &mut lock)
-}
-
-/// [`run_passwd_cli`] reading the password from `input`.
+/// `millet passwd FILE USER [--password PW | --delete]` with `args` after
+/// the subcommand name and the password (without `--password`) read from
+/// the first line of `input`; see [`crate::tools`].
 pub fn run_passwd_cli_with(args: &[String], input: &mut dyn BufRead) -> Result<(), String> {
-    let mut positional = Vec::new();
-    let mut password: Option<String> = None;
-    let mut delete = false;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--delete" | "-D" => delete = true,
-            "--password" | "-p" => {
-                password = Some(it.next().ok_or_else(|| USAGE.to_string())?.clone());
-            }
-            "--help" | "-h" => return Err(USAGE.to_string()),
-            s if s.starts_with("--password=") => {
-                password = Some(s["--password=".len()..].to_string());
-            }
-            s if s.starts_with('-') => return Err(format!("unknown option {s}\n{USAGE}")),
-            _ => positional.push(a.clone()),
-        }
-    }
-    let [file, user] = positional.as_slice() else {
-        return Err(USAGE.to_string());
-    };
-    if delete && password.is_some() {
-        return Err(format!(
-            "--delete and --password exclude each other\n{USAGE}"
-        ));
-    }
-    let path = Path::new(file);
-    let mut pf = match PasswordFile::load(path) {
-        Ok(f) => f,
-        Err(PasswdError::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound && !delete =>
-        {
-            PasswordFile::default()
-        }
-        Err(e) => return Err(e.to_string()),
-    };
-    if delete {
-        if !pf.remove(user) {
-            return Err(format!("no user {user:?} in {file}"));
-        }
-    } else {
-        let pw = match password {
-            Some(p) => p,
-            None => {
-                let mut line = String::new();
-                input
-                    .read_line(&mut line)
-                    .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
-                line.trim_end_matches(['\r', '\n']).to_string()
-            }
-        };
-        if pw.is_empty() {
-            return Err("empty password".into());
-        }
-        pf.set_password(user, &pw).map_err(|e| e.to_string())?;
-    }
-    pf.save(path).map_err(|e| e.to_string())
+    crate::tools::run(
+        &crate::tools::PASSWD,
+        args,
+        crate::tools::PasswordInput::Lines(input),
+    )
+    .map(drop)
 }
 
 #[cfg(test)]
@@ -462,28 +317,5 @@ mod tests {
             store.check(Some("bob"), Some(b"pw2")),
             Decision::Allow { .. }
         ));
-    }
-
-    #[test]
-    fn cli_add_update_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("passwd");
-        let file = path.to_string_lossy().to_string();
-        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let mut stdin: &[u8] = b"s3cret\nignored\n";
-        run_passwd_cli_with(&args(&[&file, "alice"]), &mut stdin).unwrap();
-        run_passwd_cli_with(&args(&[&file, "bob", "--password", "pw"]), &mut &b""[..]).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(!text.contains("s3cret"));
-        let f = PasswordFile::load(&path).unwrap();
-        assert!(f.verify("alice", b"s3cret"));
-        assert!(f.verify("bob", b"pw"));
-        run_passwd_cli_with(&args(&[&file, "alice", "--delete"]), &mut &b""[..]).unwrap();
-        let f = PasswordFile::load(&path).unwrap();
-        assert!(f.hash_of("alice").is_none());
-        assert!(f.hash_of("bob").is_some());
-        assert!(run_passwd_cli_with(&args(&[&file, "alice", "--delete"]), &mut &b""[..]).is_err());
-        assert!(run_passwd_cli_with(&args(&[&file]), &mut &b""[..]).is_err());
-        assert!(run_passwd_cli_with(&args(&[&file, "carol"]), &mut &b"\n"[..]).is_err());
     }
 }

@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-/// `[quota]` section. Zero means "no limit" everywhere.
+/// `[security.quota]` section. Zero means "no limit" everywhere.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QuotaConfig {
@@ -374,6 +374,9 @@ pub struct Ban {
 #[derive(Debug, Default)]
 pub struct BanList {
     inner: RwLock<Bans>,
+    /// Counts bans added: connection tasks watch it and check themselves
+    /// against the list, so a new ban disconnects matching live clients.
+    added: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -395,8 +398,10 @@ impl BanList {
     /// Ban `target` for `duration` from `now` (`None`: permanently).
     /// Replaces an existing ban of the same target.
     pub fn ban(&self, target: BanTarget, duration: Option<Duration>, now: Instant) {
-        let until = duration.map(|d| now + d);
+        // A duration too large for the clock is a permanent ban.
+        let until = duration.and_then(|d| now.checked_add(d));
         let mut b = self.inner.write();
+        self.added.send_modify(|n| *n += 1);
         match target {
             BanTarget::ClientId(c) => {
                 b.clients.insert(c, until);
@@ -409,6 +414,11 @@ impl BanList {
                 b.nets.push((n, until));
             }
         }
+    }
+
+    /// Changes each time a ban is added: a connection re-checks itself.
+    pub fn watch_added(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.added.subscribe()
     }
 
     /// Lift a ban; `false` if there was none.

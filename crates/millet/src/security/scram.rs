@@ -16,8 +16,9 @@
 //! # Credentials file
 //! One line per user (`#` comments), the PostgreSQL-like format
 //! `username:SCRAM-SHA-256$<iterations>:<salt b64>$<StoredKey b64>:<ServerKey b64>`,
-//! written by [`ScramCredential::generate`] / [`ScramStore::set_password`]
-//! (no plain-text passwords).
+//! written by `millet scram FILE USER` ([`crate::tools`]), or
+//! [`ScramCredential::generate`] / [`ScramStore::set_password`] (no
+//! plain-text passwords).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::auth::{AuthExchange, AuthStep, Authenticator};
+use crate::tools::{valid_username, UserFile};
 
 /// The authentication method name.
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
@@ -149,25 +151,13 @@ pub struct ScramStore {
 
 /// Parse a credentials file's text.
 pub fn parse_credentials(text: &str) -> Result<HashMap<String, ScramCredential>, ScramError> {
-    let mut out = HashMap::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let err = |msg: &str| ScramError::Parse {
-            line: i + 1,
-            msg: msg.to_string(),
-        };
-        let (user, cred) = line
-            .split_once(':')
-            .ok_or_else(|| err("expected username:SCRAM-SHA-256$..."))?;
-        let cred = ScramCredential::decode(cred).ok_or_else(|| err("bad SCRAM credential"))?;
-        if out.insert(user.to_string(), cred).is_some() {
-            return Err(err("duplicate user"));
-        }
-    }
-    Ok(out)
+    let decode = |v: &str| ScramCredential::decode(v).ok_or("bad SCRAM credential");
+    let file = UserFile::parse(text, |v| decode(v).map(drop).map_err(String::from))
+        .map_err(|(line, msg)| ScramError::Parse { line, msg })?;
+    Ok(file
+        .entries()
+        .filter_map(|(user, v)| Some((user.to_string(), decode(v).ok()?)))
+        .collect())
 }
 
 impl ScramStore {
@@ -200,16 +190,9 @@ impl ScramStore {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        match Self::read(path) {
-            Ok(c) => {
-                self.creds.store(Arc::new(c));
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "SCRAM credentials reload failed; keeping the previous ones");
-                Err(e)
-            }
-        }
+        // On error the caller logs it, once.
+        self.creds.store(Arc::new(Self::read(path)?));
+        Ok(())
     }
 
     pub fn get(&self, user: &str) -> Option<ScramCredential> {
@@ -223,7 +206,7 @@ impl ScramStore {
         password: &[u8],
         iterations: u32,
     ) -> Result<(), ScramError> {
-        if user.is_empty() || user.contains([':', '\n', '\r']) || user.starts_with('#') {
+        if !valid_username(user) {
             return Err(ScramError::BadUsername(user.to_string()));
         }
         let cred = ScramCredential::generate(password, iterations);

@@ -52,7 +52,7 @@ pub enum SignatureEncoding {
     Base64,
 }
 
-/// `[auth.signature]` section.
+/// `[security.auth.signature]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignatureConfig {
@@ -220,16 +220,10 @@ impl SignatureAuth {
 
     /// Re-read the secrets; on error the old ones stay in force.
     pub fn reload(&self) -> Result<(), SignatureError> {
-        match Secrets::load(&self.cfg.secrets) {
-            Ok(s) => {
-                self.secrets.store(Arc::new(s));
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "signature secrets reload failed; keeping the previous ones");
-                Err(e)
-            }
-        }
+        // On error the caller logs it, once.
+        self.secrets
+            .store(Arc::new(Secrets::load(&self.cfg.secrets)?));
+        Ok(())
     }
 
     /// Check a CONNECT. `now_ms`: the current Unix time in milliseconds.

@@ -35,7 +35,7 @@ pub enum IdentityAs {
     ClientId,
 }
 
-/// `[tls]` section.
+/// `[security.tls]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -141,9 +141,13 @@ pub fn build_server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsErro
         None if cfg.require_client_cert => return Err(TlsError::NoCa),
         None => builder.with_no_client_auth(),
     };
-    let config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let config = builder.with_single_cert(certs, key).map_err(|e| {
+        TlsError::Rustls(format!(
+            "certificate {} and key {}: {e}",
+            cfg.cert.display(),
+            cfg.key.display()
+        ))
+    })?;
     Ok(Arc::new(config))
 }
 
@@ -185,17 +189,10 @@ impl ReloadableTls {
     /// config stays in force and the error is logged (and returned).
     pub fn reload(&self) -> Result<(), TlsError> {
         *self.stamp.lock() = file_stamps(&self.cfg);
-        match build_server_config(&self.cfg) {
-            Ok(c) => {
-                self.current.store(c);
-                tracing::info!(cert = %self.cfg.cert.display(), "TLS certificate reloaded");
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate");
-                Err(e)
-            }
-        }
+        // On error the caller logs it, once.
+        self.current.store(build_server_config(&self.cfg)?);
+        tracing::debug!(cert = %self.cfg.cert.display(), "TLS certificate reloaded");
+        Ok(())
     }
 
     /// Reload if any of the files' modification time or size changed since
@@ -205,7 +202,9 @@ impl ReloadableTls {
         if *self.stamp.lock() == now {
             return false;
         }
-        let _ = self.reload();
+        if let Err(e) = self.reload() {
+            tracing::error!(error = %e, "TLS reload failed; previous certificate kept");
+        }
         true
     }
 
@@ -217,7 +216,9 @@ impl ReloadableTls {
         Ok(tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading TLS certificate");
-                let _ = self.reload();
+                if let Err(e) = self.reload() {
+                    tracing::error!(error = %e, "TLS reload failed; previous certificate kept");
+                }
             }
         }))
     }
