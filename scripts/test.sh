@@ -49,7 +49,7 @@ log "unit and integration tests"
 cargo nextest run --workspace --no-fail-fast
 
 log "conformance suite (paho-mqtt against target/release/millet)"
-MILLET_BIN="$PWD/target/release/millet" scripts/test-conformance.sh
+MILLET_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/millet" scripts/test-conformance.sh
 
 if [[ -z "${SKIP_FUZZ:-}" && -x scripts/fuzz.sh ]]; then
   log "fuzz the decoder and the protocol state machine briefly"
