@@ -106,9 +106,13 @@ def test_an_invalid_log_filter_is_an_error(tmp_path):
 
 
 def test_http_hook_failures_say_why(millet_config):
-    dead = free_port()  # nothing listens there
-    b = millet_config(f'[security.auth.http]\nurl = "http://{HOST}:{dead}/auth"\ntimeout_ms = 1000\n')
-    assert raw_connack(b, V5, username="u", password=b"p") == 0x86
+    # a port that is bound but not listening: connections to it are refused, and nobody
+    # else can take it while the test runs
+    with socket.socket() as held:
+        held.bind((HOST, 0))
+        dead = held.getsockname()[1]
+        b = millet_config(f'[security.auth.http]\nurl = "http://{HOST}:{dead}/auth"\ntimeout_ms = 1000\n')
+        assert raw_connack(b, V5, username="u", password=b"p") == 0x86
     wait_until(lambda: "HTTP auth hook failed" in b.log_text(), what="hook failure logged")
     line = next(l for l in b.log_text().splitlines() if "HTTP auth hook failed" in l)
     assert "cannot connect" in line and "Connection refused" in line, line

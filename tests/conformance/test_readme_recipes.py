@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, STARTUP_TIMEOUT, _find_millet, free_port
+from conftest import REPO, STARTUP_TIMEOUT, _find_millet, free_port, terminate
 from helpers import wait_until
 from test_security import RC_NOT_AUTHORIZED, scram_connect
 
@@ -178,13 +178,8 @@ class RecipeRun:
         return False
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        if self.proc is not None:
+            terminate(self.proc)
         self.proc = None
 
     def log(self) -> str:

@@ -481,6 +481,24 @@ def test_jwt_allow_expired_and_claims(millet_config, closing):
     assert raw_connack(b, V5, username="device", password=forged.encode()) == RC_BAD_CREDENTIALS
 
 
+@pytest.mark.parametrize("exp", [2**53, 2**63 - 1, 18446744073709551615])
+def test_jwt_with_a_huge_exp_does_not_crash_the_connection(millet_config, closing, exp):
+    """A validly signed token with an `exp` centuries ahead (up to u64::MAX) is accepted and the
+    connection works: its deadline is computed with checked arithmetic and capped (it used to
+    overflow `Instant + Duration` and panic the connection task before the CONNACK went out)."""
+    b = millet_config('[security.auth]\nchain = ["jwt"]\n[security.auth.jwt]\n'
+                      'algorithm = "HS256"\nsecret = "jwt-secret"\n')
+    token = jwt_hs256("jwt-secret", {"exp": exp, "sub": "device"})  # sub: valid under any bind
+    for version in (V311, V5):
+        c = closing(Client(b, version))
+        c.c.username_pw_set("device", token)
+        c.connect()
+        c.subscribe("huge/exp", 1)
+        c.publish("huge/exp", b"ok", qos=1)
+        assert c.messages.wait_topic("huge/exp")[0].payload == b"ok"
+        c.disconnect()
+
+
 def test_jwt_token_cannot_borrow_another_usernames_acl(millet_config, tmp_path, closing):
     """Issue 9, defect 2: the identity a token proves is the identity the ACL sees. A valid
     token for sensor-1 presented with username `ops` is refused (0x86 / 3.x: 4) instead of
@@ -995,7 +1013,9 @@ def test_subscribe_flood_is_bounded_by_max_subscriptions(millet_config, version)
 
 
 def test_deep_and_long_topics_are_refused(millet_config):
-    b = millet_config("")
+    """The topic limits stay configurable ([limits] max_topic_length / max_topic_levels; the
+    defaults, 65,535 bytes and 128 levels, are in test_compat.py)."""
+    b = millet_config("[limits]\nmax_topic_length = 1024\nmax_topic_levels = 32\n")
     r = raw(b, V5)
     try:
         r.connect()

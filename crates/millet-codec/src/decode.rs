@@ -293,6 +293,13 @@ fn check_fixed_header(ptype: u8, flags: u8, protocol: Option<Protocol>) -> Resul
             }
             return Ok(());
         }
+        // MQTT 3.1 sends these with QoS 1 and lets a resend set DUP (3.1
+        // section 3.6 / 3.8 / 3.10); 3.1.1 and 5 fix the flags at 0b0010.
+        ptype::PUBREL | ptype::SUBSCRIBE | ptype::UNSUBSCRIBE
+            if protocol == Some(Protocol::V3_1) && flags == 0b1010 =>
+        {
+            return Ok(());
+        }
         ptype::PUBREL | ptype::SUBSCRIBE | ptype::UNSUBSCRIBE => 0b0010,
         ptype::AUTH => match protocol {
             Some(Protocol::V5) => 0,
@@ -566,6 +573,10 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
     let name_len = r.u16("protocol name")?;
     let name = r.take(usize::from(name_len), "protocol name")?;
     let level = r.u8("protocol level")?;
+    // Bit 7 of the level marks a bridge (Mosquitto's `try_private`, also
+    // understood by EMQX), only on the 3.x levels.
+    let bridge = matches!(level, 0x83 | 0x84);
+    let level = if bridge { level & 0x7F } else { level };
     let protocol = match (name, level) {
         (b"MQTT", 4) => Protocol::V3_1_1,
         (b"MQTT", 5) => Protocol::V5,
@@ -668,6 +679,7 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
         will,
         username,
         password,
+        bridge,
     })
 }
 
@@ -1493,6 +1505,56 @@ mod tests {
             panic!()
         };
         assert!(!a.session_present);
+    }
+
+    /// A Mosquitto bridge (`try_private true`) sets bit 7 of the protocol
+    /// level: 0x83 (3.1) and 0x84 (3.1.1) are bridges; 0x85 is not a level.
+    #[test]
+    fn bridge_bit_on_the_3x_levels() {
+        for (name, level, proto) in [
+            (&b"MQIsdp"[..], 0x83u8, Protocol::V3_1),
+            (&b"MQTT"[..], 0x84, Protocol::V3_1_1),
+        ] {
+            let bytes = pkt(0x10, &cat(&[&f(name), &[level, 2, 0, 60], &f(b"c")]));
+            let Packet::Connect(c) = dec_ok(&bytes, NONE) else {
+                panic!()
+            };
+            assert_eq!((c.protocol, c.bridge), (proto, true));
+            // Round trip: the encoder sets the bit again.
+            let mut buf = BytesMut::new();
+            crate::encode(&Packet::Connect(c), proto, &mut buf).unwrap();
+            assert_eq!(&buf[..], &bytes[..]);
+        }
+        let Packet::Connect(c) = dec_ok(&connect(4, 0x02, &f(b"c")), NONE) else {
+            panic!()
+        };
+        assert!(!c.bridge);
+        let v5_bridge = pkt(0x10, &cat(&[&f(b"MQTT"), &[0x85, 2, 0, 60, 0], &f(b"c")]));
+        assert_eq!(dec(&v5_bridge, NONE), Err(E::UnsupportedProtocol));
+    }
+
+    /// MQTT 3.1 clients may set DUP on a resent PUBREL, SUBSCRIBE or
+    /// UNSUBSCRIBE (3.1 sections 3.6, 3.8, 3.10); 3.1.1 and 5 forbid it
+    /// [MQTT-3.6.1-1], [MQTT-3.8.1-1], [MQTT-3.10.1-1].
+    #[test]
+    fn v31_allows_dup_on_pubrel_subscribe_unsubscribe() {
+        let pubrel = pkt(0x6A, &[0, 7]);
+        let subscribe = pkt(0x8A, &cat(&[&[0, 1], &f(b"a"), &[1]]));
+        let unsubscribe = pkt(0xAA, &cat(&[&[0, 1], &f(b"a")]));
+        assert!(matches!(dec_ok(&pubrel, V31), Packet::PubRel(r) if r.packet_id == 7));
+        assert!(matches!(dec_ok(&subscribe, V31), Packet::Subscribe(_)));
+        assert!(matches!(dec_ok(&unsubscribe, V31), Packet::Unsubscribe(_)));
+        for proto in [V3, V5] {
+            for bytes in [&pubrel, &subscribe, &unsubscribe] {
+                assert!(
+                    matches!(dec(bytes, proto), Err(E::InvalidFlags { .. })),
+                    "{proto:?} {bytes:02x?}"
+                );
+            }
+        }
+        // Only DUP: other flag bits stay malformed in 3.1 too.
+        assert!(dec(&pkt(0x6B, &[0, 7]), V31).is_err());
+        assert!(dec(&pkt(0x60, &[0, 7]), V31).is_err());
     }
 
     #[test]

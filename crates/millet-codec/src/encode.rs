@@ -517,7 +517,7 @@ fn body<S: Sink>(packet: &Packet, protocol: Protocol, s: &mut S) {
                 b"MQTT"
             };
             s.field(name, "protocol name");
-            s.u8(protocol.level());
+            s.u8(protocol.level() | if c.bridge { 0x80 } else { 0 });
             let mut flags = u8::from(c.clean_start) << 1;
             if let Some(w) = &c.will {
                 flags |= 0x04 | ((w.qos as u8) << 3) | (u8::from(w.retain) << 5);
@@ -707,6 +707,7 @@ pub(crate) mod tests {
             }),
             username: Some(s("user")),
             password: Some(b(b"p\x00ss")),
+            bridge: false,
         };
         let connack = ConnAck {
             session_present: true,
@@ -949,6 +950,7 @@ pub(crate) mod tests {
                 will: None,
                 username: None,
                 password: None,
+                bridge: false,
             }));
             let mut buf = enc(&p, proto);
             assert_eq!(dec(&mut buf, proto), p);
@@ -970,6 +972,7 @@ pub(crate) mod tests {
             will: None,
             username: None,
             password: Some(b(b"secret")),
+            bridge: false,
         }));
         let mut buf = enc(&p, Protocol::V5);
         assert_eq!(decode(&mut buf, None, usize::MAX).unwrap().unwrap(), p);
@@ -986,6 +989,7 @@ pub(crate) mod tests {
             will: None,
             username: Some(s("u")),
             password: Some(b(b"p")),
+            bridge: false,
         }));
         let buf = enc(&p, Protocol::V3_1_1);
         assert_eq!(
@@ -1235,7 +1239,7 @@ pub(crate) mod tests {
     /// Writes every sample, in every version, as fuzz seeds:
     /// `MILLET_FUZZ_SEEDS=fuzz/corpus/decode cargo test -p millet-codec -- --ignored`.
     #[test]
-    #[ignore]
+    #[ignore = "writes fuzz seeds: run with MILLET_FUZZ_SEEDS=dir and --ignored"]
     fn write_fuzz_seeds() {
         let Some(dir) = std::env::var_os("MILLET_FUZZ_SEEDS") else {
             return;

@@ -166,6 +166,10 @@ pub struct Connect {
     pub will: Option<LastWill>,
     pub username: Option<ByteString>,
     pub password: Option<Bytes>,
+    /// The protocol level had the bridge bit (0x80) set: a Mosquitto-style
+    /// bridge (`try_private true`, levels 0x83 / 0x84), which expects its own
+    /// messages not to come back to it and retain flags kept as published.
+    pub bridge: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -138,7 +138,14 @@ struct Active {
     limiter: Option<ClientLimiter>,
     /// When the credentials expire (a JWT's `exp`): closed then.
     auth_deadline: Option<Instant>,
+    /// A bridge (protocol level 0x83 / 0x84): its subscriptions get No Local
+    /// and Retain As Published.
+    bridge: bool,
 }
+
+/// Credentials valid longer than this (a JWT `exp` far in the future) are
+/// treated as valid this long: the deadline stays representable.
+const MAX_CREDENTIAL_VALIDITY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Longest a publisher is held back by a congested session before it is
 /// read again (breaks cycles of connections that hold each other back).
@@ -174,6 +181,11 @@ pub struct Connection {
     peer_max_packet: usize,
     /// A packet too big for the client has been discarded and logged.
     warned_oversize: bool,
+    /// The session this connection is attached to, and its epoch: kept apart
+    /// from `state` (which is moved out while a packet is handled) so that
+    /// [`Connection::handle_closed`] detaches the session even when handling
+    /// a packet panicked.
+    attached: Option<(Arc<SessionCell>, u64)>,
 }
 
 impl Connection {
@@ -196,6 +208,7 @@ impl Connection {
             throttle_until: None,
             peer_max_packet: usize::MAX,
             warned_oversize: false,
+            attached: None,
         }
     }
 
@@ -353,6 +366,7 @@ impl Connection {
                 reason_code,
                 properties: DisconnectProperties {
                     server_reference,
+                    reason_string: Some("server shutting down".into()),
                     ..Default::default()
                 },
             }));
@@ -371,18 +385,15 @@ impl Connection {
         self.close_with(reason, why);
     }
 
-    /// Why the connection is closing, once it is (for the driver's log).
-    pub fn close_reason(&self) -> Option<&str> {
-        self.close.as_ref().map(|c| c.why.as_str())
-    }
-
     /// The network connection is gone (or was closed by us). Tells the broker,
     /// which publishes the will if due and starts the session expiry.
+    /// Idempotent, and safe after a panic in another `handle_*` call.
     pub fn handle_closed(&mut self, now: Instant) {
         let publish_will = self.close.as_ref().is_none_or(|c| c.publish_will);
-        if let State::Connected(a) = std::mem::replace(&mut self.state, State::Closed) {
+        self.state = State::Closed;
+        if let Some((cell, epoch)) = self.attached.take() {
             self.broker
-                .disconnect(&a.cell, a.epoch, publish_will, self.disconnect_expiry, now);
+                .disconnect(&cell, epoch, publish_will, self.disconnect_expiry, now);
         }
     }
 
@@ -623,10 +634,7 @@ impl Connection {
             return;
         }
         if self.protocol == Some(Protocol::V5) && self.accepted {
-            self.out.push_back(Packet::Disconnect(Disconnect {
-                reason_code: reason,
-                properties: DisconnectProperties::default(),
-            }));
+            self.out.push_back(server_disconnect(reason, &why));
         }
         self.set_close(reason, true, why);
     }
@@ -652,17 +660,50 @@ impl Connection {
             }
         };
         if let Some(reason) = kick {
-            // The broker already detached us and dealt with the will. Already
-            // closing (e.g. a malformed packet in the same wake-up): its own
-            // DISCONNECT, if any, is the last packet [MQTT-3.14.4-1].
+            // Already closing (e.g. a malformed packet in the same wake-up):
+            // its own DISCONNECT, if any, is the last packet [MQTT-3.14.4-1].
             if self.protocol == Some(Protocol::V5) && self.close.is_none() {
-                self.out.push_back(Packet::Disconnect(Disconnect {
-                    reason_code: reason,
-                    properties: DisconnectProperties::default(),
-                }));
+                let why = if reason == ReasonCode::SESSION_TAKEN_OVER {
+                    "session taken over"
+                } else {
+                    "closed by the server"
+                };
+                self.out.push_back(server_disconnect(reason, why));
             }
-            self.set_close(reason, false, format!("closed by the server ({reason})"));
-            self.state = State::Closed;
+            // Taken over: the broker detached us. If the session ended, it
+            // left our will for `handle_closed` to publish, unless the
+            // client's own normal DISCONNECT, possibly still unread, turns
+            // up first (see `handle_packet_while_closing`).
+            let publish_will = reason == ReasonCode::SESSION_TAKEN_OVER;
+            self.set_close(
+                reason,
+                publish_will,
+                format!("closed by the server ({reason})"),
+            );
+        }
+    }
+
+    /// Whether the driver should decode what the client still sends after
+    /// the close was decided and hand it to
+    /// [`Connection::handle_packet_while_closing`] before
+    /// [`Connection::handle_closed`]: after a takeover, the old client's
+    /// normal DISCONNECT may still be in flight, and it decides on the will.
+    pub fn wants_packets_while_closing(&self) -> bool {
+        self.attached.is_some()
+            && self
+                .close
+                .as_ref()
+                .is_some_and(|c| c.reason == ReasonCode::SESSION_TAKEN_OVER && c.publish_will)
+    }
+
+    /// A packet read after the close was decided (see
+    /// [`Connection::wants_packets_while_closing`]): only a DISCONNECT counts;
+    /// reason 0x00 deletes the will [MQTT-3.1.2-10], [MQTT-3.14.4-3].
+    pub fn handle_packet_while_closing(&mut self, packet: &Packet) {
+        if let (Packet::Disconnect(d), Some(c)) = (packet, self.close.as_mut()) {
+            if c.reason == ReasonCode::SESSION_TAKEN_OVER {
+                c.publish_will = d.reason_code != ReasonCode::NORMAL_DISCONNECTION;
+            }
         }
     }
 
@@ -774,9 +815,17 @@ impl Connection {
             );
         }
         if let Some(w) = &c.will {
-            if !topic::valid_topic_name(&w.topic) || w.topic.len() > limits.max_topic_length {
+            if !topic::valid_topic_name(&w.topic)
+                || w.topic.len() > limits.max_topic_length
+                || w.topic.split('/').count() > limits.max_topic_levels
+            {
                 return self
                     .connack_error(ReasonCode::TOPIC_NAME_INVALID, "invalid will topic".into());
+            }
+            if let Some(rc) = reserved_topic(&w.topic) {
+                // The will would be a publish to $SYS or $share/: refused
+                // like that publish (0x87 / 0x90; 3.x: 5).
+                return self.connack_error(rc, format!("will topic {} is reserved", w.topic));
             }
         }
         if verdict.reason != ReasonCode::SUCCESS {
@@ -931,6 +980,7 @@ impl Connection {
             }
         }
         self.accepted = true;
+        self.attached = Some((attached.cell.clone(), attached.epoch));
         self.out.push_back(Packet::ConnAck(ConnAck {
             session_present: attached.session_present,
             reason_code: ReasonCode::SUCCESS,
@@ -956,12 +1006,16 @@ impl Connection {
             reauth: None,
             username: grant.username.map(ByteString::from),
             acl: grant.acl,
-            auth_deadline: grant.valid_for.map(|d| now + d),
+            // Checked: a validly signed token may carry any `exp`.
+            auth_deadline: grant
+                .valid_for
+                .and_then(|d| now.checked_add(d.min(MAX_CREDENTIAL_VALIDITY))),
             limiter: self
                 .broker
                 .security()
                 .map(|s| ClientLimiter::new(&s.config.quota, now))
                 .filter(ClientLimiter::is_limited),
+            bridge: c.bridge,
         };
         tracing::debug!(client_id = %active.client_id, protocol = ?c.protocol, session_present = attached.session_present, "client connected");
         self.state = State::Connected(Box::new(active));
@@ -1105,6 +1159,14 @@ impl Connection {
                 ReasonCode::TOPIC_NAME_INVALID,
                 "topic exceeds the configured limits".into(),
             );
+        }
+        if let Some(rc) = reserved_topic(&p.topic) {
+            return self.publish_refused(a, &p, rc);
+        }
+        if self.broker.injected_panic(&p.topic) {
+            // Test hook (never set outside tests): a connection task that
+            // panics must still detach its session.
+            panic!("injected panic on PUBLISH to {}", p.topic);
         }
         if let Some(limiter) = a.limiter.as_mut() {
             let size = p.payload.len() + p.topic.len();
@@ -1286,6 +1348,28 @@ impl Connection {
         }
     }
 
+    /// A PUBLISH to a reserved topic (see [`reserved_topic`]): not routed.
+    /// v5: PUBACK / PUBREC with `rc` (QoS 0: dropped); 3.x: dropped but
+    /// acknowledged, like the ACL's default `v3_deny_action = "drop"`.
+    fn publish_refused(&mut self, a: &Active, p: &Publish, rc: ReasonCode) {
+        tracing::debug!(client_id = %a.client_id, topic = %p.topic, reason = %rc, "PUBLISH to a reserved topic refused");
+        let rc = if self.protocol == Some(Protocol::V5) {
+            rc
+        } else {
+            ReasonCode::SUCCESS
+        };
+        let pid = p.packet_id.unwrap_or(0);
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self
+                .out
+                .push_back(Packet::PubAck(PubResp::with_reason(pid, rc))),
+            QoS::ExactlyOnce => self
+                .out
+                .push_back(Packet::PubRec(PubResp::with_reason(pid, rc))),
+        }
+    }
+
     /// A PUBLISH the ACL refuses: not routed. v5: PUBACK / PUBREC 0x87 (QoS
     /// 0: dropped). 3.x: per `acl.v3_deny_action`, dropped but still
     /// acknowledged (so the client does not resend it forever), or closed.
@@ -1326,6 +1410,7 @@ impl Connection {
         let v5 = self.protocol == Some(Protocol::V5);
         let mut codes = Vec::with_capacity(s.filters.len());
         for (filter, options) in &s.filters {
+            let mut options = *options;
             if !self.acl_allows(
                 &a.client_id,
                 a.username.as_deref(),
@@ -1342,8 +1427,16 @@ impl Connection {
                 Ok(Some(sf)) => Some(ByteString::from(sf.group)),
                 _ => None,
             };
+            if a.bridge && share_group.is_none() {
+                // Bridge semantics (as Mosquitto and EMQX give a 0x83 / 0x84
+                // client): what the bridge publishes is not sent back to it,
+                // and retained messages keep their retain flag, so the other
+                // broker can store them too.
+                options.no_local = true;
+                options.retain_as_published = true;
+            }
             let sub = Subscription {
-                options: *options,
+                options,
                 identifier: s.subscription_identifier,
                 share_group: share_group.clone(),
             };
@@ -1524,6 +1617,43 @@ impl Active {
             payload: m.payload.clone(),
         }
     }
+}
+
+/// A DISCONNECT from the server, with a Reason String: besides helping
+/// whoever reads it, the property makes the reason code readable to clients
+/// that only parse it when properties follow (paho-mqtt 2.1 reads the reason
+/// code of a DISCONNECT only when its remaining length is over 2; rumqttc
+/// cannot decode the short form either). It is left out when the client's
+/// Maximum Packet Size is too small (see `fit_control_packet`).
+fn server_disconnect(reason: ReasonCode, why: &str) -> Packet {
+    Packet::Disconnect(Disconnect {
+        reason_code: reason,
+        properties: DisconnectProperties {
+            reason_string: Some(ByteString::from(why)),
+            ..Default::default()
+        },
+    })
+}
+
+/// Topics no client may publish to, with the v5 reason code of the refusal:
+/// `$SYS/...` belongs to the broker (0x87 not authorized, as Mosquitto does;
+/// except `$SYS/broker/connection/{name}/state`, where a Mosquitto bridge
+/// publishes its own status, which Mosquitto allows too), and `$share/...` is
+/// a subscription syntax, not a topic name (0x90 topic name invalid).
+pub fn reserved_topic(topic: &str) -> Option<ReasonCode> {
+    if topic.starts_with("$share/") {
+        return Some(ReasonCode::TOPIC_NAME_INVALID);
+    }
+    if topic == "$SYS" || topic.starts_with("$SYS/") {
+        let bridge_state = topic
+            .strip_prefix("$SYS/broker/connection/")
+            .and_then(|rest| rest.strip_suffix("/state"))
+            .is_some_and(|name| !name.is_empty() && !name.contains('/'));
+        if !bridge_state {
+            return Some(ReasonCode::NOT_AUTHORIZED);
+        }
+    }
+    None
 }
 
 /// Packets encoded by one [`Connection::poll_transmit`], added to the

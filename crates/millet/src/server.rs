@@ -37,6 +37,10 @@ const READ_MIN: usize = 512;
 const READ_MAX: usize = 64 * 1024;
 /// Write buffers above this capacity are released after each flush.
 const KEEP_WRITE_CAPACITY: usize = 8 * 1024;
+/// Lingering close: after a server-initiated close the client gets this long
+/// and this many bytes to stop sending before the socket is closed.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
 
 /// A running server: its bound addresses, and a handle to stop it.
 pub struct Server {
@@ -534,6 +538,31 @@ async fn connect_verdict(
     (v, permit)
 }
 
+/// A connection's state machine that detaches its session however the task
+/// ends: when the task returns early, panics or is dropped,
+/// [`Connection::handle_closed`] still runs (once), so the session goes
+/// offline, its expiry starts and its will is published.
+struct Detach(Connection);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        self.0.handle_closed(Instant::now());
+    }
+}
+
+impl std::ops::Deref for Detach {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Detach {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.0
+    }
+}
+
 /// What a CONNECT said, for the "New client connected" log line.
 struct Hello {
     level: u8,
@@ -607,7 +636,8 @@ async fn serve<S: Transport>(
 ) {
     let peer = info.addr;
     let mut _permit: Option<ConnectionPermit> = None;
-    let mut conn = Connection::new(broker.clone(), Instant::now());
+    let mut conn = Detach(Connection::new(broker.clone(), Instant::now()));
+    let mut write_failed = false;
     let mut rbuf = BytesMut::new();
     let mut wbuf = BytesMut::new();
     let mut eof = false;
@@ -670,6 +700,7 @@ async fn serve<S: Transport>(
         conn.poll_transmit(Instant::now(), &mut wbuf);
         if !wbuf.is_empty() {
             if stream.write_all(&wbuf).await.is_err() || stream.flush().await.is_err() {
+                write_failed = true;
                 break;
             }
             broker.stats.count_bytes_sent(wbuf.len());
@@ -729,6 +760,73 @@ async fn serve<S: Transport>(
             }
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    if eof || write_failed {
+        conn.handle_closed(Instant::now());
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+        return;
+    }
+    // We decided to close (DISCONNECT sent, CONNACK refused, takeover,
+    // shutdown...): linger so that the client can read why. After a takeover
+    // the client's own DISCONNECT may still be unread and decides on the will;
+    // otherwise the session is detached before lingering.
+    if conn.wants_packets_while_closing() {
+        lingering_close(&mut stream, &mut rbuf, Some(&mut conn)).await;
+    } else {
+        conn.handle_closed(Instant::now());
+        lingering_close(&mut stream, &mut rbuf, None).await;
+    }
     conn.handle_closed(Instant::now());
+}
+
+/// Close without making the kernel reset the connection (which it does when
+/// a socket is closed with unread bytes, and which makes the client's next
+/// write fail before it read our last DISCONNECT or CONNACK): the write half
+/// is shut down (everything written is flushed, then FIN; TLS: close_notify),
+/// then what the client still sends is read and discarded until it closes,
+/// for at most [`LINGER_TIME`] and [`LINGER_BYTES`]. With `conn`, complete
+/// packets are decoded and handed to
+/// [`Connection::handle_packet_while_closing`] instead of discarded.
+async fn lingering_close<S: Transport>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    mut conn: Option<&mut Detach>,
+) {
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    if !matches!(
+        tokio::time::timeout_at(deadline, stream.shutdown()).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    let mut read = 0usize;
+    let mut read_size = READ_MIN;
+    loop {
+        if let Some(c) = conn.as_deref_mut() {
+            loop {
+                match decode(rbuf, c.protocol(), c.max_packet_size()) {
+                    Ok(Some(p)) => c.handle_packet_while_closing(&p),
+                    Ok(None) => break,
+                    Err(_) => {
+                        conn = None;
+                        break;
+                    }
+                }
+            }
+        }
+        if conn.is_none() {
+            rbuf.clear();
+        }
+        if read >= LINGER_BYTES {
+            return;
+        }
+        let r = tokio::time::timeout_at(
+            deadline,
+            std::future::poll_fn(|cx| poll_read_some(stream, cx, rbuf, &mut read_size)),
+        )
+        .await;
+        match r {
+            Ok(Ok(n)) if n > 0 => read += n,
+            _ => return, // end of stream, error, or time is up
+        }
+    }
 }

@@ -555,6 +555,12 @@ pub struct SessionStateGuarded {
     /// Set when the attached connection must close (admin kick, shutdown),
     /// with the v5 reason code to send.
     pub kick: Option<millet_codec::ReasonCode>,
+    /// The will of a connection that was taken over while its session ended
+    /// (it had expiry 0, or the new connection started clean), with that
+    /// connection's epoch. That connection decides when it closes: published
+    /// unless the last thing it read was a normal DISCONNECT, which may still
+    /// have been on its way when the new CONNECT arrived [MQTT-3.1.2-10].
+    pub takeover_will: Option<(u64, Will)>,
     /// Publishers paused because this session's queue is over the
     /// back-pressure threshold; woken when it drains or goes offline.
     pub blocked: Vec<Arc<ConnWaker>>,
@@ -591,6 +597,7 @@ impl SessionCell {
                 conn_epoch: 0,
                 waker: None,
                 kick: None,
+                takeover_will: None,
                 blocked: Vec::new(),
             }),
         })

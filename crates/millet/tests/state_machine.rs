@@ -42,6 +42,7 @@ fn connect_packet(proto: Protocol, id: &str, clean: bool) -> Connect {
         will: None,
         username: None,
         password: None,
+        bridge: false,
     }
 }
 

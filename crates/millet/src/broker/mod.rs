@@ -132,6 +132,8 @@ pub struct Broker {
     /// The embedded store; `None` runs in memory only.
     persist: Option<persist::Persistence>,
     last_sweep: Mutex<Option<Instant>>,
+    /// Test hook, see [`Broker::panic_on_publish_to`].
+    panic_topic: std::sync::OnceLock<Box<str>>,
     /// Broker-wide cap on the per-session "queue full" lines.
     drop_lines: Mutex<DropLines>,
 }
@@ -176,6 +178,7 @@ impl Broker {
             security: None,
             persist: None,
             last_sweep: Mutex::new(None),
+            panic_topic: std::sync::OnceLock::new(),
             drop_lines: Mutex::default(),
         }
     }
@@ -347,6 +350,19 @@ impl Broker {
         );
     }
 
+    /// Test hook: the connection task that handles a PUBLISH to `topic`
+    /// panics (to test that a panicking connection task still detaches its
+    /// session). Only tests call it; peers and configuration cannot set it.
+    #[doc(hidden)]
+    pub fn panic_on_publish_to(&self, topic: &str) {
+        let _ = self.panic_topic.set(topic.into());
+    }
+
+    /// Whether a PUBLISH to `topic` must panic (see [`Broker::panic_on_publish_to`]).
+    pub(crate) fn injected_panic(&self, topic: &str) -> bool {
+        self.panic_topic.get().is_some_and(|t| **t == *topic)
+    }
+
     /// Install the security layer (ACL, quotas, bans) consulted by connections.
     pub fn with_security(mut self, s: Arc<crate::security::Security>) -> Broker {
         self.security = Some(s);
@@ -396,22 +412,32 @@ impl Broker {
                 // and a takeover closes it: nothing to resume.
                 let clean_start =
                     clean_start || (st.conn_epoch != 0 && st.session.expiry_interval == 0);
+                // The will of the previous connection: it goes out only if the
+                // session ends here; a resumed session cancels it, like a
+                // reconnection within the will delay [MQTT-3.1.2-8],
+                // [MQTT-3.1.3-9] (Mosquitto behaves the same since its issue
+                // 1273). A live old connection gets it back to decide on when
+                // it closes (see `SessionStateGuarded::takeover_will`).
+                let old_will = st.session.will.take();
                 if st.conn_epoch != 0 {
                     // Takeover: the old connection sees its epoch replaced and
-                    // closes with 0x8E; its will (if any) is published now
-                    // unless the session resumes with a will delay.
+                    // closes with 0x8E.
+                    if let (true, Some(w)) = (clean_start, old_will) {
+                        st.takeover_will = Some((st.conn_epoch, w));
+                    }
                     st.conn_epoch = 0;
                     st.wake();
                     st.waker = None;
                     self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
+                } else if let (true, Some(w)) = (clean_start, old_will) {
+                    wills_now.push(w);
                 }
-                if let Some(w) = st.session.will.take() {
-                    let delay = w.will.properties.will_delay_interval.unwrap_or(0);
-                    if clean_start || delay == 0 {
-                        wills_now.push(w);
-                    }
+                // A will waiting for its delay: the session ends before the
+                // delay passes (published now), or the reconnection cancels it.
+                let delayed = self.take_delayed_will(cell.id);
+                if clean_start {
+                    wills_now.extend(delayed);
                 }
-                self.cancel_delayed_will(cell.id);
                 if clean_start {
                     drop(st);
                     reg.remove(client_id);
@@ -496,7 +522,21 @@ impl Broker {
             let reg = self.registry.lock();
             let mut st = cell.state.lock();
             if st.conn_epoch != epoch {
-                return; // taken over: the new connection dealt with the will
+                // Taken over. If the session ended with the takeover, our will
+                // was left for us to decide on [MQTT-3.1.2-10].
+                let will = match st.takeover_will.take() {
+                    Some((e, w)) if e == epoch => Some(w),
+                    other => {
+                        st.takeover_will = other;
+                        None
+                    }
+                };
+                drop(st);
+                drop(reg);
+                if let (true, Some(w)) = (publish_will, will) {
+                    self.publish_will(w, now);
+                }
+                return;
             }
             st.conn_epoch = 0;
             st.kick = None;
@@ -599,10 +639,11 @@ impl Broker {
         }
     }
 
-    fn cancel_delayed_will(&self, session: SessionId) {
-        self.delayed_wills
-            .lock()
-            .retain(|d| d.will.session != session);
+    /// Remove the delayed will of `session`, if any.
+    fn take_delayed_will(&self, session: SessionId) -> Option<Will> {
+        let mut dw = self.delayed_wills.lock();
+        let i = dw.iter().position(|d| d.will.session == session)?;
+        Some(dw.swap_remove(i).will)
     }
 
     fn publish_will(&self, w: Will, now: Instant) {

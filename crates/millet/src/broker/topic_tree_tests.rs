@@ -470,6 +470,58 @@ fn very_deep_filters_do_not_overflow_the_stack() {
     drop(store);
 }
 
+/// The default limits (65,535-byte topics and filters, 128 levels) keep
+/// matching bounded: each trie node is visited at most once per topic, so a
+/// maximal topic against the worst index one client can build (1,024
+/// subscriptions, the `max_subscriptions` default, of 128 levels that are
+/// each `+` or the topic's level) visits at most 1,024 x 128 nodes.
+#[test]
+fn maximal_topics_and_filters_match_in_bounded_time() {
+    let level = "x".repeat(510);
+    let levels: Vec<&str> = vec![level.as_str(); 128];
+    let topic = levels.join("/");
+    assert!(topic.len() <= 65_535 && topic.split('/').count() == 128);
+    let mut idx = SubscriptionIndex::new(ShareStrategy::RoundRobin);
+    let mut rng = Rng(0x0DDB_A11C_0FFE_E000);
+    let mut expected = 0;
+    for k in 0..1024u64 {
+        let mut f: Vec<&str> = (0..128)
+            .map(|_| {
+                if rng.below(2) == 0 {
+                    "+"
+                } else {
+                    level.as_str()
+                }
+            })
+            .collect();
+        if k % 2 == 0 {
+            f[127] = "#";
+        }
+        let filter = f.join("/");
+        if idx.insert(&filter, k, ()).is_none() {
+            expected += 1;
+        }
+    }
+    idx.insert(&topic, 5000, ());
+    idx.insert(&(vec!["+"; 127].join("/") + "/#"), 5001, ());
+    let nodes = idx.node_count();
+    assert!(nodes <= 1026 * 128, "{nodes} nodes");
+    let mut out = Vec::new();
+    let start = std::time::Instant::now();
+    for _ in 0..10 {
+        out.clear();
+        idx.matches(&topic, "p", &mut out);
+    }
+    assert_eq!(out.len(), expected + 2);
+    // Generous bound (debug build, shared CI machine): linear work, not an
+    // exponential walk, which would not finish at all at 128 levels.
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
 const LEVELS: &[&str] = &["a", "b", "", "c", "$x"];
 
 fn random_topic(rng: &mut Rng) -> String {

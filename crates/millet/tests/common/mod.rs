@@ -41,74 +41,100 @@ impl Broker {
     }
 
     /// Starts millet with extra flags, e.g. `&["--sys-interval", "1"]`.
+    ///
+    /// Millet binds port 0 itself and the harness reads the bound port from
+    /// its log, so no port is probed and reused. Mosquitto needs a port in
+    /// its configuration: a probed one, retried if it was taken meanwhile.
     pub fn start_with(args: &[&str]) -> Broker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let log = dir.path().join("broker.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
         let mosquitto = std::env::var_os("MILLET_TEST_MOSQUITTO").is_some();
-        let mut cmd = if mosquitto {
-            let conf = dir.path().join("mosquitto.conf");
-            let sys = args
-                .windows(2)
-                .find(|w| w[0] == "--sys-interval")
-                .map_or("0", |w| w[1]);
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\nsys_interval {sys}\n\
-                     persistence false\nmax_queued_messages 10000\n"
-                ),
-            )
-            .expect("mosquitto.conf");
-            let mut c = Command::new("mosquitto");
-            c.arg("-c").arg(&conf);
-            c
-        } else {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_millet"));
-            c.arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--data-dir")
-                .arg(dir.path().join("data"));
-            if !args.contains(&"--sys-interval") {
-                c.args(["--sys-interval", "0"]);
+        let mut last = String::new();
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let log = dir.path().join("broker.log");
+            let log_file = std::fs::File::create(&log).expect("log file");
+            let (mut cmd, port) = if mosquitto {
+                let port = probe_port();
+                let conf = dir.path().join("mosquitto.conf");
+                let sys = args
+                    .windows(2)
+                    .find(|w| w[0] == "--sys-interval")
+                    .map_or("0", |w| w[1]);
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "listener {port} 127.0.0.1\nallow_anonymous true\nsys_interval {sys}\n\
+                         persistence false\nmax_queued_messages 10000\n"
+                    ),
+                )
+                .expect("mosquitto.conf");
+                let mut c = Command::new("mosquitto");
+                c.arg("-c").arg(&conf);
+                (c, port)
+            } else {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_millet"));
+                c.arg("--listen")
+                    .arg("127.0.0.1:0")
+                    .arg("--data-dir")
+                    .arg(dir.path().join("data"));
+                if !args.contains(&"--sys-interval") {
+                    c.args(["--sys-interval", "0"]);
+                }
+                c.args(args);
+                (c, 0)
+            };
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().expect("log file"))
+                .stderr(log_file)
+                .spawn()
+                .expect("spawn broker");
+            let mut broker = Broker {
+                child,
+                port,
+                dir,
+                log,
+                mosquitto,
+            };
+            match broker.wait_ready() {
+                Ok(()) => return broker,
+                Err(e) => last = e,
             }
-            c.args(args);
-            c
-        };
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log file"))
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn broker");
-        let mut broker = Broker {
-            child,
-            port,
-            dir,
-            log,
-            mosquitto,
-        };
-        broker.wait_ready();
-        broker
+            if !last.contains("in use") {
+                break;
+            }
+        }
+        panic!("{last}");
     }
 
-    /// Polls until the port accepts TCP connections (bounded by a deadline).
-    fn wait_ready(&mut self) {
+    /// Waits (bounded by a deadline) until the broker listens: for Millet,
+    /// until its log names the port it bound; then until the port accepts
+    /// TCP connections. `Err` with the log if the broker exited or the
+    /// deadline passed.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + WAIT;
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("broker exited early ({status}):\n{}", self.log_text());
+                return Err(format!(
+                    "broker exited early ({status}):\n{}",
+                    self.log_text()
+                ));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return;
+            if self.port == 0 {
+                self.port = bound_port(&self.log_text()).unwrap_or(0);
             }
-            assert!(
-                Instant::now() < deadline,
-                "broker did not listen on {addr} within {WAIT:?}:\n{}",
-                self.log_text()
-            );
+            let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+            if self.port != 0
+                && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                return Err(format!(
+                    "broker did not listen within {WAIT:?}:\n{}",
+                    self.log_text()
+                ));
+            }
             // Poll interval while waiting for the listener, not a correctness sleep.
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -144,9 +170,21 @@ impl Drop for Broker {
     }
 }
 
-fn free_port() -> u16 {
+/// A port free right now (for Mosquitto's configuration only; see
+/// [`Broker::start_with`] for the retry when it is taken before use).
+fn probe_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()
+}
+
+/// The port in Millet's "listening for MQTT over TCP" log line.
+fn bound_port(log: &str) -> Option<u16> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("listening for MQTT over TCP"))?;
+    let rest = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// Client options common to both protocol versions.
@@ -512,6 +550,7 @@ impl MqttClient for V4 {
 
 // ---------------------------------------------------------------- v5
 
+#[allow(unused_imports)] // each test crate uses a different part
 pub mod v5 {
     pub use rumqttc::v5::mqttbytes::v5::{
         DisconnectReasonCode, Filter, LastWill, Packet, Publish, PublishProperties,
