@@ -54,12 +54,12 @@ def one_at_a_time_rate(r: RawClient, topic: str, n: int) -> float:
 
 @pytest.mark.timeout(300)
 def test_full_offline_queues_do_not_slow_the_publisher(broker_factory):
-    """Issue 11 item 2: 250 offline persistent sessions on one topic, each with a full queue of
+    """Issue 11 item 2: 300 offline persistent sessions on one topic, each with a full queue of
     2,000 QoS 1 messages. Every further publish must cost O(1) per session: the publisher keeps
     at least 30% of its rate to a topic nobody subscribes to (before: a scan of each queue for a
-    QoS 0 message to displace, some 500,000 entries per publish, well under 10%). The queue
+    QoS 0 message to displace, some 600,000 entries per publish, well under 10%). The queue
     length has to be large for the old cost to show: it was sessions x queue length."""
-    sessions, max_queued = 250, 2000
+    sessions, max_queued = 300, 2000
     b = broker_factory(max_queued=max_queued, durability="none")
     topic = "ovl/" + unique("t")
     ids = [unique("off") for _ in range(sessions)]
@@ -85,7 +85,7 @@ def test_full_offline_queues_do_not_slow_the_publisher(broker_factory):
         f"{loaded:.0f} acked msg/s into {sessions} full offline queues vs {base:.0f} msg/s baseline")
     if not b.is_mosquitto:
         # Throttled: at most one line a minute per session, at most 10 such lines a minute
-        # broker-wide (before: one line per session, 250 here).
+        # broker-wide (before: one line per session, 300 here).
         with open(b.log_path, errors="replace") as f:
             lines = [ln for ln in f if "session queue full" in ln]
         assert 1 <= len(lines) <= 10, f"{len(lines)} queue-full lines"
