@@ -132,6 +132,13 @@ pub struct Limits {
     pub max_session_expiry: u32,
     /// Seconds a new connection has to send CONNECT.
     pub connect_timeout: u64,
+    /// Largest packet accepted before the CONNECT is accepted (CONNECT and
+    /// AUTH), bytes: an unauthenticated client cannot make us buffer more.
+    pub max_connect_packet_size: u32,
+    /// Bytes of read buffers all connections that have not completed
+    /// CONNECT may hold together; a connection that would exceed it is
+    /// closed (counted, logged at a throttled rate).
+    pub preauth_memory: usize,
 }
 
 impl Default for Config {
@@ -168,6 +175,8 @@ impl Default for Limits {
             topic_alias_max: 64,
             max_session_expiry: u32::MAX,
             connect_timeout: 10,
+            max_connect_packet_size: 64 * 1024,
+            preauth_memory: 64 * 1024 * 1024,
         }
     }
 }

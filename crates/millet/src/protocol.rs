@@ -219,9 +219,16 @@ impl Connection {
         self.protocol
     }
 
-    /// Largest packet accepted from the client, for the decoder.
+    /// Largest packet accepted from the client, for the decoder: until the
+    /// CONNECT is accepted, at most `limits.max_connect_packet_size`, so an
+    /// unauthenticated client cannot make us buffer a large packet.
     pub fn max_packet_size(&self) -> usize {
-        self.broker.config.limits.max_packet_size as usize
+        let l = &self.broker.config.limits;
+        if self.accepted {
+            l.max_packet_size as usize
+        } else {
+            l.max_packet_size.min(l.max_connect_packet_size) as usize
+        }
     }
 
     /// True while the driver must not read from the client (back-pressure).

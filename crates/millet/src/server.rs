@@ -72,6 +72,7 @@ impl Server {
         if !broker.config.tls_listen.is_empty() && tls.is_none() {
             anyhow::bail!("tls_listen needs [security.tls]");
         }
+        let preauth = PreAuthBudget::new(broker.config.limits.preauth_memory);
         let plain = broker.config.listen.iter().map(|a| (*a, None));
         let secure = broker.config.tls_listen.iter().map(|a| (*a, tls.clone()));
         for (addr, tls) in plain.chain(secure) {
@@ -93,6 +94,7 @@ impl Server {
                 tls,
                 rate,
                 tls_log: PerAddressThrottle::default(),
+                preauth: preauth.clone(),
             });
             tasks.push(tokio::spawn(accept_loop(
                 listener,
@@ -196,6 +198,7 @@ struct ListenerCtx {
     rate: ConnectionRateLimiter,
     /// Throttles the info line for certificate failures.
     tls_log: PerAddressThrottle,
+    preauth: Arc<PreAuthBudget>,
 }
 
 /// Lets one event per address and kind through per
@@ -268,6 +271,82 @@ struct PeerInfo {
     listener: SocketAddr,
     /// Identity (CN / SAN) of a verified client certificate.
     tls_identity: Option<String>,
+    /// The memory budget of connections that have not completed CONNECT.
+    preauth: Arc<PreAuthBudget>,
+}
+
+/// Read-buffer bytes held by connections that have not completed CONNECT,
+/// against `limits.preauth_memory` (shared by all listeners).
+struct PreAuthBudget {
+    held: std::sync::atomic::AtomicUsize,
+    limit: usize,
+    /// Connections closed for the budget since the last log line.
+    refused: std::sync::atomic::AtomicU64,
+    last_log: parking_lot::Mutex<Option<Instant>>,
+}
+
+impl PreAuthBudget {
+    fn new(limit: usize) -> Arc<PreAuthBudget> {
+        Arc::new(PreAuthBudget {
+            held: Default::default(),
+            limit,
+            refused: Default::default(),
+            last_log: parking_lot::Mutex::new(None),
+        })
+    }
+
+    /// Count a refusal; log at most once every 10 s with the count.
+    fn refuse(&self, peer: SocketAddr, now: Instant) {
+        use std::sync::atomic::Ordering;
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let mut last = self.last_log.lock();
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
+            *last = Some(now);
+            let n = self.refused.swap(0, Ordering::Relaxed);
+            tracing::warn!(%peer, closed = n, limit = self.limit,
+                "connections that have not completed CONNECT hold limits.preauth_memory bytes: closing new ones (count since the last line)");
+        }
+    }
+}
+
+/// Read-buffer bytes a connection may hold before CONNECT without drawing on
+/// the [`PreAuthBudget`]: an ordinary CONNECT never touches the budget, so
+/// connections hogging it cannot lock out well-behaved clients.
+const PREAUTH_FREE: usize = 4096;
+
+/// One connection's share of the [`PreAuthBudget`]; released on drop.
+struct PreAuthCharge {
+    budget: Arc<PreAuthBudget>,
+    charged: usize,
+}
+
+impl PreAuthCharge {
+    /// Hold `bytes` now instead of what was charged before; false (and
+    /// nothing charged) if that would exceed the budget.
+    fn set(&mut self, bytes: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        if bytes <= self.charged {
+            self.budget
+                .held
+                .fetch_sub(self.charged - bytes, Ordering::Relaxed);
+            self.charged = bytes;
+            return true;
+        }
+        let more = bytes - self.charged;
+        let before = self.budget.held.fetch_add(more, Ordering::Relaxed);
+        if before + more > self.budget.limit {
+            self.budget.held.fetch_sub(more, Ordering::Relaxed);
+            return false;
+        }
+        self.charged = bytes;
+        true
+    }
+}
+
+impl Drop for PreAuthCharge {
+    fn drop(&mut self) {
+        self.set(0);
+    }
 }
 
 /// Listen with a deep backlog (capped by the kernel's somaxconn): fleets
@@ -312,7 +391,7 @@ async fn accept_loop(
                     let broker = broker.clone();
                     let shutdown = shutdown.clone();
                     let done = done.clone();
-                    let mut info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None };
+                    let mut info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone() };
                     let Some(tls) = &ctx.tls else {
                         let fut = async move {
                             serve(stream, info, broker, shutdown).await;
@@ -646,6 +725,11 @@ async fn serve<S: Transport>(
     // What the CONNECT said, for the connection log line; `None` once logged.
     let mut hello: Option<Hello> = None;
     let mut connected = false;
+    let mut preauth = PreAuthCharge {
+        budget: info.preauth.clone(),
+        charged: 0,
+    };
+    let mut over_budget = false;
     // Bans added while connected close the connection (0x8A).
     let mut bans = broker.security().map(|s| s.bans.watch_added());
     loop {
@@ -678,6 +762,7 @@ async fn serve<S: Transport>(
                     if !connected {
                         if let (Some(id), Some(h)) = (conn.client_id(), &hello) {
                             connected = true;
+                            preauth.set(0);
                             tracing::info!(
                                 "New client connected from {peer} as {id} ({})",
                                 h.summary()
@@ -759,8 +844,13 @@ async fn serve<S: Transport>(
                 }
             }
         }
+        if !connected && !preauth.set(rbuf.capacity().saturating_sub(PREAUTH_FREE)) {
+            info.preauth.refuse(peer, Instant::now());
+            over_budget = true;
+            break;
+        }
     }
-    if eof || write_failed {
+    if eof || write_failed || over_budget {
         conn.handle_closed(Instant::now());
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
         return;
