@@ -132,6 +132,10 @@ pub struct Limits {
     pub max_session_expiry: u32,
     /// Seconds a new connection has to send CONNECT.
     pub connect_timeout: u64,
+    /// Longest a write to a client may make no progress, seconds (less for
+    /// a client whose 1.5 × keep alive is shorter): then the client is taken
+    /// for gone and disconnected.
+    pub write_timeout: u64,
     /// Largest packet accepted before the CONNECT is accepted (CONNECT and
     /// AUTH), bytes: an unauthenticated client cannot make us buffer more.
     pub max_connect_packet_size: u32,
@@ -175,6 +179,7 @@ impl Default for Limits {
             topic_alias_max: 64,
             max_session_expiry: u32::MAX,
             connect_timeout: 10,
+            write_timeout: 60,
             max_connect_packet_size: 64 * 1024,
             preauth_memory: 64 * 1024 * 1024,
         }

@@ -248,6 +248,14 @@ impl Connection {
         self.verdict = Some(v);
     }
 
+    /// The keep alive in force (None before CONNECT or when 0).
+    pub fn keep_alive(&self) -> Option<Duration> {
+        match &self.state {
+            State::Connected(a) => a.keep_alive,
+            _ => None,
+        }
+    }
+
     /// What the driver waits on for deliveries and kicks.
     pub fn waker(&self) -> &Arc<ConnWaker> {
         &self.waker

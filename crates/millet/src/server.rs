@@ -642,6 +642,67 @@ impl std::ops::DerefMut for Detach {
     }
 }
 
+/// How long a write may make no progress before the client is taken for
+/// gone: 1.5 × its keep alive (the silence the spec tolerates from a client,
+/// [MQTT-3.1.2-22]), at most `limits.write_timeout`; the latter alone for a
+/// client without keep alive. A blocked write would otherwise hold the
+/// connection, its session and its publishers' back-pressure forever.
+fn write_stall_limit(keep_alive: Option<Duration>, write_timeout: u64) -> Duration {
+    let cap = Duration::from_secs(write_timeout.max(1));
+    keep_alive.map_or(cap, |k| (k + k / 2).min(cap))
+}
+
+enum WriteFailure {
+    Io,
+    Stalled,
+}
+
+/// Write all of `wbuf` (consuming it) and flush, failing when no byte goes
+/// out for `stall`. `write` is cancel-safe, so a timed-out attempt wrote
+/// nothing and the stream stays consistent.
+async fn write_out<S: Transport>(
+    stream: &mut S,
+    wbuf: &mut BytesMut,
+    stall: Duration,
+) -> Result<(), WriteFailure> {
+    use bytes::Buf;
+    while !wbuf.is_empty() {
+        // Without a timer first: the common case is a socket with room, and
+        // arming a timer per write would cost every busy connection.
+        let r = match poll_once(stream.write(wbuf)).await {
+            Some(r) => r,
+            None => match tokio::time::timeout(stall, stream.write(wbuf)).await {
+                Ok(r) => r,
+                Err(_) => return Err(WriteFailure::Stalled),
+            },
+        };
+        match r {
+            Ok(0) | Err(_) => return Err(WriteFailure::Io),
+            Ok(n) => wbuf.advance(n),
+        }
+    }
+    let r = match poll_once(stream.flush()).await {
+        Some(r) => r,
+        None => match tokio::time::timeout(stall, stream.flush()).await {
+            Ok(r) => r,
+            Err(_) => return Err(WriteFailure::Stalled),
+        },
+    };
+    r.map_err(|_| WriteFailure::Io)
+}
+
+/// Poll `f` once: `Some(output)` if it is ready now, `None` if it would
+/// wait. Dropping a pending `write` / `flush` is fine: both are
+/// cancel-safe.
+async fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| match f.as_mut().poll(cx) {
+        Poll::Ready(v) => Poll::Ready(Some(v)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
 /// What a CONNECT said, for the "New client connected" log line.
 struct Hello {
     level: u8,
@@ -784,11 +845,22 @@ async fn serve<S: Transport>(
         // 2. Write what the state machine produced.
         conn.poll_transmit(Instant::now(), &mut wbuf);
         if !wbuf.is_empty() {
-            if stream.write_all(&wbuf).await.is_err() || stream.flush().await.is_err() {
-                write_failed = true;
-                break;
+            let stall = write_stall_limit(conn.keep_alive(), broker.config.limits.write_timeout);
+            let len = wbuf.len();
+            match write_out(&mut stream, &mut wbuf, stall).await {
+                Ok(()) => {}
+                Err(WriteFailure::Stalled) => {
+                    tracing::info!(%peer, "Client {} disconnected: stopped reading (no write progress for {:?})",
+                        conn.client_id().unwrap_or(""), stall);
+                    write_failed = true;
+                    break;
+                }
+                Err(WriteFailure::Io) => {
+                    write_failed = true;
+                    break;
+                }
             }
-            broker.stats.count_bytes_sent(wbuf.len());
+            broker.stats.count_bytes_sent(len);
             if wbuf.capacity() > KEEP_WRITE_CAPACITY {
                 wbuf = BytesMut::new();
             } else {

@@ -1,0 +1,68 @@
+"""Issue 11, item 1 (part): a subscriber that stops reading is disconnected after a bounded
+time, even though the broker's write to it is blocked. Before, the connection task blocked in
+`write_all` with no deadline and the dead client stayed attached (with its queue and its
+publishers held back) indefinitely."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from helpers import (PINGREQ_PACKET, PINGRESP, V311, RawClient, connect_packet, publish_packet,
+                     subscribe_packet, unique, wait_until)
+from test_security import Target
+
+pytestmark = pytest.mark.millet_only("Millet's write deadline")
+
+
+def test_a_subscriber_that_never_reads_is_disconnected_after_1_5_keep_alive(millet_config):
+    b = millet_config("")
+    topic = unique("stall/")
+    cid = unique("stalled")
+    # The stalled subscriber: a small receive buffer, keep alive 2 s, and it never reads again.
+    dead = socket.socket()
+    dead.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    dead.connect((b.host, b.port))
+    dead.sendall(connect_packet(V311, cid, keepalive=2) + subscribe_packet(1, [(topic + "/#", 0)]))
+    wait_until(lambda: f"as {cid} " in b.log_text(), what="stalled subscriber connected")
+    flood = socket.create_connection((b.host, b.port))
+    flood.sendall(connect_packet(V311, unique("flooder")))
+    burst = b"".join(publish_packet(f"{topic}/{i}", b"x" * 1024) for i in range(64))
+    stop = threading.Event()
+
+    def run_flood():
+        flood.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                flood.sendall(burst)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    t = threading.Thread(target=run_flood, daemon=True)
+    started = time.monotonic()
+    t.start()
+    try:
+        # keep alive 2 s → no write progress for 3 s ends it (plus time to fill the buffers)
+        wait_until(lambda: f"Client {cid} disconnected: stopped reading" in b.log_text(), timeout=20.0,
+                   what="stalled subscriber disconnected")
+        elapsed = time.monotonic() - started
+        assert elapsed < 15.0, elapsed
+        # the others are served: a probe's PINGREQ is answered at once
+        probe = RawClient(Target(b.host, b.port), V311)
+        probe.connect(unique("probe"))
+        t0 = time.monotonic()
+        probe.send(PINGREQ_PACKET)
+        probe.expect(PINGRESP, timeout=5.0)
+        assert time.monotonic() - t0 < 1.0
+        probe.close()
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        flood.close()
+        dead.close()
+    assert b.alive()
