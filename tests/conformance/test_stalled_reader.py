@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import (PINGREQ_PACKET, PINGRESP, V311, RawClient, connect_packet, publish_packet,
+from helpers import (PINGREQ_PACKET, PINGRESP, PUBACK, V311, RawClient, connect_packet, publish_packet,
                      subscribe_packet, unique, wait_until)
 from test_security import Target
 
@@ -66,3 +66,52 @@ def test_a_subscriber_that_never_reads_is_disconnected_after_1_5_keep_alive(mill
         flood.close()
         dead.close()
     assert b.alive()
+
+
+def _device_rate(target, topic: str, seconds: float, devices: int = 5) -> float:
+    """Total acked msg/s of `devices` QoS 1 publishers, each with one message in flight."""
+    counts = [0] * devices
+    stop = time.monotonic() + seconds
+
+    def run(i):
+        c = RawClient(target, V311)
+        c.connect(unique(f"dev{i}"))
+        pid = 0
+        try:
+            while time.monotonic() < stop:
+                pid = pid % 65535 + 1
+                c.send(publish_packet(f"{topic}/d{i}", b"reading", qos=1, pid=pid))
+                c.expect(PUBACK, timeout=10.0)
+                counts[i] += 1
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(devices)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / seconds
+
+
+def test_a_subscriber_that_stopped_reading_does_not_hold_publishers_back(millet_config):
+    """[issue 11, item 1] Back-pressure holds publishers only for a reader that is draining: one
+    whose writes find no room is not waited for (its queue fills and drops by policy until the
+    write deadline ends it). Before, five QoS 1 devices fell to ~1 msg/s each."""
+    b = millet_config("")
+    target = Target(b.host, b.port)
+    topic = unique("fleet/")
+    baseline = _device_rate(target, topic, 2.0)
+    dead = socket.socket()
+    dead.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    dead.connect((b.host, b.port))
+    cid = unique("dead-sub")
+    # keep alive 60 s: the write deadline (60 s) does not end it during the test
+    dead.sendall(connect_packet(V311, cid, keepalive=60) + subscribe_packet(1, [("#", 1)]))
+    wait_until(lambda: f"as {cid} " in b.log_text(), what="stalled subscriber connected")
+    try:
+        _device_rate(target, topic, 2.0)  # fills its socket buffers and queue
+        with_dead = _device_rate(target, topic, 3.0)
+    finally:
+        dead.close()
+    assert with_dead >= 0.5 * baseline, f"{with_dead:.0f} msg/s with a dead subscriber vs {baseline:.0f} baseline"

@@ -657,8 +657,8 @@ enum WriteFailure {
     Stalled,
 }
 
-/// Write all of `wbuf` (consuming it) and flush, failing when no byte goes
-/// out for `stall`. `write` is cancel-safe, so a timed-out attempt wrote
+/// Write all of `wbuf` (consuming what went out) and flush, failing when
+/// no byte goes out for `stall` (what is left stays in `wbuf`). `write` is cancel-safe, so a timed-out attempt wrote
 /// nothing and the stream stays consistent.
 async fn write_out<S: Transport>(
     stream: &mut S,

@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -274,6 +274,10 @@ pub struct Session {
     pub drop_log: DropLog,
     /// The client id as the store's ops carry it (shared, not copied per op).
     pub store_key: Arc<str>,
+    /// When a queued message last left the queue for the wire, and the
+    /// time before that (restored by [`Session::unpop`]).
+    last_drain: Option<Instant>,
+    prev_drain: Option<Instant>,
 }
 
 impl Session {
@@ -295,7 +299,19 @@ impl Session {
             next_seq: 1,
             store_key: Arc::from(&*client_id),
             client_id,
+            last_drain: None,
+            prev_drain: None,
         }
+    }
+
+    /// Is the attached reader draining this queue: did a message leave it
+    /// within `grace` (or has none been queued for it yet)? Back-pressure
+    /// holds publishers only for a draining reader; one that stopped
+    /// reading or acknowledging is not waited for: its queue fills and drops
+    /// by policy until its keep alive or write deadline ends it.
+    pub fn is_draining(&self, now: Instant, grace: Duration) -> bool {
+        self.last_drain
+            .is_none_or(|t| now.saturating_duration_since(t) < grace)
     }
 
     /// Whether a message of `qos` offered now would be kept (queued, possibly
@@ -345,14 +361,18 @@ impl Session {
     pub fn pop_queued(&mut self, now: Instant) -> Option<Delivery> {
         while let Some(d) = self.queue.pop_front() {
             if !d.msg.is_expired(now) {
+                self.prev_drain = self.last_drain;
+                self.last_drain = Some(now);
                 return Some(d);
             }
         }
         None
     }
 
-    /// Put a delivery back at the head of the queue (it could not be sent yet).
+    /// Put a delivery back at the head of the queue (it could not be sent
+    /// yet: that was no progress).
     pub fn unpop(&mut self, d: Delivery) {
+        self.last_drain = self.prev_drain;
         self.queue.push_front(d);
     }
 

@@ -37,6 +37,11 @@ use index::{ShareStrategy, SubscriptionIndex};
 use retained::RetainedStore;
 
 /// The value stored for each subscription in the index.
+/// Back-pressure waits only for a reader that took a message off its
+/// queue within this long ([`crate::session::Session::is_draining`]): one
+/// that stopped reading or acknowledging does not hold publishers back.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 #[derive(Debug, Clone)]
 pub struct IndexEntry {
     pub cell: Arc<SessionCell>,
@@ -877,6 +882,7 @@ impl Broker {
                 Some(w)
                     if st.conn_epoch != 0
                         && st.session.queue_len() >= threshold
+                        && st.session.is_draining(Instant::now(), DRAIN_GRACE)
                         && !st.waker.as_ref().is_some_and(|own| Arc::ptr_eq(own, w)) =>
                 {
                     if !st.blocked.iter().any(|b| Arc::ptr_eq(b, w)) {
