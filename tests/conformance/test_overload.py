@@ -56,8 +56,9 @@ def one_at_a_time_rate(r: RawClient, topic: str, n: int) -> float:
 def test_full_offline_queues_do_not_slow_the_publisher(broker_factory):
     """Issue 11 item 2: 300 offline persistent sessions on one topic, each with a full queue of
     2,000 QoS 1 messages. Every further publish must cost O(1) per session: the publisher keeps
-    at least 30% of its rate to a topic nobody subscribes to (before: a scan of each queue for a
-    QoS 0 message to displace, some 600,000 entries per publish, well under 10%). The queue
+    at least 12% of its rate to a topic nobody subscribes to (measured here 0.30–0.56 with a
+    fresh build competing for the cores; before: a scan of each queue for a QoS 0 message to
+    displace, some 600,000 entries per publish, 0.02). The queue
     length has to be large for the old cost to show: it was sessions x queue length."""
     sessions, max_queued = 300, 2000
     b = broker_factory(max_queued=max_queued, durability="none")
@@ -81,7 +82,7 @@ def test_full_offline_queues_do_not_slow_the_publisher(broker_factory):
     loaded = max(loaded, one_at_a_time_rate(pub, topic, n))
     print(f"publisher: {base:.0f} msg/s to no subscriber, {loaded:.0f} msg/s into "
           f"{sessions} full offline queues (ratio {loaded / base:.2f})")
-    assert loaded >= 0.3 * base, (
+    assert loaded >= 0.12 * base, (
         f"{loaded:.0f} acked msg/s into {sessions} full offline queues vs {base:.0f} msg/s baseline")
     if not b.is_mosquitto:
         # Throttled: at most one line a minute per session, at most 10 such lines a minute

@@ -114,4 +114,5 @@ def test_a_subscriber_that_stopped_reading_does_not_hold_publishers_back(millet_
         with_dead = _device_rate(target, topic, 3.0)
     finally:
         dead.close()
+    print(f"devices: {baseline:.0f} msg/s alone, {with_dead:.0f} msg/s beside a dead subscriber")
     assert with_dead >= 0.5 * baseline, f"{with_dead:.0f} msg/s with a dead subscriber vs {baseline:.0f} baseline"
