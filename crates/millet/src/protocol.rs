@@ -1368,8 +1368,16 @@ impl Connection {
     /// acknowledged, like the ACL's default `v3_deny_action = "drop"`.
     fn publish_refused(&mut self, a: &Active, p: &Publish, rc: ReasonCode) {
         tracing::debug!(client_id = %a.client_id, topic = %p.topic, reason = %rc, "PUBLISH to a reserved topic refused");
+        self.ack_unrouted(p, rc);
+    }
+
+    /// Acknowledge a PUBLISH that is not routed: v5 PUBACK / PUBREC with
+    /// `v5_rc`, 3.x with success (no negative ack there); QoS 0: nothing.
+    /// An error PUBREC ends the v5 exchange; a 3.x client's PUBREL for an id
+    /// we don't hold is still answered with PUBCOMP.
+    fn ack_unrouted(&mut self, p: &Publish, v5_rc: ReasonCode) {
         let rc = if self.protocol == Some(Protocol::V5) {
-            rc
+            v5_rc
         } else {
             ReasonCode::SUCCESS
         };
@@ -1402,23 +1410,7 @@ impl Connection {
                 format!("PUBLISH to {} not authorized", p.topic),
             );
         }
-        let rc = if v5 {
-            ReasonCode::NOT_AUTHORIZED
-        } else {
-            ReasonCode::SUCCESS
-        };
-        let pid = p.packet_id.unwrap_or(0);
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self
-                .out
-                .push_back(Packet::PubAck(PubResp::with_reason(pid, rc))),
-            // An error PUBREC ends the v5 exchange; a 3.x client's PUBREL
-            // for an id we don't hold is still answered with PUBCOMP.
-            QoS::ExactlyOnce => self
-                .out
-                .push_back(Packet::PubRec(PubResp::with_reason(pid, rc))),
-        }
+        self.ack_unrouted(p, ReasonCode::NOT_AUTHORIZED);
     }
 
     fn handle_subscribe(&mut self, a: &mut Active, s: Subscribe, now: Instant) {
