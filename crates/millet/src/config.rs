@@ -132,6 +132,10 @@ pub struct Limits {
     pub max_session_expiry: u32,
     /// Seconds a new connection has to send CONNECT.
     pub connect_timeout: u64,
+    /// Retained messages one session may have waiting to be sent beyond
+    /// `max_queued` (a SUBSCRIBE's retained replay is delivered in full,
+    /// paced by the client's flow control, up to this many).
+    pub max_retained_replay: usize,
     /// Longest a write to a client may make no progress, seconds (less for
     /// a client whose 1.5 × keep alive is shorter): then the client is taken
     /// for gone and disconnected.
@@ -179,6 +183,7 @@ impl Default for Limits {
             topic_alias_max: 64,
             max_session_expiry: u32::MAX,
             connect_timeout: 10,
+            max_retained_replay: 1_000_000,
             write_timeout: 60,
             max_connect_packet_size: 64 * 1024,
             preauth_memory: 64 * 1024 * 1024,

@@ -1458,7 +1458,12 @@ impl Connection {
                         && (options.retain_handling == 0
                             || (options.retain_handling == 1 && is_new));
                     if send_retained {
-                        for m in self.broker.retained_matching(filter, now) {
+                        let retained = self.broker.retained_matching(filter, now);
+                        a.cell.state.lock().session.grant_replay_room(
+                            retained.len(),
+                            self.broker.config.limits.max_retained_replay,
+                        );
+                        for m in retained {
                             let mut ids = smallvec::SmallVec::new();
                             ids.extend(s.subscription_identifier);
                             let d = Delivery {

@@ -278,6 +278,10 @@ pub struct Session {
     /// time before that (restored by [`Session::unpop`]).
     last_drain: Option<Instant>,
     prev_drain: Option<Instant>,
+    /// Queue room beyond `max_queued` granted to retained replays
+    /// ([`Session::grant_replay_room`]), and whether the last pop used it.
+    replay_room: usize,
+    popped_room: bool,
 }
 
 impl Session {
@@ -301,6 +305,8 @@ impl Session {
             client_id,
             last_drain: None,
             prev_drain: None,
+            replay_room: 0,
+            popped_room: false,
         }
     }
 
@@ -318,7 +324,20 @@ impl Session {
     /// displacing an older QoS 0 message) rather than dropped. O(1); lets the
     /// broker skip the store work for a message about to be dropped.
     pub fn admits(&self, qos: QoS) -> bool {
-        self.queue.len() < self.max_queued || (qos != QoS::AtMostOnce && !self.queue.q0.is_empty())
+        self.queue.len() < self.capacity() || (qos != QoS::AtMostOnce && !self.queue.q0.is_empty())
+    }
+
+    /// `max_queued`, plus the room granted to retained replays not yet sent.
+    fn capacity(&self) -> usize {
+        self.max_queued.saturating_add(self.replay_room)
+    }
+
+    /// A SUBSCRIBE is about to queue `n` retained messages: they get room
+    /// of their own (up to `limit` in all), so a replay is delivered in
+    /// full, paced by the client's flow control, instead of being cut at
+    /// `max_queued`; the room shrinks as messages leave the queue.
+    pub fn grant_replay_room(&mut self, n: usize, limit: usize) {
+        self.replay_room = self.replay_room.saturating_add(n).min(limit);
     }
 
     /// Offer a message to the session's queue. When the queue is full, the
@@ -326,7 +345,7 @@ impl Session {
     /// message is dropped. O(1). Drops are counted in [`Session::dropped`];
     /// the caller logs them through [`Session::drop_log`] (throttled).
     pub fn enqueue(&mut self, d: Delivery) -> Enqueued {
-        if self.queue.len() < self.max_queued {
+        if self.queue.len() < self.capacity() {
             self.queue.push_back(d);
             return Enqueued::Queued;
         }
@@ -363,6 +382,10 @@ impl Session {
             if !d.msg.is_expired(now) {
                 self.prev_drain = self.last_drain;
                 self.last_drain = Some(now);
+                self.popped_room = self.replay_room > 0;
+                if self.popped_room {
+                    self.replay_room -= 1;
+                }
                 return Some(d);
             }
         }
@@ -373,6 +396,10 @@ impl Session {
     /// yet: that was no progress).
     pub fn unpop(&mut self, d: Delivery) {
         self.last_drain = self.prev_drain;
+        if self.popped_room {
+            self.popped_room = false;
+            self.replay_room += 1;
+        }
         self.queue.push_front(d);
     }
 
@@ -627,6 +654,49 @@ impl SessionCell {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retained_replay_room_lets_a_replay_past_max_queued_and_shrinks_as_it_drains() {
+        let mut s = Session::new(1, "c".into(), 2);
+        let d = |i: u8| Delivery {
+            msg: Arc::new(Message {
+                topic: format!("t/{i}").into(),
+                payload: bytes::Bytes::new(),
+                qos: QoS::AtMostOnce,
+                retain: true,
+                properties: Default::default(),
+                expires_at: None,
+                publisher: None,
+                publisher_client_id: "p".into(),
+                store_id: Default::default(),
+            }),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            subscription_ids: Default::default(),
+            share: None,
+            seq: 0,
+        };
+        s.grant_replay_room(3, 100);
+        for i in 0..5 {
+            assert_eq!(s.enqueue(d(i)), Enqueued::Queued, "message {i}");
+        }
+        assert_eq!(s.enqueue(d(5)), Enqueued::Dropped); // 2 + 3, no more
+        let now = Instant::now();
+        let first = s.pop_queued(now).unwrap();
+        s.unpop(first); // not sent: the room is not used up
+        assert_eq!(s.queue_len(), 5);
+        for _ in 0..5 {
+            s.pop_queued(now).unwrap();
+        }
+        // the room is gone with the replay: back to max_queued
+        for i in 0..2 {
+            assert_eq!(s.enqueue(d(i)), Enqueued::Queued);
+        }
+        assert_eq!(s.enqueue(d(9)), Enqueued::Dropped);
+        // and never beyond the limit
+        s.grant_replay_room(1_000, 10);
+        assert_eq!(s.capacity(), 12);
+    }
 
     fn msg(qos: QoS) -> Delivery {
         Delivery {
