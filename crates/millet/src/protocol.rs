@@ -181,6 +181,8 @@ pub struct Connection {
     peer_max_packet: usize,
     /// A packet too big for the client has been discarded and logged.
     warned_oversize: bool,
+    /// Packets received since the counts were last added to `$SYS`.
+    received: SentCount,
     /// The session this connection is attached to, and its epoch: kept apart
     /// from `state` (which is moved out while a packet is handled) so that
     /// [`Connection::handle_closed`] detaches the session even when handling
@@ -208,6 +210,7 @@ impl Connection {
             throttle_until: None,
             peer_max_packet: usize::MAX,
             warned_oversize: false,
+            received: SentCount::default(),
             attached: None,
         }
     }
@@ -272,11 +275,11 @@ impl Connection {
 
     /// A packet arrived from the client.
     pub fn handle_packet(&mut self, packet: Packet, now: Instant) {
-        let stats = &self.broker.stats;
-        stats.messages_received.fetch_add(1, Ordering::Relaxed);
-        if matches!(packet, Packet::Publish(_)) {
-            stats.publish_received.fetch_add(1, Ordering::Relaxed);
-        }
+        // Counted here, added to the shared counters once per batch
+        // (`poll_transmit`, `handle_closed`): a shared atomic per packet
+        // cost about 7% of QoS 0 fan-in.
+        self.received.packets += 1;
+        self.received.publishes += u64::from(matches!(packet, Packet::Publish(_)));
         if self.close.is_some() {
             return;
         }
@@ -404,6 +407,7 @@ impl Connection {
     /// which publishes the will if due and starts the session expiry.
     /// Idempotent, and safe after a panic in another `handle_*` call.
     pub fn handle_closed(&mut self, now: Instant) {
+        self.received.add_received_to(&self.broker.stats);
         let publish_will = self.close.as_ref().is_none_or(|c| c.publish_will);
         self.state = State::Closed;
         if let Some((cell, epoch)) = self.attached.take() {
@@ -418,6 +422,7 @@ impl Connection {
     /// the in-flight window on resume, then queued messages within the
     /// client's receive maximum.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) {
+        self.received.add_received_to(&self.broker.stats);
         let Some(protocol) = self.protocol else {
             return;
         };
@@ -1699,6 +1704,21 @@ impl SentCount {
         if self.publishes > 0 {
             stats
                 .publish_sent
+                .fetch_add(self.publishes, Ordering::Relaxed);
+        }
+        *self = SentCount::default();
+    }
+
+    /// Packets received from the client (the same counts, other counters).
+    fn add_received_to(&mut self, stats: &crate::broker::Stats) {
+        if self.packets > 0 {
+            stats
+                .messages_received
+                .fetch_add(self.packets, Ordering::Relaxed);
+        }
+        if self.publishes > 0 {
+            stats
+                .publish_received
                 .fetch_add(self.publishes, Ordering::Relaxed);
         }
         *self = SentCount::default();
