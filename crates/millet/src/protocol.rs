@@ -135,7 +135,7 @@ struct Active {
     /// Per-client ACL rules from the authentication provider.
     acl: Vec<Rule>,
     /// Incoming message / byte rate limit (`[security.quota]`).
-    limiter: Option<ClientLimiter>,
+    limiter: Option<Box<ClientLimiter>>,
     /// When the credentials expire (a JWT's `exp`): closed then.
     auth_deadline: Option<Instant>,
     /// A bridge (protocol level 0x83 / 0x84): its subscriptions get No Local
@@ -171,7 +171,7 @@ pub struct Connection {
     /// breaks a cycle of publishers that hold each other back.
     paused_until: Option<Instant>,
     /// Verdict on the CONNECT, from the driver (see [`ConnectVerdict`]).
-    verdict: Option<ConnectVerdict>,
+    verdict: Option<Box<ConnectVerdict>>,
     /// Rate limit in back-pressure mode: not read from until then.
     throttle_until: Option<Instant>,
     /// PUBACK / PUBREC held until the store sequence they depend on is
@@ -246,9 +246,21 @@ impl Connection {
         matches!(self.state, State::AwaitConnect) && self.close.is_none()
     }
 
+    /// Give back the buffers of packets already written, before the
+    /// connection waits: an idle connection should hold no allocation it
+    /// does not need (one costs a few hundred bytes; a fleet has millions).
+    pub fn release_idle_memory(&mut self) {
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = VecDeque::new();
+        }
+        if self.pending_acks.is_empty() && self.pending_acks.capacity() > 0 {
+            self.pending_acks = VecDeque::new();
+        }
+    }
+
     /// The verdict on the CONNECT about to be handled.
     pub fn set_connect_verdict(&mut self, v: ConnectVerdict) {
-        self.verdict = Some(v);
+        self.verdict = Some(Box::new(v));
     }
 
     /// The keep alive in force (None before CONNECT or when 0).
@@ -786,9 +798,11 @@ impl Connection {
                 .maximum_packet_size
                 .map_or(usize::MAX, |m| m as usize);
         }
-        let mut verdict = self.verdict.take().unwrap_or_else(|| ConnectVerdict {
-            username: c.username.as_deref().map(str::to_string),
-            ..Default::default()
+        let mut verdict = self.verdict.take().unwrap_or_else(|| {
+            Box::new(ConnectVerdict {
+                username: c.username.as_deref().map(str::to_string),
+                ..Default::default()
+            })
         });
         if let Some(id) = verdict.client_id.take() {
             c.client_id = ByteString::from(id);
@@ -940,7 +954,7 @@ impl Connection {
     }
 
     fn accept(&mut self, c: Box<Connect>, auth_data: Option<bytes::Bytes>, now: Instant) {
-        let grant = self.verdict.take().unwrap_or_default();
+        let grant = *self.verdict.take().unwrap_or_default();
         let limits = self.broker.config.limits.clone();
         let v5 = c.protocol.is_v5();
         let mut props = ConnAckProperties::default();
@@ -1034,7 +1048,8 @@ impl Connection {
                 .broker
                 .security()
                 .map(|s| ClientLimiter::new(&s.config.quota, now))
-                .filter(ClientLimiter::is_limited),
+                .filter(ClientLimiter::is_limited)
+                .map(Box::new),
             bridge: c.bridge,
         };
         tracing::debug!(client_id = %active.client_id, protocol = ?c.protocol, session_present = attached.session_present, "client connected");

@@ -28,6 +28,7 @@ use crate::protocol::{ConnectVerdict, Connection};
 use crate::security::quota::{ConnectionPermit, ConnectionRateLimiter};
 use crate::security::tls::ReloadableTls;
 use crate::security::{AuthResult, ConnectRequest, Security};
+use crate::session::ConnWaker;
 
 /// Read sizes adapt between these bounds: a read that fills the buffer
 /// doubles the next one, one that doesn't halves it. Idle and lightly loaded
@@ -42,10 +43,61 @@ const KEEP_WRITE_CAPACITY: usize = 8 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1024 * 1024;
 
+/// Every connection task's waker, so that the server can tell them all
+/// something (shutdown, a new ban) without each task holding a receiver
+/// and a future to wait on it: an idle connection's task stays small.
+#[derive(Default)]
+struct LiveConns {
+    wakers: parking_lot::Mutex<slab::Slab<Arc<ConnWaker>>>,
+    shutting_down: std::sync::atomic::AtomicBool,
+}
+
+impl LiveConns {
+    /// Register a connection; signalled at once if shutdown has begun.
+    fn register(self: &Arc<Self>, waker: &Arc<ConnWaker>) -> LiveConn {
+        let key = self.wakers.lock().insert(waker.clone());
+        if self
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            waker.signal(ConnWaker::SHUTDOWN);
+        }
+        LiveConn {
+            conns: self.clone(),
+            key,
+        }
+    }
+
+    fn signal_all(&self, signal: u8) {
+        for (_, w) in self.wakers.lock().iter() {
+            w.signal(signal);
+        }
+    }
+
+    fn shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.signal_all(ConnWaker::SHUTDOWN);
+    }
+}
+
+/// A connection's place in [`LiveConns`], given back on drop.
+struct LiveConn {
+    conns: Arc<LiveConns>,
+    key: usize,
+}
+
+impl Drop for LiveConn {
+    fn drop(&mut self) {
+        self.conns.wakers.lock().try_remove(self.key);
+    }
+}
+
 /// A running server: its bound addresses, and a handle to stop it.
 pub struct Server {
     pub addrs: Vec<SocketAddr>,
     pub broker: Arc<Broker>,
+    live: Arc<LiveConns>,
     shutdown: watch::Sender<bool>,
     done: mpsc::Receiver<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -73,6 +125,7 @@ impl Server {
             anyhow::bail!("tls_listen needs [security.tls]");
         }
         let preauth = PreAuthBudget::new(broker.config.limits.preauth_memory);
+        let live = Arc::new(LiveConns::default());
         let plain = broker.config.listen.iter().map(|a| (*a, None));
         let secure = broker.config.tls_listen.iter().map(|a| (*a, tls.clone()));
         for (addr, tls) in plain.chain(secure) {
@@ -95,6 +148,7 @@ impl Server {
                 rate,
                 tls_log: PerAddressThrottle::default(),
                 preauth: preauth.clone(),
+                live: live.clone(),
             });
             tasks.push(tokio::spawn(accept_loop(
                 listener,
@@ -114,12 +168,21 @@ impl Server {
                 .collect();
             s.log_posture(&all);
             tasks.extend(spawn_reloaders(s.clone()));
+            // A ban added at run time: every connection checks itself.
+            let mut added = s.bans.watch_added();
+            let live = live.clone();
+            tasks.push(tokio::spawn(async move {
+                while added.changed().await.is_ok() {
+                    live.signal_all(ConnWaker::BANS);
+                }
+            }));
         }
         tasks.push(tokio::spawn(ticker(broker.clone(), shutdown_rx.clone())));
         drop(done_tx);
         Ok(Server {
             addrs,
             broker,
+            live,
             shutdown,
             done,
             tasks,
@@ -130,6 +193,7 @@ impl Server {
     /// (at most `grace`) for every connection to finish.
     pub async fn shutdown(mut self, grace: std::time::Duration) {
         let _ = self.shutdown.send(true);
+        self.live.shutdown();
         for t in &self.tasks {
             t.abort();
         }
@@ -199,6 +263,7 @@ struct ListenerCtx {
     /// Throttles the info line for certificate failures.
     tls_log: PerAddressThrottle,
     preauth: Arc<PreAuthBudget>,
+    live: Arc<LiveConns>,
 }
 
 /// Lets one event per address and kind through per
@@ -389,12 +454,12 @@ async fn accept_loop(
                     }
                     let _ = stream.set_nodelay(true);
                     let broker = broker.clone();
-                    let shutdown = shutdown.clone();
+                    let live = ctx.live.clone();
                     let done = done.clone();
                     let mut info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone() };
                     let Some(tls) = &ctx.tls else {
                         let fut = async move {
-                            serve(stream, info, broker, shutdown).await;
+                            serve(stream, Box::new(info), broker, live).await;
                             drop(done);
                         };
                         tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
@@ -408,7 +473,7 @@ async fn accept_loop(
                         match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                             Ok(Ok(s)) => {
                                 info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
-                                serve(s, info, broker, shutdown).await;
+                                serve(s, Box::new(info), broker, live).await;
                             }
                             Ok(Err(e)) => match certificate_problem(&e) {
                                 Some(why) if ctx.tls_log.allow(peer.ip(), &why, Instant::now()) => {
@@ -671,7 +736,8 @@ async fn write_out<S: Transport>(
         // arming a timer per write would cost every busy connection.
         let r = match poll_once(stream.write(wbuf)).await {
             Some(r) => r,
-            None => match tokio::time::timeout(stall, stream.write(wbuf)).await {
+            // Boxed: the timer is only needed by a write that would wait.
+            None => match Box::pin(tokio::time::timeout(stall, stream.write(wbuf))).await {
                 Ok(r) => r,
                 Err(_) => return Err(WriteFailure::Stalled),
             },
@@ -683,12 +749,31 @@ async fn write_out<S: Transport>(
     }
     let r = match poll_once(stream.flush()).await {
         Some(r) => r,
-        None => match tokio::time::timeout(stall, stream.flush()).await {
+        None => match Box::pin(tokio::time::timeout(stall, stream.flush())).await {
             Ok(r) => r,
             Err(_) => return Err(WriteFailure::Stalled),
         },
     };
     r.map_err(|_| WriteFailure::Io)
+}
+
+/// Write and flush as much of `wbuf` as the transport takes now (consuming
+/// what went out): `Ready(Ok)` once all of it is written and flushed,
+/// `Pending` if the transport would block first (`cx` is then registered).
+fn poll_write_now<S: Transport>(
+    stream: &mut S,
+    wbuf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<()>> {
+    use bytes::Buf;
+    while !wbuf.is_empty() {
+        match std::task::ready!(Pin::new(&mut *stream).poll_write(cx, wbuf)) {
+            Ok(0) => return Poll::Ready(Err(ErrorKind::WriteZero.into())),
+            Ok(n) => wbuf.advance(n),
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+    Pin::new(&mut *stream).poll_flush(cx)
 }
 
 /// Poll `f` once: `Some(output)` if it is ready now, `None` if it would
@@ -767,177 +852,278 @@ fn sniff_non_mqtt(first: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// What ended a connection task's wait.
+enum Event {
+    Read(std::io::Result<usize>),
+    Woken,
+    Timer,
+}
+
 /// Drive one connection until it closes.
-async fn serve<S: Transport>(
+///
+/// Not an `async fn`: its arguments would be stored twice in the task (once
+/// as arguments, once as locals). Every byte of the waiting task is paid
+/// per idle connection, so the body is an `async move` block that uses the
+/// captured values in place; what is only needed until CONNECT (`info`) is
+/// boxed and dropped once connected, and rarely used awaits are boxed.
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+fn serve<S: Transport>(
     mut stream: S,
-    info: PeerInfo,
+    info: Box<PeerInfo>,
     broker: Arc<Broker>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let peer = info.addr;
-    let mut _permit: Option<ConnectionPermit> = None;
-    let mut conn = Detach(Connection::new(broker.clone(), Instant::now()));
-    let mut write_failed = false;
-    let mut rbuf = BytesMut::new();
-    let mut wbuf = BytesMut::new();
-    let mut eof = false;
-    let mut read_size = READ_MIN;
-    let mut shutting_down = false;
-    // What the CONNECT said, for the connection log line; `None` once logged.
-    let mut hello: Option<Hello> = None;
-    let mut connected = false;
-    let mut preauth = PreAuthCharge {
-        budget: info.preauth.clone(),
-        charged: 0,
-    };
-    let mut over_budget = false;
-    // Bans added while connected close the connection (0x8A).
-    let mut bans = broker.security().map(|s| s.bans.watch_added());
-    loop {
-        // 1. Decode and handle every complete packet received so far.
-        if conn.is_awaiting_connect() && hello.is_none() {
-            if let Some(what) = sniff_non_mqtt(&rbuf) {
-                tracing::info!(%peer, listener = %info.listener, "not MQTT: {what}; connection closed");
+    live: Arc<LiveConns>,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let peer = info.addr;
+        let budget = info.preauth.clone();
+        let mut info = Some(info);
+        let mut _permit: Option<Box<ConnectionPermit>> = None;
+        let mut conn = Detach(Connection::new(broker.clone(), Instant::now()));
+        let mut write_failed = false;
+        let mut rbuf = BytesMut::new();
+        let mut wbuf = BytesMut::new();
+        let mut eof = false;
+        let mut read_size = READ_MIN;
+        let mut shutting_down = false;
+        // What the CONNECT said, for the connection log line; `None` once logged.
+        let mut hello: Option<Hello> = None;
+        let mut connected = false;
+        let mut preauth = PreAuthCharge { budget, charged: 0 };
+        let mut over_budget = false;
+        let waker = conn.waker().clone();
+        let _live = live.register(&waker);
+        drop(live);
+        // The keep-alive / connect / retry timer: one timer entry, moved as the
+        // deadline moves (not a new one per wait).
+        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        let mut timer_at: Option<tokio::time::Instant> = None;
+        loop {
+            // 1. Decode and handle every complete packet received so far.
+            if conn.is_awaiting_connect() && hello.is_none() {
+                if let Some(what) = sniff_non_mqtt(&rbuf) {
+                    let listener = info
+                        .as_ref()
+                        .map(|i| i.listener.to_string())
+                        .unwrap_or_default();
+                    tracing::info!(%peer, listener, "not MQTT: {what}; connection closed");
+                    break;
+                }
+            }
+            while conn.poll_close().is_none() && !rbuf.is_empty() {
+                // The decode result is not kept across the await below (it
+                // would be stored in every task).
+                let p = match decode(&mut rbuf, conn.protocol(), conn.max_packet_size()) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(%peer, client_id = conn.client_id().unwrap_or(""), error = %e,
+                        reason = %e.reason_code(), "malformed packet; closing");
+                        conn.handle_decode_error(&e);
+                        continue;
+                    }
+                };
+                let greeting = matches!(p, Packet::Connect(_)) && conn.is_awaiting_connect();
+                let p = match info.as_deref() {
+                    Some(i) if greeting => {
+                        // Boxed, and the packet moved into it: the
+                        // verdict's future (HTTP hook, JWKS...) is large and
+                        // runs once; inline, every idle task would carry its
+                        // size.
+                        let (p, h, verdict) = Box::pin(greet(p, &broker, i)).await;
+                        if let Some((v, permit)) = verdict {
+                            _permit = permit.map(Box::new);
+                            conn.set_connect_verdict(v);
+                        }
+                        hello = h;
+                        p
+                    }
+                    _ => p,
+                };
+                conn.handle_packet(p, Instant::now());
+                if !connected {
+                    if let (Some(id), Some(h)) = (conn.client_id(), &hello) {
+                        connected = true;
+                        preauth.set(0);
+                        info = None;
+                        tracing::info!(
+                            "New client connected from {peer} as {id} ({})",
+                            h.summary()
+                        );
+                    }
+                }
+            }
+            if rbuf.is_empty() && rbuf.capacity() > 0 {
+                rbuf = BytesMut::new(); // idle: hold no read buffer
+            }
+            // 2. Write what the state machine produced.
+            conn.poll_transmit(Instant::now(), &mut wbuf);
+            if !wbuf.is_empty() {
+                let stall =
+                    write_stall_limit(conn.keep_alive(), broker.config.limits.write_timeout);
+                let len = wbuf.len();
+                // Most writes go out at once; only one that would wait
+                // needs the (boxed) deadline machinery.
+                let at_once = std::future::poll_fn(|cx| {
+                    Poll::Ready(poll_write_now(&mut stream, &mut wbuf, cx))
+                })
+                .await;
+                let r = match at_once {
+                    Poll::Ready(Ok(())) => Ok(()),
+                    Poll::Ready(Err(_)) => Err(WriteFailure::Io),
+                    Poll::Pending => Box::pin(write_out(&mut stream, &mut wbuf, stall)).await,
+                };
+                match r {
+                    Ok(()) => {}
+                    Err(WriteFailure::Stalled) => {
+                        tracing::info!(%peer, "Client {} disconnected: stopped reading (no write progress for {:?})",
+                        conn.client_id().unwrap_or(""), stall);
+                        write_failed = true;
+                        break;
+                    }
+                    Err(WriteFailure::Io) => {
+                        write_failed = true;
+                        break;
+                    }
+                }
+                broker.stats.count_bytes_sent(len);
+                if wbuf.capacity() > KEEP_WRITE_CAPACITY {
+                    wbuf = BytesMut::new();
+                } else {
+                    wbuf.clear();
+                }
+            }
+            if let Some(c) = conn.poll_close() {
+                if connected {
+                    tracing::info!(%peer, "Client {} disconnected: {}", conn.client_id().unwrap_or(""), c.why);
+                } else {
+                    tracing::debug!(%peer, reason = %c.reason, why = %c.why, "closing connection");
+                }
                 break;
             }
-        }
-        while conn.poll_close().is_none() && !rbuf.is_empty() {
-            match decode(&mut rbuf, conn.protocol(), conn.max_packet_size()) {
-                Ok(Some(p)) => {
-                    if let Packet::Connect(c) = &p {
-                        if conn.is_awaiting_connect() {
-                            let mut h = Hello::from_connect(c);
-                            if let Some(sec) = broker.security() {
-                                let limit = Duration::from_secs(
-                                    broker.config.limits.connect_timeout.max(1),
-                                );
-                                let (v, permit) = connect_verdict(sec, c, &info, limit).await;
-                                _permit = permit;
-                                h.username = v.username.clone();
-                                conn.set_connect_verdict(v);
-                            }
-                            hello = Some(h);
-                        }
-                    }
-                    conn.handle_packet(p, Instant::now());
-                    if !connected {
-                        if let (Some(id), Some(h)) = (conn.client_id(), &hello) {
-                            connected = true;
-                            preauth.set(0);
-                            tracing::info!(
-                                "New client connected from {peer} as {id} ({})",
-                                h.summary()
-                            );
-                        }
-                    }
+            if eof {
+                if connected {
+                    tracing::info!(%peer, "Client {} disconnected: connection closed by the client without DISCONNECT", conn.client_id().unwrap_or(""));
+                } else {
+                    tracing::debug!(%peer, "connection closed by peer");
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::info!(%peer, client_id = conn.client_id().unwrap_or(""), error = %e,
-                        reason = %e.reason_code(), "malformed packet; closing");
-                    conn.handle_decode_error(&e);
-                }
+                break;
             }
-        }
-        if rbuf.is_empty() && rbuf.capacity() > 0 {
-            rbuf = BytesMut::new(); // idle: hold no read buffer
-        }
-        // 2. Write what the state machine produced.
-        conn.poll_transmit(Instant::now(), &mut wbuf);
-        if !wbuf.is_empty() {
-            let stall = write_stall_limit(conn.keep_alive(), broker.config.limits.write_timeout);
-            let len = wbuf.len();
-            match write_out(&mut stream, &mut wbuf, stall).await {
-                Ok(()) => {}
-                Err(WriteFailure::Stalled) => {
-                    tracing::info!(%peer, "Client {} disconnected: stopped reading (no write progress for {:?})",
-                        conn.client_id().unwrap_or(""), stall);
-                    write_failed = true;
-                    break;
-                }
-                Err(WriteFailure::Io) => {
-                    write_failed = true;
-                    break;
-                }
-            }
-            broker.stats.count_bytes_sent(len);
-            if wbuf.capacity() > KEEP_WRITE_CAPACITY {
-                wbuf = BytesMut::new();
-            } else {
-                wbuf.clear();
-            }
-        }
-        if let Some(c) = conn.poll_close() {
-            if connected {
-                tracing::info!(%peer, "Client {} disconnected: {}", conn.client_id().unwrap_or(""), c.why);
-            } else {
-                tracing::debug!(%peer, reason = %c.reason, why = %c.why, "closing connection");
-            }
-            break;
-        }
-        if eof {
-            if connected {
-                tracing::info!(%peer, "Client {} disconnected: connection closed by the client without DISCONNECT", conn.client_id().unwrap_or(""));
-            } else {
-                tracing::debug!(%peer, "connection closed by peer");
-            }
-            break;
-        }
-        // 3. Wait for input, a delivery, the timer or shutdown.
-        let deadline = conn.poll_timeout().map(tokio::time::Instant::from_std);
-        let waker = conn.waker().clone();
-        tokio::select! {
-            r = std::future::poll_fn(|cx| poll_read_some(&mut stream, cx, &mut rbuf, &mut read_size)), if !conn.is_paused() => {
-                if let Ok(n) = &r { broker.stats.count_bytes_received(*n); }
-                if !matches!(r, Ok(n) if n > 0) { eof = true; }
-            }
-            _ = waker.notified() => {}
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                conn.handle_timeout(Instant::now());
-            }
-            _ = shutdown.changed(), if !shutting_down => {
+            // 3. Signals from the server: shutdown, and bans added while
+            // connected, which close the connection (0x8A).
+            let signals = waker.take_signals();
+            if signals & ConnWaker::SHUTDOWN != 0 && !shutting_down {
                 shutting_down = true;
                 conn.handle_shutdown();
+                continue;
             }
-            added = async {
-                match bans.as_mut() {
-                    Some(b) => b.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            }, if connected => {
-                if !added {
-                    bans = None;
-                } else if let (Some(sec), Some(id)) = (broker.security(), conn.client_id()) {
+            if signals & ConnWaker::BANS != 0 && connected {
+                if let (Some(sec), Some(id)) = (broker.security(), conn.client_id()) {
                     let user = hello.as_ref().and_then(|h| h.username.as_deref());
                     if let Some(ban) = sec.bans.check(id, user, Some(peer.ip()), Instant::now()) {
                         tracing::info!(%peer, client_id = id, username = user.unwrap_or(""), %ban, "banned at run time: disconnecting");
                         conn.handle_kick(ReasonCode::BANNED, format!("banned ({ban})"));
+                        continue;
                     }
                 }
             }
+            // 4. Wait for input, a wake-up (delivery, kick, signal) or the
+            // timer. Polled by hand rather than with `select!`: no per-branch
+            // future is stored, so the waiting task stays small.
+            {
+                let deadline = conn.poll_timeout().map(tokio::time::Instant::from_std);
+                if deadline != timer_at {
+                    if let Some(d) = deadline {
+                        timer.as_mut().reset(d);
+                    }
+                    timer_at = deadline;
+                }
+            }
+            conn.release_idle_memory();
+            let paused = conn.is_paused();
+            let event = std::future::poll_fn(|cx| {
+                if !paused {
+                    if let Poll::Ready(r) =
+                        poll_read_some(&mut stream, cx, &mut rbuf, &mut read_size)
+                    {
+                        return Poll::Ready(Event::Read(r));
+                    }
+                }
+                if waker.poll_woken(cx).is_ready() {
+                    return Poll::Ready(Event::Woken);
+                }
+                if timer_at.is_some() && std::future::Future::poll(timer.as_mut(), cx).is_ready() {
+                    return Poll::Ready(Event::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                Event::Read(r) => {
+                    if let Ok(n) = &r {
+                        broker.stats.count_bytes_received(*n);
+                    }
+                    if !matches!(r, Ok(n) if n > 0) {
+                        eof = true;
+                    }
+                }
+                Event::Woken => {}
+                Event::Timer => {
+                    timer_at = None;
+                    conn.handle_timeout(Instant::now());
+                }
+            }
+            if !connected && !preauth.set(rbuf.capacity().saturating_sub(PREAUTH_FREE)) {
+                preauth.budget.refuse(peer, Instant::now());
+                over_budget = true;
+                break;
+            }
         }
-        if !connected && !preauth.set(rbuf.capacity().saturating_sub(PREAUTH_FREE)) {
-            info.preauth.refuse(peer, Instant::now());
-            over_budget = true;
-            break;
+        if eof || write_failed || over_budget {
+            conn.handle_closed(Instant::now());
+            let _ = Box::pin(tokio::time::timeout(
+                Duration::from_secs(1),
+                stream.shutdown(),
+            ))
+            .await;
+            return;
         }
-    }
-    if eof || write_failed || over_budget {
+        // We decided to close (DISCONNECT sent, CONNACK refused, takeover,
+        // shutdown...): linger so that the client can read why. After a takeover
+        // the client's own DISCONNECT may still be unread and decides on the will;
+        // otherwise the session is detached before lingering.
+        if conn.wants_packets_while_closing() {
+            Box::pin(lingering_close(&mut stream, &mut rbuf, Some(&mut conn))).await;
+        } else {
+            conn.handle_closed(Instant::now());
+            Box::pin(lingering_close(&mut stream, &mut rbuf, None)).await;
+        }
         conn.handle_closed(Instant::now());
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-        return;
     }
-    // We decided to close (DISCONNECT sent, CONNACK refused, takeover,
-    // shutdown...): linger so that the client can read why. After a takeover
-    // the client's own DISCONNECT may still be unread and decides on the will;
-    // otherwise the session is detached before lingering.
-    if conn.wants_packets_while_closing() {
-        lingering_close(&mut stream, &mut rbuf, Some(&mut conn)).await;
-    } else {
-        conn.handle_closed(Instant::now());
-        lingering_close(&mut stream, &mut rbuf, None).await;
-    }
-    conn.handle_closed(Instant::now());
+}
+
+/// What a CONNECT said (for the connection log line) and, with security
+/// configured, the verdict on it. Takes and gives back the packet so that
+/// it is held in this (boxed, short-lived) future, not in the task.
+async fn greet(
+    p: Packet,
+    broker: &Broker,
+    info: &PeerInfo,
+) -> (
+    Packet,
+    Option<Hello>,
+    Option<(ConnectVerdict, Option<ConnectionPermit>)>,
+) {
+    let Packet::Connect(c) = &p else {
+        return (p, None, None);
+    };
+    let mut h = Hello::from_connect(c);
+    let Some(sec) = broker.security() else {
+        return (p, Some(h), None);
+    };
+    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    let (v, permit) = connect_verdict(sec, c, info, limit).await;
+    h.username = v.username.clone();
+    (p, Some(h), Some((v, permit)))
 }
 
 /// Close without making the kernel reset the connection (which it does when

@@ -240,7 +240,9 @@ impl DropLog {
 /// The will of the session's current (or last) connection.
 #[derive(Debug, Clone)]
 pub struct Will {
-    pub will: LastWill,
+    /// Boxed: most sessions have no will, and an inline one would make
+    /// every session (and every idle connection) larger.
+    pub will: Box<LastWill>,
     pub client_id: ByteString,
     pub session: SessionId,
 }
@@ -529,23 +531,48 @@ impl Session {
 }
 
 /// Wakes one connection task when its session has work (messages queued,
-/// kicked). One per connection, so a takeover can wake the old connection
-/// without the new one stealing the wake-up.
+/// kicked) or the server has news for it (shutdown, a new ban). One per
+/// connection, so a takeover can wake the old connection without the new
+/// one stealing the wake-up. The connection polls it directly
+/// ([`ConnWaker::poll_woken`]): waiting holds no future state, which keeps
+/// an idle connection small.
 #[derive(Debug, Default)]
 pub struct ConnWaker {
-    notify: tokio::sync::Notify,
-    /// True while a wake-up is pending: avoids a notify per message under load.
+    waker: atomic_waker::AtomicWaker,
+    /// True while a wake-up is pending: avoids a wake per message under load.
     pending: AtomicBool,
+    /// [`ConnWaker::SHUTDOWN`] / [`ConnWaker::BANS`] not yet taken.
+    signals: std::sync::atomic::AtomicU8,
     /// Number of congested sessions this connection (as a publisher) is
     /// waiting for (see [`SessionStateGuarded::blocked`]).
     blocked_on: std::sync::atomic::AtomicUsize,
 }
 
 impl ConnWaker {
+    /// The server is shutting down.
+    pub const SHUTDOWN: u8 = 1;
+    /// A ban was added: the connection checks whether it is now banned.
+    pub const BANS: u8 = 2;
+
     pub fn wake(&self) {
         if !self.pending.swap(true, Ordering::AcqRel) {
-            self.notify.notify_one();
+            self.waker.wake();
         }
+    }
+
+    /// Raise `signal` and wake the connection.
+    pub fn signal(&self, signal: u8) {
+        self.signals.fetch_or(signal, Ordering::AcqRel);
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// The signals raised since the last call.
+    pub fn take_signals(&self) -> u8 {
+        if self.signals.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        self.signals.swap(0, Ordering::AcqRel)
     }
 
     /// A congested session registered this publisher.
@@ -577,9 +604,21 @@ impl ConnWaker {
         self.pending.swap(false, Ordering::AcqRel)
     }
 
-    /// Resolves after the next `wake` (or at once if one is stored).
+    /// Ready (and the pending wake-up consumed) once [`ConnWaker::wake`] or
+    /// [`ConnWaker::signal`] was called; otherwise the task in `cx` is woken
+    /// by the next one. Register first, then test: no wake-up is lost.
+    pub fn poll_woken(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.waker.register(cx.waker());
+        if self.clear() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// Resolves after the next `wake` (or at once if one is pending).
     pub async fn notified(&self) {
-        self.notify.notified().await
+        std::future::poll_fn(|cx| self.poll_woken(cx)).await
     }
 }
 

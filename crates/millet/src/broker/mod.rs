@@ -488,7 +488,7 @@ impl Broker {
         {
             let mut st = attached.cell.state.lock();
             st.session.will = will.map(|will| Will {
-                will,
+                will: Box::new(will),
                 client_id: client_id.clone(),
                 session: attached.cell.id,
             });
@@ -565,7 +565,7 @@ impl Broker {
                     will_now = Some(w);
                 } else {
                     let at = now + Duration::from_secs(u64::from(delay));
-                    delayed = Some((crate::store::WillRecord::from(&w.will), at));
+                    delayed = Some((crate::store::WillRecord::from(&*w.will), at));
                     self.delayed_wills.lock().push(DelayedWill { at, will: w });
                 }
             }

@@ -335,7 +335,7 @@ impl Persistence {
                 .iter()
                 .map(|(f, sub)| SubscriptionRecord::new(f, &sub.options, sub.identifier))
                 .collect(),
-            will: s.will.as_ref().map(|w| WillRecord::from(&w.will)),
+            will: s.will.as_ref().map(|w| WillRecord::from(&*w.will)),
             will_at_ms: will_at.map(|t| self.unix_ms(t)),
         }
     }
@@ -343,7 +343,7 @@ impl Persistence {
     /// Rebuild a will from its record.
     pub fn will_from_record(r: &WillRecord, client_id: &ByteString, session: SessionId) -> Will {
         Will {
-            will: r.to_last_will(),
+            will: Box::new(r.to_last_will()),
             client_id: client_id.clone(),
             session,
         }
