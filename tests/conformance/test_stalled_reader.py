@@ -48,7 +48,10 @@ def test_a_subscriber_that_never_reads_is_disconnected_after_1_5_keep_alive(mill
     t.start()
     try:
         # keep alive 2 s → no write progress for 3 s ends it (plus time to fill the buffers)
-        wait_until(lambda: f"Client {cid} disconnected: stopped reading" in b.log_text(), timeout=20.0,
+        # Whichever comes first: its keep alive (it sends nothing either; the timer runs while
+        # the write waits) or the write stall limit.
+        wait_until(lambda: f"Client {cid} disconnected: stopped reading" in b.log_text()
+                   or f"Client {cid} disconnected: keep alive timeout" in b.log_text(), timeout=20.0,
                    what="stalled subscriber disconnected")
         elapsed = time.monotonic() - started
         assert elapsed < 15.0, elapsed
@@ -116,3 +119,49 @@ def test_a_subscriber_that_stopped_reading_does_not_hold_publishers_back(millet_
         dead.close()
     print(f"devices: {baseline:.0f} msg/s alone, {with_dead:.0f} msg/s beside a dead subscriber")
     assert with_dead >= 0.5 * baseline, f"{with_dead:.0f} msg/s with a dead subscriber vs {baseline:.0f} baseline"
+
+
+def test_a_blocked_write_does_not_delay_a_takeover(millet_config):
+    """While a write to a client that stopped reading waits (here for up to 60 s: keep alive 60),
+    the connection still takes wake-ups: a takeover closes it at once, and the client's PINGREQs
+    are still read (its keep alive does not expire)."""
+    b = millet_config("")
+    topic = unique("stall/")
+    cid = unique("stalled")
+    dead = socket.socket()
+    dead.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    dead.connect((b.host, b.port))
+    dead.sendall(connect_packet(V311, cid, keepalive=60) + subscribe_packet(1, [(topic + "/#", 0)]))
+    wait_until(lambda: f"as {cid} " in b.log_text(), what="stalled subscriber connected")
+    flood = socket.create_connection((b.host, b.port))
+    flood.sendall(connect_packet(V311, unique("flooder")))
+    burst = b"".join(publish_packet(f"{topic}/{i}", b"x" * 1024) for i in range(64))
+    # Fill the socket buffers both ways (a few MB is plenty with a 4 KiB receive buffer).
+    for _ in range(64):
+        flood.sendall(burst)
+    # The broker's socket to `dead` has bytes the kernel cannot send: its writes now wait.
+    wait_until(lambda: _unsent_bytes(b.port, dead.getsockname()[1]) > 0, timeout=10.0,
+               what="the broker's write to the stalled client blocked")
+    dead.sendall(PINGREQ_PACKET)  # read while the write waits: not an error, not a reason to close
+    t0 = time.monotonic()
+    thief = RawClient(Target(b.host, b.port), V311)
+    thief.connect(cid)  # takeover [MQTT-3.1.4-3]
+    wait_until(lambda: f"Client {cid} disconnected:" in b.log_text(), timeout=10.0,
+               what="the blocked connection closed by the takeover")
+    assert time.monotonic() - t0 < 5.0
+    assert "stopped reading" not in b.log_text()
+    thief.close()
+    flood.close()
+    dead.close()
+    assert b.alive()
+
+
+def _unsent_bytes(local_port: int, remote_port: int) -> int:
+    """Send-queue bytes of the TCP socket local_port → remote_port (from /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            local, remote, queues = parts[1], parts[2], parts[4]
+            if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == remote_port:
+                return int(queues.split(":")[0], 16)
+    return 0

@@ -38,6 +38,21 @@ const READ_MIN: usize = 512;
 const READ_MAX: usize = 64 * 1024;
 /// Write buffers above this capacity are released after each flush.
 const KEEP_WRITE_CAPACITY: usize = 8 * 1024;
+/// Longest a connection task handles packets before it lets other tasks
+/// run (checked every 16 packets).
+const BUSY_SLICE: Duration = Duration::from_millis(2);
+/// While this much waits to be written, a connection neither reads from its
+/// client nor takes more messages from its session.
+const WRITE_HIGH: usize = 64 * 1024;
+
+/// Everything in `wbuf` went out: keep a small buffer, release a big one.
+fn wbuf_done(wbuf: &mut BytesMut) {
+    if wbuf.capacity() > KEEP_WRITE_CAPACITY {
+        *wbuf = BytesMut::new();
+    } else {
+        wbuf.clear();
+    }
+}
 /// Lingering close: after a server-initiated close the client gets this long
 /// and this many bytes to stop sending before the socket is closed.
 const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -855,6 +870,8 @@ fn sniff_non_mqtt(first: &[u8]) -> Option<&'static str> {
 /// What ended a connection task's wait.
 enum Event {
     Read(std::io::Result<usize>),
+    /// Bytes written, and whether all of `wbuf` is now out (or failed).
+    Wrote(usize, Poll<std::io::Result<()>>),
     Woken,
     Timer,
 }
@@ -897,6 +914,8 @@ fn serve<S: Transport>(
         // deadline moves (not a new one per wait).
         let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
         let mut timer_at: Option<tokio::time::Instant> = None;
+        // Since when a write has been waiting without progress.
+        let mut stalled_since: Option<Instant> = None;
         loop {
             // 1. Decode and handle every complete packet received so far.
             if conn.is_awaiting_connect() && hello.is_none() {
@@ -909,7 +928,19 @@ fn serve<S: Transport>(
                     break;
                 }
             }
+            // Fairness: a client whose packets are expensive (a publish to
+            // thousands of sessions) must not hold the worker thread for the
+            // whole read batch. Every few packets the time is checked; past
+            // BUSY_SLICE the task yields, so that the other tasks queued on
+            // this worker (and its I/O) run before it goes on.
+            let mut slice_start = Instant::now();
+            let mut handled = 0u32;
             while conn.poll_close().is_none() && !rbuf.is_empty() {
+                handled += 1;
+                if handled.is_multiple_of(16) && slice_start.elapsed() >= BUSY_SLICE {
+                    tokio::task::yield_now().await;
+                    slice_start = Instant::now();
+                }
                 // The decode result is not kept across the await below (it
                 // would be stored in every task).
                 let p = match decode(&mut rbuf, conn.protocol(), conn.max_packet_size()) {
@@ -955,44 +986,61 @@ fn serve<S: Transport>(
             if rbuf.is_empty() && rbuf.capacity() > 0 {
                 rbuf = BytesMut::new(); // idle: hold no read buffer
             }
-            // 2. Write what the state machine produced.
-            conn.poll_transmit(Instant::now(), &mut wbuf);
+            // 2. Write what the state machine produced, as far as the
+            // socket takes it now. A write that would wait does not stop
+            // the connection: the wait below goes on reading (PINGREQ, acks),
+            // running the keep-alive and other timers and taking wake-ups
+            // (kicks, shutdown) while the rest goes out, until `wbuf` reaches
+            // WRITE_HIGH; then reading pauses too (TCP back-pressure on the
+            // client) and new messages stay in the session queue, under its
+            // limits. No progress for `stall`: the client is gone.
+            let signals = waker.take_signals();
+            if wbuf.len() < WRITE_HIGH || signals & ConnWaker::KICK != 0 {
+                conn.poll_transmit(Instant::now(), &mut wbuf);
+            }
             if !wbuf.is_empty() {
-                let stall =
-                    write_stall_limit(conn.keep_alive(), broker.config.limits.write_timeout);
-                let len = wbuf.len();
-                // Most writes go out at once; only one that would wait
-                // needs the (boxed) deadline machinery.
+                let before = wbuf.len();
                 let at_once = std::future::poll_fn(|cx| {
                     Poll::Ready(poll_write_now(&mut stream, &mut wbuf, cx))
                 })
                 .await;
-                let r = match at_once {
-                    Poll::Ready(Ok(())) => Ok(()),
-                    Poll::Ready(Err(_)) => Err(WriteFailure::Io),
-                    Poll::Pending => Box::pin(write_out(&mut stream, &mut wbuf, stall)).await,
-                };
-                match r {
-                    Ok(()) => {}
-                    Err(WriteFailure::Stalled) => {
-                        tracing::info!(%peer, "Client {} disconnected: stopped reading (no write progress for {:?})",
-                        conn.client_id().unwrap_or(""), stall);
+                broker.stats.count_bytes_sent(before - wbuf.len());
+                match at_once {
+                    Poll::Ready(Ok(())) => {
+                        stalled_since = None;
+                        wbuf_done(&mut wbuf);
+                    }
+                    Poll::Ready(Err(_)) => {
                         write_failed = true;
                         break;
                     }
-                    Err(WriteFailure::Io) => {
-                        write_failed = true;
-                        break;
+                    Poll::Pending if before != wbuf.len() || stalled_since.is_none() => {
+                        stalled_since = Some(Instant::now());
                     }
-                }
-                broker.stats.count_bytes_sent(len);
-                if wbuf.capacity() > KEEP_WRITE_CAPACITY {
-                    wbuf = BytesMut::new();
-                } else {
-                    wbuf.clear();
+                    Poll::Pending => {}
                 }
             }
             if let Some(c) = conn.poll_close() {
+                // What is still unwritten (the DISCONNECT or CONNACK saying
+                // why) gets the rest of the stall time, at most LINGER_TIME
+                // when the client has already stopped reading.
+                if !wbuf.is_empty() {
+                    let stall =
+                        write_stall_limit(conn.keep_alive(), broker.config.limits.write_timeout);
+                    let limit = if stalled_since.is_some() {
+                        stall.min(LINGER_TIME)
+                    } else {
+                        stall
+                    };
+                    let before = wbuf.len();
+                    if Box::pin(write_out(&mut stream, &mut wbuf, limit))
+                        .await
+                        .is_err()
+                    {
+                        write_failed = true;
+                    }
+                    broker.stats.count_bytes_sent(before - wbuf.len());
+                }
                 if connected {
                     tracing::info!(%peer, "Client {} disconnected: {}", conn.client_id().unwrap_or(""), c.why);
                 } else {
@@ -1010,7 +1058,6 @@ fn serve<S: Transport>(
             }
             // 3. Signals from the server: shutdown, and bans added while
             // connected, which close the connection (0x8A).
-            let signals = waker.take_signals();
             if signals & ConnWaker::SHUTDOWN != 0 && !shutting_down {
                 shutting_down = true;
                 conn.handle_shutdown();
@@ -1026,11 +1073,20 @@ fn serve<S: Transport>(
                     }
                 }
             }
-            // 4. Wait for input, a wake-up (delivery, kick, signal) or the
-            // timer. Polled by hand rather than with `select!`: no per-branch
-            // future is stored, so the waiting task stays small.
+            // 4. Wait for input, write progress, a wake-up (delivery, kick,
+            // signal) or the timer (the protocol's deadlines, and the write
+            // stall limit while a write waits). Polled by hand rather than
+            // with `select!`: no per-branch future is stored, so the waiting
+            // task stays small.
+            let stall_at = stalled_since.map(|t| {
+                t + write_stall_limit(conn.keep_alive(), broker.config.limits.write_timeout)
+            });
             {
-                let deadline = conn.poll_timeout().map(tokio::time::Instant::from_std);
+                let deadline = match (conn.poll_timeout(), stall_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+                .map(tokio::time::Instant::from_std);
                 if deadline != timer_at {
                     if let Some(d) = deadline {
                         timer.as_mut().reset(d);
@@ -1039,16 +1095,31 @@ fn serve<S: Transport>(
                 }
             }
             conn.release_idle_memory();
-            let paused = conn.is_paused();
+            let full = wbuf.len() >= WRITE_HIGH;
+            let read = !conn.is_paused() && !full;
             let event = std::future::poll_fn(|cx| {
-                if !paused {
+                if !wbuf.is_empty() {
+                    let before = wbuf.len();
+                    let r = poll_write_now(&mut stream, &mut wbuf, cx);
+                    if before != wbuf.len() || r.is_ready() {
+                        return Poll::Ready(Event::Wrote(before - wbuf.len(), r));
+                    }
+                }
+                if read {
                     if let Poll::Ready(r) =
                         poll_read_some(&mut stream, cx, &mut rbuf, &mut read_size)
                     {
                         return Poll::Ready(Event::Read(r));
                     }
                 }
-                if waker.poll_woken(cx).is_ready() {
+                // With full output, deliveries are left for later (they
+                // would only wake the task for nothing); signals still count.
+                let woken = if full {
+                    waker.poll_signalled(cx)
+                } else {
+                    waker.poll_woken(cx)
+                };
+                if woken.is_ready() {
                     return Poll::Ready(Event::Woken);
                 }
                 if timer_at.is_some() && std::future::Future::poll(timer.as_mut(), cx).is_ready() {
@@ -1066,10 +1137,35 @@ fn serve<S: Transport>(
                         eof = true;
                     }
                 }
+                Event::Wrote(n, r) => {
+                    broker.stats.count_bytes_sent(n);
+                    match r {
+                        Poll::Ready(Err(_)) => {
+                            write_failed = true;
+                            break;
+                        }
+                        Poll::Ready(Ok(())) => {
+                            stalled_since = None;
+                            wbuf_done(&mut wbuf);
+                        }
+                        Poll::Pending => stalled_since = Some(Instant::now()),
+                    }
+                }
                 Event::Woken => {}
                 Event::Timer => {
                     timer_at = None;
-                    conn.handle_timeout(Instant::now());
+                    let now = Instant::now();
+                    if stall_at.is_some_and(|t| t <= now) {
+                        let stall = write_stall_limit(
+                            conn.keep_alive(),
+                            broker.config.limits.write_timeout,
+                        );
+                        tracing::info!(%peer, "Client {} disconnected: stopped reading (no write progress for {:?})",
+                            conn.client_id().unwrap_or(""), stall);
+                        write_failed = true;
+                        break;
+                    }
+                    conn.handle_timeout(now);
                 }
             }
             if !connected && !preauth.set(rbuf.capacity().saturating_sub(PREAUTH_FREE)) {

@@ -553,6 +553,9 @@ impl ConnWaker {
     pub const SHUTDOWN: u8 = 1;
     /// A ban was added: the connection checks whether it is now banned.
     pub const BANS: u8 = 2;
+    /// The session was taken over or the connection kicked: it must look
+    /// (even while its client is not reading and its output is full).
+    pub const KICK: u8 = 4;
 
     pub fn wake(&self) {
         if !self.pending.swap(true, Ordering::AcqRel) {
@@ -616,6 +619,18 @@ impl ConnWaker {
         }
     }
 
+    /// Ready once a signal is raised (deliveries alone do not count): for a
+    /// connection that takes no more messages for now. The pending wake-up
+    /// is left set, so further deliveries do not wake the task again.
+    pub fn poll_signalled(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.waker.register(cx.waker());
+        if self.signals.load(Ordering::Acquire) != 0 {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
     /// Resolves after the next `wake` (or at once if one is pending).
     pub async fn notified(&self) {
         std::future::poll_fn(|cx| self.poll_woken(cx)).await
@@ -656,6 +671,13 @@ impl SessionStateGuarded {
     pub fn wake(&self) {
         if let Some(w) = &self.waker {
             w.wake();
+        }
+    }
+
+    /// Tell the attached connection to look at `conn_epoch` / `kick`.
+    pub fn signal_kick(&self) {
+        if let Some(w) = &self.waker {
+            w.signal(ConnWaker::KICK);
         }
     }
 

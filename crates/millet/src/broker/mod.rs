@@ -431,7 +431,7 @@ impl Broker {
                         st.takeover_will = Some((st.conn_epoch, w));
                     }
                     st.conn_epoch = 0;
-                    st.wake();
+                    st.signal_kick();
                     st.waker = None;
                     self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
                 } else if let (true, Some(w)) = (clean_start, old_will) {
