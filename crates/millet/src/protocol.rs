@@ -614,6 +614,7 @@ impl Connection {
         }
         if !st.blocked.is_empty()
             && st.session.queue_len() <= self.broker.config.limits.backpressure_queued / 2
+            && st.session.queued_bytes() <= self.broker.config.limits.max_queued_bytes / 4
         {
             st.release_blocked();
         }
@@ -1347,7 +1348,7 @@ impl Connection {
                 self.close_silently("memory budget reached: QoS 1/2 PUBLISH refused".into());
                 return false;
             }
-            self.ack_unrouted(p, ReasonCode::QUOTA_EXCEEDED);
+            self.refuse_publish(p);
             return false;
         }
         if v5
@@ -1361,10 +1362,22 @@ impl Connection {
                 .overload
                 .retained_refused
                 .fetch_add(1, Ordering::Relaxed);
-            self.ack_unrouted(p, ReasonCode::QUOTA_EXCEEDED);
+            self.refuse_publish(p);
             return false;
         }
         true
+    }
+
+    /// v5 PUBACK / PUBREC 0x97 for a QoS 1/2 PUBLISH, behind the
+    /// acknowledgements still held for earlier ones (they go out in order).
+    fn refuse_publish(&mut self, p: &Publish) {
+        let pid = p.packet_id.unwrap_or(0);
+        let rc = ReasonCode::QUOTA_EXCEEDED;
+        let ack = match p.qos {
+            QoS::ExactlyOnce => Packet::PubRec(PubResp::with_reason(pid, rc)),
+            _ => Packet::PubAck(PubResp::with_reason(pid, rc)),
+        };
+        self.queue_ack(0, ack);
     }
 
     /// The store forgets a completed outgoing message.

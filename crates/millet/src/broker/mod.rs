@@ -1021,6 +1021,10 @@ impl Broker {
         shed_qos0: bool,
     ) -> bool {
         let threshold = self.config.limits.backpressure_queued;
+        // In bytes too: half of `max_queued_bytes`, so that an online
+        // reader of large messages holds publishers back before its queue
+        // drops by the byte limit.
+        let bytes_threshold = self.config.limits.max_queued_bytes / 2;
         let (r, congested) = {
             let mut st = cell.state.lock();
             if d.qos == QoS::AtMostOnce && !d.replay {
@@ -1088,7 +1092,8 @@ impl Broker {
             let congested = match publisher {
                 Some(w)
                     if st.conn_epoch != 0
-                        && st.session.queue_len() >= threshold
+                        && (st.session.queue_len() >= threshold
+                            || st.session.queued_bytes() >= bytes_threshold)
                         && st.session.is_draining(Instant::now(), DRAIN_GRACE)
                         && !st.waker.as_ref().is_some_and(|own| Arc::ptr_eq(own, w)) =>
                 {
