@@ -259,13 +259,13 @@ def test_repeated_subscribe_with_many_retained_costs_bounded_work(millet_config)
     rtts: list[float] = []
 
     def prober():
-        # 150 round trips, 5 ms apart: they span the SUBSCRIBEs and both replays.
-        for _ in range(150):
+        # 300 round trips, 3 ms apart: they span the SUBSCRIBEs and both replays.
+        for _ in range(300):
             t = time.monotonic()
             probe.send(PINGREQ_PACKET)
             probe.expect(PINGRESP, skip_pingresp=False, timeout=10)
             rtts.append(time.monotonic() - t)
-            time.sleep(0.005)
+            time.sleep(0.003)
 
     flt = f"{root}/+"
     idle = []
@@ -274,12 +274,14 @@ def test_repeated_subscribe_with_many_retained_costs_bounded_work(millet_config)
         probe.send(PINGREQ_PACKET)
         probe.expect(PINGRESP, skip_pingresp=False)
         idle.append(time.monotonic() - t)
+    first = subscribe_packet(1, [(flt, 0)])
+    repeats = b"".join(subscribe_packet(2 + i, [(flt, 0)]) for i in range(REPEATS))
     cpu0 = cpu_seconds(pid)
     threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=prober, daemon=True)]
     for t in threads:
         t.start()
-    sub.send(subscribe_packet(1, [(flt, 0)]))
-    sub.send(b"".join(subscribe_packet(2 + i, [(flt, 0)]) for i in range(REPEATS)))
+    sub.send(first)
+    sub.send(repeats)
     # Retained markers: the "zz-marker" matches the filter too (QoS 1 stored, sent at QoS 0).
     marker = len(publish_packet(f"{root}/zz-marker", b"m", retain=True))
     suback = 5
@@ -299,6 +301,7 @@ def test_repeated_subscribe_with_many_retained_costs_bounded_work(millet_config)
     print(f"broker CPU {cpu:.2f} s, {len(rtts)} probe round trips, p99 {p99 * 1000:.1f} ms, "
           f"max {rtts[-1] * 1000:.1f} ms; idle max {max(idle) * 1000:.1f} ms; worst at {worst}")
     assert ok, f"two full replays not received: {received[0]} of {want} bytes"
+    assert len(rtts) == 300, f"the probe completed {len(rtts)} of 300 round trips (starved)"
     assert cpu < 3.0, f"the broker spent {cpu:.1f} s of CPU on {REPEATS + 1} SUBSCRIBEs"
     assert p99 < 0.050, f"probe PINGREQ p99 {p99 * 1000:.1f} ms"
     assert b.alive()
