@@ -96,7 +96,8 @@ impl Pressure {
             Pressure::Normal
         } else if used >= budget {
             Pressure::Full
-        } else if used >= budget / 100 * HIGH_WATERMARK_PERCENT {
+        } else if u128::from(used) * 100 >= u128::from(budget) * u128::from(HIGH_WATERMARK_PERCENT)
+        {
             Pressure::High
         } else {
             Pressure::Normal
@@ -125,5 +126,11 @@ mod tests {
         assert_eq!(Pressure::of(90, 100), Pressure::High);
         assert_eq!(Pressure::of(100, 100), Pressure::Full);
         assert_eq!(Pressure::of(u64::MAX, 0), Pressure::Normal);
+        assert_eq!(
+            Pressure::of(0, 50),
+            Pressure::Normal,
+            "a tiny budget is not always high"
+        );
+        assert_eq!(Pressure::of(u64::MAX - 1, u64::MAX), Pressure::High);
     }
 }
