@@ -128,8 +128,28 @@ pub struct Limits {
     pub min_keepalive: u16,
     /// Topic aliases a v5 client may define (topic alias maximum in CONNACK).
     pub topic_alias_max: u16,
-    /// Longest session expiry interval granted, seconds.
+    /// Longest session expiry interval granted, seconds (also caps 3.x
+    /// persistent sessions, which ask for "never"). Default 7 days.
     pub max_session_expiry: u32,
+    /// Payload bytes (topic + payload) queued per session; when full, QoS 0
+    /// goes first, then new messages are dropped (counted, like `max_queued`).
+    pub max_queued_bytes: usize,
+    /// Queue QoS 0 messages for sessions with no connection attached
+    /// (default false, like Mosquitto's `queue_qos0_messages`).
+    pub queue_qos0_offline: bool,
+    /// Broker-wide bytes of messages held in session queues, in-flight
+    /// windows and the retained store. At 90%: new sessions are refused
+    /// (0x97 / 3.x: 3) and QoS 0 deliveries dropped; at 100%: QoS 1/2
+    /// PUBLISH refused (v5 0x97; 3.x publisher disconnected). 0: no limit.
+    pub memory_budget: u64,
+    /// Most sessions (connected, and disconnected ones not yet expired);
+    /// further new sessions get CONNACK 0x97 (v5) / 3 (3.x).
+    pub max_sessions: usize,
+    /// Most retained topics; a new retained topic beyond it is not stored
+    /// (v5 QoS 1/2: PUBACK/PUBREC 0x97). Replacing or deleting one always works.
+    pub max_retained_messages: usize,
+    /// Most bytes (topic + payload) in the retained store, same policy.
+    pub max_retained_bytes: u64,
     /// Seconds a new connection has to send CONNECT.
     pub connect_timeout: u64,
     /// Retained messages one session may have waiting to be sent beyond
@@ -181,7 +201,13 @@ impl Default for Limits {
             max_keepalive: 3600,
             min_keepalive: 0,
             topic_alias_max: 64,
-            max_session_expiry: u32::MAX,
+            max_session_expiry: 7 * 24 * 3600,
+            max_queued_bytes: 16 << 20,
+            queue_qos0_offline: false,
+            memory_budget: 1 << 30,
+            max_sessions: 1_000_000,
+            max_retained_messages: 1_000_000,
+            max_retained_bytes: 256 << 20,
             connect_timeout: 10,
             max_retained_replay: 1_000_000,
             write_timeout: 60,
@@ -251,6 +277,27 @@ pub struct Cli {
     /// Messages queued per session; when full, QoS 0 goes first, then new messages are dropped.
     #[arg(long)]
     pub max_queued: Option<usize>,
+    /// Payload bytes queued per session (topic + payload); beyond, dropped like --max-queued.
+    #[arg(long)]
+    pub max_queued_bytes: Option<usize>,
+    /// Queue QoS 0 messages for disconnected sessions (default: not queued, like Mosquitto).
+    #[arg(long)]
+    pub queue_qos0_offline: Option<bool>,
+    /// Broker-wide bytes of queued, in-flight and retained messages (0: none); see README limits.
+    #[arg(long)]
+    pub memory_budget: Option<u64>,
+    /// Most sessions, connected or not; beyond, CONNACK 0x97 (v5) / 3 (3.x).
+    #[arg(long)]
+    pub max_sessions: Option<usize>,
+    /// Most retained topics; a new one beyond is not stored (v5 QoS 1/2: 0x97).
+    #[arg(long)]
+    pub max_retained_messages: Option<usize>,
+    /// Most bytes in the retained store; a new topic beyond is not stored.
+    #[arg(long)]
+    pub max_retained_bytes: Option<u64>,
+    /// Longest session expiry granted, seconds (default 604800, 7 days).
+    #[arg(long)]
+    pub max_session_expiry: Option<u32>,
     /// A publisher to an online session with this many queued messages is not read until the queue halves.
     #[arg(long)]
     pub backpressure_queued: Option<usize>,
@@ -324,6 +371,13 @@ impl Config {
         set!(l.max_inflight, cli.max_inflight);
         set!(l.receive_maximum, cli.receive_maximum);
         set!(l.max_queued, cli.max_queued);
+        set!(l.max_queued_bytes, cli.max_queued_bytes);
+        set!(l.queue_qos0_offline, cli.queue_qos0_offline);
+        set!(l.memory_budget, cli.memory_budget);
+        set!(l.max_sessions, cli.max_sessions);
+        set!(l.max_retained_messages, cli.max_retained_messages);
+        set!(l.max_retained_bytes, cli.max_retained_bytes);
+        set!(l.max_session_expiry, cli.max_session_expiry);
         set!(l.max_subscriptions, cli.max_subscriptions);
         set!(l.backpressure_queued, cli.backpressure_queued);
         set!(l.max_keepalive, cli.max_keepalive);

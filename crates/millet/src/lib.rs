@@ -10,6 +10,7 @@
 //!   window, QoS 2 ids awaiting PUBREL, will, expiry.
 //! - [`broker`]: routing (subscription index, `$share` groups), retained
 //!   messages, client registry and takeover, delayed wills, `$SYS`.
+//! - [`budget`]: broker-wide memory accounting (`limits.memory_budget`).
 //! - [`alias`]: topic aliases both ways (O(1) outbound assignment with replacement).
 //! - [`auth`]: the enhanced-authentication (AUTH) provider interface.
 //! - [`security`]: TLS, the authentication chain, ACL, quotas and bans.
@@ -23,6 +24,7 @@
 pub mod alias;
 pub mod auth;
 pub mod broker;
+pub mod budget;
 pub mod config;
 pub mod protocol;
 pub mod security;

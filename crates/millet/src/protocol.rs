@@ -37,7 +37,9 @@ use crate::broker::{Broker, SubscribeOutcome};
 use crate::security::acl::{Access, Rule};
 use crate::security::quota::{ClientLimiter, ExceededAction, QuotaDecision};
 use crate::security::V3DenyAction;
-use crate::session::{ConnWaker, Delivery, InflightState, Message, SessionCell, Subscription};
+use crate::session::{
+    ConnWaker, DeferredReplay, Delivery, InflightState, Message, SessionCell, Subscription,
+};
 use crate::store::Op;
 
 /// The driver's decision on a CONNECT (authentication chain, bans, per-user
@@ -150,6 +152,12 @@ const MAX_CREDENTIAL_VALIDITY: Duration = Duration::from_secs(100 * 365 * 24 * 3
 /// Longest a publisher is held back by a congested session before it is
 /// read again (breaks cycles of connections that hold each other back).
 const MAX_BACKPRESSURE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Queued messages encoded by one [`Connection::poll_transmit`] call, in
+/// bytes: the rest waits for the next call (the connection wakes itself), so
+/// a long queue (a replay of 100,000 retained messages) is written in slices
+/// between which the task yields to the others on its thread.
+const TRANSMIT_SLICE: usize = 256 * 1024;
 
 pub struct Connection {
     broker: Arc<Broker>,
@@ -532,6 +540,12 @@ impl Connection {
             }
         }
         loop {
+            if buf.len() >= TRANSMIT_SLICE {
+                if session.has_pending() {
+                    self.waker.wake();
+                }
+                break;
+            }
             let window_full = session.inflight_len() >= active.send_window;
             let Some(d) = session.pop_queued(now) else {
                 break;
@@ -612,11 +626,22 @@ impl Connection {
         }
         if !st.blocked.is_empty()
             && st.session.queue_len() <= self.broker.config.limits.backpressure_queued / 2
+            && st.session.queued_bytes() <= self.broker.config.limits.max_queued_bytes / 4
         {
             st.release_blocked();
         }
+        // Re-SUBSCRIBEs coalesced while a replay was under way: their
+        // replay, now that it has left the queue.
+        let due = if st.session.has_deferred_replays() {
+            st.session.take_due_replays()
+        } else {
+            Vec::new()
+        };
         drop(st);
         sent.add_to(stats);
+        for r in &due {
+            self.broker.replay_retained(&cell, r, now);
+        }
     }
 
     /// The earliest deadline at which [`Connection::handle_timeout`] must be called.
@@ -968,6 +993,21 @@ impl Connection {
             // Copied: a slice would pin the whole read chunk for the life of the session.
             ByteString::from(&*c.client_id)
         };
+        if let Err(why) = self.broker.admit_session(&client_id) {
+            // A new session would take memory the broker does not have, or
+            // one more than `max_sessions`: 0x97 (3.x: 3, server unavailable).
+            let rc = if v5 {
+                ReasonCode::QUOTA_EXCEEDED
+            } else {
+                ReasonCode::SERVER_UNAVAILABLE
+            };
+            let why = match why {
+                crate::broker::SessionRefusal::MaxSessions => "max_sessions reached",
+                crate::broker::SessionRefusal::Memory => "memory budget high watermark reached",
+            };
+            tracing::debug!(%client_id, why, "new session refused");
+            return self.connack_error(rc, format!("new session refused: {why}"));
+        }
         let mut keep_alive = c.keep_alive;
         if v5
             && (keep_alive > limits.max_keepalive || (keep_alive == 0 && limits.min_keepalive > 0))
@@ -1233,6 +1273,10 @@ impl Connection {
         let qos = p.qos;
         let pid = p.packet_id.unwrap_or(0);
         let mut rel_seq = 0;
+        let receive_maximum = usize::from(limits.receive_maximum);
+        if qos != QoS::AtMostOnce && !self.admit_publish(a, &p) {
+            return;
+        }
         if qos == QoS::ExactlyOnce {
             let mut st = a.cell.state.lock();
             if st.session.awaiting_rel.contains(&pid) {
@@ -1242,7 +1286,7 @@ impl Connection {
                 self.queue_ack(0, Packet::PubRec(PubResp::new(pid)));
                 return;
             }
-            if st.session.awaiting_rel.len() >= usize::from(limits.receive_maximum) {
+            if st.session.awaiting_rel.len() >= receive_maximum {
                 drop(st);
                 return self.close_with(
                     ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
@@ -1288,6 +1332,67 @@ impl Connection {
             QoS::AtLeastOnce => self.queue_ack(seq, Packet::PubAck(PubResp::with_reason(pid, rc))),
             QoS::ExactlyOnce => self.queue_ack(seq, Packet::PubRec(PubResp::with_reason(pid, rc))),
         }
+    }
+
+    /// Overload protection for an inbound QoS 1/2 PUBLISH (not a resend of
+    /// a QoS 2 message we hold): at the memory budget, or a new retained
+    /// topic beyond the retained caps (v5 only: 3.x gets the message routed,
+    /// not retained), it is refused. v5: PUBACK / PUBREC 0x97. 3.x has no
+    /// negative acknowledgement and we never acknowledge a message we drop:
+    /// the publisher is disconnected (it resends after reconnecting).
+    fn admit_publish(&mut self, a: &Active, p: &Publish) -> bool {
+        let v5 = self.protocol == Some(Protocol::V5);
+        let deleting = p.retain && p.payload.is_empty();
+        if p.qos == QoS::ExactlyOnce
+            && a.cell
+                .state
+                .lock()
+                .session
+                .awaiting_rel
+                .contains(&p.packet_id.unwrap_or(0))
+        {
+            return true; // a resend: acknowledged again below
+        }
+        let full = !deleting && self.broker.memory_pressure() == crate::budget::Pressure::Full;
+        if full {
+            self.broker
+                .overload
+                .publish_refused_memory
+                .fetch_add(1, Ordering::Relaxed);
+            if !v5 {
+                self.close_silently("memory budget reached: QoS 1/2 PUBLISH refused".into());
+                return false;
+            }
+            self.refuse_publish(p);
+            return false;
+        }
+        if v5
+            && p.retain
+            && !deleting
+            && !self
+                .broker
+                .retained_admits(&p.topic, (p.topic.len() + p.payload.len()) as u64)
+        {
+            self.broker
+                .overload
+                .retained_refused
+                .fetch_add(1, Ordering::Relaxed);
+            self.refuse_publish(p);
+            return false;
+        }
+        true
+    }
+
+    /// v5 PUBACK / PUBREC 0x97 for a QoS 1/2 PUBLISH, behind the
+    /// acknowledgements still held for earlier ones (they go out in order).
+    fn refuse_publish(&mut self, p: &Publish) {
+        let pid = p.packet_id.unwrap_or(0);
+        let rc = ReasonCode::QUOTA_EXCEEDED;
+        let ack = match p.qos {
+            QoS::ExactlyOnce => Packet::PubRec(PubResp::with_reason(pid, rc)),
+            _ => Packet::PubAck(PubResp::with_reason(pid, rc)),
+        };
+        self.queue_ack(0, ack);
     }
 
     /// The store forgets a completed outgoing message.
@@ -1478,23 +1583,21 @@ impl Connection {
                         && (options.retain_handling == 0
                             || (options.retain_handling == 1 && is_new));
                     if send_retained {
-                        let retained = self.broker.retained_matching(filter, now);
-                        a.cell.state.lock().session.grant_replay_room(
-                            retained.len(),
-                            self.broker.config.limits.max_retained_replay,
-                        );
-                        for m in retained {
-                            let mut ids = smallvec::SmallVec::new();
-                            ids.extend(s.subscription_identifier);
-                            let d = Delivery {
-                                qos: m.qos.min(options.qos),
-                                msg: m,
-                                retain: true, // [MQTT-3.3.1-8]
-                                subscription_ids: ids,
-                                share: None,
-                                seq: 0,
-                            };
-                            self.broker.deliver(&a.cell, d);
+                        let replay = DeferredReplay {
+                            filter: ByteString::from(&**filter),
+                            options,
+                            identifier: s.subscription_identifier,
+                        };
+                        // A repeat while this filter's replay is still under
+                        // way is coalesced: O(1) here.
+                        let now_due = a
+                            .cell
+                            .state
+                            .lock()
+                            .session
+                            .replay_started(filter, replay.clone());
+                        if now_due {
+                            self.broker.replay_retained(&a.cell, &replay, now);
                         }
                     }
                 }

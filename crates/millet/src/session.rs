@@ -91,6 +91,23 @@ pub struct Delivery {
     pub share: Option<ByteString>,
     /// Position of the stored queue entry (0: not persisted).
     pub seq: u64,
+    /// A retained message replayed on SUBSCRIBE: it shares the retained
+    /// store's copy, so it is charged to neither the session's bytes nor the
+    /// memory budget (the store is), and it uses the replay room.
+    pub replay: bool,
+}
+
+impl Delivery {
+    /// Bytes this delivery holds, as charged to the session and the budget:
+    /// topic + payload (a payload shared by several sessions is charged to
+    /// each: a conservative approximation), nothing for a retained replay.
+    pub fn charge(&self) -> usize {
+        if self.replay {
+            0
+        } else {
+            self.msg.topic.len() + self.msg.payload.len()
+        }
+    }
 }
 
 /// A subscription as the session records it.
@@ -118,16 +135,17 @@ pub enum InflightState {
 }
 
 /// What happened to a message offered to a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enqueued {
     Queued,
     /// The queue was full; the new message was dropped.
     Dropped,
-    /// The queue was full; the oldest queued QoS 0 message was dropped to
-    /// make room. `seq`: its store position (0: not persisted), for the
-    /// caller to delete it from the store.
+    /// The queue was full; the oldest queued QoS 0 messages (one for the
+    /// message count, maybe more for the byte limit) were dropped to make
+    /// room. `seqs`: their store positions (0: not persisted), for the
+    /// caller to delete them from the store.
     DisplacedQos0 {
-        seq: u64,
+        seqs: SmallVec<[u64; 2]>,
     },
 }
 
@@ -142,6 +160,8 @@ struct Queue {
     q12: VecDeque<(u64, Delivery)>,
     /// Arrival number of the next push.
     next: u64,
+    /// Bytes ([`Delivery::charge`]) of the entries in `q0`.
+    bytes0: usize,
 }
 
 impl Queue {
@@ -153,6 +173,7 @@ impl Queue {
         let n = self.next;
         self.next += 1;
         if d.qos == QoS::AtMostOnce {
+            self.bytes0 += d.charge();
             self.q0.push_back((n, d));
         } else {
             self.q12.push_back((n, d));
@@ -175,7 +196,17 @@ impl Queue {
         } else {
             &mut self.q12
         };
-        q.pop_front().map(|(_, d)| d)
+        let d = q.pop_front().map(|(_, d)| d)?;
+        if d.qos == QoS::AtMostOnce {
+            self.bytes0 -= d.charge();
+        }
+        Some(d)
+    }
+
+    fn pop_front_q0(&mut self) -> Option<(u64, Delivery)> {
+        let e = self.q0.pop_front()?;
+        self.bytes0 -= e.1.charge();
+        Some(e)
     }
 
     /// Put `d` before every queued delivery.
@@ -191,6 +222,7 @@ impl Queue {
             .unwrap_or(self.next);
         let n = head.wrapping_sub(1);
         if d.qos == QoS::AtMostOnce {
+            self.bytes0 += d.charge();
             self.q0.push_front((n, d));
         } else {
             self.q12.push_front((n, d));
@@ -284,6 +316,31 @@ pub struct Session {
     /// ([`Session::grant_replay_room`]), and whether the last pop used it.
     replay_room: usize,
     popped_room: bool,
+    /// Bytes ([`Delivery::charge`]) in the queue and in the in-flight
+    /// window, mirrored into `meter`; the queue's are limited to `max_queued_bytes`.
+    queued_bytes: usize,
+    inflight_bytes: usize,
+    max_queued_bytes: usize,
+    meter: Arc<crate::budget::Meter>,
+    /// Filters whose retained replay is under way (see [`Session::replay_started`]),
+    /// and re-SUBSCRIBEs to them coalesced into one replay after it.
+    replaying: Vec<ByteString>,
+    deferred_replays: Vec<DeferredReplay>,
+}
+
+/// A re-SUBSCRIBE's retained replay, run once the replay before it is sent.
+#[derive(Debug, Clone)]
+pub struct DeferredReplay {
+    pub filter: ByteString,
+    pub options: SubscriptionOptions,
+    pub identifier: Option<u32>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.meter
+            .charge(-((self.queued_bytes + self.inflight_bytes) as i64));
+    }
 }
 
 impl Session {
@@ -309,7 +366,85 @@ impl Session {
             prev_drain: None,
             replay_room: 0,
             popped_room: false,
+            queued_bytes: 0,
+            inflight_bytes: 0,
+            max_queued_bytes: usize::MAX,
+            meter: Arc::default(),
+            replaying: Vec::new(),
+            deferred_replays: Vec::new(),
         }
+    }
+
+    /// Limit the queue to `max_queued_bytes` and charge the bytes held to
+    /// `meter` (the broker's; a new session has a meter of its own).
+    pub fn set_memory_limits(&mut self, max_queued_bytes: usize, meter: Arc<crate::budget::Meter>) {
+        let held = (self.queued_bytes + self.inflight_bytes) as i64;
+        self.meter.charge(-held);
+        meter.charge(held);
+        self.meter = meter;
+        self.max_queued_bytes = max_queued_bytes;
+    }
+
+    /// Bytes queued ([`Delivery::charge`]), not counting the in-flight window.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    fn add_queued(&mut self, n: usize) {
+        self.queued_bytes += n;
+        self.meter.charge(n as i64);
+    }
+
+    fn sub_queued(&mut self, n: usize) {
+        self.queued_bytes -= n;
+        self.meter.charge(-(n as i64));
+    }
+
+    fn sub_inflight(&mut self, n: usize) {
+        self.inflight_bytes -= n;
+        self.meter.charge(-(n as i64));
+    }
+
+    /// A SUBSCRIBE wants the retained messages of `filter` replayed. Returns
+    /// true if the caller is to replay them now; false if a replay of that
+    /// filter is still under way, in which case this one is coalesced into
+    /// a single replay run after it ([`Session::take_due_replays`]). So a
+    /// client repeating SUBSCRIBE costs one scan of the retained store per
+    /// replay it actually receives, not one per packet, and still gets every
+    /// retained message after its last SUBSCRIBE [MQTT-3.3.1-9].
+    pub fn replay_started(&mut self, filter: &ByteString, replay: DeferredReplay) -> bool {
+        if self.replay_room == 0 && self.deferred_replays.is_empty() {
+            self.replaying.clear();
+        }
+        if self.replay_room > 0 && self.replaying.iter().any(|f| f == filter) {
+            match self
+                .deferred_replays
+                .iter_mut()
+                .find(|d| d.filter == *filter)
+            {
+                Some(d) => *d = replay,
+                None => self.deferred_replays.push(replay),
+            }
+            return false;
+        }
+        if !self.replaying.iter().any(|f| f == filter) {
+            self.replaying.push(ByteString::from(&**filter));
+        }
+        true
+    }
+
+    /// Coalesced replays due now: the replays before them have left the queue.
+    pub fn take_due_replays(&mut self) -> Vec<DeferredReplay> {
+        if self.replay_room > 0 {
+            return Vec::new();
+        }
+        self.replaying.clear();
+        std::mem::take(&mut self.deferred_replays)
+    }
+
+    /// Whether coalesced replays wait (cheap check for the connection).
+    pub fn has_deferred_replays(&self) -> bool {
+        !self.deferred_replays.is_empty()
     }
 
     /// Is the attached reader draining this queue: did a message leave it
@@ -325,8 +460,15 @@ impl Session {
     /// Whether a message of `qos` offered now would be kept (queued, possibly
     /// displacing an older QoS 0 message) rather than dropped. O(1); lets the
     /// broker skip the store work for a message about to be dropped.
-    pub fn admits(&self, qos: QoS) -> bool {
-        self.queue.len() < self.capacity() || (qos != QoS::AtMostOnce && !self.queue.q0.is_empty())
+    pub fn admits(&self, d: &Delivery) -> bool {
+        self.fits(d.charge()) || (d.qos != QoS::AtMostOnce && !self.queue.q0.is_empty())
+    }
+
+    /// Room for one more message of `charge` bytes (a replay, 0 bytes, only
+    /// needs room in the count).
+    fn fits(&self, charge: usize) -> bool {
+        self.queue.len() < self.capacity()
+            && (charge == 0 || self.queued_bytes.saturating_add(charge) <= self.max_queued_bytes)
     }
 
     /// `max_queued`, plus the room granted to retained replays not yet sent.
@@ -347,8 +489,10 @@ impl Session {
     /// message is dropped. O(1). Drops are counted in [`Session::dropped`];
     /// the caller logs them through [`Session::drop_log`] (throttled).
     pub fn enqueue(&mut self, d: Delivery) -> Enqueued {
-        if self.queue.len() < self.capacity() {
+        let charge = d.charge();
+        if self.fits(charge) {
             self.queue.push_back(d);
+            self.add_queued(charge);
             return Enqueued::Queued;
         }
         self.dropped += 1;
@@ -356,13 +500,33 @@ impl Session {
         if d.qos == QoS::AtMostOnce {
             return Enqueued::Dropped;
         }
-        match self.queue.q0.pop_front() {
-            Some((_, old)) => {
-                self.queue.push_back(d);
-                Enqueued::DisplacedQos0 { seq: old.seq }
-            }
-            None => Enqueued::Dropped,
+        // QoS 1/2: displace the oldest QoS 0 messages until it fits (one
+        // for the count; for the byte limit maybe several), if dropping
+        // every QoS 0 message would make room at all (checked first, so
+        // each message is displaced at most once: amortized O(1)).
+        let rest_bytes = self.queued_bytes - self.queue.bytes0;
+        if self.queue.q0.is_empty()
+            || self.queue.q12.len() >= self.capacity()
+            || (charge > 0 && rest_bytes.saturating_add(charge) > self.max_queued_bytes)
+        {
+            return Enqueued::Dropped;
         }
+        let mut seqs = SmallVec::new();
+        let mut freed = 0;
+        while self.queue.len() >= self.capacity()
+            || (charge > 0
+                && (self.queued_bytes - freed).saturating_add(charge) > self.max_queued_bytes)
+        {
+            let Some((_, old)) = self.queue.pop_front_q0() else {
+                break; // not reached: checked above
+            };
+            freed += old.charge();
+            seqs.push(old.seq);
+        }
+        self.sub_queued(freed);
+        self.queue.push_back(d);
+        self.add_queued(charge);
+        Enqueued::DisplacedQos0 { seqs }
     }
 
     pub fn queue_len(&self) -> usize {
@@ -381,6 +545,7 @@ impl Session {
     /// skipping expired messages.
     pub fn pop_queued(&mut self, now: Instant) -> Option<Delivery> {
         while let Some(d) = self.queue.pop_front() {
+            self.sub_queued(d.charge());
             if !d.msg.is_expired(now) {
                 self.prev_drain = self.last_drain;
                 self.last_drain = Some(now);
@@ -402,6 +567,7 @@ impl Session {
             self.popped_room = false;
             self.replay_room += 1;
         }
+        self.add_queued(d.charge());
         self.queue.push_front(d);
     }
 
@@ -427,6 +593,9 @@ impl Session {
         delivery: Delivery,
         state: InflightState,
     ) {
+        let charge = delivery.charge();
+        self.inflight_bytes += charge;
+        self.meter.charge(charge as i64);
         self.inflight
             .push_back((packet_id, Inflight { delivery, state }));
     }
@@ -446,6 +615,12 @@ impl Session {
         s
     }
 
+    fn remove_inflight(&mut self, pos: usize) {
+        if let Some((_, i)) = self.inflight.remove(pos) {
+            self.sub_inflight(i.delivery.charge());
+        }
+    }
+
     fn inflight_pos(&self, packet_id: u16) -> Option<usize> {
         self.inflight.iter().position(|(p, _)| *p == packet_id)
     }
@@ -457,7 +632,7 @@ impl Session {
                 if self.inflight[pos].1.delivery.qos == QoS::AtLeastOnce
                     && self.inflight[pos].1.state == InflightState::AwaitAck =>
             {
-                self.inflight.remove(pos);
+                self.remove_inflight(pos);
                 true
             }
             _ => false,
@@ -470,7 +645,7 @@ impl Session {
         match self.inflight_pos(packet_id) {
             Some(pos) if self.inflight[pos].1.delivery.qos == QoS::ExactlyOnce => {
                 if is_error {
-                    self.inflight.remove(pos);
+                    self.remove_inflight(pos);
                 } else {
                     self.inflight[pos].1.state = InflightState::AwaitComp;
                 }
@@ -484,7 +659,7 @@ impl Session {
     pub fn handle_pubcomp(&mut self, packet_id: u16) -> bool {
         match self.inflight_pos(packet_id) {
             Some(pos) if self.inflight[pos].1.state == InflightState::AwaitComp => {
-                self.inflight.remove(pos);
+                self.remove_inflight(pos);
                 true
             }
             _ => false,
@@ -501,7 +676,7 @@ impl Session {
     pub fn forget_inflight(&mut self, packet_id: u16) -> bool {
         match self.inflight_pos(packet_id) {
             Some(pos) => {
-                self.inflight.remove(pos);
+                self.remove_inflight(pos);
                 true
             }
             None => false,
@@ -511,6 +686,8 @@ impl Session {
     /// Remove every in-flight and queued message (for shared-subscription
     /// redelivery when the session ends): returns them.
     pub fn drain_all(&mut self) -> Vec<Delivery> {
+        self.sub_inflight(self.inflight_bytes);
+        self.sub_queued(self.queued_bytes);
         let mut out: Vec<Delivery> = self
             .inflight
             .drain(..)
@@ -525,8 +702,24 @@ impl Session {
 
     /// Forget messages that have expired while queued.
     pub fn expire_queued(&mut self, now: Instant) {
-        self.queue.q0.retain(|(_, d)| !d.msg.is_expired(now));
-        self.queue.q12.retain(|(_, d)| !d.msg.is_expired(now));
+        let mut freed0 = 0;
+        self.queue.q0.retain(|(_, d)| {
+            let expired = d.msg.is_expired(now);
+            if expired {
+                freed0 += d.charge();
+            }
+            !expired
+        });
+        let mut freed12 = 0;
+        self.queue.q12.retain(|(_, d)| {
+            let expired = d.msg.is_expired(now);
+            if expired {
+                freed12 += d.charge();
+            }
+            !expired
+        });
+        self.queue.bytes0 -= freed0;
+        self.sub_queued(freed0 + freed12);
     }
 }
 
@@ -736,6 +929,7 @@ mod tests {
             subscription_ids: Default::default(),
             share: None,
             seq: 0,
+            replay: false,
         };
         s.grant_replay_room(3, 100);
         for i in 0..5 {
@@ -777,6 +971,7 @@ mod tests {
             subscription_ids: SmallVec::new(),
             share: None,
             seq: 0,
+            replay: false,
         }
     }
 
@@ -787,7 +982,9 @@ mod tests {
         assert_eq!(s.enqueue(msg(QoS::AtLeastOnce)), Enqueued::Queued);
         assert_eq!(
             s.enqueue(msg(QoS::AtLeastOnce)),
-            Enqueued::DisplacedQos0 { seq: 0 }
+            Enqueued::DisplacedQos0 {
+                seqs: smallvec::smallvec![0]
+            }
         );
         assert_eq!(s.enqueue(msg(QoS::AtLeastOnce)), Enqueued::Dropped);
         assert_eq!(s.enqueue(msg(QoS::AtMostOnce)), Enqueued::Dropped);
@@ -817,7 +1014,7 @@ mod tests {
         for t in ["a", "b", "c"] {
             assert_eq!(s.enqueue(tagged(QoS::AtLeastOnce, t)), Enqueued::Queued);
         }
-        assert!(!s.admits(QoS::AtLeastOnce) && !s.admits(QoS::AtMostOnce));
+        assert!(!s.admits(&msg(QoS::AtLeastOnce)) && !s.admits(&msg(QoS::AtMostOnce)));
         assert_eq!(s.enqueue(tagged(QoS::AtLeastOnce, "d")), Enqueued::Dropped);
         assert_eq!(s.enqueue(tagged(QoS::ExactlyOnce, "e")), Enqueued::Dropped);
         assert_eq!(s.enqueue(tagged(QoS::AtMostOnce, "f")), Enqueued::Dropped);
@@ -839,17 +1036,21 @@ mod tests {
             d.seq = seq;
             assert_eq!(s.enqueue(d), Enqueued::Queued);
         }
-        assert!(s.admits(QoS::AtLeastOnce) && !s.admits(QoS::AtMostOnce));
+        assert!(s.admits(&msg(QoS::AtLeastOnce)) && !s.admits(&msg(QoS::AtMostOnce)));
         // QoS 0 offered to a full queue is dropped; QoS 1/2 displaces the
         // oldest QoS 0 ("b", store position 11), then the next ("d", 13).
         assert_eq!(s.enqueue(tagged(QoS::AtMostOnce, "x")), Enqueued::Dropped);
         assert_eq!(
             s.enqueue(tagged(QoS::AtLeastOnce, "f")),
-            Enqueued::DisplacedQos0 { seq: 11 }
+            Enqueued::DisplacedQos0 {
+                seqs: smallvec::smallvec![11]
+            }
         );
         assert_eq!(
             s.enqueue(tagged(QoS::ExactlyOnce, "g")),
-            Enqueued::DisplacedQos0 { seq: 13 }
+            Enqueued::DisplacedQos0 {
+                seqs: smallvec::smallvec![13]
+            }
         );
         assert_eq!(s.enqueue(tagged(QoS::AtLeastOnce, "h")), Enqueued::Dropped);
         assert_eq!(s.dropped, 4);
@@ -928,6 +1129,98 @@ mod tests {
             elapsed < std::time::Duration::from_secs(2),
             "150,000 offers to a full queue took {elapsed:?}"
         );
+    }
+
+    fn sized(qos: QoS, n: usize) -> Delivery {
+        let mut d = msg(qos);
+        d.msg = Arc::new(Message {
+            payload: Bytes::from(vec![0u8; n - 1]), // + the 1-byte topic "t"
+            ..d.msg.detached()
+        });
+        d
+    }
+
+    #[test]
+    fn queue_is_bounded_in_bytes_and_charges_the_meter() {
+        let meter = Arc::new(crate::budget::Meter::default());
+        let mut s = Session::new(1, "c".into(), 100);
+        s.set_memory_limits(1000, meter.clone());
+        assert_eq!(s.enqueue(sized(QoS::AtMostOnce, 300)), Enqueued::Queued);
+        assert_eq!(s.enqueue(sized(QoS::AtMostOnce, 300)), Enqueued::Queued);
+        assert_eq!(s.enqueue(sized(QoS::AtLeastOnce, 300)), Enqueued::Queued);
+        assert_eq!(s.queued_bytes(), 900);
+        // QoS 0 that does not fit is dropped; QoS 1 displaces as many QoS 0 as needed.
+        assert_eq!(s.enqueue(sized(QoS::AtMostOnce, 200)), Enqueued::Dropped);
+        assert_eq!(
+            s.enqueue(sized(QoS::AtLeastOnce, 600)),
+            Enqueued::DisplacedQos0 {
+                seqs: smallvec::smallvec![0, 0]
+            }
+        );
+        assert_eq!(s.queued_bytes(), 900);
+        // Nothing left to displace: dropped, the queue unchanged.
+        assert_eq!(s.enqueue(sized(QoS::AtLeastOnce, 200)), Enqueued::Dropped);
+        // Bigger than the whole limit: dropped at once.
+        assert_eq!(s.enqueue(sized(QoS::ExactlyOnce, 5000)), Enqueued::Dropped);
+        assert_eq!(s.dropped, 3 + 1);
+        crate::budget::Meter::flush_local();
+        assert_eq!(meter.used(), 900);
+        // Queue -> in flight keeps the charge; the ack releases it.
+        let now = Instant::now();
+        let d = s.pop_queued(now).unwrap();
+        s.push_inflight(1, d);
+        crate::budget::Meter::flush_local();
+        assert_eq!((s.queued_bytes(), meter.used()), (600, 900));
+        assert!(s.handle_puback(1));
+        crate::budget::Meter::flush_local();
+        assert_eq!(meter.used(), 600);
+        // A retained replay is charged nothing (it shares the retained copy).
+        let mut r = sized(QoS::AtMostOnce, 900);
+        r.replay = true;
+        s.grant_replay_room(1, 10);
+        assert_eq!(s.enqueue(r), Enqueued::Queued);
+        assert_eq!(s.queued_bytes(), 600);
+        // What the session still holds is released with it.
+        drop(s);
+        crate::budget::Meter::flush_local();
+        assert_eq!(meter.used(), 0);
+    }
+
+    #[test]
+    fn repeated_subscribes_coalesce_while_a_replay_is_under_way() {
+        let mut s = Session::new(1, "c".into(), 10);
+        let f: ByteString = "a/+".into();
+        let r = |id| DeferredReplay {
+            filter: "a/+".into(),
+            options: SubscriptionOptions::default(),
+            identifier: Some(id),
+        };
+        assert!(s.replay_started(&f, r(1)));
+        s.grant_replay_room(2, 100);
+        for i in 0..2 {
+            let mut d = tagged(QoS::AtMostOnce, "x");
+            d.replay = true;
+            d.seq = i;
+            s.enqueue(d);
+        }
+        // Repeats while those two are queued: coalesced, the last one's options kept.
+        for id in 2..100 {
+            assert!(!s.replay_started(&f, r(id)));
+        }
+        // Another filter replays at once.
+        assert!(s.replay_started(&"b/#".into(), r(7)));
+        assert!(
+            s.take_due_replays().is_empty(),
+            "not due before the replay is sent"
+        );
+        let now = Instant::now();
+        s.pop_queued(now).unwrap();
+        assert!(s.take_due_replays().is_empty());
+        s.pop_queued(now).unwrap();
+        let due = s.take_due_replays();
+        assert_eq!(due.len(), 1);
+        assert_eq!((&*due[0].filter, due[0].identifier), ("a/+", Some(99)));
+        assert!(!s.has_deferred_replays());
     }
 
     #[test]

@@ -1177,3 +1177,60 @@ fn outbound_topic_aliases_are_remapped_past_the_maximum_and_reset_per_connection
         ("x/3", Some(1))
     );
 }
+
+/// Issue 11 item 6: the broker-wide byte count follows queue → in flight →
+/// acknowledged exactly, QoS 0 is not queued for an offline session, and
+/// the retained caps refuse a new topic (v5 0x97) but not a replacement.
+#[test]
+fn memory_accounting_qos0_offline_and_retained_caps() {
+    let (b, t0) = broker_with(|c| {
+        c.limits.max_retained_messages = 1;
+    });
+    let mut c = connect_packet(Protocol::V5, "off", false);
+    c.properties.session_expiry_interval = Some(1000);
+    let (mut sub, _) = Client::new(&b, c.clone(), t0);
+    sub.subscribe("m/#", QoS::AtLeastOnce, t0);
+    sub.conn.handle_closed(t0);
+    let mut p = Client::v5(&b, "p", t0);
+    p.publish("m/zero", b"0123456789", QoS::AtMostOnce, None, t0);
+    p.publish("m/one", b"0123456789", QoS::AtLeastOnce, Some(1), t0);
+    p.recv(t0);
+    millet::budget::Meter::flush_local();
+    assert_eq!(
+        b.memory_used(),
+        15,
+        "only the QoS 1 message is queued: topic + payload"
+    );
+    let (mut sub, _) = Client::new(&b, c, t0);
+    let got = sub.recv(t0);
+    let got = publishes(&got);
+    assert_eq!(got.len(), 1, "QoS 0 was not queued offline: {got:?}");
+    let pid = got[0].packet_id.expect("QoS 1");
+    millet::budget::Meter::flush_local();
+    assert_eq!(b.memory_used(), 15, "in flight still counts");
+    sub.send(Packet::PubAck(PubResp::new(pid)), t0);
+    millet::budget::Meter::flush_local();
+    assert_eq!(b.memory_used(), 0);
+    // Retained: one topic allowed; a second new one refused, a replacement not.
+    let retained = |p: &mut Client, topic: &str, pid: u16| {
+        p.send(
+            Packet::Publish(Publish {
+                topic: topic.into(),
+                payload: bytes::Bytes::from_static(b"r"),
+                qos: QoS::AtLeastOnce,
+                packet_id: Some(pid),
+                retain: true,
+                ..Default::default()
+            }),
+            t0,
+        );
+        match p.recv(t0).first() {
+            Some(Packet::PubAck(a)) => a.reason_code,
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    };
+    assert!(!retained(&mut p, "r/a", 2).is_error());
+    assert_eq!(retained(&mut p, "r/b", 3), ReasonCode::QUOTA_EXCEEDED);
+    assert!(!retained(&mut p, "r/a", 4).is_error());
+    assert_eq!(b.retained_count_without_sys(), 1);
+}

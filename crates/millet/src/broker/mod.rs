@@ -141,6 +141,84 @@ pub struct Broker {
     panic_topic: std::sync::OnceLock<Box<str>>,
     /// Broker-wide cap on the per-session "queue full" lines.
     drop_lines: Mutex<DropLines>,
+    /// Bytes held by session queues and in-flight windows (`memory_budget`).
+    meter: Arc<crate::budget::Meter>,
+    /// Retained messages and their bytes (topic + payload), `$SYS` topics
+    /// not included; changed only under the `retained` write lock.
+    retained_count: AtomicU64,
+    retained_bytes: AtomicU64,
+    /// What the limits refused (logged at a throttled rate, in `$SYS`).
+    pub overload: Overload,
+}
+
+/// Counts of what the memory and size limits refused, since start.
+#[derive(Debug, Default)]
+pub struct Overload {
+    /// New sessions refused: over the memory high watermark / at `max_sessions`.
+    pub sessions_refused_memory: AtomicU64,
+    pub sessions_refused_max: AtomicU64,
+    /// QoS 0 deliveries dropped above the memory high watermark.
+    pub qos0_dropped_memory: AtomicU64,
+    /// QoS 1/2 PUBLISH refused at the memory budget (v5 0x97; 3.x: disconnected).
+    pub publish_refused_memory: AtomicU64,
+    /// New retained topics not stored (`max_retained_*`, or the budget).
+    pub retained_refused: AtomicU64,
+    /// The counts at the last log line, and when it was.
+    logged: Mutex<([u64; 5], Option<Instant>)>,
+}
+
+impl Overload {
+    const LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+    fn counts(&self) -> [u64; 5] {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            g(&self.sessions_refused_memory),
+            g(&self.sessions_refused_max),
+            g(&self.qos0_dropped_memory),
+            g(&self.publish_refused_memory),
+            g(&self.retained_refused),
+        ]
+    }
+
+    /// One line a minute at most, with what was refused since the last one.
+    fn log(&self, now: Instant, used: u64, budget: u64) {
+        let mut g = self.logged.lock();
+        if g.1
+            .is_some_and(|t| now.saturating_duration_since(t) < Self::LOG_INTERVAL)
+        {
+            return;
+        }
+        let c = self.counts();
+        if c == g.0 {
+            return;
+        }
+        let d: Vec<u64> = c.iter().zip(g.0.iter()).map(|(a, b)| a - b).collect();
+        *g = (c, Some(now));
+        drop(g);
+        tracing::warn!(
+            memory_used = used,
+            memory_budget = budget,
+            sessions_refused_memory = d[0],
+            sessions_refused_max_sessions = d[1],
+            qos0_dropped_memory = d[2],
+            publish_refused_memory = d[3],
+            retained_refused = d[4],
+            "overload protection: refused since the last such line (at most one a minute)"
+        );
+    }
+}
+
+/// Why a new session is refused ([`Broker::admit_session`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionRefusal {
+    MaxSessions,
+    Memory,
+}
+
+/// Bytes a message holds as counted by the limits: topic + payload.
+fn message_bytes(m: &Message) -> u64 {
+    (m.topic.len() + m.payload.len()) as u64
 }
 
 /// The per-session "queue full" lines of the current minute, broker-wide:
@@ -185,6 +263,87 @@ impl Broker {
             last_sweep: Mutex::new(None),
             panic_topic: std::sync::OnceLock::new(),
             drop_lines: Mutex::default(),
+            meter: Arc::default(),
+            retained_count: AtomicU64::new(0),
+            retained_bytes: AtomicU64::new(0),
+            overload: Overload::default(),
+        }
+    }
+
+    /// A new session with this broker's queue limits and memory meter.
+    fn new_session(&self, id: SessionId, client_id: ByteString) -> Session {
+        let l = &self.config.limits;
+        let mut s = Session::new(id, client_id, l.max_queued);
+        s.set_memory_limits(l.max_queued_bytes, self.meter.clone());
+        s
+    }
+
+    /// Bytes held in session queues, in-flight windows and the retained
+    /// store, as counted against `limits.memory_budget`.
+    pub fn memory_used(&self) -> u64 {
+        self.meter
+            .used()
+            .saturating_add(self.retained_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Where the broker stands against its memory budget.
+    pub fn memory_pressure(&self) -> crate::budget::Pressure {
+        crate::budget::Pressure::of(self.memory_used(), self.config.limits.memory_budget)
+    }
+
+    /// May `client_id` get a session? A session that exists (resumed, or
+    /// discarded by a clean start) always may; a new one not at
+    /// `max_sessions`, nor above the memory high watermark (counted).
+    pub fn admit_session(&self, client_id: &str) -> Result<(), SessionRefusal> {
+        let reg = self.registry.lock();
+        if reg.contains_key(client_id) {
+            return Ok(());
+        }
+        let o = &self.overload;
+        if reg.len() >= self.config.limits.max_sessions {
+            o.sessions_refused_max.fetch_add(1, Ordering::Relaxed);
+            return Err(SessionRefusal::MaxSessions);
+        }
+        drop(reg);
+        if self.memory_pressure() >= crate::budget::Pressure::High {
+            o.sessions_refused_memory.fetch_add(1, Ordering::Relaxed);
+            return Err(SessionRefusal::Memory);
+        }
+        Ok(())
+    }
+
+    /// Would a retained message of `bytes` on `topic` be stored? Replacing
+    /// or deleting one always is; a new topic within `max_retained_messages`
+    /// and `max_retained_bytes`, and below the memory budget. `$SYS` topics
+    /// (the broker's own) are not limited.
+    pub fn retained_admits(&self, topic: &str, bytes: u64) -> bool {
+        if topic.starts_with("$SYS/") {
+            return true;
+        }
+        let l = &self.config.limits;
+        let full = self.retained_count.load(Ordering::Relaxed) >= l.max_retained_messages as u64
+            || self
+                .retained_bytes
+                .load(Ordering::Relaxed)
+                .saturating_add(bytes)
+                > l.max_retained_bytes
+            || self.memory_pressure() == crate::budget::Pressure::Full;
+        !full || self.retained.read().get(topic).is_some()
+    }
+
+    /// Count a change of the retained store (`$SYS` topics not counted).
+    fn retained_changed(&self, topic: &str, added: Option<&Message>, removed: Option<&Message>) {
+        if topic.starts_with("$SYS/") {
+            return;
+        }
+        let (c, b) = (&self.retained_count, &self.retained_bytes);
+        if let Some(m) = added {
+            c.fetch_add(1, Ordering::Relaxed);
+            b.fetch_add(message_bytes(m), Ordering::Relaxed);
+        }
+        if let Some(m) = removed {
+            c.fetch_sub(1, Ordering::Relaxed);
+            b.fetch_sub(message_bytes(m), Ordering::Relaxed);
         }
     }
 
@@ -223,11 +382,17 @@ impl Broker {
         let (mut n_sessions, mut n_queued, mut n_inflight) = (0usize, 0usize, 0usize);
         let mut registry = HashMap::new();
         let mut wills = Vec::new();
+        let (max_queued, max_queued_bytes) = (
+            self.config.limits.max_queued,
+            self.config.limits.max_queued_bytes,
+        );
+        let meter = self.meter.clone();
         let idx = self.index.get_mut();
         for rs in &rec.sessions {
             let client_id = ByteString::from(rs.session.client_id.as_str());
             let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
-            let mut s = Session::new(id, client_id.clone(), self.config.limits.max_queued);
+            let mut s = Session::new(id, client_id.clone(), max_queued);
+            s.set_memory_limits(max_queued_bytes, meter.clone());
             s.persisted = true;
             s.expiry_interval = rs.session.expiry_interval;
             // Connected at the crash: the session's clock starts now.
@@ -269,6 +434,7 @@ impl Broker {
                     subscription_ids: ids,
                     share: e.share.as_deref().map(ByteString::from),
                     seq: *seq,
+                    replay: false,
                 });
                 s.next_seq = s.next_seq.max(seq + 1);
                 n_queued += 1;
@@ -286,6 +452,7 @@ impl Broker {
                     subscription_ids: ids,
                     share: None,
                     seq: 0,
+                    replay: false,
                 };
                 let state = match e.state {
                     crate::store::InflightState::AwaitAck => {
@@ -339,6 +506,11 @@ impl Broker {
         for (topic_name, id) in &rec.retained {
             if let Some(m) = message(*id) {
                 if !m.is_expired(now) {
+                    if !topic_name.starts_with("$SYS/") {
+                        self.retained_count.fetch_add(1, Ordering::Relaxed);
+                        self.retained_bytes
+                            .fetch_add(message_bytes(&m), Ordering::Relaxed);
+                    }
                     retained.set(topic_name, m);
                 }
             }
@@ -465,7 +637,7 @@ impl Broker {
                 },
                 None => {
                     let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
-                    let mut s = Session::new(id, client_id.clone(), self.config.limits.max_queued);
+                    let mut s = self.new_session(id, client_id.clone());
                     s.expiry_interval = expiry_interval;
                     let cell = SessionCell::new(s);
                     {
@@ -702,10 +874,18 @@ impl Broker {
             .persist
             .as_ref()
             .filter(|_| !msg.topic.starts_with("$SYS/"));
-        if msg.retain {
+        let store_retained = msg.retain
+            && (msg.payload.is_empty() || self.retained_admits(&msg.topic, message_bytes(&msg)));
+        if msg.retain && !store_retained {
+            self.overload
+                .retained_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if store_retained {
             let mut r = self.retained.write();
             if msg.payload.is_empty() {
-                r.remove(&msg.topic); // [MQTT-3.3.1-10]
+                let old = r.remove(&msg.topic); // [MQTT-3.3.1-10]
+                self.retained_changed(&msg.topic, None, old.as_deref());
                 if let Some(p) = persist {
                     retained_seq = p.submit(vec![Op::DeleteRetained {
                         topic: msg.topic.to_string(),
@@ -722,7 +902,8 @@ impl Broker {
                     });
                     retained_seq = p.submit(ops);
                 }
-                r.set(&msg.topic, kept); // [MQTT-3.3.1-5]
+                let old = r.set(&msg.topic, kept.clone()); // [MQTT-3.3.1-5]
+                self.retained_changed(&msg.topic, Some(&kept), old.as_deref());
             }
         }
         let mut routed = self.route(&msg, publisher);
@@ -737,6 +918,8 @@ impl Broker {
             .matches(&msg.topic, &msg.publisher_client_id, &mut matches);
         let mut routed = Routed::default();
         let mut ops = Vec::new();
+        // Read once per message (two shared loads), not per subscriber.
+        let shed_qos0 = self.memory_pressure() >= crate::budget::Pressure::High;
         // The message detached from the publisher's read buffer, made once
         // when the first session has to keep it (see `deliver_with_pressure`).
         let mut kept: Option<Arc<Message>> = None;
@@ -762,6 +945,7 @@ impl Broker {
                             subscription_ids: ids,
                             share: e.share.clone(),
                             seq: 0,
+                            replay: false,
                         });
                     }
                     Some(d) => {
@@ -779,6 +963,7 @@ impl Broker {
                     &mut ops,
                     false,
                     Some(&mut kept),
+                    shed_qos0,
                 );
                 routed.sessions += 1;
             }
@@ -794,7 +979,8 @@ impl Broker {
     /// Queue a delivery on a session and wake its connection.
     pub fn deliver(&self, cell: &SessionCell, d: Delivery) {
         let mut ops = Vec::new();
-        self.deliver_with_pressure(cell, d, None, &mut ops, true, None);
+        let shed_qos0 = !d.replay && self.memory_pressure() >= crate::budget::Pressure::High;
+        self.deliver_with_pressure(cell, d, None, &mut ops, true, None, shed_qos0);
         if let Some(p) = &self.persist {
             p.submit(ops);
         }
@@ -810,6 +996,10 @@ impl Broker {
     /// Queue a delivery; returns true if the session is congested and
     /// `publisher` was parked on it.
     ///
+    /// QoS 0 is not queued for a session with no connection attached
+    /// (unless `limits.queue_qos0_offline`), nor at all while `shed_qos0`
+    /// (memory above the high watermark; counted as dropped).
+    ///
     /// `detached`: for a message fresh from a publisher (its topic, payload
     /// and properties are slices of the read buffer it arrived in), the
     /// copy detached from that buffer, made on first need and shared by the
@@ -819,6 +1009,7 @@ impl Broker {
     /// (Copying for every session, or once its queue is backlogged, cost
     /// 15-26% of the saturated fan-in rate, where queues sit at the
     /// back-pressure threshold; see docs/DESIGN.md.)
+    #[allow(clippy::too_many_arguments)] // one private hot-path helper, three callers
     fn deliver_with_pressure(
         &self,
         cell: &SessionCell,
@@ -827,12 +1018,30 @@ impl Broker {
         ops: &mut Vec<Op>,
         force_message: bool,
         detached: Option<&mut Option<Arc<Message>>>,
+        shed_qos0: bool,
     ) -> bool {
         let threshold = self.config.limits.backpressure_queued;
+        // In bytes too: half of `max_queued_bytes`, so that an online
+        // reader of large messages holds publishers back before its queue
+        // drops by the byte limit.
+        let bytes_threshold = self.config.limits.max_queued_bytes / 2;
         let (r, congested) = {
             let mut st = cell.state.lock();
+            if d.qos == QoS::AtMostOnce && !d.replay {
+                if shed_qos0 {
+                    drop(st);
+                    self.overload
+                        .qos0_dropped_memory
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                if st.conn_epoch == 0 && !self.config.limits.queue_qos0_offline {
+                    return false; // like Mosquitto's queue_qos0_messages false
+                }
+            }
             if let Some(kept) = detached {
-                if st.conn_epoch == 0 && st.session.admits(d.qos) {
+                if st.conn_epoch == 0 && st.session.admits(&d) {
                     d.msg = kept
                         .get_or_insert_with(|| {
                             let m = d.msg.detached();
@@ -849,7 +1058,7 @@ impl Broker {
                 Some(p)
                     if st.session.persisted
                         && (d.qos != QoS::AtMostOnce || p.persist_qos0)
-                        && st.session.admits(d.qos) =>
+                        && st.session.admits(&d) =>
                 {
                     d.seq = st.session.take_seq();
                     Some(p.queue_op(&st.session.store_key, &d, ops, force_message))
@@ -862,12 +1071,14 @@ impl Broker {
                     ops.push(op);
                 }
             }
-            if let Enqueued::DisplacedQos0 { seq } = r {
-                if seq != 0 && self.persist.is_some() {
-                    ops.push(Op::DeleteQueueEntry {
-                        client_id: st.session.store_key.clone(),
-                        seq,
-                    });
+            if let Enqueued::DisplacedQos0 { seqs } = &r {
+                for &seq in seqs {
+                    if seq != 0 && self.persist.is_some() {
+                        ops.push(Op::DeleteQueueEntry {
+                            client_id: st.session.store_key.clone(),
+                            seq,
+                        });
+                    }
                 }
             }
             if r != Enqueued::Queued {
@@ -881,7 +1092,8 @@ impl Broker {
             let congested = match publisher {
                 Some(w)
                     if st.conn_epoch != 0
-                        && st.session.queue_len() >= threshold
+                        && (st.session.queue_len() >= threshold
+                            || st.session.queued_bytes() >= bytes_threshold)
                         && st.session.is_draining(Instant::now(), DRAIN_GRACE)
                         && !st.waker.as_ref().is_some_and(|own| Arc::ptr_eq(own, w)) =>
                 {
@@ -927,7 +1139,8 @@ impl Broker {
         if g.lines < DropLines::MAX {
             g.lines += 1;
             drop(g);
-            tracing::warn!(%client_id, max_queued = self.config.limits.max_queued, dropped,
+            tracing::warn!(%client_id, max_queued = self.config.limits.max_queued,
+                max_queued_bytes = self.config.limits.max_queued_bytes, dropped,
                 "session queue full: messages dropped (QoS 0 first) since this session's last such line (at most one a minute per session)");
         } else {
             g.suppressed_sessions += 1;
@@ -1010,6 +1223,61 @@ impl Broker {
         true
     }
 
+    /// Queue the retained messages matching a subscription's filter
+    /// [MQTT-3.3.1-9]: they get queue room of their own
+    /// ([`Session::grant_replay_room`]) and are charged to neither the
+    /// session's bytes nor the memory budget (they share the retained copy).
+    pub fn replay_retained(
+        &self,
+        cell: &Arc<SessionCell>,
+        r: &crate::session::DeferredReplay,
+        now: Instant,
+    ) {
+        let retained = self.retained_matching(&r.filter, now);
+        let delivery = |m: Arc<Message>| {
+            let mut ids = SmallVec::new();
+            ids.extend(r.identifier);
+            Delivery {
+                qos: m.qos.min(r.options.qos),
+                msg: m,
+                retain: true, // [MQTT-3.3.1-8]
+                subscription_ids: ids,
+                share: None,
+                seq: 0,
+                replay: true,
+            }
+        };
+        let mut st = cell.state.lock();
+        st.session
+            .grant_replay_room(retained.len(), self.config.limits.max_retained_replay);
+        if st.session.persisted && self.persist.is_some() {
+            // QoS 1/2 replays are stored with the queue: the general path.
+            drop(st);
+            for m in retained {
+                self.deliver(cell, delivery(m));
+            }
+            return;
+        }
+        // In memory only: queued under one lock (100,000 retained messages
+        // took 100,000 lock round trips and wake-ups).
+        let mut dropped = 0;
+        for m in retained {
+            if st.session.enqueue(delivery(m)) != Enqueued::Queued {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            if let Some(n) = st.session.drop_log.due_with(Instant::now) {
+                self.log_queue_full(&st.session.client_id, n);
+            }
+        }
+        st.wake();
+        drop(st);
+        self.stats
+            .messages_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+    }
+
     /// Retained messages matching `filter`, for delivery on subscribe.
     pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
         let mut out = Vec::new();
@@ -1027,10 +1295,7 @@ impl Broker {
 
     /// Retained messages, not counting the broker's own `$SYS` topics.
     pub fn retained_count_without_sys(&self) -> usize {
-        let r = self.retained.read();
-        let mut sys = 0;
-        r.for_each_matching("$SYS/#", |_, _| sys += 1);
-        r.len().saturating_sub(sys)
+        self.retained_count.load(Ordering::Relaxed) as usize
     }
 
     /// Sessions in the registry: connected ones, and disconnected ones
@@ -1077,7 +1342,26 @@ impl Broker {
             tracing::debug!(session = cell.id, "session expired");
             self.end_session(&cell, now);
         }
-        self.retained.write().retain_where(|m| !m.is_expired(now));
+        {
+            let mut gone = (0, 0, false);
+            let mut r = self.retained.write();
+            r.for_each(|t, m| {
+                if m.is_expired(now) {
+                    gone.2 = true;
+                    if !t.starts_with("$SYS/") {
+                        gone.0 += 1;
+                        gone.1 += message_bytes(m);
+                    }
+                }
+            });
+            if gone.2 {
+                r.retain_where(|m| !m.is_expired(now));
+                self.retained_count.fetch_sub(gone.0, Ordering::Relaxed);
+                self.retained_bytes.fetch_sub(gone.1, Ordering::Relaxed);
+            }
+        }
+        self.overload
+            .log(now, self.memory_used(), self.config.limits.memory_budget);
         if let Some(p) = &self.persist {
             let mut last = self.last_sweep.lock();
             if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(30)) {

@@ -17,6 +17,8 @@
 //! | `subscriptions/count` | subscriptions of all sessions |
 //! | `retained messages/count` | retained messages, `$SYS` topics not included |
 //! | `memory/rss` | resident set size of the process, bytes (Linux) |
+//! | `memory/used`, `memory/budget` | bytes held in queues, in-flight windows and retained messages, against `limits.memory_budget` |
+//! | `overload/sessions/refused`, `overload/qos0/dropped`, `overload/publish/refused`, `overload/retained/refused` | what `max_sessions`, `memory_budget` and the retained caps refused |
 //! | `store/bytes` | size of the files in `DATA_DIR/store`, bytes |
 //! | `load/{messages,publish,bytes}/{received,sent}/{1min,5min,15min}`, `load/publish/dropped/...` | per-minute rates, exponentially damped over 1, 5 and 15 minutes |
 
@@ -163,6 +165,7 @@ fn store_bytes(broker: &Broker) -> u64 {
 
 fn publish_sys(broker: &Broker, load: &LoadAverages<{ LOADS.len() }>, now: Instant) {
     let s = &broker.stats;
+    let o = &broker.overload;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let connected = get(&s.clients_connected);
     let total = broker.session_count() as u64;
@@ -201,6 +204,27 @@ fn publish_sys(broker: &Broker, load: &LoadAverages<{ LOADS.len() }>, now: Insta
             broker.retained_count_without_sys().to_string(),
         ),
         ("store/bytes", store_bytes(broker).to_string()),
+        ("memory/used", broker.memory_used().to_string()),
+        (
+            "memory/budget",
+            broker.config.limits.memory_budget.to_string(),
+        ),
+        (
+            "overload/sessions/refused",
+            (get(&o.sessions_refused_memory) + get(&o.sessions_refused_max)).to_string(),
+        ),
+        (
+            "overload/qos0/dropped",
+            get(&o.qos0_dropped_memory).to_string(),
+        ),
+        (
+            "overload/publish/refused",
+            get(&o.publish_refused_memory).to_string(),
+        ),
+        (
+            "overload/retained/refused",
+            get(&o.retained_refused).to_string(),
+        ),
     ]
     .into_iter()
     .map(|(t, v)| (format!("$SYS/broker/{t}"), v))
