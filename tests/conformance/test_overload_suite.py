@@ -1,0 +1,94 @@
+"""Issue 11, short version of the overload suite in CI: ``millet-bench overload --quick``
+(bench/overload.sh runs the full one against Millet and Mosquitto for BENCHMARKS.md).
+
+Eight scenarios (stalled subscriber, offline-queue floods, topic aliases, big offline QoS 0,
+retained flood with repeated SUBSCRIBE, pre-auth hogs), each a 2 s baseline and a 4 s attack,
+measured by a probe connection (PINGREQ round trip and publish -> deliver p99) and five QoS 1
+devices (msg/s under attack against baseline). The other overload tests assert each fix in
+isolation; this one guards the probe's view across all of them at once.
+
+The issue's targets (probe p99 < 50 ms, devices >= 80%, RSS within budget) are what the full
+suite reports. Here, on 2 shared cores with the test suite possibly running alongside, the
+assertions are looser but still catch a broker that stops serving others:
+
+* probe p99 (PING and publish -> deliver) < 250 ms in every scenario, except the stalled
+  subscriber: < 2.5 s. Millet measures 1-30 ms, and about 1 s with a stalled subscriber on
+  ``#`` (the probe's own publishes match it: back-pressure holds a publisher up to the 500 ms
+  drain grace once the stalled queue is full). A broker that holds publishers for a stalled
+  reader until its keep alive ends (the old bug) leaves the probe's messages unanswered for
+  the whole 4 s attack: p99 about 4 s.
+* the devices keep >= 10% of their baseline msg/s. Their ratio is noisy here (2 s against 4 s
+  on cores shared with other work: Millet measured 30-120%, the same scenario varying by 2x
+  between runs), so the floor only catches a broker that stops serving them: the old
+  stalled-reader bug left five devices at about 1 msg/s each, well under 1%.
+* no RSS assertion: Millet queues 500 KB QoS 0 messages for an offline session up to
+  max_queued (10,000), i.e. GBs; the attack stops at 1 GiB here (--rss-abort-mib) and the byte
+  limits / memory budget are another change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PROBE_P99_MS = 250.0
+STALLED_PROBE_P99_MS = 2500.0
+MIN_THROUGHPUT_PCT = 10.0
+
+
+def _bench_bin() -> str:
+    env = os.environ.get("MILLET_BENCH_BIN")
+    if env:
+        return env
+    cands = []
+    if os.environ.get("MILLET_BIN"):
+        cands.append(Path(os.environ["MILLET_BIN"]).with_name("millet-bench"))
+    if os.environ.get("CARGO_TARGET_DIR"):
+        cands.append(Path(os.environ["CARGO_TARGET_DIR"]) / "release" / "millet-bench")
+    cands.append(REPO / "target" / "release" / "millet-bench")
+    for c in cands:
+        if c.exists():
+            return str(c)
+    pytest.fail("millet-bench not found: cargo build --release -p millet-bench, or set MILLET_BENCH_BIN")
+
+
+@pytest.mark.millet_only("thresholds chosen for Millet; bench/overload.sh compares with Mosquitto")
+@pytest.mark.timeout(300)
+def test_overload_suite_quick(broker_factory, tmp_path):
+    b = broker_factory()
+    out = tmp_path / "overload.json"
+    cmd = [_bench_bin(), "--host", b.host, "--port", str(b.port), "--label", "millet",
+           "--json-out", str(out), "overload", "--quick", "--broker-pid", str(b.proc.pid),
+           "--rss-abort-mib", "1024"]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    took = time.monotonic() - t0
+    assert p.returncode == 0, f"{cmd}\n{p.stderr[-4000:]}"
+    assert b.alive(), f"broker died during the overload suite:\n{b.log_tail()}"
+    r = json.loads(out.read_text())
+    print(f"overload --quick: {took:.0f} s")
+    failures = []
+    assert len(r["scenarios"]) == 8
+    for s in r["scenarios"]:
+        name, a = s["name"], s["attack"]
+        ping, pub, tput = s["probe_ping_p99_ms"], s["probe_pub_p99_ms"], s["throughput_pct"]
+        print(f"{name:20} ping p99 {ping} ms, pub->deliver p99 {pub} ms, devices {tput}% "
+              f"RSS {s['rss_peak_mib']} MiB {s['notes']}")
+        if s.get("error"):
+            failures.append(f"{name}: {s['error']}")
+            continue
+        limit = STALLED_PROBE_P99_MS if name == "stalled-subscriber" else PROBE_P99_MS
+        if not a["probe"]["connected"] or a["probe"].get("error"):
+            failures.append(f"{name}: probe {a['probe'].get('error') or 'not connected'}")
+        if ping is None or ping >= limit or pub is None or pub >= limit:
+            failures.append(f"{name}: probe p99 ping {ping} ms / pub {pub} ms (limit {limit:.0f} ms)")
+        if tput is None or tput < MIN_THROUGHPUT_PCT:
+            failures.append(f"{name}: devices at {tput}% of baseline (min {MIN_THROUGHPUT_PCT:.0f}%)")
+    assert not failures, "\n".join(failures)
