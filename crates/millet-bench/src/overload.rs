@@ -1647,7 +1647,7 @@ fn attacker_note(s: &ScenarioResult) -> String {
         }
         "cpu-heavy" | "big-offline-qos0" => {
             if let (Some(v), Some(mb)) = (f("sent_per_s"), f("mb_per_s")) {
-                parts.push(format!("flood sent {v:.0} msg/s ({mb:.0} MB/s)"));
+                parts.push(format!("flood sent {v:.0} msg/s ({mb:.1} MB/s)"));
             }
         }
         _ => {}
@@ -1760,6 +1760,8 @@ pub fn render(results: &[(String, OverloadResult)], intro: Option<&str>) -> Stri
             }
         }
     }
+    let order = |n: &str| ALL.iter().position(|s| s.name() == n).unwrap_or(ALL.len());
+    names.sort_by_key(|(n, _)| order(n));
     let mut fails: Vec<String> = Vec::new();
     for (name, title) in &names {
         for (broker, r) in results {
@@ -1849,7 +1851,14 @@ pub fn report(a: &OverloadReportArgs) -> Result<()> {
         let r: OverloadResult = serde_json::from_str(text.trim())
             .with_context(|| format!("parsing {}", f.display()))?;
         let name = r.label.clone().unwrap_or_else(|| f.display().to_string());
-        results.push((name, r));
+        // Several files of one broker (a fresh broker per scenario): merged.
+        match results
+            .iter_mut()
+            .find(|(n, _): &&mut (String, OverloadResult)| *n == name)
+        {
+            Some((_, prev)) => prev.scenarios.extend(r.scenarios),
+            None => results.push((name, r)),
+        }
     }
     let section = render(&results, a.intro.as_deref());
     match &a.splice {
