@@ -135,7 +135,6 @@ start_broker() {
 # A fresh broker for every scenario: each one's peak RSS is its own (freed
 # memory is not always given back to the OS).
 for broker in millet mosquitto; do
-    rm -f "$RESULTS/$tag-$broker"-*.json
     for sc in ${SCENARIO//,/ }; do
         if ! start_broker "$broker"; then
             log "$broker did not start"
@@ -144,6 +143,7 @@ for broker in millet mosquitto; do
             continue
         fi
         out="$RESULTS/$tag-$broker-$sc.json"
+        rm -f "$out"
         log "$broker (pid $BROKER_PID, port $PORT): millet-bench overload $QUICK --scenario $sc"
         # shellcheck disable=SC2086
         timeout 600 "$BENCH" --port "$PORT" --label "$broker" --json-out "$out" \
