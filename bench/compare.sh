@@ -143,7 +143,8 @@ else
     SMALL_CASE=conn-10k REPEAT=3 N_PERSIST=25000 DUR_REPEAT=3
 fi
 
-rm -f "$RESULTS"/*.json
+# (bench/overload.sh owns overload-*.json)
+find "$RESULTS" -maxdepth 1 -name "*.json" ! -name "overload-*" -delete 2>/dev/null
 mkdir -p "$RESULTS"
 
 MOSQ_CONF="$WORK/mosquitto.conf"

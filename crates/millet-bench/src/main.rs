@@ -5,6 +5,7 @@
 
 mod conn;
 mod mqtt;
+mod overload;
 mod report;
 mod run;
 mod stats;
@@ -71,6 +72,13 @@ enum Cmd {
     },
     /// Build BENCHMARKS.md tables and a PNG chart from compare.sh results.
     Report(report::ReportArgs),
+    /// Overload-isolation suite (issue 11): per attack scenario, a probe's
+    /// PING and publish->deliver p99, ordinary QoS 1 devices' msg/s against
+    /// their baseline, and the broker's peak RSS.
+    Overload(overload::OverloadArgs),
+    /// Render `overload` JSON results as a markdown section (or splice it into
+    /// BENCHMARKS.md between its markers).
+    OverloadReport(overload::OverloadReportArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -545,6 +553,10 @@ fn real_main(cli: Cli) -> Result<i32> {
         report::report(a)?;
         return Ok(0);
     }
+    if let Cmd::OverloadReport(a) = &cli.cmd {
+        overload::report(a)?;
+        return Ok(0);
+    }
     let addr = resolve(&cli.host, cli.port)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.threads.max(1))
@@ -586,7 +598,14 @@ fn real_main(cli: Cli) -> Result<i32> {
             emit(&r, cli.json_out.as_ref())?;
             i32::from(r.connected == 0)
         }
-        Cmd::Report(_) => 0,
+        Cmd::Report(_) | Cmd::OverloadReport(_) => 0,
+        Cmd::Overload(a) => {
+            let mut r = overload::run(&rt, addr, &a, run_nonce())?;
+            r.label = cli.label;
+            r.command = command;
+            emit(&r, cli.json_out.as_ref())?;
+            0
+        }
         cmd @ (Cmd::Pub(_) | Cmd::Sub(_) | Cmd::Run(_) | Cmd::Scenario { .. }) => {
             let (mode, a) = match cmd {
                 Cmd::Pub(a) => (Mode::Pub, a),

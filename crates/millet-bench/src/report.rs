@@ -484,6 +484,14 @@ pub fn report(a: &ReportArgs) -> Result<()> {
     }
 
     durability_section(w, &results, &meta);
+    // The overload section (`millet-bench overload-report --splice`) is
+    // produced by bench/overload.sh: carried over as it is.
+    if let Some(sec) = std::fs::read_to_string(&a.out)
+        .ok()
+        .and_then(|t| crate::overload::extract(&t))
+    {
+        let _ = writeln!(w, "{sec}");
+    }
 
     let _ = writeln!(w, "## Chart\n");
     let _ = writeln!(w, "![throughput and latency]({})\n", a.chart_link);
