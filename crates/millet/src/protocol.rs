@@ -272,6 +272,23 @@ impl Connection {
     }
 
     /// The keep alive in force (None before CONNECT or when 0).
+    /// The driver's writes to the client have made no progress since
+    /// `since` (`None`: they are flowing again). Past
+    /// [`crate::session::WRITE_BLOCK_GRACE`] this session no longer holds
+    /// its publishers back, and the ones it holds are released.
+    pub fn set_write_blocked(&mut self, since: Option<Instant>, now: Instant) {
+        let State::Connected(a) = &self.state else {
+            return;
+        };
+        let mut st = a.cell.state.lock();
+        st.session.set_write_blocked(since);
+        if since
+            .is_some_and(|t| now.saturating_duration_since(t) >= crate::session::WRITE_BLOCK_GRACE)
+        {
+            st.release_blocked();
+        }
+    }
+
     pub fn keep_alive(&self) -> Option<Duration> {
         match &self.state {
             State::Connected(a) => a.keep_alive,

@@ -916,6 +916,10 @@ fn serve<S: Transport>(
         let mut timer_at: Option<tokio::time::Instant> = None;
         // Since when a write has been waiting without progress.
         let mut stalled_since: Option<Instant> = None;
+        // What the session was last told about it, and whether the grace
+        // ran out (its held publishers released).
+        let mut told_blocked: Option<Instant> = None;
+        let mut blocked_released = false;
         loop {
             // 1. Decode and handle every complete packet received so far.
             if conn.is_awaiting_connect() && hello.is_none() {
@@ -1020,6 +1024,11 @@ fn serve<S: Transport>(
                     Poll::Pending => {}
                 }
             }
+            if stalled_since != told_blocked {
+                conn.set_write_blocked(stalled_since, Instant::now());
+                told_blocked = stalled_since;
+                blocked_released = false;
+            }
             if let Some(c) = conn.poll_close() {
                 // What is still unwritten (the DISCONNECT or CONNACK saying
                 // why) gets the rest of the stall time, at most LINGER_TIME
@@ -1082,11 +1091,14 @@ fn serve<S: Transport>(
                 t + write_stall_limit(conn.keep_alive(), broker.config.limits.write_timeout)
             });
             {
-                let deadline = match (conn.poll_timeout(), stall_at) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
-                .map(tokio::time::Instant::from_std);
+                let block_at = stalled_since
+                    .filter(|_| !blocked_released)
+                    .map(|t| t + crate::session::WRITE_BLOCK_GRACE);
+                let deadline = [conn.poll_timeout(), stall_at, block_at]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .map(tokio::time::Instant::from_std);
                 if deadline != timer_at {
                     if let Some(d) = deadline {
                         timer.as_mut().reset(d);
@@ -1155,6 +1167,13 @@ fn serve<S: Transport>(
                 Event::Timer => {
                     timer_at = None;
                     let now = Instant::now();
+                    if !blocked_released
+                        && stalled_since
+                            .is_some_and(|t| now >= t + crate::session::WRITE_BLOCK_GRACE)
+                    {
+                        conn.set_write_blocked(stalled_since, now);
+                        blocked_released = true;
+                    }
                     if stall_at.is_some_and(|t| t <= now) {
                         let stall = write_stall_limit(
                             conn.keep_alive(),

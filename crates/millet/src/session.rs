@@ -316,6 +316,8 @@ pub struct Session {
     /// ([`Session::grant_replay_room`]), and whether the last pop used it.
     replay_room: usize,
     popped_room: bool,
+    /// See [`Session::set_write_blocked`].
+    write_blocked_since: Option<Instant>,
     /// Bytes ([`Delivery::charge`]) in the queue and in the in-flight
     /// window, mirrored into `meter`; the queue's are limited to `max_queued_bytes`.
     queued_bytes: usize,
@@ -344,6 +346,13 @@ impl Drop for Session {
 }
 
 impl Session {
+    /// The attached connection's writes have made no progress since then
+    /// (set and cleared by the connection): a reader blocked longer than
+    /// [`WRITE_BLOCK_GRACE`] is not draining, whatever `last_drain` says.
+    pub fn set_write_blocked(&mut self, since: Option<Instant>) {
+        self.write_blocked_since = since;
+    }
+
     pub fn new(id: SessionId, client_id: ByteString, max_queued: usize) -> Self {
         Session {
             id,
@@ -366,6 +375,7 @@ impl Session {
             prev_drain: None,
             replay_room: 0,
             popped_room: false,
+            write_blocked_since: None,
             queued_bytes: 0,
             inflight_bytes: 0,
             max_queued_bytes: usize::MAX,
@@ -455,6 +465,9 @@ impl Session {
     pub fn is_draining(&self, now: Instant, grace: Duration) -> bool {
         self.last_drain
             .is_none_or(|t| now.saturating_duration_since(t) < grace)
+            && self
+                .write_blocked_since
+                .is_none_or(|t| now.saturating_duration_since(t) < WRITE_BLOCK_GRACE)
     }
 
     /// Whether a message of `qos` offered now would be kept (queued, possibly
@@ -829,6 +842,11 @@ impl ConnWaker {
         std::future::poll_fn(|cx| self.poll_woken(cx)).await
     }
 }
+
+/// How long a reader's writes may make no progress before back-pressure
+/// stops holding its publishers (a reader that is slow but reading makes
+/// some progress far more often; one that stopped reading makes none).
+pub const WRITE_BLOCK_GRACE: Duration = Duration::from_millis(20);
 
 /// A session shared between the broker and the connection serving it.
 #[derive(Debug)]
