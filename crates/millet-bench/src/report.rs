@@ -376,6 +376,7 @@ type Results = BTreeMap<(String, String, String), Runs>;
 fn load(dir: &Path) -> Result<(Results, Value)> {
     let mut out = Results::new();
     let mut meta = Value::Null;
+    let mut extra: Vec<String> = Vec::new();
     let rd = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
     let mut paths: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
     paths.sort();
@@ -390,6 +391,21 @@ fn load(dir: &Path) -> Result<(Results, Value)> {
         let v: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
         if stem == "meta" {
             meta = v;
+            continue;
+        }
+        if let Some(pass) = stem.strip_prefix("meta-") {
+            // A pass run on its own (`compare.sh --only PASS`): its notes,
+            // dated, join the main ones.
+            let date = v.get("date").and_then(Value::as_str).unwrap_or("?");
+            for n in v
+                .get("notes")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                extra.push(format!("[{pass} pass, run {date}] {n}"));
+            }
             continue;
         }
         // <pass>__<case>__<broker>[__r<N>]
@@ -413,6 +429,24 @@ fn load(dir: &Path) -> Result<(Results, Value)> {
         match val {
             Ok(v) => entry.ok.push(v),
             Err(r) => entry.failed.push(r),
+        }
+    }
+    if !extra.is_empty() {
+        if !meta.is_object() {
+            meta = Value::Object(serde_json::Map::new());
+        }
+        if let Some(obj) = meta.as_object_mut() {
+            let notes = obj
+                .entry("notes")
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Some(a) = notes.as_array_mut() {
+                // Drop the main run's notes that a pass run repeats.
+                a.retain(|n| {
+                    n.as_str()
+                        .is_none_or(|n| !extra.iter().any(|e| e.ends_with(n)))
+                });
+                a.extend(extra.into_iter().map(Value::String));
+            }
         }
     }
     Ok((out, meta))
