@@ -318,20 +318,29 @@ unavailable() { # FILE REASON
     printf '{"unavailable":"%s"}\n' "$(json_escape "$2")" >"$1"
 }
 
-time_wait_count() { ss -tan state time-wait 2>/dev/null | tail -n +2 | wc -l; }
+# Sockets in TIME_WAIT to or from the brokers' ports (other work on the
+# machine may have its own).
+time_wait_count() {
+    local f="" p
+    for p in "$MOSQ_PORT" "$MILLET_PORT" "$MOSQ_TLS_PORT" "$MILLET_TLS_PORT"; do
+        f="$f${f:+ or }sport = :$p or dport = :$p"
+    done
+    ss -tan state time-wait "( $f )" 2>/dev/null | tail -n +2 | wc -l
+}
 listen_drops() {
     nstat -az TcpExtListenOverflows TcpExtListenDrops 2>/dev/null | awk 'NR>1 {printf "%s%s", sep, $2; sep="/"}'
 }
 # A connection case starts from a quiet network stack: the previous case's
-# sockets in TIME_WAIT (10k+ after a conn case) must leave first (at most 60 s).
+# sockets in TIME_WAIT (10k+ after a conn case) must leave first (at most 75 s;
+# Linux keeps them 60 s).
 settle_net() {
     local n
-    for _ in $(seq 1 60); do
+    for _ in $(seq 1 75); do
         n="$(time_wait_count)"
         [ "$n" -lt 1000 ] && return
         sleep 1
     done
-    log "still $n sockets in TIME_WAIT after 60 s"
+    log "still $n sockets in TIME_WAIT after 75 s"
 }
 
 # run_case PASS CASE BROKER RUN ARGS... : one broker instance, one load run.
@@ -450,14 +459,17 @@ if wanted idle; then
     both idle idle-tcp 1 conn -n "$N_IDLE" --rate 2000 --hold "$HOLD" --keepalive 30
     if make_certs; then
         TLS=1
-        both idle idle-tls 1 conn -n "$N_IDLE" --rate 2000 --hold "$HOLD" --keepalive 30 \
+        # 500/s: Mosquitto's single thread does not keep up with 2,000 TLS
+        # handshakes a second here (listen-queue overflows, failed connects),
+        # and this case is about memory.
+        both idle idle-tls 1 conn -n "$N_IDLE" --rate 500 --hold "$HOLD" --keepalive 30 \
             --tls "$WORK/tls/ca.pem" --tls-server-name localhost
         TLS=0
     else
         unavailable "$RESULTS/idle__idle-tls__millet__r1.json" "openssl failed: $(tail -1 "$WORK/openssl.log")"
         unavailable "$RESULTS/idle__idle-tls__mosquitto__r1.json" "openssl failed"
     fi
-    PASS_NOTES+=("Idle pass: $N_IDLE connections opened at 2,000/s with keep-alive 30 s, broker VmRSS sampled 2 s after the last CONNACK; per connection = (RSS then - RSS before) / connections. TLS: TLS 1.3 (rustls client), P-256 ECDSA server certificate from a throwaway CA (openssl), the same files for both brokers; Mosquitto \`listener PORT 127.0.0.1\` + \`cafile\`/\`certfile\`/\`keyfile\`, Millet \`tls_listen\` + \`[security.tls]\` (README, TLS).")
+    PASS_NOTES+=("Idle pass: $N_IDLE connections opened at 2,000/s (TLS: 500/s) with keep-alive 30 s, broker VmRSS sampled 2 s after the last CONNACK; per connection = (RSS then - RSS before) / connections. TLS: TLS 1.3 (rustls client), P-256 ECDSA server certificate from a throwaway CA (openssl), the same files for both brokers; Mosquitto \`listener PORT 127.0.0.1\` + \`cafile\`/\`certfile\`/\`keyfile\`, Millet \`tls_listen\` + \`[security.tls]\` (README, TLS).")
 fi
 if wanted scale; then
     SCALE_NOFILE_NOTE="open-files limit $NOFILE per process"

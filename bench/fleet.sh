@@ -13,7 +13,9 @@
 #   --window S       measured window, seconds (default 60)
 #   --version 4|5    MQTT version (default 4 = 3.1.1)
 #   --clean          clean sessions (default: persistent sessions)
-#   --brokers LIST   comma-separated, default millet,mosquitto-persist,mosquitto
+#   --brokers LIST   comma-separated, default millet,mosquitto-persist,mosquitto;
+#                    also millet-interval, millet-none (Millet --durability
+#                    interval / none: shown as extra columns)
 #   --runs K         runs per broker, alternating (default 1)
 #   --no-pinned      do not pin (default: broker `taskset -c 0`, tool
 #                    `taskset -c 1 ... --threads 1`)
@@ -133,10 +135,12 @@ chmod 644 "$WORK"/*.conf
 
 start_broker() { # NAME
     case "$1" in
-        millet)
+        millet | millet-sync | millet-interval | millet-none)
+            local durability=()
+            [ "$1" != millet ] && durability=(--durability "${1#millet-}")
             rm -rf "$WORK/millet-data"
             MILLET_LOG=warn "${PIN_B[@]}" "$MILLET" --listen "127.0.0.1:$PORT" \
-                --data-dir "$WORK/millet-data" >"$WORK/broker.log" 2>&1 &
+                --data-dir "$WORK/millet-data" "${durability[@]}" >"$WORK/broker.log" 2>&1 &
             ;;
         mosquitto-persist)
             rm -rf "$WORK/mosq-persist"/*
@@ -159,12 +163,12 @@ start_broker() { # NAME
     return 1
 }
 
-# Let the previous run's sockets leave TIME_WAIT (at most 60 s) so that every
-# run starts from the same state.
+# Let the previous run's sockets leave TIME_WAIT (Linux keeps them 60 s) so
+# that every run starts from the same state.
 wait_time_wait() {
     local n
-    for _ in $(seq 1 60); do
-        n=$(ss -tan state time-wait 2>/dev/null | wc -l)
+    for _ in $(seq 1 75); do
+        n=$(ss -tan state time-wait "( sport = :$PORT or dport = :$PORT )" 2>/dev/null | tail -n +2 | wc -l)
         [ "$n" -lt 1000 ] && return
         sleep 1
     done

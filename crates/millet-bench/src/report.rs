@@ -266,6 +266,10 @@ const FLEET_BROKERS: [(&str, &str); 3] = [
     ("mosquitto-persist", "Mosquitto `persistence true`"),
     ("mosquitto", "Mosquitto (memory)"),
 ];
+const FLEET_EXTRA: [(&str, &str); 2] = [
+    ("millet-interval", "Millet `--durability interval`"),
+    ("millet-none", "Millet `--durability none`"),
+];
 const FLEET_METRICS: &[Metric] = &[
     m("devices connected", "connected", Higher, "devices"),
     m(
@@ -908,17 +912,26 @@ fn fleet_section(w: &mut String, results: &Results, dir: &Path) {
     if let Ok(p) = std::fs::read_to_string(dir.join("fleet-params.txt")) {
         let _ = writeln!(w, "Parameters of this run:\n\n```\n{}\n```\n", p.trim_end());
     }
+    // Millet with another durability, when the run has it.
+    let columns: Vec<(&str, &str)> = FLEET_BROKERS
+        .iter()
+        .copied()
+        .chain(FLEET_EXTRA.iter().copied().filter(|(b, _)| {
+            results.contains_key(&(pass.to_string(), case.to_string(), b.to_string()))
+        }))
+        .collect();
     let _ = write!(w, "| metric |");
-    for (_, title) in FLEET_BROKERS {
+    for (_, title) in &columns {
         let _ = write!(w, " {title} |");
     }
     let _ = writeln!(
         w,
-        " Millet / Mosquitto persist | Millet / Mosquitto memory | better |\n|---|---:|---:|---:|---:|---:|---|"
+        " Millet / Mosquitto persist | Millet / Mosquitto memory | better |\n|---|{}---:|---:|---|",
+        "---:|".repeat(columns.len())
     );
     for mt in FLEET_METRICS {
         let _ = write!(w, "| {} ({}) |", mt.name, mt.unit);
-        for (b, _) in FLEET_BROKERS {
+        for (b, _) in &columns {
             let _ = write!(w, " {} |", cell(results, pass, case, b, mt.path));
         }
         let mil = metric(results, pass, case, "millet", mt.path);
@@ -938,7 +951,7 @@ fn fleet_section(w: &mut String, results: &Results, dir: &Path) {
         };
         let _ = writeln!(w, " {better} |");
     }
-    let brokers: Vec<&str> = FLEET_BROKERS.iter().map(|(b, _)| *b).collect();
+    let brokers: Vec<&str> = columns.iter().map(|(b, _)| *b).collect();
     let nruns = brokers
         .iter()
         .map(|b| runs_of(results, pass, case, b))
