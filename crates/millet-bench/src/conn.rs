@@ -162,9 +162,10 @@ async fn hold_one(
 ) {
     // With one source address the kernel picks the port at connect() time
     // (unique per 4-tuple, so ports still in TIME_WAIT towards another broker
-    // are reused); an explicit bind() would search for a port free of every
-    // socket, TIME_WAIT included, and slows down badly once tens of thousands
-    // are taken (see bench/HISTORY.md, the 10k case inside compare.sh).
+    // are reused); `bind(ip:0)` would search for a port free of every socket,
+    // TIME_WAIT included, and slows down badly once tens of thousands are
+    // taken (see bench/HISTORY.md, the 10k case inside compare.sh). With
+    // several, mqtt::tcp_connect picks the ports itself.
     let src = (cfg.source_ips > 1).then(|| {
         IpAddr::V4(Ipv4Addr::new(
             127,

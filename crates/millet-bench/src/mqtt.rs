@@ -7,6 +7,8 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -401,19 +403,76 @@ pub fn parse_header(payload: &[u8]) -> Option<Header> {
     })
 }
 
-/// Open a TCP connection (optionally from a given local address).
-pub async fn tcp_connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
+/// First port and size of the range the tool picks source ports from when it
+/// binds a source address itself (Linux's default ephemeral range).
+const PORT_LO: u32 = 32_768;
+const PORT_SPAN: u32 = 60_999 - 32_768 + 1;
+
+/// Next source port per source address (indexed by the last octet).
+static NEXT_PORT: [AtomicU32; 256] = [const { AtomicU32::new(0) }; 256];
+
+fn next_port(ip: IpAddr) -> u16 {
+    static START: OnceLock<u32> = OnceLock::new();
+    let start = *START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ std::process::id())
+            .unwrap_or(0)
+    });
+    let slot = match ip {
+        IpAddr::V4(v4) => usize::from(v4.octets()[3]),
+        IpAddr::V6(v6) => usize::from(v6.octets()[15]),
     };
-    if let Some(ip) = bind {
-        sock.bind(SocketAddr::new(ip, 0))?;
+    let n = NEXT_PORT[slot].fetch_add(1, Ordering::Relaxed);
+    (PORT_LO + start.wrapping_add(n) % PORT_SPAN) as u16
+}
+
+/// Open a TCP connection (optionally from a given local address).
+///
+/// With a source address the tool picks the port itself (round robin over the
+/// ephemeral range, `SO_REUSEADDR`, the next port on a clash): `bind(ip:0)`
+/// makes the kernel search for a port no socket holds, TIME_WAIT included,
+/// which costs seconds of system time per thousand connections once tens of
+/// thousands of ports are taken (bench/HISTORY.md, the 10k-connection case).
+/// Only the 4-tuple must be unique, which `connect()` checks.
+pub async fn tcp_connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+    let new = || {
+        if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+    };
+    let Some(ip) = bind else {
+        let stream = new()?.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        return Ok(stream);
+    };
+    let mut last = None;
+    for _ in 0..64 {
+        let sock = new()?;
+        sock.set_reuseaddr(true)?;
+        if let Err(e) = sock.bind(SocketAddr::new(ip, next_port(ip))) {
+            last = Some(e);
+            continue;
+        }
+        match sock.connect(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+                ) =>
+            {
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
     }
-    let stream = sock.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+    Err(last.unwrap_or_else(|| io::Error::other("no free source port")))
 }
 
 /// Result of a successful MQTT handshake.
