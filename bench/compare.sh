@@ -455,6 +455,7 @@ if wanted pinned && [ "$PINNED" = 1 ]; then
 fi
 
 PASS_NOTES=()
+declare -A PASS_NOTE=()
 if wanted idle; then
     both idle idle-tcp 1 conn -n "$N_IDLE" --rate 2000 --hold "$HOLD" --keepalive 30
     if make_certs; then
@@ -469,22 +470,26 @@ if wanted idle; then
         unavailable "$RESULTS/idle__idle-tls__millet__r1.json" "openssl failed: $(tail -1 "$WORK/openssl.log")"
         unavailable "$RESULTS/idle__idle-tls__mosquitto__r1.json" "openssl failed"
     fi
-    PASS_NOTES+=("Idle pass: $N_IDLE connections opened at 2,000/s (TLS: 500/s) with keep-alive 30 s, broker VmRSS sampled 2 s after the last CONNACK; per connection = (RSS then - RSS before) / connections. TLS: TLS 1.3 (rustls client), P-256 ECDSA server certificate from a throwaway CA (openssl), the same files for both brokers; Mosquitto \`listener PORT 127.0.0.1\` + \`cafile\`/\`certfile\`/\`keyfile\`, Millet \`tls_listen\` + \`[security.tls]\` (README, TLS).")
+    PASS_NOTE[idle]="Idle pass: $N_IDLE connections opened at 2,000/s (TLS: 500/s) with keep-alive 30 s, broker VmRSS sampled 2 s after the last CONNACK; per connection = (RSS then - RSS before) / connections. TLS: TLS 1.3 (rustls client), P-256 ECDSA server certificate from a throwaway CA (openssl), the same files for both brokers; Mosquitto \`listener PORT 127.0.0.1\` + \`cafile\`/\`certfile\`/\`keyfile\`, Millet \`tls_listen\` + \`[security.tls]\` (README, TLS)."
+    PASS_NOTES+=("${PASS_NOTE[idle]}")
 fi
 if wanted scale; then
     SCALE_NOFILE_NOTE="open-files limit $NOFILE per process"
     both scale conn-19k 1 conn -n "$N_SCALE" --rate 5000 --hold 10s --keepalive 30 \
         --source-ips 4 --connect-timeout 30s
-    PASS_NOTES+=("Scale pass: $N_SCALE idle connections at 5,000/s from 127.0.0.1-4 (keep-alive 30 s, held 10 s), the \"100k connections on one box\" scenario bounded by the $SCALE_NOFILE_NOTE (every connection is a file descriptor in the broker and in the load tool; raising the hard limit is not possible here).")
+    PASS_NOTE[scale]="Scale pass: $N_SCALE idle connections at 5,000/s from 127.0.0.1-4 (keep-alive 30 s, held 10 s), the \"100k connections on one box\" scenario bounded by the $SCALE_NOFILE_NOTE (every connection is a file descriptor in the broker and in the load tool; raising the hard limit is not possible here)."
+    PASS_NOTES+=("${PASS_NOTE[scale]}")
 fi
 if wanted fleet; then
     fleet_pin=()
     [ "$PINNED" = 1 ] || fleet_pin=(--no-pinned)
     MILLET_BIN="$MILLET" MILLET_BENCH_BIN="$BENCH" bench/fleet.sh --skip-build --results "$RESULTS" \
         "${FLEET_ARGS[@]}" "${fleet_pin[@]}" >&2
-    PASS_NOTES+=("Fleet pass: bench/fleet.sh (parameters in the section).")
+    PASS_NOTE[fleet]="Fleet pass: bench/fleet.sh (parameters in the section)."
+    PASS_NOTES+=("${PASS_NOTE[fleet]}")
 fi
-PASS_NOTES+=("Connection cases wait until fewer than 1,000 sockets are in TIME_WAIT before they start (at most 60 s), and the load tool binds a source address only when spreading over several (\`--source-ips\` > 1): see bench/HISTORY.md, the 10k-connection case.")
+TW_NOTE="Connection cases wait until fewer than 1,000 sockets to or from the brokers' ports are in TIME_WAIT before they start (at most 75 s); the load tool leaves the source port to \`connect()\` with one source address and picks ports itself with several (\`--source-ips\` > 1) instead of \`bind(ip:0)\`: see bench/HISTORY.md, the 10k-connection case."
+PASS_NOTES+=("$TW_NOTE")
 
 # ---------------------------------------------------------------- report
 if [ "$MILLET_STATUS" = built ]; then
@@ -510,7 +515,8 @@ if [ -n "$ONLY" ]; then
             printf '{"date":"%s","only":"%s","nofile":"%s","loadavg":"%s","notes":[' \
                 "$(date -u '+%Y-%m-%d %H:%M UTC')" "$(json_escape "$ONLY")" "$NOFILE" "$LOADAVG"
             sep=""
-            for n in "${PASS_NOTES[@]}"; do
+            for n in "${PASS_NOTE[$p]:-}" "$TW_NOTE"; do
+                [ -n "$n" ] || continue
                 printf '%s"%s"' "$sep" "$(json_escape "$n")"
                 sep=","
             done

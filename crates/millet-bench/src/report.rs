@@ -1093,6 +1093,11 @@ fn tidy_command(c: &str) -> String {
             "--json-out" => {
                 it.next();
             }
+            "--tls" => {
+                it.next();
+                out.push("--tls");
+                out.push("ca.pem");
+            }
             "--broker-pid" => {
                 it.next();
                 out.push("--broker-pid");
