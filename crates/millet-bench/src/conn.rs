@@ -8,12 +8,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::sleep_until;
 
 use crate::mqtt::{self, Version};
 use crate::stats::{self, LatencyHist, LatencySummary};
+
+/// A TLS client configuration (opaque in debug output).
+#[derive(Clone)]
+pub struct Tls(pub tokio_rustls::TlsConnector);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnCfg {
@@ -34,6 +44,12 @@ pub struct ConnCfg {
     pub client_prefix: String,
     #[serde(skip)]
     pub nonce: u32,
+    /// CA file when connecting over TLS.
+    pub tls_ca: Option<String>,
+    /// TLS server name (SNI and certificate check).
+    pub tls_server_name: String,
+    #[serde(skip)]
+    pub tls: Option<Tls>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -142,14 +158,22 @@ async fn hold_one(
     cfg: Arc<ConnCfg>,
     st: Arc<ConnStats>,
     lat: Arc<LatencyHist>,
-    mut release: watch::Receiver<bool>,
+    release: watch::Receiver<bool>,
 ) {
-    let src = IpAddr::V4(Ipv4Addr::new(
-        127,
-        0,
-        0,
-        1 + (i % u64::from(cfg.source_ips.clamp(1, 254))) as u8,
-    ));
+    // With one source address the kernel picks the port at connect() time
+    // (unique per 4-tuple, so ports still in TIME_WAIT towards another broker
+    // are reused); `bind(ip:0)` would search for a port free of every socket,
+    // TIME_WAIT included, and slows down badly once tens of thousands are
+    // taken (see bench/HISTORY.md, the 10k case inside compare.sh). With
+    // several, mqtt::tcp_connect picks the ports itself.
+    let src = (cfg.source_ips > 1).then(|| {
+        IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (i % u64::from(cfg.source_ips.clamp(1, 254))) as u8,
+        ))
+    });
     let opts = mqtt::ConnectOpts {
         topic_alias_max: None,
         version: cfg.version,
@@ -160,21 +184,59 @@ async fn hold_one(
     let id = format!("{}-{:08x}-c{i}", cfg.client_prefix, cfg.nonce);
     let t = stats::now_ns();
     let timeout = Duration::from_secs_f64(cfg.connect_timeout_s);
-    let mut stream = match mqtt::mqtt_connect(cfg.addr, Some(src), &opts, &id, timeout, 16).await {
-        Ok(c) => c.stream,
-        Err(e) => {
-            st.failed.fetch_add(1, Ordering::Relaxed);
-            st.error(format!("conn {i} from {src}: {e:#}"));
-            return;
+    let from = src
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "default".into());
+    if let Some(tls) = &cfg.tls {
+        match mqtt::mqtt_connect_tls(
+            cfg.addr,
+            src,
+            (&tls.0, &cfg.tls_server_name),
+            &opts,
+            &id,
+            timeout,
+            16,
+        )
+        .await
+        {
+            Ok(c) => {
+                connected(i, t, &st, &lat);
+                hold_loop(i, c.stream, &cfg, &st, release).await;
+            }
+            Err(e) => {
+                st.failed.fetch_add(1, Ordering::Relaxed);
+                st.error(format!("conn {i} from {from}: {e:#}"));
+            }
         }
-    };
-    drop(id);
+    } else {
+        match mqtt::mqtt_connect(cfg.addr, src, &opts, &id, timeout, 16).await {
+            Ok(c) => {
+                connected(i, t, &st, &lat);
+                hold_loop(i, c.stream, &cfg, &st, release).await;
+            }
+            Err(e) => {
+                st.failed.fetch_add(1, Ordering::Relaxed);
+                st.error(format!("conn {i} from {from}: {e:#}"));
+            }
+        }
+    }
+}
+
+fn connected(i: u64, t: u64, st: &ConnStats, lat: &LatencyHist) {
     let done = stats::now_ns();
     let mut lat_sample = vec![done.saturating_sub(t)];
     lat.flush(i as usize, &mut lat_sample);
     st.connected.fetch_add(1, Ordering::Relaxed);
     st.last_connect_ns.fetch_max(done, Ordering::Relaxed);
+}
 
+async fn hold_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    i: u64,
+    mut stream: S,
+    cfg: &ConnCfg,
+    st: &ConnStats,
+    mut release: watch::Receiver<bool>,
+) {
     // Ping at 3/4 of the keep-alive period.
     let every = Duration::from_millis(u64::from(cfg.keepalive.max(1)) * 750);
     let mut buf = [0u8; 8];

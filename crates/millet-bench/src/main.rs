@@ -4,6 +4,7 @@
 //! stderr, one JSON line on stdout.
 
 mod conn;
+mod fleet;
 mod mqtt;
 mod overload;
 mod report;
@@ -70,6 +71,10 @@ enum Cmd {
         #[command(flatten)]
         args: RunArgs,
     },
+    /// Device fleet: N devices with persistent sessions publish QoS 1 telemetry
+    /// and receive QoS 1 commands from one backend client; broker CPU, RSS per
+    /// device and latency both ways over a measured window.
+    Fleet(FleetArgs),
     /// Build BENCHMARKS.md tables and a PNG chart from compare.sh results.
     Report(report::ReportArgs),
     /// Overload-isolation suite (issue 11): per attack scenario, a probe's
@@ -260,6 +265,126 @@ struct ConnArgs {
     /// Client id prefix.
     #[arg(long, default_value = "mb")]
     client_prefix: String,
+    /// Connect over TLS, trusting the CA certificate(s) in this PEM file.
+    #[arg(long, value_name = "CA_FILE")]
+    tls: Option<PathBuf>,
+    /// TLS server name to verify (default: localhost).
+    #[arg(long, default_value = "localhost")]
+    tls_server_name: String,
+}
+
+#[derive(Args, Debug, Clone)]
+struct FleetArgs {
+    /// Number of devices (one connection each; the spec's shape is 100,000,
+    /// bounded here by the open-files limit).
+    #[arg(short = 'n', long, default_value_t = 18_000)]
+    devices: u64,
+    /// MQTT protocol version: 4 (3.1.1) or 5.
+    #[arg(long = "version", default_value_t = 4)]
+    mqtt_version: u8,
+    /// Clean sessions. Default false: persistent sessions (v5: session expiry
+    /// --session-expiry), as a fleet receiving QoS 1 commands would use.
+    #[arg(long, default_value_t = false, action = ArgAction::Set)]
+    clean: bool,
+    /// v5 session expiry interval for persistent sessions, seconds.
+    #[arg(long, default_value_t = 3600)]
+    session_expiry: u32,
+    /// Telemetry period per device (spread evenly over the fleet).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    interval: f64,
+    /// Percent of the devices that get a QoS 1 command each second.
+    #[arg(long, default_value_t = 1.0)]
+    cmd_pct: f64,
+    /// Payload size in bytes (minimum 24).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Device connections per second (0 = as fast as possible).
+    #[arg(short = 'r', long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Warm-up after the connect phase (commands start here).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    warmup: f64,
+    /// Measured window.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    window: f64,
+    /// After the window, wait at most this long for messages in flight.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain: f64,
+    /// Keep-alive in seconds.
+    #[arg(long, default_value_t = 60)]
+    keepalive: u16,
+    /// Source addresses 127.0.0.1..=127.0.0.K (0 = one per 16k devices).
+    #[arg(long, default_value_t = 0)]
+    source_ips: u32,
+    /// Timeout for TCP connect + CONNACK.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    connect_timeout: f64,
+    /// Broker PID: CPU % over the window and VmRSS.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Client id prefix.
+    #[arg(long, default_value = "mb")]
+    client_prefix: String,
+}
+
+fn print_fleet_summary(r: &fleet::FleetResult) {
+    let Some(c) = &r.config else { return };
+    eprintln!(
+        "== millet-bench fleet against {} | MQTT {} | {} devices ({} sessions) | telemetry every {}s, commands to {}%/s",
+        r.broker,
+        if c.mqtt_version == 5 { "5.0" } else { "3.1.1" },
+        c.devices,
+        if c.clean_session { "clean" } else { "persistent" },
+        c.interval_s,
+        c.cmd_pct
+    );
+    eprintln!(
+        "devices    {} connected, {} failed, {} dropped; {:.0} conn/s over {:.2}s",
+        r.connected, r.failed, r.dropped, r.connect_rate, r.connect_time_s
+    );
+    let opt = |v: Option<f64>, d: usize| {
+        v.map(|x| format!("{x:.d$}"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    eprintln!(
+        "window     {:.1}s: broker CPU {}% ({} s), tool CPU {}%",
+        r.window_s,
+        opt(r.broker_cpu_pct, 1),
+        opt(r.broker_cpu_s, 2),
+        opt(r.tool_cpu_pct, 1)
+    );
+    eprintln!(
+        "broker RSS {} KiB ({} KiB per device)",
+        r.broker_rss_kib
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "n/a".into()),
+        opt(r.broker_rss_kib_per_device, 2)
+    );
+    for (name, fl) in [("telemetry", &r.telemetry), ("commands", &r.commands)] {
+        let p = |l: &Option<stats::LatencySummary>| {
+            l.as_ref()
+                .map(|l| {
+                    format!(
+                        "p50 {:.0} p99 {:.0} max {:.0}",
+                        l.p50_us, l.p99_us, l.max_us
+                    )
+                })
+                .unwrap_or_else(|| "n/a".into())
+        };
+        eprintln!(
+            "{name:<10} sent {} acked {} received {} lost {} dup {} | latency us {} | PUBACK us {}",
+            fl.sent,
+            fl.acked,
+            fl.received,
+            fl.lost,
+            fl.duplicates,
+            p(&fl.latency),
+            p(&fl.puback_latency)
+        );
+    }
+    for e in r.errors.iter().take(10) {
+        eprintln!("error: {e}");
+    }
 }
 
 fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
@@ -581,6 +706,14 @@ fn real_main(cli: Cli) -> Result<i32> {
                 broker_pid: a.broker_pid,
                 client_prefix: a.client_prefix,
                 nonce: run_nonce(),
+                tls_ca: a.tls.as_ref().map(|p| p.display().to_string()),
+                tls_server_name: a.tls_server_name,
+                tls: a
+                    .tls
+                    .as_deref()
+                    .map(mqtt::tls_connector)
+                    .transpose()?
+                    .map(conn::Tls),
             };
             let bound = Duration::from_secs_f64(
                 cfg.connections as f64 / cfg.rate.max(1.0)
@@ -605,6 +738,50 @@ fn real_main(cli: Cli) -> Result<i32> {
             r.command = command;
             emit(&r, cli.json_out.as_ref())?;
             0
+        }
+        Cmd::Fleet(a) => {
+            let cfg = fleet::FleetCfg {
+                addr,
+                devices: a.devices,
+                version: mqtt::Version::from_level(a.mqtt_version)?,
+                mqtt_version: a.mqtt_version,
+                clean_session: a.clean,
+                session_expiry: a.session_expiry,
+                interval_s: a.interval,
+                cmd_pct: a.cmd_pct.max(0.0),
+                payload_size: a.size.max(mqtt::HEADER_LEN),
+                connect_rate: a.rate,
+                warmup_s: a.warmup,
+                window_s: a.window.max(1.0),
+                drain_s: a.drain,
+                keepalive: a.keepalive,
+                source_ips: if a.source_ips == 0 {
+                    (a.devices.div_ceil(16_000)).clamp(1, 254) as u32
+                } else {
+                    a.source_ips.min(254)
+                },
+                connect_timeout_s: a.connect_timeout,
+                broker_pid: a.broker_pid,
+                client_prefix: a.client_prefix,
+                nonce: run_nonce(),
+            };
+            let bound = Duration::from_secs_f64(
+                cfg.devices as f64 / cfg.connect_rate.max(1.0)
+                    + cfg.connect_timeout_s
+                    + cfg.warmup_s
+                    + cfg.window_s
+                    + cfg.drain_s
+                    + 90.0,
+            );
+            let mut r = rt
+                .block_on(async { tokio::time::timeout(bound, fleet::run(cfg)).await })
+                .map_err(|_| anyhow!("fleet run exceeded its time bound"))??;
+            r.label = cli.label;
+            r.case = cli.case_name;
+            r.command = command;
+            print_fleet_summary(&r);
+            emit(&r, cli.json_out.as_ref())?;
+            i32::from(r.connected == 0)
         }
         cmd @ (Cmd::Pub(_) | Cmd::Sub(_) | Cmd::Run(_) | Cmd::Scenario { .. }) => {
             let (mode, a) = match cmd {

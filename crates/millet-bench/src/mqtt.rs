@@ -7,12 +7,14 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use mqttbytes::{v4, v5, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Largest packet we accept from the broker.
@@ -401,27 +403,116 @@ pub fn parse_header(payload: &[u8]) -> Option<Header> {
     })
 }
 
-/// Open a TCP connection (optionally from a given local address).
-pub async fn tcp_connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
+/// First port and size of the range the tool picks source ports from when it
+/// binds a source address itself (Linux's default ephemeral range).
+const PORT_LO: u32 = 32_768;
+const PORT_SPAN: u32 = 60_999 - 32_768 + 1;
+
+/// Next source port per source address (indexed by the last octet).
+static NEXT_PORT: [AtomicU32; 256] = [const { AtomicU32::new(0) }; 256];
+
+fn next_port(ip: IpAddr) -> u16 {
+    static START: OnceLock<u32> = OnceLock::new();
+    let start = *START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ std::process::id())
+            .unwrap_or(0)
+    });
+    let slot = match ip {
+        IpAddr::V4(v4) => usize::from(v4.octets()[3]),
+        IpAddr::V6(v6) => usize::from(v6.octets()[15]),
     };
-    if let Some(ip) = bind {
-        sock.bind(SocketAddr::new(ip, 0))?;
+    let n = NEXT_PORT[slot].fetch_add(1, Ordering::Relaxed);
+    (PORT_LO + start.wrapping_add(n) % PORT_SPAN) as u16
+}
+
+/// Open a TCP connection (optionally from a given local address).
+///
+/// With a source address the tool picks the port itself (round robin over the
+/// ephemeral range, `SO_REUSEADDR`, the next port on a clash): `bind(ip:0)`
+/// makes the kernel search for a port no socket holds, TIME_WAIT included,
+/// which costs seconds of system time per thousand connections once tens of
+/// thousands of ports are taken (bench/HISTORY.md, the 10k-connection case).
+/// Only the 4-tuple must be unique, which `connect()` checks.
+pub async fn tcp_connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+    let new = || {
+        if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+    };
+    let Some(ip) = bind else {
+        let stream = new()?.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        return Ok(stream);
+    };
+    let mut last = None;
+    for _ in 0..64 {
+        let sock = new()?;
+        sock.set_reuseaddr(true)?;
+        if let Err(e) = sock.bind(SocketAddr::new(ip, next_port(ip))) {
+            last = Some(e);
+            continue;
+        }
+        match sock.connect(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+                ) =>
+            {
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
     }
-    let stream = sock.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+    Err(last.unwrap_or_else(|| io::Error::other("no free source port")))
 }
 
 /// Result of a successful MQTT handshake.
-pub struct Connected {
-    pub stream: TcpStream,
+pub struct Connected<S = TcpStream> {
+    pub stream: S,
     /// Bytes received after the CONNACK (normally empty).
     pub rbuf: BytesMut,
     pub session_present: bool,
+}
+
+/// CONNECT / CONNACK over an already open stream (TCP or TLS).
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    opts: &ConnectOpts,
+    client_id: &str,
+    rbuf_cap: usize,
+) -> Result<Connected<S>> {
+    let mut out = BytesMut::with_capacity(64 + client_id.len());
+    encode_connect(opts, client_id, &mut out)?;
+    stream.write_all(&out).await?;
+    let mut rbuf = BytesMut::with_capacity(rbuf_cap.max(64));
+    loop {
+        if let Some(pkt) = read_packet(opts.version, &mut rbuf)? {
+            return match pkt {
+                In::ConnAck {
+                    code: 0,
+                    session_present,
+                } => Ok(Connected {
+                    stream,
+                    rbuf,
+                    session_present,
+                }),
+                In::ConnAck { code, .. } => Err(anyhow!("CONNACK refused, code {code}")),
+                other => Err(anyhow!("expected CONNACK, got {other:?}")),
+            };
+        }
+        if stream.read_buf(&mut rbuf).await? == 0 {
+            bail!("connection closed before CONNACK");
+        }
+    }
 }
 
 /// TCP connect + CONNECT/CONNACK, all within `timeout`.
@@ -434,32 +525,54 @@ pub async fn mqtt_connect(
     rbuf_cap: usize,
 ) -> Result<Connected> {
     let fut = async {
-        let mut stream = tcp_connect(addr, bind)
+        let stream = tcp_connect(addr, bind)
             .await
             .with_context(|| format!("TCP connect to {addr}"))?;
-        let mut out = BytesMut::with_capacity(64 + client_id.len());
-        encode_connect(opts, client_id, &mut out)?;
-        stream.write_all(&out).await?;
-        let mut rbuf = BytesMut::with_capacity(rbuf_cap.max(64));
-        loop {
-            if let Some(pkt) = read_packet(opts.version, &mut rbuf)? {
-                return match pkt {
-                    In::ConnAck {
-                        code: 0,
-                        session_present,
-                    } => Ok(Connected {
-                        stream,
-                        rbuf,
-                        session_present,
-                    }),
-                    In::ConnAck { code, .. } => Err(anyhow!("CONNACK refused, code {code}")),
-                    other => Err(anyhow!("expected CONNACK, got {other:?}")),
-                };
-            }
-            if stream.read_buf(&mut rbuf).await? == 0 {
-                bail!("connection closed before CONNACK");
-            }
-        }
+        handshake(stream, opts, client_id, rbuf_cap).await
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| anyhow!("connect timed out after {timeout:?}"))?
+}
+
+/// A TLS client configuration trusting the CA certificates (PEM) in `ca_file`.
+pub fn tls_connector(ca_file: &std::path::Path) -> Result<tokio_rustls::TlsConnector> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("reading {}", ca_file.display()))?
+    {
+        let c = c.with_context(|| format!("parsing {}", ca_file.display()))?;
+        roots.add(c).context("adding CA certificate")?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)))
+}
+
+/// TCP + TLS connect + CONNECT/CONNACK, all within `timeout`.
+pub async fn mqtt_connect_tls(
+    addr: SocketAddr,
+    bind: Option<IpAddr>,
+    (tls, server_name): (&tokio_rustls::TlsConnector, &str),
+    opts: &ConnectOpts,
+    client_id: &str,
+    timeout: Duration,
+    rbuf_cap: usize,
+) -> Result<Connected<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|e| anyhow!("TLS server name {server_name:?}: {e}"))?;
+    let fut = async {
+        let stream = tcp_connect(addr, bind)
+            .await
+            .with_context(|| format!("TCP connect to {addr}"))?;
+        let stream = tls.connect(name, stream).await.context("TLS handshake")?;
+        handshake(stream, opts, client_id, rbuf_cap).await
     };
     tokio::time::timeout(timeout, fut)
         .await

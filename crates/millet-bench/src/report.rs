@@ -28,6 +28,10 @@ pub struct ReportArgs {
     /// Path of the chart as referenced from the markdown file.
     #[arg(long, default_value = "bench/results.png")]
     pub chart_link: String,
+    /// Print only this section's markdown to stdout (fleet, idle, scale)
+    /// instead of writing the files.
+    #[arg(long)]
+    pub section: Option<String>,
 }
 
 pub const BROKERS: [&str; 2] = ["millet", "mosquitto"];
@@ -185,6 +189,54 @@ const CASES: &[Case] = &[
             ),
         ],
     },
+    Case {
+        id: "idle-tcp",
+        title: "Idle plain-TCP connections ({n} connections)",
+        metrics: IDLE_METRICS,
+    },
+    Case {
+        id: "idle-tls",
+        title: "Idle TLS connections ({n} connections, same CA and server certificate for both brokers)",
+        metrics: IDLE_METRICS,
+    },
+    Case {
+        id: "conn-19k",
+        title: "Scale on one box: {n} idle connections (the \"100k\" scenario at this machine's open-files limit)",
+        metrics: &[
+            m("connected", "connected", Higher, "conns"),
+            m("failed", "failed", Lower, "conns"),
+            m("dropped while held", "dropped", Lower, "conns"),
+            m("connect rate achieved", "connect_rate", Higher, "conn/s"),
+            m("CONNACK p50", "connect_latency.p50_us", Lower, "µs"),
+            m("CONNACK p99", "connect_latency.p99_us", Lower, "µs"),
+            m(
+                "broker RSS per connection",
+                "broker_rss_kib_per_conn",
+                Lower,
+                "KiB",
+            ),
+            m(
+                "broker RSS with all connected",
+                "broker_rss_kib_connected",
+                Lower,
+                "KiB",
+            ),
+            m("open-files limit", "nofile_limit", Info, "fds"),
+        ],
+    },
+];
+
+const IDLE_METRICS: &[Metric] = &[
+    m(
+        "broker RSS per idle connection",
+        "broker_rss_kib_per_conn",
+        Lower,
+        "KiB",
+    ),
+    m("connected", "connected", Higher, "conns"),
+    m("failed", "failed", Lower, "conns"),
+    m("connect rate achieved", "connect_rate", Higher, "conn/s"),
+    m("connect p99", "connect_latency.p99_us", Lower, "µs"),
 ];
 
 const PASSES: &[(&str, &str)] = &[
@@ -196,6 +248,97 @@ const PASSES: &[(&str, &str)] = &[
         "pinned",
         "Pinned (`taskset`: broker on CPU 0, millet-bench on CPU 1, `--threads 1`)",
     ),
+    (
+        "idle",
+        "Idle memory per connection: plain TCP and TLS (`bench/compare.sh --only idle`)",
+    ),
+    (
+        "scale",
+        "Scale on one box (`bench/compare.sh --only scale`)",
+    ),
+];
+
+/// The fleet pass (`bench/fleet.sh`): one column per broker configuration.
+const FLEET_PASS: &str = "fleet";
+const FLEET_CASE: &str = "fleet";
+const FLEET_BROKERS: [(&str, &str); 3] = [
+    ("millet", "Millet (default: `sync` store)"),
+    ("mosquitto-persist", "Mosquitto `persistence true`"),
+    ("mosquitto", "Mosquitto (memory)"),
+];
+const FLEET_EXTRA: [(&str, &str); 2] = [
+    ("millet-interval", "Millet `--durability interval`"),
+    ("millet-none", "Millet `--durability none`"),
+];
+const FLEET_METRICS: &[Metric] = &[
+    m("devices connected", "connected", Higher, "devices"),
+    m(
+        "broker CPU over the window",
+        "broker_cpu_pct",
+        Lower,
+        "% of a core",
+    ),
+    m(
+        "broker RSS at the end of the window",
+        "broker_rss_kib",
+        Lower,
+        "KiB",
+    ),
+    m(
+        "broker RSS per device",
+        "broker_rss_kib_per_device",
+        Lower,
+        "KiB",
+    ),
+    m(
+        "telemetry device→backend p50",
+        "telemetry.latency.p50_us",
+        Lower,
+        "µs",
+    ),
+    m(
+        "telemetry device→backend p99",
+        "telemetry.latency.p99_us",
+        Lower,
+        "µs",
+    ),
+    m(
+        "command backend→device p50",
+        "commands.latency.p50_us",
+        Lower,
+        "µs",
+    ),
+    m(
+        "command backend→device p99",
+        "commands.latency.p99_us",
+        Lower,
+        "µs",
+    ),
+    m(
+        "telemetry PUBACK p99",
+        "telemetry.puback_latency.p99_us",
+        Lower,
+        "µs",
+    ),
+    m(
+        "command PUBACK p99",
+        "commands.puback_latency.p99_us",
+        Lower,
+        "µs",
+    ),
+    m(
+        "telemetry sent in the window",
+        "telemetry.sent",
+        Info,
+        "msgs",
+    ),
+    m("telemetry received", "telemetry.received", Info, "msgs"),
+    m("telemetry lost", "telemetry.lost", Lower, "msgs"),
+    m("commands sent in the window", "commands.sent", Info, "msgs"),
+    m("commands received", "commands.received", Info, "msgs"),
+    m("commands lost", "commands.lost", Lower, "msgs"),
+    m("connect rate", "connect_rate", Higher, "conn/s"),
+    m("millet-bench CPU", "tool_cpu_pct", Info, "% of a core"),
 ];
 
 /// The durability pass (`bench/compare.sh`): one case, one column per
@@ -237,6 +380,7 @@ type Results = BTreeMap<(String, String, String), Runs>;
 fn load(dir: &Path) -> Result<(Results, Value)> {
     let mut out = Results::new();
     let mut meta = Value::Null;
+    let mut extra: Vec<String> = Vec::new();
     let rd = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
     let mut paths: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
     paths.sort();
@@ -251,6 +395,21 @@ fn load(dir: &Path) -> Result<(Results, Value)> {
         let v: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
         if stem == "meta" {
             meta = v;
+            continue;
+        }
+        if let Some(pass) = stem.strip_prefix("meta-") {
+            // A pass run on its own (`compare.sh --only PASS`): its notes,
+            // dated, join the main ones.
+            let date = v.get("date").and_then(Value::as_str).unwrap_or("?");
+            for n in v
+                .get("notes")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                extra.push(format!("[{pass} pass, run {date}] {n}"));
+            }
             continue;
         }
         // <pass>__<case>__<broker>[__r<N>]
@@ -274,6 +433,24 @@ fn load(dir: &Path) -> Result<(Results, Value)> {
         match val {
             Ok(v) => entry.ok.push(v),
             Err(r) => entry.failed.push(r),
+        }
+    }
+    if !extra.is_empty() {
+        if !meta.is_object() {
+            meta = Value::Object(serde_json::Map::new());
+        }
+        if let Some(obj) = meta.as_object_mut() {
+            let notes = obj
+                .entry("notes")
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Some(a) = notes.as_array_mut() {
+                // Drop the main run's notes that a pass run repeats.
+                a.retain(|n| {
+                    n.as_str()
+                        .is_none_or(|n| !extra.iter().any(|e| e.ends_with(n)))
+                });
+                a.extend(extra.into_iter().map(Value::String));
+            }
         }
     }
     Ok((out, meta))
@@ -364,6 +541,20 @@ fn meta_str(meta: &Value, k: &str) -> String {
 
 pub fn report(a: &ReportArgs) -> Result<()> {
     let (results, meta) = load(&a.results)?;
+    if let Some(sec) = &a.section {
+        let mut md = String::new();
+        match sec.as_str() {
+            "fleet" => fleet_section(&mut md, &results, &a.results),
+            other => match PASSES.iter().find(|(p, _)| *p == other) {
+                Some((p, t)) => pass_section(&mut md, &results, p, t),
+                None => {
+                    anyhow::bail!("unknown section {other:?} (fleet, idle, scale, default, pinned)")
+                }
+            },
+        }
+        print!("{md}");
+        return Ok(());
+    }
     let mut md = String::new();
     let w = &mut md;
     let _ = writeln!(w, "# Benchmarks: Millet vs Mosquitto\n");
@@ -422,68 +613,11 @@ pub fn report(a: &ReportArgs) -> Result<()> {
     );
 
     for (pass, pass_title) in PASSES {
-        let any = results.keys().any(|(p, _, _)| p == pass);
-        if !any {
-            continue;
-        }
-        let _ = writeln!(w, "## {pass_title}\n");
-        for case in CASES {
-            let has = results.keys().any(|(p, c, _)| p == pass && c == case.id);
-            if !has {
-                continue;
-            }
-            let n = BROKERS
-                .iter()
-                .filter_map(|b| {
-                    results.get(&(pass.to_string(), case.id.to_string(), b.to_string()))
-                })
-                .flat_map(|r| r.ok.iter())
-                .find_map(|v| get_path(v, "config.connections").and_then(Value::as_u64))
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| case.id.trim_start_matches("conn-").to_string());
-            let _ = writeln!(w, "### {}\n", case.title.replace("{n}", &n));
-            let _ = writeln!(
-                w,
-                "| metric | Millet | Mosquitto | Millet/Mosquitto | better |\n|---|---:|---:|---:|---|"
-            );
-            for mt in case.metrics {
-                let mil = metric(&results, pass, case.id, "millet", mt.path);
-                let mos = metric(&results, pass, case.id, "mosquitto", mt.path);
-                let ratio = match (mil, mos) {
-                    _ if mt.better == Info => "".into(),
-                    (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
-                    (Some(0.0), Some(_)) => "=".into(),
-                    _ => "n/a".into(),
-                };
-                let _ = writeln!(
-                    w,
-                    "| {} ({}) | {} | {} | {} | {} |",
-                    mt.name,
-                    mt.unit,
-                    cell(&results, pass, case.id, "millet", mt.path),
-                    cell(&results, pass, case.id, "mosquitto", mt.path),
-                    ratio,
-                    match mt.better {
-                        Higher => "higher",
-                        Lower => "lower",
-                        Info => "(context)",
-                    }
-                );
-            }
-            let nruns = BROKERS
-                .iter()
-                .map(|b| runs_of(&results, pass, case.id, b))
-                .max()
-                .unwrap_or(0);
-            if nruns > 1 {
-                let _ = writeln!(w, "\nMedian of {nruns} runs (fresh broker each run).");
-            }
-            run_notes(w, &results, pass, case.id, &BROKERS);
-            let _ = writeln!(w);
-        }
+        pass_section(w, &results, pass, pass_title);
     }
 
     durability_section(w, &results, &meta);
+    fleet_section(w, &results, &a.results);
     // The overload section (`millet-bench overload-report --splice`) is
     // produced by bench/overload.sh: carried over as it is.
     if let Some(sec) = std::fs::read_to_string(&a.out)
@@ -573,6 +707,67 @@ pub fn report(a: &ReportArgs) -> Result<()> {
     chart(&results, &a.chart)?;
     eprintln!("wrote {}", a.chart.display());
     Ok(())
+}
+
+/// One Millet-vs-Mosquitto pass: a table per case present in the results.
+fn pass_section(w: &mut String, results: &Results, pass: &str, pass_title: &str) {
+    let any = results.keys().any(|(p, _, _)| p == pass);
+    if !any {
+        return;
+    }
+    let _ = writeln!(w, "## {pass_title}\n");
+    for case in CASES {
+        let has = results.keys().any(|(p, c, _)| p == pass && c == case.id);
+        if !has {
+            continue;
+        }
+        let n = BROKERS
+            .iter()
+            .filter_map(|b| results.get(&(pass.to_string(), case.id.to_string(), b.to_string())))
+            .flat_map(|r| r.ok.iter())
+            .find_map(|v| get_path(v, "config.connections").and_then(Value::as_u64))
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| case.id.trim_start_matches("conn-").to_string());
+        let _ = writeln!(w, "### {}\n", case.title.replace("{n}", &n));
+        let _ = writeln!(
+            w,
+            "| metric | Millet | Mosquitto | Millet/Mosquitto | better |\n|---|---:|---:|---:|---|"
+        );
+        for mt in case.metrics {
+            let mil = metric(results, pass, case.id, "millet", mt.path);
+            let mos = metric(results, pass, case.id, "mosquitto", mt.path);
+            let ratio = match (mil, mos) {
+                _ if mt.better == Info => "".into(),
+                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+                (Some(0.0), Some(_)) => "=".into(),
+                _ => "n/a".into(),
+            };
+            let _ = writeln!(
+                w,
+                "| {} ({}) | {} | {} | {} | {} |",
+                mt.name,
+                mt.unit,
+                cell(results, pass, case.id, "millet", mt.path),
+                cell(results, pass, case.id, "mosquitto", mt.path),
+                ratio,
+                match mt.better {
+                    Higher => "higher",
+                    Lower => "lower",
+                    Info => "(context)",
+                }
+            );
+        }
+        let nruns = BROKERS
+            .iter()
+            .map(|b| runs_of(results, pass, case.id, b))
+            .max()
+            .unwrap_or(0);
+        if nruns > 1 {
+            let _ = writeln!(w, "\nMedian of {nruns} runs (fresh broker each run).");
+        }
+        run_notes(w, results, pass, case.id, &BROKERS);
+        let _ = writeln!(w);
+    }
 }
 
 /// Reasons for n/a cells, and errors reported by the load tool.
@@ -700,6 +895,80 @@ fn durability_section(w: &mut String, results: &Results, meta: &Value) {
             let _ = writeln!(w, "- `interval` within 30% of in-memory: n/a.");
         }
     }
+    let _ = writeln!(w);
+}
+
+/// The fleet pass (`bench/fleet.sh`): Millet against Mosquitto with and
+/// without persistence, with Millet/Mosquitto ratios.
+fn fleet_section(w: &mut String, results: &Results, dir: &Path) {
+    let (pass, case) = (FLEET_PASS, FLEET_CASE);
+    if !results.keys().any(|(p, c, _)| p == pass && c == case) {
+        return;
+    }
+    let _ = writeln!(w, "## Device fleet (`bench/fleet.sh`)\n");
+    let _ = writeln!(
+        w,
+        "millet-bench `fleet`: N devices, each with a persistent session (MQTT 3.1.1, \
+         `clean_session=false`), subscribed to `devices/{{i}}/cmd` at QoS 1 and publishing one \
+         QoS 1 message (64 B) to `devices/{{i}}/telemetry` every 10 s, spread evenly over the \
+         period; one backend client subscribed to `devices/+/telemetry` (QoS 1) sends a QoS 1 \
+         command to 1% of the devices each second. Devices connect at 2,000/s, then a warm-up, \
+         then the measured window: broker CPU from `/proc/PID/stat` (user + system) over the \
+         window, VmRSS at its end, latencies of messages sent inside it. Broker pinned to \
+         CPU 0 and millet-bench to CPU 1 unless stated otherwise below.\n"
+    );
+    if let Ok(p) = std::fs::read_to_string(dir.join("fleet-params.txt")) {
+        let _ = writeln!(w, "Parameters of this run:\n\n```\n{}\n```\n", p.trim_end());
+    }
+    // Millet with another durability, when the run has it.
+    let columns: Vec<(&str, &str)> = FLEET_BROKERS
+        .iter()
+        .copied()
+        .chain(FLEET_EXTRA.iter().copied().filter(|(b, _)| {
+            results.contains_key(&(pass.to_string(), case.to_string(), b.to_string()))
+        }))
+        .collect();
+    let _ = write!(w, "| metric |");
+    for (_, title) in &columns {
+        let _ = write!(w, " {title} |");
+    }
+    let _ = writeln!(
+        w,
+        " Millet / Mosquitto persist | Millet / Mosquitto memory | better |\n|---|{}---:|---:|---|",
+        "---:|".repeat(columns.len())
+    );
+    for mt in FLEET_METRICS {
+        let _ = write!(w, "| {} ({}) |", mt.name, mt.unit);
+        for (b, _) in &columns {
+            let _ = write!(w, " {} |", cell(results, pass, case, b, mt.path));
+        }
+        let mil = metric(results, pass, case, "millet", mt.path);
+        for other in ["mosquitto-persist", "mosquitto"] {
+            let r = match (mil, metric(results, pass, case, other, mt.path)) {
+                _ if mt.better == Info => String::new(),
+                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+                (Some(0.0), Some(_)) => "=".into(),
+                _ => "n/a".into(),
+            };
+            let _ = write!(w, " {r} |");
+        }
+        let better = match mt.better {
+            Higher => "higher",
+            Lower => "lower",
+            Info => "(context)",
+        };
+        let _ = writeln!(w, " {better} |");
+    }
+    let brokers: Vec<&str> = columns.iter().map(|(b, _)| *b).collect();
+    let nruns = brokers
+        .iter()
+        .map(|b| runs_of(results, pass, case, b))
+        .max()
+        .unwrap_or(0);
+    if nruns > 1 {
+        let _ = writeln!(w, "\nMedian of {nruns} runs (fresh broker each run).");
+    }
+    run_notes(w, results, pass, case, &brokers);
     let _ = writeln!(w);
 }
 
@@ -831,6 +1100,11 @@ fn tidy_command(c: &str) -> String {
         match w {
             "--json-out" => {
                 it.next();
+            }
+            "--tls" => {
+                it.next();
+                out.push("--tls");
+                out.push("ca.pem");
             }
             "--broker-pid" => {
                 it.next();
