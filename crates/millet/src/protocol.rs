@@ -1615,6 +1615,7 @@ impl Connection {
                             .replay_started(filter, replay.clone());
                         if now_due {
                             self.broker.replay_retained(&a.cell, &replay, now);
+                            a.cell.state.lock().session.replay_settled();
                         }
                     }
                 }

@@ -422,6 +422,15 @@ impl Session {
     /// client repeating SUBSCRIBE costs one scan of the retained store per
     /// replay it actually receives, not one per packet, and still gets every
     /// retained message after its last SUBSCRIBE [MQTT-3.3.1-9].
+    /// After a replay was queued: with no replay room in use (nothing
+    /// matched, or it fit in the queue) nothing is under way, and the
+    /// bookkeeping is released (an idle session keeps no allocation).
+    pub fn replay_settled(&mut self) {
+        if self.replay_room == 0 && self.deferred_replays.is_empty() {
+            self.replaying = Vec::new();
+        }
+    }
+
     pub fn replay_started(&mut self, filter: &ByteString, replay: DeferredReplay) -> bool {
         if self.replay_room == 0 && self.deferred_replays.is_empty() {
             self.replaying.clear();

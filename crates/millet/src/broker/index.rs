@@ -125,7 +125,9 @@ const INDEX_THRESHOLD: usize = 16;
 #[derive(Debug)]
 struct SubList<K, V> {
     entries: Vec<(K, V)>,
-    positions: Option<AHashMap<K, usize>>,
+    // Boxed: `None` (the usual case) costs 8 bytes, not a whole map.
+    #[allow(clippy::box_collection)]
+    positions: Option<Box<AHashMap<K, usize>>>,
 }
 
 impl<K: Copy + Eq + Hash, V> SubList<K, V> {
@@ -159,6 +161,9 @@ impl<K: Copy + Eq + Hash, V> SubList<K, V> {
         if let Some(i) = self.position(key) {
             return Some(std::mem::replace(&mut self.entries[i].1, value));
         }
+        if self.entries.is_empty() {
+            self.entries.reserve_exact(1); // most filters have one subscriber
+        }
         self.entries.push((key, value));
         let last = self.entries.len() - 1;
         match &mut self.positions {
@@ -172,7 +177,7 @@ impl<K: Copy + Eq + Hash, V> SubList<K, V> {
                     .enumerate()
                     .map(|(i, (k, _))| (*k, i))
                     .collect();
-                self.positions = Some(map);
+                self.positions = Some(Box::new(map));
             }
             None => {}
         }
@@ -225,10 +230,100 @@ impl<K, V> Subs<K, V> {
     }
 }
 
+/// Up to this many literal children are kept in a vector (a fleet's
+/// `devices/{id}/cmd` has one child per device node); beyond, a hash map.
+const FEW_CHILDREN: usize = 8;
+
+/// A node's literal children: a small vector (no hashing, one exact-size
+/// allocation) for the common few, a hash map for many. An empty node
+/// allocates nothing; this is paid per device in a fleet.
+#[derive(Debug)]
+enum Children<N> {
+    Few(Vec<(Box<str>, N)>),
+    Many(Box<AHashMap<Box<str>, N>>),
+}
+
+impl<N> Children<N> {
+    fn len(&self) -> usize {
+        match self {
+            Children::Few(v) => v.len(),
+            Children::Many(m) => m.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, level: &str) -> Option<&N> {
+        match self {
+            Children::Few(v) => v.iter().find(|(k, _)| &**k == level).map(|(_, n)| n),
+            Children::Many(m) => m.get(level),
+        }
+    }
+
+    fn get_mut(&mut self, level: &str) -> Option<&mut N> {
+        match self {
+            Children::Few(v) => v.iter_mut().find(|(k, _)| &**k == level).map(|(_, n)| n),
+            Children::Many(m) => m.get_mut(level),
+        }
+    }
+
+    fn get_or_insert_with(&mut self, level: &str, make: impl FnOnce() -> N) -> &mut N {
+        if let Children::Few(v) = self {
+            if v.len() >= FEW_CHILDREN && !v.iter().any(|(k, _)| &**k == level) {
+                *self = Children::Many(Box::new(std::mem::take(v).into_iter().collect()));
+            }
+        }
+        match self {
+            Children::Few(v) => {
+                let i = match v.iter().position(|(k, _)| &**k == level) {
+                    Some(i) => i,
+                    None => {
+                        v.reserve_exact(1);
+                        v.push((level.into(), make()));
+                        v.len() - 1
+                    }
+                };
+                &mut v[i].1
+            }
+            Children::Many(m) => m.entry(level.into()).or_insert_with(make),
+        }
+    }
+
+    fn remove(&mut self, level: &str) {
+        match self {
+            Children::Few(v) => {
+                if let Some(i) = v.iter().position(|(k, _)| &**k == level) {
+                    v.swap_remove(i);
+                }
+                if v.is_empty() {
+                    *v = Vec::new();
+                }
+            }
+            Children::Many(m) => {
+                m.remove(level);
+                if m.len() <= FEW_CHILDREN / 2 {
+                    let mut v: Vec<_> = m.drain().collect();
+                    v.shrink_to_fit();
+                    *self = Children::Few(v);
+                }
+            }
+        }
+    }
+
+    fn drain_into(&mut self, into: &mut Vec<N>) {
+        match std::mem::replace(self, Children::Few(Vec::new())) {
+            Children::Few(v) => into.extend(v.into_iter().map(|(_, n)| n)),
+            Children::Many(m) => into.extend(m.into_iter().map(|(_, n)| n)),
+        }
+    }
+}
+
 /// One trie node (one filter level).
 #[derive(Debug)]
 struct Node<K, V> {
-    children: AHashMap<Box<str>, Node<K, V>>,
+    children: Children<Node<K, V>>,
     plus: Option<Box<Node<K, V>>>,
     hash: Option<Box<Node<K, V>>>,
     subs: Option<Box<Subs<K, V>>>,
@@ -237,7 +332,7 @@ struct Node<K, V> {
 impl<K, V> Node<K, V> {
     fn new() -> Self {
         Self {
-            children: AHashMap::new(),
+            children: Children::Few(Vec::new()),
             plus: None,
             hash: None,
             subs: None,
@@ -270,7 +365,7 @@ impl<K, V> Node<K, V> {
             "+" => &mut self.plus,
             "#" => &mut self.hash,
             _ => {
-                return self.children.entry(level.into()).or_insert_with(|| {
+                return self.children.get_or_insert_with(level, || {
                     *created += 1;
                     Node::new()
                 });
@@ -293,7 +388,7 @@ impl<K, V> Node<K, V> {
     }
 
     fn take_children(&mut self, into: &mut Vec<Node<K, V>>) {
-        into.extend(self.children.drain().map(|(_, n)| n));
+        self.children.drain_into(into);
         into.extend(self.plus.take().map(|n| *n));
         into.extend(self.hash.take().map(|n| *n));
     }

@@ -126,6 +126,11 @@ pub struct Broker {
     retained: RwLock<RetainedStore<Arc<Message>>>,
     registry: Mutex<HashMap<ByteString, Arc<SessionCell>>>,
     delayed_wills: Mutex<Vec<DelayedWill>>,
+    /// When offline sessions expire, soonest first: the ticker looks at the
+    /// due ones only, instead of every session every tick. Entries are
+    /// checked against the session when due (a session that reconnected
+    /// or changed its expiry since is skipped: lazy deletion).
+    expiries: Mutex<std::collections::BinaryHeap<std::cmp::Reverse<(Instant, ByteString)>>>,
     next_session_id: AtomicU64,
     next_epoch: AtomicU64,
     pub stats: Stats,
@@ -252,6 +257,7 @@ impl Broker {
             retained: RwLock::new(RetainedStore::new()),
             registry: Mutex::new(HashMap::new()),
             delayed_wills: Mutex::new(Vec::new()),
+            expiries: Mutex::default(),
             next_session_id: AtomicU64::new(1),
             next_epoch: AtomicU64::new(1),
             stats: Stats::default(),
@@ -401,6 +407,11 @@ impl Broker {
                     .then(|| now_ms.saturating_add(u64::from(rs.session.expiry_interval) * 1000))
             });
             s.expires_at = expires_ms.map(|ms| p.instant(ms, now));
+            if let Some(t) = s.expires_at {
+                self.expiries
+                    .lock()
+                    .push(std::cmp::Reverse((t, s.client_id.clone())));
+            }
             let cell_subs: Vec<(ByteString, Subscription)> = rs
                 .session
                 .subscriptions
@@ -746,6 +757,11 @@ impl Broker {
             } else {
                 st.session.expires_at =
                     (expiry != u32::MAX).then(|| now + Duration::from_secs(u64::from(expiry)));
+                if let Some(t) = st.session.expires_at {
+                    self.expiries
+                        .lock()
+                        .push(std::cmp::Reverse((t, st.session.client_id.clone())));
+                }
                 if let (Some(p), true) = (&self.persist, st.session.persisted) {
                     let mut rec = p.session_record(&st.session, delayed.as_ref().map(|d| d.1));
                     rec.will = delayed.map(|d| d.0);
@@ -1323,17 +1339,30 @@ impl Broker {
         for w in due {
             self.publish_will(w, now);
         }
-        let expired: Vec<Arc<SessionCell>> = {
+        let due: Vec<ByteString> = {
+            let mut q = self.expiries.lock();
+            let mut due = Vec::new();
+            while q.peek().is_some_and(|e| e.0 .0 <= now) {
+                if let Some(std::cmp::Reverse((_, id))) = q.pop() {
+                    due.push(id);
+                }
+            }
+            due
+        };
+        let expired: Vec<Arc<SessionCell>> = if due.is_empty() {
+            Vec::new()
+        } else {
             let mut reg = self.registry.lock();
-            let ids: Vec<ByteString> = reg
+            let ids: Vec<&ByteString> = due
                 .iter()
-                .filter(|(_, c)| {
-                    let st = c.state.lock();
-                    st.conn_epoch == 0 && st.session.expires_at.is_some_and(|t| t <= now)
+                .filter(|id| {
+                    reg.get(*id).is_some_and(|c| {
+                        let st = c.state.lock();
+                        st.conn_epoch == 0 && st.session.expires_at.is_some_and(|t| t <= now)
+                    })
                 })
-                .map(|(k, _)| k.clone())
                 .collect();
-            ids.iter().filter_map(|k| reg.remove(k)).collect()
+            ids.into_iter().filter_map(|k| reg.remove(k)).collect()
         };
         self.stats
             .clients_expired

@@ -50,6 +50,10 @@ struct Waiters {
 /// At most one "store write failed" line per interval.
 const FAILED_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Pause of the store's writer after each fsync under `Sync` (see
+/// [`Persistence::open`]).
+const SYNC_LINGER: Duration = Duration::from_millis(2);
+
 pub struct Persistence {
     store: Store,
     waiters: Arc<Mutex<Waiters>>,
@@ -86,7 +90,14 @@ impl Persistence {
             // rounds fill up, and absorb the messages acknowledged within.
             linger: match durability {
                 Durability::Interval(d) => (d / 4).min(Duration::from_millis(5)),
-                Durability::Sync => Duration::ZERO,
+                // Sync: a short pause after each fsync lets the next round
+                // gather what arrives meanwhile. A fleet's publishes come
+                // one at a time, spread out; without it every message paid
+                // an fsync of its own (measured: 18,000 devices at one
+                // QoS 1 message per 10 s cost 3× Mosquitto's CPU, nearly
+                // all in fsync). It bounds fsyncs to about 500 a second at
+                // the price of at most 2 ms more before the PUBACK.
+                Durability::Sync => SYNC_LINGER,
             },
         };
         let (store, recovered) = Store::open_with(&dir.join("store"), options)?;
