@@ -196,6 +196,8 @@ pub struct Connection {
     /// [`Connection::handle_closed`] detaches the session even when handling
     /// a packet panicked.
     attached: Option<(Arc<SessionCell>, u64)>,
+    /// See [`Connection::ack_blocked_since`].
+    ack_blocked_since: Option<Instant>,
 }
 
 impl Connection {
@@ -220,6 +222,7 @@ impl Connection {
             warned_oversize: false,
             received: SentCount::default(),
             attached: None,
+            ack_blocked_since: None,
         }
     }
 
@@ -271,24 +274,30 @@ impl Connection {
         self.verdict = Some(Box::new(v));
     }
 
-    /// The keep alive in force (None before CONNECT or when 0).
-    /// The driver's writes to the client have made no progress since
-    /// `since` (`None`: they are flowing again). Past
-    /// [`crate::session::WRITE_BLOCK_GRACE`] this session no longer holds
-    /// its publishers back, and the ones it holds are released.
-    pub fn set_write_blocked(&mut self, since: Option<Instant>, now: Instant) {
+    /// The driver found the client consuming nothing for
+    /// [`crate::session::WRITE_BLOCK_GRACE`] (`true`; see
+    /// [`Connection::ack_blocked_since`] and the driver's write stall), or
+    /// consuming again (`false`). A stalled session no longer holds its
+    /// publishers back, and the ones it holds are released.
+    pub fn set_consumer_stalled(&mut self, stalled: bool) {
         let State::Connected(a) = &self.state else {
             return;
         };
         let mut st = a.cell.state.lock();
-        st.session.set_write_blocked(since);
-        if since
-            .is_some_and(|t| now.saturating_duration_since(t) >= crate::session::WRITE_BLOCK_GRACE)
-        {
+        st.session.set_consumer_stalled(stalled);
+        if stalled {
             st.release_blocked();
         }
     }
 
+    /// Since when the client's in-flight window has been full with
+    /// messages waiting behind it (it is not acknowledging), as of the last
+    /// [`Connection::poll_transmit`].
+    pub fn ack_blocked_since(&self) -> Option<Instant> {
+        self.ack_blocked_since
+    }
+
+    /// The keep alive in force (None before CONNECT or when 0).
     pub fn keep_alive(&self) -> Option<Duration> {
         match &self.state {
             State::Connected(a) => a.keep_alive,
@@ -556,6 +565,11 @@ impl Connection {
                 }
             }
         }
+        // The window is full with messages waiting, and none could be sent:
+        // the client is not acknowledging (a saturated but healthy client
+        // frees some room between two calls, and something goes out).
+        let mut ack_blocked = false;
+        let mut moved = false;
         loop {
             if buf.len() >= TRANSMIT_SLICE {
                 if session.has_pending() {
@@ -569,8 +583,10 @@ impl Connection {
             };
             if d.qos != QoS::AtMostOnce && window_full {
                 session.unpop(d);
+                ack_blocked = !moved;
                 break;
             }
+            moved = true;
             let pid = if d.qos == QoS::AtMostOnce {
                 None
             } else {
@@ -631,6 +647,11 @@ impl Connection {
                 session.push_inflight(pid, d);
             }
         }
+        self.ack_blocked_since = if ack_blocked {
+            Some(self.ack_blocked_since.unwrap_or(now))
+        } else {
+            None
+        };
         if let Some(p) = persist {
             let seq = p.submit(ops).max(hold_seq);
             if !held.is_empty() {

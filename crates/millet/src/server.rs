@@ -916,10 +916,10 @@ fn serve<S: Transport>(
         let mut timer_at: Option<tokio::time::Instant> = None;
         // Since when a write has been waiting without progress.
         let mut stalled_since: Option<Instant> = None;
-        // What the session was last told about it, and whether the grace
-        // ran out (its held publishers released).
-        let mut told_blocked: Option<Instant> = None;
-        let mut blocked_released = false;
+        // The session was told that its client consumes nothing (writes
+        // stuck or its in-flight window full for WRITE_BLOCK_GRACE): it
+        // then holds no publisher back.
+        let mut told_stalled = false;
         loop {
             // 1. Decode and handle every complete packet received so far.
             if conn.is_awaiting_connect() && hello.is_none() {
@@ -1024,10 +1024,13 @@ fn serve<S: Transport>(
                     Poll::Pending => {}
                 }
             }
-            if stalled_since != told_blocked {
-                conn.set_write_blocked(stalled_since, Instant::now());
-                told_blocked = stalled_since;
-                blocked_released = false;
+            let consuming_nothing = match (stalled_since, conn.ack_blocked_since()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if told_stalled && consuming_nothing.is_none() {
+                conn.set_consumer_stalled(false);
+                told_stalled = false;
             }
             if let Some(c) = conn.poll_close() {
                 // What is still unwritten (the DISCONNECT or CONNACK saying
@@ -1091,8 +1094,8 @@ fn serve<S: Transport>(
                 t + write_stall_limit(conn.keep_alive(), broker.config.limits.write_timeout)
             });
             {
-                let block_at = stalled_since
-                    .filter(|_| !blocked_released)
+                let block_at = consuming_nothing
+                    .filter(|_| !told_stalled)
                     .map(|t| t + crate::session::WRITE_BLOCK_GRACE);
                 let deadline = [conn.poll_timeout(), stall_at, block_at]
                     .into_iter()
@@ -1167,12 +1170,12 @@ fn serve<S: Transport>(
                 Event::Timer => {
                     timer_at = None;
                     let now = Instant::now();
-                    if !blocked_released
-                        && stalled_since
+                    if !told_stalled
+                        && consuming_nothing
                             .is_some_and(|t| now >= t + crate::session::WRITE_BLOCK_GRACE)
                     {
-                        conn.set_write_blocked(stalled_since, now);
-                        blocked_released = true;
+                        conn.set_consumer_stalled(true);
+                        told_stalled = true;
                     }
                     if stall_at.is_some_and(|t| t <= now) {
                         let stall = write_stall_limit(
@@ -1192,6 +1195,10 @@ fn serve<S: Transport>(
                 over_budget = true;
                 break;
             }
+        }
+        if told_stalled {
+            // The next connection to this session starts afresh.
+            conn.set_consumer_stalled(false);
         }
         if eof || write_failed || over_budget {
             conn.handle_closed(Instant::now());

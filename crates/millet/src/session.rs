@@ -316,8 +316,8 @@ pub struct Session {
     /// ([`Session::grant_replay_room`]), and whether the last pop used it.
     replay_room: usize,
     popped_room: bool,
-    /// See [`Session::set_write_blocked`].
-    write_blocked_since: Option<Instant>,
+    /// See [`Session::set_consumer_stalled`].
+    consumer_stalled: bool,
     /// Bytes ([`Delivery::charge`]) in the queue and in the in-flight
     /// window, mirrored into `meter`; the queue's are limited to `max_queued_bytes`.
     queued_bytes: usize,
@@ -346,11 +346,12 @@ impl Drop for Session {
 }
 
 impl Session {
-    /// The attached connection's writes have made no progress since then
-    /// (set and cleared by the connection): a reader blocked longer than
-    /// [`WRITE_BLOCK_GRACE`] is not draining, whatever `last_drain` says.
-    pub fn set_write_blocked(&mut self, since: Option<Instant>) {
-        self.write_blocked_since = since;
+    /// The attached connection reports that its client has consumed
+    /// nothing for [`WRITE_BLOCK_GRACE`] (writes stuck, or its in-flight
+    /// window full with messages waiting), or consumes again: a stalled
+    /// reader is not draining, whatever `last_drain` says.
+    pub fn set_consumer_stalled(&mut self, stalled: bool) {
+        self.consumer_stalled = stalled;
     }
 
     pub fn new(id: SessionId, client_id: ByteString, max_queued: usize) -> Self {
@@ -375,7 +376,7 @@ impl Session {
             prev_drain: None,
             replay_room: 0,
             popped_room: false,
-            write_blocked_since: None,
+            consumer_stalled: false,
             queued_bytes: 0,
             inflight_bytes: 0,
             max_queued_bytes: usize::MAX,
@@ -474,9 +475,7 @@ impl Session {
     pub fn is_draining(&self, now: Instant, grace: Duration) -> bool {
         self.last_drain
             .is_none_or(|t| now.saturating_duration_since(t) < grace)
-            && self
-                .write_blocked_since
-                .is_none_or(|t| now.saturating_duration_since(t) < WRITE_BLOCK_GRACE)
+            && !self.consumer_stalled
     }
 
     /// Whether a message of `qos` offered now would be kept (queued, possibly
@@ -852,9 +851,10 @@ impl ConnWaker {
     }
 }
 
-/// How long a reader's writes may make no progress before back-pressure
-/// stops holding its publishers (a reader that is slow but reading makes
-/// some progress far more often; one that stopped reading makes none).
+/// How long a reader may consume nothing (its writes make no progress, or
+/// its in-flight window stays full) before back-pressure stops holding its
+/// publishers: a reader that is slow but reading makes some progress far
+/// more often; one that stopped reading or acknowledging makes none.
 pub const WRITE_BLOCK_GRACE: Duration = Duration::from_millis(20);
 
 /// A session shared between the broker and the connection serving it.
