@@ -18,19 +18,26 @@ from test_security import Target
 pytestmark = pytest.mark.millet_only("Millet's write deadline")
 
 
-def test_a_subscriber_that_never_reads_is_disconnected_after_1_5_keep_alive(millet_config):
-    b = millet_config("")
+def _stalled_subscriber_and_flooder(b, keepalive: int):
+    """A subscriber with a 4 KiB receive buffer that never reads again, on ``topic/#``, and a
+    connected flooder: (dead socket, flood socket, topic, client id, a 64 KiB burst of PUBLISHes)."""
     topic = unique("stall/")
     cid = unique("stalled")
-    # The stalled subscriber: a small receive buffer, keep alive 2 s, and it never reads again.
     dead = socket.socket()
     dead.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     dead.connect((b.host, b.port))
-    dead.sendall(connect_packet(V311, cid, keepalive=2) + subscribe_packet(1, [(topic + "/#", 0)]))
+    dead.sendall(connect_packet(V311, cid, keepalive=keepalive) + subscribe_packet(1, [(topic + "/#", 0)]))
     wait_until(lambda: f"as {cid} " in b.log_text(), what="stalled subscriber connected")
     flood = socket.create_connection((b.host, b.port))
     flood.sendall(connect_packet(V311, unique("flooder")))
     burst = b"".join(publish_packet(f"{topic}/{i}", b"x" * 1024) for i in range(64))
+    return dead, flood, topic, cid, burst
+
+
+def test_a_subscriber_that_never_reads_is_disconnected_after_1_5_keep_alive(millet_config):
+    b = millet_config("")
+    # The stalled subscriber: keep alive 2 s, and it never reads again.
+    dead, flood, topic, cid, burst = _stalled_subscriber_and_flooder(b, keepalive=2)
     stop = threading.Event()
 
     def run_flood():
@@ -126,16 +133,7 @@ def test_a_blocked_write_does_not_delay_a_takeover(millet_config):
     the connection still takes wake-ups: a takeover closes it at once, and the client's PINGREQs
     are still read (its keep alive does not expire)."""
     b = millet_config("")
-    topic = unique("stall/")
-    cid = unique("stalled")
-    dead = socket.socket()
-    dead.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    dead.connect((b.host, b.port))
-    dead.sendall(connect_packet(V311, cid, keepalive=60) + subscribe_packet(1, [(topic + "/#", 0)]))
-    wait_until(lambda: f"as {cid} " in b.log_text(), what="stalled subscriber connected")
-    flood = socket.create_connection((b.host, b.port))
-    flood.sendall(connect_packet(V311, unique("flooder")))
-    burst = b"".join(publish_packet(f"{topic}/{i}", b"x" * 1024) for i in range(64))
+    dead, flood, _topic, cid, burst = _stalled_subscriber_and_flooder(b, keepalive=60)
     # Fill the socket buffers both ways (a few MB is plenty with a 4 KiB receive buffer).
     for _ in range(64):
         flood.sendall(burst)
