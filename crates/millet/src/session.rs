@@ -8,7 +8,7 @@
 //! publishers that enqueue into it and the one connection that drains it, behind
 //! a mutex in [`SessionCell`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -114,6 +114,59 @@ impl Delivery {
         } else {
             self.msg.topic.len() + self.msg.payload.len() + DELIVERY_OVERHEAD
         }
+    }
+}
+
+/// A session's subscriptions by filter. A device has one or a few: a vector
+/// allocated to its exact size (one subscription: one ~80-byte allocation)
+/// instead of a hash map (~340 bytes for one entry), paid per device in a
+/// fleet. Lookups are linear; SUBSCRIBE and UNSUBSCRIBE are the only
+/// callers, and `max_subscriptions` bounds the length.
+#[derive(Debug, Default)]
+pub struct Subscriptions(Vec<(ByteString, Subscription)>);
+
+impl Subscriptions {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains_key(&self, filter: &str) -> bool {
+        self.0.iter().any(|(f, _)| &**f == filter)
+    }
+
+    pub fn get(&self, filter: &str) -> Option<&Subscription> {
+        self.0.iter().find(|(f, _)| &**f == filter).map(|(_, s)| s)
+    }
+
+    /// Insert or replace; the previous subscription of that filter.
+    pub fn insert(&mut self, filter: ByteString, sub: Subscription) -> Option<Subscription> {
+        if let Some((_, s)) = self.0.iter_mut().find(|(f, _)| *f == filter) {
+            return Some(std::mem::replace(s, sub));
+        }
+        self.0.reserve_exact(1);
+        self.0.push((filter, sub));
+        None
+    }
+
+    pub fn remove(&mut self, filter: &str) -> Option<Subscription> {
+        let i = self.0.iter().position(|(f, _)| &**f == filter)?;
+        let (_, s) = self.0.swap_remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(s)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&ByteString, &Subscription)> {
+        self.0.iter().map(|(f, s)| (f, s))
+    }
+
+    pub fn drain(&mut self) -> impl Iterator<Item = (ByteString, Subscription)> {
+        std::mem::take(&mut self.0).into_iter()
     }
 }
 
@@ -291,7 +344,7 @@ pub struct Session {
     pub id: SessionId,
     pub client_id: ByteString,
     /// Filter (including the `$share/g/` prefix) → subscription.
-    pub subscriptions: HashMap<ByteString, Subscription>,
+    pub subscriptions: Subscriptions,
     queue: Queue,
     max_queued: usize,
     /// Insertion-ordered outgoing window, keyed by packet id.
@@ -364,7 +417,7 @@ impl Session {
     pub fn new(id: SessionId, client_id: ByteString, max_queued: usize) -> Self {
         Session {
             id,
-            subscriptions: HashMap::new(),
+            subscriptions: Subscriptions::default(),
             queue: Queue::default(),
             max_queued,
             inflight: VecDeque::new(),
