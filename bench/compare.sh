@@ -86,25 +86,8 @@ START_TS=$(date +%s)
 
 log() { echo "[compare $(date +%H:%M:%S)] $*" >&2; }
 
-stop_broker() {
-    if [ -n "$BROKER_PID" ]; then
-        kill -TERM "$BROKER_PID" 2>/dev/null
-        for _ in $(seq 1 50); do
-            kill -0 "$BROKER_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$BROKER_PID" 2>/dev/null
-        wait "$BROKER_PID" 2>/dev/null
-        BROKER_PID=""
-    fi
-}
-
-cleanup() {
-    stop_broker
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 json_escape() {
     local s="$1"
@@ -114,8 +97,6 @@ json_escape() {
     s="${s//$'\n'/ }"
     printf '%s' "$s"
 }
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # ---------------------------------------------------------------- setup
 if ! [ -x /usr/sbin/mosquitto ] && ! command -v mosquitto >/dev/null 2>&1; then

@@ -73,25 +73,8 @@ WORK="$(mktemp -d /tmp/millet-fleet.XXXXXX)"
 BROKER_PID=""
 log() { echo "[fleet $(date +%H:%M:%S)] $*" >&2; }
 
-stop_broker() {
-    if [ -n "$BROKER_PID" ]; then
-        kill -TERM "$BROKER_PID" 2>/dev/null
-        for _ in $(seq 1 100); do
-            kill -0 "$BROKER_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$BROKER_PID" 2>/dev/null
-        wait "$BROKER_PID" 2>/dev/null
-        BROKER_PID=""
-    fi
-}
-cleanup() {
-    stop_broker
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 if [ "$BUILD" = 1 ]; then
     log "building millet and millet-bench (release)"

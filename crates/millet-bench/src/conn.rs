@@ -188,7 +188,7 @@ async fn hold_one(
         .map(|s| s.to_string())
         .unwrap_or_else(|| "default".into());
     if let Some(tls) = &cfg.tls {
-        match mqtt::mqtt_connect_tls(
+        let r = mqtt::mqtt_connect_tls(
             cfg.addr,
             src,
             (&tls.0, &cfg.tls_server_name),
@@ -198,26 +198,36 @@ async fn hold_one(
             16,
         )
         .await
-        {
-            Ok(c) => {
-                connected(i, t, &st, &lat);
-                hold_loop(i, c.stream, &cfg, &st, release).await;
-            }
-            Err(e) => {
-                st.failed.fetch_add(1, Ordering::Relaxed);
-                st.error(format!("conn {i} from {from}: {e:#}"));
-            }
-        }
+        .map(|c| c.stream);
+        hold_or_count(r, i, t, &from, &cfg, &st, &lat, release).await;
     } else {
-        match mqtt::mqtt_connect(cfg.addr, src, &opts, &id, timeout, 16).await {
-            Ok(c) => {
-                connected(i, t, &st, &lat);
-                hold_loop(i, c.stream, &cfg, &st, release).await;
-            }
-            Err(e) => {
-                st.failed.fetch_add(1, Ordering::Relaxed);
-                st.error(format!("conn {i} from {from}: {e:#}"));
-            }
+        let r = mqtt::mqtt_connect(cfg.addr, src, &opts, &id, timeout, 16)
+            .await
+            .map(|c| c.stream);
+        hold_or_count(r, i, t, &from, &cfg, &st, &lat, release).await;
+    }
+}
+
+/// A connection attempt's outcome: held until released, or counted as failed.
+#[allow(clippy::too_many_arguments)]
+async fn hold_or_count<S: AsyncRead + AsyncWrite + Unpin>(
+    r: anyhow::Result<S>,
+    i: u64,
+    t: u64,
+    from: &str,
+    cfg: &ConnCfg,
+    st: &ConnStats,
+    lat: &LatencyHist,
+    release: watch::Receiver<bool>,
+) {
+    match r {
+        Ok(stream) => {
+            connected(i, t, st, lat);
+            hold_loop(i, stream, cfg, st, release).await;
+        }
+        Err(e) => {
+            st.failed.fetch_add(1, Ordering::Relaxed);
+            st.error(format!("conn {i} from {from}: {e:#}"));
         }
     }
 }
