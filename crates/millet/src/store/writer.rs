@@ -257,9 +257,14 @@ impl Writer {
             if !idle {
                 let started = Instant::now();
                 self.process(cmds);
-                let linger = self.options.linger;
-                if !shutdown && started.elapsed() < linger {
-                    std::thread::sleep(linger - started.elapsed());
+                // One reading of the clock: reading it twice (compare, then
+                // subtract) panicked with "overflow when subtracting
+                // durations" when the round ended between the two, which
+                // killed the writer (seen under valgrind, where rounds are
+                // slow; possible on a loaded machine).
+                let rest = self.options.linger.checked_sub(started.elapsed());
+                if let Some(rest) = rest.filter(|r| !shutdown && !r.is_zero()) {
+                    std::thread::sleep(rest);
                 }
             }
             self.timers();
