@@ -42,6 +42,10 @@ use crate::session::{
 };
 use crate::store::Op;
 
+pub mod error;
+use error::Notice;
+pub use error::ProtocolError;
+
 /// The driver's decision on a CONNECT (authentication chain, bans, per-user
 /// connection limit), given to [`Connection::set_connect_verdict`] before the
 /// CONNECT itself. Without one the client is accepted as it presents itself
@@ -82,8 +86,8 @@ pub struct Close {
     pub reason: ReasonCode,
     /// Whether the will is published [MQTT-3.1.2-8] (false after a normal DISCONNECT).
     pub publish_will: bool,
-    /// For the log.
-    pub why: String,
+    /// For the log (and the Reason String of a server DISCONNECT).
+    pub why: ProtocolError,
 }
 
 /// The timers a connection can have (exactly one is armed at a time).
@@ -336,13 +340,13 @@ impl Connection {
                 Packet::Connect(c) => self.handle_connect(c, now),
                 other => {
                     // [MQTT-3.1.0-1]: the first packet must be CONNECT.
-                    self.close_silently(format!("{} before CONNECT", other.name()));
+                    self.fail(ProtocolError::PacketBeforeConnect(other.name()));
                 }
             },
             State::Authenticating(pending) => match packet {
                 Packet::Auth(a) => self.handle_auth_during_connect(pending, a, now),
                 other => {
-                    self.protocol_error(format!("{} during the AUTH exchange", other.name()));
+                    self.fail(ProtocolError::PacketDuringAuth(other.name()));
                 }
             },
             State::Connected(mut active) => {
@@ -358,7 +362,6 @@ impl Connection {
         if self.close.is_some() {
             return;
         }
-        let reason = err.reason_code();
         match (&self.state, err) {
             (State::AwaitConnect, DecodeError::UnsupportedProtocol) => {
                 // [MQTT-3.1.2-2]: CONNACK 0x01 / 0x84, then close.
@@ -367,12 +370,12 @@ impl Connection {
                     ..Default::default()
                 }));
                 self.protocol.get_or_insert(Protocol::V3_1_1);
-                self.set_close(reason, true, err.to_string());
+                self.set_close(ProtocolError::UnsupportedProtocolVersion);
             }
             (State::AwaitConnect, _) => {
-                self.close_silently(format!("bad CONNECT: {err}"));
+                self.fail(ProtocolError::BadConnect(Box::new(err.clone())));
             }
-            _ => self.close_with(reason, err.to_string()),
+            _ => self.fail(ProtocolError::Decode(Box::new(err.clone()))),
         }
     }
 
@@ -385,7 +388,7 @@ impl Connection {
             if a.auth_deadline.is_some_and(|t| now >= t));
         if expired {
             tracing::info!("credentials expired (JWT exp); closing");
-            self.close_with(ReasonCode::NOT_AUTHORIZED, "credentials expired".into());
+            self.fail(ProtocolError::CredentialsExpired);
         }
         if self.paused_until.is_some_and(|t| now >= t) {
             if self.waker.is_blocked() {
@@ -401,12 +404,8 @@ impl Connection {
         }
         self.timer = None;
         match t {
-            Timer::Connect(_) => {
-                self.close_silently("no CONNECT within the connect timeout".into())
-            }
-            Timer::KeepAlive(_) => {
-                self.close_with(ReasonCode::KEEP_ALIVE_TIMEOUT, "keep alive timeout".into())
-            }
+            Timer::Connect(_) => self.fail(ProtocolError::ConnectTimeout),
+            Timer::KeepAlive(_) => self.fail(ProtocolError::KeepAliveTimeout),
         }
     }
 
@@ -430,23 +429,20 @@ impl Connection {
                 reason_code,
                 properties: DisconnectProperties {
                     server_reference,
-                    reason_string: Some("server shutting down".into()),
+                    reason_string: Some(ProtocolError::ServerShuttingDown.reason_string().into()),
                     ..Default::default()
                 },
             }));
         }
-        self.set_close(
-            ReasonCode::SERVER_SHUTTING_DOWN,
-            false,
-            "server shutting down".into(),
-        );
+        self.set_close(ProtocolError::ServerShuttingDown);
     }
 
-    /// The server closes this connection for `reason` (a ban added at run
-    /// time, an administrator's kick): v5 gets DISCONNECT `reason`; the will
-    /// is published as for any server-initiated close [MQTT-3.1.2-8].
-    pub fn handle_kick(&mut self, reason: ReasonCode, why: String) {
-        self.close_with(reason, why);
+    /// The server closes this connection for `why` (a ban added at run
+    /// time): v5 gets a DISCONNECT with its reason code; the will is
+    /// published as [`ProtocolError::publishes_will`] says (for a ban, as
+    /// for any server-initiated close [MQTT-3.1.2-8]).
+    pub fn handle_kick(&mut self, why: ProtocolError) {
+        self.fail(why);
     }
 
     /// The network connection is gone (or was closed by us). Tells the broker,
@@ -713,33 +709,48 @@ impl Connection {
         }
     }
 
-    fn set_close(&mut self, reason: ReasonCode, publish_will: bool, why: String) {
+    /// Decide the close (the first decision stands), with the reason code
+    /// and will behaviour of `why`; the client is told nothing here.
+    fn set_close(&mut self, why: ProtocolError) {
         if self.close.is_none() {
             self.close = Some(Close {
-                reason,
-                publish_will,
+                reason: why.reason_code_for(self.protocol),
+                publish_will: why.publishes_will(),
                 why,
             });
         }
     }
 
-    /// Close with a DISCONNECT carrying `reason` (v5) or a plain close (3.x).
-    fn close_with(&mut self, reason: ReasonCode, why: String) {
-        if self.close.is_some() {
-            return;
+    /// Close for `why`, telling the client as [`ProtocolError::notice`]
+    /// says: a DISCONNECT (v5, once accepted; 3.x: a plain close), a
+    /// CONNACK refusing the CONNECT, or nothing.
+    fn fail(&mut self, why: ProtocolError) {
+        match why.notice() {
+            Notice::Disconnect => {
+                if self.close.is_some() {
+                    return;
+                }
+                if self.protocol == Some(Protocol::V5) && self.accepted {
+                    self.out
+                        .push_back(server_disconnect(why.reason_code(), &why.reason_string()));
+                }
+                self.set_close(why);
+            }
+            Notice::ConnAck => {
+                let mut properties = ConnAckProperties::default();
+                if let ProtocolError::Redirected { reference, .. } = &why {
+                    properties.server_reference = Some(ByteString::from(&**reference));
+                }
+                self.out.push_back(Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    reason_code: why.reason_code_for(self.protocol),
+                    properties,
+                }));
+                self.set_close(why);
+                self.state = State::Closed;
+            }
+            Notice::Nothing => self.set_close(why),
         }
-        if self.protocol == Some(Protocol::V5) && self.accepted {
-            self.out.push_back(server_disconnect(reason, &why));
-        }
-        self.set_close(reason, true, why);
-    }
-
-    fn protocol_error(&mut self, why: String) {
-        self.close_with(ReasonCode::PROTOCOL_ERROR, why);
-    }
-
-    fn close_silently(&mut self, why: String) {
-        self.set_close(ReasonCode::UNSPECIFIED_ERROR, true, why);
     }
 
     fn check_kick(&mut self) {
@@ -757,24 +768,15 @@ impl Connection {
         if let Some(reason) = kick {
             // Already closing (e.g. a malformed packet in the same wake-up):
             // its own DISCONNECT, if any, is the last packet [MQTT-3.14.4-1].
-            if self.protocol == Some(Protocol::V5) && self.close.is_none() {
-                let why = if reason == ReasonCode::SESSION_TAKEN_OVER {
-                    "session taken over"
-                } else {
-                    "closed by the server"
-                };
-                self.out.push_back(server_disconnect(reason, why));
-            }
             // Taken over: the broker detached us. If the session ended, it
             // left our will for `handle_closed` to publish, unless the
             // client's own normal DISCONNECT, possibly still unread, turns
             // up first (see `handle_packet_while_closing`).
-            let publish_will = reason == ReasonCode::SESSION_TAKEN_OVER;
-            self.set_close(
-                reason,
-                publish_will,
-                format!("closed by the server ({reason})"),
-            );
+            self.fail(if reason == ReasonCode::SESSION_TAKEN_OVER {
+                ProtocolError::SessionTakenOver
+            } else {
+                ProtocolError::Kicked(reason)
+            });
         }
     }
 
@@ -829,27 +831,12 @@ impl Connection {
             );
         }
         if let Packet::ConnAck(_) = p {
-            self.set_close(
-                ReasonCode::PACKET_TOO_LARGE,
-                false,
-                format!(
-                    "the client's maximum packet size ({}) is too small for a CONNACK",
-                    self.peer_max_packet
-                ),
-            );
+            self.set_close(ProtocolError::ConnAckTooLarge {
+                max: self.peer_max_packet,
+            });
             // Nothing may follow a CONNACK the client never got.
             self.out.clear();
         }
-    }
-
-    fn connack_error(&mut self, reason: ReasonCode, why: String) {
-        self.out.push_back(Packet::ConnAck(ConnAck {
-            session_present: false,
-            reason_code: reason,
-            properties: ConnAckProperties::default(),
-        }));
-        self.set_close(reason, false, why);
-        self.state = State::Closed;
     }
 
     fn handle_connect(&mut self, mut c: Box<Connect>, now: Instant) {
@@ -873,61 +860,41 @@ impl Connection {
         if let Some(reference) = &self.broker.config.server_reference {
             // Server redirection [MQTT-4.11]: v5 learns where to go; 3.x
             // only hears "server unavailable".
-            let rc = match (c.protocol.is_v5(), self.broker.config.server_moved) {
-                (true, true) => ReasonCode::SERVER_MOVED,
-                (true, false) => ReasonCode::USE_ANOTHER_SERVER,
-                (false, _) => ReasonCode::SERVER_UNAVAILABLE,
+            let why = ProtocolError::Redirected {
+                reference: reference.as_str().into(),
+                moved: self.broker.config.server_moved,
             };
-            self.out.push_back(Packet::ConnAck(ConnAck {
-                session_present: false,
-                reason_code: rc,
-                properties: ConnAckProperties {
-                    server_reference: Some(ByteString::from(reference.as_str())),
-                    ..Default::default()
-                },
-            }));
-            self.set_close(rc, false, format!("redirected to {reference}"));
-            self.state = State::Closed;
-            return;
+            return self.fail(why);
         }
         let limits = &self.broker.config.limits;
         if self.broker.stats.clients_connected.load(Ordering::Relaxed) as usize
             >= limits.max_connections
         {
-            let rc = if c.protocol.is_v5() {
-                ReasonCode::QUOTA_EXCEEDED
-            } else {
-                ReasonCode::SERVER_UNAVAILABLE
-            };
-            return self.connack_error(rc, "max_connections reached".into());
+            return self.fail(ProtocolError::MaxConnections);
         }
         if c.client_id.is_empty()
             && (!c.clean_start || c.protocol == Protocol::V3_1)
             && !c.protocol.is_v5()
         {
             // [MQTT-3.1.3-8]: zero-length id requires clean session in 3.1.1.
-            return self.connack_error(
-                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
-                "empty client id".into(),
-            );
+            return self.fail(ProtocolError::EmptyClientId);
         }
         if let Some(w) = &c.will {
             if !topic::valid_topic_name(&w.topic)
                 || w.topic.len() > limits.max_topic_length
                 || w.topic.split('/').count() > limits.max_topic_levels
             {
-                return self
-                    .connack_error(ReasonCode::TOPIC_NAME_INVALID, "invalid will topic".into());
+                return self.fail(ProtocolError::WillTopicInvalid);
             }
-            if let Some(rc) = reserved_topic(&w.topic) {
+            if let Some(code) = reserved_topic(&w.topic) {
                 // The will would be a publish to $SYS or $share/: refused
                 // like that publish (0x87 / 0x90; 3.x: 5).
-                return self.connack_error(rc, format!("will topic {} is reserved", w.topic));
+                let topic = (*w.topic).into();
+                return self.fail(ProtocolError::WillTopicReserved { topic, code });
             }
         }
         if verdict.reason != ReasonCode::SUCCESS {
-            let why = format!("CONNECT refused ({})", verdict.reason);
-            return self.connack_error(verdict.reason, why);
+            return self.fail(ProtocolError::ConnectRefused(verdict.reason));
         }
         if let Some(w) = &c.will {
             // A will the client could not publish itself is refused with the
@@ -940,10 +907,7 @@ impl Connection {
                 &w.topic,
             ) {
                 tracing::info!(client_id = %c.client_id, topic = %w.topic, "will topic not authorized");
-                return self.connack_error(
-                    ReasonCode::NOT_AUTHORIZED,
-                    "will topic not authorized".into(),
-                );
+                return self.fail(ProtocolError::WillTopicNotAuthorized);
             }
         }
         self.verdict = Some(verdict);
@@ -954,10 +918,8 @@ impl Connection {
                 .authenticator()
                 .and_then(|a| a.start(method, &client_id));
             let Some(mut exchange) = exchange else {
-                return self.connack_error(
-                    ReasonCode::BAD_AUTHENTICATION_METHOD,
-                    format!("unsupported authentication method {method}"),
-                );
+                let method = (**method).into();
+                return self.fail(ProtocolError::BadAuthenticationMethod(method));
             };
             let step = exchange.step(c.properties.authentication_data.as_deref());
             return self.auth_step(
@@ -990,9 +952,7 @@ impl Connection {
                 self.state = State::Authenticating(pending);
             }
             AuthStep::Success(data) => self.accept(pending.connect, data, now),
-            AuthStep::Failure => {
-                self.connack_error(ReasonCode::NOT_AUTHORIZED, "authentication failed".into())
-            }
+            AuthStep::Failure => self.fail(ProtocolError::AuthenticationFailed),
         }
     }
 
@@ -1008,7 +968,7 @@ impl Connection {
         {
             // [MQTT-4.12.0-4]: wrong method or reason is a protocol error.
             self.state = State::Authenticating(pending);
-            return self.protocol_error("invalid AUTH during authentication".into());
+            return self.fail(ProtocolError::InvalidAuthDuringConnect);
         }
         let step = pending
             .exchange
@@ -1031,20 +991,12 @@ impl Connection {
             // Copied: a slice would pin the whole read chunk for the life of the session.
             ByteString::from(&*c.client_id)
         };
-        if let Err(why) = self.broker.admit_session(&client_id) {
+        if let Err(refusal) = self.broker.admit_session(&client_id) {
             // A new session would take memory the broker does not have, or
             // one more than `max_sessions`: 0x97 (3.x: 3, server unavailable).
-            let rc = if v5 {
-                ReasonCode::QUOTA_EXCEEDED
-            } else {
-                ReasonCode::SERVER_UNAVAILABLE
-            };
-            let why = match why {
-                crate::broker::SessionRefusal::MaxSessions => "max_sessions reached",
-                crate::broker::SessionRefusal::Memory => "memory budget high watermark reached",
-            };
+            let why = error::session_refusal_text(refusal);
             tracing::debug!(%client_id, why, "new session refused");
-            return self.connack_error(rc, format!("new session refused: {why}"));
+            return self.fail(ProtocolError::SessionRefused(refusal));
         }
         let mut keep_alive = c.keep_alive;
         if v5
@@ -1214,18 +1166,17 @@ impl Connection {
                 if let Some(e) = d.properties.session_expiry_interval {
                     if a.session_expiry == 0 && e != 0 {
                         // [MQTT-3.14.2-2]
-                        return self
-                            .protocol_error("DISCONNECT raised a zero session expiry".into());
+                        return self.fail(ProtocolError::SessionExpiryRaised);
                     }
                     self.disconnect_expiry =
                         Some(e.min(self.broker.config.limits.max_session_expiry));
                 }
-                let publish_will = d.reason_code != ReasonCode::NORMAL_DISCONNECTION; // [MQTT-3.14.4-3]
-                self.set_close(d.reason_code, publish_will, "client sent DISCONNECT".into());
+                // The will is published unless the reason is 0x00 [MQTT-3.14.4-3].
+                self.set_close(ProtocolError::ClientDisconnect(d.reason_code));
             }
             Packet::Auth(x) => self.handle_reauth(a, x),
-            Packet::Connect(_) => self.protocol_error("second CONNECT".into()), // [MQTT-3.1.0-2]
-            other => self.protocol_error(format!("unexpected {} from a client", other.name())),
+            Packet::Connect(_) => self.fail(ProtocolError::SecondConnect), // [MQTT-3.1.0-2]
+            other => self.fail(ProtocolError::UnexpectedPacket(other.name())),
         }
     }
 
@@ -1234,15 +1185,12 @@ impl Connection {
         let limits = &self.broker.config.limits;
         if let Some(alias) = p.properties.topic_alias.take() {
             if alias == 0 || alias > a.alias_in_max {
-                return self.close_with(
-                    ReasonCode::TOPIC_ALIAS_INVALID,
-                    format!("topic alias {alias} out of range"),
-                );
+                return self.fail(ProtocolError::TopicAliasInvalid { alias });
             }
             if p.topic.is_empty() {
                 match a.alias_in.get(alias) {
                     Some(t) => p.topic = t.clone(),
-                    None => return self.protocol_error(format!("unknown topic alias {alias}")),
+                    None => return self.fail(ProtocolError::TopicAliasUnknown { alias }),
                 }
             } else {
                 // Stored as a copy: not a slice pinning the read buffer.
@@ -1250,10 +1198,10 @@ impl Connection {
             }
         }
         if p.topic.is_empty() || !topic::valid_topic_name(&p.topic) {
-            return self.close_with(ReasonCode::TOPIC_NAME_INVALID, "invalid topic name".into());
+            return self.fail(ProtocolError::TopicNameInvalid);
         }
         if !p.properties.subscription_identifiers.is_empty() {
-            return self.protocol_error("PUBLISH with a subscription identifier".into());
+            return self.fail(ProtocolError::PublishWithSubscriptionId);
             // [MQTT-3.3.4-6]
         }
         if p.topic.len() > limits.max_topic_length
@@ -1268,10 +1216,7 @@ impl Connection {
                 });
                 return;
             }
-            return self.close_with(
-                ReasonCode::TOPIC_NAME_INVALID,
-                "topic exceeds the configured limits".into(),
-            );
+            return self.fail(ProtocolError::TopicExceedsLimits);
         }
         if let Some(rc) = reserved_topic(&p.topic) {
             return self.publish_refused(a, &p, rc);
@@ -1290,10 +1235,7 @@ impl Connection {
                     .is_some_and(|s| s.config.quota.on_exceeded == ExceededAction::Backpressure);
                 if !backpressure {
                     tracing::info!(client_id = %a.client_id, "message rate quota exceeded; disconnecting");
-                    return self.close_with(
-                        ReasonCode::MESSAGE_RATE_TOO_HIGH,
-                        "message rate quota exceeded".into(),
-                    );
+                    return self.fail(ProtocolError::MessageRateTooHigh);
                 }
                 // Accept this one, then stop reading until the bucket refills.
                 self.throttle_until = Some(now + retry_after);
@@ -1326,10 +1268,7 @@ impl Connection {
             }
             if st.session.awaiting_rel.len() >= receive_maximum {
                 drop(st);
-                return self.close_with(
-                    ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
-                    "receive maximum exceeded".into(),
-                );
+                return self.fail(ProtocolError::ReceiveMaximumExceeded);
             }
             st.session.awaiting_rel.insert(pid);
             if let (Some(p), true) = (self.broker.persistence(), st.session.persisted) {
@@ -1398,7 +1337,7 @@ impl Connection {
                 .publish_refused_memory
                 .fetch_add(1, Ordering::Relaxed);
             if !v5 {
-                self.close_silently("memory budget reached: QoS 1/2 PUBLISH refused".into());
+                self.fail(ProtocolError::MemoryBudgetReached);
                 return false;
             }
             self.refuse_publish(p);
@@ -1510,7 +1449,7 @@ impl Connection {
             if let AckStatus::Failed { out_of_space } = status {
                 if self.protocol != Some(Protocol::V5) {
                     self.pending_acks.clear();
-                    self.close_silently("store write failed: cannot acknowledge".into());
+                    self.fail(ProtocolError::StoreWriteFailed);
                     return;
                 }
                 let rc = if out_of_space {
@@ -1568,10 +1507,8 @@ impl Connection {
                 .security()
                 .is_some_and(|s| s.config.acl.v3_deny_action == V3DenyAction::Disconnect);
         if disconnect {
-            return self.close_with(
-                ReasonCode::NOT_AUTHORIZED,
-                format!("PUBLISH to {} not authorized", p.topic),
-            );
+            let topic = (*p.topic).into();
+            return self.fail(ProtocolError::PublishNotAuthorized { topic });
         }
         self.ack_unrouted(p, ReasonCode::NOT_AUTHORIZED);
     }
@@ -1612,7 +1549,7 @@ impl Connection {
             };
             match self.broker.subscribe(&a.cell, filter, sub) {
                 SubscribeOutcome::Refused(ReasonCode::PROTOCOL_ERROR) => {
-                    return self.protocol_error("No Local on a shared subscription".into());
+                    return self.fail(ProtocolError::NoLocalOnSharedSubscription);
                 }
                 SubscribeOutcome::Refused(rc) => codes.push(rc),
                 SubscribeOutcome::Granted { is_new } => {
@@ -1673,8 +1610,7 @@ impl Connection {
     fn handle_reauth(&mut self, a: &mut Active, x: Auth) {
         if a.auth_method.is_none() || x.properties.authentication_method != a.auth_method {
             // [MQTT-4.12.0-7] / [MQTT-4.12.1-1]
-            return self
-                .protocol_error("AUTH without (or with a different) authentication method".into());
+            return self.fail(ProtocolError::AuthMethodMismatch);
         }
         if x.reason_code == ReasonCode::REAUTHENTICATE {
             // The connection's identity (the ACL's username) is fixed at
@@ -1687,10 +1623,7 @@ impl Connection {
                     .as_deref()
                     .and_then(crate::security::scram::client_first_username);
                 if user.as_deref() != a.username.as_deref() {
-                    return self.close_with(
-                        ReasonCode::NOT_AUTHORIZED,
-                        "re-authentication as a different user".into(),
-                    );
+                    return self.fail(ProtocolError::ReauthDifferentUser);
                 }
             }
             let method = a.auth_method.clone().unwrap_or_default();
@@ -1699,13 +1632,10 @@ impl Connection {
                 .authenticator()
                 .and_then(|au| au.start(&method, &a.client_id));
         } else if x.reason_code != ReasonCode::CONTINUE_AUTHENTICATION || a.reauth.is_none() {
-            return self.protocol_error("unexpected AUTH reason code".into());
+            return self.fail(ProtocolError::UnexpectedAuthReasonCode);
         }
         let Some(ex) = a.reauth.as_mut() else {
-            return self.close_with(
-                ReasonCode::NOT_AUTHORIZED,
-                "re-authentication refused".into(),
-            );
+            return self.fail(ProtocolError::ReauthRefused);
         };
         match ex.step(x.properties.authentication_data.as_deref()) {
             AuthStep::Continue(data) => self.out.push_back(Packet::Auth(Auth {
@@ -1729,10 +1659,7 @@ impl Connection {
             }
             AuthStep::Failure => {
                 a.reauth = None;
-                self.close_with(
-                    ReasonCode::NOT_AUTHORIZED,
-                    "re-authentication failed".into(),
-                );
+                self.fail(ProtocolError::ReauthFailed);
             }
         }
     }

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::protocol::{ConnectVerdict, Connection};
+use crate::protocol::{ConnectVerdict, Connection, ProtocolError};
 use crate::security::quota::{ConnectionPermit, ConnectionRateLimiter};
 use crate::security::tls::ReloadableTls;
 use crate::security::{AuthResult, ConnectRequest, Security};
@@ -1083,7 +1083,7 @@ fn serve<S: Transport>(
                     let user = hello.as_ref().and_then(|h| h.username.as_deref());
                     if let Some(ban) = sec.bans.check(id, user, Some(peer.ip()), Instant::now()) {
                         tracing::info!(%peer, client_id = id, username = user.unwrap_or(""), %ban, "banned at run time: disconnecting");
-                        conn.handle_kick(ReasonCode::BANNED, format!("banned ({ban})"));
+                        conn.handle_kick(ProtocolError::Banned(Box::new(ban)));
                         continue;
                     }
                 }
