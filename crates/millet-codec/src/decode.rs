@@ -1316,4 +1316,203 @@ mod tests {
             }
         }
     }
+
+    /// The "Used in" column of the spec's property table (MQTT 5.0 section
+    /// 2.2.2.2), written here independently of `crate::property`. "WILL" is
+    /// the Will Properties of CONNECT.
+    const SPEC_USED_IN: &[(u8, &[&str])] = &[
+        (0x01, &["PUBLISH", "WILL"]),
+        (0x02, &["PUBLISH", "WILL"]),
+        (0x03, &["PUBLISH", "WILL"]),
+        (0x08, &["PUBLISH", "WILL"]),
+        (0x09, &["PUBLISH", "WILL"]),
+        (0x0B, &["PUBLISH", "SUBSCRIBE"]),
+        (0x11, &["CONNECT", "CONNACK", "DISCONNECT"]),
+        (0x12, &["CONNACK"]),
+        (0x13, &["CONNACK"]),
+        (0x15, &["CONNECT", "CONNACK", "AUTH"]),
+        (0x16, &["CONNECT", "CONNACK", "AUTH"]),
+        (0x17, &["CONNECT"]),
+        (0x18, &["WILL"]),
+        (0x19, &["CONNECT"]),
+        (0x1A, &["CONNACK"]),
+        (0x1C, &["CONNACK", "DISCONNECT"]),
+        (
+            0x1F,
+            &[
+                "CONNACK",
+                "PUBACK",
+                "PUBREC",
+                "PUBREL",
+                "PUBCOMP",
+                "SUBACK",
+                "UNSUBACK",
+                "DISCONNECT",
+                "AUTH",
+            ],
+        ),
+        (0x21, &["CONNECT", "CONNACK"]),
+        (0x22, &["CONNECT", "CONNACK"]),
+        (0x23, &["PUBLISH"]),
+        (0x24, &["CONNACK"]),
+        (0x25, &["CONNACK"]),
+        (
+            0x26,
+            &[
+                "CONNECT",
+                "WILL",
+                "CONNACK",
+                "PUBLISH",
+                "PUBACK",
+                "PUBREC",
+                "PUBREL",
+                "PUBCOMP",
+                "SUBSCRIBE",
+                "SUBACK",
+                "UNSUBSCRIBE",
+                "UNSUBACK",
+                "DISCONNECT",
+                "AUTH",
+            ],
+        ),
+        (0x27, &["CONNECT", "CONNACK"]),
+        (0x28, &["CONNACK"]),
+        (0x29, &["CONNACK"]),
+        (0x2A, &["CONNACK"]),
+    ];
+
+    /// A valid value of property `id` on the wire (chosen independently of
+    /// the codec), and what a truncated one is reported as.
+    fn spec_value(id: u8) -> (Vec<u8>, &'static str) {
+        match id {
+            // Byte
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => (vec![1], "property value"),
+            // Two Byte Integer
+            0x13 | 0x21 | 0x22 | 0x23 => (vec![0, 7], "property value"),
+            // Four Byte Integer
+            0x02 | 0x11 | 0x18 | 0x27 => (vec![0, 0, 1, 0], "property value"),
+            // Variable Byte Integer
+            0x0B => (vec![0x81, 0x01], "subscription identifier"),
+            // UTF-8 String
+            0x03 | 0x08 | 0x12 | 0x15 | 0x1A | 0x1C | 0x1F => (f(b"xy"), "property value"),
+            // Binary Data
+            0x09 | 0x16 => (f(b"\x00\xFF"), "property value"),
+            // UTF-8 String Pair
+            0x26 => (cat(&[&f(b"k"), &f(b"v")]), "user property value"),
+            _ => unreachable!("not a property: {id:#04x}"),
+        }
+    }
+
+    /// Every packet that carries properties, with `props` as its property
+    /// block: (name in the spec table, name in errors, negotiated protocol, wire).
+    fn with_props(props: &[u8]) -> Vec<(&'static str, &'static str, Option<Protocol>, Vec<u8>)> {
+        let len = [u8::try_from(props.len()).unwrap()];
+        assert!(len[0] < 128);
+        let block = cat(&[&len, props]);
+        let b = &block[..];
+        vec![
+            (
+                "CONNECT",
+                "CONNECT",
+                NONE,
+                connect(5, 0x02, &cat(&[b, &f(b"c")])),
+            ),
+            (
+                "WILL",
+                "CONNECT",
+                NONE,
+                connect(5, 0x06, &cat(&[&[0], &f(b"c"), b, &f(b"w"), &f(b"x")])),
+            ),
+            ("CONNACK", "CONNACK", V5, pkt(0x20, &cat(&[&[0, 0], b]))),
+            (
+                "PUBLISH",
+                "PUBLISH",
+                V5,
+                pkt(0x30, &cat(&[&f(b"t"), b, b"payload"])),
+            ),
+            ("PUBACK", "PUBACK", V5, pkt(0x40, &cat(&[&[0, 1, 0], b]))),
+            ("PUBREC", "PUBREC", V5, pkt(0x50, &cat(&[&[0, 1, 0], b]))),
+            ("PUBREL", "PUBREL", V5, pkt(0x62, &cat(&[&[0, 1, 0], b]))),
+            ("PUBCOMP", "PUBCOMP", V5, pkt(0x70, &cat(&[&[0, 1, 0], b]))),
+            (
+                "SUBSCRIBE",
+                "SUBSCRIBE",
+                V5,
+                pkt(0x82, &cat(&[&[0, 1], b, &f(b"a"), &[0]])),
+            ),
+            ("SUBACK", "SUBACK", V5, pkt(0x90, &cat(&[&[0, 1], b, &[0]]))),
+            (
+                "UNSUBSCRIBE",
+                "UNSUBSCRIBE",
+                V5,
+                pkt(0xA2, &cat(&[&[0, 1], b, &f(b"a")])),
+            ),
+            (
+                "UNSUBACK",
+                "UNSUBACK",
+                V5,
+                pkt(0xB0, &cat(&[&[0, 1], b, &[0]])),
+            ),
+            ("DISCONNECT", "DISCONNECT", V5, pkt(0xE0, &cat(&[&[0], b]))),
+            ("AUTH", "AUTH", V5, pkt(0xF0, &cat(&[&[0x18], b]))),
+        ]
+    }
+
+    /// Every property identifier in every packet, against the spec table:
+    /// allowed once; a second copy is a Protocol Error unless it may repeat
+    /// (User Property; Subscription Identifier in PUBLISH only; each packet's
+    /// property section: "It is a Protocol Error to include ... more than
+    /// once"); an identifier the packet does not define is a Malformed Packet
+    /// (section 2.2.2.2); a truncated value is malformed.
+    #[test]
+    fn property_table_against_the_spec_every_id_every_packet() {
+        let mut checked = 0;
+        for id in 0u8..=0x30 {
+            let used_in = SPEC_USED_IN
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map_or(&[][..], |(_, used)| *used);
+            let (value, truncated_what) = if used_in.is_empty() {
+                (vec![0, 0], "")
+            } else {
+                spec_value(id)
+            };
+            let once = cat(&[&[id], &value]);
+            let twice = cat(&[&once, &once]);
+            let cut = &once[..once.len() - 1];
+            let packets = with_props(&once)
+                .into_iter()
+                .zip(with_props(&twice))
+                .zip(with_props(cut));
+            for (((spec_name, packet, proto, once), (_, _, _, twice)), (_, _, _, cut)) in packets {
+                let ctx = format!("{id:#04x} in {spec_name}");
+                if !used_in.contains(&spec_name) {
+                    let want = E::InvalidProperty { packet, id };
+                    assert_eq!(dec(&once, proto), Err(want.clone()), "{ctx}");
+                    assert_eq!(want.reason_code(), MALFORMED);
+                    continue;
+                }
+                assert!(dec(&once, proto).unwrap().is_some(), "{ctx}");
+                let repeats = id == 0x26 || (id == 0x0B && spec_name == "PUBLISH");
+                if repeats {
+                    assert!(dec(&twice, proto).unwrap().is_some(), "{ctx} twice");
+                } else {
+                    let want = E::DuplicateProperty { packet, id };
+                    assert_eq!(dec(&twice, proto), Err(want.clone()), "{ctx} twice");
+                    assert_eq!(want.reason_code(), PROTOCOL);
+                }
+                assert_eq!(
+                    dec(&cut, proto),
+                    Err(E::Malformed(packet, truncated_what)),
+                    "{ctx} truncated"
+                );
+                checked += 1;
+            }
+        }
+        // One per (property, packet) pair of the spec table.
+        assert_eq!(
+            checked,
+            SPEC_USED_IN.iter().map(|(_, u)| u.len()).sum::<usize>()
+        );
+    }
 }
