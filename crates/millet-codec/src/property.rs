@@ -3,9 +3,9 @@
 //! Two tables, both in this file, drive the property structs and both
 //! directions of the wire format:
 //!
-//! 1. [`property_table!`]: every property once, with its identifier, its wire
+//! 1. `property_table!`: every property once, with its identifier, its wire
 //!    type and value range (a [`Wire`] kind) and its name.
-//! 2. [`property_sets!`]: for each packet, which properties it may carry and
+//! 2. `property_sets!`: for each packet, which properties it may carry and
 //!    the field each one lands in. This defines the property structs
 //!    ([`ConnectProperties`], [`PublishProperties`], ...) and implements
 //!    [`PropertySet`] for them (and for [`Subscribe`] / [`Unsubscribe`], whose
@@ -30,7 +30,7 @@ use crate::decode::Reader;
 use crate::encode::Sink;
 use crate::{DecodeError, QoS, Subscribe, Unsubscribe};
 
-/// One MQTT 5 property: a row of [`property_table!`].
+/// One MQTT 5 property: a row of `property_table!`.
 pub(crate) trait Property {
     /// Property identifier (written as a one-byte Variable Byte Integer).
     const ID: u8;
@@ -272,7 +272,9 @@ impl Wire for Pair {
 // Table 1: the properties
 // ---------------------------------------------------------------------------
 
-/// Defines one marker type per property in [`p`], implementing [`Property`].
+/// The property table: the one place MQTT 5 properties are defined (with
+/// `property_sets!` for which packet carries which). Defines one marker
+/// type per property in [`p`], implementing [`Property`].
 macro_rules! property_table {
     ($( $id:literal $Prop:ident: $wire:ident, $name:literal; )*) => {
         /// One uninhabited marker type per MQTT 5 property.
@@ -385,7 +387,9 @@ pub(crate) trait PropertySet {
     fn encode_properties<S: Sink>(&self, s: &mut S);
 }
 
-/// Implements [`PropertySet`] from a field list, and for the `struct` form
+/// The per-packet half of the property table: the one place that says which
+/// properties a packet carries. Implements [`PropertySet`] from a field list,
+/// and for the `struct` form
 /// also defines the struct and its `is_empty`.
 macro_rules! property_sets {
     () => {};
