@@ -7,11 +7,12 @@
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 
+use crate::property::PropertySet;
 use crate::topic;
 use crate::{
-    AckProperties, Auth, AuthProperties, ConnAck, ConnAckProperties, Connect, ConnectProperties,
-    DecodeError, Disconnect, LastWill, Packet, Protocol, PubResp, Publish, PublishProperties, QoS,
-    ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe, WillProperties,
+    Auth, AuthProperties, ConnAck, ConnAckProperties, Connect, ConnectProperties, DecodeError,
+    Disconnect, LastWill, Packet, Protocol, PubResp, Publish, PublishProperties, QoS, ReasonCode,
+    SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe, WillProperties,
 };
 
 /// Largest value of a Variable Byte Integer (four bytes), hence of the
@@ -35,122 +36,6 @@ pub(crate) mod ptype {
     pub const PINGRESP: u8 = 13;
     pub const DISCONNECT: u8 = 14;
     pub const AUTH: u8 = 15;
-}
-
-/// MQTT 5 property identifiers (section 2.2.2.2).
-pub(crate) mod prop {
-    pub const PAYLOAD_FORMAT_INDICATOR: u8 = 0x01;
-    pub const MESSAGE_EXPIRY_INTERVAL: u8 = 0x02;
-    pub const CONTENT_TYPE: u8 = 0x03;
-    pub const RESPONSE_TOPIC: u8 = 0x08;
-    pub const CORRELATION_DATA: u8 = 0x09;
-    pub const SUBSCRIPTION_IDENTIFIER: u8 = 0x0B;
-    pub const SESSION_EXPIRY_INTERVAL: u8 = 0x11;
-    pub const ASSIGNED_CLIENT_IDENTIFIER: u8 = 0x12;
-    pub const SERVER_KEEP_ALIVE: u8 = 0x13;
-    pub const AUTHENTICATION_METHOD: u8 = 0x15;
-    pub const AUTHENTICATION_DATA: u8 = 0x16;
-    pub const REQUEST_PROBLEM_INFORMATION: u8 = 0x17;
-    pub const WILL_DELAY_INTERVAL: u8 = 0x18;
-    pub const REQUEST_RESPONSE_INFORMATION: u8 = 0x19;
-    pub const RESPONSE_INFORMATION: u8 = 0x1A;
-    pub const SERVER_REFERENCE: u8 = 0x1C;
-    pub const REASON_STRING: u8 = 0x1F;
-    pub const RECEIVE_MAXIMUM: u8 = 0x21;
-    pub const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
-    pub const TOPIC_ALIAS: u8 = 0x23;
-    pub const MAXIMUM_QOS: u8 = 0x24;
-    pub const RETAIN_AVAILABLE: u8 = 0x25;
-    pub const USER_PROPERTY: u8 = 0x26;
-    pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
-    pub const WILDCARD_SUBSCRIPTION_AVAILABLE: u8 = 0x28;
-    pub const SUBSCRIPTION_IDENTIFIER_AVAILABLE: u8 = 0x29;
-    pub const SHARED_SUBSCRIPTION_AVAILABLE: u8 = 0x2A;
-}
-
-use prop::*;
-
-const fn mask(ids: &[u8]) -> u64 {
-    let mut m = 0u64;
-    let mut i = 0;
-    while i < ids.len() {
-        m |= 1u64 << ids[i];
-        i += 1;
-    }
-    m
-}
-
-/// Which properties each packet may carry (the "Used in" column of the
-/// property table, section 2.2.2.2).
-mod allowed {
-    use super::mask;
-    use super::prop::*;
-
-    pub const CONNECT: u64 = mask(&[
-        SESSION_EXPIRY_INTERVAL,
-        AUTHENTICATION_METHOD,
-        AUTHENTICATION_DATA,
-        REQUEST_PROBLEM_INFORMATION,
-        REQUEST_RESPONSE_INFORMATION,
-        RECEIVE_MAXIMUM,
-        TOPIC_ALIAS_MAXIMUM,
-        USER_PROPERTY,
-        MAXIMUM_PACKET_SIZE,
-    ]);
-    pub const WILL: u64 = mask(&[
-        PAYLOAD_FORMAT_INDICATOR,
-        MESSAGE_EXPIRY_INTERVAL,
-        CONTENT_TYPE,
-        RESPONSE_TOPIC,
-        CORRELATION_DATA,
-        WILL_DELAY_INTERVAL,
-        USER_PROPERTY,
-    ]);
-    pub const CONNACK: u64 = mask(&[
-        SESSION_EXPIRY_INTERVAL,
-        ASSIGNED_CLIENT_IDENTIFIER,
-        SERVER_KEEP_ALIVE,
-        AUTHENTICATION_METHOD,
-        AUTHENTICATION_DATA,
-        RESPONSE_INFORMATION,
-        SERVER_REFERENCE,
-        REASON_STRING,
-        RECEIVE_MAXIMUM,
-        TOPIC_ALIAS_MAXIMUM,
-        MAXIMUM_QOS,
-        RETAIN_AVAILABLE,
-        USER_PROPERTY,
-        MAXIMUM_PACKET_SIZE,
-        WILDCARD_SUBSCRIPTION_AVAILABLE,
-        SUBSCRIPTION_IDENTIFIER_AVAILABLE,
-        SHARED_SUBSCRIPTION_AVAILABLE,
-    ]);
-    pub const PUBLISH: u64 = mask(&[
-        PAYLOAD_FORMAT_INDICATOR,
-        MESSAGE_EXPIRY_INTERVAL,
-        CONTENT_TYPE,
-        RESPONSE_TOPIC,
-        CORRELATION_DATA,
-        SUBSCRIPTION_IDENTIFIER,
-        TOPIC_ALIAS,
-        USER_PROPERTY,
-    ]);
-    /// PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK, UNSUBACK.
-    pub const ACK: u64 = mask(&[REASON_STRING, USER_PROPERTY]);
-    pub const SUBSCRIBE: u64 = mask(&[SUBSCRIPTION_IDENTIFIER, USER_PROPERTY]);
-    pub const UNSUBSCRIBE: u64 = mask(&[USER_PROPERTY]);
-    pub const DISCONNECT: u64 = mask(&[
-        SESSION_EXPIRY_INTERVAL,
-        SERVER_REFERENCE,
-        REASON_STRING,
-        USER_PROPERTY,
-    ]);
-    pub const AUTH: u64 = mask(&[
-        AUTHENTICATION_METHOD,
-        AUTHENTICATION_DATA,
-        REASON_STRING,
-        USER_PROPERTY,
-    ]);
 }
 
 const PACKET_NAMES: [&str; 16] = [
@@ -318,11 +203,12 @@ fn check_fixed_header(ptype: u8, flags: u8, protocol: Option<Protocol>) -> Resul
 }
 
 /// Bounds-checked cursor over `data[pos..end]`.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     data: &'a Bytes,
     pos: usize,
     end: usize,
-    packet: &'static str,
+    /// Packet name, for errors.
+    pub(crate) packet: &'static str,
 }
 
 impl<'a> Reader<'a> {
@@ -377,7 +263,7 @@ impl<'a> Reader<'a> {
     }
 
     #[inline]
-    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
         match self.take(1, what)? {
             [b] => Ok(*b),
             _ => Err(self.malformed(what)),
@@ -385,14 +271,14 @@ impl<'a> Reader<'a> {
     }
 
     #[inline]
-    fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
         match self.take(2, what)? {
             [a, b] => Ok(u16::from_be_bytes([*a, *b])),
             _ => Err(self.malformed(what)),
         }
     }
 
-    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
         match self.take(4, what)? {
             [a, b, c, d] => Ok(u32::from_be_bytes([*a, *b, *c, *d])),
             _ => Err(self.malformed(what)),
@@ -400,7 +286,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Variable Byte Integer, at most four bytes, minimally encoded [MQTT-1.5.5-1].
-    fn vbi(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+    pub(crate) fn vbi(&mut self, what: &'static str) -> Result<u32, DecodeError> {
         let mut value: u32 = 0;
         for i in 0..4u32 {
             let b = self.u8(what)?;
@@ -417,7 +303,7 @@ impl<'a> Reader<'a> {
 
     /// Two-byte length prefix then that many bytes.
     #[inline]
-    fn binary(&mut self, what: &'static str) -> Result<Bytes, DecodeError> {
+    pub(crate) fn binary(&mut self, what: &'static str) -> Result<Bytes, DecodeError> {
         let len = self.u16(what)?;
         self.take_bytes(usize::from(len), what)
     }
@@ -425,7 +311,7 @@ impl<'a> Reader<'a> {
     /// A UTF-8 Encoded String: well-formed UTF-8 [MQTT-1.5.4-1], no U+0000
     /// [MQTT-1.5.4-2].
     #[inline]
-    fn string(&mut self, what: &'static str) -> Result<ByteString, DecodeError> {
+    pub(crate) fn string(&mut self, what: &'static str) -> Result<ByteString, DecodeError> {
         let raw = self.binary(what)?;
         to_string(raw, what)
     }
@@ -448,28 +334,11 @@ fn to_string(raw: Bytes, what: &'static str) -> Result<ByteString, DecodeError> 
     ByteString::try_from(raw).map_err(|_| DecodeError::InvalidUtf8(what))
 }
 
-/// A decoded property value; its shape is fixed by the identifier.
-enum PropVal {
-    Byte(u8),
-    U16(u16),
-    U32(u32),
-    Str(ByteString),
-    Bin(Bytes),
-    Pair(ByteString, ByteString),
-}
-
-fn bool_prop(v: u8) -> bool {
-    v != 0
-}
-
-/// Reads a property length and the properties it covers, checking each
-/// identifier against `allowed`, duplicates and value ranges, and hands each
-/// (identifier, value) to `store`.
-fn properties(
-    r: &mut Reader<'_>,
-    allowed: u64,
-    mut store: impl FnMut(u8, PropVal),
-) -> Result<(), DecodeError> {
+/// Reads a property length and the properties it covers into `set`:
+/// identifiers not allowed in the packet are malformed, a second copy of a
+/// property that may appear once is a protocol error; values are checked by
+/// the property table (`crate::property`).
+fn properties<P: PropertySet>(r: &mut Reader<'_>, set: &mut P) -> Result<(), DecodeError> {
     let packet = r.packet;
     let len = r.vbi("property length")?;
     let end = match r.pos.checked_add(len as usize) {
@@ -482,91 +351,21 @@ fn properties(
         end,
         packet,
     };
-    // Subscription identifiers repeat only in PUBLISH (one per matching
-    // subscription); in SUBSCRIBE a second one is a protocol error.
-    let repeatable = if allowed == allowed::PUBLISH {
-        mask(&[USER_PROPERTY, SUBSCRIPTION_IDENTIFIER])
-    } else {
-        mask(&[USER_PROPERTY])
-    };
     let mut seen: u64 = 0;
     while p.remaining() > 0 {
         let id = p.u8("property identifier")?;
         let bit = 1u64.checked_shl(u32::from(id)).unwrap_or(0);
-        if allowed & bit == 0 {
+        if P::ALLOWED & bit == 0 {
             return Err(DecodeError::InvalidProperty { packet, id });
         }
-        if seen & bit != 0 && repeatable & bit == 0 {
+        if seen & bit & !P::REPEATABLE != 0 {
             return Err(DecodeError::DuplicateProperty { packet, id });
         }
         seen |= bit;
-        let invalid = DecodeError::InvalidPropertyValue { packet, id };
-        let val = match id {
-            PAYLOAD_FORMAT_INDICATOR
-            | REQUEST_PROBLEM_INFORMATION
-            | REQUEST_RESPONSE_INFORMATION
-            | MAXIMUM_QOS
-            | RETAIN_AVAILABLE
-            | WILDCARD_SUBSCRIPTION_AVAILABLE
-            | SUBSCRIPTION_IDENTIFIER_AVAILABLE
-            | SHARED_SUBSCRIPTION_AVAILABLE => {
-                let v = p.u8("property value")?;
-                if v > 1 {
-                    return Err(invalid);
-                }
-                PropVal::Byte(v)
-            }
-            SERVER_KEEP_ALIVE | RECEIVE_MAXIMUM | TOPIC_ALIAS_MAXIMUM | TOPIC_ALIAS => {
-                let v = p.u16("property value")?;
-                if v == 0 && (id == RECEIVE_MAXIMUM || id == TOPIC_ALIAS) {
-                    return Err(invalid);
-                }
-                PropVal::U16(v)
-            }
-            MESSAGE_EXPIRY_INTERVAL
-            | SESSION_EXPIRY_INTERVAL
-            | WILL_DELAY_INTERVAL
-            | MAXIMUM_PACKET_SIZE => {
-                let v = p.u32("property value")?;
-                if v == 0 && id == MAXIMUM_PACKET_SIZE {
-                    return Err(invalid);
-                }
-                PropVal::U32(v)
-            }
-            SUBSCRIPTION_IDENTIFIER => {
-                let v = p.vbi("subscription identifier")?;
-                if v == 0 {
-                    return Err(invalid);
-                }
-                PropVal::U32(v)
-            }
-            CONTENT_TYPE
-            | RESPONSE_TOPIC
-            | ASSIGNED_CLIENT_IDENTIFIER
-            | AUTHENTICATION_METHOD
-            | RESPONSE_INFORMATION
-            | SERVER_REFERENCE
-            | REASON_STRING => PropVal::Str(p.string("property value")?),
-            CORRELATION_DATA | AUTHENTICATION_DATA => PropVal::Bin(p.binary("property value")?),
-            USER_PROPERTY => {
-                let k = p.string("user property name")?;
-                let v = p.string("user property value")?;
-                PropVal::Pair(k, v)
-            }
-            _ => return Err(DecodeError::InvalidProperty { packet, id }),
-        };
-        store(id, val);
+        set.decode_property(id, &mut p)?;
     }
     r.pos = end;
     Ok(())
-}
-
-fn ack_properties(r: &mut Reader<'_>, props: &mut AckProperties) -> Result<(), DecodeError> {
-    properties(r, allowed::ACK, |id, v| match (id, v) {
-        (REASON_STRING, PropVal::Str(s)) => props.reason_string = Some(s),
-        (_, PropVal::Pair(k, v)) => props.user_properties.push((k, v)),
-        _ => {}
-    })
 }
 
 fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
@@ -604,23 +403,7 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
 
     let mut properties = ConnectProperties::default();
     if protocol.is_v5() {
-        let p = &mut properties;
-        self::properties(r, allowed::CONNECT, |id, v| match (id, v) {
-            (SESSION_EXPIRY_INTERVAL, PropVal::U32(x)) => p.session_expiry_interval = Some(x),
-            (RECEIVE_MAXIMUM, PropVal::U16(x)) => p.receive_maximum = Some(x),
-            (MAXIMUM_PACKET_SIZE, PropVal::U32(x)) => p.maximum_packet_size = Some(x),
-            (TOPIC_ALIAS_MAXIMUM, PropVal::U16(x)) => p.topic_alias_maximum = Some(x),
-            (REQUEST_RESPONSE_INFORMATION, PropVal::Byte(x)) => {
-                p.request_response_information = Some(bool_prop(x))
-            }
-            (REQUEST_PROBLEM_INFORMATION, PropVal::Byte(x)) => {
-                p.request_problem_information = Some(bool_prop(x))
-            }
-            (AUTHENTICATION_METHOD, PropVal::Str(s)) => p.authentication_method = Some(s),
-            (AUTHENTICATION_DATA, PropVal::Bin(b)) => p.authentication_data = Some(b),
-            (_, PropVal::Pair(k, v)) => p.user_properties.push((k, v)),
-            _ => {}
-        })?;
+        self::properties(r, &mut properties)?;
     }
 
     let client_id = r.string("client identifier")?;
@@ -628,19 +411,7 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
     let will = if will_flag {
         let mut wp = WillProperties::default();
         if protocol.is_v5() {
-            let p = &mut wp;
-            self::properties(r, allowed::WILL, |id, v| match (id, v) {
-                (WILL_DELAY_INTERVAL, PropVal::U32(x)) => p.will_delay_interval = Some(x),
-                (PAYLOAD_FORMAT_INDICATOR, PropVal::Byte(x)) => {
-                    p.payload_format_indicator = Some(x)
-                }
-                (MESSAGE_EXPIRY_INTERVAL, PropVal::U32(x)) => p.message_expiry_interval = Some(x),
-                (CONTENT_TYPE, PropVal::Str(s)) => p.content_type = Some(s),
-                (RESPONSE_TOPIC, PropVal::Str(s)) => p.response_topic = Some(s),
-                (CORRELATION_DATA, PropVal::Bin(b)) => p.correlation_data = Some(b),
-                (_, PropVal::Pair(k, v)) => p.user_properties.push((k, v)),
-                _ => {}
-            })?;
+            self::properties(r, &mut wp)?;
         }
         let topic = r.string("will topic")?;
         if !topic::valid_topic_name(&topic) {
@@ -698,33 +469,7 @@ fn decode_connack(r: &mut Reader<'_>, proto: Protocol) -> Result<ConnAck, Decode
         properties: ConnAckProperties::default(),
     };
     if proto.is_v5() {
-        let p = &mut ack.properties;
-        properties(r, allowed::CONNACK, |id, v| match (id, v) {
-            (SESSION_EXPIRY_INTERVAL, PropVal::U32(x)) => p.session_expiry_interval = Some(x),
-            (RECEIVE_MAXIMUM, PropVal::U16(x)) => p.receive_maximum = Some(x),
-            (MAXIMUM_QOS, PropVal::Byte(x)) => p.maximum_qos = QoS::from_u8(x),
-            (RETAIN_AVAILABLE, PropVal::Byte(x)) => p.retain_available = Some(bool_prop(x)),
-            (MAXIMUM_PACKET_SIZE, PropVal::U32(x)) => p.maximum_packet_size = Some(x),
-            (ASSIGNED_CLIENT_IDENTIFIER, PropVal::Str(s)) => p.assigned_client_identifier = Some(s),
-            (TOPIC_ALIAS_MAXIMUM, PropVal::U16(x)) => p.topic_alias_maximum = Some(x),
-            (REASON_STRING, PropVal::Str(s)) => p.reason_string = Some(s),
-            (WILDCARD_SUBSCRIPTION_AVAILABLE, PropVal::Byte(x)) => {
-                p.wildcard_subscription_available = Some(bool_prop(x))
-            }
-            (SUBSCRIPTION_IDENTIFIER_AVAILABLE, PropVal::Byte(x)) => {
-                p.subscription_identifiers_available = Some(bool_prop(x))
-            }
-            (SHARED_SUBSCRIPTION_AVAILABLE, PropVal::Byte(x)) => {
-                p.shared_subscription_available = Some(bool_prop(x))
-            }
-            (SERVER_KEEP_ALIVE, PropVal::U16(x)) => p.server_keep_alive = Some(x),
-            (RESPONSE_INFORMATION, PropVal::Str(s)) => p.response_information = Some(s),
-            (SERVER_REFERENCE, PropVal::Str(s)) => p.server_reference = Some(s),
-            (AUTHENTICATION_METHOD, PropVal::Str(s)) => p.authentication_method = Some(s),
-            (AUTHENTICATION_DATA, PropVal::Bin(b)) => p.authentication_data = Some(b),
-            (_, PropVal::Pair(k, v)) => p.user_properties.push((k, v)),
-            _ => {}
-        })?;
+        properties(r, &mut ack.properties)?;
     } else {
         ack.reason_code = ReasonCode::from_v3_connack(code);
     }
@@ -760,18 +505,7 @@ fn decode_publish(r: &mut Reader<'_>, flags: u8, proto: Protocol) -> Result<Publ
 
     let mut props = PublishProperties::default();
     if proto.is_v5() {
-        let p = &mut props;
-        properties(r, allowed::PUBLISH, |id, v| match (id, v) {
-            (PAYLOAD_FORMAT_INDICATOR, PropVal::Byte(x)) => p.payload_format_indicator = Some(x),
-            (MESSAGE_EXPIRY_INTERVAL, PropVal::U32(x)) => p.message_expiry_interval = Some(x),
-            (TOPIC_ALIAS, PropVal::U16(x)) => p.topic_alias = Some(x),
-            (RESPONSE_TOPIC, PropVal::Str(s)) => p.response_topic = Some(s),
-            (CORRELATION_DATA, PropVal::Bin(b)) => p.correlation_data = Some(b),
-            (SUBSCRIPTION_IDENTIFIER, PropVal::U32(x)) => p.subscription_identifiers.push(x),
-            (CONTENT_TYPE, PropVal::Str(s)) => p.content_type = Some(s),
-            (_, PropVal::Pair(k, v)) => p.user_properties.push((k, v)),
-            _ => {}
-        })?;
+        properties(r, &mut props)?;
     }
     // [MQTT-3.3.2-1] a topic name is required, unless (MQTT 5) a topic alias
     // stands for it.
@@ -798,7 +532,7 @@ fn decode_pub_resp(r: &mut Reader<'_>, proto: Protocol) -> Result<PubResp, Decod
     if proto.is_v5() && r.remaining() > 0 {
         resp.reason_code = ReasonCode(r.u8("reason code")?);
         if r.remaining() > 0 {
-            ack_properties(r, &mut resp.properties)?;
+            properties(r, &mut resp.properties)?;
         }
     }
     r.finish()?;
@@ -811,12 +545,7 @@ fn decode_subscribe(r: &mut Reader<'_>, proto: Protocol) -> Result<Subscribe, De
         ..Subscribe::default()
     };
     if proto.is_v5() {
-        let (sid, users) = (&mut sub.subscription_identifier, &mut sub.user_properties);
-        properties(r, allowed::SUBSCRIBE, |id, v| match (id, v) {
-            (SUBSCRIPTION_IDENTIFIER, PropVal::U32(x)) => *sid = Some(x),
-            (_, PropVal::Pair(k, v)) => users.push((k, v)),
-            _ => {}
-        })?;
+        properties(r, &mut sub)?;
     }
     while r.remaining() > 0 {
         let filter = r.string("topic filter")?;
@@ -860,7 +589,7 @@ fn decode_suback(r: &mut Reader<'_>, proto: Protocol) -> Result<SubAck, DecodeEr
         ..SubAck::default()
     };
     if proto.is_v5() {
-        ack_properties(r, &mut ack.properties)?;
+        properties(r, &mut ack.properties)?;
     }
     let codes = r.rest();
     if codes.is_empty() {
@@ -883,12 +612,7 @@ fn decode_unsubscribe(r: &mut Reader<'_>, proto: Protocol) -> Result<Unsubscribe
         ..Unsubscribe::default()
     };
     if proto.is_v5() {
-        let users = &mut unsub.user_properties;
-        properties(r, allowed::UNSUBSCRIBE, |_, v| {
-            if let PropVal::Pair(k, v) = v {
-                users.push((k, v));
-            }
-        })?;
+        properties(r, &mut unsub)?;
     }
     while r.remaining() > 0 {
         unsub.filters.push(r.string("topic filter")?);
@@ -906,7 +630,7 @@ fn decode_unsuback(r: &mut Reader<'_>, proto: Protocol) -> Result<UnsubAck, Deco
         ..UnsubAck::default()
     };
     if proto.is_v5() {
-        ack_properties(r, &mut ack.properties)?;
+        properties(r, &mut ack.properties)?;
         let codes = r.rest();
         if codes.is_empty() {
             return Err(r.malformed("no reason codes"));
@@ -924,14 +648,7 @@ fn decode_disconnect(r: &mut Reader<'_>, proto: Protocol) -> Result<Disconnect, 
     if proto.is_v5() && r.remaining() > 0 {
         d.reason_code = ReasonCode(r.u8("reason code")?);
         if r.remaining() > 0 {
-            let p = &mut d.properties;
-            properties(r, allowed::DISCONNECT, |id, v| match (id, v) {
-                (SESSION_EXPIRY_INTERVAL, PropVal::U32(x)) => p.session_expiry_interval = Some(x),
-                (REASON_STRING, PropVal::Str(s)) => p.reason_string = Some(s),
-                (SERVER_REFERENCE, PropVal::Str(s)) => p.server_reference = Some(s),
-                (_, PropVal::Pair(k, v)) => p.user_properties.push((k, v)),
-                _ => {}
-            })?;
+            properties(r, &mut d.properties)?;
         }
     }
     r.finish()?;
@@ -947,14 +664,7 @@ fn decode_auth(r: &mut Reader<'_>) -> Result<Auth, DecodeError> {
     if r.remaining() > 0 {
         a.reason_code = ReasonCode(r.u8("reason code")?);
         if r.remaining() > 0 {
-            let p = &mut a.properties;
-            properties(r, allowed::AUTH, |id, v| match (id, v) {
-                (AUTHENTICATION_METHOD, PropVal::Str(s)) => p.authentication_method = Some(s),
-                (AUTHENTICATION_DATA, PropVal::Bin(b)) => p.authentication_data = Some(b),
-                (REASON_STRING, PropVal::Str(s)) => p.reason_string = Some(s),
-                (_, PropVal::Pair(k, v)) => p.user_properties.push((k, v)),
-                _ => {}
-            })?;
+            properties(r, &mut a.properties)?;
         }
     }
     r.finish()?;
@@ -1605,5 +1315,204 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The "Used in" column of the spec's property table (MQTT 5.0 section
+    /// 2.2.2.2), written here independently of `crate::property`. "WILL" is
+    /// the Will Properties of CONNECT.
+    const SPEC_USED_IN: &[(u8, &[&str])] = &[
+        (0x01, &["PUBLISH", "WILL"]),
+        (0x02, &["PUBLISH", "WILL"]),
+        (0x03, &["PUBLISH", "WILL"]),
+        (0x08, &["PUBLISH", "WILL"]),
+        (0x09, &["PUBLISH", "WILL"]),
+        (0x0B, &["PUBLISH", "SUBSCRIBE"]),
+        (0x11, &["CONNECT", "CONNACK", "DISCONNECT"]),
+        (0x12, &["CONNACK"]),
+        (0x13, &["CONNACK"]),
+        (0x15, &["CONNECT", "CONNACK", "AUTH"]),
+        (0x16, &["CONNECT", "CONNACK", "AUTH"]),
+        (0x17, &["CONNECT"]),
+        (0x18, &["WILL"]),
+        (0x19, &["CONNECT"]),
+        (0x1A, &["CONNACK"]),
+        (0x1C, &["CONNACK", "DISCONNECT"]),
+        (
+            0x1F,
+            &[
+                "CONNACK",
+                "PUBACK",
+                "PUBREC",
+                "PUBREL",
+                "PUBCOMP",
+                "SUBACK",
+                "UNSUBACK",
+                "DISCONNECT",
+                "AUTH",
+            ],
+        ),
+        (0x21, &["CONNECT", "CONNACK"]),
+        (0x22, &["CONNECT", "CONNACK"]),
+        (0x23, &["PUBLISH"]),
+        (0x24, &["CONNACK"]),
+        (0x25, &["CONNACK"]),
+        (
+            0x26,
+            &[
+                "CONNECT",
+                "WILL",
+                "CONNACK",
+                "PUBLISH",
+                "PUBACK",
+                "PUBREC",
+                "PUBREL",
+                "PUBCOMP",
+                "SUBSCRIBE",
+                "SUBACK",
+                "UNSUBSCRIBE",
+                "UNSUBACK",
+                "DISCONNECT",
+                "AUTH",
+            ],
+        ),
+        (0x27, &["CONNECT", "CONNACK"]),
+        (0x28, &["CONNACK"]),
+        (0x29, &["CONNACK"]),
+        (0x2A, &["CONNACK"]),
+    ];
+
+    /// A valid value of property `id` on the wire (chosen independently of
+    /// the codec), and what a truncated one is reported as.
+    fn spec_value(id: u8) -> (Vec<u8>, &'static str) {
+        match id {
+            // Byte
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => (vec![1], "property value"),
+            // Two Byte Integer
+            0x13 | 0x21 | 0x22 | 0x23 => (vec![0, 7], "property value"),
+            // Four Byte Integer
+            0x02 | 0x11 | 0x18 | 0x27 => (vec![0, 0, 1, 0], "property value"),
+            // Variable Byte Integer
+            0x0B => (vec![0x81, 0x01], "subscription identifier"),
+            // UTF-8 String
+            0x03 | 0x08 | 0x12 | 0x15 | 0x1A | 0x1C | 0x1F => (f(b"xy"), "property value"),
+            // Binary Data
+            0x09 | 0x16 => (f(b"\x00\xFF"), "property value"),
+            // UTF-8 String Pair
+            0x26 => (cat(&[&f(b"k"), &f(b"v")]), "user property value"),
+            _ => unreachable!("not a property: {id:#04x}"),
+        }
+    }
+
+    /// Every packet that carries properties, with `props` as its property
+    /// block: (name in the spec table, name in errors, negotiated protocol, wire).
+    fn with_props(props: &[u8]) -> Vec<(&'static str, &'static str, Option<Protocol>, Vec<u8>)> {
+        let len = [u8::try_from(props.len()).unwrap()];
+        assert!(len[0] < 128);
+        let block = cat(&[&len, props]);
+        let b = &block[..];
+        vec![
+            (
+                "CONNECT",
+                "CONNECT",
+                NONE,
+                connect(5, 0x02, &cat(&[b, &f(b"c")])),
+            ),
+            (
+                "WILL",
+                "CONNECT",
+                NONE,
+                connect(5, 0x06, &cat(&[&[0], &f(b"c"), b, &f(b"w"), &f(b"x")])),
+            ),
+            ("CONNACK", "CONNACK", V5, pkt(0x20, &cat(&[&[0, 0], b]))),
+            (
+                "PUBLISH",
+                "PUBLISH",
+                V5,
+                pkt(0x30, &cat(&[&f(b"t"), b, b"payload"])),
+            ),
+            ("PUBACK", "PUBACK", V5, pkt(0x40, &cat(&[&[0, 1, 0], b]))),
+            ("PUBREC", "PUBREC", V5, pkt(0x50, &cat(&[&[0, 1, 0], b]))),
+            ("PUBREL", "PUBREL", V5, pkt(0x62, &cat(&[&[0, 1, 0], b]))),
+            ("PUBCOMP", "PUBCOMP", V5, pkt(0x70, &cat(&[&[0, 1, 0], b]))),
+            (
+                "SUBSCRIBE",
+                "SUBSCRIBE",
+                V5,
+                pkt(0x82, &cat(&[&[0, 1], b, &f(b"a"), &[0]])),
+            ),
+            ("SUBACK", "SUBACK", V5, pkt(0x90, &cat(&[&[0, 1], b, &[0]]))),
+            (
+                "UNSUBSCRIBE",
+                "UNSUBSCRIBE",
+                V5,
+                pkt(0xA2, &cat(&[&[0, 1], b, &f(b"a")])),
+            ),
+            (
+                "UNSUBACK",
+                "UNSUBACK",
+                V5,
+                pkt(0xB0, &cat(&[&[0, 1], b, &[0]])),
+            ),
+            ("DISCONNECT", "DISCONNECT", V5, pkt(0xE0, &cat(&[&[0], b]))),
+            ("AUTH", "AUTH", V5, pkt(0xF0, &cat(&[&[0x18], b]))),
+        ]
+    }
+
+    /// Every property identifier in every packet, against the spec table:
+    /// allowed once; a second copy is a Protocol Error unless it may repeat
+    /// (User Property; Subscription Identifier in PUBLISH only; each packet's
+    /// property section: "It is a Protocol Error to include ... more than
+    /// once"); an identifier the packet does not define is a Malformed Packet
+    /// (section 2.2.2.2); a truncated value is malformed.
+    #[test]
+    fn property_table_against_the_spec_every_id_every_packet() {
+        let mut checked = 0;
+        for id in 0u8..=0x30 {
+            let used_in = SPEC_USED_IN
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map_or(&[][..], |(_, used)| *used);
+            let (value, truncated_what) = if used_in.is_empty() {
+                (vec![0, 0], "")
+            } else {
+                spec_value(id)
+            };
+            let once = cat(&[&[id], &value]);
+            let twice = cat(&[&once, &once]);
+            let cut = &once[..once.len() - 1];
+            let packets = with_props(&once)
+                .into_iter()
+                .zip(with_props(&twice))
+                .zip(with_props(cut));
+            for (((spec_name, packet, proto, once), (_, _, _, twice)), (_, _, _, cut)) in packets {
+                let ctx = format!("{id:#04x} in {spec_name}");
+                if !used_in.contains(&spec_name) {
+                    let want = E::InvalidProperty { packet, id };
+                    assert_eq!(dec(&once, proto), Err(want.clone()), "{ctx}");
+                    assert_eq!(want.reason_code(), MALFORMED);
+                    continue;
+                }
+                assert!(dec(&once, proto).unwrap().is_some(), "{ctx}");
+                let repeats = id == 0x26 || (id == 0x0B && spec_name == "PUBLISH");
+                if repeats {
+                    assert!(dec(&twice, proto).unwrap().is_some(), "{ctx} twice");
+                } else {
+                    let want = E::DuplicateProperty { packet, id };
+                    assert_eq!(dec(&twice, proto), Err(want.clone()), "{ctx} twice");
+                    assert_eq!(want.reason_code(), PROTOCOL);
+                }
+                assert_eq!(
+                    dec(&cut, proto),
+                    Err(E::Malformed(packet, truncated_what)),
+                    "{ctx} truncated"
+                );
+                checked += 1;
+            }
+        }
+        // One per (property, packet) pair of the spec table.
+        assert_eq!(
+            checked,
+            SPEC_USED_IN.iter().map(|(_, u)| u.len()).sum::<usize>()
+        );
     }
 }

@@ -7,11 +7,9 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::decode::{prop::*, MAX_VBI};
-use crate::{
-    AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties,
-    EncodeError, Packet, Protocol, PublishProperties, QoS, UserProperty, WillProperties,
-};
+use crate::decode::MAX_VBI;
+use crate::property::PropertySet;
+use crate::{EncodeError, Packet, Protocol, QoS};
 
 /// Longest UTF-8 string or binary field (16-bit length prefix).
 const MAX_FIELD: usize = 65_535;
@@ -113,7 +111,7 @@ fn first_byte(packet: &Packet) -> u8 {
 }
 
 /// Where a packet body goes: measured by [`Sizer`] or written to `BytesMut`.
-trait Sink {
+pub(crate) trait Sink {
     fn u8(&mut self, v: u8);
     fn u16(&mut self, v: u16);
     fn u32(&mut self, v: u32);
@@ -206,295 +204,24 @@ impl Sink for BytesMut {
     }
 }
 
-// Property writers: each writes nothing for `None`.
-
-fn p_byte<S: Sink>(s: &mut S, id: u8, v: Option<u8>) {
-    if let Some(v) = v {
-        s.u8(id);
-        s.u8(v);
-    }
-}
-
-fn p_bool<S: Sink>(s: &mut S, id: u8, v: Option<bool>) {
-    p_byte(s, id, v.map(u8::from));
-}
-
-fn p_u16<S: Sink>(s: &mut S, id: u8, v: Option<u16>) {
-    if let Some(v) = v {
-        s.u8(id);
-        s.u16(v);
-    }
-}
-
-fn p_u32<S: Sink>(s: &mut S, id: u8, v: Option<u32>) {
-    if let Some(v) = v {
-        s.u8(id);
-        s.u32(v);
-    }
-}
-
-fn p_str<S: Sink>(s: &mut S, id: u8, v: Option<&impl AsRef<[u8]>>, what: &'static str) {
-    if let Some(v) = v {
-        s.u8(id);
-        s.field(v.as_ref(), what);
-    }
-}
-
-fn p_users<S: Sink>(s: &mut S, users: &[UserProperty]) {
-    for (k, v) in users {
-        s.u8(USER_PROPERTY);
-        s.field(k.as_bytes(), "user property name");
-        s.field(v.as_bytes(), "user property value");
-    }
-}
-
-fn p_sub_id<S: Sink>(s: &mut S, id: u32) {
-    s.u8(SUBSCRIPTION_IDENTIFIER);
-    s.vbi(id as usize, "subscription identifier");
-}
-
-/// A set of MQTT 5 properties.
-trait Props {
-    fn visit<S: Sink>(&self, s: &mut S);
-}
-
 /// Property length then the properties.
-fn props<S: Sink, P: Props>(s: &mut S, p: &P) {
+fn props<S: Sink, P: PropertySet>(s: &mut S, p: &P) {
     s.vbi(props_len(p), "property length");
-    p.visit(s);
+    p.encode_properties(s);
 }
 
-fn props_len<P: Props>(p: &P) -> usize {
+fn props_len<P: PropertySet>(p: &P) -> usize {
     let mut sizer = Sizer::default();
-    p.visit(&mut sizer);
+    p.encode_properties(&mut sizer);
     // Field errors are reported by the outer sizer, which visits `p` too.
     sizer.len
-}
-
-impl Props for ConnectProperties {
-    fn visit<S: Sink>(&self, s: &mut S) {
-        p_u32(s, SESSION_EXPIRY_INTERVAL, self.session_expiry_interval);
-        p_u16(s, RECEIVE_MAXIMUM, self.receive_maximum);
-        p_u32(s, MAXIMUM_PACKET_SIZE, self.maximum_packet_size);
-        p_u16(s, TOPIC_ALIAS_MAXIMUM, self.topic_alias_maximum);
-        p_bool(
-            s,
-            REQUEST_RESPONSE_INFORMATION,
-            self.request_response_information,
-        );
-        p_bool(
-            s,
-            REQUEST_PROBLEM_INFORMATION,
-            self.request_problem_information,
-        );
-        p_users(s, &self.user_properties);
-        p_str(
-            s,
-            AUTHENTICATION_METHOD,
-            self.authentication_method.as_ref(),
-            "authentication method",
-        );
-        p_str(
-            s,
-            AUTHENTICATION_DATA,
-            self.authentication_data.as_ref(),
-            "authentication data",
-        );
-    }
-}
-
-impl Props for WillProperties {
-    fn visit<S: Sink>(&self, s: &mut S) {
-        p_u32(s, WILL_DELAY_INTERVAL, self.will_delay_interval);
-        p_byte(s, PAYLOAD_FORMAT_INDICATOR, self.payload_format_indicator);
-        p_u32(s, MESSAGE_EXPIRY_INTERVAL, self.message_expiry_interval);
-        p_str(s, CONTENT_TYPE, self.content_type.as_ref(), "content type");
-        p_str(
-            s,
-            RESPONSE_TOPIC,
-            self.response_topic.as_ref(),
-            "response topic",
-        );
-        p_str(
-            s,
-            CORRELATION_DATA,
-            self.correlation_data.as_ref(),
-            "correlation data",
-        );
-        p_users(s, &self.user_properties);
-    }
-}
-
-impl Props for ConnAckProperties {
-    fn visit<S: Sink>(&self, s: &mut S) {
-        p_u32(s, SESSION_EXPIRY_INTERVAL, self.session_expiry_interval);
-        p_u16(s, RECEIVE_MAXIMUM, self.receive_maximum);
-        p_byte(s, MAXIMUM_QOS, self.maximum_qos.map(|q| q as u8));
-        p_bool(s, RETAIN_AVAILABLE, self.retain_available);
-        p_u32(s, MAXIMUM_PACKET_SIZE, self.maximum_packet_size);
-        p_str(
-            s,
-            ASSIGNED_CLIENT_IDENTIFIER,
-            self.assigned_client_identifier.as_ref(),
-            "assigned client identifier",
-        );
-        p_u16(s, TOPIC_ALIAS_MAXIMUM, self.topic_alias_maximum);
-        p_str(
-            s,
-            REASON_STRING,
-            self.reason_string.as_ref(),
-            "reason string",
-        );
-        p_users(s, &self.user_properties);
-        p_bool(
-            s,
-            WILDCARD_SUBSCRIPTION_AVAILABLE,
-            self.wildcard_subscription_available,
-        );
-        p_bool(
-            s,
-            SUBSCRIPTION_IDENTIFIER_AVAILABLE,
-            self.subscription_identifiers_available,
-        );
-        p_bool(
-            s,
-            SHARED_SUBSCRIPTION_AVAILABLE,
-            self.shared_subscription_available,
-        );
-        p_u16(s, SERVER_KEEP_ALIVE, self.server_keep_alive);
-        p_str(
-            s,
-            RESPONSE_INFORMATION,
-            self.response_information.as_ref(),
-            "response information",
-        );
-        p_str(
-            s,
-            SERVER_REFERENCE,
-            self.server_reference.as_ref(),
-            "server reference",
-        );
-        p_str(
-            s,
-            AUTHENTICATION_METHOD,
-            self.authentication_method.as_ref(),
-            "authentication method",
-        );
-        p_str(
-            s,
-            AUTHENTICATION_DATA,
-            self.authentication_data.as_ref(),
-            "authentication data",
-        );
-    }
-}
-
-impl Props for PublishProperties {
-    fn visit<S: Sink>(&self, s: &mut S) {
-        p_byte(s, PAYLOAD_FORMAT_INDICATOR, self.payload_format_indicator);
-        p_u32(s, MESSAGE_EXPIRY_INTERVAL, self.message_expiry_interval);
-        p_u16(s, TOPIC_ALIAS, self.topic_alias);
-        p_str(
-            s,
-            RESPONSE_TOPIC,
-            self.response_topic.as_ref(),
-            "response topic",
-        );
-        p_str(
-            s,
-            CORRELATION_DATA,
-            self.correlation_data.as_ref(),
-            "correlation data",
-        );
-        p_users(s, &self.user_properties);
-        for &id in &self.subscription_identifiers {
-            p_sub_id(s, id);
-        }
-        p_str(s, CONTENT_TYPE, self.content_type.as_ref(), "content type");
-    }
-}
-
-impl Props for AckProperties {
-    fn visit<S: Sink>(&self, s: &mut S) {
-        p_str(
-            s,
-            REASON_STRING,
-            self.reason_string.as_ref(),
-            "reason string",
-        );
-        p_users(s, &self.user_properties);
-    }
-}
-
-impl Props for DisconnectProperties {
-    fn visit<S: Sink>(&self, s: &mut S) {
-        p_u32(s, SESSION_EXPIRY_INTERVAL, self.session_expiry_interval);
-        p_str(
-            s,
-            REASON_STRING,
-            self.reason_string.as_ref(),
-            "reason string",
-        );
-        p_users(s, &self.user_properties);
-        p_str(
-            s,
-            SERVER_REFERENCE,
-            self.server_reference.as_ref(),
-            "server reference",
-        );
-    }
-}
-
-impl Props for AuthProperties {
-    fn visit<S: Sink>(&self, s: &mut S) {
-        p_str(
-            s,
-            AUTHENTICATION_METHOD,
-            self.authentication_method.as_ref(),
-            "authentication method",
-        );
-        p_str(
-            s,
-            AUTHENTICATION_DATA,
-            self.authentication_data.as_ref(),
-            "authentication data",
-        );
-        p_str(
-            s,
-            REASON_STRING,
-            self.reason_string.as_ref(),
-            "reason string",
-        );
-        p_users(s, &self.user_properties);
-    }
-}
-
-/// SUBSCRIBE properties live directly in [`crate::Subscribe`].
-struct SubscribeProps<'a>(Option<u32>, &'a [UserProperty]);
-
-impl Props for SubscribeProps<'_> {
-    fn visit<S: Sink>(&self, s: &mut S) {
-        if let Some(id) = self.0 {
-            p_sub_id(s, id);
-        }
-        p_users(s, self.1);
-    }
-}
-
-/// UNSUBSCRIBE properties: user properties only.
-struct UserProps<'a>(&'a [UserProperty]);
-
-impl Props for UserProps<'_> {
-    fn visit<S: Sink>(&self, s: &mut S) {
-        p_users(s, self.0);
-    }
 }
 
 /// MQTT 5 acknowledgement tail shared by PUBACK..PUBCOMP, DISCONNECT and AUTH:
 /// nothing when the reason is Success and there are no properties (the short
 /// form), the reason code alone when there are no properties (`reason_only`
 /// permits it), otherwise reason code, property length and properties.
-fn reason_and_props<S: Sink, P: Props>(s: &mut S, reason: u8, p: &P, reason_only: bool) {
+fn reason_and_props<S: Sink, P: PropertySet>(s: &mut S, reason: u8, p: &P, reason_only: bool) {
     let plen = props_len(p);
     if plen == 0 && reason == 0 {
         return;
@@ -504,7 +231,7 @@ fn reason_and_props<S: Sink, P: Props>(s: &mut S, reason: u8, p: &P, reason_only
         return;
     }
     s.vbi(plen, "property length");
-    p.visit(s);
+    p.encode_properties(s);
 }
 
 fn body<S: Sink>(packet: &Packet, protocol: Protocol, s: &mut S) {
@@ -578,10 +305,7 @@ fn body<S: Sink>(packet: &Packet, protocol: Protocol, s: &mut S) {
         Packet::Subscribe(sub) => {
             s.u16(sub.packet_id);
             if v5 {
-                props(
-                    s,
-                    &SubscribeProps(sub.subscription_identifier, &sub.user_properties),
-                );
+                props(s, sub);
             }
             for (filter, o) in &sub.filters {
                 s.field(filter.as_bytes(), "topic filter");
@@ -606,7 +330,7 @@ fn body<S: Sink>(packet: &Packet, protocol: Protocol, s: &mut S) {
         Packet::Unsubscribe(u) => {
             s.u16(u.packet_id);
             if v5 {
-                props(s, &UserProps(&u.user_properties));
+                props(s, u);
             }
             for filter in &u.filters {
                 s.field(filter.as_bytes(), "topic filter");
@@ -643,8 +367,10 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::{
-        decode, Auth, ConnAck, Connect, Disconnect, LastWill, PubResp, Publish, ReasonCode, SubAck,
-        Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
+        decode, AckProperties, Auth, AuthProperties, ConnAck, ConnAckProperties, Connect,
+        ConnectProperties, Disconnect, DisconnectProperties, LastWill, PubResp, Publish,
+        PublishProperties, ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck,
+        Unsubscribe, UserProperty, WillProperties,
     };
 
     pub(crate) const ALL: [Protocol; 3] = [Protocol::V3_1, Protocol::V3_1_1, Protocol::V5];

@@ -18,6 +18,9 @@
 //!
 //! ## Layout
 //! - `packet`: the packet structs, shared by all versions.
+//! - `property`: the MQTT 5 property table, the one place properties are
+//!   defined; it generates the property structs and drives their decoding
+//!   and encoding.
 //! - `reason`: reason codes and their 3.1.1 equivalents.
 //! - `error`: decode / encode errors, each mapped to one reason code.
 //! - `decode` / `encode`: the wire format.
@@ -30,6 +33,7 @@ mod decode;
 mod encode;
 mod error;
 mod packet;
+mod property;
 mod reason;
 pub mod topic;
 
@@ -37,6 +41,10 @@ pub use decode::decode;
 pub use encode::{encode, encoded_len};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;
+pub use property::{
+    AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties,
+    PublishProperties, WillProperties,
+};
 pub use reason::ReasonCode;
 
 pub use bytes;

@@ -1,11 +1,16 @@
 //! MQTT control packets as plain data: one struct per packet, shared by the
 //! three protocol versions. Fields that only exist in MQTT 5 are ignored when
 //! encoding for 3.1 / 3.1.1 and left at their defaults when decoding them.
+//! The MQTT 5 property structs are defined in `property`, from the property
+//! table.
 
 use bytes::Bytes;
 use bytestring::ByteString;
 
-use crate::ReasonCode;
+use crate::{
+    AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties,
+    PublishProperties, ReasonCode, WillProperties,
+};
 
 /// Protocol version negotiated in CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -172,19 +177,6 @@ pub struct Connect {
     pub bridge: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ConnectProperties {
-    pub session_expiry_interval: Option<u32>,
-    pub receive_maximum: Option<u16>,
-    pub maximum_packet_size: Option<u32>,
-    pub topic_alias_maximum: Option<u16>,
-    pub request_response_information: Option<bool>,
-    pub request_problem_information: Option<bool>,
-    pub user_properties: Vec<UserProperty>,
-    pub authentication_method: Option<ByteString>,
-    pub authentication_data: Option<Bytes>,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LastWill {
     pub topic: ByteString,
@@ -195,44 +187,12 @@ pub struct LastWill {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct WillProperties {
-    pub will_delay_interval: Option<u32>,
-    pub payload_format_indicator: Option<u8>,
-    pub message_expiry_interval: Option<u32>,
-    pub content_type: Option<ByteString>,
-    pub response_topic: Option<ByteString>,
-    pub correlation_data: Option<Bytes>,
-    pub user_properties: Vec<UserProperty>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConnAck {
     pub session_present: bool,
     /// For 3.x the encoder maps this to the 3.1.1 return code
     /// (see [`ReasonCode::to_v3_connack`]).
     pub reason_code: ReasonCode,
     pub properties: ConnAckProperties,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ConnAckProperties {
-    pub session_expiry_interval: Option<u32>,
-    pub receive_maximum: Option<u16>,
-    pub maximum_qos: Option<QoS>,
-    pub retain_available: Option<bool>,
-    pub maximum_packet_size: Option<u32>,
-    pub assigned_client_identifier: Option<ByteString>,
-    pub topic_alias_maximum: Option<u16>,
-    pub reason_string: Option<ByteString>,
-    pub user_properties: Vec<UserProperty>,
-    pub wildcard_subscription_available: Option<bool>,
-    pub subscription_identifiers_available: Option<bool>,
-    pub shared_subscription_available: Option<bool>,
-    pub server_keep_alive: Option<u16>,
-    pub response_information: Option<ByteString>,
-    pub server_reference: Option<ByteString>,
-    pub authentication_method: Option<ByteString>,
-    pub authentication_data: Option<Bytes>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -246,32 +206,6 @@ pub struct Publish {
     pub packet_id: Option<u16>,
     pub properties: PublishProperties,
     pub payload: Bytes,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PublishProperties {
-    pub payload_format_indicator: Option<u8>,
-    pub message_expiry_interval: Option<u32>,
-    pub topic_alias: Option<u16>,
-    pub response_topic: Option<ByteString>,
-    pub correlation_data: Option<Bytes>,
-    pub user_properties: Vec<UserProperty>,
-    /// Server to client only; a client sending one is a protocol error.
-    pub subscription_identifiers: Vec<u32>,
-    pub content_type: Option<ByteString>,
-}
-
-impl PublishProperties {
-    pub fn is_empty(&self) -> bool {
-        self.payload_format_indicator.is_none()
-            && self.message_expiry_interval.is_none()
-            && self.topic_alias.is_none()
-            && self.response_topic.is_none()
-            && self.correlation_data.is_none()
-            && self.user_properties.is_empty()
-            && self.subscription_identifiers.is_empty()
-            && self.content_type.is_none()
-    }
 }
 
 /// PUBACK, PUBREC, PUBREL and PUBCOMP share one layout.
@@ -297,13 +231,6 @@ impl PubResp {
             properties: AckProperties::default(),
         }
     }
-}
-
-/// Properties of PUBACK / PUBREC / PUBREL / PUBCOMP / SUBACK / UNSUBACK.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AckProperties {
-    pub reason_string: Option<ByteString>,
-    pub user_properties: Vec<UserProperty>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -354,23 +281,7 @@ pub struct Disconnect {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DisconnectProperties {
-    pub session_expiry_interval: Option<u32>,
-    pub reason_string: Option<ByteString>,
-    pub user_properties: Vec<UserProperty>,
-    pub server_reference: Option<ByteString>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Auth {
     pub reason_code: ReasonCode,
     pub properties: AuthProperties,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AuthProperties {
-    pub authentication_method: Option<ByteString>,
-    pub authentication_data: Option<Bytes>,
-    pub reason_string: Option<ByteString>,
-    pub user_properties: Vec<UserProperty>,
 }
