@@ -699,7 +699,7 @@ fn checkpoint_loop(ck: &CkShared, shared: &Shared, dir: &std::path::Path) {
                 c.checkpoints.fetch_add(1, Ordering::Relaxed);
                 c.absorbed.fetch_add(absorbed, Ordering::Relaxed);
                 shared.synced_seq.fetch_max(h.last_seq, Ordering::AcqRel);
-                if let Err(e) = Wal::remove_segments(dir, std::slice::from_ref(&h.segment)) {
+                if let Err(e) = Wal::retire_segments(dir, std::slice::from_ref(&h.segment)) {
                     // Harmless: replaying groups the engine already has ends
                     // in the same state.
                     tracing::warn!(error = %e, "store: cannot delete a checkpointed log segment");
