@@ -84,6 +84,13 @@ pub struct StoreConfig {
     /// ... or this many milliseconds after its first record (0: after every
     /// group, which gives up write absorption).
     pub checkpoint_ms: u64,
+    /// `sync` group commit: after each fsync the store's writer gathers
+    /// writes for up to this many milliseconds before the next round, so
+    /// that one fsync covers many publishers; 2 ms at most after a round of
+    /// a single write, and a round starts at once when 64 writes wait (0:
+    /// a round as soon as a write comes). A PUBACK / PUBREC waits at most
+    /// this much longer.
+    pub sync_linger_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -96,6 +103,7 @@ impl Default for StoreConfig {
             persist_qos0: false,
             checkpoint_bytes: 1 << 20,
             checkpoint_ms: 100,
+            sync_linger_ms: 10,
         }
     }
 }
@@ -414,6 +422,29 @@ impl Config {
         }
         Ok(())
     }
+
+    /// Settings that are valid but probably not what the operator meant,
+    /// as start-up warnings.
+    pub fn warnings(&self) -> Vec<String> {
+        let l = &self.limits;
+        let mut out = Vec::new();
+        if (l.max_queued_bytes as u64) < u64::from(l.max_packet_size) {
+            out.push(format!(
+                "limits.max_queued_bytes ({}) is smaller than limits.max_packet_size ({}): \
+                 a message bigger than max_queued_bytes is accepted from its publisher but \
+                 dropped for every subscriber that is not reading it at once",
+                l.max_queued_bytes, l.max_packet_size
+            ));
+        }
+        if l.memory_budget != 0 && l.memory_budget < l.max_queued_bytes as u64 {
+            out.push(format!(
+                "limits.memory_budget ({}) is smaller than limits.max_queued_bytes ({}): \
+                 one session's queue can fill the whole broker's budget",
+                l.memory_budget, l.max_queued_bytes
+            ));
+        }
+        out
+    }
 }
 
 /// Top-level keys of [`Config`] (for "put it before the first table" hints).
@@ -569,5 +600,29 @@ mod tests {
             e.contains("names 0.0.0.0:1884, which is not a listener"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn limits_that_contradict_each_other_are_warned_about() {
+        assert!(load_text("").unwrap().warnings().is_empty(), "defaults");
+        let w = load_text("[limits]\nmax_queued_bytes = 4096\n")
+            .unwrap()
+            .warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains(
+                "max_queued_bytes (4096) is smaller than limits.max_packet_size (1048576)"
+            ),
+            "{w:?}"
+        );
+        let w = load_text("[limits]\nmemory_budget = 1000000\n")
+            .unwrap()
+            .warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("memory_budget (1000000)"),
+            "{w:?}"
+        );
+        let unlimited = load_text("[limits]\nmemory_budget = 0\n").unwrap();
+        assert!(unlimited.warnings().is_empty(), "0 is no limit");
     }
 }

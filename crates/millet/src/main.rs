@@ -86,6 +86,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         )
     })?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), data_dir = %config.data_dir.display(), "starting millet");
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
     let server = Server::start(config).await?;
     wait_for_signal().await;
     tracing::info!("shutting down: draining connections");

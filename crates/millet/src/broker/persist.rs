@@ -50,10 +50,6 @@ struct Waiters {
 /// At most one "store write failed" line per interval.
 const FAILED_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Pause of the store's writer after each fsync under `Sync` (see
-/// [`Persistence::open`]).
-const SYNC_LINGER: Duration = Duration::from_millis(2);
-
 pub struct Persistence {
     store: Store,
     waiters: Arc<Mutex<Waiters>>,
@@ -97,7 +93,7 @@ impl Persistence {
                 // QoS 1 message per 10 s cost 3× Mosquitto's CPU, nearly
                 // all in fsync). It bounds fsyncs to about 500 a second at
                 // the price of at most 2 ms more before the PUBACK.
-                Durability::Sync => SYNC_LINGER,
+                Durability::Sync => Duration::from_millis(cfg.sync_linger_ms),
             },
         };
         let (store, recovered) = Store::open_with(&dir.join("store"), options)?;

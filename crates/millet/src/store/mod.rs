@@ -89,12 +89,24 @@ pub struct StoreOptions {
     /// ... or this long after the first record logged since the last
     /// checkpoint. Zero checkpoints after every group (no absorption window).
     pub checkpoint_interval: Duration,
-    /// After each round the writer waits this long before taking the next,
-    /// so that a round carries more and absorbs more (zero: take work as
-    /// soon as it comes). Only for callers that do not wait for each
-    /// sequence to be durable (the interval policy acknowledges first).
+    /// After each round the writer waits up to this long before taking the
+    /// next, so that a round carries more and absorbs more (zero: take work
+    /// as soon as it comes). Under [`Durability::Sync`] it adapts (see
+    /// `Writer::next_linger`): the full time only while rounds carry
+    /// several groups, at most [`SYNC_LINGER_ONE`] after a round of one
+    /// group, and a round starts at once when [`GATHER_ENOUGH`] groups
+    /// wait.
     pub linger: Duration,
 }
+
+/// `Sync`: after a round of a single group (a lone publisher waiting for
+/// each acknowledgement, or a trickle), the writer gathers at most this
+/// long: lingering longer would only slow the lone publisher down.
+pub const SYNC_LINGER_ONE: Duration = Duration::from_millis(2);
+/// `Sync`: this many waiting groups start a round at once, lingering or
+/// not: one fsync is then shared widely enough, and publishers with full
+/// windows are not held back (throughput under load).
+pub const GATHER_ENOUGH: usize = 64;
 
 impl Default for StoreOptions {
     fn default() -> Self {
@@ -329,6 +341,10 @@ pub(crate) struct Queue {
     shutdown: bool,
     /// The writer takes no new work (see [`Store::pause_writes`]).
     paused: bool,
+    /// The writer is gathering a round (see `Writer::next_batch`): a submit
+    /// wakes it only once `gather_enough` commands wait.
+    gathering: bool,
+    gather_enough: usize,
 }
 
 type DurableFn = Arc<dyn Fn(u64) + Send + Sync>;
@@ -441,6 +457,8 @@ impl Store {
                 next_seq: 1,
                 shutdown: false,
                 paused: false,
+                gathering: false,
+                gather_enough: usize::MAX,
             }),
             work: Condvar::new(),
             durable_seq: AtomicU64::new(0),
@@ -526,8 +544,11 @@ impl Store {
             return seq;
         }
         q.cmds.push(make(seq));
+        let wake = !q.gathering || q.cmds.len() >= q.gather_enough;
         drop(q);
-        self.shared.work.notify_one();
+        if wake {
+            self.shared.work.notify_one();
+        }
         seq
     }
 

@@ -429,7 +429,10 @@ mod tests {
         let third = wal.path().to_path_buf();
         drop(wal); // a crash: nothing is closed
         let (wal, replay) = Wal::open(dir.path()).unwrap();
-        assert_eq!(replay.dropped_bytes, 0, "zeros after the last record are not a tear");
+        assert_eq!(
+            replay.dropped_bytes, 0,
+            "zeros after the last record are not a tear"
+        );
         let got: Vec<(PathBuf, usize)> = replay
             .segments
             .iter()

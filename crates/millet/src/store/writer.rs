@@ -36,7 +36,10 @@ use parking_lot::{Condvar, Mutex};
 
 use super::engine::{absorb, map_err, Engine, Index, Swept};
 use super::wal::{Reserve, Wal};
-use super::{ranges, Cmd, Durability, Op, Shared, StoreError, StoreOptions, DB_FILE};
+use super::{
+    ranges, Cmd, Durability, Op, Shared, StoreError, StoreOptions, DB_FILE, GATHER_ENOUGH,
+    SYNC_LINGER_ONE,
+};
 
 /// Minimum time between two attempts to reopen a failed engine.
 const REOPEN_BACKOFF: Duration = Duration::from_millis(100);
@@ -182,6 +185,9 @@ pub(crate) struct Writer {
     ck: Arc<CkShared>,
     checkpointer: Option<std::thread::JoinHandle<()>>,
     last_sync: Instant,
+    /// Until when the writer gathers writes for its next round (see
+    /// [`Writer::next_linger`]).
+    gather_until: Option<Instant>,
     /// Highest sequence logged but not fsynced (Interval).
     unsynced: Option<u64>,
     /// Groups in the current segment, when its first one was logged, and
@@ -234,6 +240,7 @@ impl Writer {
             ck,
             checkpointer: Some(checkpointer),
             last_sync: Instant::now(),
+            gather_until: None,
             unsynced: None,
             pending: Vec::new(),
             pending_since: None,
@@ -250,22 +257,39 @@ impl Writer {
         }
     }
 
+    /// How long to gather after a round that stored `groups` messages
+    /// (groups that add a message). `Sync`: group
+    /// commit pays one fsync per round, and an fsync costs about as much
+    /// CPU as handling dozens of messages; a fleet of quiet devices sends
+    /// its messages one at a time, spread out, so rounds only carry several
+    /// if the writer waits for them. While rounds carry several groups it
+    /// waits the full `linger` (fewer fsyncs: CPU), after a round of one
+    /// (or none) it
+    /// waits at most [`SYNC_LINGER_ONE`] (a lone publisher waiting for each
+    /// PUBACK is not slowed down), and [`GATHER_ENOUGH`] waiting groups end
+    /// the wait at once (throughput).
+    fn next_linger(&self, groups: usize) -> Duration {
+        match self.options.durability {
+            Durability::Sync if groups < 2 => self.options.linger.min(SYNC_LINGER_ONE),
+            _ => self.options.linger,
+        }
+    }
+
     pub fn run(mut self) {
         loop {
             let (cmds, shutdown) = self.next_batch();
             let idle = cmds.is_empty();
             if !idle {
                 let started = Instant::now();
+                // Groups that store a message: a publisher waits for each
+                // (acks and deliveries that ride along are not counted).
+                let publishes = cmds
+                    .iter()
+                    .filter(|c| matches!(c, Cmd::Submit { ops, .. } if ops.iter().any(Op::grows)))
+                    .count();
                 self.process(cmds);
-                // One reading of the clock: reading it twice (compare, then
-                // subtract) panicked with "overflow when subtracting
-                // durations" when the round ended between the two, which
-                // killed the writer (seen under valgrind, where rounds are
-                // slow; possible on a loaded machine).
-                let rest = self.options.linger.checked_sub(started.elapsed());
-                if let Some(rest) = rest.filter(|r| !shutdown && !r.is_zero()) {
-                    std::thread::sleep(rest);
-                }
+                let linger = self.next_linger(publishes);
+                self.gather_until = (!shutdown && !linger.is_zero()).then(|| started + linger);
             }
             self.timers();
             if idle && shutdown {
@@ -327,24 +351,39 @@ impl Writer {
         // (taken under the same lock) cannot fall between the two.
         let mut q = self.shared.queue.lock();
         let deadline = self.next_deadline();
+        q.gather_enough = match self.options.durability {
+            Durability::Sync => GATHER_ENOUGH,
+            Durability::Interval(_) => usize::MAX,
+        };
         loop {
-            if !q.cmds.is_empty() && (!q.paused || q.shutdown) {
+            // Gathering after a round (see `next_linger`): submits do not
+            // wake the writer, unless enough of them wait.
+            let now = Instant::now();
+            let gather = self.gather_until.filter(|t| now < *t);
+            if gather.is_none() {
+                self.gather_until = None;
+            }
+            let ready = !q.cmds.is_empty() && (!q.paused || q.shutdown);
+            // A timer of the writer's own (interval fsync, checkpoint) is
+            // due: `run` handles it after this round.
+            let timer_due = deadline.is_some_and(|d| now >= d);
+            if ready
+                && (gather.is_none() || q.shutdown || timer_due || q.cmds.len() >= q.gather_enough)
+            {
+                q.gathering = false;
+                self.gather_until = None;
                 return (std::mem::take(&mut q.cmds), q.shutdown);
             }
-            if q.shutdown {
-                return (Vec::new(), true);
+            if q.shutdown || timer_due {
+                q.gathering = false;
+                return (Vec::new(), q.shutdown);
             }
-            match deadline {
+            q.gathering = gather.is_some();
+            match [deadline, gather].into_iter().flatten().min() {
                 Some(due) => {
-                    let timed_out = Instant::now() >= due
-                        || self.shared.work.wait_until(&mut q, due).timed_out();
-                    if timed_out && (q.cmds.is_empty() || q.paused) {
-                        return (Vec::new(), q.shutdown);
-                    }
+                    self.shared.work.wait_until(&mut q, due);
                 }
-                None => {
-                    self.shared.work.wait(&mut q);
-                }
+                None => self.shared.work.wait(&mut q),
             }
         }
     }
