@@ -21,8 +21,12 @@
 //! - `%c` is replaced by the client id, `%u` by the username. A filter whose
 //!   placeholder cannot be filled (no username), or whose value contains `+`,
 //!   `#` or `/` (which would widen or shift the filter), matches nothing.
-//! - PUBLISH: the rule filter must match the topic name (MQTT matching; a
-//!   filter starting with a wildcard does not match `$`-topics).
+//! - Rule filters must be valid MQTT topic filters
+//!   ([`millet_codec::topic::valid_topic_filter`]; placeholders are checked
+//!   before substitution).
+//! - PUBLISH: the rule filter must match the topic name
+//!   ([`millet_codec::topic::topic_matches`]: a filter starting with a
+//!   wildcard does not match `$`-topics).
 //! - SUBSCRIBE: the rule filter must *cover* the requested filter: every topic
 //!   the subscription can match must be matched by the rule filter (`a/#`
 //!   covers `a/+`, `a/+` does not cover `a/#`). A shared subscription
@@ -35,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use millet_codec::topic::{dollar_excluded, topic_matches, valid_topic_filter};
 use serde::{Deserialize, Serialize};
 
 /// Allow or deny.
@@ -104,7 +109,7 @@ impl Rule {
             return Err(AclError::Invalid("rule without topics".into()));
         }
         for t in &self.topics {
-            if !valid_filter(t) {
+            if !valid_topic_filter(t) {
                 return Err(AclError::Invalid(format!("invalid topic filter {t:?}")));
             }
         }
@@ -338,43 +343,10 @@ fn expand(filter: &str, client_id: &str, username: Option<&str>) -> Option<Strin
     Some(out)
 }
 
-/// Is `f` a well-formed topic filter (`+` / `#` whole levels, `#` last)?
-pub fn valid_filter(f: &str) -> bool {
-    if f.is_empty() {
-        return false;
-    }
-    let levels: Vec<&str> = f.split('/').collect();
-    let last = levels.len() - 1;
-    levels.iter().enumerate().all(|(i, l)| match *l {
-        "#" => i == last,
-        "+" => true,
-        l => !l.contains(['+', '#']),
-    })
-}
-
-/// MQTT matching of a topic filter against a topic name. A filter starting
-/// with `+` or `#` does not match a topic starting with `$`.
-pub fn topic_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 /// Does rule filter `rule` cover subscription filter `sub`, i.e. is every
 /// topic matched by `sub` also matched by `rule`?
 pub fn filter_covers(rule: &str, sub: &str) -> bool {
-    if sub.starts_with('$') && (rule.starts_with('+') || rule.starts_with('#')) {
+    if dollar_excluded(rule, sub) {
         return false;
     }
     let mut r = rule.split('/');
@@ -396,22 +368,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn topic_matching() {
-        assert!(topic_matches("a/b", "a/b"));
-        assert!(!topic_matches("a/b", "a/c"));
-        assert!(topic_matches("a/+", "a/b"));
-        assert!(!topic_matches("a/+", "a/b/c"));
-        assert!(topic_matches("a/#", "a"));
-        assert!(topic_matches("a/#", "a/b/c"));
-        assert!(topic_matches("#", "x/y"));
-        assert!(!topic_matches("#", "$SYS/x"));
-        assert!(!topic_matches("+/x", "$SYS/x"));
-        assert!(topic_matches("$SYS/#", "$SYS/x"));
-        assert!(topic_matches("+/+", "/x"));
-        assert!(!topic_matches("a", "a/b"));
-    }
-
-    #[test]
     fn filter_coverage() {
         assert!(filter_covers("a/#", "a/+"));
         assert!(filter_covers("a/#", "a/#"));
@@ -426,14 +382,6 @@ mod tests {
         assert!(!filter_covers("#", "$SYS/#"));
         assert!(filter_covers("+/b", "x/b"));
         assert!(!filter_covers("+/b", "x/+"));
-    }
-
-    #[test]
-    fn filter_validation() {
-        assert!(valid_filter("a/+/b/#"));
-        assert!(!valid_filter("a/#/b"));
-        assert!(!valid_filter("a/b+"));
-        assert!(!valid_filter(""));
     }
 
     fn file() -> &'static str {
