@@ -38,9 +38,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use millet_codec::topic::{dollar_excluded, topic_matches, valid_topic_filter};
 use serde::{Deserialize, Serialize};
+
+use super::reload::ReloadableFile;
 
 /// Allow or deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,8 +205,7 @@ pub fn load_rules(path: &Path) -> Result<Vec<Rule>, AclError> {
 /// swapped atomically on reload.
 #[derive(Debug)]
 pub struct Acl {
-    path: Option<PathBuf>,
-    rules: ArcSwap<Vec<Rule>>,
+    rules: ReloadableFile<Vec<Rule>, AclError>,
 }
 
 impl Default for Acl {
@@ -218,34 +218,28 @@ impl Acl {
     /// An ACL with fixed rules (no file).
     pub fn new(rules: Vec<Rule>) -> Acl {
         Acl {
-            path: None,
-            rules: ArcSwap::from_pointee(rules),
+            rules: ReloadableFile::fixed(rules),
         }
     }
 
     /// Load rules from `path`; [`Acl::reload`] re-reads it.
     pub fn from_file(path: impl Into<PathBuf>) -> Result<Acl, AclError> {
         let path = path.into();
-        let rules = load_rules(&path)?;
-        if rules.is_empty() {
+        let rules = ReloadableFile::open(&path, load_rules)?;
+        if rules.load().is_empty() {
             tracing::warn!(path = %path.display(), "ACL file has no rules: every publish and subscribe is denied");
         }
-        Ok(Acl {
-            path: Some(path),
-            rules: ArcSwap::from_pointee(rules),
-        })
+        Ok(Acl { rules })
     }
 
     /// Re-read the rule file. On error the current rules stay in force (and
     /// the error is returned for the caller to log). Returns the number of rules loaded.
     pub fn reload(&self) -> Result<usize, AclError> {
-        let Some(path) = &self.path else {
+        // On error the caller logs it, once (the error names the file).
+        let (Some(rules), Some(path)) = (self.rules.reload()?, self.rules.path()) else {
             return Ok(self.rules.load().len());
         };
-        // On error the caller logs it, once (the error names the file).
-        let rules = load_rules(path)?;
         let n = rules.len();
-        self.rules.store(Arc::new(rules));
         tracing::debug!(path = %path.display(), rules = n, "ACL reloaded");
         Ok(n)
     }
@@ -255,7 +249,7 @@ impl Acl {
         for r in &rules {
             r.validate()?;
         }
-        self.rules.store(Arc::new(rules));
+        self.rules.store(rules);
         Ok(())
     }
 
@@ -309,7 +303,7 @@ impl Acl {
         // No rule at all: allowed, unless a rule file is configured (then,
         // as in Mosquitto, what no rule allows is denied, even with an
         // empty file).
-        self.path.is_none() && extra.is_empty() && rules.is_empty()
+        self.rules.path().is_none() && extra.is_empty() && rules.is_empty()
     }
 }
 
