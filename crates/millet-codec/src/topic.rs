@@ -13,7 +13,8 @@
 /// Longest topic name or filter: it is a UTF-8 string with a 16-bit length.
 pub const MAX_TOPIC_LEN: usize = 65_535;
 
-const SHARE_PREFIX: &str = "$share/";
+/// What starts a shared subscription filter `$share/{group}/{filter}`.
+pub const SHARE_PREFIX: &str = "$share/";
 
 /// A topic name a PUBLISH (or a will) may carry: non-empty, no wildcard
 /// characters [MQTT-3.3.2-2], no U+0000 [MQTT-4.7.3-2], at most 65,535 bytes

@@ -38,7 +38,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use millet_codec::topic::{dollar_excluded, topic_matches, valid_topic_filter};
+use millet_codec::topic::{dollar_excluded, topic_matches, valid_topic_filter, SHARE_PREFIX};
 use serde::{Deserialize, Serialize};
 
 use super::reload::ReloadableFile;
@@ -307,9 +307,11 @@ impl Acl {
     }
 }
 
-/// `$share/{group}/{filter}` → `{filter}`; anything else unchanged.
+/// `$share/{group}/{filter}` → `{filter}`; anything else unchanged. Lenient
+/// on purpose (unlike [`millet_codec::topic::parse_shared`]): the ACL is asked
+/// before the filter is validated, and `$share/+/a` is checked as `a`.
 fn strip_share(filter: &str) -> &str {
-    if let Some(rest) = filter.strip_prefix("$share/") {
+    if let Some(rest) = filter.strip_prefix(SHARE_PREFIX) {
         if let Some((_, f)) = rest.split_once('/') {
             return f;
         }
@@ -477,6 +479,11 @@ topics = ["devices/+/down"]
         );
         assert!(parse_rules(
             "[[rules]]\npermission = \"allow\"\naction=\"all\"\ntopics=[\"a\"]\nbogus=1"
+        )
+        .is_err());
+        // Filters are checked as SUBSCRIBE checks them: no U+0000.
+        assert!(parse_rules(
+            "[[rules]]\npermission = \"allow\"\naction=\"all\"\ntopics=[\"a\\u0000\"]"
         )
         .is_err());
         assert!(matches!(parse_rules(""), Ok(v) if v.is_empty()));
