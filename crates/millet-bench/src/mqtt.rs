@@ -579,23 +579,9 @@ pub async fn mqtt_connect_tls(
         .map_err(|_| anyhow!("connect timed out after {timeout:?}"))?
 }
 
-/// MQTT topic filter matching (`+`, `#`, `$share/<group>/` stripped by caller).
-pub fn topic_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('#') || filter.starts_with('+')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+/// MQTT topic filter matching (`$share/<group>/` stripped by the caller): the
+/// broker's own definition.
+pub use millet_codec::topic::topic_matches;
 
 /// Split `$share/<group>/<filter>` into (Some(group), filter).
 pub fn split_shared(filter: &str) -> (Option<&str>, &str) {

@@ -1,5 +1,10 @@
 //! Topic name and topic filter validation (MQTT 5 section 4.7, 3.1.1 section
-//! 4.7) and `$share/{group}/{filter}` parsing (MQTT 5 section 4.8.2).
+//! 4.7), matching of one filter against one topic name, and
+//! `$share/{group}/{filter}` parsing (MQTT 5 section 4.8.2).
+//!
+//! This module is the one definition of these rules: the broker's ACL builds
+//! on it, and the broker's subscription trie (which matches many filters at
+//! once) is tested against [`topic_matches`].
 //!
 //! The decoder only checks that topic filters are well-formed UTF-8; the broker
 //! validates them with [`valid_topic_filter`] / [`parse_shared`] so that it can
@@ -8,7 +13,8 @@
 /// Longest topic name or filter: it is a UTF-8 string with a 16-bit length.
 pub const MAX_TOPIC_LEN: usize = 65_535;
 
-const SHARE_PREFIX: &str = "$share/";
+/// What starts a shared subscription filter `$share/{group}/{filter}`.
+pub const SHARE_PREFIX: &str = "$share/";
 
 /// A topic name a PUBLISH (or a will) may carry: non-empty, no wildcard
 /// characters [MQTT-3.3.2-2], no U+0000 [MQTT-4.7.3-2], at most 65,535 bytes
@@ -86,6 +92,38 @@ pub fn parse_shared(s: &str) -> Result<Option<SharedFilter<'_>>, InvalidSharedFi
 /// first level do not match them [MQTT-4.7.2-1].
 pub fn is_sys_topic(s: &str) -> bool {
     s.starts_with('$')
+}
+
+/// [MQTT-4.7.2-1]: a filter whose first level is a wildcard (`#`, `+`, ...)
+/// matches no topic starting with `$`. `topic` may itself be a filter (the
+/// ACL asks whether one filter covers another).
+pub fn dollar_excluded(filter: &str, topic: &str) -> bool {
+    is_sys_topic(topic) && (filter.starts_with('+') || filter.starts_with('#'))
+}
+
+/// Does topic filter `filter` match topic name `topic` (MQTT 5 section 4.7)?
+///
+/// Levels are compared one by one: `+` matches any one level (an empty one
+/// too), `#` matches the rest, including nothing (`a/#` matches `a`), and any
+/// other level matches itself only. A filter starting with a wildcard does not
+/// match a `$` topic [MQTT-4.7.2-1]. Both arguments are expected to be valid
+/// (see [`valid_topic_filter`] / [`valid_topic_name`]); for an invalid filter
+/// the answer is just that of the same level-by-level comparison.
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if dollar_excluded(filter, topic) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -192,6 +230,79 @@ mod tests {
         ] {
             assert_eq!(parse_shared(bad), Err(InvalidSharedFilter), "{bad:?}");
         }
+    }
+
+    /// Tricky cases (MQTT 5 section 4.7). The ACL's former private matcher
+    /// and the topic-tree tests' reference matcher agreed on all of them.
+    #[test]
+    fn matching_mqtt_4_7() {
+        let table: &[(&str, &str, bool)] = &[
+            ("a/b", "a/b", true),
+            ("a/b", "a/c", false),
+            ("a", "a/b", false),
+            ("a/b", "a", false),
+            // '#' alone, and matching the parent level [MQTT-4.7.1-1].
+            ("#", "a", true),
+            ("#", "x/y", true),
+            ("#", "/", true),
+            ("a/#", "a", true),
+            ("a/#", "a/", true),
+            ("a/#", "a/b/c", true),
+            ("a/#", "ab", false),
+            // '+' is one whole level, possibly empty.
+            ("a/+", "a/b", true),
+            ("a/+", "a/", true),
+            ("a/+", "a", false),
+            ("a/+", "a/b/c", false),
+            ("+", "a", true),
+            ("+", "/a", false),
+            ("+/+", "/x", true),
+            ("+/+", "/", true),
+            ("+/+", "a", false),
+            // Empty levels and trailing '/'.
+            ("a//b", "a//b", true),
+            ("a//b", "a/b", false),
+            ("a/+/b", "a//b", true),
+            ("a/", "a", false),
+            ("a", "a/", false),
+            ("/", "/", true),
+            ("//", "//", true),
+            // [MQTT-4.7.2-1] '$' topics and first-level wildcards.
+            ("#", "$SYS/x", false),
+            ("#", "$SYS", false),
+            ("+/x", "$SYS/x", false),
+            ("+", "$", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("$SYS/#", "$SYS", true),
+            ("$SYS/+", "$SYS/x", true),
+            ("a/#", "a/$SYS", true),
+            ("+/$x", "a/$x", true),
+            // Invalid filters compare level by level, as literals.
+            ("a/b#", "a/b#", true),
+            ("a/b#", "a/b", false),
+            ("a+", "a+", true),
+            ("a+", "ab", false),
+            // Unicode is compared as is; case matters.
+            ("é/+", "é/x", true),
+            ("e/+", "é/x", false),
+            ("A", "a", false),
+        ];
+        for &(f, t, want) in table {
+            assert_eq!(topic_matches(f, t), want, "{f:?} {t:?}");
+        }
+        // The one place filters and names agree on NUL: neither may hold it.
+        for bad in ["a\0", "\0", "+/\0"] {
+            assert!(!valid_topic_filter(bad), "{bad:?}");
+            assert!(!valid_topic_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dollar_exclusion() {
+        assert!(dollar_excluded("#", "$SYS/x"));
+        assert!(dollar_excluded("+/#", "$SYS/#"));
+        assert!(!dollar_excluded("$SYS/#", "$SYS/x"));
+        assert!(!dollar_excluded("#", "a/$SYS"));
     }
 
     #[test]

@@ -1742,7 +1742,7 @@ fn server_disconnect(reason: ReasonCode, why: &str) -> Packet {
 /// publishes its own status, which Mosquitto allows too), and `$share/...` is
 /// a subscription syntax, not a topic name (0x90 topic name invalid).
 pub fn reserved_topic(topic: &str) -> Option<ReasonCode> {
-    if topic.starts_with("$share/") {
+    if topic.starts_with(topic::SHARE_PREFIX) {
         return Some(ReasonCode::TOPIC_NAME_INVALID);
     }
     if topic == "$SYS" || topic.starts_with("$SYS/") {

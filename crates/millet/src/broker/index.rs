@@ -55,6 +55,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use ahash::AHashMap;
+use millet_codec::topic::is_sys_topic;
 use smallvec::SmallVec;
 
 /// How one member of a shared group is chosen for each matching message.
@@ -748,7 +749,7 @@ where
         mut eligible: impl FnMut(K) -> bool,
         mut visit: impl FnMut(MatchRef<'a, K, V>),
     ) {
-        let dollar = topic.starts_with('$');
+        let dollar = is_sys_topic(topic);
         let mut emit = |node: &'a Node<K, V>| {
             let Some(subs) = node.subs.as_deref() else {
                 return;

@@ -21,6 +21,7 @@
 //! thread stack. Removal prunes nodes left without a message or children.
 
 use ahash::AHashMap;
+use millet_codec::topic::is_sys_topic;
 use smallvec::SmallVec;
 
 /// A retained message and the topic it was published on.
@@ -219,7 +220,7 @@ impl<M: Clone> RetainedStore<M> {
             };
             // [MQTT-4.7.2-1]: no leading wildcard matches a `$` topic.
             let skip_dollar = start == 0;
-            let wanted = |name: &str| !(skip_dollar && name.starts_with('$'));
+            let wanted = |name: &str| !(skip_dollar && is_sys_topic(name));
             let rest = filter.get(start..).unwrap_or_default();
             let (level, next) = match rest.find('/') {
                 Some(i) => (&rest[..i], Some(start + i + 1)),

@@ -1,30 +1,14 @@
 //! Tests of the subscription index and the retained store (OASIS MQTT 5.0
-//! section 4.7 topic matching), including randomized comparisons with a
-//! naive matcher.
+//! section 4.7 topic matching), including randomized comparisons with the
+//! codec's one-filter matcher, [`millet_codec::topic::topic_matches`].
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::index::{group_by_key, Match, MatchRef, ShareStrategy, SubscriptionIndex};
 use super::retained::RetainedStore;
-
-/// Reference matcher written straight from the spec text.
-fn naive_match(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let t: Vec<&str> = topic.split('/').collect();
-    let f: Vec<&str> = filter.split('/').collect();
-    for (i, level) in f.iter().enumerate() {
-        if *level == "#" {
-            return true;
-        }
-        if i >= t.len() || (*level != "+" && *level != t[i]) {
-            return false;
-        }
-    }
-    f.len() == t.len()
-}
+// The reference: the codec's one definition of MQTT matching.
+use millet_codec::topic::topic_matches as reference_match;
 
 /// Deterministic xorshift64* generator.
 struct Rng(u64);
@@ -153,9 +137,9 @@ fn retained_matches(filter: &str, topic: &str) -> bool {
 fn spec_table() {
     for &(filter, topic, expected) in TABLE {
         assert_eq!(
-            naive_match(filter, topic),
+            reference_match(filter, topic),
             expected,
-            "naive {filter} {topic}"
+            "reference {filter} {topic}"
         );
         assert_eq!(
             index_matches(filter, topic),
@@ -191,7 +175,7 @@ fn all_table_filters_in_one_index() {
         let want: BTreeSet<&str> = filters
             .iter()
             .copied()
-            .filter(|f| naive_match(f, topic))
+            .filter(|f| reference_match(f, topic))
             .collect();
         assert_eq!(got, want, "{topic}");
     }
@@ -547,7 +531,7 @@ fn random_filter(rng: &mut Rng) -> String {
 }
 
 #[test]
-fn randomized_index_vs_naive() {
+fn randomized_index_vs_reference() {
     let mut rng = Rng(0x1234_5678_9ABC_DEF1);
     let mut idx = SubscriptionIndex::with_seed(ShareStrategy::Random, 7);
     // (filter, key) -> value; shared: (group, filter) -> members
@@ -602,7 +586,7 @@ fn randomized_index_vs_naive() {
         got.sort();
         let want: Vec<(String, u64, u32)> = model
             .iter()
-            .filter(|((f, _), _)| naive_match(f, &topic))
+            .filter(|((f, _), _)| reference_match(f, &topic))
             .map(|((f, k), v)| (f.clone(), *k, *v))
             .collect();
         assert_eq!(got, want, "topic {topic:?}");
@@ -615,7 +599,7 @@ fn randomized_index_vs_naive() {
         got_groups.sort();
         let want_groups: Vec<(String, String)> = shared
             .keys()
-            .filter(|(_, f)| naive_match(f, &topic))
+            .filter(|(_, f)| reference_match(f, &topic))
             .cloned()
             .collect();
         assert_eq!(got_groups, want_groups, "topic {topic:?}");
@@ -711,7 +695,7 @@ fn retained_literal_prefix_is_fast() {
 }
 
 #[test]
-fn randomized_retained_vs_naive() {
+fn randomized_retained_vs_reference() {
     let mut rng = Rng(0xDEAD_BEEF_CAFE_F00D);
     let mut store = RetainedStore::new();
     let mut model: BTreeMap<String, u32> = BTreeMap::new();
@@ -730,7 +714,7 @@ fn randomized_retained_vs_naive() {
         got.sort();
         let want: Vec<(String, u32)> = model
             .iter()
-            .filter(|(t, _)| naive_match(&filter, t))
+            .filter(|(t, _)| reference_match(&filter, t))
             .map(|(t, m)| (t.clone(), *m))
             .collect();
         assert_eq!(got, want, "filter {filter:?}");

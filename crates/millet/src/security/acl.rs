@@ -21,8 +21,12 @@
 //! - `%c` is replaced by the client id, `%u` by the username. A filter whose
 //!   placeholder cannot be filled (no username), or whose value contains `+`,
 //!   `#` or `/` (which would widen or shift the filter), matches nothing.
-//! - PUBLISH: the rule filter must match the topic name (MQTT matching; a
-//!   filter starting with a wildcard does not match `$`-topics).
+//! - Rule filters must be valid MQTT topic filters
+//!   ([`millet_codec::topic::valid_topic_filter`]; placeholders are checked
+//!   before substitution).
+//! - PUBLISH: the rule filter must match the topic name
+//!   ([`millet_codec::topic::topic_matches`]: a filter starting with a
+//!   wildcard does not match `$`-topics).
 //! - SUBSCRIBE: the rule filter must *cover* the requested filter: every topic
 //!   the subscription can match must be matched by the rule filter (`a/#`
 //!   covers `a/+`, `a/+` does not cover `a/#`). A shared subscription
@@ -34,8 +38,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use millet_codec::topic::{dollar_excluded, topic_matches, valid_topic_filter, SHARE_PREFIX};
 use serde::{Deserialize, Serialize};
+
+use super::reload::ReloadableFile;
 
 /// Allow or deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +110,7 @@ impl Rule {
             return Err(AclError::Invalid("rule without topics".into()));
         }
         for t in &self.topics {
-            if !valid_filter(t) {
+            if !valid_topic_filter(t) {
                 return Err(AclError::Invalid(format!("invalid topic filter {t:?}")));
             }
         }
@@ -199,8 +205,7 @@ pub fn load_rules(path: &Path) -> Result<Vec<Rule>, AclError> {
 /// swapped atomically on reload.
 #[derive(Debug)]
 pub struct Acl {
-    path: Option<PathBuf>,
-    rules: ArcSwap<Vec<Rule>>,
+    rules: ReloadableFile<Vec<Rule>, AclError>,
 }
 
 impl Default for Acl {
@@ -213,34 +218,28 @@ impl Acl {
     /// An ACL with fixed rules (no file).
     pub fn new(rules: Vec<Rule>) -> Acl {
         Acl {
-            path: None,
-            rules: ArcSwap::from_pointee(rules),
+            rules: ReloadableFile::fixed(rules),
         }
     }
 
     /// Load rules from `path`; [`Acl::reload`] re-reads it.
     pub fn from_file(path: impl Into<PathBuf>) -> Result<Acl, AclError> {
         let path = path.into();
-        let rules = load_rules(&path)?;
-        if rules.is_empty() {
+        let rules = ReloadableFile::open(&path, load_rules)?;
+        if rules.load().is_empty() {
             tracing::warn!(path = %path.display(), "ACL file has no rules: every publish and subscribe is denied");
         }
-        Ok(Acl {
-            path: Some(path),
-            rules: ArcSwap::from_pointee(rules),
-        })
+        Ok(Acl { rules })
     }
 
     /// Re-read the rule file. On error the current rules stay in force (and
     /// the error is returned for the caller to log). Returns the number of rules loaded.
     pub fn reload(&self) -> Result<usize, AclError> {
-        let Some(path) = &self.path else {
+        // On error the caller logs it, once (the error names the file).
+        let (Some(rules), Some(path)) = (self.rules.reload()?, self.rules.path()) else {
             return Ok(self.rules.load().len());
         };
-        // On error the caller logs it, once (the error names the file).
-        let rules = load_rules(path)?;
         let n = rules.len();
-        self.rules.store(Arc::new(rules));
         tracing::debug!(path = %path.display(), rules = n, "ACL reloaded");
         Ok(n)
     }
@@ -250,7 +249,7 @@ impl Acl {
         for r in &rules {
             r.validate()?;
         }
-        self.rules.store(Arc::new(rules));
+        self.rules.store(rules);
         Ok(())
     }
 
@@ -304,13 +303,15 @@ impl Acl {
         // No rule at all: allowed, unless a rule file is configured (then,
         // as in Mosquitto, what no rule allows is denied, even with an
         // empty file).
-        self.path.is_none() && extra.is_empty() && rules.is_empty()
+        self.rules.path().is_none() && extra.is_empty() && rules.is_empty()
     }
 }
 
-/// `$share/{group}/{filter}` → `{filter}`; anything else unchanged.
+/// `$share/{group}/{filter}` → `{filter}`; anything else unchanged. Lenient
+/// on purpose (unlike [`millet_codec::topic::parse_shared`]): the ACL is asked
+/// before the filter is validated, and `$share/+/a` is checked as `a`.
 fn strip_share(filter: &str) -> &str {
-    if let Some(rest) = filter.strip_prefix("$share/") {
+    if let Some(rest) = filter.strip_prefix(SHARE_PREFIX) {
         if let Some((_, f)) = rest.split_once('/') {
             return f;
         }
@@ -338,43 +339,10 @@ fn expand(filter: &str, client_id: &str, username: Option<&str>) -> Option<Strin
     Some(out)
 }
 
-/// Is `f` a well-formed topic filter (`+` / `#` whole levels, `#` last)?
-pub fn valid_filter(f: &str) -> bool {
-    if f.is_empty() {
-        return false;
-    }
-    let levels: Vec<&str> = f.split('/').collect();
-    let last = levels.len() - 1;
-    levels.iter().enumerate().all(|(i, l)| match *l {
-        "#" => i == last,
-        "+" => true,
-        l => !l.contains(['+', '#']),
-    })
-}
-
-/// MQTT matching of a topic filter against a topic name. A filter starting
-/// with `+` or `#` does not match a topic starting with `$`.
-pub fn topic_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 /// Does rule filter `rule` cover subscription filter `sub`, i.e. is every
 /// topic matched by `sub` also matched by `rule`?
 pub fn filter_covers(rule: &str, sub: &str) -> bool {
-    if sub.starts_with('$') && (rule.starts_with('+') || rule.starts_with('#')) {
+    if dollar_excluded(rule, sub) {
         return false;
     }
     let mut r = rule.split('/');
@@ -396,22 +364,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn topic_matching() {
-        assert!(topic_matches("a/b", "a/b"));
-        assert!(!topic_matches("a/b", "a/c"));
-        assert!(topic_matches("a/+", "a/b"));
-        assert!(!topic_matches("a/+", "a/b/c"));
-        assert!(topic_matches("a/#", "a"));
-        assert!(topic_matches("a/#", "a/b/c"));
-        assert!(topic_matches("#", "x/y"));
-        assert!(!topic_matches("#", "$SYS/x"));
-        assert!(!topic_matches("+/x", "$SYS/x"));
-        assert!(topic_matches("$SYS/#", "$SYS/x"));
-        assert!(topic_matches("+/+", "/x"));
-        assert!(!topic_matches("a", "a/b"));
-    }
-
-    #[test]
     fn filter_coverage() {
         assert!(filter_covers("a/#", "a/+"));
         assert!(filter_covers("a/#", "a/#"));
@@ -426,14 +378,6 @@ mod tests {
         assert!(!filter_covers("#", "$SYS/#"));
         assert!(filter_covers("+/b", "x/b"));
         assert!(!filter_covers("+/b", "x/+"));
-    }
-
-    #[test]
-    fn filter_validation() {
-        assert!(valid_filter("a/+/b/#"));
-        assert!(!valid_filter("a/#/b"));
-        assert!(!valid_filter("a/b+"));
-        assert!(!valid_filter(""));
     }
 
     fn file() -> &'static str {
@@ -535,6 +479,11 @@ topics = ["devices/+/down"]
         );
         assert!(parse_rules(
             "[[rules]]\npermission = \"allow\"\naction=\"all\"\ntopics=[\"a\"]\nbogus=1"
+        )
+        .is_err());
+        // Filters are checked as SUBSCRIBE checks them: no U+0000.
+        assert!(parse_rules(
+            "[[rules]]\npermission = \"allow\"\naction=\"all\"\ntopics=[\"a\\u0000\"]"
         )
         .is_err());
         assert!(matches!(parse_rules(""), Ok(v) if v.is_empty()));

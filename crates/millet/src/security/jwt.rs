@@ -28,9 +28,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use millet_codec::topic::valid_topic_filter;
 use serde::{Deserialize, Serialize};
 
-use super::acl::{valid_filter, Action, Rule};
+use super::acl::{Action, Rule};
 use super::Decision;
 
 /// Supported algorithms.
@@ -384,7 +385,7 @@ pub fn claims_to_rules(publish: &[String], subscribe: &[String]) -> Vec<Rule> {
     let keep = |v: &[String]| -> Vec<String> {
         v.iter()
             .filter(|f| {
-                let ok = valid_filter(f);
+                let ok = valid_topic_filter(f);
                 if !ok {
                     tracing::warn!(filter = %f, "invalid topic filter in claims ignored");
                 }

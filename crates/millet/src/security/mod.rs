@@ -12,6 +12,8 @@
 //! - [`scram`]: SCRAM-SHA-256 for MQTT 5 enhanced authentication.
 //! - [`acl`]: rules, topic matching, reload.
 //! - [`quota`]: token buckets, connection rate, per-user connections, bans.
+//! - [`reload`]: a file's parsed content, reloaded keeping the old content
+//!   on error (password, SCRAM, signature and ACL files).
 //!
 //! # Configuration (TOML)
 //! ```toml
@@ -81,6 +83,7 @@ pub mod http_hook;
 pub mod jwt;
 pub mod passwd;
 pub mod quota;
+pub mod reload;
 pub mod scram;
 pub mod signature;
 pub mod tls;

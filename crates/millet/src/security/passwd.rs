@@ -11,10 +11,10 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use arc_swap::ArcSwap;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 
+use super::reload::ReloadableFile;
 use super::Decision;
 use crate::tools::{valid_username, UserFile};
 
@@ -172,35 +172,26 @@ impl PasswordFile {
 /// `arc-swap`, reloadable.
 #[derive(Debug)]
 pub struct PasswordStore {
-    path: Option<PathBuf>,
-    file: ArcSwap<PasswordFile>,
+    file: ReloadableFile<PasswordFile, PasswdError>,
 }
 
 impl PasswordStore {
     pub fn new(file: PasswordFile) -> PasswordStore {
         PasswordStore {
-            path: None,
-            file: ArcSwap::from_pointee(file),
+            file: ReloadableFile::fixed(file),
         }
     }
 
     pub fn from_file(path: impl Into<PathBuf>) -> Result<PasswordStore, PasswdError> {
-        let path = path.into();
-        let file = PasswordFile::load(&path)?;
         Ok(PasswordStore {
-            path: Some(path),
-            file: ArcSwap::from_pointee(file),
+            file: ReloadableFile::open(path, PasswordFile::load)?,
         })
     }
 
     /// Re-read the file; on error the old entries stay in force.
     pub fn reload(&self) -> Result<(), PasswdError> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
         // On error the caller logs it, once.
-        self.file.store(Arc::new(PasswordFile::load(path)?));
-        Ok(())
+        self.file.reload().map(drop)
     }
 
     pub fn current(&self) -> Arc<PasswordFile> {

@@ -24,13 +24,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use super::reload::ReloadableFile;
 use crate::auth::{AuthExchange, AuthStep, Authenticator};
 use crate::tools::{valid_username, UserFile};
 
@@ -145,8 +145,7 @@ impl ScramCredential {
 /// The credentials file, reloadable.
 #[derive(Debug, Default)]
 pub struct ScramStore {
-    path: Option<PathBuf>,
-    creds: ArcSwap<HashMap<String, ScramCredential>>,
+    creds: ReloadableFile<HashMap<String, ScramCredential>, ScramError>,
 }
 
 /// Parse a credentials file's text.
@@ -163,17 +162,13 @@ pub fn parse_credentials(text: &str) -> Result<HashMap<String, ScramCredential>,
 impl ScramStore {
     pub fn new(creds: HashMap<String, ScramCredential>) -> ScramStore {
         ScramStore {
-            path: None,
-            creds: ArcSwap::from_pointee(creds),
+            creds: ReloadableFile::fixed(creds),
         }
     }
 
     pub fn from_file(path: impl Into<PathBuf>) -> Result<ScramStore, ScramError> {
-        let path = path.into();
-        let creds = Self::read(&path)?;
         Ok(ScramStore {
-            path: Some(path),
-            creds: ArcSwap::from_pointee(creds),
+            creds: ReloadableFile::open(path, Self::read)?,
         })
     }
 
@@ -187,12 +182,8 @@ impl ScramStore {
 
     /// Re-read the file; on error the old credentials stay in force.
     pub fn reload(&self) -> Result<(), ScramError> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
         // On error the caller logs it, once.
-        self.creds.store(Arc::new(Self::read(path)?));
-        Ok(())
+        self.creds.reload().map(drop)
     }
 
     pub fn get(&self, user: &str) -> Option<ScramCredential> {
@@ -212,7 +203,7 @@ impl ScramStore {
         let cred = ScramCredential::generate(password, iterations);
         let mut m = HashMap::clone(&self.creds.load());
         m.insert(user.to_string(), cred);
-        self.creds.store(Arc::new(m));
+        self.creds.store(m);
         Ok(())
     }
 
@@ -220,7 +211,7 @@ impl ScramStore {
     pub fn remove(&self, user: &str) -> bool {
         let mut m = HashMap::clone(&self.creds.load());
         let had = m.remove(user).is_some();
-        self.creds.store(Arc::new(m));
+        self.creds.store(m);
         had
     }
 

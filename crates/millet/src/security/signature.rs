@@ -23,14 +23,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 
+use super::reload::ReloadableFile;
 use super::Decision;
 
 /// HMAC hash function.
@@ -197,33 +196,28 @@ pub fn sign(
 #[derive(Debug)]
 pub struct SignatureAuth {
     cfg: SignatureConfig,
-    secrets: ArcSwap<Secrets>,
+    secrets: ReloadableFile<Secrets, SignatureError>,
 }
 
 impl SignatureAuth {
     /// Load the secrets file named in `cfg`.
     pub fn from_config(cfg: SignatureConfig) -> Result<SignatureAuth, SignatureError> {
-        let secrets = Secrets::load(&cfg.secrets)?;
-        Ok(SignatureAuth {
-            cfg,
-            secrets: ArcSwap::from_pointee(secrets),
-        })
+        let secrets = ReloadableFile::open(&cfg.secrets, Secrets::load)?;
+        Ok(SignatureAuth { cfg, secrets })
     }
 
     /// With in-memory secrets (`cfg.secrets` is used by reload only).
     pub fn with_secrets(cfg: SignatureConfig, secrets: Secrets) -> SignatureAuth {
         SignatureAuth {
+            secrets: ReloadableFile::with_value(&cfg.secrets, Secrets::load, secrets),
             cfg,
-            secrets: ArcSwap::from_pointee(secrets),
         }
     }
 
     /// Re-read the secrets; on error the old ones stay in force.
     pub fn reload(&self) -> Result<(), SignatureError> {
         // On error the caller logs it, once.
-        self.secrets
-            .store(Arc::new(Secrets::load(&self.cfg.secrets)?));
-        Ok(())
+        self.secrets.reload().map(drop)
     }
 
     /// Check a CONNECT. `now_ms`: the current Unix time in milliseconds.
