@@ -566,6 +566,17 @@ impl Connection {
         // frees some room between two calls, and something goes out).
         let mut ack_blocked = false;
         let mut moved = false;
+        // Deliveries held from an earlier call keep new ones behind them
+        // (order, topic aliases). Acknowledgements of the client's own
+        // publishes waiting for the store do not: a PUBLISH to the client
+        // may overtake a PUBACK to it, only PUBACKs keep their order among
+        // themselves [MQTT-4.6.0-2]. (Holding behind them delayed a
+        // backend's telemetry by half the store's gathering time whenever
+        // it also published.)
+        let delivery_held = self
+            .pending_acks
+            .iter()
+            .any(|(_, p)| matches!(p, Packet::Publish(_) | Packet::PubRel(_)));
         loop {
             if buf.len() >= TRANSMIT_SLICE {
                 if session.has_pending() {
@@ -620,7 +631,7 @@ impl Connection {
             // before its in-flight record is durable would, after a crash, be
             // sent again from the queue under a new packet id: delivered twice.
             let hold = persist.is_some_and(|p| !p.acks_early())
-                && (d.qos == QoS::ExactlyOnce || !held.is_empty() || !self.pending_acks.is_empty());
+                && (d.qos == QoS::ExactlyOnce || !held.is_empty() || delivery_held);
             if hold {
                 held.push(packet);
             } else if sent.encode(&packet, protocol, buf).is_err() {
