@@ -257,17 +257,15 @@ impl Writer {
         }
     }
 
-    /// How long to gather after a round that stored `groups` messages
-    /// (groups that add a message). `Sync`: group
-    /// commit pays one fsync per round, and an fsync costs about as much
-    /// CPU as handling dozens of messages; a fleet of quiet devices sends
-    /// its messages one at a time, spread out, so rounds only carry several
-    /// if the writer waits for them. While rounds carry several groups it
-    /// waits the full `linger` (fewer fsyncs: CPU), after a round of one
-    /// (or none) it
-    /// waits at most [`SYNC_LINGER_ONE`] (a lone publisher waiting for each
-    /// PUBACK is not slowed down), and [`GATHER_ENOUGH`] waiting groups end
-    /// the wait at once (throughput).
+    /// How long to gather after a round in which `groups` groups stored a
+    /// message. `Sync`: group commit pays one fsync per round, and an fsync
+    /// costs about as much CPU as handling dozens of messages; a fleet of
+    /// quiet devices sends its messages one at a time, spread out, so
+    /// rounds only carry several if the writer waits for them. While rounds
+    /// carry several it waits the full `linger` (fewer fsyncs: CPU); after
+    /// a round of one (or none) at most [`SYNC_LINGER_ONE`] (a lone
+    /// publisher waiting for each PUBACK is not slowed down); and
+    /// [`GATHER_ENOUGH`] waiting groups end the wait at once (throughput).
     fn next_linger(&self, groups: usize) -> Duration {
         match self.options.durability {
             Durability::Sync if groups < 2 => self.options.linger.min(SYNC_LINGER_ONE),
