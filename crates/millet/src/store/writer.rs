@@ -363,11 +363,9 @@ impl Writer {
             }
             let ready = !q.cmds.is_empty() && (!q.paused || q.shutdown);
             // A timer of the writer's own (interval fsync, checkpoint) is
-            // due: `run` handles it after this round.
+            // due: `run` handles it (gathering goes on afterwards).
             let timer_due = deadline.is_some_and(|d| now >= d);
-            if ready
-                && (gather.is_none() || q.shutdown || timer_due || q.cmds.len() >= q.gather_enough)
-            {
+            if ready && (gather.is_none() || q.shutdown || q.cmds.len() >= q.gather_enough) {
                 q.gathering = false;
                 self.gather_until = None;
                 return (std::mem::take(&mut q.cmds), q.shutdown);
