@@ -73,6 +73,8 @@ pub struct Stats {
     /// Messages not delivered: a full queue, or too big for the client.
     pub messages_dropped: AtomicU64,
     pub subscriptions: AtomicU64,
+    /// Connections parked (quiet, without a task) right now.
+    pub clients_parked: AtomicU64,
 }
 
 impl Stats {
