@@ -179,7 +179,10 @@ pub struct Limits {
     /// or delivered) before its connection gives up its task and waits as
     /// a parked record: a socket registration, its protocol state and its
     /// keep-alive deadline in a broker-wide sweep (see docs/DESIGN.md,
-    /// "Parked connections"). 0: never park. Plain TCP only.
+    /// "Parked connections"). 0: never park. Plain TCP only. Default 30 s:
+    /// parking saves about 0.7 KiB per device but a park and resume per
+    /// message costs CPU (+25% broker CPU for a fleet sending every 10 s
+    /// parked after 1 s), so only clients quiet for longer are parked.
     pub park_after_ms: u64,
 }
 
@@ -227,7 +230,7 @@ impl Default for Limits {
             write_timeout: 60,
             max_connect_packet_size: 64 * 1024,
             preauth_memory: 64 * 1024 * 1024,
-            park_after_ms: 1000,
+            park_after_ms: 30_000,
         }
     }
 }

@@ -978,7 +978,11 @@ struct Conn<S> {
     /// Since when a write has been waiting without progress.
     stalled_since: Option<Instant>,
     /// The last read, write or wake-up: parking starts `park_after` later.
+    /// While parked: when it parked.
     last_active: Instant,
+    /// Resumed after being parked at least `park_after`: a quiet client,
+    /// parked again as soon as it is idle.
+    quiet: bool,
     /// Created at the first park and kept: the waker of a parked connection.
     parking: Option<Arc<Parking>>,
     /// Dropped when the connection ends; [`Server::shutdown`] waits for all.
@@ -1022,6 +1026,7 @@ fn serve<S: Transport + 'static>(
         live,
         stalled_since: None,
         last_active: now,
+        quiet: false,
         parking: None,
         _done: done,
     });
@@ -1036,6 +1041,9 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
     // deadline moves (not a new one per wait).
     let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
     let mut timer_at: Option<tokio::time::Instant> = None;
+    // Nothing handled yet since the task (re)started: a resumed connection
+    // first handles what woke it before it may park again.
+    let mut fresh = true;
     loop {
         // 1. Decode and handle every complete packet received so far.
         if c.conn.is_awaiting_connect() && c.hello.is_none() {
@@ -1119,6 +1127,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             c.conn.poll_transmit(Instant::now(), &mut c.wbuf);
         }
         if !c.wbuf.is_empty() {
+            fresh = false;
             let before = c.wbuf.len();
             let at_once = {
                 let Conn { stream, wbuf, .. } = &mut *c;
@@ -1210,7 +1219,8 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             t + write_stall_limit(c.conn.keep_alive(), c.broker.config.limits.write_timeout)
         });
         let keepalive_at = c.conn.poll_timeout();
-        let park_at = (S::PARKS
+        let now = Instant::now();
+        let idle = S::PARKS
             && !park_after.is_zero()
             && c.connected
             && !c.shutting_down
@@ -1218,11 +1228,27 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             && c.wbuf.is_empty()
             && consuming_nothing.is_none()
             && !c.told_stalled
-            && c.conn.is_idle())
-        .then(|| c.last_active + park_after)
-        // A keep-alive due soon is left to the task's own timer (the
-        // sweep that wakes parked connections is coarse).
-        .filter(|&t| keepalive_at.is_none_or(|k| k > t + PARK_HORIZON));
+            && c.conn.is_idle()
+            // A keep-alive due soon is left to the task's own timer (the
+            // sweep that wakes parked connections is coarse).
+            && keepalive_at.is_none_or(|k| k > now + park_after + PARK_HORIZON);
+        if idle && c.quiet && !fresh {
+            // Resumed after a long quiet (a device's message, a command to
+            // it) and done: park again at once, without waiting
+            // `park_after` for a timer to say so.
+            match park(c, keepalive_at) {
+                Ok(()) => return,
+                Err(back) => {
+                    // Something came meanwhile: handle it, and park by the
+                    // timer from now on.
+                    c = back;
+                    c.quiet = false;
+                    c.last_active = now;
+                    continue;
+                }
+            }
+        }
+        let park_at = idle.then(|| c.last_active + park_after);
         {
             let block_at = consuming_nothing
                 .filter(|_| !c.told_stalled)
@@ -1281,6 +1307,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             })
             .await
         };
+        fresh = false;
         match event {
             Event::Read(r) => {
                 c.last_active = Instant::now();
@@ -1317,6 +1344,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                         Ok(()) => return,
                         Err(back) => {
                             c = back;
+                            c.quiet = false;
                             c.last_active = now;
                             continue;
                         }
@@ -1412,7 +1440,10 @@ trait Resume: Send {
 
 impl<S: Transport + 'static> Resume for Conn<S> {
     fn resume(mut self: Box<Self>, runtime: &tokio::runtime::Handle) {
-        self.last_active = Instant::now();
+        let now = Instant::now();
+        let park_after = Duration::from_millis(self.broker.config.limits.park_after_ms);
+        self.quiet = now.duration_since(self.last_active) >= park_after;
+        self.last_active = now;
         self.broker
             .stats
             .clients_parked
@@ -1467,6 +1498,10 @@ fn park<S: Transport + 'static>(
             })
         })
         .clone();
+    // A parked connection holds no buffer: the empty write buffer, the
+    // protocol's packet queues and the session's empty queues go.
+    c.wbuf = BytesMut::new();
+    c.conn.release_idle_memory();
     c.conn.release_session_memory();
     *parking.state.lock() = ParkState::Running { woken: false };
     let waker = std::task::Waker::from(parking.clone());
@@ -1477,6 +1512,7 @@ fn park<S: Transport + 'static>(
         return Err(c);
     }
     c.live.park_until(keepalive_at);
+    c.last_active = Instant::now();
     let mut st = parking.state.lock();
     if matches!(*st, ParkState::Running { woken: true }) {
         *st = ParkState::Running { woken: false };
