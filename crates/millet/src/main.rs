@@ -1,6 +1,7 @@
 //! The `millet` binary: parse configuration, start the listeners, drain on
 //! SIGINT / SIGTERM. `millet passwd FILE USER` edits an argon2id password file,
-//! `millet scram FILE USER` a SCRAM-SHA-256 credentials file.
+//! `millet scram FILE USER` a SCRAM-SHA-256 credentials file, `millet ctl
+//! key add NAME --file FILE` creates an admin API key.
 
 use clap::Parser;
 use millet::config::{Cli, Config};
@@ -8,6 +9,16 @@ use millet::server::Server;
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    // `millet ctl key add NAME --file FILE`: admin API keys
+    if args.get(1).map(String::as_str) == Some("ctl") {
+        let (out, code) = millet::admin::keys::ctl(args.get(2..).unwrap_or_default());
+        if code == 0 {
+            println!("{out}");
+        } else {
+            eprintln!("millet ctl: {out}");
+        }
+        return std::process::ExitCode::from(code);
+    }
     // `millet passwd ...` / `millet scram ...`
     if let Some(code) = millet::tools::dispatch(&args) {
         return code;

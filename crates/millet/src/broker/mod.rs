@@ -9,10 +9,12 @@
 //! A session's `state` lock is never held while taking `index` or `retained`,
 //! because publishers hold `index` (read) while they take session locks.
 
+pub mod admin;
 pub mod index;
 pub mod persist;
 pub mod retained;
 mod sys;
+pub(crate) use sys::rss_bytes;
 #[cfg(test)]
 mod topic_tree_tests;
 
@@ -73,6 +75,47 @@ pub struct Stats {
     /// Messages not delivered: a full queue, or too big for the client.
     pub messages_dropped: AtomicU64,
     pub subscriptions: AtomicU64,
+    /// PUBLISH packets and their payload bytes by QoS (index = QoS), from /
+    /// to clients: the by-QoS split of `publish_received` / `publish_sent`
+    /// (added with them, once per batch, see `protocol.rs` `SentCount`).
+    pub publish_received_qos: [AtomicU64; 3],
+    pub publish_sent_qos: [AtomicU64; 3],
+    pub payload_received_qos: [AtomicU64; 3],
+    pub payload_sent_qos: [AtomicU64; 3],
+    /// Part of `messages_dropped`: too big for the receiving client.
+    pub dropped_too_large: AtomicU64,
+    /// CONNECTs refused by the security layer, by reason ([`AuthFailures`]).
+    pub auth_failures: AuthFailures,
+}
+
+/// CONNECTs refused by the authentication chain, bans and per-user
+/// limits, by the CONNACK reason code they got (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct AuthFailures {
+    /// 0x86 bad user name or password (3.x: 4).
+    pub bad_credentials: AtomicU64,
+    /// 0x87 not authorized (3.x: 5).
+    pub not_authorized: AtomicU64,
+    /// 0x8A banned.
+    pub banned: AtomicU64,
+    /// 0x97 quota exceeded (connections per user).
+    pub quota: AtomicU64,
+    /// Any other refusal.
+    pub other: AtomicU64,
+}
+
+impl AuthFailures {
+    /// Count a refused CONNECT by its reason code.
+    pub fn count(&self, reason: ReasonCode) {
+        let c = match reason {
+            ReasonCode::BAD_USER_NAME_OR_PASSWORD => &self.bad_credentials,
+            ReasonCode::NOT_AUTHORIZED => &self.not_authorized,
+            ReasonCode::BANNED => &self.banned,
+            ReasonCode::QUOTA_EXCEEDED => &self.quota,
+            _ => &self.other,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Stats {
@@ -616,6 +659,7 @@ impl Broker {
                     st.conn_epoch = 0;
                     st.signal_kick();
                     st.waker = None;
+                    st.conn_info = None;
                     self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
                 } else if let (true, Some(w)) = (clean_start, old_will) {
                     wills_now.push(w);
@@ -634,6 +678,7 @@ impl Broker {
                     st.conn_epoch = epoch;
                     st.waker = Some(waker.clone());
                     st.kick = None;
+                    st.conn_info = None;
                     st.session.expires_at = None;
                     st.session.expiry_interval = expiry_interval;
                     drop(st);
@@ -729,6 +774,7 @@ impl Broker {
             st.conn_epoch = 0;
             st.kick = None;
             st.waker = None;
+            st.conn_info = None;
             st.release_blocked();
             self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
             if let Some(e) = expiry_override {
