@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -377,6 +378,10 @@ def test_metrics_move_with_traffic(admin):
                      "millet_memory_used_bytes", "millet_sessions"):
             assert f"\n{name}" in after, name
         assert not re.search(r'client_id=|' + re.escape(topic), after), "no client ids or topics in labels"
+        # every series the shipped Grafana dashboard queries exists
+        dash = (Path(__file__).resolve().parents[2] / "docs" / "grafana-millet.json").read_text()
+        for name in set(re.findall(r"millet_[a-z_]+", dash)):
+            assert re.search(rf"^{name}[{{ ]", after, re.M), f"dashboard queries {name}, /metrics has none"
     finally:
         sub.close()
         pub.close()
