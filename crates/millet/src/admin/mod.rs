@@ -166,7 +166,8 @@ pub async fn start(
     if cfg.keys_file.is_none() && token.is_none() {
         let path = broker.config.data_dir.join(TOKEN_FILE);
         let t = keys::generate_key();
-        write_private(&path, &format!("{t}\n"))
+        std::fs::create_dir_all(&broker.config.data_dir)
+            .and_then(|()| write_private(&path, &format!("{t}\n")))
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
         tracing::info!(token_file = %path.display(),
             "admin API: no keys_file or bearer_token configured; generated a token (Authorization: Bearer $(cat {}))",
@@ -829,4 +830,110 @@ async fn reload(
         )));
     }
     Ok(Json(json!({"reloaded": true, "admin_keys": keys})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AdminConfig, Config};
+
+    async fn start_admin(admin: AdminConfig) -> (AdminServer, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().join("data"),
+            admin,
+            ..Default::default()
+        };
+        let broker = Arc::new(Broker::new(config, Instant::now()));
+        let ready = Arc::new(AtomicBool::new(true));
+        let a = start(broker, ready).await.unwrap().unwrap();
+        (a, dir)
+    }
+
+    async fn get(addr: SocketAddr, path: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+        let mut r = reqwest::Client::new().get(format!("http://{addr}{path}"));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    #[tokio::test]
+    async fn only_configured_keys_pass_and_health_needs_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys_file = dir.path().join("keys");
+        let (key, code) = keys::ctl(&[
+            "key".into(),
+            "add".into(),
+            "ops".into(),
+            "--file".into(),
+            keys_file.display().to_string(),
+        ]);
+        assert_eq!(code, 0);
+        let (a, _d) = start_admin(AdminConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            keys_file: Some(keys_file),
+            bearer_token: Some("token-of-sixteen-chars".into()),
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(get(a.addr, "/healthz", None).await.0, 200);
+        assert_eq!(get(a.addr, "/readyz", None).await.0, 200);
+        for bad in [None, Some("nope"), Some(""), Some("mlk_x")] {
+            let (s, body) = get(a.addr, "/api/v1/stats", bad).await;
+            assert_eq!(s, 401, "{bad:?}");
+            assert_eq!(body["error"], "unauthorized");
+        }
+        assert_eq!(get(a.addr, "/metrics", None).await.0, 401);
+        assert_eq!(get(a.addr, "/api/v1/stats", Some(&key)).await.0, 200);
+        let (s, body) = get(a.addr, "/api/v1/stats", Some("token-of-sixteen-chars")).await;
+        assert_eq!(s, 200);
+        assert_eq!(body["node"]["connections"], 0);
+        a.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn without_keys_a_private_token_is_generated_and_metrics_may_be_open() {
+        let (a, dir) = start_admin(AdminConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_auth: false,
+            ..Default::default()
+        })
+        .await;
+        let path = dir.path().join("data").join(TOKEN_FILE);
+        let token = std::fs::read_to_string(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert_eq!(get(a.addr, "/api/v1/clients", None).await.0, 401);
+        let (s, body) = get(a.addr, "/api/v1/clients", Some(token.trim())).await;
+        assert_eq!((s, body["data"].as_array().map(Vec::len)), (200, Some(0)));
+        let r = reqwest::get(format!("http://{}/metrics", a.addr))
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(r.text().await.unwrap().contains("millet_connections 0"));
+        a.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[test]
+    fn the_openapi_document_parses_and_names_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for p in [
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/api/v1/clients/{id}",
+            "/api/v1/bans/{target}",
+            "/api/v1/reload",
+        ] {
+            assert!(paths.contains_key(p), "{p}");
+        }
+    }
 }

@@ -276,6 +276,10 @@ impl Broker {
         reg.remove(client_id);
         drop(reg);
         self.end_session(&cell, now);
+        // A will waiting for its delay goes out now: the session ended.
+        if let Some(w) = self.take_delayed_will(cell.id) {
+            self.publish_will(w, now);
+        }
         Kicked::Session
     }
 
