@@ -491,3 +491,32 @@ def test_openapi_document_matches_the_answers(admin):
         assert documented == covered, f"documented but not exercised: {documented - covered}"
     finally:
         c.close()
+
+
+def test_json_logs_have_a_line_per_connect_and_disconnect(tmp_path):
+    b = start_millet(tmp_path, "--log-format", "json")
+    try:
+        b.key = (b.data_dir / "admin.token").read_text().strip()
+        cid = unique("adm-log")
+        c = Client(b, V5, client_id=cid)
+        try:
+            c.connect()
+            assert http(b, "DELETE", f"/api/v1/clients/{q(cid)}")[0] == 200
+            c.wait_disconnected()
+        finally:
+            c.close()
+
+        def lines():
+            out = []
+            for line in b.log_path.read_text().splitlines():
+                out.append(json.loads(line))  # every line is one JSON object
+            return out
+        wait_until(lambda: any("disconnected" in x["fields"].get("message", "") for x in lines()),
+                   what="the disconnect line")
+        mine = [x for x in lines() if cid in x["fields"].get("message", "")]
+        connect = [x for x in mine if x["fields"]["message"].startswith("New client connected")]
+        gone = [x for x in mine if "disconnected" in x["fields"]["message"]]
+        assert len(connect) == 1 and connect[0]["level"] == "INFO" and "timestamp" in connect[0]
+        assert len(gone) == 1 and gone[0]["fields"]["reason"] == "0x98" and gone[0]["fields"]["peer"].startswith("127.0.0.1:")
+    finally:
+        terminate(b.proc)

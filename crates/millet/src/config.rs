@@ -284,6 +284,16 @@ const ENV_KEYS: &[&str] = &[
 /// Sections settable through `MILLET_<SECTION>__<KEY>`.
 const ENV_SECTIONS: &[&str] = &["limits__", "store__", "security__", "admin__"];
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colour only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, target, message, fields.
+    Json,
+}
+
 /// Command-line flags. Every flag also reads an environment variable.
 #[derive(Debug, clap::Parser, Default)]
 #[command(
@@ -377,6 +387,9 @@ pub struct Cli {
     /// Do not serve the admin HTTP API.
     #[arg(long)]
     pub no_admin: bool,
+    /// Log format on stderr: text (default) or json (one object per line).
+    #[arg(long, env = "MILLET_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// Log filter (tracing EnvFilter syntax), e.g. `info,millet=debug`.
     #[arg(long, env = "MILLET_LOG", default_value = "info")]
     pub log: String,

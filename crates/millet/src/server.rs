@@ -1089,7 +1089,7 @@ fn serve<S: Transport>(
                     broker.stats.count_bytes_sent(before - wbuf.len());
                 }
                 if connected {
-                    tracing::info!(%peer, "Client {} disconnected: {}", conn.client_id().unwrap_or(""), c.why);
+                    tracing::info!(%peer, reason = %c.reason, "Client {} disconnected: {}", conn.client_id().unwrap_or(""), c.why);
                 } else {
                     tracing::debug!(%peer, reason = %c.reason, why = %c.why, "closing connection");
                 }
