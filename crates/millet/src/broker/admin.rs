@@ -519,3 +519,171 @@ impl Broker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::session::ConnWaker;
+
+    fn broker() -> Broker {
+        let config = Config {
+            sys_interval: 0,
+            ..Config::default()
+        };
+        Broker::new(config, Instant::now())
+    }
+
+    fn connect(b: &Broker, id: &str, expiry: u32) -> (super::super::Attached, Arc<ConnWaker>) {
+        let w = Arc::new(ConnWaker::default());
+        let a = b.connect(
+            &ByteString::from(id),
+            false,
+            expiry,
+            None,
+            w.clone(),
+            Instant::now(),
+        );
+        (a, w)
+    }
+
+    #[test]
+    fn clients_page_by_id_and_filter() {
+        let b = broker();
+        let mut keep = Vec::new();
+        for id in ["dev-2", "dev-1", "other", "dev-3"] {
+            keep.push(connect(&b, id, 60));
+        }
+        let (a, e) = (keep[3].0.cell.clone(), keep[3].0.epoch);
+        set_conn_info(
+            &a,
+            e,
+            ConnInfo::new(
+                "127.0.0.1:1".parse().unwrap(),
+                Some("u".into()),
+                5,
+                30,
+                true,
+            ),
+        );
+        let (page, next) = b.admin_clients("dev-", None, None, None, 2);
+        let ids: Vec<&str> = page.iter().map(|c| c.client_id.as_str()).collect();
+        assert_eq!(
+            (ids, next.as_deref()),
+            (vec!["dev-1", "dev-2"], Some("dev-2"))
+        );
+        let (page, next) = b.admin_clients("dev-", None, None, Some("dev-2"), 2);
+        assert_eq!(page.len(), 1);
+        assert_eq!((page[0].client_id.as_str(), next), ("dev-3", None));
+        assert_eq!(page[0].username.as_deref(), Some("u"));
+        assert_eq!(page[0].protocol, Some(5));
+        let (page, _) = b.admin_clients("", Some("u"), None, None, 10);
+        assert_eq!(page.len(), 1);
+        b.disconnect(
+            &keep[0].0.cell,
+            keep[0].0.epoch,
+            false,
+            None,
+            Instant::now(),
+        );
+        let (page, _) = b.admin_clients("", None, Some(false), None, 10);
+        assert_eq!(page.len(), 1);
+        assert!(!page[0].connected && page[0].username.is_none());
+    }
+
+    #[test]
+    fn kick_signals_a_live_connection_and_discards_an_offline_session() {
+        let b = broker();
+        let (a, w) = connect(&b, "live", 60);
+        assert_eq!(
+            b.admin_kick("live", ReasonCode::ADMINISTRATIVE_ACTION, Instant::now()),
+            Kicked::Connection
+        );
+        assert_eq!(
+            a.cell.state.lock().kick,
+            Some(ReasonCode::ADMINISTRATIVE_ACTION)
+        );
+        assert_ne!(w.take_signals() & ConnWaker::KICK, 0);
+        b.disconnect(&a.cell, a.epoch, false, None, Instant::now());
+        assert_eq!(
+            b.session_count(),
+            1,
+            "a persistent session outlives the kick"
+        );
+        assert_eq!(
+            b.admin_kick("live", ReasonCode::ADMINISTRATIVE_ACTION, Instant::now()),
+            Kicked::Session
+        );
+        assert_eq!(b.session_count(), 0);
+        assert_eq!(
+            b.admin_kick("live", ReasonCode::ADMINISTRATIVE_ACTION, Instant::now()),
+            Kicked::NotFound
+        );
+    }
+
+    #[test]
+    fn subscribe_on_behalf_replays_retained_and_retained_pages_and_deletes() {
+        let b = broker();
+        let now = Instant::now();
+        for t in ["s/1", "s/2", "s/3"] {
+            b.admin_publish(
+                t,
+                Bytes::from_static(b"v"),
+                QoS::AtLeastOnce,
+                true,
+                None,
+                now,
+            )
+            .unwrap();
+        }
+        assert_eq!(b.retained_count_without_sys(), 3);
+        let (page, next) = b.admin_retained("s/#", None, 2, now);
+        assert_eq!(page.len(), 2);
+        assert_eq!(next.as_deref(), Some("s/2"));
+        assert_eq!(page[0].payload.as_deref(), Some("v"));
+        assert!(b.admin_delete_retained("s/2"));
+        assert!(!b.admin_delete_retained("s/2"));
+        assert_eq!(b.retained_count_without_sys(), 2);
+        let (a, _w) = connect(&b, "c", 60);
+        let opts = SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..Default::default()
+        };
+        let r = b.admin_subscribe("c", "s/+", opts, now);
+        assert_eq!(r, Some(SubscribeOutcome::Granted { is_new: true }));
+        assert_eq!(
+            a.cell.state.lock().session.queue_len(),
+            2,
+            "retained replayed"
+        );
+        assert_eq!(b.stats.subscriptions.load(Ordering::Relaxed), 1);
+        let subs = b.admin_subscriptions(Some("c"), 10).unwrap();
+        assert_eq!((subs[0].filter.as_str(), subs[0].qos), ("s/+", 1));
+        let routed = b
+            .admin_publish(
+                "s/9",
+                Bytes::from_static(b"x"),
+                QoS::AtMostOnce,
+                false,
+                None,
+                now,
+            )
+            .unwrap();
+        assert_eq!(routed.sessions, 1);
+        assert_eq!(b.queue_depths().queued, 3);
+        assert_eq!(b.admin_unsubscribe("c", "s/+"), Some(true));
+        assert_eq!(b.admin_unsubscribe("c", "s/+"), Some(false));
+        assert_eq!(b.admin_unsubscribe("nobody", "s/+"), None);
+        assert_eq!(b.admin_subscribe("nobody", "s/+", opts, now), None);
+        assert_eq!(
+            b.admin_publish("s/+", Bytes::new(), QoS::AtMostOnce, false, None, now)
+                .err(),
+            Some(PublishRefused::InvalidTopic)
+        );
+        assert_eq!(
+            b.admin_publish("$SYS/x", Bytes::new(), QoS::AtMostOnce, false, None, now)
+                .err(),
+            Some(PublishRefused::ReservedTopic)
+        );
+    }
+}
