@@ -27,16 +27,18 @@ from helpers import HOST, V5, V311, Client, unique, wait_until
 pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="millet_only: Mosquitto has no admin API")
 
 
-def start_millet(tmp, *args: str, wait_admin: bool = True):
+def start_millet(tmp, *args: str, wait_admin: bool = True, data_dir=None):
     """Start Millet with `args`; returns a namespace with host, port, admin, proc, log."""
     port, admin = free_port(), free_port()
+    while admin == port:  # a port probed twice may come back twice
+        admin = free_port()
     log_path = tmp / f"millet-{port}.log"
-    cmd = [_find_millet(), "--listen", f"{HOST}:{port}", "--data-dir", str(tmp / f"data-{port}"),
+    data_dir = data_dir or tmp / f"data-{port}"
+    cmd = [_find_millet(), "--listen", f"{HOST}:{port}", "--data-dir", str(data_dir),
            "--admin-listen", f"{HOST}:{admin}", "--sys-interval", "0", *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    b = SimpleNamespace(host=HOST, port=port, admin=admin, proc=proc, log_path=log_path,
-                        data_dir=tmp / f"data-{port}")
+    b = SimpleNamespace(host=HOST, port=port, admin=admin, proc=proc, log_path=log_path, data_dir=data_dir)
 
     def up():
         if proc.poll() is not None:
@@ -518,5 +520,31 @@ def test_json_logs_have_a_line_per_connect_and_disconnect(tmp_path):
         gone = [x for x in mine if "disconnected" in x["fields"]["message"]]
         assert len(connect) == 1 and connect[0]["level"] == "INFO" and "timestamp" in connect[0]
         assert len(gone) == 1 and gone[0]["fields"]["reason"] == "0x98" and gone[0]["fields"]["peer"].startswith("127.0.0.1:")
+    finally:
+        terminate(b.proc)
+
+
+def test_bans_added_through_the_api_survive_a_restart(tmp_path):
+    data = tmp_path / "data"
+    b = start_millet(tmp_path, data_dir=data)
+    try:
+        b.key = (data / "admin.token").read_text().strip()
+        assert http(b, "POST", "/api/v1/bans", body={"target": "client:kept", "duration": 3600})[0] == 201
+        assert http(b, "POST", "/api/v1/bans", body={"target": "user:forever"})[0] == 201
+        assert http(b, "POST", "/api/v1/bans", body={"target": "client:lifted"})[0] == 201
+        assert http(b, "DELETE", "/api/v1/bans/client:lifted")[0] == 200
+    finally:
+        terminate(b.proc)
+    b = start_millet(tmp_path, data_dir=data)
+    try:
+        b.key = (data / "admin.token").read_text().strip()
+        bans = {x["target"]: x.get("expires_in") for x in http(b, "GET", "/api/v1/bans")[1]["data"]}
+        assert set(bans) == {"client:kept", "user:forever"}, bans
+        assert 3500 < bans["client:kept"] <= 3600 and bans["user:forever"] is None
+        c = Client(b, V5, client_id="kept")
+        try:
+            assert c.connect(expect_rc=None).rc == 0x8A
+        finally:
+            c.close()
     finally:
         terminate(b.proc)

@@ -75,6 +75,110 @@ struct AdminState {
     /// MQTT listeners bound and not draining (`/readyz`).
     ready: Arc<AtomicBool>,
     metrics_auth: bool,
+    /// The bans added through the API, kept in `DATA_DIR/admin-bans`.
+    bans: AdminBans,
+}
+
+/// Name of the file in the data directory that keeps the bans added
+/// through the API across restarts.
+pub const BANS_FILE: &str = "admin-bans";
+
+type BanEntries = std::collections::BTreeMap<String, (BanTarget, Option<u64>)>;
+
+/// The bans added through the API: `TARGET UNIX_SECONDS|-` per line in
+/// `DATA_DIR/admin-bans` (`-`: permanent), rewritten atomically on every
+/// change and loaded at start-up (expired ones dropped).
+struct AdminBans {
+    path: std::path::PathBuf,
+    /// Target text -> (target, expiry as Unix seconds).
+    entries: parking_lot::Mutex<BanEntries>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl AdminBans {
+    /// Read the file and apply its live bans to `list`.
+    fn load(
+        path: std::path::PathBuf,
+        list: Option<&crate::security::quota::BanList>,
+    ) -> anyhow::Result<AdminBans> {
+        let mut entries = BanEntries::new();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+        };
+        let now = unix_now();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |e: String| anyhow::anyhow!("{}: line {}: {e}", path.display(), i + 1);
+            let (t, until) = line.rsplit_once(' ').unwrap_or((line, "-"));
+            let target: BanTarget = t.parse().map_err(bad)?;
+            let until = match until {
+                "-" => None,
+                n => Some(n.parse::<u64>().map_err(|e| bad(format!("{n:?}: {e}")))?),
+            };
+            if until.is_some_and(|u| u <= now) {
+                continue;
+            }
+            if let Some(l) = list {
+                let left = until.map(|u| Duration::from_secs(u - now));
+                l.ban(target.clone(), left, Instant::now());
+            }
+            entries.insert(target.to_string(), (target, until));
+        }
+        if !entries.is_empty() {
+            tracing::info!(file = %path.display(), bans = entries.len(), "admin API: bans restored");
+        }
+        Ok(AdminBans {
+            path,
+            entries: parking_lot::Mutex::new(entries),
+        })
+    }
+
+    fn save(&self, entries: &BanEntries) {
+        let now = unix_now();
+        let mut text = String::from(
+            "# bans added through the admin API: TARGET UNIX_SECONDS|- (written by Millet)\n",
+        );
+        for (t, (_, until)) in entries {
+            match until {
+                Some(u) if *u <= now => {}
+                Some(u) => text.push_str(&format!("{t} {u}\n")),
+                None => text.push_str(&format!("{t} -\n")),
+            }
+        }
+        let mut tmp = self.path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        if let Err(e) = write_private(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &self.path))
+        {
+            tracing::error!(file = %self.path.display(), error = %e,
+                "admin API: cannot save the bans; they hold until restart");
+        }
+    }
+
+    fn add(&self, target: &BanTarget, duration: Option<u64>) {
+        let mut e = self.entries.lock();
+        let until = duration.map(|d| unix_now().saturating_add(d));
+        e.insert(target.to_string(), (target.clone(), until));
+        self.save(&e);
+    }
+
+    fn remove(&self, target: &BanTarget) {
+        let mut e = self.entries.lock();
+        if e.remove(&target.to_string()).is_some() {
+            self.save(&e);
+        }
+    }
 }
 
 /// A JSON error: `{"error": code, "message": text}`.
@@ -186,11 +290,16 @@ pub async fn start(
                 .unwrap_or_else(|| "FILE".into())
         );
     }
+    let bans = AdminBans::load(
+        broker.config.data_dir.join(BANS_FILE),
+        broker.security().map(|s| &*s.bans),
+    )?;
     let state = Arc::new(AdminState {
         broker,
         keys,
         ready,
         metrics_auth: cfg.metrics_auth,
+        bans,
     });
     let app = router(state);
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
@@ -755,6 +864,7 @@ async fn add_ban(
         b.duration.map(Duration::from_secs),
         Instant::now(),
     );
+    st.bans.add(&target, b.duration);
     tracing::info!(%target, duration = ?b.duration, by = %who, "admin API: ban added");
     Ok((
         StatusCode::CREATED,
@@ -773,6 +883,7 @@ async fn remove_ban(
     if !security(&st)?.bans.unban(&target) {
         return Err(ApiError::not_found(format!("no ban on {target}")));
     }
+    st.bans.remove(&target);
     tracing::info!(%target, by = %who, "admin API: ban removed");
     Ok(Json(json!({"target": target.to_string(), "removed": true})))
 }
