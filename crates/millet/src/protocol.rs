@@ -1814,24 +1814,6 @@ impl SentCount {
         }
     }
 
-    /// Add the by-QoS counts to `counts` / `bytes` (only the non-zero ones).
-    fn add_by_qos(
-        &self,
-        counts: &[std::sync::atomic::AtomicU64; 3],
-        bytes: &[std::sync::atomic::AtomicU64; 3],
-    ) {
-        for (q, n) in self.by_qos.iter().enumerate() {
-            if *n > 0 {
-                if let (Some(c), Some(b), Some(v)) =
-                    (counts.get(q), bytes.get(q), self.payload_by_qos.get(q))
-                {
-                    c.fetch_add(*n, Ordering::Relaxed);
-                    b.fetch_add(*v, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-
     fn add_to(&mut self, stats: &crate::broker::Stats) {
         if self.packets > 0 {
             stats
@@ -1842,7 +1824,11 @@ impl SentCount {
             stats
                 .publish_sent
                 .fetch_add(self.publishes, Ordering::Relaxed);
-            self.add_by_qos(&stats.publish_sent_qos, &stats.payload_sent_qos);
+            stats.by_qos.add(
+                crate::broker::Direction::Sent,
+                &self.by_qos,
+                &self.payload_by_qos,
+            );
         }
         *self = SentCount::default();
     }
@@ -1858,7 +1844,11 @@ impl SentCount {
             stats
                 .publish_received
                 .fetch_add(self.publishes, Ordering::Relaxed);
-            self.add_by_qos(&stats.publish_received_qos, &stats.payload_received_qos);
+            stats.by_qos.add(
+                crate::broker::Direction::Received,
+                &self.by_qos,
+                &self.payload_by_qos,
+            );
         }
         *self = SentCount::default();
     }

@@ -8,15 +8,18 @@
 //! already counts everything it exposes once per batch of packets (not
 //! per packet: a shared atomic per packet cost about 7% of QoS 0 fan-in,
 //! see `protocol.rs`). Rendering those at scrape time costs the hot path
-//! nothing. The only new observations are a store-round latency histogram
-//! (once per group commit, not per message) and the queue depths, read
-//! from every session at scrape time. No label carries a client id.
+//! nothing. The by-QoS split is counted per connection like the `$SYS`
+//! packet counts and added once per batch to per-thread shards
+//! ([`crate::broker::QosCounters`]: no contended cache line). The only new
+//! observations are a store-round latency histogram (once per group
+//! commit, not per message) and the queue depths, read from every session
+//! at scrape time. No label carries a client id.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::broker::admin::QUEUE_DEPTH_BOUNDS;
-use crate::broker::Broker;
+use crate::broker::{Broker, Direction};
 use crate::histogram::{Snapshot, BOUNDS};
 
 struct Out(String);
@@ -54,8 +57,8 @@ fn g(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 
-fn by_qos(a: &[AtomicU64; 3]) -> [(&'static str, u64); 3] {
-    [("0", g(&a[0])), ("1", g(&a[1])), ("2", g(&a[2]))]
+fn by_qos(a: [u64; 3]) -> [(&'static str, u64); 3] {
+    [("0", a[0]), ("1", a[1]), ("2", a[2])]
 }
 
 /// The whole exposition.
@@ -64,6 +67,8 @@ pub fn render(broker: &Broker, now: std::time::Instant) -> String {
     let o = &broker.overload;
     let mut m = Out(String::with_capacity(8192));
     let connected = g(&s.clients_connected);
+    let (received, received_bytes) = s.by_qos.totals(Direction::Received);
+    let (sent, sent_bytes) = s.by_qos.totals(Direction::Sent);
     let sessions = broker.session_count() as u64;
     m.one(
         "millet_uptime_seconds",
@@ -130,28 +135,28 @@ pub fn render(broker: &Broker, now: std::time::Instant) -> String {
         "counter",
         "PUBLISH packets received from clients, by QoS.",
         "qos",
-        &by_qos(&s.publish_received_qos),
+        &by_qos(received),
     );
     m.labelled(
         "millet_messages_sent_total",
         "counter",
         "PUBLISH packets sent to clients, by QoS.",
         "qos",
-        &by_qos(&s.publish_sent_qos),
+        &by_qos(sent),
     );
     m.labelled(
         "millet_payload_bytes_received_total",
         "counter",
         "Payload bytes of PUBLISH packets received, by QoS.",
         "qos",
-        &by_qos(&s.payload_received_qos),
+        &by_qos(received_bytes),
     );
     m.labelled(
         "millet_payload_bytes_sent_total",
         "counter",
         "Payload bytes of PUBLISH packets sent, by QoS.",
         "qos",
-        &by_qos(&s.payload_sent_qos),
+        &by_qos(sent_bytes),
     );
     m.one(
         "millet_bytes_received_total",

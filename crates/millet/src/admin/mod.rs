@@ -892,7 +892,6 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<serde_json::Value> {
     let b = &st.broker;
     let s = &b.stats;
     let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let q = |a: &[std::sync::atomic::AtomicU64; 3]| [g(&a[0]), g(&a[1]), g(&a[2])];
     let sessions = b.session_count() as u64;
     let node = json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -905,8 +904,8 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<serde_json::Value> {
         "retained_bytes": b.retained_bytes(),
         "messages_received": g(&s.publish_received),
         "messages_sent": g(&s.publish_sent),
-        "messages_received_by_qos": q(&s.publish_received_qos),
-        "messages_sent_by_qos": q(&s.publish_sent_qos),
+        "messages_received_by_qos": s.by_qos.totals(crate::broker::Direction::Received).0,
+        "messages_sent_by_qos": s.by_qos.totals(crate::broker::Direction::Sent).0,
         "messages_dropped": g(&s.messages_dropped),
         "bytes_received": g(&s.bytes_received),
         "bytes_sent": g(&s.bytes_sent),

@@ -548,6 +548,31 @@ mod tests {
     }
 
     #[test]
+    fn qos_counters_sum_their_shards() {
+        use super::super::{Direction, QosCounters};
+        let c = Arc::new(QosCounters::default());
+        let threads: Vec<_> = (0..20)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        c.add(Direction::Sent, &[1, 0, 2], &[10, 0, 20]);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        c.add(Direction::Received, &[0, 5, 0], &[0, 50, 0]);
+        assert_eq!(
+            c.totals(Direction::Sent),
+            ([2000, 0, 4000], [20000, 0, 40000])
+        );
+        assert_eq!(c.totals(Direction::Received), ([0, 5, 0], [0, 50, 0]));
+    }
+
+    #[test]
     fn clients_page_by_id_and_filter() {
         let b = broker();
         let mut keep = Vec::new();

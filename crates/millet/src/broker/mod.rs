@@ -75,17 +75,75 @@ pub struct Stats {
     /// Messages not delivered: a full queue, or too big for the client.
     pub messages_dropped: AtomicU64,
     pub subscriptions: AtomicU64,
-    /// PUBLISH packets and their payload bytes by QoS (index = QoS), from /
-    /// to clients: the by-QoS split of `publish_received` / `publish_sent`
-    /// (added with them, once per batch, see `protocol.rs` `SentCount`).
-    pub publish_received_qos: [AtomicU64; 3],
-    pub publish_sent_qos: [AtomicU64; 3],
-    pub payload_received_qos: [AtomicU64; 3],
-    pub payload_sent_qos: [AtomicU64; 3],
+    /// PUBLISH packets and their payload bytes by QoS, from / to clients:
+    /// the by-QoS split of `publish_received` / `publish_sent` (added with
+    /// them, once per batch, see `protocol.rs` `SentCount`), sharded.
+    pub by_qos: QosCounters,
     /// Part of `messages_dropped`: too big for the receiving client.
     pub dropped_too_large: AtomicU64,
     /// CONNECTs refused by the security layer, by reason ([`AuthFailures`]).
     pub auth_failures: AuthFailures,
+}
+
+/// Which way a message went, for [`QosCounters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From clients.
+    Received,
+    /// To clients.
+    Sent,
+}
+
+/// One shard of [`QosCounters`]: `[received, sent]` × `[count, bytes]` ×
+/// QoS, on cache lines of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct QosShard([[[AtomicU64; 3]; 2]; 2]);
+
+/// PUBLISH counts and payload bytes by QoS and direction, in shards picked
+/// per thread: the worker threads add to different cache lines, so that
+/// the split by QoS adds no contended atomic to a batch (only
+/// `/metrics` and `/api/v1/stats` sum the shards).
+#[derive(Debug, Default)]
+pub struct QosCounters {
+    shards: [QosShard; QosCounters::SHARDS],
+}
+
+impl QosCounters {
+    const SHARDS: usize = 16;
+
+    fn shard(&self) -> &QosShard {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        thread_local! {
+            static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) as usize % QosCounters::SHARDS;
+        }
+        let i = INDEX.with(|i| *i);
+        &self.shards[i % Self::SHARDS]
+    }
+
+    /// Add `counts[qos]` messages of `bytes[qos]` payload bytes.
+    pub fn add(&self, dir: Direction, counts: &[u64; 3], bytes: &[u64; 3]) {
+        let s = &self.shard().0[dir as usize];
+        for q in 0..3 {
+            if counts[q] > 0 {
+                s[0][q].fetch_add(counts[q], Ordering::Relaxed);
+                s[1][q].fetch_add(bytes[q], Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// `(messages, payload bytes)` by QoS, summed over the shards.
+    pub fn totals(&self, dir: Direction) -> ([u64; 3], [u64; 3]) {
+        let (mut n, mut b) = ([0; 3], [0; 3]);
+        for s in &self.shards {
+            let d = &s.0[dir as usize];
+            for q in 0..3 {
+                n[q] += d[0][q].load(Ordering::Relaxed);
+                b[q] += d[1][q].load(Ordering::Relaxed);
+            }
+        }
+        (n, b)
+    }
 }
 
 /// CONNECTs refused by the authentication chain, bans and per-user
