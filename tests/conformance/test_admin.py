@@ -175,6 +175,21 @@ def test_list_inspect_and_kick_a_client(admin):
         c.close()
 
 
+def test_kicking_a_parked_connection(admin):
+    # a quiet connection parks (gives up its task) after limits.park_after_ms (1 s)
+    cid = unique("adm-park")
+    c = Client(admin, V5, client_id=cid)
+    try:
+        c.connect()
+        wait_until(lambda: metric(http(admin, "GET", "/metrics", raw=True)[1], "millet_connections_parked") >= 1,
+                   timeout=5, what="the connection to park")
+        assert http(admin, "DELETE", f"/api/v1/clients/{q(cid)}")[0] == 200
+        rc, _ = c.wait_disconnected()
+        assert rc == 0x98
+    finally:
+        c.close()
+
+
 def test_kicking_a_v311_client_closes_it(admin):
     cid = unique("adm-kick3")
     c = Client(admin, V311, client_id=cid)

@@ -220,6 +220,12 @@ pub struct Limits {
     /// CONNECT may hold together; a connection that would exceed it is
     /// closed (counted, logged at a throttled rate).
     pub preauth_memory: usize,
+    /// Milliseconds a connected client may be quiet (nothing read, written
+    /// or delivered) before its connection gives up its task and waits as
+    /// a parked record: a socket registration, its protocol state and its
+    /// keep-alive deadline in a broker-wide sweep (see docs/DESIGN.md,
+    /// "Parked connections"). 0: never park. Plain TCP only.
+    pub park_after_ms: u64,
 }
 
 impl Default for Config {
@@ -267,6 +273,7 @@ impl Default for Limits {
             write_timeout: 60,
             max_connect_packet_size: 64 * 1024,
             preauth_memory: 64 * 1024 * 1024,
+            park_after_ms: 1000,
         }
     }
 }

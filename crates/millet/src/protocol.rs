@@ -255,6 +255,39 @@ impl Connection {
         (self.paused_until.is_some() && self.waker.is_blocked()) || self.throttle_until.is_some()
     }
 
+    /// Before parking: the session gives back the capacity of its empty
+    /// queues (see [`crate::session::Session::release_idle_memory`]).
+    pub fn release_session_memory(&self) {
+        if let State::Connected(a) = &self.state {
+            let mut st = a.cell.state.lock();
+            st.session.release_idle_memory();
+            if st.blocked.is_empty() && st.blocked.capacity() > 0 {
+                st.blocked = Vec::new();
+            }
+        }
+    }
+
+    /// Connected with nothing in progress: not closing, nothing waiting to
+    /// be written or acknowledged, no pause, throttle, re-authentication or
+    /// credential deadline: the only deadline left is the keep-alive
+    /// ([`Connection::poll_timeout`]). The driver may then park the
+    /// connection until the client sends, the session has news or that
+    /// deadline comes.
+    pub fn is_idle(&self) -> bool {
+        let quiet_state = match &self.state {
+            State::Connected(a) => a.auth_deadline.is_none() && a.reauth.is_none(),
+            _ => false,
+        };
+        quiet_state
+            && self.close.is_none()
+            && self.out.is_empty()
+            && self.pending_acks.is_empty()
+            && self.paused_until.is_none()
+            && self.throttle_until.is_none()
+            && self.ack_blocked_since.is_none()
+            && !matches!(self.timer, Some(Timer::Connect(_)))
+    }
+
     /// True until a CONNECT was handled: the driver authenticates the next
     /// CONNECT and calls [`Connection::set_connect_verdict`] first.
     pub fn is_awaiting_connect(&self) -> bool {

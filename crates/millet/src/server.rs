@@ -58,19 +58,30 @@ fn wbuf_done(wbuf: &mut BytesMut) {
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1024 * 1024;
 
-/// Every connection task's waker, so that the server can tell them all
+/// Every connection's waker, so that the server can tell them all
 /// something (shutdown, a new ban) without each task holding a receiver
-/// and a future to wait on it: an idle connection's task stays small.
+/// and a future to wait on it: an idle connection's task stays small. Also
+/// the keep-alive deadlines of parked connections (see [`park`]), which
+/// have no timer of their own: [`LiveConns::sweep`] wakes those that are due.
 #[derive(Default)]
 struct LiveConns {
-    wakers: parking_lot::Mutex<slab::Slab<Arc<ConnWaker>>>,
+    conns: parking_lot::Mutex<slab::Slab<LiveEntry>>,
     shutting_down: std::sync::atomic::AtomicBool,
+}
+
+struct LiveEntry {
+    waker: Arc<ConnWaker>,
+    /// Set while parked with a keep-alive deadline.
+    parked_until: Option<Instant>,
 }
 
 impl LiveConns {
     /// Register a connection; signalled at once if shutdown has begun.
     fn register(self: &Arc<Self>, waker: &Arc<ConnWaker>) -> LiveConn {
-        let key = self.wakers.lock().insert(waker.clone());
+        let key = self.conns.lock().insert(LiveEntry {
+            waker: waker.clone(),
+            parked_until: None,
+        });
         if self
             .shutting_down
             .load(std::sync::atomic::Ordering::Acquire)
@@ -84,8 +95,8 @@ impl LiveConns {
     }
 
     fn signal_all(&self, signal: u8) {
-        for (_, w) in self.wakers.lock().iter() {
-            w.signal(signal);
+        for (_, e) in self.conns.lock().iter() {
+            e.waker.signal(signal);
         }
     }
 
@@ -93,6 +104,22 @@ impl LiveConns {
         self.shutting_down
             .store(true, std::sync::atomic::Ordering::Release);
         self.signal_all(ConnWaker::SHUTDOWN);
+    }
+
+    /// Wake the parked connections whose keep-alive deadline has come (they
+    /// resume, find it expired and close). A pass over every connection:
+    /// a few nanoseconds each, every [`SWEEP_EVERY`].
+    fn sweep(&self, now: Instant) {
+        let mut due = Vec::new();
+        for (_, e) in self.conns.lock().iter_mut() {
+            if e.parked_until.is_some_and(|t| t <= now) {
+                e.parked_until = None;
+                due.push(e.waker.clone());
+            }
+        }
+        for w in due {
+            w.signal(0);
+        }
     }
 }
 
@@ -102,9 +129,18 @@ struct LiveConn {
     key: usize,
 }
 
+impl LiveConn {
+    /// Parking with this keep-alive deadline (`None`: no keep-alive).
+    fn park_until(&self, deadline: Option<Instant>) {
+        if let Some(e) = self.conns.conns.lock().get_mut(self.key) {
+            e.parked_until = deadline;
+        }
+    }
+}
+
 impl Drop for LiveConn {
     fn drop(&mut self) {
-        self.conns.wakers.lock().try_remove(self.key);
+        self.conns.conns.lock().try_remove(self.key);
     }
 }
 
@@ -201,7 +237,11 @@ impl Server {
                 }
             }));
         }
-        tasks.push(tokio::spawn(ticker(broker.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(ticker(
+            broker.clone(),
+            live.clone(),
+            shutdown_rx.clone(),
+        )));
         drop(done_tx);
         ready.store(true, std::sync::atomic::Ordering::Release);
         Ok(Server {
@@ -492,11 +532,13 @@ async fn accept_loop(
                     let done = done.clone();
                     let mut info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone() };
                     let Some(tls) = &ctx.tls else {
-                        let fut = async move {
-                            serve(stream, Box::new(info), broker, live).await;
-                            drop(done);
-                        };
-                        tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
+                        let fut = serve(stream, Box::new(info), broker, live, done);
+                        tracing::trace!(
+                            task = std::mem::size_of_val(&fut),
+                            state = std::mem::size_of::<Conn<TcpStream>>(),
+                            connection = std::mem::size_of::<Connection>(),
+                            "connection task and state sizes (bytes)"
+                        );
                         tokio::spawn(fut);
                         continue;
                     };
@@ -507,7 +549,8 @@ async fn accept_loop(
                         match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                             Ok(Ok(s)) => {
                                 info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
-                                serve(s, Box::new(info), broker, live).await;
+                                serve(s, Box::new(info), broker, live, done).await;
+                                return;
                             }
                             Ok(Err(e)) => match certificate_problem(&e) {
                                 Some(why) if ctx.tls_log.allow(peer.ip(), &why, Instant::now()) => {
@@ -531,12 +574,20 @@ async fn accept_loop(
     }
 }
 
-async fn ticker(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+async fn ticker(broker: Arc<Broker>, live: Arc<LiveConns>, mut shutdown: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(std::time::Duration::from_millis(250));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut swept = Instant::now();
     loop {
         tokio::select! {
-            _ = every.tick() => broker.handle_timeout(Instant::now()),
+            _ = every.tick() => {
+                let now = Instant::now();
+                broker.handle_timeout(now);
+                if now.duration_since(swept) >= SWEEP_EVERY {
+                    live.sweep(now);
+                    swept = now;
+                }
+            }
             _ = shutdown.changed() => return,
         }
     }
@@ -553,9 +604,25 @@ trait Transport: AsyncWrite + Unpin + Send {
         buf: &mut BytesMut,
         hint: usize,
     ) -> Poll<std::io::Result<usize>>;
+
+    /// Whether a quiet connection on this transport may be parked (see
+    /// [`park`]): its readiness can be waited for without its task.
+    const PARKS: bool = false;
+
+    /// For parking: `Pending` (and `cx` registered for readability) if
+    /// nothing is there to read. Transports that do not park say `Ready`.
+    fn poll_park(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Ready(())
+    }
 }
 
 impl Transport for TcpStream {
+    const PARKS: bool = true;
+
+    fn poll_park(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.poll_read_ready(cx).map(|_| ())
+    }
+
     fn poll_read_into(
         &mut self,
         cx: &mut Context<'_>,
@@ -898,267 +965,334 @@ enum Event {
     Timer,
 }
 
-/// Drive one connection until it closes.
-///
-/// Not an `async fn`: its arguments would be stored twice in the task (once
-/// as arguments, once as locals). Every byte of the waiting task is paid
-/// per idle connection, so the body is an `async move` block that uses the
-/// captured values in place; what is only needed until CONNECT (`info`) is
-/// boxed and dropped once connected, and rarely used awaits are boxed.
-#[allow(clippy::manual_async_fn)] // on purpose, see above
-fn serve<S: Transport>(
-    mut stream: S,
+/// One connection's state between waits. Boxed once at accept: the task's
+/// future holds only this box and its timer, and a parked connection (see
+/// [`park`]) is this box alone, with no task.
+struct Conn<S> {
+    stream: S,
+    conn: Detach,
+    broker: Arc<Broker>,
+    peer: SocketAddr,
+    /// What is only needed until CONNECT is handled.
+    info: Option<Box<PeerInfo>>,
+    _permit: Option<Box<ConnectionPermit>>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    read_size: usize,
+    eof: bool,
+    write_failed: bool,
+    shutting_down: bool,
+    /// The "New client connected" line was logged.
+    connected: bool,
+    over_budget: bool,
+    /// The session was told that its client consumes nothing (writes
+    /// stuck or its in-flight window full for WRITE_BLOCK_GRACE): it
+    /// then holds no publisher back.
+    told_stalled: bool,
+    /// What the CONNECT said, for the connection log line and run-time bans.
+    hello: Option<Box<Hello>>,
+    preauth: PreAuthCharge,
+    waker: Arc<ConnWaker>,
+    live: LiveConn,
+    /// Since when a write has been waiting without progress.
+    stalled_since: Option<Instant>,
+    /// The last read, write or wake-up: parking starts `park_after` later.
+    last_active: Instant,
+    /// Created at the first park and kept: the waker of a parked connection.
+    parking: Option<Arc<Parking>>,
+    /// Dropped when the connection ends; [`Server::shutdown`] waits for all.
+    _done: mpsc::Sender<()>,
+}
+
+/// Serve one connection until it closes.
+fn serve<S: Transport + 'static>(
+    stream: S,
     info: Box<PeerInfo>,
     broker: Arc<Broker>,
     live: Arc<LiveConns>,
+    done: mpsc::Sender<()>,
 ) -> impl std::future::Future<Output = ()> + Send {
-    async move {
-        let peer = info.addr;
-        let budget = info.preauth.clone();
-        let mut info = Some(info);
-        let mut _permit: Option<Box<ConnectionPermit>> = None;
-        let mut conn = Detach(Connection::new(broker.clone(), Instant::now()));
-        let mut write_failed = false;
-        let mut rbuf = BytesMut::new();
-        let mut wbuf = BytesMut::new();
-        let mut eof = false;
-        let mut read_size = READ_MIN;
-        let mut shutting_down = false;
-        // What the CONNECT said, for the connection log line; `None` once logged.
-        let mut hello: Option<Hello> = None;
-        let mut connected = false;
-        let mut preauth = PreAuthCharge { budget, charged: 0 };
-        let mut over_budget = false;
-        let waker = conn.waker().clone();
-        let _live = live.register(&waker);
-        drop(live);
-        // The keep-alive / connect / retry timer: one timer entry, moved as the
-        // deadline moves (not a new one per wait).
-        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
-        let mut timer_at: Option<tokio::time::Instant> = None;
-        // Since when a write has been waiting without progress.
-        let mut stalled_since: Option<Instant> = None;
-        // The session was told that its client consumes nothing (writes
-        // stuck or its in-flight window full for WRITE_BLOCK_GRACE): it
-        // then holds no publisher back.
-        let mut told_stalled = false;
-        loop {
-            // 1. Decode and handle every complete packet received so far.
-            if conn.is_awaiting_connect() && hello.is_none() {
-                if let Some(what) = sniff_non_mqtt(&rbuf) {
-                    let listener = info
-                        .as_ref()
-                        .map(|i| i.listener.to_string())
-                        .unwrap_or_default();
-                    tracing::info!(%peer, listener, "not MQTT: {what}; connection closed");
-                    break;
-                }
+    let now = Instant::now();
+    let conn = Detach(Connection::new(broker.clone(), now));
+    let waker = conn.waker().clone();
+    let live = live.register(&waker);
+    let c = Box::new(Conn {
+        stream,
+        conn,
+        broker,
+        peer: info.addr,
+        preauth: PreAuthCharge {
+            budget: info.preauth.clone(),
+            charged: 0,
+        },
+        info: Some(info),
+        _permit: None,
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        read_size: READ_MIN,
+        eof: false,
+        write_failed: false,
+        shutting_down: false,
+        connected: false,
+        over_budget: false,
+        told_stalled: false,
+        hello: None,
+        waker,
+        live,
+        stalled_since: None,
+        last_active: now,
+        parking: None,
+        _done: done,
+    });
+    drive(c)
+}
+
+/// Run a connection (new, or resumed from parking) until it closes or parks.
+async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
+    let peer = c.peer;
+    let park_after = Duration::from_millis(c.broker.config.limits.park_after_ms);
+    // The keep-alive / connect / retry timer: one timer entry, moved as the
+    // deadline moves (not a new one per wait).
+    let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+    let mut timer_at: Option<tokio::time::Instant> = None;
+    loop {
+        // 1. Decode and handle every complete packet received so far.
+        if c.conn.is_awaiting_connect() && c.hello.is_none() {
+            if let Some(what) = sniff_non_mqtt(&c.rbuf) {
+                let listener = c
+                    .info
+                    .as_ref()
+                    .map(|i| i.listener.to_string())
+                    .unwrap_or_default();
+                tracing::info!(%peer, listener, "not MQTT: {what}; connection closed");
+                break;
             }
-            // Fairness: a client whose packets are expensive (a publish to
-            // thousands of sessions) must not hold the worker thread for the
-            // whole read batch. Every few packets the time is checked; past
-            // BUSY_SLICE the task yields, so that the other tasks queued on
-            // this worker (and its I/O) run before it goes on.
-            let mut slice_start = Instant::now();
-            let mut handled = 0u32;
-            while conn.poll_close().is_none() && !rbuf.is_empty() {
-                handled += 1;
-                if handled.is_multiple_of(16) && slice_start.elapsed() >= BUSY_SLICE {
-                    tokio::task::yield_now().await;
-                    slice_start = Instant::now();
+        }
+        // Fairness: a client whose packets are expensive (a publish to
+        // thousands of sessions) must not hold the worker thread for the
+        // whole read batch. Every few packets the time is checked; past
+        // BUSY_SLICE the task yields, so that the other tasks queued on
+        // this worker (and its I/O) run before it goes on.
+        let mut slice_start = Instant::now();
+        let mut handled = 0u32;
+        while c.conn.poll_close().is_none() && !c.rbuf.is_empty() {
+            handled += 1;
+            if handled.is_multiple_of(16) && slice_start.elapsed() >= BUSY_SLICE {
+                tokio::task::yield_now().await;
+                slice_start = Instant::now();
+            }
+            // The decode result is not kept across the await below (it
+            // would be stored in every task).
+            let c = &mut *c;
+            let p = match decode(&mut c.rbuf, c.conn.protocol(), c.conn.max_packet_size()) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::info!(%peer, client_id = c.conn.client_id().unwrap_or(""), error = %e,
+                    reason = %e.reason_code(), "malformed packet; closing");
+                    c.conn.handle_decode_error(&e);
+                    continue;
                 }
-                // The decode result is not kept across the await below (it
-                // would be stored in every task).
-                let p = match decode(&mut rbuf, conn.protocol(), conn.max_packet_size()) {
-                    Ok(Some(p)) => p,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::info!(%peer, client_id = conn.client_id().unwrap_or(""), error = %e,
-                        reason = %e.reason_code(), "malformed packet; closing");
-                        conn.handle_decode_error(&e);
-                        continue;
+            };
+            let greeting = matches!(p, Packet::Connect(_)) && c.conn.is_awaiting_connect();
+            let p = match c.info.as_deref() {
+                Some(i) if greeting => {
+                    // Boxed, and the packet moved into it: the
+                    // verdict's future (HTTP hook, JWKS...) is large and
+                    // runs once; inline, every idle task would carry its
+                    // size.
+                    let (p, h, verdict) = Box::pin(greet(p, &c.broker, i)).await;
+                    if let Some((v, permit)) = verdict {
+                        c._permit = permit.map(Box::new);
+                        c.conn.set_connect_verdict(v);
                     }
-                };
-                let greeting = matches!(p, Packet::Connect(_)) && conn.is_awaiting_connect();
-                let p = match info.as_deref() {
-                    Some(i) if greeting => {
-                        // Boxed, and the packet moved into it: the
-                        // verdict's future (HTTP hook, JWKS...) is large and
-                        // runs once; inline, every idle task would carry its
-                        // size.
-                        let (p, h, verdict) = Box::pin(greet(p, &broker, i)).await;
-                        if let Some((v, permit)) = verdict {
-                            _permit = permit.map(Box::new);
-                            conn.set_connect_verdict(v);
-                        }
-                        hello = h;
-                        p
-                    }
-                    _ => p,
-                };
-                conn.handle_packet(p, Instant::now());
-                if !connected {
-                    if let (Some(id), Some(h)) = (conn.client_id(), &hello) {
-                        connected = true;
-                        preauth.set(0);
-                        info = None;
-                        if let Some((cell, epoch)) = conn.attached() {
-                            crate::broker::admin::set_conn_info(
-                                cell,
-                                epoch,
-                                crate::broker::admin::ConnInfo::new(
-                                    peer,
-                                    h.username.clone(),
-                                    h.level,
-                                    h.keep_alive,
-                                    h.clean_start,
-                                ),
-                            );
-                        }
-                        tracing::info!(
-                            "New client connected from {peer} as {id} ({})",
-                            h.summary()
+                    c.hello = h.map(Box::new);
+                    p
+                }
+                _ => p,
+            };
+            c.conn.handle_packet(p, Instant::now());
+            if !c.connected {
+                if let (Some(id), Some(h)) = (c.conn.client_id(), &c.hello) {
+                    c.connected = true;
+                    c.preauth.set(0);
+                    c.info = None;
+                    if let Some((cell, epoch)) = c.conn.attached() {
+                        crate::broker::admin::set_conn_info(
+                            cell,
+                            epoch,
+                            crate::broker::admin::ConnInfo::new(
+                                peer,
+                                h.username.clone(),
+                                h.level,
+                                h.keep_alive,
+                                h.clean_start,
+                            ),
                         );
                     }
+                    tracing::info!("New client connected from {peer} as {id} ({})", h.summary());
                 }
             }
-            if rbuf.is_empty() && rbuf.capacity() > 0 {
-                rbuf = BytesMut::new(); // idle: hold no read buffer
-            }
-            // 2. Write what the state machine produced, as far as the
-            // socket takes it now. A write that would wait does not stop
-            // the connection: the wait below goes on reading (PINGREQ, acks),
-            // running the keep-alive and other timers and taking wake-ups
-            // (kicks, shutdown) while the rest goes out, until `wbuf` reaches
-            // WRITE_HIGH; then reading pauses too (TCP back-pressure on the
-            // client) and new messages stay in the session queue, under its
-            // limits. No progress for `stall`: the client is gone.
-            let signals = waker.take_signals();
-            if wbuf.len() < WRITE_HIGH || signals & ConnWaker::KICK != 0 {
-                conn.poll_transmit(Instant::now(), &mut wbuf);
-            }
-            if !wbuf.is_empty() {
-                let before = wbuf.len();
-                let at_once = std::future::poll_fn(|cx| {
-                    Poll::Ready(poll_write_now(&mut stream, &mut wbuf, cx))
-                })
-                .await;
-                broker.stats.count_bytes_sent(before - wbuf.len());
-                match at_once {
-                    Poll::Ready(Ok(())) => {
-                        stalled_since = None;
-                        wbuf_done(&mut wbuf);
-                    }
-                    Poll::Ready(Err(_)) => {
-                        write_failed = true;
-                        break;
-                    }
-                    Poll::Pending if before != wbuf.len() || stalled_since.is_none() => {
-                        stalled_since = Some(Instant::now());
-                    }
-                    Poll::Pending => {}
-                }
-            }
-            let consuming_nothing = match (stalled_since, conn.ack_blocked_since()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
+        }
+        if c.rbuf.is_empty() && c.rbuf.capacity() > 0 {
+            c.rbuf = BytesMut::new(); // idle: hold no read buffer
+        }
+        // 2. Write what the state machine produced, as far as the
+        // socket takes it now. A write that would wait does not stop
+        // the connection: the wait below goes on reading (PINGREQ, acks),
+        // running the keep-alive and other timers and taking wake-ups
+        // (kicks, shutdown) while the rest goes out, until `wbuf` reaches
+        // WRITE_HIGH; then reading pauses too (TCP back-pressure on the
+        // client) and new messages stay in the session queue, under its
+        // limits. No progress for `stall`: the client is gone.
+        let signals = c.waker.take_signals();
+        if c.wbuf.len() < WRITE_HIGH || signals & ConnWaker::KICK != 0 {
+            let c = &mut *c;
+            c.conn.poll_transmit(Instant::now(), &mut c.wbuf);
+        }
+        if !c.wbuf.is_empty() {
+            let before = c.wbuf.len();
+            let at_once = {
+                let Conn { stream, wbuf, .. } = &mut *c;
+                std::future::poll_fn(|cx| Poll::Ready(poll_write_now(stream, wbuf, cx))).await
             };
-            if told_stalled && consuming_nothing.is_none() {
-                conn.set_consumer_stalled(false);
-                told_stalled = false;
-            }
-            if let Some(c) = conn.poll_close() {
-                // What is still unwritten (the DISCONNECT or CONNACK saying
-                // why) gets the rest of the stall time, at most LINGER_TIME
-                // when the client has already stopped reading.
-                if !wbuf.is_empty() {
-                    let stall =
-                        write_stall_limit(conn.keep_alive(), broker.config.limits.write_timeout);
-                    let limit = if stalled_since.is_some() {
-                        stall.min(LINGER_TIME)
-                    } else {
-                        stall
-                    };
-                    let before = wbuf.len();
-                    if Box::pin(write_out(&mut stream, &mut wbuf, limit))
-                        .await
-                        .is_err()
-                    {
-                        write_failed = true;
-                    }
-                    broker.stats.count_bytes_sent(before - wbuf.len());
+            c.broker.stats.count_bytes_sent(before - c.wbuf.len());
+            match at_once {
+                Poll::Ready(Ok(())) => {
+                    c.stalled_since = None;
+                    wbuf_done(&mut c.wbuf);
                 }
-                if connected {
-                    tracing::info!(%peer, reason = %c.reason, "Client {} disconnected: {}", conn.client_id().unwrap_or(""), c.why);
+                Poll::Ready(Err(_)) => {
+                    c.write_failed = true;
+                    break;
+                }
+                Poll::Pending if before != c.wbuf.len() || c.stalled_since.is_none() => {
+                    c.stalled_since = Some(Instant::now());
+                }
+                Poll::Pending => {}
+            }
+        }
+        let consuming_nothing = match (c.stalled_since, c.conn.ack_blocked_since()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if c.told_stalled && consuming_nothing.is_none() {
+            c.conn.set_consumer_stalled(false);
+            c.told_stalled = false;
+        }
+        if let Some(close) = c.conn.poll_close() {
+            let why = close.why.to_string();
+            let reason = close.reason;
+            // What is still unwritten (the DISCONNECT or CONNACK saying
+            // why) gets the rest of the stall time, at most LINGER_TIME
+            // when the client has already stopped reading.
+            if !c.wbuf.is_empty() {
+                let stall =
+                    write_stall_limit(c.conn.keep_alive(), c.broker.config.limits.write_timeout);
+                let limit = if c.stalled_since.is_some() {
+                    stall.min(LINGER_TIME)
                 } else {
-                    tracing::debug!(%peer, reason = %c.reason, why = %c.why, "closing connection");
+                    stall
+                };
+                let before = c.wbuf.len();
+                let Conn { stream, wbuf, .. } = &mut *c;
+                if Box::pin(write_out(stream, wbuf, limit)).await.is_err() {
+                    c.write_failed = true;
                 }
-                break;
+                c.broker.stats.count_bytes_sent(before - c.wbuf.len());
             }
-            if eof {
-                if connected {
-                    tracing::info!(%peer, "Client {} disconnected: connection closed by the client without DISCONNECT", conn.client_id().unwrap_or(""));
-                } else {
-                    tracing::debug!(%peer, "connection closed by peer");
-                }
-                break;
+            if c.connected {
+                tracing::info!(%peer, %reason, "Client {} disconnected: {why}", c.conn.client_id().unwrap_or(""));
+            } else {
+                tracing::debug!(%peer, %reason, %why, "closing connection");
             }
-            // 3. Signals from the server: shutdown, and bans added while
-            // connected, which close the connection (0x8A).
-            if signals & ConnWaker::SHUTDOWN != 0 && !shutting_down {
-                shutting_down = true;
-                conn.handle_shutdown();
-                continue;
+            break;
+        }
+        if c.eof {
+            if c.connected {
+                tracing::info!(%peer, "Client {} disconnected: connection closed by the client without DISCONNECT", c.conn.client_id().unwrap_or(""));
+            } else {
+                tracing::debug!(%peer, "connection closed by peer");
             }
-            if signals & ConnWaker::BANS != 0 && connected {
-                if let (Some(sec), Some(id)) = (broker.security(), conn.client_id()) {
-                    let user = hello.as_ref().and_then(|h| h.username.as_deref());
-                    if let Some(ban) = sec.bans.check(id, user, Some(peer.ip()), Instant::now()) {
-                        tracing::info!(%peer, client_id = id, username = user.unwrap_or(""), %ban, "banned at run time: disconnecting");
-                        conn.handle_kick(ProtocolError::Banned(Box::new(ban)));
-                        continue;
-                    }
-                }
-            }
-            // 4. Wait for input, write progress, a wake-up (delivery, kick,
-            // signal) or the timer (the protocol's deadlines, and the write
-            // stall limit while a write waits). Polled by hand rather than
-            // with `select!`: no per-branch future is stored, so the waiting
-            // task stays small.
-            let stall_at = stalled_since.map(|t| {
-                t + write_stall_limit(conn.keep_alive(), broker.config.limits.write_timeout)
-            });
-            {
-                let block_at = consuming_nothing
-                    .filter(|_| !told_stalled)
-                    .map(|t| t + crate::session::WRITE_BLOCK_GRACE);
-                let deadline = [conn.poll_timeout(), stall_at, block_at]
-                    .into_iter()
-                    .flatten()
-                    .min()
-                    .map(tokio::time::Instant::from_std);
-                if deadline != timer_at {
-                    if let Some(d) = deadline {
-                        timer.as_mut().reset(d);
-                    }
-                    timer_at = deadline;
+            break;
+        }
+        // 3. Signals from the server: shutdown, and bans added while
+        // connected, which close the connection (0x8A).
+        if signals & ConnWaker::SHUTDOWN != 0 && !c.shutting_down {
+            c.shutting_down = true;
+            c.conn.handle_shutdown();
+            continue;
+        }
+        if signals & ConnWaker::BANS != 0 && c.connected {
+            if let (Some(sec), Some(id)) = (c.broker.security(), c.conn.client_id()) {
+                let user = c.hello.as_ref().and_then(|h| h.username.as_deref());
+                if let Some(ban) = sec.bans.check(id, user, Some(peer.ip()), Instant::now()) {
+                    tracing::info!(%peer, client_id = id, username = user.unwrap_or(""), %ban, "banned at run time: disconnecting");
+                    c.conn.handle_kick(ProtocolError::Banned(Box::new(ban)));
+                    continue;
                 }
             }
-            conn.release_idle_memory();
-            let full = wbuf.len() >= WRITE_HIGH;
-            let read = !conn.is_paused() && !full;
-            let event = std::future::poll_fn(|cx| {
+        }
+        // 4. Wait for input, write progress, a wake-up (delivery, kick,
+        // signal) or the timer (the protocol's deadlines, the write stall
+        // limit while a write waits, and when to park). Polled by hand
+        // rather than with `select!`: no per-branch future is stored, so
+        // the waiting task stays small.
+        let stall_at = c.stalled_since.map(|t| {
+            t + write_stall_limit(c.conn.keep_alive(), c.broker.config.limits.write_timeout)
+        });
+        let keepalive_at = c.conn.poll_timeout();
+        let park_at = (S::PARKS
+            && !park_after.is_zero()
+            && c.connected
+            && !c.shutting_down
+            && c.rbuf.is_empty()
+            && c.wbuf.is_empty()
+            && consuming_nothing.is_none()
+            && !c.told_stalled
+            && c.conn.is_idle())
+        .then(|| c.last_active + park_after)
+        // A keep-alive due soon is left to the task's own timer (the
+        // sweep that wakes parked connections is coarse).
+        .filter(|&t| keepalive_at.is_none_or(|k| k > t + PARK_HORIZON));
+        {
+            let block_at = consuming_nothing
+                .filter(|_| !c.told_stalled)
+                .map(|t| t + crate::session::WRITE_BLOCK_GRACE);
+            let deadline = [keepalive_at, stall_at, block_at, park_at]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(tokio::time::Instant::from_std);
+            if deadline != timer_at {
+                if let Some(d) = deadline {
+                    timer.as_mut().reset(d);
+                }
+                timer_at = deadline;
+            }
+        }
+        c.conn.release_idle_memory();
+        let full = c.wbuf.len() >= WRITE_HIGH;
+        let read = !c.conn.is_paused() && !full;
+        let event = {
+            let Conn {
+                stream,
+                wbuf,
+                rbuf,
+                read_size,
+                waker,
+                ..
+            } = &mut *c;
+            std::future::poll_fn(|cx| {
                 if !wbuf.is_empty() {
                     let before = wbuf.len();
-                    let r = poll_write_now(&mut stream, &mut wbuf, cx);
+                    let r = poll_write_now(stream, wbuf, cx);
                     if before != wbuf.len() || r.is_ready() {
                         return Poll::Ready(Event::Wrote(before - wbuf.len(), r));
                     }
                 }
                 if read {
-                    if let Poll::Ready(r) =
-                        poll_read_some(&mut stream, cx, &mut rbuf, &mut read_size)
-                    {
+                    if let Poll::Ready(r) = poll_read_some(stream, cx, rbuf, read_size) {
                         return Poll::Ready(Event::Read(r));
                     }
                 }
@@ -1177,85 +1311,216 @@ fn serve<S: Transport>(
                 }
                 Poll::Pending
             })
-            .await;
-            match event {
-                Event::Read(r) => {
-                    if let Ok(n) = &r {
-                        broker.stats.count_bytes_received(*n);
-                    }
-                    if !matches!(r, Ok(n) if n > 0) {
-                        eof = true;
-                    }
+            .await
+        };
+        match event {
+            Event::Read(r) => {
+                c.last_active = Instant::now();
+                if let Ok(n) = &r {
+                    c.broker.stats.count_bytes_received(*n);
                 }
-                Event::Wrote(n, r) => {
-                    broker.stats.count_bytes_sent(n);
-                    match r {
-                        Poll::Ready(Err(_)) => {
-                            write_failed = true;
-                            break;
-                        }
-                        Poll::Ready(Ok(())) => {
-                            stalled_since = None;
-                            wbuf_done(&mut wbuf);
-                        }
-                        Poll::Pending => stalled_since = Some(Instant::now()),
-                    }
-                }
-                Event::Woken => {}
-                Event::Timer => {
-                    timer_at = None;
-                    let now = Instant::now();
-                    if !told_stalled
-                        && consuming_nothing
-                            .is_some_and(|t| now >= t + crate::session::WRITE_BLOCK_GRACE)
-                    {
-                        conn.set_consumer_stalled(true);
-                        told_stalled = true;
-                    }
-                    if stall_at.is_some_and(|t| t <= now) {
-                        let stall = write_stall_limit(
-                            conn.keep_alive(),
-                            broker.config.limits.write_timeout,
-                        );
-                        tracing::info!(%peer, "Client {} disconnected: stopped reading (no write progress for {:?})",
-                            conn.client_id().unwrap_or(""), stall);
-                        write_failed = true;
-                        break;
-                    }
-                    conn.handle_timeout(now);
+                if !matches!(r, Ok(n) if n > 0) {
+                    c.eof = true;
                 }
             }
-            if !connected && !preauth.set(rbuf.capacity().saturating_sub(PREAUTH_FREE)) {
-                preauth.budget.refuse(peer, Instant::now());
-                over_budget = true;
+            Event::Wrote(n, r) => {
+                c.last_active = Instant::now();
+                c.broker.stats.count_bytes_sent(n);
+                match r {
+                    Poll::Ready(Err(_)) => {
+                        c.write_failed = true;
+                        break;
+                    }
+                    Poll::Ready(Ok(())) => {
+                        c.stalled_since = None;
+                        wbuf_done(&mut c.wbuf);
+                    }
+                    Poll::Pending => c.stalled_since = Some(Instant::now()),
+                }
+            }
+            Event::Woken => c.last_active = Instant::now(),
+            Event::Timer => {
+                timer_at = None;
+                let now = Instant::now();
+                if park_at.is_some_and(|t| t <= now) {
+                    // Quiet for `park_after` with nothing in progress (any
+                    // other event would have come first): give up the task.
+                    match park(c, keepalive_at) {
+                        Ok(()) => return,
+                        Err(back) => {
+                            c = back;
+                            c.last_active = now;
+                            continue;
+                        }
+                    }
+                }
+                if !c.told_stalled
+                    && consuming_nothing
+                        .is_some_and(|t| now >= t + crate::session::WRITE_BLOCK_GRACE)
+                {
+                    c.conn.set_consumer_stalled(true);
+                    c.told_stalled = true;
+                }
+                if stall_at.is_some_and(|t| t <= now) {
+                    let stall = write_stall_limit(
+                        c.conn.keep_alive(),
+                        c.broker.config.limits.write_timeout,
+                    );
+                    tracing::info!(%peer, "Client {} disconnected: stopped reading (no write progress for {:?})",
+                        c.conn.client_id().unwrap_or(""), stall);
+                    c.write_failed = true;
+                    break;
+                }
+                c.conn.handle_timeout(now);
+            }
+        }
+        if !c.connected {
+            let held = c.rbuf.capacity().saturating_sub(PREAUTH_FREE);
+            if !c.preauth.set(held) {
+                c.preauth.budget.refuse(peer, Instant::now());
+                c.over_budget = true;
                 break;
             }
         }
-        if told_stalled {
-            // The next connection to this session starts afresh.
-            conn.set_consumer_stalled(false);
-        }
-        if eof || write_failed || over_budget {
-            conn.handle_closed(Instant::now());
-            let _ = Box::pin(tokio::time::timeout(
-                Duration::from_secs(1),
-                stream.shutdown(),
-            ))
-            .await;
-            return;
-        }
-        // We decided to close (DISCONNECT sent, CONNACK refused, takeover,
-        // shutdown...): linger so that the client can read why. After a takeover
-        // the client's own DISCONNECT may still be unread and decides on the will;
-        // otherwise the session is detached before lingering.
-        if conn.wants_packets_while_closing() {
-            Box::pin(lingering_close(&mut stream, &mut rbuf, Some(&mut conn))).await;
-        } else {
-            conn.handle_closed(Instant::now());
-            Box::pin(lingering_close(&mut stream, &mut rbuf, None)).await;
-        }
-        conn.handle_closed(Instant::now());
     }
+    if c.told_stalled {
+        // The next connection to this session starts afresh.
+        c.conn.set_consumer_stalled(false);
+    }
+    if c.eof || c.write_failed || c.over_budget {
+        c.conn.handle_closed(Instant::now());
+        let _ = Box::pin(tokio::time::timeout(
+            Duration::from_secs(1),
+            c.stream.shutdown(),
+        ))
+        .await;
+        return;
+    }
+    // We decided to close (DISCONNECT sent, CONNACK refused, takeover,
+    // shutdown...): linger so that the client can read why. After a takeover
+    // the client's own DISCONNECT may still be unread and decides on the will;
+    // otherwise the session is detached before lingering.
+    let Conn {
+        stream, rbuf, conn, ..
+    } = &mut *c;
+    if conn.wants_packets_while_closing() {
+        Box::pin(lingering_close(stream, rbuf, Some(conn))).await;
+    } else {
+        conn.handle_closed(Instant::now());
+        Box::pin(lingering_close(stream, rbuf, None)).await;
+    }
+    conn.handle_closed(Instant::now());
+}
+
+/// A parked connection's keep-alive must be at least this far away: the
+/// sweep that wakes parked connections whose keep-alive expired runs every
+/// [`SWEEP_EVERY`], so it may be that late.
+const PARK_HORIZON: Duration = Duration::from_secs(2);
+/// How often parked connections' keep-alive deadlines are checked.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// The waker of a parked connection. A quiet connection gives up its task
+/// (about 1 KiB: the future and tokio's task cell) and becomes a
+/// [`Conn`] box held here; the socket's readiness, its session's
+/// [`ConnWaker`] (deliveries, kicks, signals) and the keep-alive sweep
+/// ([`LiveConns::sweep`]) all wake this, which spawns the task again.
+struct Parking {
+    state: parking_lot::Mutex<ParkState>,
+    runtime: tokio::runtime::Handle,
+}
+
+enum ParkState {
+    /// The task runs; `woken`: a wake-up came since [`park`] began.
+    Running {
+        woken: bool,
+    },
+    Parked(Box<dyn Resume>),
+}
+
+/// A parked connection, resumed by spawning its task again.
+trait Resume: Send {
+    fn resume(self: Box<Self>, runtime: &tokio::runtime::Handle);
+}
+
+impl<S: Transport + 'static> Resume for Conn<S> {
+    fn resume(mut self: Box<Self>, runtime: &tokio::runtime::Handle) {
+        self.last_active = Instant::now();
+        self.broker
+            .stats
+            .clients_parked
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        // A runtime that is shutting down drops the future: the
+        // connection's `Detach` then detaches its session.
+        runtime.spawn(drive(self));
+    }
+}
+
+impl std::task::Wake for Parking {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let parked = {
+            let mut st = self.state.lock();
+            match std::mem::replace(&mut *st, ParkState::Running { woken: true }) {
+                ParkState::Parked(p) => {
+                    *st = ParkState::Running { woken: false };
+                    Some(p)
+                }
+                ParkState::Running { .. } => None,
+            }
+        };
+        if let Some(p) = parked {
+            p.resume(&self.runtime);
+        }
+    }
+}
+
+/// Park `c`: register [`Parking`] as the waker of its socket and its
+/// [`ConnWaker`], put its keep-alive deadline in the sweep, and leave it
+/// there; the caller's task then ends. `Err(c)` (the caller goes on) if
+/// something is already waiting: bytes to read, a wake-up, a signal.
+///
+/// No wake-up is lost: `Running { woken: false }` is set before the
+/// wakers are registered, each registration is followed by a check of
+/// what it waits for, and the box is stored only if no wake-up came in
+/// between (under the same lock the waker takes it with).
+fn park<S: Transport + 'static>(
+    mut c: Box<Conn<S>>,
+    keepalive_at: Option<Instant>,
+) -> Result<(), Box<Conn<S>>> {
+    let parking = c
+        .parking
+        .get_or_insert_with(|| {
+            Arc::new(Parking {
+                state: parking_lot::Mutex::new(ParkState::Running { woken: false }),
+                runtime: tokio::runtime::Handle::current(),
+            })
+        })
+        .clone();
+    c.conn.release_session_memory();
+    *parking.state.lock() = ParkState::Running { woken: false };
+    let waker = std::task::Waker::from(parking.clone());
+    let mut cx = Context::from_waker(&waker);
+    if c.stream.poll_park(&mut cx).is_ready() || c.waker.poll_woken(&mut cx).is_ready() {
+        // Note: a wake-up consumed here is handled by the caller's next
+        // round (it transmits whatever the session has).
+        return Err(c);
+    }
+    c.live.park_until(keepalive_at);
+    let mut st = parking.state.lock();
+    if matches!(*st, ParkState::Running { woken: true }) {
+        *st = ParkState::Running { woken: false };
+        return Err(c);
+    }
+    // Counted before it can be resumed (which takes this lock).
+    c.broker
+        .stats
+        .clients_parked
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    *st = ParkState::Parked(c);
+    Ok(())
 }
 
 /// What a CONNECT said (for the connection log line) and, with security

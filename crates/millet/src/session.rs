@@ -414,6 +414,25 @@ impl Session {
         self.consumer_stalled = stalled;
     }
 
+    /// Give back the capacity of empty queues and windows: a parked
+    /// connection's session keeps no buffer it does not use (a device that
+    /// received one message would otherwise keep a few hundred bytes of
+    /// queue and in-flight window for good).
+    pub fn release_idle_memory(&mut self) {
+        if self.queue.q0.is_empty() && self.queue.q0.capacity() > 0 {
+            self.queue.q0 = VecDeque::new();
+        }
+        if self.queue.q12.is_empty() && self.queue.q12.capacity() > 0 {
+            self.queue.q12 = VecDeque::new();
+        }
+        if self.inflight.is_empty() && self.inflight.capacity() > 0 {
+            self.inflight = VecDeque::new();
+        }
+        if self.awaiting_rel.is_empty() && self.awaiting_rel.capacity() > 0 {
+            self.awaiting_rel = HashSet::new();
+        }
+    }
+
     pub fn new(id: SessionId, client_id: ByteString, max_queued: usize) -> Self {
         Session {
             id,

@@ -83,6 +83,12 @@ pub fn render(broker: &Broker, now: std::time::Instant) -> String {
         connected,
     );
     m.one(
+        "millet_connections_parked",
+        "gauge",
+        "Connections parked (quiet, without a task) right now ($SYS clients/parked).",
+        g(&s.clients_parked),
+    );
+    m.one(
         "millet_sessions",
         "gauge",
         "Sessions, connected or not ($SYS clients/total).",

@@ -75,6 +75,8 @@ pub struct Stats {
     /// Messages not delivered: a full queue, or too big for the client.
     pub messages_dropped: AtomicU64,
     pub subscriptions: AtomicU64,
+    /// Connections parked (quiet, without a task) right now.
+    pub clients_parked: AtomicU64,
     /// PUBLISH packets and their payload bytes by QoS, from / to clients:
     /// the by-QoS split of `publish_received` / `publish_sent` (added with
     /// them, once per batch, see `protocol.rs` `SentCount`), sharded.

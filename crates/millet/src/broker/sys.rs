@@ -10,6 +10,7 @@
 //! | `clients/total` | sessions: connected + disconnected |
 //! | `clients/maximum` | the most sessions there have been at once |
 //! | `clients/expired` | disconnected sessions removed at expiry |
+//! | `clients/parked` | connected clients parked: quiet, holding no task (Millet's own) |
 //! | `messages/received`, `messages/sent` | MQTT packets of any type |
 //! | `publish/messages/received`, `publish/messages/sent` | PUBLISH packets |
 //! | `publish/messages/dropped`, `messages/dropped` | messages not delivered (queue full, too big) |
@@ -187,6 +188,7 @@ fn publish_sys(broker: &Broker, load: &LoadAverages<{ LOADS.len() }>, now: Insta
             get(&s.clients_maximum).max(total).to_string(),
         ),
         ("clients/expired", get(&s.clients_expired).to_string()),
+        ("clients/parked", get(&s.clients_parked).to_string()),
         ("messages/received", get(&s.messages_received).to_string()),
         ("messages/sent", get(&s.messages_sent).to_string()),
         ("messages/dropped", dropped.to_string()),
