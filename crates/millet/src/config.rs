@@ -45,6 +45,51 @@ pub struct Config {
     /// `[security.acl]`, `[security.quota]`, `[security.tls]`; see
     /// [`crate::security`]).
     pub security: crate::security::SecurityConfig,
+    /// The admin HTTP API and Prometheus metrics (`[admin]`, see [`crate::admin`]).
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the admin HTTP API (REST, `/metrics`, health). See README
+/// "Admin API and metrics".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve the admin API at all (`--no-admin` turns it off).
+    pub enabled: bool,
+    /// Address of the admin listener. Off loopback only with `keys_file`
+    /// or `bearer_token` set (checked at start-up).
+    pub listen: SocketAddr,
+    /// API keys, `NAME:SHA256HEX` per line, written by `millet ctl key add`;
+    /// re-read when it changes.
+    pub keys_file: Option<PathBuf>,
+    /// A static bearer token (quick starts; `MILLET_ADMIN__BEARER_TOKEN`).
+    /// Prefer `keys_file`: the token sits in clear in the configuration.
+    pub bearer_token: Option<String>,
+    /// `/metrics` requires authentication like the rest of the API.
+    pub metrics_auth: bool,
+}
+
+/// Default port of the admin listener (EMQX's dashboard port).
+pub const DEFAULT_ADMIN_PORT: u16 = 18083;
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT)),
+            keys_file: None,
+            bearer_token: None,
+            metrics_auth: true,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Whether the address is the built-in default (a busy default port
+    /// only disables the API, with a warning; a configured one is an error).
+    pub fn is_default_listen(&self) -> bool {
+        self.listen == AdminConfig::default().listen
+    }
 }
 
 /// When an acknowledged QoS 1/2 message is on disk.
@@ -199,6 +244,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             tls_listen: Vec::new(),
             security: crate::security::SecurityConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -246,7 +292,17 @@ const ENV_KEYS: &[&str] = &[
     "server_moved",
 ];
 /// Sections settable through `MILLET_<SECTION>__<KEY>`.
-const ENV_SECTIONS: &[&str] = &["limits__", "store__", "security__"];
+const ENV_SECTIONS: &[&str] = &["limits__", "store__", "security__", "admin__"];
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colour only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, target, message, fields.
+    Json,
+}
 
 /// Command-line flags. Every flag also reads an environment variable.
 #[derive(Debug, clap::Parser, Default)]
@@ -256,7 +312,8 @@ const ENV_SECTIONS: &[&str] = &["limits__", "store__", "security__"];
     about = "Millet MQTT gateway",
     after_help = "Credential tools (without --password: prompted for twice on a terminal, else read from stdin):\n  \
                   millet passwd FILE USER [--password PW | --delete]                   argon2id password file\n  \
-                  millet scram FILE USER [--password PW | --delete] [--iterations N]   SCRAM-SHA-256 credentials file"
+                  millet scram FILE USER [--password PW | --delete] [--iterations N]   SCRAM-SHA-256 credentials file\n  \
+                  millet ctl key add NAME --file FILE                                   admin API key (printed once, stored hashed)"
 )]
 pub struct Cli {
     /// TOML configuration file.
@@ -334,6 +391,15 @@ pub struct Cli {
     /// Durability of acknowledged messages: sync, interval or none (memory only).
     #[arg(long, value_enum)]
     pub durability: Option<DurabilityConfig>,
+    /// Admin HTTP API (REST, /metrics) address; default 127.0.0.1:18083.
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Do not serve the admin HTTP API.
+    #[arg(long)]
+    pub no_admin: bool,
+    /// Log format on stderr: text (default) or json (one object per line).
+    #[arg(long, env = "MILLET_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// Log filter (tracing EnvFilter syntax), e.g. `info,millet=debug`.
     #[arg(long, env = "MILLET_LOG", default_value = "info")]
     pub log: String,
@@ -402,6 +468,10 @@ impl Config {
         set!(l.topic_alias_max, cli.topic_alias_max);
         set!(l.connect_timeout, cli.connect_timeout);
         set!(cfg.store.durability, cli.durability);
+        set!(cfg.admin.listen, cli.admin_listen);
+        if cli.no_admin {
+            cfg.admin.enabled = false;
+        }
         cfg.validate()
             .map_err(|e| Box::new(figment::Error::from(e)))?;
         Ok(cfg)
@@ -429,6 +499,22 @@ impl Config {
         }
         if l.max_packet_size < 64 {
             return Err("max_packet_size must be at least 64 bytes".into());
+        }
+        let a = &self.admin;
+        if a.bearer_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err("admin.bearer_token must be at least 16 characters".into());
+        }
+        if a.enabled
+            && !a.listen.ip().is_loopback()
+            && a.keys_file.is_none()
+            && a.bearer_token.is_none()
+        {
+            return Err(format!(
+                "admin.listen {} is not a loopback address: the admin API is never served off \
+                 loopback without authentication; set admin.keys_file (keys from \
+                 `millet ctl key add NAME --file FILE`) or admin.bearer_token",
+                a.listen
+            ));
         }
         Ok(())
     }
@@ -598,6 +684,19 @@ mod tests {
                 a.get_id()
             );
         }
+    }
+
+    #[test]
+    fn the_admin_api_is_never_off_loopback_without_keys() {
+        let e = load_text("[admin]\nlisten = \"0.0.0.0:18083\"\n").unwrap_err();
+        assert!(e.contains("not a loopback address"), "{e}");
+        assert!(e.contains("millet ctl key add"), "{e}");
+        load_text("[admin]\nlisten = \"0.0.0.0:18083\"\nkeys_file = \"keys\"\n").unwrap();
+        load_text("[admin]\nlisten = \"0.0.0.0:18083\"\nenabled = false\n").unwrap();
+        let e = load_text("[admin]\nbearer_token = \"short\"\n").unwrap_err();
+        assert!(e.contains("at least 16"), "{e}");
+        let c = load_text("").unwrap();
+        assert!(c.admin.enabled && c.admin.is_default_listen() && c.admin.metrics_auth);
     }
 
     #[test]

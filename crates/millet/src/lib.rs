@@ -17,15 +17,19 @@
 //! - [`config`]: configuration layers (defaults, TOML, env, flags).
 //! - [`server`]: the tokio driver: listeners, connection tasks, ticker, drain.
 //! - [`tools`]: the `millet passwd` / `millet scram` credential tools.
+//! - [`admin`]: the admin HTTP API (axum), API keys, Prometheus `/metrics`.
+//! - [`histogram`]: fixed-bucket latency histograms for `/metrics`.
 
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod admin;
 pub mod alias;
 pub mod auth;
 pub mod broker;
 pub mod budget;
 pub mod config;
+pub mod histogram;
 pub mod protocol;
 pub mod security;
 pub mod server;

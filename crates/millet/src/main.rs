@@ -1,6 +1,7 @@
 //! The `millet` binary: parse configuration, start the listeners, drain on
 //! SIGINT / SIGTERM. `millet passwd FILE USER` edits an argon2id password file,
-//! `millet scram FILE USER` a SCRAM-SHA-256 credentials file.
+//! `millet scram FILE USER` a SCRAM-SHA-256 credentials file, `millet ctl
+//! key add NAME --file FILE` creates an admin API key.
 
 use clap::Parser;
 use millet::config::{Cli, Config};
@@ -8,6 +9,16 @@ use millet::server::Server;
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    // `millet ctl key add NAME --file FILE`: admin API keys
+    if args.get(1).map(String::as_str) == Some("ctl") {
+        let (out, code) = millet::admin::keys::ctl(args.get(2..).unwrap_or_default());
+        if code == 0 {
+            println!("{out}");
+        } else {
+            eprintln!("millet ctl: {out}");
+        }
+        return std::process::ExitCode::from(code);
+    }
     // `millet passwd ...` / `millet scram ...`
     if let Some(code) = millet::tools::dispatch(&args) {
         return code;
@@ -30,11 +41,18 @@ fn main() -> std::process::ExitCode {
     };
     // Colour only for a person at a terminal: log files and journald get
     // plain text.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    match cli.log_format {
+        millet::config::LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        millet::config::LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     let config = match Config::load(&cli) {
         Ok(c) => c,
         Err(e) => {

@@ -347,6 +347,12 @@ impl Connection {
         &self.waker
     }
 
+    /// The session this connection is attached to and its epoch (for the
+    /// admin API's connection details).
+    pub fn attached(&self) -> Option<(&Arc<SessionCell>, u64)> {
+        self.attached.as_ref().map(|(c, e)| (c, *e))
+    }
+
     pub fn client_id(&self) -> Option<&str> {
         match &self.state {
             State::Connected(a) => Some(&a.client_id),
@@ -362,7 +368,9 @@ impl Connection {
         // (`poll_transmit`, `handle_closed`): a shared atomic per packet
         // cost about 7% of QoS 0 fan-in.
         self.received.packets += 1;
-        self.received.publishes += u64::from(matches!(packet, Packet::Publish(_)));
+        if let Packet::Publish(p) = &packet {
+            self.received.count_publish(p);
+        }
         if self.close.is_some() {
             return;
         }
@@ -585,6 +593,7 @@ impl Connection {
                         });
                     }
                     stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                    stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 if hold_seq != 0 {
@@ -658,6 +667,7 @@ impl Connection {
                     }
                 }
                 stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             // A QoS 2 PUBLISH the client completes (PUBREC, PUBREL, PUBCOMP)
@@ -1808,6 +1818,9 @@ pub fn reserved_topic(topic: &str) -> Option<ReasonCode> {
 struct SentCount {
     packets: u64,
     publishes: u64,
+    /// PUBLISH packets and payload bytes by QoS (for `/metrics`).
+    by_qos: [u64; 3],
+    payload_by_qos: [u64; 3],
 }
 
 impl SentCount {
@@ -1819,8 +1832,19 @@ impl SentCount {
     ) -> Result<(), millet_codec::EncodeError> {
         encode(p, protocol, buf)?;
         self.packets += 1;
-        self.publishes += u64::from(matches!(p, Packet::Publish(_)));
+        if let Packet::Publish(p) = p {
+            self.count_publish(p);
+        }
         Ok(())
+    }
+
+    fn count_publish(&mut self, p: &millet_codec::Publish) {
+        let q = p.qos as usize;
+        self.publishes += 1;
+        if let (Some(n), Some(b)) = (self.by_qos.get_mut(q), self.payload_by_qos.get_mut(q)) {
+            *n += 1;
+            *b += p.payload.len() as u64;
+        }
     }
 
     fn add_to(&mut self, stats: &crate::broker::Stats) {
@@ -1833,6 +1857,11 @@ impl SentCount {
             stats
                 .publish_sent
                 .fetch_add(self.publishes, Ordering::Relaxed);
+            stats.by_qos.add(
+                crate::broker::Direction::Sent,
+                &self.by_qos,
+                &self.payload_by_qos,
+            );
         }
         *self = SentCount::default();
     }
@@ -1848,6 +1877,11 @@ impl SentCount {
             stats
                 .publish_received
                 .fetch_add(self.publishes, Ordering::Relaxed);
+            stats.by_qos.add(
+                crate::broker::Direction::Received,
+                &self.by_qos,
+                &self.payload_by_qos,
+            );
         }
         *self = SentCount::default();
     }

@@ -148,6 +148,11 @@ impl Drop for LiveConn {
 pub struct Server {
     pub addrs: Vec<SocketAddr>,
     pub broker: Arc<Broker>,
+    /// The admin API's address, if it runs ([`crate::admin`]).
+    pub admin_addr: Option<SocketAddr>,
+    admin: Option<crate::admin::AdminServer>,
+    /// MQTT listeners bound and not draining (the admin API's `/readyz`).
+    ready: Arc<std::sync::atomic::AtomicBool>,
     live: Arc<LiveConns>,
     shutdown: watch::Sender<bool>,
     done: mpsc::Receiver<()>,
@@ -177,6 +182,10 @@ impl Server {
         }
         let preauth = PreAuthBudget::new(broker.config.limits.preauth_memory);
         let live = Arc::new(LiveConns::default());
+        // The admin API first: `/readyz` says "not ready" until every MQTT
+        // listener is bound.
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let admin = crate::admin::start(broker.clone(), ready.clone()).await?;
         let plain = broker.config.listen.iter().map(|a| (*a, None));
         let secure = broker.config.tls_listen.iter().map(|a| (*a, tls.clone()));
         for (addr, tls) in plain.chain(secure) {
@@ -234,9 +243,13 @@ impl Server {
             shutdown_rx.clone(),
         )));
         drop(done_tx);
+        ready.store(true, std::sync::atomic::Ordering::Release);
         Ok(Server {
             addrs,
             broker,
+            admin_addr: admin.as_ref().map(|a| a.addr),
+            admin,
+            ready,
             live,
             shutdown,
             done,
@@ -247,6 +260,8 @@ impl Server {
     /// Stop accepting, send DISCONNECT 0x8B to v5 clients, flush, and wait
     /// (at most `grace`) for every connection to finish.
     pub async fn shutdown(mut self, grace: std::time::Duration) {
+        self.ready
+            .store(false, std::sync::atomic::Ordering::Release);
         let _ = self.shutdown.send(true);
         self.live.shutdown();
         for t in &self.tasks {
@@ -254,6 +269,10 @@ impl Server {
         }
         // Connection tasks hold `done` senders; recv() returns None when all are gone.
         let _ = tokio::time::timeout(grace, self.done.recv()).await;
+        // The admin API answers (`/readyz`: 503) while connections drain.
+        if let Some(a) = self.admin.take() {
+            a.shutdown(Duration::from_secs(1)).await;
+        }
     }
 }
 
@@ -1106,6 +1125,19 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                     c.connected = true;
                     c.preauth.set(0);
                     c.info = None;
+                    if let Some((cell, epoch)) = c.conn.attached() {
+                        crate::broker::admin::set_conn_info(
+                            cell,
+                            epoch,
+                            crate::broker::admin::ConnInfo::new(
+                                peer,
+                                h.username.clone(),
+                                h.level,
+                                h.keep_alive,
+                                h.clean_start,
+                            ),
+                        );
+                    }
                     tracing::info!("New client connected from {peer} as {id} ({})", h.summary());
                 }
             }
@@ -1179,7 +1211,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 c.broker.stats.count_bytes_sent(before - c.wbuf.len());
             }
             if c.connected {
-                tracing::info!(%peer, "Client {} disconnected: {why}", c.conn.client_id().unwrap_or(""));
+                tracing::info!(%peer, %reason, "Client {} disconnected: {why}", c.conn.client_id().unwrap_or(""));
             } else {
                 tracing::debug!(%peer, %reason, %why, "closing connection");
             }
@@ -1548,6 +1580,9 @@ async fn greet(
     };
     let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
     let (v, permit) = connect_verdict(sec, c, info, limit).await;
+    if v.reason != ReasonCode::SUCCESS {
+        broker.stats.auth_failures.count(v.reason);
+    }
     h.username = v.username.clone();
     (p, Some(h), Some((v, permit)))
 }

@@ -964,6 +964,9 @@ pub struct SessionStateGuarded {
     /// Publishers paused because this session's queue is over the
     /// back-pressure threshold; woken when it drains or goes offline.
     pub blocked: Vec<Arc<ConnWaker>>,
+    /// What the admin API shows of the attached connection (peer,
+    /// username, protocol); `None` when none is attached.
+    pub conn_info: Option<Arc<crate::broker::admin::ConnInfo>>,
 }
 
 impl SessionStateGuarded {
@@ -1006,6 +1009,7 @@ impl SessionCell {
                 kick: None,
                 takeover_will: None,
                 blocked: Vec::new(),
+                conn_info: None,
             }),
         })
     }

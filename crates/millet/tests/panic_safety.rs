@@ -22,6 +22,10 @@ async fn start() -> (Server, Arc<Broker>, u16) {
     let config = Config {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         sys_interval: 0,
+        admin: millet::config::AdminConfig {
+            enabled: false,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let broker = Arc::new(Broker::new(config, Instant::now()));

@@ -9,10 +9,12 @@
 //! A session's `state` lock is never held while taking `index` or `retained`,
 //! because publishers hold `index` (read) while they take session locks.
 
+pub mod admin;
 pub mod index;
 pub mod persist;
 pub mod retained;
 mod sys;
+pub(crate) use sys::rss_bytes;
 #[cfg(test)]
 mod topic_tree_tests;
 
@@ -75,6 +77,105 @@ pub struct Stats {
     pub subscriptions: AtomicU64,
     /// Connections parked (quiet, without a task) right now.
     pub clients_parked: AtomicU64,
+    /// PUBLISH packets and their payload bytes by QoS, from / to clients:
+    /// the by-QoS split of `publish_received` / `publish_sent` (added with
+    /// them, once per batch, see `protocol.rs` `SentCount`), sharded.
+    pub by_qos: QosCounters,
+    /// Part of `messages_dropped`: too big for the receiving client.
+    pub dropped_too_large: AtomicU64,
+    /// CONNECTs refused by the security layer, by reason ([`AuthFailures`]).
+    pub auth_failures: AuthFailures,
+}
+
+/// Which way a message went, for [`QosCounters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From clients.
+    Received,
+    /// To clients.
+    Sent,
+}
+
+/// One shard of [`QosCounters`]: `[received, sent]` × `[count, bytes]` ×
+/// QoS, on cache lines of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct QosShard([[[AtomicU64; 3]; 2]; 2]);
+
+/// PUBLISH counts and payload bytes by QoS and direction, in shards picked
+/// per thread: the worker threads add to different cache lines, so that
+/// the split by QoS adds no contended atomic to a batch (only
+/// `/metrics` and `/api/v1/stats` sum the shards).
+#[derive(Debug, Default)]
+pub struct QosCounters {
+    shards: [QosShard; QosCounters::SHARDS],
+}
+
+impl QosCounters {
+    const SHARDS: usize = 16;
+
+    fn shard(&self) -> &QosShard {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        thread_local! {
+            static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) as usize % QosCounters::SHARDS;
+        }
+        let i = INDEX.with(|i| *i);
+        &self.shards[i % Self::SHARDS]
+    }
+
+    /// Add `counts[qos]` messages of `bytes[qos]` payload bytes.
+    pub fn add(&self, dir: Direction, counts: &[u64; 3], bytes: &[u64; 3]) {
+        let s = &self.shard().0[dir as usize];
+        for q in 0..3 {
+            if counts[q] > 0 {
+                s[0][q].fetch_add(counts[q], Ordering::Relaxed);
+                s[1][q].fetch_add(bytes[q], Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// `(messages, payload bytes)` by QoS, summed over the shards.
+    pub fn totals(&self, dir: Direction) -> ([u64; 3], [u64; 3]) {
+        let (mut n, mut b) = ([0; 3], [0; 3]);
+        for s in &self.shards {
+            let d = &s.0[dir as usize];
+            for q in 0..3 {
+                n[q] += d[0][q].load(Ordering::Relaxed);
+                b[q] += d[1][q].load(Ordering::Relaxed);
+            }
+        }
+        (n, b)
+    }
+}
+
+/// CONNECTs refused by the authentication chain, bans and per-user
+/// limits, by the CONNACK reason code they got (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct AuthFailures {
+    /// 0x86 bad user name or password (3.x: 4).
+    pub bad_credentials: AtomicU64,
+    /// 0x87 not authorized (3.x: 5).
+    pub not_authorized: AtomicU64,
+    /// 0x8A banned.
+    pub banned: AtomicU64,
+    /// 0x97 quota exceeded (connections per user).
+    pub quota: AtomicU64,
+    /// Any other refusal.
+    pub other: AtomicU64,
+}
+
+impl AuthFailures {
+    /// Count a refused CONNECT by its reason code.
+    pub fn count(&self, reason: ReasonCode) {
+        let c = match reason {
+            ReasonCode::BAD_USER_NAME_OR_PASSWORD => &self.bad_credentials,
+            ReasonCode::NOT_AUTHORIZED => &self.not_authorized,
+            ReasonCode::BANNED => &self.banned,
+            ReasonCode::QUOTA_EXCEEDED => &self.quota,
+            _ => &self.other,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Stats {
@@ -618,6 +719,7 @@ impl Broker {
                     st.conn_epoch = 0;
                     st.signal_kick();
                     st.waker = None;
+                    st.conn_info = None;
                     self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
                 } else if let (true, Some(w)) = (clean_start, old_will) {
                     wills_now.push(w);
@@ -636,6 +738,7 @@ impl Broker {
                     st.conn_epoch = epoch;
                     st.waker = Some(waker.clone());
                     st.kick = None;
+                    st.conn_info = None;
                     st.session.expires_at = None;
                     st.session.expiry_interval = expiry_interval;
                     drop(st);
@@ -731,6 +834,7 @@ impl Broker {
             st.conn_epoch = 0;
             st.kick = None;
             st.waker = None;
+            st.conn_info = None;
             st.release_blocked();
             self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
             if let Some(e) = expiry_override {

@@ -141,6 +141,11 @@ impl Persistence {
         )))
     }
 
+    /// The store itself (statistics, latency, health for the admin API).
+    pub fn store(&self) -> &crate::store::Store {
+        &self.store
+    }
+
     pub fn submit(&self, ops: Vec<Op>) -> u64 {
         if ops.is_empty() {
             return 0;

@@ -137,7 +137,7 @@ pub(super) fn tick(broker: &Broker, now: Instant) {
 }
 
 /// Resident set size of this process in bytes (Linux `/proc`).
-fn rss_bytes() -> Option<u64> {
+pub(crate) fn rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line

@@ -808,10 +808,16 @@ impl Security {
     /// Reload every file (providers, ACL, TLS, SCRAM, bans); the old state
     /// stays for each part that fails. Logs one line; returns the errors.
     pub fn reload(&self) -> Vec<String> {
+        self.reload_from("SIGHUP")
+    }
+
+    /// [`Security::reload`], logged as triggered by `trigger` (`SIGHUP`,
+    /// `admin API`).
+    pub fn reload_from(&self, trigger: &str) -> Vec<String> {
         let parts = reloadable_parts(&self.config);
         *self.stamps.lock() = parts.iter().map(|(_, f)| file_stamps(f)).collect();
         let names: Vec<&'static str> = parts.iter().map(|(n, _)| *n).collect();
-        self.reload_parts(&names, "SIGHUP")
+        self.reload_parts(&names, trigger)
     }
 
     fn reload_parts(&self, names: &[&'static str], trigger: &str) -> Vec<String> {

@@ -294,6 +294,9 @@ pub struct StoreStats {
 
 #[derive(Default)]
 struct Counters {
+    /// Time of each log round: append, plus fsync under `sync` (one
+    /// observation per round, not per message).
+    log_write: crate::histogram::Histogram,
     submits: AtomicU64,
     ops: AtomicU64,
     commits: AtomicU64,
@@ -647,6 +650,12 @@ impl Store {
 
     pub fn stats(&self) -> StoreStats {
         self.shared.counters.snapshot()
+    }
+
+    /// Latency of the writer's log rounds (append, and fsync when the
+    /// policy syncs), for `/metrics`.
+    pub fn log_write_latency(&self) -> crate::histogram::Snapshot {
+        self.shared.counters.log_write.snapshot()
     }
 
     /// Stop accepting submits, let the writer finish what is queued, fsync,

@@ -543,6 +543,7 @@ impl Writer {
             .collect();
         drop(groups);
         let before = self.wal.len();
+        let round_started = Instant::now();
         let mut r = if survivors.is_empty() {
             Ok(())
         } else {
@@ -557,6 +558,7 @@ impl Writer {
             }
         }
         let c = &self.shared.counters;
+        c.log_write.observe(round_started.elapsed());
         match r {
             Ok(()) => {
                 if self.log_failing {

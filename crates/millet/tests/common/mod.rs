@@ -79,6 +79,9 @@ impl Broker {
                 if !args.contains(&"--sys-interval") {
                     c.args(["--sys-interval", "0"]);
                 }
+                if !args.contains(&"--admin-listen") {
+                    c.arg("--no-admin");
+                }
                 c.args(args);
                 (c, 0)
             };
