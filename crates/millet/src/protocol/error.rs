@@ -248,7 +248,10 @@ impl ProtocolError {
             E::BadAuthenticationMethod(_) => ReasonCode::BAD_AUTHENTICATION_METHOD,
             E::ConnAckTooLarge { .. } => ReasonCode::PACKET_TOO_LARGE,
             E::KeepAliveTimeout => ReasonCode::KEEP_ALIVE_TIMEOUT,
-            E::Banned(_) => ReasonCode::BANNED,
+            // A ban that reaches a connected client: 0x8A (Banned) is a
+            // CONNACK code only; DISCONNECT says 0x98 Administrative action
+            // [MQTT-3.14.2.1], with the ban in the reason string.
+            E::Banned(_) => ReasonCode::ADMINISTRATIVE_ACTION,
             E::TopicAliasInvalid { .. } => ReasonCode::TOPIC_ALIAS_INVALID,
             E::MessageRateTooHigh => ReasonCode::MESSAGE_RATE_TOO_HIGH,
             E::ReceiveMaximumExceeded => ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
@@ -546,11 +549,10 @@ mod tests {
                     assert!(!e.publishes_will() || e == ProtocolError::UnsupportedProtocolVersion);
                 }
                 Notice::Disconnect => {
-                    // Run-time bans send 0x8A (a CONNACK code) as they always
-                    // have: the one known exception.
-                    let valid =
-                        DISCONNECT_CODES.contains(&code.0) || matches!(e, ProtocolError::Banned(_));
-                    assert!(valid, "{e:?}: {code} in DISCONNECT");
+                    assert!(
+                        DISCONNECT_CODES.contains(&code.0),
+                        "{e:?}: {code} in DISCONNECT"
+                    );
                     assert!(code.is_error(), "{e:?}: a server DISCONNECT with {code}");
                     assert_ne!(code.0, 0x04, "{e:?}: 0x04 is the client's");
                     assert_eq!(v3, code, "{e:?}: 3.x has no DISCONNECT code");
