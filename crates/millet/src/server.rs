@@ -1270,15 +1270,9 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             // `park_after` for a timer to say so.
             match park(c, keepalive_at) {
                 Ok(()) => return,
-                Err(back) => {
-                    // Something came meanwhile: handle it, and park by the
-                    // timer from now on.
-                    c = back;
-                    c.quiet = false;
-                    c.last_active = now;
-                    continue;
-                }
+                Err(back) => c = back,
             }
+            continue;
         }
         let park_at = idle.then(|| c.last_active + park_after);
         {
@@ -1374,13 +1368,9 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                     // other event would have come first): give up the task.
                     match park(c, keepalive_at) {
                         Ok(()) => return,
-                        Err(back) => {
-                            c = back;
-                            c.quiet = false;
-                            c.last_active = now;
-                            continue;
-                        }
+                        Err(back) => c = back,
                     }
+                    continue;
                 }
                 if !c.told_stalled
                     && consuming_nothing
@@ -1438,6 +1428,14 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         Box::pin(lingering_close(stream, rbuf, None)).await;
     }
     conn.handle_closed(Instant::now());
+}
+
+/// A park that found something waiting: the connection goes on, active now,
+/// and parks by the timer next time.
+fn not_now<S>(mut c: Box<Conn<S>>) -> Box<Conn<S>> {
+    c.quiet = false;
+    c.last_active = Instant::now();
+    c
 }
 
 /// A parked connection's keep-alive must be at least this far away: the
@@ -1511,7 +1509,10 @@ impl std::task::Wake for Parking {
 /// Park `c`: register [`Parking`] as the waker of its socket and its
 /// [`ConnWaker`], put its keep-alive deadline in the sweep, and leave it
 /// there; the caller's task then ends. `Err(c)` (the caller goes on) if
-/// something is already waiting: bytes to read, a wake-up, a signal.
+/// something is already waiting: bytes to read, a wake-up, a signal; `c`
+/// then parks by the timer again (`quiet` cleared, active now), and a
+/// wake-up consumed here is handled by the caller's next round (it
+/// transmits whatever the session has).
 ///
 /// No wake-up is lost: `Running { woken: false }` is set before the
 /// wakers are registered, each registration is followed by a check of
@@ -1539,16 +1540,15 @@ fn park<S: Transport + 'static>(
     let waker = std::task::Waker::from(parking.clone());
     let mut cx = Context::from_waker(&waker);
     if c.stream.poll_park(&mut cx).is_ready() || c.waker.poll_woken(&mut cx).is_ready() {
-        // Note: a wake-up consumed here is handled by the caller's next
-        // round (it transmits whatever the session has).
-        return Err(c);
+        return Err(not_now(c));
     }
     c.live.park_until(keepalive_at);
     c.last_active = Instant::now();
     let mut st = parking.state.lock();
     if matches!(*st, ParkState::Running { woken: true }) {
         *st = ParkState::Running { woken: false };
-        return Err(c);
+        drop(st);
+        return Err(not_now(c));
     }
     // Counted before it can be resumed (which takes this lock).
     c.broker
