@@ -62,6 +62,17 @@ MILLET_LIMITS__PARK_AFTER_MS=1 MILLET_BIN="${CARGO_TARGET_DIR:-$PWD/target}/rele
   tests/conformance/test_flow_control.py tests/conformance/test_shared.py tests/conformance/test_disconnect.py \
   tests/conformance/test_subscribe.py tests/conformance/test_v5_features.py
 
+log "the engine seam: every suite again on the delaying engine (engine.test_delay_ms = 20)"
+# Every engine call (attach, subscribe, unsubscribe) is answered after a
+# seeded random 0-20 ms delay, as an engine across a network would answer
+# (docs/DESIGN.md, "The engine seam"): the state-machine tests (in-process,
+# MILLET_TEST_ENGINE_DELAY_MS), the rumqttc and other socket tests and the
+# whole conformance suite (brokers started with MILLET_ENGINE__TEST_DELAY_MS).
+MILLET_TEST_ENGINE_DELAY_MS=20 MILLET_ENGINE__TEST_DELAY_MS=20 \
+  cargo nextest run -p millet --no-fail-fast
+MILLET_ENGINE__TEST_DELAY_MS=20 MILLET_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/millet" \
+  scripts/test-conformance.sh
+
 if [[ -z "${SKIP_FUZZ:-}" && -x scripts/fuzz.sh ]]; then
   log "fuzz the decoder and the protocol state machine briefly"
   scripts/fuzz.sh "${FUZZ_SECONDS:-30}"

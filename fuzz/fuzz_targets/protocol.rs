@@ -102,12 +102,15 @@ impl Conn {
 
     /// Read what the client sent (unless paused) and handle every complete
     /// packet, like `server::serve` step 1.
-    fn pump(&mut self, now: Instant) {
+    fn pump(&mut self, broker: &Arc<Broker>, now: Instant) {
         if !self.conn.is_paused() && !self.socket.is_empty() {
             self.rbuf.extend_from_slice(&self.socket);
             self.socket.clear();
         }
-        while self.conn.poll_close().is_none() && !self.rbuf.is_empty() {
+        while self.conn.poll_close().is_none()
+            && !self.rbuf.is_empty()
+            && self.conn.accepts_packets()
+        {
             match decode(
                 &mut self.rbuf,
                 self.conn.protocol(),
@@ -119,6 +122,18 @@ impl Conn {
                     }
                     self.observe_client(&p);
                     self.conn.handle_packet(p, now);
+                    // The embedded engine answers at once.
+                    while let Some(request) = self.conn.poll_request() {
+                        let waker = self.conn.waker().clone();
+                        match millet::engine::submit(&**broker, request, &waker, now) {
+                            millet::engine::Call::Ready(done) => {
+                                self.conn.handle_completion(done, now)
+                            }
+                            millet::engine::Call::Later(_) => {
+                                unreachable!("the embedded engine answers at once")
+                            }
+                        }
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -330,7 +345,7 @@ impl World {
     fn poll_all(&mut self) {
         let now = self.now;
         for i in 0..NCONN {
-            self.conns[i].pump(now);
+            self.conns[i].pump(&self.broker, now);
             self.conns[i].transmit(now);
             if self.conns[i].conn.poll_close().is_some() {
                 self.replace(i);

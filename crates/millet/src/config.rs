@@ -47,6 +47,20 @@ pub struct Config {
     pub security: crate::security::SecurityConfig,
     /// The admin HTTP API and Prometheus metrics (`[admin]`, see [`crate::admin`]).
     pub admin: AdminConfig,
+    /// The engine behind the protocol (`[engine]`, see [`crate::engine`]).
+    pub engine: EngineConfig,
+}
+
+/// `[engine]`: where sessions, subscriptions and durable messages live.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// For tests: answer every engine call (attach, subscribe, unsubscribe)
+    /// after a random delay of up to this many milliseconds, as an engine
+    /// across a network would (see [`crate::engine::delaying`]). 0: off.
+    pub test_delay_ms: u64,
+    /// Seed of the test delays (the same seed gives the same delays).
+    pub test_delay_seed: u64,
 }
 
 /// `[admin]`: the admin HTTP API (REST, `/metrics`, health). See README
@@ -245,6 +259,7 @@ impl Default for Config {
             tls_listen: Vec::new(),
             security: crate::security::SecurityConfig::default(),
             admin: AdminConfig::default(),
+            engine: EngineConfig::default(),
         }
     }
 }
@@ -292,7 +307,7 @@ const ENV_KEYS: &[&str] = &[
     "server_moved",
 ];
 /// Sections settable through `MILLET_<SECTION>__<KEY>`.
-const ENV_SECTIONS: &[&str] = &["limits__", "store__", "security__", "admin__"];
+const ENV_SECTIONS: &[&str] = &["limits__", "store__", "security__", "admin__", "engine__"];
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

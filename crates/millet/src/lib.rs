@@ -5,11 +5,17 @@
 //! ## Layout
 //! - [`millet_codec`] (separate crate): packets ⇄ bytes, sans-IO, errors carry reason codes.
 //! - [`protocol`]: one connection's state machine (CONNECT, keep-alive, aliases,
-//!   QoS handshakes, flow control), sans-IO, driven with `now`.
+//!   QoS handshakes, flow control), sans-IO, driven with `now`; it asks the
+//!   engine for what may cross a network and waits for the answer.
+//! - [`engine`]: the seam to shared, durable state (attach with takeover,
+//!   subscribe, unsubscribe, detach; durability tickets), answered now or
+//!   later; [`engine::delaying`] answers late on purpose, for tests.
 //! - [`session`]: what outlives a connection: subscriptions, queue, in-flight
 //!   window, QoS 2 ids awaiting PUBREL, will, expiry.
-//! - [`broker`]: routing (subscription index, `$share` groups), retained
-//!   messages, client registry and takeover, delayed wills, `$SYS`.
+//! - [`broker`]: the embedded engine: routing (subscription index, `$share`
+//!   groups), retained messages, client registry and takeover, delayed
+//!   wills, `$SYS`, and the redb store behind its write-ahead log
+//!   ([`broker::persist`], [`store`]).
 //! - [`budget`]: broker-wide memory accounting (`limits.memory_budget`).
 //! - [`alias`]: topic aliases both ways (O(1) outbound assignment with replacement).
 //! - [`auth`]: the enhanced-authentication (AUTH) provider interface.
@@ -29,6 +35,7 @@ pub mod auth;
 pub mod broker;
 pub mod budget;
 pub mod config;
+pub mod engine;
 pub mod histogram;
 pub mod protocol;
 pub mod security;

@@ -32,15 +32,14 @@ use millet_codec::{
 
 use crate::alias::{InAliases, OutAlias, OutAliases};
 use crate::auth::{AuthExchange, AuthStep};
-use crate::broker::persist::AckStatus;
-use crate::broker::{Broker, SubscribeOutcome};
+use crate::broker::{Attached, Broker, SubscribeOutcome};
+use crate::engine::{
+    AckStatus, AttachRequest, Completion, Request, SubscribeRequest, Ticket, UnsubscribeRequest,
+};
 use crate::security::acl::{Access, Rule};
 use crate::security::quota::{ClientLimiter, ExceededAction, QuotaDecision};
 use crate::security::V3DenyAction;
-use crate::session::{
-    ConnWaker, DeferredReplay, Delivery, InflightState, Message, SessionCell, Subscription,
-};
-use crate::store::Op;
+use crate::session::{ConnWaker, Delivery, InflightState, Message, SessionCell, Subscription};
 
 pub mod error;
 use error::Notice;
@@ -111,8 +110,54 @@ enum State {
     AwaitConnect,
     /// CONNECT received with an authentication method; AUTH exchange running.
     Authenticating(Box<PendingConnect>),
+    /// CONNECT accepted; the engine attaches the session ([`Waiting`]).
+    Attaching,
     Connected(Box<Active>),
     Closed,
+}
+
+/// Packets a connection holds, in order, while it waits for the engine;
+/// one more closes it (0x97). The driver stops reading meanwhile
+/// ([`Connection::accepts_packets`]), so only a driver that feeds packets
+/// regardless (a test) comes near it.
+pub const MAX_HELD_PACKETS: usize = 64;
+
+/// An engine call the connection waits for (see [`crate::engine`]).
+struct Waiting {
+    /// The request, until the driver takes it ([`Connection::poll_request`]).
+    request: Option<Request>,
+    /// What the answer completes.
+    then: Then,
+    /// Packets received meanwhile, handled in order after the answer.
+    held: VecDeque<Packet>,
+}
+
+enum Then {
+    /// CONNACK and the connected state.
+    Attach(Box<PendingAttach>),
+    /// SUBACK: a code per filter.
+    Subscribe { packet_id: u16, codes: Vec<SubCode> },
+    /// UNSUBACK.
+    Unsubscribe { packet_id: u16 },
+}
+
+/// One filter's SUBACK code, while the engine subscribes.
+enum SubCode {
+    /// Decided by the protocol (not authorized).
+    Known(ReasonCode),
+    /// Asked of the engine, for this QoS (granted as asked).
+    Asked(QoS),
+}
+
+/// An accepted CONNECT, while the engine attaches its session.
+struct PendingAttach {
+    connect: Box<Connect>,
+    client_id: ByteString,
+    props: ConnAckProperties,
+    auth_data: Option<bytes::Bytes>,
+    keep_alive: u16,
+    expiry: u32,
+    grant: ConnectVerdict,
 }
 
 struct PendingConnect {
@@ -188,7 +233,7 @@ pub struct Connection {
     throttle_until: Option<Instant>,
     /// PUBACK / PUBREC held until the store sequence they depend on is
     /// durable; released in order [MQTT-4.6.0-2].
-    pending_acks: VecDeque<(u64, Packet)>,
+    pending_acks: VecDeque<(Ticket, Packet)>,
     /// Largest packet the client accepts (its v5 Maximum Packet Size).
     peer_max_packet: usize,
     /// A packet too big for the client has been discarded and logged.
@@ -202,6 +247,8 @@ pub struct Connection {
     attached: Option<(Arc<SessionCell>, u64)>,
     /// See [`Connection::ack_blocked_since`].
     ack_blocked_since: Option<Instant>,
+    /// The engine call waited for, if any.
+    waiting: Option<Box<Waiting>>,
 }
 
 impl Connection {
@@ -227,6 +274,7 @@ impl Connection {
             received: SentCount::default(),
             attached: None,
             ack_blocked_since: None,
+            waiting: None,
         }
     }
 
@@ -285,7 +333,22 @@ impl Connection {
             && self.paused_until.is_none()
             && self.throttle_until.is_none()
             && self.ack_blocked_since.is_none()
+            && self.waiting.is_none()
             && !matches!(self.timer, Some(Timer::Connect(_)))
+    }
+
+    /// False while the connection waits for the engine: the driver then
+    /// leaves the client's bytes unread (they are handled, in order, once
+    /// the answer came; see [`Connection::handle_completion`]).
+    pub fn accepts_packets(&self) -> bool {
+        self.waiting.is_none()
+    }
+
+    /// A request for the engine, to be handed to it once
+    /// ([`crate::engine::submit`]); its answer comes back through
+    /// [`Connection::handle_completion`].
+    pub fn poll_request(&mut self) -> Option<Request> {
+        self.waiting.as_mut().and_then(|w| w.request.take())
     }
 
     /// True until a CONNECT was handled: the driver authenticates the next
@@ -376,16 +439,28 @@ impl Connection {
         }
         self.last_recv = now;
         self.rearm_keepalive(now);
+        if let Some(w) = self.waiting.as_mut() {
+            if w.held.len() >= MAX_HELD_PACKETS {
+                return self.fail(ProtocolError::HeldPacketsExceeded);
+            }
+            w.held.push_back(packet);
+            return;
+        }
+        self.dispatch(packet, now);
+    }
+
+    /// Handle `packet` in the current state (nothing is being waited for).
+    fn dispatch(&mut self, packet: Packet, now: Instant) {
         match std::mem::replace(&mut self.state, State::Closed) {
             State::AwaitConnect => match packet {
-                Packet::Connect(c) => self.handle_connect(c, now),
+                Packet::Connect(c) => self.handle_connect(c),
                 other => {
                     // [MQTT-3.1.0-1]: the first packet must be CONNECT.
                     self.fail(ProtocolError::PacketBeforeConnect(other.name()));
                 }
             },
             State::Authenticating(pending) => match packet {
-                Packet::Auth(a) => self.handle_auth_during_connect(pending, a, now),
+                Packet::Auth(a) => self.handle_auth_during_connect(pending, a),
                 other => {
                     self.fail(ProtocolError::PacketDuringAuth(other.name()));
                 }
@@ -394,8 +469,82 @@ impl Connection {
                 self.handle_connected(&mut active, packet, now);
                 self.state = State::Connected(active);
             }
+            State::Attaching => {
+                // Not reached: packets are held while attaching.
+                self.state = State::Attaching;
+                self.fail(ProtocolError::EngineMismatch);
+            }
             State::Closed => {}
         }
+    }
+
+    /// The engine answered the request taken with
+    /// [`Connection::poll_request`]. The packets held meanwhile are handled
+    /// now, in order (until one makes the connection wait again).
+    pub fn handle_completion(&mut self, completion: Completion, now: Instant) {
+        let Some(w) = self.waiting.take() else {
+            tracing::error!(?completion, "engine answer with no request outstanding");
+            return self.fail(ProtocolError::EngineMismatch);
+        };
+        let Waiting { then, held, .. } = *w;
+        match (then, completion) {
+            (Then::Attach(p), Completion::Attached(a)) => {
+                if self.close.is_some() || !matches!(self.state, State::Attaching) {
+                    // Closed meanwhile (connect timeout, shutdown): the
+                    // session is detached with the connection.
+                    self.attached = Some((a.cell, a.epoch));
+                    return;
+                }
+                self.handle_attached(p, a, now);
+            }
+            (Then::Subscribe { packet_id, codes }, Completion::Subscribed(outcomes)) => {
+                self.subscribed(packet_id, codes, outcomes);
+            }
+            (Then::Unsubscribe { packet_id }, Completion::Unsubscribed(existed)) => {
+                let codes = existed
+                    .into_iter()
+                    .map(|e| {
+                        if e {
+                            ReasonCode::SUCCESS
+                        } else {
+                            ReasonCode::NO_SUBSCRIPTION_EXISTED
+                        }
+                    })
+                    .collect();
+                self.out.push_back(Packet::UnsubAck(UnsubAck {
+                    packet_id,
+                    properties: Default::default(),
+                    reason_codes: codes,
+                }));
+            }
+            (_, completion) => {
+                if let Completion::Attached(a) = completion {
+                    self.attached = Some((a.cell, a.epoch));
+                }
+                tracing::error!("engine answer does not match the request");
+                return self.fail(ProtocolError::EngineMismatch);
+            }
+        }
+        let mut held = held;
+        while self.waiting.is_none() && self.close.is_none() {
+            let Some(p) = held.pop_front() else { break };
+            self.dispatch(p, now);
+        }
+        if let Some(w) = self.waiting.as_mut() {
+            // Waiting again: what is left stays held, ahead of anything newer.
+            held.append(&mut w.held);
+            w.held = held;
+        }
+    }
+
+    /// Wait for the engine: `request` goes to the driver, `then` says what
+    /// the answer completes.
+    fn wait_for(&mut self, request: Request, then: Then) {
+        self.waiting = Some(Box::new(Waiting {
+            request: Some(request),
+            then,
+            held: VecDeque::new(),
+        }));
     }
 
     /// The decoder rejected the client's bytes.
@@ -541,14 +690,13 @@ impl Connection {
         }
         let mut st = cell.state.lock();
         let session = &mut st.session;
-        // Store ops mirroring queue → in-flight moves, submitted once at the end.
-        let persist = self.broker.persistence().filter(|_| session.persisted);
-        let mut ops: Vec<Op> = Vec::new();
+        // Store records mirroring queue → in-flight moves, submitted once at the end.
+        let mut writes = self.broker.session_writes(session);
         // QoS 2 PUBLISH held until its in-flight record is durable (and, to
         // keep the order and topic aliases right, everything behind it).
         let mut held: Vec<Packet> = Vec::new();
-        // Store sequence the held packets wait for.
-        let mut hold_seq = 0;
+        // What the held packets wait for.
+        let mut hold = Ticket::NONE;
         let max_packet = self.peer_max_packet;
         if active.resend {
             active.resend = false;
@@ -557,10 +705,10 @@ impl Connection {
             // away): the client must not complete it before that is durable,
             // or a crash would bring the message back from the queue under a
             // new packet id. Resends wait for everything submitted so far.
-            if let Some(p) = persist {
-                let last = p.submitted_seq();
-                if p.status(last) == AckStatus::Pending {
-                    hold_seq = last;
+            if writes.records() {
+                let last = self.broker.last_ticket();
+                if self.broker.ticket_status(last) == AckStatus::Pending {
+                    hold = last;
                 }
             }
             // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP) and PUBREL in order.
@@ -586,17 +734,14 @@ impl Connection {
                             active.alias_out.forget(&p.topic, alias);
                         }
                     }
-                    if session.forget_inflight(pid) && persist.is_some() {
-                        ops.push(Op::DeleteInflight {
-                            client_id: session.store_key.clone(),
-                            packet_id: pid,
-                        });
+                    if session.forget_inflight(pid) {
+                        writes.inflight_done(session, pid);
                     }
                     stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
                     stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                if hold_seq != 0 {
+                if !hold.is_none() {
                     held.push(packet);
                 } else {
                     let _ = sent.encode(&packet, protocol, buf);
@@ -647,12 +792,7 @@ impl Connection {
                     }
                 }
             };
-            if let (Some(_), true) = (persist, d.seq != 0) {
-                ops.push(Op::DeleteQueueEntry {
-                    client_id: session.store_key.clone(),
-                    seq: d.seq,
-                });
-            }
+            writes.queue_entry_sent(session, &d);
             let publish = active.publish_packet(&d, pid, false, now, protocol);
             let packet = Packet::Publish(publish);
             let fits = max_packet == usize::MAX
@@ -673,7 +813,7 @@ impl Connection {
             // A QoS 2 PUBLISH the client completes (PUBREC, PUBREL, PUBCOMP)
             // before its in-flight record is durable would, after a crash, be
             // sent again from the queue under a new packet id: delivered twice.
-            let hold = persist.is_some_and(|p| !p.acks_early())
+            let hold = writes.holds_deliveries()
                 && (d.qos == QoS::ExactlyOnce || !held.is_empty() || delivery_held);
             if hold {
                 held.push(packet);
@@ -687,13 +827,7 @@ impl Connection {
                 continue;
             }
             if let Some(pid) = pid {
-                if let Some(p) = persist {
-                    // Moved from queue to in-flight in one batch (the message
-                    // keeps a reference throughout).
-                    p.message_id(&d.msg, &mut ops, d.seq == 0);
-                    let order = session.take_seq();
-                    ops.push(p.inflight_op(&session.store_key, pid, &d, false, order));
-                }
+                writes.inflight_added(session, pid, &d);
                 session.push_inflight(pid, d);
             }
         }
@@ -702,15 +836,11 @@ impl Connection {
         } else {
             None
         };
-        if let Some(p) = persist {
-            let seq = p.submit(ops).max(hold_seq);
-            if !held.is_empty() {
-                if seq != 0 {
-                    p.wait(seq, &self.waker);
-                }
-                self.pending_acks
-                    .extend(held.into_iter().map(|packet| (seq, packet)));
-            }
+        let ticket = writes.submit().max(hold);
+        if !held.is_empty() {
+            self.broker.ticket_wait(ticket, &self.waker);
+            self.pending_acks
+                .extend(held.into_iter().map(|packet| (ticket, packet)));
         }
         if !st.blocked.is_empty()
             && st.session.queue_len() <= self.broker.config.limits.backpressure_queued / 2
@@ -893,7 +1023,7 @@ impl Connection {
         }
     }
 
-    fn handle_connect(&mut self, mut c: Box<Connect>, now: Instant) {
+    fn handle_connect(&mut self, mut c: Box<Connect>) {
         self.protocol = Some(c.protocol);
         if c.protocol.is_v5() {
             // Applies to every packet from now on, CONNACK included [MQTT-3.1.2-24].
@@ -982,13 +1112,12 @@ impl Connection {
                     exchange,
                 }),
                 step,
-                now,
             );
         }
-        self.accept(c, None, now);
+        self.accept(c, None);
     }
 
-    fn auth_step(&mut self, pending: Box<PendingConnect>, step: AuthStep, now: Instant) {
+    fn auth_step(&mut self, pending: Box<PendingConnect>, step: AuthStep) {
         match step {
             AuthStep::Continue(data) => {
                 self.out.push_back(Packet::Auth(Auth {
@@ -1005,17 +1134,12 @@ impl Connection {
                 }));
                 self.state = State::Authenticating(pending);
             }
-            AuthStep::Success(data) => self.accept(pending.connect, data, now),
+            AuthStep::Success(data) => self.accept(pending.connect, data),
             AuthStep::Failure => self.fail(ProtocolError::AuthenticationFailed),
         }
     }
 
-    fn handle_auth_during_connect(
-        &mut self,
-        mut pending: Box<PendingConnect>,
-        a: Auth,
-        now: Instant,
-    ) {
+    fn handle_auth_during_connect(&mut self, mut pending: Box<PendingConnect>, a: Auth) {
         if a.reason_code != ReasonCode::CONTINUE_AUTHENTICATION
             || a.properties.authentication_method
                 != pending.connect.properties.authentication_method
@@ -1027,16 +1151,16 @@ impl Connection {
         let step = pending
             .exchange
             .step(a.properties.authentication_data.as_deref());
-        self.auth_step(pending, step, now);
+        self.auth_step(pending, step);
     }
 
-    fn accept(&mut self, c: Box<Connect>, auth_data: Option<bytes::Bytes>, now: Instant) {
+    fn accept(&mut self, c: Box<Connect>, auth_data: Option<bytes::Bytes>) {
         let grant = *self.verdict.take().unwrap_or_default();
         let limits = self.broker.config.limits.clone();
         let v5 = c.protocol.is_v5();
         let mut props = ConnAckProperties::default();
         let client_id: ByteString = if c.client_id.is_empty() {
-            let id: ByteString = format!("millet-{:016x}", rand::random::<u64>()).into();
+            let id = self.broker.assign_client_id();
             if v5 {
                 props.assigned_client_identifier = Some(id.clone()); // [MQTT-3.2.2-16]
             }
@@ -1076,14 +1200,41 @@ impl Connection {
                 props.session_expiry_interval = Some(expiry);
             }
         }
-        let attached = self.broker.connect(
-            &client_id,
-            c.clean_start,
-            expiry,
-            c.will.as_ref().map(detach_will),
-            self.waker.clone(),
-            now,
+        let request = AttachRequest {
+            client_id: client_id.clone(),
+            clean_start: c.clean_start,
+            expiry_interval: expiry,
+            will: c.will.as_ref().map(detach_will),
+            waker: self.waker.clone(),
+        };
+        self.state = State::Attaching;
+        self.wait_for(
+            Request::Attach(Box::new(request)),
+            Then::Attach(Box::new(PendingAttach {
+                connect: c,
+                client_id,
+                props,
+                auth_data,
+                keep_alive,
+                expiry,
+                grant,
+            })),
         );
+    }
+
+    /// The engine attached the session: CONNACK, and the connected state.
+    fn handle_attached(&mut self, p: Box<PendingAttach>, attached: Attached, now: Instant) {
+        let PendingAttach {
+            connect: c,
+            client_id,
+            mut props,
+            auth_data,
+            keep_alive,
+            expiry,
+            grant,
+        } = *p;
+        let limits = self.broker.config.limits.clone();
+        let v5 = c.protocol.is_v5();
         if v5 {
             props.receive_maximum = Some(limits.receive_maximum);
             props.retain_available = Some(true);
@@ -1151,23 +1302,25 @@ impl Connection {
             Packet::PubAck(r) => {
                 let mut st = a.cell.state.lock();
                 if st.session.handle_puback(r.packet_id) {
-                    self.persist_inflight_done(&st.session, r.packet_id);
+                    let mut w = self.broker.session_writes(&st.session);
+                    w.inflight_done(&st.session, r.packet_id);
+                    w.submit();
                 } else {
                     tracing::debug!(packet_id = r.packet_id, "PUBACK for unknown packet id");
                 }
             }
             Packet::PubRec(r) => {
-                let (known, seq) = {
+                let (known, ticket) = {
                     let mut st = a.cell.state.lock();
                     let known = st
                         .session
                         .handle_pubrec(r.packet_id, r.reason_code.is_error());
-                    let seq = if known {
+                    let ticket = if known {
                         self.persist_pubrec(&mut st.session, r.packet_id, r.reason_code.is_error())
                     } else {
-                        0
+                        Ticket::NONE
                     };
-                    (known, seq)
+                    (known, ticket)
                 };
                 if !r.reason_code.is_error() {
                     let reason = if known || !v5 {
@@ -1180,7 +1333,7 @@ impl Connection {
                     // brought back "awaiting PUBREC" would make us resend the
                     // PUBLISH and deliver it twice.
                     self.queue_ack(
-                        seq,
+                        ticket,
                         Packet::PubRel(PubResp::with_reason(r.packet_id, reason)),
                     );
                 }
@@ -1189,13 +1342,10 @@ impl Connection {
                 let known = {
                     let mut st = a.cell.state.lock();
                     let known = st.session.awaiting_rel.remove(&r.packet_id);
-                    if let (true, true, Some(p)) =
-                        (known, st.session.persisted, self.broker.persistence())
-                    {
-                        p.submit(vec![Op::DeleteAwaitingRel {
-                            client_id: st.session.store_key.clone(),
-                            packet_id: r.packet_id,
-                        }]);
+                    if known {
+                        let mut w = self.broker.session_writes(&st.session);
+                        w.awaiting_rel_done(&st.session, r.packet_id);
+                        w.submit();
                     }
                     known
                 };
@@ -1210,10 +1360,12 @@ impl Connection {
             Packet::PubComp(r) => {
                 let mut st = a.cell.state.lock();
                 if st.session.handle_pubcomp(r.packet_id) {
-                    self.persist_inflight_done(&st.session, r.packet_id);
+                    let mut w = self.broker.session_writes(&st.session);
+                    w.inflight_done(&st.session, r.packet_id);
+                    w.submit();
                 }
             }
-            Packet::Subscribe(s) => self.handle_subscribe(a, s, now),
+            Packet::Subscribe(s) => self.handle_subscribe(a, s),
             Packet::Unsubscribe(u) => self.handle_unsubscribe(a, u),
             Packet::PingReq => self.out.push_back(Packet::PingResp),
             Packet::Disconnect(d) => {
@@ -1306,7 +1458,7 @@ impl Connection {
         }
         let qos = p.qos;
         let pid = p.packet_id.unwrap_or(0);
-        let mut rel_seq = 0;
+        let mut rel_ticket = Ticket::NONE;
         let receive_maximum = usize::from(limits.receive_maximum);
         if qos != QoS::AtMostOnce && !self.admit_publish(a, &p) {
             return;
@@ -1317,7 +1469,7 @@ impl Connection {
                 // A resend of a message we already have: acknowledge, don't
                 // deliver twice [MQTT-4.3.3-10].
                 drop(st);
-                self.queue_ack(0, Packet::PubRec(PubResp::new(pid)));
+                self.queue_ack(Ticket::NONE, Packet::PubRec(PubResp::new(pid)));
                 return;
             }
             if st.session.awaiting_rel.len() >= receive_maximum {
@@ -1325,12 +1477,9 @@ impl Connection {
                 return self.fail(ProtocolError::ReceiveMaximumExceeded);
             }
             st.session.awaiting_rel.insert(pid);
-            if let (Some(p), true) = (self.broker.persistence(), st.session.persisted) {
-                rel_seq = p.submit(vec![Op::PutAwaitingRel {
-                    client_id: st.session.store_key.clone(),
-                    packet_id: pid,
-                }]);
-            }
+            let mut w = self.broker.session_writes(&st.session);
+            w.awaiting_rel_added(&st.session, pid);
+            rel_ticket = w.submit();
         }
         let expires_at = p
             .properties
@@ -1357,11 +1506,15 @@ impl Connection {
             ReasonCode::SUCCESS
         };
         // Acknowledged only once durable (group commit) [issue: durable by default].
-        let seq = routed.store_seq.max(rel_seq);
+        let ticket = routed.ticket.max(rel_ticket);
         match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.queue_ack(seq, Packet::PubAck(PubResp::with_reason(pid, rc))),
-            QoS::ExactlyOnce => self.queue_ack(seq, Packet::PubRec(PubResp::with_reason(pid, rc))),
+            QoS::AtLeastOnce => {
+                self.queue_ack(ticket, Packet::PubAck(PubResp::with_reason(pid, rc)))
+            }
+            QoS::ExactlyOnce => {
+                self.queue_ack(ticket, Packet::PubRec(PubResp::with_reason(pid, rc)))
+            }
         }
     }
 
@@ -1423,64 +1576,42 @@ impl Connection {
             QoS::ExactlyOnce => Packet::PubRec(PubResp::with_reason(pid, rc)),
             _ => Packet::PubAck(PubResp::with_reason(pid, rc)),
         };
-        self.queue_ack(0, ack);
-    }
-
-    /// The store forgets a completed outgoing message.
-    fn persist_inflight_done(&self, session: &crate::session::Session, packet_id: u16) {
-        if let (true, Some(p)) = (session.persisted, self.broker.persistence()) {
-            p.submit(vec![Op::DeleteInflight {
-                client_id: session.store_key.clone(),
-                packet_id,
-            }]);
-        }
+        self.queue_ack(Ticket::NONE, ack);
     }
 
     /// PUBREC received: the stored entry moves to "awaiting PUBCOMP" (or is
-    /// dropped when the PUBREC carried an error). Returns the store sequence
-    /// the PUBREL must wait for (0: nothing stored).
+    /// dropped when the PUBREC carried an error). Returns the ticket the
+    /// PUBREL must wait for.
     fn persist_pubrec(
         &self,
         session: &mut crate::session::Session,
         packet_id: u16,
         is_error: bool,
-    ) -> u64 {
-        let Some(p) = self.broker.persistence().filter(|_| session.persisted) else {
-            return 0;
-        };
+    ) -> Ticket {
+        let mut w = self.broker.session_writes(session);
         if is_error {
-            self.persist_inflight_done(session, packet_id);
-            return 0;
+            w.inflight_done(session, packet_id);
+            w.submit();
+            return Ticket::NONE;
         }
-        let order = session.take_seq();
-        match session.inflight_get(packet_id) {
-            Some(i) => {
-                let op = p.inflight_op(&session.store_key, packet_id, &i.delivery, true, order);
-                p.submit(vec![op])
-            }
-            None => 0,
-        }
+        w.inflight_released(session, packet_id);
+        w.submit()
     }
 
-    /// Queue a PUBACK / PUBREC that may go out once store sequence `seq` is
-    /// durable (0: nothing to wait for, but stay behind earlier held acks).
-    fn queue_ack(&mut self, seq: u64, ack: Packet) {
-        if seq == 0 && self.pending_acks.is_empty() {
+    /// Queue a PUBACK / PUBREC that may go out once `ticket` is done
+    /// (none: nothing to wait for, but stay behind earlier held acks).
+    fn queue_ack(&mut self, ticket: Ticket, ack: Packet) {
+        if ticket.is_none() && self.pending_acks.is_empty() {
             self.out.push_back(ack);
             return;
         }
-        if let Some(p) = self.broker.persistence() {
-            if p.acks_early() {
-                // Decided now (refused only while the store is failing).
-                self.pending_acks.push_back((seq, ack));
-                self.release_acks();
-                return;
-            }
-            if seq != 0 {
-                p.wait(seq, &self.waker);
-            }
+        self.pending_acks.push_back((ticket, ack));
+        if self.broker.acks_early() {
+            // Decided now (refused only while the store is failing).
+            self.release_acks();
+        } else {
+            self.broker.ticket_wait(ticket, &self.waker);
         }
-        self.pending_acks.push_back((seq, ack));
     }
 
     /// Move held acknowledgements whose writes completed to `out`; a failed
@@ -1488,12 +1619,8 @@ impl Connection {
     /// disk, 0x80 otherwise; 3.x has no negative ack, so the connection is
     /// closed and the client will resend).
     fn release_acks(&mut self) {
-        let Some(p) = self.broker.persistence() else {
-            self.out.extend(self.pending_acks.drain(..).map(|(_, a)| a));
-            return;
-        };
-        while let Some((seq, _)) = self.pending_acks.front() {
-            let status = p.status(*seq);
+        while let Some((ticket, _)) = self.pending_acks.front() {
+            let status = self.broker.ticket_status(*ticket);
             if status == AckStatus::Pending {
                 break;
             }
@@ -1567,9 +1694,9 @@ impl Connection {
         self.ack_unrouted(p, ReasonCode::NOT_AUTHORIZED);
     }
 
-    fn handle_subscribe(&mut self, a: &mut Active, s: Subscribe, now: Instant) {
-        let v5 = self.protocol == Some(Protocol::V5);
+    fn handle_subscribe(&mut self, a: &mut Active, s: Subscribe) {
         let mut codes = Vec::with_capacity(s.filters.len());
+        let mut asked = Vec::with_capacity(s.filters.len());
         for (filter, options) in &s.filters {
             let mut options = *options;
             if !self.acl_allows(
@@ -1581,13 +1708,17 @@ impl Connection {
             ) {
                 // 0x87; the 3.x encoder turns any failure into 0x80.
                 tracing::debug!(client_id = %a.client_id, %filter, "SUBSCRIBE not authorized");
-                codes.push(ReasonCode::NOT_AUTHORIZED);
+                codes.push(SubCode::Known(ReasonCode::NOT_AUTHORIZED));
                 continue;
             }
             let share_group = match topic::parse_shared(filter) {
                 Ok(Some(sf)) => Some(ByteString::from(sf.group)),
                 _ => None,
             };
+            if share_group.is_some() && options.no_local {
+                // [MQTT-3.8.3-4]: a protocol error, before anything is subscribed.
+                return self.fail(ProtocolError::NoLocalOnSharedSubscription);
+            }
             if a.bridge && share_group.is_none() {
                 // Bridge semantics (as Mosquitto and EMQX give a 0x83 / 0x84
                 // client): what the bridge publishes is not sent back to it,
@@ -1599,65 +1730,71 @@ impl Connection {
             let sub = Subscription {
                 options,
                 identifier: s.subscription_identifier,
-                share_group: share_group.clone(),
+                share_group,
             };
-            match self.broker.subscribe(&a.cell, filter, sub) {
-                SubscribeOutcome::Refused(ReasonCode::PROTOCOL_ERROR) => {
-                    return self.fail(ProtocolError::NoLocalOnSharedSubscription);
-                }
-                SubscribeOutcome::Refused(rc) => codes.push(rc),
-                SubscribeOutcome::Granted { is_new } => {
-                    codes.push(ReasonCode(options.qos as u8));
-                    let send_retained = share_group.is_none()
-                        && (options.retain_handling == 0
-                            || (options.retain_handling == 1 && is_new));
-                    if send_retained {
-                        let replay = DeferredReplay {
-                            filter: ByteString::from(&**filter),
-                            options,
-                            identifier: s.subscription_identifier,
-                        };
-                        // A repeat while this filter's replay is still under
-                        // way is coalesced: O(1) here.
-                        let now_due = a
-                            .cell
-                            .state
-                            .lock()
-                            .session
-                            .replay_started(filter, replay.clone());
-                        if now_due {
-                            self.broker.replay_retained(&a.cell, &replay, now);
-                            a.cell.state.lock().session.replay_settled();
-                        }
-                    }
-                }
-            }
+            codes.push(SubCode::Asked(options.qos));
+            asked.push((filter.clone(), sub));
         }
-        let _ = v5;
-        self.out.push_back(Packet::SubAck(SubAck {
+        let then = Then::Subscribe {
             packet_id: s.packet_id,
+            codes,
+        };
+        if asked.is_empty() {
+            return self.subscribed_now(then);
+        }
+        let request = Request::Subscribe(SubscribeRequest {
+            cell: a.cell.clone(),
+            filters: asked,
+        });
+        self.wait_for(request, then);
+    }
+
+    /// A SUBSCRIBE refused for every filter: SUBACK without the engine.
+    fn subscribed_now(&mut self, then: Then) {
+        if let Then::Subscribe { packet_id, codes } = then {
+            self.subscribed(packet_id, codes, Vec::new());
+        }
+    }
+
+    /// The engine's outcomes for a SUBSCRIBE: SUBACK [MQTT-3.8.4-1].
+    fn subscribed(&mut self, packet_id: u16, codes: Vec<SubCode>, outcomes: Vec<SubscribeOutcome>) {
+        let mut outcomes = outcomes.into_iter();
+        let mut reason_codes = Vec::with_capacity(codes.len());
+        for code in codes {
+            let rc = match code {
+                SubCode::Known(rc) => rc,
+                SubCode::Asked(qos) => match outcomes.next() {
+                    Some(SubscribeOutcome::Granted { .. }) => ReasonCode(qos as u8),
+                    Some(SubscribeOutcome::Refused(ReasonCode::PROTOCOL_ERROR)) => {
+                        return self.fail(ProtocolError::NoLocalOnSharedSubscription);
+                    }
+                    Some(SubscribeOutcome::Refused(rc)) => rc,
+                    None => {
+                        tracing::error!("engine answered fewer outcomes than filters");
+                        return self.fail(ProtocolError::EngineMismatch);
+                    }
+                },
+            };
+            reason_codes.push(rc);
+        }
+        self.out.push_back(Packet::SubAck(SubAck {
+            packet_id,
             properties: Default::default(),
-            reason_codes: codes,
+            reason_codes,
         }));
     }
 
     fn handle_unsubscribe(&mut self, a: &mut Active, u: Unsubscribe) {
-        let codes = u
-            .filters
-            .iter()
-            .map(|f| {
-                if self.broker.unsubscribe(&a.cell, f) {
-                    ReasonCode::SUCCESS
-                } else {
-                    ReasonCode::NO_SUBSCRIPTION_EXISTED
-                }
-            })
-            .collect();
-        self.out.push_back(Packet::UnsubAck(UnsubAck {
-            packet_id: u.packet_id,
-            properties: Default::default(),
-            reason_codes: codes,
-        }));
+        let request = Request::Unsubscribe(UnsubscribeRequest {
+            cell: a.cell.clone(),
+            filters: u.filters,
+        });
+        self.wait_for(
+            request,
+            Then::Unsubscribe {
+                packet_id: u.packet_id,
+            },
+        );
     }
 
     /// Re-authentication (v5 AUTH 0x19 after CONNACK), section 4.12.1.

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::engine::{Call, Engine};
 use crate::protocol::{ConnectVerdict, Connection, ProtocolError};
 use crate::security::quota::{ConnectionPermit, ConnectionRateLimiter};
 use crate::security::tls::ReloadableTls;
@@ -63,10 +64,11 @@ const LINGER_BYTES: usize = 1024 * 1024;
 /// and a future to wait on it: an idle connection's task stays small. Also
 /// the keep-alive deadlines of parked connections (see [`park`]), which
 /// have no timer of their own: [`LiveConns::sweep`] wakes those that are due.
-#[derive(Default)]
+/// And the engine the connections call (one per server, not per connection).
 struct LiveConns {
     conns: parking_lot::Mutex<slab::Slab<LiveEntry>>,
     shutting_down: std::sync::atomic::AtomicBool,
+    engine: Arc<dyn Engine>,
 }
 
 struct LiveEntry {
@@ -76,6 +78,14 @@ struct LiveEntry {
 }
 
 impl LiveConns {
+    fn new(engine: Arc<dyn Engine>) -> LiveConns {
+        LiveConns {
+            conns: Default::default(),
+            shutting_down: Default::default(),
+            engine,
+        }
+    }
+
     /// Register a connection; signalled at once if shutdown has begun.
     fn register(self: &Arc<Self>, waker: &Arc<ConnWaker>) -> LiveConn {
         let key = self.conns.lock().insert(LiveEntry {
@@ -181,7 +191,7 @@ impl Server {
             anyhow::bail!("tls_listen needs [security.tls]");
         }
         let preauth = PreAuthBudget::new(broker.config.limits.preauth_memory);
-        let live = Arc::new(LiveConns::default());
+        let live = Arc::new(LiveConns::new(crate::engine::from_config(&broker)));
         // The admin API first: `/readyz` says "not ready" until every MQTT
         // listener is bound.
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1004,6 +1014,8 @@ struct Conn<S> {
     quiet: bool,
     /// Created at the first park and kept: the waker of a parked connection.
     parking: Option<Arc<Parking>>,
+    /// The engine call the protocol waits for, when it answers later.
+    pending: Option<crate::engine::Pending>,
     /// Dropped when the connection ends; [`Server::shutdown`] waits for all.
     _done: mpsc::Sender<()>,
 }
@@ -1047,6 +1059,7 @@ fn serve<S: Transport + 'static>(
         last_active: now,
         quiet: false,
         parking: None,
+        pending: None,
         _done: done,
     });
     drive(c)
@@ -1083,7 +1096,8 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         // this worker (and its I/O) run before it goes on.
         let mut slice_start = Instant::now();
         let mut handled = 0u32;
-        while c.conn.poll_close().is_none() && !c.rbuf.is_empty() {
+        take_answer(&mut c);
+        while c.conn.poll_close().is_none() && !c.rbuf.is_empty() && c.conn.accepts_packets() {
             handled += 1;
             if handled.is_multiple_of(16) && slice_start.elapsed() >= BUSY_SLICE {
                 tokio::task::yield_now().await;
@@ -1120,27 +1134,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 _ => p,
             };
             c.conn.handle_packet(p, Instant::now());
-            if !c.connected {
-                if let (Some(id), Some(h)) = (c.conn.client_id(), &c.hello) {
-                    c.connected = true;
-                    c.preauth.set(0);
-                    c.info = None;
-                    if let Some((cell, epoch)) = c.conn.attached() {
-                        crate::broker::admin::set_conn_info(
-                            cell,
-                            epoch,
-                            crate::broker::admin::ConnInfo::new(
-                                peer,
-                                h.username.clone(),
-                                h.level,
-                                h.keep_alive,
-                                h.clean_start,
-                            ),
-                        );
-                    }
-                    tracing::info!("New client connected from {peer} as {id} ({})", h.summary());
-                }
-            }
+            submit_requests(c);
         }
         if c.rbuf.is_empty() && c.rbuf.capacity() > 0 {
             c.rbuf = BytesMut::new(); // idle: hold no read buffer
@@ -1293,7 +1287,9 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         }
         c.conn.release_idle_memory();
         let full = c.wbuf.len() >= WRITE_HIGH;
-        let read = !c.conn.is_paused() && !full;
+        // While the protocol waits for the engine the client's bytes stay
+        // unread (TCP holds them back): they are handled after the answer.
+        let read = !c.conn.is_paused() && !full && c.conn.accepts_packets();
         let event = {
             let Conn {
                 stream,
@@ -1301,6 +1297,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 rbuf,
                 read_size,
                 waker,
+                pending,
                 ..
             } = &mut *c;
             std::future::poll_fn(|cx| {
@@ -1323,7 +1320,9 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 } else {
                     waker.poll_woken(cx)
                 };
-                if woken.is_ready() {
+                // An engine answer is looked for after registering: its
+                // wake-up may have been consumed by `poll_transmit`.
+                if woken.is_ready() || pending.as_ref().is_some_and(|p| p.is_answered()) {
                     return Poll::Ready(Event::Woken);
                 }
                 if timer_at.is_some() && std::future::Future::poll(timer.as_mut(), cx).is_ready() {
@@ -1428,6 +1427,59 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         Box::pin(lingering_close(stream, rbuf, None)).await;
     }
     conn.handle_closed(Instant::now());
+}
+
+/// Hand the protocol's requests to the engine; answers given at once are
+/// handled at once (the embedded engine: no wake-up, no allocation).
+fn submit_requests<S>(c: &mut Conn<S>) {
+    while c.pending.is_none() {
+        let Some(request) = c.conn.poll_request() else {
+            break;
+        };
+        let engine = c.live.conns.engine.clone();
+        match crate::engine::submit(&*engine, request, &c.waker, Instant::now()) {
+            Call::Ready(done) => c.conn.handle_completion(done, Instant::now()),
+            Call::Later(pending) => c.pending = Some(pending),
+        }
+    }
+    if !c.connected {
+        note_connected(c);
+    }
+}
+
+/// The CONNECT was accepted and the session attached: the pre-auth charge
+/// ends, the admin API learns the connection's details, one log line.
+fn note_connected<S>(c: &mut Conn<S>) {
+    let peer = c.peer;
+    if let (Some(id), Some(h)) = (c.conn.client_id(), &c.hello) {
+        c.connected = true;
+        c.preauth.set(0);
+        c.info = None;
+        if let Some((cell, epoch)) = c.conn.attached() {
+            crate::broker::admin::set_conn_info(
+                cell,
+                epoch,
+                crate::broker::admin::ConnInfo::new(
+                    peer,
+                    h.username.clone(),
+                    h.level,
+                    h.keep_alive,
+                    h.clean_start,
+                ),
+            );
+        }
+        tracing::info!("New client connected from {peer} as {id} ({})", h.summary());
+    }
+}
+
+/// An engine answer that came later (it woke the task): handled, and the
+/// requests it led to submitted.
+fn take_answer<S>(c: &mut Conn<S>) {
+    if let Some(done) = c.pending.as_ref().and_then(|p| p.take()) {
+        c.pending = None;
+        c.conn.handle_completion(done, Instant::now());
+        submit_requests(c);
+    }
 }
 
 /// A park that found something waiting: the connection goes on, active now,

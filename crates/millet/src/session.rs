@@ -849,6 +849,8 @@ impl ConnWaker {
     /// The session was taken over or the connection kicked: it must look
     /// (even while its client is not reading and its output is full).
     pub const KICK: u8 = 4;
+    /// An engine call answered later ([`crate::engine::Call::Later`]).
+    pub const ENGINE: u8 = 8;
 
     pub fn wake(&self) {
         if !self.pending.swap(true, Ordering::AcqRel) {

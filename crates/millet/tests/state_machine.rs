@@ -9,11 +9,14 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use millet::broker::Broker;
 use millet::config::Config;
+use millet::engine::{submit, Call, Engine};
 use millet::protocol::Connection;
 use millet_codec::*;
 
 struct Client {
     conn: Connection,
+    /// The engine the connection's requests go to (see `engine_for`).
+    engine: Arc<dyn Engine>,
     proto: Protocol,
     wire: BytesMut,
     /// Packets received along with the CONNACK.
@@ -26,6 +29,40 @@ fn broker_with(f: impl FnOnce(&mut Config)) -> (Arc<Broker>, Instant) {
     f(&mut cfg);
     let now = Instant::now();
     (Arc::new(Broker::new(cfg, now)), now)
+}
+
+/// The engine: the broker itself (embedded), or with
+/// `MILLET_TEST_ENGINE_DELAY_MS=N` the broker behind the delaying engine,
+/// which answers every call after up to N ms (CI runs these tests both ways).
+fn engine_for(b: &Arc<Broker>) -> Arc<dyn Engine> {
+    match std::env::var("MILLET_TEST_ENGINE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(ms) if ms > 0 => Arc::new(millet::engine::delaying::Delaying::new(
+            b.clone(),
+            Duration::from_millis(ms),
+            7,
+        )),
+        _ => b.clone(),
+    }
+}
+
+/// Hand the connection's requests to the engine, waiting for answers that
+/// come later (as the server's driver does without blocking).
+fn pump(conn: &mut Connection, engine: &dyn Engine, now: Instant) {
+    while let Some(request) = conn.poll_request() {
+        let waker = conn.waker().clone();
+        match submit(engine, request, &waker, now) {
+            Call::Ready(done) => conn.handle_completion(done, now),
+            Call::Later(pending) => {
+                let done = pending
+                    .wait(Duration::from_secs(10))
+                    .expect("the engine answers within 10 s");
+                conn.handle_completion(done, now);
+            }
+        }
+    }
 }
 
 fn broker() -> (Arc<Broker>, Instant) {
@@ -51,6 +88,7 @@ impl Client {
         let proto = c.protocol;
         let mut cl = Client {
             conn: Connection::new(b.clone(), now),
+            engine: engine_for(b),
             proto,
             wire: BytesMut::new(),
             backlog: Vec::new(),
@@ -74,6 +112,7 @@ impl Client {
 
     fn send(&mut self, p: Packet, now: Instant) {
         self.conn.handle_packet(p, now);
+        pump(&mut self.conn, &*self.engine, now);
     }
 
     fn recv(&mut self, now: Instant) -> Vec<Packet> {
@@ -644,6 +683,7 @@ mod security {
     ) -> (Client, ConnAck) {
         let mut cl = Client {
             conn: Connection::new(b.clone(), now),
+            engine: engine_for(b),
             proto: c.protocol,
             wire: BytesMut::new(),
             backlog: Vec::new(),
@@ -941,6 +981,7 @@ fn v5_with_max_packet(b: &Arc<Broker>, id: &str, max: u32, now: Instant) -> Clie
     c.properties.maximum_packet_size = Some(max);
     let mut cl = Client {
         conn: Connection::new(b.clone(), now),
+        engine: engine_for(b),
         proto: Protocol::V5,
         wire: BytesMut::new(),
         backlog: Vec::new(),

@@ -753,9 +753,9 @@ async fn publish(
             ),
         })?;
     // QoS 1/2 and retained: answer once what the publish stored is durable.
-    if routed.store_seq != 0 {
+    if !routed.ticket.is_none() {
         let broker = st.broker.clone();
-        let seq = routed.store_seq;
+        let seq = routed.ticket.0;
         let r = tokio::task::spawn_blocking(move || {
             broker
                 .persistence()

@@ -372,7 +372,7 @@ impl Broker {
 
     /// Publish a message as the broker (no publishing session: nobody's No
     /// Local applies). Returns how it was routed; the caller may wait for
-    /// `store_seq` to be durable.
+    /// `ticket` to be durable.
     pub fn admin_publish(
         &self,
         topic_name: &str,

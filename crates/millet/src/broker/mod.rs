@@ -197,8 +197,8 @@ pub struct Routed {
     pub sessions: usize,
     /// A receiving session is congested: the publisher should pause.
     pub congested: bool,
-    /// Store sequence the acknowledgement must wait for (0: nothing stored).
-    pub store_seq: u64,
+    /// What the acknowledgement must wait for (none: nothing stored).
+    pub ticket: persist::Ticket,
 }
 
 /// Result of attaching a connection to a session.
@@ -403,6 +403,13 @@ impl Broker {
     /// May `client_id` get a session? A session that exists (resumed, or
     /// discarded by a clean start) always may; a new one not at
     /// `max_sessions`, nor above the memory high watermark (counted).
+    /// A client id for a client that sent none [MQTT-3.1.3-6]: random, so
+    /// that it is unique across restarts and (with an engine shared by
+    /// several nodes) across nodes.
+    pub fn assign_client_id(&self) -> ByteString {
+        format!("millet-{:016x}", rand::random::<u64>()).into()
+    }
+
     pub fn admit_session(&self, client_id: &str) -> Result<(), SessionRefusal> {
         let reg = self.registry.lock();
         if reg.contains_key(client_id) {
@@ -469,9 +476,40 @@ impl Broker {
         Ok(broker)
     }
 
-    /// The store, if any (for the protocol's ack gating).
+    /// The store, if any.
     pub fn persistence(&self) -> Option<&persist::Persistence> {
         self.persist.as_ref()
+    }
+
+    /// The store records a connection writes for `session` in one turn.
+    pub fn session_writes(&self, session: &Session) -> persist::SessionWrites<'_> {
+        persist::SessionWrites::new(self.persist.as_ref(), session)
+    }
+
+    /// Whether what `ticket` covers is durable yet (or failed).
+    pub fn ticket_status(&self, ticket: persist::Ticket) -> persist::AckStatus {
+        match &self.persist {
+            Some(p) => p.status(ticket.0),
+            None => persist::AckStatus::Durable,
+        }
+    }
+
+    /// Wake `waker` once `ticket` is done (at once if it is).
+    pub fn ticket_wait(&self, ticket: persist::Ticket, waker: &Arc<ConnWaker>) {
+        if let (Some(p), false) = (&self.persist, ticket.is_none()) {
+            p.wait(ticket.0, waker);
+        }
+    }
+
+    /// A ticket covering everything submitted so far.
+    pub fn last_ticket(&self) -> persist::Ticket {
+        persist::Ticket(self.persist.as_ref().map_or(0, |p| p.submitted_seq()))
+    }
+
+    /// Acknowledgements go out when the write is submitted, not when it is
+    /// durable (`interval` policy), or nothing is stored at all.
+    pub fn acks_early(&self) -> bool {
+        self.persist.as_ref().is_none_or(|p| p.acks_early())
     }
 
     /// Rebuild the in-memory state from what the store recovered.
@@ -1029,7 +1067,7 @@ impl Broker {
             }
         }
         let mut routed = self.route(&msg, publisher);
-        routed.store_seq = routed.store_seq.max(retained_seq);
+        routed.ticket = routed.ticket.max(persist::Ticket(retained_seq));
         routed
     }
 
@@ -1093,7 +1131,7 @@ impl Broker {
         matches.clear();
         MATCHES.with(|m| *m.borrow_mut() = matches);
         if let Some(p) = &self.persist {
-            routed.store_seq = p.submit(ops);
+            routed.ticket = persist::Ticket(p.submit(ops));
         }
         routed
     }

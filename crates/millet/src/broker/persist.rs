@@ -24,7 +24,7 @@ use crate::store::{
     SubscriptionRecord, WillRecord,
 };
 
-/// Whether an acknowledgement held for store sequence `seq` may go out.
+/// Whether an acknowledgement held for a [`Ticket`] may go out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckStatus {
     Pending,
@@ -369,4 +369,126 @@ impl Persistence {
 /// QoS of a stored entry.
 pub fn qos(q: u8) -> QoS {
     QoS::from_u8(q).unwrap_or_default()
+}
+
+/// The store records one turn of a connection writes for its session (a
+/// message moved from the queue to the in-flight window, an acknowledged
+/// one forgotten, a QoS 2 id remembered...), in the protocol's terms:
+/// submitted together by [`SessionWrites::submit`], which returns the
+/// ticket to wait on. For a session that is not persisted (or a broker
+/// without a store) every method does nothing and the ticket is
+/// [`Ticket::NONE`].
+pub struct SessionWrites<'a> {
+    persist: Option<&'a Persistence>,
+    ops: Vec<Op>,
+}
+
+impl<'a> SessionWrites<'a> {
+    pub(crate) fn new(persist: Option<&'a Persistence>, session: &Session) -> SessionWrites<'a> {
+        SessionWrites {
+            persist: persist.filter(|_| session.persisted),
+            ops: Vec::new(),
+        }
+    }
+
+    /// Whether the session's state is durable here (writes are recorded).
+    pub fn records(&self) -> bool {
+        self.persist.is_some()
+    }
+
+    /// Outgoing QoS 2 messages (and what follows them) are held until their
+    /// in-flight record is durable (`sync` policy; `interval` acknowledges
+    /// before the write).
+    pub fn holds_deliveries(&self) -> bool {
+        self.persist.is_some_and(|p| !p.acks_early())
+    }
+
+    /// An outgoing message is complete (PUBACK, PUBCOMP, or discarded).
+    pub fn inflight_done(&mut self, session: &Session, packet_id: u16) {
+        if self.persist.is_some() {
+            self.ops.push(Op::DeleteInflight {
+                client_id: session.store_key.clone(),
+                packet_id,
+            });
+        }
+    }
+
+    /// `d`, taken from the queue, entered the in-flight window as `packet_id`.
+    pub fn inflight_added(&mut self, session: &mut Session, packet_id: u16, d: &Delivery) {
+        if let Some(p) = self.persist {
+            // Recorded with its queue entry's removal
+            // ([`SessionWrites::queue_entry_sent`]), in one batch: the
+            // message keeps a reference throughout.
+            p.message_id(&d.msg, &mut self.ops, d.seq == 0);
+            let order = session.take_seq();
+            self.ops
+                .push(p.inflight_op(&session.store_key, packet_id, d, false, order));
+        }
+    }
+
+    /// `d` left the queue (sent, or discarded as too large).
+    pub fn queue_entry_sent(&mut self, session: &Session, d: &Delivery) {
+        if let (Some(_), true) = (self.persist, d.seq != 0) {
+            self.ops.push(Op::DeleteQueueEntry {
+                client_id: session.store_key.clone(),
+                seq: d.seq,
+            });
+        }
+    }
+
+    /// PUBREC received for `packet_id`: its record moves to "awaiting
+    /// PUBCOMP".
+    pub fn inflight_released(&mut self, session: &mut Session, packet_id: u16) {
+        let Some(p) = self.persist else { return };
+        let order = session.take_seq();
+        if let Some(i) = session.inflight_get(packet_id) {
+            let op = p.inflight_op(&session.store_key, packet_id, &i.delivery, true, order);
+            self.ops.push(op);
+        }
+    }
+
+    /// An incoming QoS 2 message `packet_id` is awaiting its PUBREL.
+    pub fn awaiting_rel_added(&mut self, session: &Session, packet_id: u16) {
+        if self.persist.is_some() {
+            self.ops.push(Op::PutAwaitingRel {
+                client_id: session.store_key.clone(),
+                packet_id,
+            });
+        }
+    }
+
+    /// PUBREL received: the incoming QoS 2 id is forgotten.
+    pub fn awaiting_rel_done(&mut self, session: &Session, packet_id: u16) {
+        if self.persist.is_some() {
+            self.ops.push(Op::DeleteAwaitingRel {
+                client_id: session.store_key.clone(),
+                packet_id,
+            });
+        }
+    }
+
+    /// Submit what was recorded; the ticket completes once it is durable.
+    pub fn submit(self) -> Ticket {
+        match self.persist {
+            Some(p) => Ticket(p.submit(self.ops)),
+            None => Ticket::NONE,
+        }
+    }
+}
+
+/// A promise of durability from the engine: done once what it covers is
+/// safe. Tickets of one engine are ordered: a later ticket done implies the
+/// earlier ones are (so a connection waits on the largest it holds).
+/// The embedded engine's tickets are store sequence numbers, but nothing
+/// outside `persist` looks inside them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(pub(crate) u64);
+
+impl Ticket {
+    /// Nothing to wait for.
+    pub const NONE: Ticket = Ticket(0);
+
+    pub fn is_none(self) -> bool {
+        self.0 == 0
+    }
 }

@@ -159,6 +159,15 @@ pub enum ProtocolError {
     #[error("re-authentication failed")]
     ReauthFailed,
 
+    /// More packets than [`crate::protocol::MAX_HELD_PACKETS`] arrived while
+    /// the connection waited for the engine (0x97).
+    #[error("too many packets while waiting for the engine")]
+    HeldPacketsExceeded,
+    /// The engine answered with something that does not fit the request
+    /// (a defect, logged as such).
+    #[error("engine answer does not match the request")]
+    EngineMismatch,
+
     // ---- 3.x only, no negative acknowledgement: closed silently ----------
     /// A QoS 1/2 PUBLISH at the memory budget (v5 gets PUBACK 0x97 instead).
     #[error("memory budget reached: QoS 1/2 PUBLISH refused")]
@@ -216,6 +225,7 @@ impl ProtocolError {
             | E::BadConnect(_)
             | E::ConnectTimeout
             | E::MemoryBudgetReached
+            | E::EngineMismatch
             | E::StoreWriteFailed => ReasonCode::UNSPECIFIED_ERROR,
             E::UnsupportedProtocolVersion => DecodeError::UnsupportedProtocol.reason_code(),
             E::Decode(err) => err.reason_code(),
@@ -231,7 +241,9 @@ impl ProtocolError {
             | E::UnexpectedAuthReasonCode => ReasonCode::PROTOCOL_ERROR,
             E::Redirected { moved: true, .. } => ReasonCode::SERVER_MOVED,
             E::Redirected { moved: false, .. } => ReasonCode::USE_ANOTHER_SERVER,
-            E::MaxConnections | E::SessionRefused(_) => ReasonCode::QUOTA_EXCEEDED,
+            E::MaxConnections | E::SessionRefused(_) | E::HeldPacketsExceeded => {
+                ReasonCode::QUOTA_EXCEEDED
+            }
             E::EmptyClientId => ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
             E::WillTopicInvalid | E::TopicNameInvalid | E::TopicExceedsLimits => {
                 ReasonCode::TOPIC_NAME_INVALID
@@ -326,6 +338,8 @@ impl ProtocolError {
             | E::UnexpectedAuthReasonCode
             | E::ReauthRefused
             | E::ReauthFailed
+            | E::HeldPacketsExceeded
+            | E::EngineMismatch
             | E::ServerShuttingDown
             | E::SessionTakenOver
             | E::Kicked(_) => Notice::Disconnect,
@@ -431,9 +445,11 @@ mod tests {
             E::SessionTakenOver => 41,
             E::Kicked(_) => 42,
             E::ClientDisconnect(_) => 43,
+            E::HeldPacketsExceeded => 44,
+            E::EngineMismatch => 45,
         }
     }
-    const VARIANTS: usize = 44;
+    const VARIANTS: usize = 46;
 
     /// Every variant, with each value its data can take where that changes
     /// the code (decode errors a connected client can cause, the verdict's
@@ -501,6 +517,8 @@ mod tests {
             E::ReauthFailed,
             E::MemoryBudgetReached,
             E::StoreWriteFailed,
+            E::HeldPacketsExceeded,
+            E::EngineMismatch,
             E::ServerShuttingDown,
             E::SessionTakenOver,
             E::Kicked(ReasonCode::ADMINISTRATIVE_ACTION),

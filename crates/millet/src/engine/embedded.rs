@@ -1,0 +1,100 @@
+//! The embedded engine: [`Broker`] (in-process routing, the redb store behind
+//! its write-ahead log) answers every call at once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytestring::ByteString;
+use millet_codec::topic;
+
+use super::{AttachRequest, Call, Completion, Engine, SubscribeRequest, UnsubscribeRequest};
+use crate::broker::{Broker, SubscribeOutcome};
+use crate::session::{ConnWaker, DeferredReplay, SessionCell};
+
+impl Engine for Broker {
+    fn attach(&self, req: AttachRequest, _reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
+        let attached = self.connect(
+            &req.client_id,
+            req.clean_start,
+            req.expiry_interval,
+            req.will,
+            req.waker,
+            now,
+        );
+        Call::Ready(Completion::Attached(attached))
+    }
+
+    fn subscribe(&self, req: SubscribeRequest, _reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
+        let mut outcomes = Vec::with_capacity(req.filters.len());
+        for (filter, sub) in req.filters {
+            let options = sub.options;
+            let identifier = sub.identifier;
+            let shared = sub.share_group.is_some();
+            let outcome = self.subscribe(&req.cell, &filter, sub);
+            if let SubscribeOutcome::Granted { is_new } = outcome {
+                // Retained messages [MQTT-3.3.1-9..11]: never for a shared
+                // subscription; Retain Handling 1 only for a new one, 2 never.
+                let send_retained = !shared
+                    && (options.retain_handling == 0 || (options.retain_handling == 1 && is_new));
+                if send_retained {
+                    replay(self, &req.cell, &filter, options, identifier, now);
+                }
+            }
+            outcomes.push(outcome);
+        }
+        Call::Ready(Completion::Subscribed(outcomes))
+    }
+
+    fn unsubscribe(
+        &self,
+        req: UnsubscribeRequest,
+        _reply_to: &Arc<ConnWaker>,
+        _now: Instant,
+    ) -> Call {
+        let existed = req
+            .filters
+            .iter()
+            .map(|f| self.unsubscribe(&req.cell, f))
+            .collect();
+        Call::Ready(Completion::Unsubscribed(existed))
+    }
+
+    fn detach(
+        &self,
+        cell: &Arc<SessionCell>,
+        epoch: u64,
+        publish_will: bool,
+        expiry_override: Option<u32>,
+        now: Instant,
+    ) {
+        self.disconnect(cell, epoch, publish_will, expiry_override, now);
+    }
+}
+
+/// Queue the retained messages matching a new subscription. A repeat while
+/// this filter's replay is still under way is coalesced (O(1) here); the
+/// connection starts it once the first one has left the queue.
+fn replay(
+    broker: &Broker,
+    cell: &Arc<SessionCell>,
+    filter: &ByteString,
+    options: millet_codec::SubscriptionOptions,
+    identifier: Option<u32>,
+    now: Instant,
+) {
+    debug_assert!(!matches!(topic::parse_shared(filter), Ok(Some(_))));
+    let replay = DeferredReplay {
+        filter: ByteString::from(&**filter),
+        options,
+        identifier,
+    };
+    let now_due = cell
+        .state
+        .lock()
+        .session
+        .replay_started(filter, replay.clone());
+    if now_due {
+        broker.replay_retained(cell, &replay, now);
+        cell.state.lock().session.replay_settled();
+    }
+}

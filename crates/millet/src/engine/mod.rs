@@ -1,0 +1,273 @@
+//! The engine seam: what a connection asks of shared, durable state, answered
+//! now or later.
+//!
+//! The protocol ([`crate::protocol`]) never calls these itself. It states a
+//! [`Request`] ([`crate::protocol::Connection::poll_request`]) and waits for
+//! its [`Completion`] in an explicit pending state, holding the client's
+//! further packets in order; the driver ([`crate::server`], or a test)
+//! hands the request to the engine with [`submit`] and feeds the answer back
+//! with [`crate::protocol::Connection::handle_completion`]. A call answers
+//! either at once ([`Call::Ready`], the embedded engine: no allocation, no
+//! wake-up) or later ([`Call::Later`]: a [`Pending`] the driver keeps; the
+//! engine fills it and wakes the connection).
+//!
+//! Engines:
+//! - the **embedded** engine is [`crate::broker::Broker`] itself: in-process
+//!   routing plus the redb store behind its write-ahead log
+//!   ([`crate::broker::persist`]); every call answers at once.
+//! - [`delaying::Delaying`] wraps an engine and answers every call after a
+//!   seeded random delay: the proof, run in CI, that the protocol waits
+//!   correctly for an engine across a network (`[engine] test_delay_ms`).
+//! - cluster mode on NATS JetStream (issue 13) is the second real engine.
+//!
+//! Durability is a [`Ticket`]: a publish routed by the broker, or the
+//! session records a connection writes ([`crate::broker::persist::SessionWrites`]),
+//! give one, and the acknowledgement waits until it is done
+//! ([`crate::broker::Broker::ticket_wait`]). What is not (yet) behind this
+//! seam: publishing itself (routing is synchronous), and the session's
+//! delivery queue (shared with the broker under the session lock).
+//! docs/DESIGN.md ("The engine seam") lists what moves next.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytestring::ByteString;
+use millet_codec::LastWill;
+
+use crate::broker::{Attached, SubscribeOutcome};
+use crate::session::{ConnWaker, SessionCell, Subscription};
+
+pub mod delaying;
+mod embedded;
+
+/// Durability: a publish (or a session change) is acknowledged once its
+/// [`Ticket`] is done ([`AckStatus`]). The embedded engine's tickets are
+/// store sequence numbers, opaque outside `broker::persist`.
+pub use crate::broker::persist::{AckStatus, Ticket};
+
+/// Something the protocol needs from the engine before it can go on.
+#[derive(Debug)]
+pub enum Request {
+    Attach(Box<AttachRequest>),
+    Subscribe(SubscribeRequest),
+    Unsubscribe(UnsubscribeRequest),
+}
+
+/// Attach a connection to the session of `client_id` (CONNECT accepted).
+#[derive(Debug)]
+pub struct AttachRequest {
+    pub client_id: ByteString,
+    /// Discard any existing session [MQTT-3.1.2-4].
+    pub clean_start: bool,
+    /// Session expiry, seconds (`u32::MAX`: never).
+    pub expiry_interval: u32,
+    pub will: Option<LastWill>,
+    /// Wakes the connection: deliveries, kicks, takeover.
+    pub waker: Arc<ConnWaker>,
+}
+
+/// Add subscriptions (already authorized and vetted by the protocol), in
+/// order, and queue the retained messages each one asks for.
+#[derive(Debug)]
+pub struct SubscribeRequest {
+    pub cell: Arc<SessionCell>,
+    pub filters: Vec<(ByteString, Subscription)>,
+}
+
+/// Remove subscriptions, in order.
+#[derive(Debug)]
+pub struct UnsubscribeRequest {
+    pub cell: Arc<SessionCell>,
+    pub filters: Vec<ByteString>,
+}
+
+/// The answer to a [`Request`], variant for variant.
+pub enum Completion {
+    Attached(Attached),
+    /// One outcome per requested filter, in order.
+    Subscribed(Vec<SubscribeOutcome>),
+    /// Per requested filter: whether the subscription existed.
+    Unsubscribed(Vec<bool>),
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Completion::Attached(a) => f
+                .debug_struct("Attached")
+                .field("epoch", &a.epoch)
+                .field("session_present", &a.session_present)
+                .finish(),
+            Completion::Subscribed(o) => f.debug_tuple("Subscribed").field(o).finish(),
+            Completion::Unsubscribed(o) => f.debug_tuple("Unsubscribed").field(o).finish(),
+        }
+    }
+}
+
+/// How an engine call answers.
+#[derive(Debug)]
+pub enum Call {
+    /// Answered already.
+    Ready(Completion),
+    /// Answered later: the engine fills the [`Pending`] and wakes the
+    /// connection ([`ConnWaker::ENGINE`]).
+    Later(Pending),
+}
+
+/// What an engine promises, call by call.
+///
+/// Every call may answer later ([`Call::Later`]); the protocol sends nothing
+/// that depends on the answer (CONNACK, SUBACK, UNSUBACK, and nothing of the
+/// client's later packets is handled) until it comes. A connection has at
+/// most one call outstanding, so calls of one connection are answered in
+/// the order they were made. A call whose connection went away before the
+/// answer ([`Pending`] dropped) must leave no trace: an engine that did the
+/// work anyway undoes it ([`Engine::detach`] for an attach).
+pub trait Engine: Send + Sync + 'static {
+    /// Attach to the session of `req.client_id`: create it, resume it or
+    /// discard it per `clean_start` [MQTT-3.1.2-4..6]. A connection already
+    /// attached anywhere is told to close with 0x8E (its waker gets
+    /// [`ConnWaker::KICK`]) before this one is answered: there are never two
+    /// live connections for one client id [MQTT-3.1.4-3]. Answers
+    /// [`Completion::Attached`]; never refuses (admission is checked before).
+    fn attach(&self, req: AttachRequest, reply_to: &Arc<ConnWaker>, now: Instant) -> Call;
+
+    /// Add `req.filters` to the session, each with its outcome (refused:
+    /// invalid filter 0x8F, too many subscriptions 0x97, No Local on a
+    /// shared subscription 0x82), and queue the retained messages that
+    /// each granted one asks for (its Retain Handling) in the session,
+    /// where the connection finds them after the answer. Once answered,
+    /// every later publish matching a granted filter reaches the session.
+    /// Answers [`Completion::Subscribed`].
+    fn subscribe(&self, req: SubscribeRequest, reply_to: &Arc<ConnWaker>, now: Instant) -> Call;
+
+    /// Remove `req.filters` from the session; once answered, no later
+    /// publish matches them. Answers [`Completion::Unsubscribed`].
+    fn unsubscribe(&self, req: UnsubscribeRequest, reply_to: &Arc<ConnWaker>, now: Instant)
+        -> Call;
+
+    /// The connection `epoch` attached to `cell` closed (fire and forget):
+    /// the will is published if `publish_will` (at once or after its
+    /// delay), and the session's expiry starts (`expiry_override`: from a
+    /// v5 DISCONNECT). A connection already taken over changes nothing.
+    fn detach(
+        &self,
+        cell: &Arc<SessionCell>,
+        epoch: u64,
+        publish_will: bool,
+        expiry_override: Option<u32>,
+        now: Instant,
+    );
+}
+
+/// Hand `req` to the right call of `engine`.
+pub fn submit(engine: &dyn Engine, req: Request, reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
+    match req {
+        Request::Attach(r) => engine.attach(*r, reply_to, now),
+        Request::Subscribe(r) => engine.subscribe(r, reply_to, now),
+        Request::Unsubscribe(r) => engine.unsubscribe(r, reply_to, now),
+    }
+}
+
+/// The slot a later answer is put in: kept by the driver ([`Pending`]),
+/// filled by the engine ([`Reply::complete`]).
+#[derive(Debug)]
+pub struct Reply {
+    slot: parking_lot::Mutex<Slot>,
+    done: parking_lot::Condvar,
+    waker: Arc<ConnWaker>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    answer: Option<Completion>,
+    /// The [`Pending`] was dropped: nobody will take the answer.
+    abandoned: bool,
+}
+
+impl Reply {
+    /// A slot for one answer, and the [`Pending`] the driver keeps.
+    pub fn new(waker: &Arc<ConnWaker>) -> (Arc<Reply>, Pending) {
+        let reply = Arc::new(Reply {
+            slot: parking_lot::Mutex::new(Slot::default()),
+            done: parking_lot::Condvar::new(),
+            waker: waker.clone(),
+        });
+        (reply.clone(), Pending(reply))
+    }
+
+    /// Whether the connection went away (its [`Pending`] was dropped).
+    pub fn is_abandoned(&self) -> bool {
+        self.slot.lock().abandoned
+    }
+
+    /// Give the answer and wake the connection. `Err` gives it back when
+    /// the connection went away meanwhile: the caller undoes its effect.
+    pub fn complete(&self, c: Completion) -> Result<(), Completion> {
+        let mut slot = self.slot.lock();
+        if slot.abandoned {
+            return Err(c);
+        }
+        slot.answer = Some(c);
+        drop(slot);
+        self.done.notify_all();
+        self.waker.signal(ConnWaker::ENGINE);
+        Ok(())
+    }
+}
+
+/// An engine call that answers later, as kept by the driver. Dropping it
+/// abandons the call (the engine then undoes its effect).
+#[derive(Debug)]
+pub struct Pending(Arc<Reply>);
+
+impl Pending {
+    /// The answer, once given.
+    pub fn take(&self) -> Option<Completion> {
+        self.0.slot.lock().answer.take()
+    }
+
+    /// Whether the answer is there (to take).
+    pub fn is_answered(&self) -> bool {
+        self.0.slot.lock().answer.is_some()
+    }
+
+    /// Block the calling thread until the answer comes (at most `timeout`):
+    /// for tests that drive a connection without a runtime.
+    pub fn wait(&self, timeout: Duration) -> Option<Completion> {
+        let deadline = Instant::now() + timeout;
+        let mut slot = self.0.slot.lock();
+        while slot.answer.is_none() {
+            if self.0.done.wait_until(&mut slot, deadline).timed_out() {
+                break;
+            }
+        }
+        slot.answer.take()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.slot.lock().abandoned = true;
+    }
+}
+
+/// Build the engine a server runs on from its configuration: the broker
+/// itself (embedded), wrapped in the test delay when
+/// `[engine] test_delay_ms` is set.
+pub fn from_config(broker: &Arc<crate::broker::Broker>) -> Arc<dyn Engine> {
+    let cfg = &broker.config.engine;
+    if cfg.test_delay_ms == 0 {
+        return broker.clone();
+    }
+    tracing::warn!(
+        max_delay_ms = cfg.test_delay_ms,
+        seed = cfg.test_delay_seed,
+        "engine calls answered after a random delay (engine.test_delay_ms): a test setting"
+    );
+    Arc::new(delaying::Delaying::new(
+        broker.clone(),
+        Duration::from_millis(cfg.test_delay_ms),
+        cfg.test_delay_seed,
+    ))
+}
