@@ -7,15 +7,27 @@
 //! ([`Connection::poll_timeout`]) and whether to close ([`Connection::poll_close`]).
 //! When the socket is gone the driver calls [`Connection::handle_closed`] once.
 //!
-//! Call order per wake-up: `handle_*` for every input, then `poll_transmit`
-//! (which also drains the session queue), then `poll_close`, then
-//! `poll_timeout` to re-arm the timer.
+//! What may cross a network is asked of the engine ([`crate::engine`]): the
+//! driver takes the request with [`Connection::poll_request`], and the
+//! answer comes back through [`Connection::handle_completion`]; meanwhile the
+//! connection takes no packet ([`Connection::accepts_packets`]).
 //!
-//! Owns: protocol version, keep-alive, topic aliases both ways, the client's
-//! receive maximum and maximum packet size, the pending AUTH exchange, and the
-//! control packets waiting to be written. Session state (in-flight, queue,
-//! QoS 2 ids, subscriptions) lives in [`crate::session`]; routing in
-//! [`crate::broker`].
+//! Call order per wake-up: `handle_*` for every input (submitting requests
+//! as they come), then `poll_transmit` (which also drains the session
+//! queue), then `poll_close`, then `poll_timeout` to re-arm the timer.
+//!
+//! Owns: protocol version, the state (awaiting CONNECT, authenticating,
+//! attaching, connected, closed), every deadline ([`Timer`]), the engine
+//! call waited for and the packets held meanwhile, topic aliases both ways,
+//! the client's receive maximum and maximum packet size, the pending AUTH
+//! exchange. Session state (in-flight, queue, QoS 2 ids, subscriptions)
+//! lives in [`crate::session`]; routing in [`crate::broker`].
+//!
+//! Files, by what they handle: `connect.rs` (CONNECT, AUTH, attaching),
+//! `inbound.rs` (PUBLISH from the client and acknowledgements),
+//! `subscribe.rs` (SUBSCRIBE, UNSUBSCRIBE), `outbound.rs` (what is written
+//! to the client), `error.rs` (every way a connection ends, and its reason
+//! code); this file: the state, the inputs and the timers.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -41,7 +53,12 @@ use crate::security::quota::{ClientLimiter, ExceededAction, QuotaDecision};
 use crate::security::V3DenyAction;
 use crate::session::{ConnWaker, Delivery, InflightState, Message, SessionCell, Subscription};
 
+mod connect;
 pub mod error;
+mod inbound;
+mod outbound;
+use outbound::SentCount;
+mod subscribe;
 use error::Notice;
 pub use error::ProtocolError;
 
@@ -89,20 +106,49 @@ pub struct Close {
     pub why: ProtocolError,
 }
 
-/// The timers a connection can have (exactly one is armed at a time).
+/// Every deadline a connection can have, each armed or not in [`Timers`];
+/// [`Connection::poll_timeout`] is the earliest armed one and
+/// [`Connection::handle_timeout`] acts on those due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timer {
-    /// CONNECT (or the AUTH exchange) must complete by then.
-    Connect(Instant),
+    /// CONNECT (the AUTH exchange, the engine's attach) must complete by
+    /// then (`limits.connect_timeout`). Never armed with `KeepAlive`.
+    Connect = 0,
     /// No packet from the client by then: keep-alive expired [MQTT-3.1.2-22].
-    KeepAlive(Instant),
+    KeepAlive = 1,
+    /// Held back by a congested session (back-pressure) at most until then.
+    Pause = 2,
+    /// Over its message rate quota (back-pressure mode): not read until then.
+    Throttle = 3,
+    /// The credentials expire then (a JWT's `exp`): closed with 0x87.
+    Credentials = 4,
 }
 
-impl Timer {
-    pub fn deadline(self) -> Instant {
-        match self {
-            Timer::Connect(t) | Timer::KeepAlive(t) => t,
+/// The armed deadlines, one slot per [`Timer`].
+#[derive(Debug, Default)]
+struct Timers([Option<Instant>; 5]);
+
+impl Timers {
+    fn is_armed(&self, t: Timer) -> bool {
+        self.0[t as usize].is_some()
+    }
+
+    fn set(&mut self, t: Timer, at: Option<Instant>) {
+        self.0[t as usize] = at;
+    }
+
+    /// Disarm `t` if it is due at `now`; whether it was.
+    fn take_due(&mut self, t: Timer, now: Instant) -> bool {
+        let due = self.0[t as usize].is_some_and(|d| now >= d);
+        if due {
+            self.0[t as usize] = None;
         }
+        due
+    }
+
+    /// The earliest armed deadline.
+    fn next(&self) -> Option<Instant> {
+        self.0.iter().flatten().min().copied()
     }
 }
 
@@ -187,8 +233,6 @@ struct Active {
     acl: Vec<Rule>,
     /// Incoming message / byte rate limit (`[security.quota]`).
     limiter: Option<Box<ClientLimiter>>,
-    /// When the credentials expire (a JWT's `exp`): closed then.
-    auth_deadline: Option<Instant>,
     /// A bridge (protocol level 0x83 / 0x84): its subscriptions get No Local
     /// and Retain As Published.
     bridge: bool,
@@ -202,12 +246,6 @@ const MAX_CREDENTIAL_VALIDITY: Duration = Duration::from_secs(100 * 365 * 24 * 3
 /// read again (breaks cycles of connections that hold each other back).
 const MAX_BACKPRESSURE_PAUSE: Duration = Duration::from_secs(1);
 
-/// Queued messages encoded by one [`Connection::poll_transmit`] call, in
-/// bytes: the rest waits for the next call (the connection wakes itself), so
-/// a long queue (a replay of 100,000 retained messages) is written in slices
-/// between which the task yields to the others on its thread.
-const TRANSMIT_SLICE: usize = 256 * 1024;
-
 pub struct Connection {
     broker: Arc<Broker>,
     state: State,
@@ -215,22 +253,16 @@ pub struct Connection {
     /// Control packets (acks, CONNACK, SUBACK, ...) waiting to be written.
     out: VecDeque<Packet>,
     close: Option<Close>,
-    timer: Option<Timer>,
+    /// Every deadline (see [`Timer`]).
+    timers: Timers,
     last_recv: Instant,
     /// Session expiry set by the client's v5 DISCONNECT.
     disconnect_expiry: Option<u32>,
     waker: Arc<ConnWaker>,
     /// CONNACK 0x00 has been queued: errors from now on are DISCONNECTs.
     accepted: bool,
-    /// A session this client publishes to is congested: stop reading from
-    /// the client until every congested session drained to half its
-    /// threshold (back-pressure through TCP), or until this deadline, which
-    /// breaks a cycle of publishers that hold each other back.
-    paused_until: Option<Instant>,
     /// Verdict on the CONNECT, from the driver (see [`ConnectVerdict`]).
     verdict: Option<Box<ConnectVerdict>>,
-    /// Rate limit in back-pressure mode: not read from until then.
-    throttle_until: Option<Instant>,
     /// PUBACK / PUBREC held until the store sequence they depend on is
     /// durable; released in order [MQTT-4.6.0-2].
     pending_acks: VecDeque<(Ticket, Packet)>,
@@ -260,15 +292,17 @@ impl Connection {
             protocol: None,
             out: VecDeque::new(),
             close: None,
-            timer: Some(Timer::Connect(now + timeout)),
+            timers: {
+                let mut t = Timers::default();
+                t.set(Timer::Connect, Some(now + timeout));
+                t
+            },
             last_recv: now,
             disconnect_expiry: None,
             waker: Arc::new(ConnWaker::default()),
             accepted: false,
-            paused_until: None,
             pending_acks: VecDeque::new(),
             verdict: None,
-            throttle_until: None,
             peer_max_packet: usize::MAX,
             warned_oversize: false,
             received: SentCount::default(),
@@ -300,7 +334,12 @@ impl Connection {
     /// True while the driver must not read from the client (back-pressure).
     /// Cleared by the next wake-up of [`Connection::waker`].
     pub fn is_paused(&self) -> bool {
-        (self.paused_until.is_some() && self.waker.is_blocked()) || self.throttle_until.is_some()
+        // A session this client publishes to is congested: not read until
+        // every congested session drained to half its threshold
+        // (back-pressure through TCP), or until `Timer::Pause`, which breaks
+        // a cycle of publishers that hold each other back.
+        (self.timers.is_armed(Timer::Pause) && self.waker.is_blocked())
+            || self.timers.is_armed(Timer::Throttle)
     }
 
     /// Before parking: the session gives back the capacity of its empty
@@ -323,18 +362,19 @@ impl Connection {
     /// deadline comes.
     pub fn is_idle(&self) -> bool {
         let quiet_state = match &self.state {
-            State::Connected(a) => a.auth_deadline.is_none() && a.reauth.is_none(),
+            State::Connected(a) => a.reauth.is_none(),
             _ => false,
         };
         quiet_state
             && self.close.is_none()
             && self.out.is_empty()
             && self.pending_acks.is_empty()
-            && self.paused_until.is_none()
-            && self.throttle_until.is_none()
             && self.ack_blocked_since.is_none()
             && self.waiting.is_none()
-            && !matches!(self.timer, Some(Timer::Connect(_)))
+            // Only the keep-alive may be armed.
+            && [Timer::Connect, Timer::Pause, Timer::Throttle, Timer::Credentials]
+                .iter()
+                .all(|t| !self.timers.is_armed(*t))
     }
 
     /// False while the connection waits for the engine: the driver then
@@ -571,31 +611,19 @@ impl Connection {
 
     /// The timer returned by [`Connection::poll_timeout`] fired.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.throttle_until.is_some_and(|t| now >= t) {
-            self.throttle_until = None;
-        }
-        let expired = matches!(&self.state, State::Connected(a)
-            if a.auth_deadline.is_some_and(|t| now >= t));
-        if expired {
+        self.timers.take_due(Timer::Throttle, now);
+        if self.timers.take_due(Timer::Credentials, now) && self.close.is_none() {
             tracing::info!("credentials expired (JWT exp); closing");
             self.fail(ProtocolError::CredentialsExpired);
         }
-        if self.paused_until.is_some_and(|t| now >= t) {
-            if self.waker.is_blocked() {
-                tracing::debug!(
-                    "publisher held back for {MAX_BACKPRESSURE_PAUSE:?}; reading again"
-                );
-            }
-            self.paused_until = None;
+        if self.timers.take_due(Timer::Pause, now) && self.waker.is_blocked() {
+            tracing::debug!("publisher held back for {MAX_BACKPRESSURE_PAUSE:?}; reading again");
         }
-        let Some(t) = self.timer else { return };
-        if now < t.deadline() {
-            return;
+        if self.timers.take_due(Timer::Connect, now) {
+            self.fail(ProtocolError::ConnectTimeout);
         }
-        self.timer = None;
-        match t {
-            Timer::Connect(_) => self.fail(ProtocolError::ConnectTimeout),
-            Timer::KeepAlive(_) => self.fail(ProtocolError::KeepAliveTimeout),
+        if self.timers.take_due(Timer::KeepAlive, now) {
+            self.fail(ProtocolError::KeepAliveTimeout);
         }
     }
 
@@ -650,233 +678,9 @@ impl Connection {
 
     // ---- outputs -------------------------------------------------------
 
-    /// Encode everything ready to send into `buf`: control packets first, then
-    /// the in-flight window on resume, then queued messages within the
-    /// client's receive maximum.
-    pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) {
-        self.received.add_received_to(&self.broker.stats);
-        let Some(protocol) = self.protocol else {
-            return;
-        };
-        self.check_kick();
-        if !self.pending_acks.is_empty() {
-            self.release_acks();
-        }
-        let mut sent = SentCount::default();
-        while let Some(mut p) = self.out.pop_front() {
-            if self.peer_max_packet != usize::MAX
-                && !fit_control_packet(&mut p, protocol, self.peer_max_packet)
-            {
-                self.discard_oversized(&p);
-                continue;
-            }
-            if let Err(e) = sent.encode(&p, protocol, buf) {
-                tracing::warn!(error = %e, packet = p.name(), "cannot encode packet; dropped");
-            }
-        }
-        sent.add_to(&self.broker.stats);
-        if self.close.is_some() {
-            return;
-        }
-        let State::Connected(active) = &mut self.state else {
-            return;
-        };
-        let stats = &self.broker.stats;
-        let mut sent = SentCount::default();
-        let cell = active.cell.clone();
-        self.waker.clear();
-        if !self.waker.is_blocked() {
-            self.paused_until = None; // every congested session drained
-        }
-        let mut st = cell.state.lock();
-        let session = &mut st.session;
-        // Store records mirroring queue → in-flight moves, submitted once at the end.
-        let mut writes = self.broker.session_writes(session);
-        // QoS 2 PUBLISH held until its in-flight record is durable (and, to
-        // keep the order and topic aliases right, everything behind it).
-        let mut held: Vec<Packet> = Vec::new();
-        // What the held packets wait for.
-        let mut hold = Ticket::NONE;
-        let max_packet = self.peer_max_packet;
-        if active.resend {
-            active.resend = false;
-            // A resent PUBLISH or PUBREL describes in-flight state the store
-            // may not hold yet (moved there just before the client went
-            // away): the client must not complete it before that is durable,
-            // or a crash would bring the message back from the queue under a
-            // new packet id. Resends wait for everything submitted so far.
-            if writes.records() {
-                let last = self.broker.last_ticket();
-                if self.broker.ticket_status(last) == AckStatus::Pending {
-                    hold = last;
-                }
-            }
-            // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP) and PUBREL in order.
-            let resend: Vec<(u16, InflightState, Delivery)> = session
-                .inflight()
-                .map(|(p, i)| (p, i.state, i.delivery.clone()))
-                .collect();
-            for (pid, state, d) in resend {
-                let packet = match state {
-                    InflightState::AwaitAck => {
-                        Packet::Publish(active.publish_packet(&d, Some(pid), true, now, protocol))
-                    }
-                    InflightState::AwaitComp => Packet::PubRel(PubResp::new(pid)),
-                };
-                if max_packet != usize::MAX
-                    && !encoded_len(&packet, protocol).is_ok_and(|n| n <= max_packet)
-                {
-                    // The client lowered its Maximum Packet Size since: the
-                    // message is discarded as if delivered [MQTT-3.1.2-25].
-                    if let Packet::Publish(p) = &packet {
-                        if let (Some(alias), false) = (p.properties.topic_alias, p.topic.is_empty())
-                        {
-                            active.alias_out.forget(&p.topic, alias);
-                        }
-                    }
-                    if session.forget_inflight(pid) {
-                        writes.inflight_done(session, pid);
-                    }
-                    stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
-                    stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                if !hold.is_none() {
-                    held.push(packet);
-                } else {
-                    let _ = sent.encode(&packet, protocol, buf);
-                }
-            }
-        }
-        // The window is full with messages waiting, and none could be sent:
-        // the client is not acknowledging (a saturated but healthy client
-        // frees some room between two calls, and something goes out).
-        let mut ack_blocked = false;
-        let mut moved = false;
-        // Deliveries held from an earlier call keep new ones behind them
-        // (order, topic aliases). Acknowledgements of the client's own
-        // publishes waiting for the store do not: a PUBLISH to the client
-        // may overtake a PUBACK to it, only PUBACKs keep their order among
-        // themselves [MQTT-4.6.0-2]. (Holding behind them delayed a
-        // backend's telemetry by half the store's gathering time whenever
-        // it also published.)
-        let delivery_held = self
-            .pending_acks
-            .iter()
-            .any(|(_, p)| matches!(p, Packet::Publish(_) | Packet::PubRel(_)));
-        loop {
-            if buf.len() >= TRANSMIT_SLICE {
-                if session.has_pending() {
-                    self.waker.wake();
-                }
-                break;
-            }
-            let window_full = session.inflight_len() >= active.send_window;
-            let Some(d) = session.pop_queued(now) else {
-                break;
-            };
-            if d.qos != QoS::AtMostOnce && window_full {
-                session.unpop(d);
-                ack_blocked = !moved;
-                break;
-            }
-            moved = true;
-            let pid = if d.qos == QoS::AtMostOnce {
-                None
-            } else {
-                match session.alloc_packet_id() {
-                    Some(p) => Some(p),
-                    None => {
-                        session.unpop(d);
-                        break;
-                    }
-                }
-            };
-            writes.queue_entry_sent(session, &d);
-            let publish = active.publish_packet(&d, pid, false, now, protocol);
-            let packet = Packet::Publish(publish);
-            let fits = max_packet == usize::MAX
-                || encoded_len(&packet, protocol).is_ok_and(|n| n <= max_packet);
-            if !fits {
-                // [MQTT-3.1.2-25]: a message too big for the client is
-                // discarded as if it had been sent; a topic alias assigned
-                // for it must be forgotten.
-                if let Packet::Publish(p) = &packet {
-                    if let (Some(alias), false) = (p.properties.topic_alias, p.topic.is_empty()) {
-                        active.alias_out.forget(&p.topic, alias);
-                    }
-                }
-                stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
-                stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            // A QoS 2 PUBLISH the client completes (PUBREC, PUBREL, PUBCOMP)
-            // before its in-flight record is durable would, after a crash, be
-            // sent again from the queue under a new packet id: delivered twice.
-            let hold = writes.holds_deliveries()
-                && (d.qos == QoS::ExactlyOnce || !held.is_empty() || delivery_held);
-            if hold {
-                held.push(packet);
-            } else if sent.encode(&packet, protocol, buf).is_err() {
-                // Never sent: neither is the alias mapping it carried.
-                if let Packet::Publish(p) = &packet {
-                    if let (Some(alias), false) = (p.properties.topic_alias, p.topic.is_empty()) {
-                        active.alias_out.forget(&p.topic, alias);
-                    }
-                }
-                continue;
-            }
-            if let Some(pid) = pid {
-                writes.inflight_added(session, pid, &d);
-                session.push_inflight(pid, d);
-            }
-        }
-        self.ack_blocked_since = if ack_blocked {
-            Some(self.ack_blocked_since.unwrap_or(now))
-        } else {
-            None
-        };
-        let ticket = writes.submit().max(hold);
-        if !held.is_empty() {
-            self.broker.ticket_wait(ticket, &self.waker);
-            self.pending_acks
-                .extend(held.into_iter().map(|packet| (ticket, packet)));
-        }
-        if !st.blocked.is_empty()
-            && st.session.queue_len() <= self.broker.config.limits.backpressure_queued / 2
-            && st.session.queued_bytes() <= self.broker.config.limits.max_queued_bytes / 4
-        {
-            st.release_blocked();
-        }
-        // Re-SUBSCRIBEs coalesced while a replay was under way: their
-        // replay, now that it has left the queue.
-        let due = if st.session.has_deferred_replays() {
-            st.session.take_due_replays()
-        } else {
-            Vec::new()
-        };
-        drop(st);
-        sent.add_to(stats);
-        for r in &due {
-            self.broker.replay_retained(&cell, r, now);
-        }
-    }
-
     /// The earliest deadline at which [`Connection::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let auth = match &self.state {
-            State::Connected(a) if self.close.is_none() => a.auth_deadline,
-            _ => None,
-        };
-        [
-            self.timer.map(Timer::deadline),
-            self.throttle_until,
-            self.paused_until,
-            auth,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        self.timers.next()
     }
 
     /// `Some` once the connection must close (after writing what
@@ -889,7 +693,8 @@ impl Connection {
 
     fn rearm_keepalive(&mut self, now: Instant) {
         if let State::Connected(a) = &self.state {
-            self.timer = a.keep_alive.map(|k| Timer::KeepAlive(now + k + k / 2));
+            let at = a.keep_alive.map(|k| now + k + k / 2);
+            self.timers.set(Timer::KeepAlive, at);
         }
     }
 
@@ -1001,914 +806,6 @@ impl Connection {
             .security()
             .is_none_or(|s| s.acl.check(client_id, username, extra, access, topic))
     }
-
-    /// A control packet does not fit the client's Maximum Packet Size even
-    /// without its optional properties: it is not sent [MQTT-3.1.2-24]. A
-    /// client that cannot receive its CONNACK cannot use the connection.
-    fn discard_oversized(&mut self, p: &Packet) {
-        if !self.warned_oversize {
-            self.warned_oversize = true;
-            tracing::warn!(
-                packet = p.name(),
-                client_maximum_packet_size = self.peer_max_packet,
-                "packet too big for the client's maximum packet size; discarded (logged once per connection)"
-            );
-        }
-        if let Packet::ConnAck(_) = p {
-            self.set_close(ProtocolError::ConnAckTooLarge {
-                max: self.peer_max_packet,
-            });
-            // Nothing may follow a CONNACK the client never got.
-            self.out.clear();
-        }
-    }
-
-    fn handle_connect(&mut self, mut c: Box<Connect>) {
-        self.protocol = Some(c.protocol);
-        if c.protocol.is_v5() {
-            // Applies to every packet from now on, CONNACK included [MQTT-3.1.2-24].
-            self.peer_max_packet = c
-                .properties
-                .maximum_packet_size
-                .map_or(usize::MAX, |m| m as usize);
-        }
-        let mut verdict = self.verdict.take().unwrap_or_else(|| {
-            Box::new(ConnectVerdict {
-                username: c.username.as_deref().map(str::to_string),
-                ..Default::default()
-            })
-        });
-        if let Some(id) = verdict.client_id.take() {
-            c.client_id = ByteString::from(id);
-        }
-        if let Some(reference) = &self.broker.config.server_reference {
-            // Server redirection [MQTT-4.11]: v5 learns where to go; 3.x
-            // only hears "server unavailable".
-            let why = ProtocolError::Redirected {
-                reference: reference.as_str().into(),
-                moved: self.broker.config.server_moved,
-            };
-            return self.fail(why);
-        }
-        let limits = &self.broker.config.limits;
-        if self.broker.stats.clients_connected.load(Ordering::Relaxed) as usize
-            >= limits.max_connections
-        {
-            return self.fail(ProtocolError::MaxConnections);
-        }
-        if c.client_id.is_empty()
-            && (!c.clean_start || c.protocol == Protocol::V3_1)
-            && !c.protocol.is_v5()
-        {
-            // [MQTT-3.1.3-8]: zero-length id requires clean session in 3.1.1.
-            return self.fail(ProtocolError::EmptyClientId);
-        }
-        if let Some(w) = &c.will {
-            if !topic::valid_topic_name(&w.topic)
-                || w.topic.len() > limits.max_topic_length
-                || w.topic.split('/').count() > limits.max_topic_levels
-            {
-                return self.fail(ProtocolError::WillTopicInvalid);
-            }
-            if let Some(code) = reserved_topic(&w.topic) {
-                // The will would be a publish to $SYS or $share/: refused
-                // like that publish (0x87 / 0x90; 3.x: 5).
-                let topic = (*w.topic).into();
-                return self.fail(ProtocolError::WillTopicReserved { topic, code });
-            }
-        }
-        if verdict.reason != ReasonCode::SUCCESS {
-            return self.fail(ProtocolError::ConnectRefused(verdict.reason));
-        }
-        if let Some(w) = &c.will {
-            // A will the client could not publish itself is refused with the
-            // CONNECT (0x87 / 3.x 5) rather than silently dropped later.
-            if !self.acl_allows(
-                &c.client_id,
-                verdict.username.as_deref(),
-                &verdict.acl,
-                Access::Publish,
-                &w.topic,
-            ) {
-                tracing::info!(client_id = %c.client_id, topic = %w.topic, "will topic not authorized");
-                return self.fail(ProtocolError::WillTopicNotAuthorized);
-            }
-        }
-        self.verdict = Some(verdict);
-        if let Some(method) = &c.properties.authentication_method {
-            let client_id = c.client_id.to_string();
-            let exchange = self
-                .broker
-                .authenticator()
-                .and_then(|a| a.start(method, &client_id));
-            let Some(mut exchange) = exchange else {
-                let method = (**method).into();
-                return self.fail(ProtocolError::BadAuthenticationMethod(method));
-            };
-            let step = exchange.step(c.properties.authentication_data.as_deref());
-            return self.auth_step(
-                Box::new(PendingConnect {
-                    connect: c,
-                    exchange,
-                }),
-                step,
-            );
-        }
-        self.accept(c, None);
-    }
-
-    fn auth_step(&mut self, pending: Box<PendingConnect>, step: AuthStep) {
-        match step {
-            AuthStep::Continue(data) => {
-                self.out.push_back(Packet::Auth(Auth {
-                    reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
-                    properties: AuthProperties {
-                        authentication_method: pending
-                            .connect
-                            .properties
-                            .authentication_method
-                            .clone(),
-                        authentication_data: Some(data),
-                        ..Default::default()
-                    },
-                }));
-                self.state = State::Authenticating(pending);
-            }
-            AuthStep::Success(data) => self.accept(pending.connect, data),
-            AuthStep::Failure => self.fail(ProtocolError::AuthenticationFailed),
-        }
-    }
-
-    fn handle_auth_during_connect(&mut self, mut pending: Box<PendingConnect>, a: Auth) {
-        if a.reason_code != ReasonCode::CONTINUE_AUTHENTICATION
-            || a.properties.authentication_method
-                != pending.connect.properties.authentication_method
-        {
-            // [MQTT-4.12.0-4]: wrong method or reason is a protocol error.
-            self.state = State::Authenticating(pending);
-            return self.fail(ProtocolError::InvalidAuthDuringConnect);
-        }
-        let step = pending
-            .exchange
-            .step(a.properties.authentication_data.as_deref());
-        self.auth_step(pending, step);
-    }
-
-    fn accept(&mut self, c: Box<Connect>, auth_data: Option<bytes::Bytes>) {
-        let grant = *self.verdict.take().unwrap_or_default();
-        let limits = self.broker.config.limits.clone();
-        let v5 = c.protocol.is_v5();
-        let mut props = ConnAckProperties::default();
-        let client_id: ByteString = if c.client_id.is_empty() {
-            let id = self.broker.assign_client_id();
-            if v5 {
-                props.assigned_client_identifier = Some(id.clone()); // [MQTT-3.2.2-16]
-            }
-            id
-        } else {
-            // Copied: a slice would pin the whole read chunk for the life of the session.
-            ByteString::from(&*c.client_id)
-        };
-        if let Err(refusal) = self.broker.admit_session(&client_id) {
-            // A new session would take memory the broker does not have, or
-            // one more than `max_sessions`: 0x97 (3.x: 3, server unavailable).
-            let why = error::session_refusal_text(refusal);
-            tracing::debug!(%client_id, why, "new session refused");
-            return self.fail(ProtocolError::SessionRefused(refusal));
-        }
-        let mut keep_alive = c.keep_alive;
-        if v5
-            && (keep_alive > limits.max_keepalive || (keep_alive == 0 && limits.min_keepalive > 0))
-        {
-            keep_alive = if keep_alive == 0 {
-                limits.min_keepalive
-            } else {
-                limits.max_keepalive
-            };
-            props.server_keep_alive = Some(keep_alive); // [MQTT-3.2.2-21]
-        }
-        let mut expiry = if v5 {
-            c.properties.session_expiry_interval.unwrap_or(0)
-        } else if c.clean_start {
-            0
-        } else {
-            u32::MAX
-        };
-        if expiry > limits.max_session_expiry {
-            expiry = limits.max_session_expiry;
-            if v5 {
-                props.session_expiry_interval = Some(expiry);
-            }
-        }
-        let request = AttachRequest {
-            client_id: client_id.clone(),
-            clean_start: c.clean_start,
-            expiry_interval: expiry,
-            will: c.will.as_ref().map(detach_will),
-            waker: self.waker.clone(),
-        };
-        self.state = State::Attaching;
-        self.wait_for(
-            Request::Attach(Box::new(request)),
-            Then::Attach(Box::new(PendingAttach {
-                connect: c,
-                client_id,
-                props,
-                auth_data,
-                keep_alive,
-                expiry,
-                grant,
-            })),
-        );
-    }
-
-    /// The engine attached the session: CONNACK, and the connected state.
-    fn handle_attached(&mut self, p: Box<PendingAttach>, attached: Attached, now: Instant) {
-        let PendingAttach {
-            connect: c,
-            client_id,
-            mut props,
-            auth_data,
-            keep_alive,
-            expiry,
-            grant,
-        } = *p;
-        let limits = self.broker.config.limits.clone();
-        let v5 = c.protocol.is_v5();
-        if v5 {
-            props.receive_maximum = Some(limits.receive_maximum);
-            props.retain_available = Some(true);
-            props.maximum_packet_size = Some(limits.max_packet_size);
-            props.topic_alias_maximum = Some(limits.topic_alias_max);
-            props.wildcard_subscription_available = Some(true);
-            props.subscription_identifiers_available = Some(true);
-            props.shared_subscription_available = Some(true);
-            if auth_data.is_some() || c.properties.authentication_method.is_some() {
-                props.authentication_method = c.properties.authentication_method.clone();
-                props.authentication_data = auth_data;
-            }
-        }
-        self.accepted = true;
-        self.attached = Some((attached.cell.clone(), attached.epoch));
-        self.out.push_back(Packet::ConnAck(ConnAck {
-            session_present: attached.session_present,
-            reason_code: ReasonCode::SUCCESS,
-            properties: props,
-        }));
-        let client_receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
-        let active = Active {
-            client_id,
-            cell: attached.cell.clone(),
-            epoch: attached.epoch,
-            keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive))),
-            alias_in: InAliases::default(),
-            alias_in_max: if v5 { limits.topic_alias_max } else { 0 },
-            alias_out: OutAliases::new(if v5 {
-                c.properties.topic_alias_maximum.unwrap_or(0)
-            } else {
-                0
-            }),
-            send_window: usize::from(client_receive_max.min(limits.max_inflight)),
-            resend: attached.session_present,
-            session_expiry: expiry,
-            auth_method: c.properties.authentication_method.clone(),
-            reauth: None,
-            username: grant.username.map(ByteString::from),
-            acl: grant.acl,
-            // Checked: a validly signed token may carry any `exp`.
-            auth_deadline: grant
-                .valid_for
-                .and_then(|d| now.checked_add(d.min(MAX_CREDENTIAL_VALIDITY))),
-            limiter: self
-                .broker
-                .security()
-                .map(|s| ClientLimiter::new(&s.config.quota, now))
-                .filter(ClientLimiter::is_limited)
-                .map(Box::new),
-            bridge: c.bridge,
-        };
-        tracing::debug!(client_id = %active.client_id, protocol = ?c.protocol, session_present = attached.session_present, "client connected");
-        self.state = State::Connected(Box::new(active));
-        self.rearm_keepalive(now);
-        if !self.timer.is_some_and(|t| matches!(t, Timer::KeepAlive(_))) {
-            self.timer = None;
-        }
-    }
-
-    fn handle_connected(&mut self, a: &mut Active, packet: Packet, now: Instant) {
-        let v5 = self.protocol == Some(Protocol::V5);
-        match packet {
-            Packet::Publish(p) => self.handle_publish(a, p, now),
-            Packet::PubAck(r) => {
-                let mut st = a.cell.state.lock();
-                if st.session.handle_puback(r.packet_id) {
-                    let mut w = self.broker.session_writes(&st.session);
-                    w.inflight_done(&st.session, r.packet_id);
-                    w.submit();
-                } else {
-                    tracing::debug!(packet_id = r.packet_id, "PUBACK for unknown packet id");
-                }
-            }
-            Packet::PubRec(r) => {
-                let (known, ticket) = {
-                    let mut st = a.cell.state.lock();
-                    let known = st
-                        .session
-                        .handle_pubrec(r.packet_id, r.reason_code.is_error());
-                    let ticket = if known {
-                        self.persist_pubrec(&mut st.session, r.packet_id, r.reason_code.is_error())
-                    } else {
-                        Ticket::NONE
-                    };
-                    (known, ticket)
-                };
-                if !r.reason_code.is_error() {
-                    let reason = if known || !v5 {
-                        ReasonCode::SUCCESS
-                    } else {
-                        ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
-                    };
-                    // PUBREL only once "awaiting PUBCOMP" is durable: the client
-                    // forgets the packet id when it answers, so a crash that
-                    // brought back "awaiting PUBREC" would make us resend the
-                    // PUBLISH and deliver it twice.
-                    self.queue_ack(
-                        ticket,
-                        Packet::PubRel(PubResp::with_reason(r.packet_id, reason)),
-                    );
-                }
-            }
-            Packet::PubRel(r) => {
-                let known = {
-                    let mut st = a.cell.state.lock();
-                    let known = st.session.awaiting_rel.remove(&r.packet_id);
-                    if known {
-                        let mut w = self.broker.session_writes(&st.session);
-                        w.awaiting_rel_done(&st.session, r.packet_id);
-                        w.submit();
-                    }
-                    known
-                };
-                let reason = if known || !v5 {
-                    ReasonCode::SUCCESS
-                } else {
-                    ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
-                };
-                self.out
-                    .push_back(Packet::PubComp(PubResp::with_reason(r.packet_id, reason)));
-            }
-            Packet::PubComp(r) => {
-                let mut st = a.cell.state.lock();
-                if st.session.handle_pubcomp(r.packet_id) {
-                    let mut w = self.broker.session_writes(&st.session);
-                    w.inflight_done(&st.session, r.packet_id);
-                    w.submit();
-                }
-            }
-            Packet::Subscribe(s) => self.handle_subscribe(a, s),
-            Packet::Unsubscribe(u) => self.handle_unsubscribe(a, u),
-            Packet::PingReq => self.out.push_back(Packet::PingResp),
-            Packet::Disconnect(d) => {
-                if let Some(e) = d.properties.session_expiry_interval {
-                    if a.session_expiry == 0 && e != 0 {
-                        // [MQTT-3.14.2-2]
-                        return self.fail(ProtocolError::SessionExpiryRaised);
-                    }
-                    self.disconnect_expiry =
-                        Some(e.min(self.broker.config.limits.max_session_expiry));
-                }
-                // The will is published unless the reason is 0x00 [MQTT-3.14.4-3].
-                self.set_close(ProtocolError::ClientDisconnect(d.reason_code));
-            }
-            Packet::Auth(x) => self.handle_reauth(a, x),
-            Packet::Connect(_) => self.fail(ProtocolError::SecondConnect), // [MQTT-3.1.0-2]
-            other => self.fail(ProtocolError::UnexpectedPacket(other.name())),
-        }
-    }
-
-    fn handle_publish(&mut self, a: &mut Active, mut p: Publish, now: Instant) {
-        let v5 = self.protocol == Some(Protocol::V5);
-        let limits = &self.broker.config.limits;
-        if let Some(alias) = p.properties.topic_alias.take() {
-            if alias == 0 || alias > a.alias_in_max {
-                return self.fail(ProtocolError::TopicAliasInvalid { alias });
-            }
-            if p.topic.is_empty() {
-                match a.alias_in.get(alias) {
-                    Some(t) => p.topic = t.clone(),
-                    None => return self.fail(ProtocolError::TopicAliasUnknown { alias }),
-                }
-            } else {
-                // Stored as a copy: not a slice pinning the read buffer.
-                a.alias_in.set(alias, &p.topic);
-            }
-        }
-        if p.topic.is_empty() || !topic::valid_topic_name(&p.topic) {
-            return self.fail(ProtocolError::TopicNameInvalid);
-        }
-        if !p.properties.subscription_identifiers.is_empty() {
-            return self.fail(ProtocolError::PublishWithSubscriptionId);
-            // [MQTT-3.3.4-6]
-        }
-        if p.topic.len() > limits.max_topic_length
-            || p.topic.split('/').count() > limits.max_topic_levels
-        {
-            if v5 && p.qos != QoS::AtMostOnce {
-                let rc = ReasonCode::TOPIC_NAME_INVALID;
-                let pid = p.packet_id.unwrap_or(1);
-                self.out.push_back(match p.qos {
-                    QoS::AtLeastOnce => Packet::PubAck(PubResp::with_reason(pid, rc)),
-                    _ => Packet::PubRec(PubResp::with_reason(pid, rc)),
-                });
-                return;
-            }
-            return self.fail(ProtocolError::TopicExceedsLimits);
-        }
-        if let Some(rc) = reserved_topic(&p.topic) {
-            return self.publish_refused(a, &p, rc);
-        }
-        if self.broker.injected_panic(&p.topic) {
-            // Test hook (never set outside tests): a connection task that
-            // panics must still detach its session.
-            panic!("injected panic on PUBLISH to {}", p.topic);
-        }
-        if let Some(limiter) = a.limiter.as_mut() {
-            let size = p.payload.len() + p.topic.len();
-            if let QuotaDecision::Exceeded { retry_after } = limiter.check_publish(size, now) {
-                let backpressure = self
-                    .broker
-                    .security()
-                    .is_some_and(|s| s.config.quota.on_exceeded == ExceededAction::Backpressure);
-                if !backpressure {
-                    tracing::info!(client_id = %a.client_id, "message rate quota exceeded; disconnecting");
-                    return self.fail(ProtocolError::MessageRateTooHigh);
-                }
-                // Accept this one, then stop reading until the bucket refills.
-                self.throttle_until = Some(now + retry_after);
-            }
-        }
-        if !self.acl_allows(
-            &a.client_id,
-            a.username.as_deref(),
-            &a.acl,
-            Access::Publish,
-            &p.topic,
-        ) {
-            return self.publish_denied(a, &p);
-        }
-        let qos = p.qos;
-        let pid = p.packet_id.unwrap_or(0);
-        let mut rel_ticket = Ticket::NONE;
-        let receive_maximum = usize::from(limits.receive_maximum);
-        if qos != QoS::AtMostOnce && !self.admit_publish(a, &p) {
-            return;
-        }
-        if qos == QoS::ExactlyOnce {
-            let mut st = a.cell.state.lock();
-            if st.session.awaiting_rel.contains(&pid) {
-                // A resend of a message we already have: acknowledge, don't
-                // deliver twice [MQTT-4.3.3-10].
-                drop(st);
-                self.queue_ack(Ticket::NONE, Packet::PubRec(PubResp::new(pid)));
-                return;
-            }
-            if st.session.awaiting_rel.len() >= receive_maximum {
-                drop(st);
-                return self.fail(ProtocolError::ReceiveMaximumExceeded);
-            }
-            st.session.awaiting_rel.insert(pid);
-            let mut w = self.broker.session_writes(&st.session);
-            w.awaiting_rel_added(&st.session, pid);
-            rel_ticket = w.submit();
-        }
-        let expires_at = p
-            .properties
-            .message_expiry_interval
-            .map(|s| now + Duration::from_secs(u64::from(s)));
-        let msg = Message {
-            topic: p.topic,
-            payload: p.payload,
-            qos,
-            retain: p.retain,
-            properties: p.properties,
-            expires_at,
-            publisher: Some(a.cell.id),
-            publisher_client_id: a.client_id.clone(),
-            store_id: Default::default(),
-        };
-        let routed = self.broker.publish(Arc::new(msg), Some(&self.waker), now);
-        if routed.congested && self.paused_until.is_none() {
-            self.paused_until = Some(now + MAX_BACKPRESSURE_PAUSE);
-        }
-        let rc = if routed.sessions == 0 && v5 {
-            ReasonCode::NO_MATCHING_SUBSCRIBERS
-        } else {
-            ReasonCode::SUCCESS
-        };
-        // Acknowledged only once durable (group commit) [issue: durable by default].
-        let ticket = routed.ticket.max(rel_ticket);
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                self.queue_ack(ticket, Packet::PubAck(PubResp::with_reason(pid, rc)))
-            }
-            QoS::ExactlyOnce => {
-                self.queue_ack(ticket, Packet::PubRec(PubResp::with_reason(pid, rc)))
-            }
-        }
-    }
-
-    /// Overload protection for an inbound QoS 1/2 PUBLISH (not a resend of
-    /// a QoS 2 message we hold): at the memory budget, or a new retained
-    /// topic beyond the retained caps (v5 only: 3.x gets the message routed,
-    /// not retained), it is refused. v5: PUBACK / PUBREC 0x97. 3.x has no
-    /// negative acknowledgement and we never acknowledge a message we drop:
-    /// the publisher is disconnected (it resends after reconnecting).
-    fn admit_publish(&mut self, a: &Active, p: &Publish) -> bool {
-        let v5 = self.protocol == Some(Protocol::V5);
-        let deleting = p.retain && p.payload.is_empty();
-        if p.qos == QoS::ExactlyOnce
-            && a.cell
-                .state
-                .lock()
-                .session
-                .awaiting_rel
-                .contains(&p.packet_id.unwrap_or(0))
-        {
-            return true; // a resend: acknowledged again below
-        }
-        let full = !deleting && self.broker.memory_pressure() == crate::budget::Pressure::Full;
-        if full {
-            self.broker
-                .overload
-                .publish_refused_memory
-                .fetch_add(1, Ordering::Relaxed);
-            if !v5 {
-                self.fail(ProtocolError::MemoryBudgetReached);
-                return false;
-            }
-            self.refuse_publish(p);
-            return false;
-        }
-        if v5
-            && p.retain
-            && !deleting
-            && !self
-                .broker
-                .retained_admits(&p.topic, (p.topic.len() + p.payload.len()) as u64)
-        {
-            self.broker
-                .overload
-                .retained_refused
-                .fetch_add(1, Ordering::Relaxed);
-            self.refuse_publish(p);
-            return false;
-        }
-        true
-    }
-
-    /// v5 PUBACK / PUBREC 0x97 for a QoS 1/2 PUBLISH, behind the
-    /// acknowledgements still held for earlier ones (they go out in order).
-    fn refuse_publish(&mut self, p: &Publish) {
-        let pid = p.packet_id.unwrap_or(0);
-        let rc = ReasonCode::QUOTA_EXCEEDED;
-        let ack = match p.qos {
-            QoS::ExactlyOnce => Packet::PubRec(PubResp::with_reason(pid, rc)),
-            _ => Packet::PubAck(PubResp::with_reason(pid, rc)),
-        };
-        self.queue_ack(Ticket::NONE, ack);
-    }
-
-    /// PUBREC received: the stored entry moves to "awaiting PUBCOMP" (or is
-    /// dropped when the PUBREC carried an error). Returns the ticket the
-    /// PUBREL must wait for.
-    fn persist_pubrec(
-        &self,
-        session: &mut crate::session::Session,
-        packet_id: u16,
-        is_error: bool,
-    ) -> Ticket {
-        let mut w = self.broker.session_writes(session);
-        if is_error {
-            w.inflight_done(session, packet_id);
-            w.submit();
-            return Ticket::NONE;
-        }
-        w.inflight_released(session, packet_id);
-        w.submit()
-    }
-
-    /// Queue a PUBACK / PUBREC that may go out once `ticket` is done
-    /// (none: nothing to wait for, but stay behind earlier held acks).
-    fn queue_ack(&mut self, ticket: Ticket, ack: Packet) {
-        if ticket.is_none() && self.pending_acks.is_empty() {
-            self.out.push_back(ack);
-            return;
-        }
-        self.pending_acks.push_back((ticket, ack));
-        if self.broker.acks_early() {
-            // Decided now (refused only while the store is failing).
-            self.release_acks();
-        } else {
-            self.broker.ticket_wait(ticket, &self.waker);
-        }
-    }
-
-    /// Move held acknowledgements whose writes completed to `out`; a failed
-    /// write turns the ack into a refusal (v5 0x97 quota exceeded on a full
-    /// disk, 0x80 otherwise; 3.x has no negative ack, so the connection is
-    /// closed and the client will resend).
-    fn release_acks(&mut self) {
-        while let Some((ticket, _)) = self.pending_acks.front() {
-            let status = self.broker.ticket_status(*ticket);
-            if status == AckStatus::Pending {
-                break;
-            }
-            let Some((_, mut ack)) = self.pending_acks.pop_front() else {
-                break;
-            };
-            if let AckStatus::Failed { out_of_space } = status {
-                if self.protocol != Some(Protocol::V5) {
-                    self.pending_acks.clear();
-                    self.fail(ProtocolError::StoreWriteFailed);
-                    return;
-                }
-                let rc = if out_of_space {
-                    ReasonCode::QUOTA_EXCEEDED
-                } else {
-                    ReasonCode::UNSPECIFIED_ERROR
-                };
-                if let Packet::PubAck(r) | Packet::PubRec(r) = &mut ack {
-                    r.reason_code = rc;
-                }
-            }
-            self.out.push_back(ack);
-        }
-    }
-
-    /// A PUBLISH to a reserved topic (see [`reserved_topic`]): not routed.
-    /// v5: PUBACK / PUBREC with `rc` (QoS 0: dropped); 3.x: dropped but
-    /// acknowledged, like the ACL's default `v3_deny_action = "drop"`.
-    fn publish_refused(&mut self, a: &Active, p: &Publish, rc: ReasonCode) {
-        tracing::debug!(client_id = %a.client_id, topic = %p.topic, reason = %rc, "PUBLISH to a reserved topic refused");
-        self.ack_unrouted(p, rc);
-    }
-
-    /// Acknowledge a PUBLISH that is not routed: v5 PUBACK / PUBREC with
-    /// `v5_rc`, 3.x with success (no negative ack there); QoS 0: nothing.
-    /// An error PUBREC ends the v5 exchange; a 3.x client's PUBREL for an id
-    /// we don't hold is still answered with PUBCOMP.
-    fn ack_unrouted(&mut self, p: &Publish, v5_rc: ReasonCode) {
-        let rc = if self.protocol == Some(Protocol::V5) {
-            v5_rc
-        } else {
-            ReasonCode::SUCCESS
-        };
-        let pid = p.packet_id.unwrap_or(0);
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self
-                .out
-                .push_back(Packet::PubAck(PubResp::with_reason(pid, rc))),
-            QoS::ExactlyOnce => self
-                .out
-                .push_back(Packet::PubRec(PubResp::with_reason(pid, rc))),
-        }
-    }
-
-    /// A PUBLISH the ACL refuses: not routed. v5: PUBACK / PUBREC 0x87 (QoS
-    /// 0: dropped). 3.x: per `acl.v3_deny_action`, dropped but still
-    /// acknowledged (so the client does not resend it forever), or closed.
-    fn publish_denied(&mut self, a: &Active, p: &Publish) {
-        let v5 = self.protocol == Some(Protocol::V5);
-        tracing::debug!(client_id = %a.client_id, topic = %p.topic, "PUBLISH not authorized");
-        let disconnect = !v5
-            && self
-                .broker
-                .security()
-                .is_some_and(|s| s.config.acl.v3_deny_action == V3DenyAction::Disconnect);
-        if disconnect {
-            let topic = (*p.topic).into();
-            return self.fail(ProtocolError::PublishNotAuthorized { topic });
-        }
-        self.ack_unrouted(p, ReasonCode::NOT_AUTHORIZED);
-    }
-
-    fn handle_subscribe(&mut self, a: &mut Active, s: Subscribe) {
-        let mut codes = Vec::with_capacity(s.filters.len());
-        let mut asked = Vec::with_capacity(s.filters.len());
-        for (filter, options) in &s.filters {
-            let mut options = *options;
-            if !self.acl_allows(
-                &a.client_id,
-                a.username.as_deref(),
-                &a.acl,
-                Access::Subscribe,
-                filter,
-            ) {
-                // 0x87; the 3.x encoder turns any failure into 0x80.
-                tracing::debug!(client_id = %a.client_id, %filter, "SUBSCRIBE not authorized");
-                codes.push(SubCode::Known(ReasonCode::NOT_AUTHORIZED));
-                continue;
-            }
-            let share_group = match topic::parse_shared(filter) {
-                Ok(Some(sf)) => Some(ByteString::from(sf.group)),
-                _ => None,
-            };
-            if share_group.is_some() && options.no_local {
-                // [MQTT-3.8.3-4]: a protocol error, before anything is subscribed.
-                return self.fail(ProtocolError::NoLocalOnSharedSubscription);
-            }
-            if a.bridge && share_group.is_none() {
-                // Bridge semantics (as Mosquitto and EMQX give a 0x83 / 0x84
-                // client): what the bridge publishes is not sent back to it,
-                // and retained messages keep their retain flag, so the other
-                // broker can store them too.
-                options.no_local = true;
-                options.retain_as_published = true;
-            }
-            let sub = Subscription {
-                options,
-                identifier: s.subscription_identifier,
-                share_group,
-            };
-            codes.push(SubCode::Asked(options.qos));
-            asked.push((filter.clone(), sub));
-        }
-        let then = Then::Subscribe {
-            packet_id: s.packet_id,
-            codes,
-        };
-        if asked.is_empty() {
-            return self.subscribed_now(then);
-        }
-        let request = Request::Subscribe(SubscribeRequest {
-            cell: a.cell.clone(),
-            filters: asked,
-        });
-        self.wait_for(request, then);
-    }
-
-    /// A SUBSCRIBE refused for every filter: SUBACK without the engine.
-    fn subscribed_now(&mut self, then: Then) {
-        if let Then::Subscribe { packet_id, codes } = then {
-            self.subscribed(packet_id, codes, Vec::new());
-        }
-    }
-
-    /// The engine's outcomes for a SUBSCRIBE: SUBACK [MQTT-3.8.4-1].
-    fn subscribed(&mut self, packet_id: u16, codes: Vec<SubCode>, outcomes: Vec<SubscribeOutcome>) {
-        let mut outcomes = outcomes.into_iter();
-        let mut reason_codes = Vec::with_capacity(codes.len());
-        for code in codes {
-            let rc = match code {
-                SubCode::Known(rc) => rc,
-                SubCode::Asked(qos) => match outcomes.next() {
-                    Some(SubscribeOutcome::Granted { .. }) => ReasonCode(qos as u8),
-                    Some(SubscribeOutcome::Refused(ReasonCode::PROTOCOL_ERROR)) => {
-                        return self.fail(ProtocolError::NoLocalOnSharedSubscription);
-                    }
-                    Some(SubscribeOutcome::Refused(rc)) => rc,
-                    None => {
-                        tracing::error!("engine answered fewer outcomes than filters");
-                        return self.fail(ProtocolError::EngineMismatch);
-                    }
-                },
-            };
-            reason_codes.push(rc);
-        }
-        self.out.push_back(Packet::SubAck(SubAck {
-            packet_id,
-            properties: Default::default(),
-            reason_codes,
-        }));
-    }
-
-    fn handle_unsubscribe(&mut self, a: &mut Active, u: Unsubscribe) {
-        let request = Request::Unsubscribe(UnsubscribeRequest {
-            cell: a.cell.clone(),
-            filters: u.filters,
-        });
-        self.wait_for(
-            request,
-            Then::Unsubscribe {
-                packet_id: u.packet_id,
-            },
-        );
-    }
-
-    /// Re-authentication (v5 AUTH 0x19 after CONNACK), section 4.12.1.
-    fn handle_reauth(&mut self, a: &mut Active, x: Auth) {
-        if a.auth_method.is_none() || x.properties.authentication_method != a.auth_method {
-            // [MQTT-4.12.0-7] / [MQTT-4.12.1-1]
-            return self.fail(ProtocolError::AuthMethodMismatch);
-        }
-        if x.reason_code == ReasonCode::REAUTHENTICATE {
-            // The connection's identity (the ACL's username) is fixed at
-            // CONNECT: re-authenticating as someone else is refused rather
-            // than silently keeping the old user's rights.
-            if a.auth_method.as_deref() == Some(crate::security::scram::SCRAM_SHA_256) {
-                let user = x
-                    .properties
-                    .authentication_data
-                    .as_deref()
-                    .and_then(crate::security::scram::client_first_username);
-                if user.as_deref() != a.username.as_deref() {
-                    return self.fail(ProtocolError::ReauthDifferentUser);
-                }
-            }
-            let method = a.auth_method.clone().unwrap_or_default();
-            a.reauth = self
-                .broker
-                .authenticator()
-                .and_then(|au| au.start(&method, &a.client_id));
-        } else if x.reason_code != ReasonCode::CONTINUE_AUTHENTICATION || a.reauth.is_none() {
-            return self.fail(ProtocolError::UnexpectedAuthReasonCode);
-        }
-        let Some(ex) = a.reauth.as_mut() else {
-            return self.fail(ProtocolError::ReauthRefused);
-        };
-        match ex.step(x.properties.authentication_data.as_deref()) {
-            AuthStep::Continue(data) => self.out.push_back(Packet::Auth(Auth {
-                reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
-                properties: AuthProperties {
-                    authentication_method: a.auth_method.clone(),
-                    authentication_data: Some(data),
-                    ..Default::default()
-                },
-            })),
-            AuthStep::Success(data) => {
-                a.reauth = None;
-                self.out.push_back(Packet::Auth(Auth {
-                    reason_code: ReasonCode::SUCCESS,
-                    properties: AuthProperties {
-                        authentication_method: a.auth_method.clone(),
-                        authentication_data: data,
-                        ..Default::default()
-                    },
-                }));
-            }
-            AuthStep::Failure => {
-                a.reauth = None;
-                self.fail(ProtocolError::ReauthFailed);
-            }
-        }
-    }
-}
-
-impl Active {
-    /// Build the PUBLISH for a delivery: QoS as downgraded, message expiry
-    /// decremented [MQTT-3.3.2-6], subscription identifiers, outbound alias.
-    fn publish_packet(
-        &mut self,
-        d: &Delivery,
-        pid: Option<u16>,
-        dup: bool,
-        now: Instant,
-        protocol: Protocol,
-    ) -> Publish {
-        let m = &d.msg;
-        let mut topic = m.topic.clone();
-        let properties = if protocol.is_v5() {
-            let mut props = PublishProperties {
-                payload_format_indicator: m.properties.payload_format_indicator,
-                message_expiry_interval: m.expires_at.map(|t| {
-                    let left = t.saturating_duration_since(now);
-                    (left.as_secs() + u64::from(left.subsec_nanos() > 0)).min(u64::from(u32::MAX))
-                        as u32
-                }),
-                topic_alias: None,
-                response_topic: m.properties.response_topic.clone(),
-                correlation_data: m.properties.correlation_data.clone(),
-                user_properties: m.properties.user_properties.clone(),
-                subscription_identifiers: d.subscription_ids.to_vec(),
-                content_type: m.properties.content_type.clone(),
-            };
-            // A resend (DUP) carries the full topic and no alias.
-            if !dup {
-                match self.alias_out.assign(&topic) {
-                    OutAlias::None => {}
-                    OutAlias::Known(alias) => {
-                        props.topic_alias = Some(alias);
-                        topic = ByteString::new();
-                    }
-                    OutAlias::New(alias) => props.topic_alias = Some(alias),
-                }
-            }
-            props
-        } else {
-            PublishProperties::default()
-        };
-        Publish {
-            dup,
-            qos: d.qos,
-            retain: d.retain,
-            topic,
-            packet_id: pid,
-            properties,
-            payload: m.payload.clone(),
-        }
-    }
 }
 
 /// A DISCONNECT from the server, with a Reason String: besides helping
@@ -1946,97 +843,4 @@ pub fn reserved_topic(topic: &str) -> Option<ReasonCode> {
         }
     }
     None
-}
-
-/// Packets encoded by one [`Connection::poll_transmit`], added to the
-/// broker's `$SYS` counters once (not per packet: they are shared by every
-/// connection).
-#[derive(Default)]
-struct SentCount {
-    packets: u64,
-    publishes: u64,
-    /// PUBLISH packets and payload bytes by QoS (for `/metrics`).
-    by_qos: [u64; 3],
-    payload_by_qos: [u64; 3],
-}
-
-impl SentCount {
-    fn encode(
-        &mut self,
-        p: &Packet,
-        protocol: Protocol,
-        buf: &mut BytesMut,
-    ) -> Result<(), millet_codec::EncodeError> {
-        encode(p, protocol, buf)?;
-        self.packets += 1;
-        if let Packet::Publish(p) = p {
-            self.count_publish(p);
-        }
-        Ok(())
-    }
-
-    fn count_publish(&mut self, p: &millet_codec::Publish) {
-        let q = p.qos as usize;
-        self.publishes += 1;
-        if let (Some(n), Some(b)) = (self.by_qos.get_mut(q), self.payload_by_qos.get_mut(q)) {
-            *n += 1;
-            *b += p.payload.len() as u64;
-        }
-    }
-
-    fn add_to(&mut self, stats: &crate::broker::Stats) {
-        if self.packets > 0 {
-            stats
-                .messages_sent
-                .fetch_add(self.packets, Ordering::Relaxed);
-        }
-        if self.publishes > 0 {
-            stats
-                .publish_sent
-                .fetch_add(self.publishes, Ordering::Relaxed);
-            stats.by_qos.add(
-                crate::broker::Direction::Sent,
-                &self.by_qos,
-                &self.payload_by_qos,
-            );
-        }
-        *self = SentCount::default();
-    }
-
-    /// Packets received from the client (the same counts, other counters).
-    fn add_received_to(&mut self, stats: &crate::broker::Stats) {
-        if self.packets > 0 {
-            stats
-                .messages_received
-                .fetch_add(self.packets, Ordering::Relaxed);
-        }
-        if self.publishes > 0 {
-            stats
-                .publish_received
-                .fetch_add(self.publishes, Ordering::Relaxed);
-            stats.by_qos.add(
-                crate::broker::Direction::Received,
-                &self.by_qos,
-                &self.payload_by_qos,
-            );
-        }
-        *self = SentCount::default();
-    }
-}
-
-/// A copy of the will that shares no memory with the read buffer (it may be
-/// kept for the whole session).
-fn detach_will(w: &millet_codec::LastWill) -> millet_codec::LastWill {
-    let mut w = w.clone();
-    w.topic = ByteString::from(&*w.topic);
-    w.payload = bytes::Bytes::copy_from_slice(&w.payload);
-    w
-}
-
-/// Whether `p` fits in `max` bytes, after dropping the optional properties
-/// MQTT 5 tells a server to leave out rather than exceed the client's
-/// Maximum Packet Size (see [`Packet::strip_optional_properties`]).
-fn fit_control_packet(p: &mut Packet, protocol: Protocol, max: usize) -> bool {
-    let fits = |p: &Packet| encoded_len(p, protocol).is_ok_and(|n| n <= max);
-    fits(p) || (p.strip_optional_properties() && fits(p))
 }

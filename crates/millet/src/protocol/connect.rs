@@ -1,0 +1,353 @@
+//! CONNECT and authentication: the checks on a CONNECT, the enhanced
+//! AUTH exchange (at CONNECT and re-authentication), and accepting it: the
+//! attach request to the engine, then CONNACK and the connected state.
+//!
+//! Owns nothing of its own: it moves a connection from `AwaitConnect`
+//! through `Authenticating` and `Attaching` to `Connected`.
+
+use super::*;
+
+impl Connection {
+    pub(super) fn handle_connect(&mut self, mut c: Box<Connect>) {
+        self.protocol = Some(c.protocol);
+        if c.protocol.is_v5() {
+            // Applies to every packet from now on, CONNACK included [MQTT-3.1.2-24].
+            self.peer_max_packet = c
+                .properties
+                .maximum_packet_size
+                .map_or(usize::MAX, |m| m as usize);
+        }
+        let mut verdict = self.verdict.take().unwrap_or_else(|| {
+            Box::new(ConnectVerdict {
+                username: c.username.as_deref().map(str::to_string),
+                ..Default::default()
+            })
+        });
+        if let Some(id) = verdict.client_id.take() {
+            c.client_id = ByteString::from(id);
+        }
+        if let Some(reference) = &self.broker.config.server_reference {
+            // Server redirection [MQTT-4.11]: v5 learns where to go; 3.x
+            // only hears "server unavailable".
+            let why = ProtocolError::Redirected {
+                reference: reference.as_str().into(),
+                moved: self.broker.config.server_moved,
+            };
+            return self.fail(why);
+        }
+        let limits = &self.broker.config.limits;
+        if self.broker.stats.clients_connected.load(Ordering::Relaxed) as usize
+            >= limits.max_connections
+        {
+            return self.fail(ProtocolError::MaxConnections);
+        }
+        if c.client_id.is_empty()
+            && (!c.clean_start || c.protocol == Protocol::V3_1)
+            && !c.protocol.is_v5()
+        {
+            // [MQTT-3.1.3-8]: zero-length id requires clean session in 3.1.1.
+            return self.fail(ProtocolError::EmptyClientId);
+        }
+        if let Some(w) = &c.will {
+            if !topic::valid_topic_name(&w.topic)
+                || w.topic.len() > limits.max_topic_length
+                || w.topic.split('/').count() > limits.max_topic_levels
+            {
+                return self.fail(ProtocolError::WillTopicInvalid);
+            }
+            if let Some(code) = reserved_topic(&w.topic) {
+                // The will would be a publish to $SYS or $share/: refused
+                // like that publish (0x87 / 0x90; 3.x: 5).
+                let topic = (*w.topic).into();
+                return self.fail(ProtocolError::WillTopicReserved { topic, code });
+            }
+        }
+        if verdict.reason != ReasonCode::SUCCESS {
+            return self.fail(ProtocolError::ConnectRefused(verdict.reason));
+        }
+        if let Some(w) = &c.will {
+            // A will the client could not publish itself is refused with the
+            // CONNECT (0x87 / 3.x 5) rather than silently dropped later.
+            if !self.acl_allows(
+                &c.client_id,
+                verdict.username.as_deref(),
+                &verdict.acl,
+                Access::Publish,
+                &w.topic,
+            ) {
+                tracing::info!(client_id = %c.client_id, topic = %w.topic, "will topic not authorized");
+                return self.fail(ProtocolError::WillTopicNotAuthorized);
+            }
+        }
+        self.verdict = Some(verdict);
+        if let Some(method) = &c.properties.authentication_method {
+            let client_id = c.client_id.to_string();
+            let exchange = self
+                .broker
+                .authenticator()
+                .and_then(|a| a.start(method, &client_id));
+            let Some(mut exchange) = exchange else {
+                let method = (**method).into();
+                return self.fail(ProtocolError::BadAuthenticationMethod(method));
+            };
+            let step = exchange.step(c.properties.authentication_data.as_deref());
+            return self.auth_step(
+                Box::new(PendingConnect {
+                    connect: c,
+                    exchange,
+                }),
+                step,
+            );
+        }
+        self.accept(c, None);
+    }
+
+    pub(super) fn auth_step(&mut self, pending: Box<PendingConnect>, step: AuthStep) {
+        match step {
+            AuthStep::Continue(data) => {
+                self.out.push_back(Packet::Auth(Auth {
+                    reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
+                    properties: AuthProperties {
+                        authentication_method: pending
+                            .connect
+                            .properties
+                            .authentication_method
+                            .clone(),
+                        authentication_data: Some(data),
+                        ..Default::default()
+                    },
+                }));
+                self.state = State::Authenticating(pending);
+            }
+            AuthStep::Success(data) => self.accept(pending.connect, data),
+            AuthStep::Failure => self.fail(ProtocolError::AuthenticationFailed),
+        }
+    }
+
+    pub(super) fn handle_auth_during_connect(&mut self, mut pending: Box<PendingConnect>, a: Auth) {
+        if a.reason_code != ReasonCode::CONTINUE_AUTHENTICATION
+            || a.properties.authentication_method
+                != pending.connect.properties.authentication_method
+        {
+            // [MQTT-4.12.0-4]: wrong method or reason is a protocol error.
+            self.state = State::Authenticating(pending);
+            return self.fail(ProtocolError::InvalidAuthDuringConnect);
+        }
+        let step = pending
+            .exchange
+            .step(a.properties.authentication_data.as_deref());
+        self.auth_step(pending, step);
+    }
+
+    pub(super) fn accept(&mut self, c: Box<Connect>, auth_data: Option<bytes::Bytes>) {
+        let grant = *self.verdict.take().unwrap_or_default();
+        let limits = self.broker.config.limits.clone();
+        let v5 = c.protocol.is_v5();
+        let mut props = ConnAckProperties::default();
+        let client_id: ByteString = if c.client_id.is_empty() {
+            let id = self.broker.assign_client_id();
+            if v5 {
+                props.assigned_client_identifier = Some(id.clone()); // [MQTT-3.2.2-16]
+            }
+            id
+        } else {
+            // Copied: a slice would pin the whole read chunk for the life of the session.
+            ByteString::from(&*c.client_id)
+        };
+        if let Err(refusal) = self.broker.admit_session(&client_id) {
+            // A new session would take memory the broker does not have, or
+            // one more than `max_sessions`: 0x97 (3.x: 3, server unavailable).
+            let why = error::session_refusal_text(refusal);
+            tracing::debug!(%client_id, why, "new session refused");
+            return self.fail(ProtocolError::SessionRefused(refusal));
+        }
+        let mut keep_alive = c.keep_alive;
+        if v5
+            && (keep_alive > limits.max_keepalive || (keep_alive == 0 && limits.min_keepalive > 0))
+        {
+            keep_alive = if keep_alive == 0 {
+                limits.min_keepalive
+            } else {
+                limits.max_keepalive
+            };
+            props.server_keep_alive = Some(keep_alive); // [MQTT-3.2.2-21]
+        }
+        let mut expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        if expiry > limits.max_session_expiry {
+            expiry = limits.max_session_expiry;
+            if v5 {
+                props.session_expiry_interval = Some(expiry);
+            }
+        }
+        let request = AttachRequest {
+            client_id: client_id.clone(),
+            clean_start: c.clean_start,
+            expiry_interval: expiry,
+            will: c.will.as_ref().map(detach_will),
+            waker: self.waker.clone(),
+        };
+        self.state = State::Attaching;
+        self.wait_for(
+            Request::Attach(Box::new(request)),
+            Then::Attach(Box::new(PendingAttach {
+                connect: c,
+                client_id,
+                props,
+                auth_data,
+                keep_alive,
+                expiry,
+                grant,
+            })),
+        );
+    }
+
+    /// The engine attached the session: CONNACK, and the connected state.
+    pub(super) fn handle_attached(
+        &mut self,
+        p: Box<PendingAttach>,
+        attached: Attached,
+        now: Instant,
+    ) {
+        let PendingAttach {
+            connect: c,
+            client_id,
+            mut props,
+            auth_data,
+            keep_alive,
+            expiry,
+            grant,
+        } = *p;
+        let limits = self.broker.config.limits.clone();
+        let v5 = c.protocol.is_v5();
+        if v5 {
+            props.receive_maximum = Some(limits.receive_maximum);
+            props.retain_available = Some(true);
+            props.maximum_packet_size = Some(limits.max_packet_size);
+            props.topic_alias_maximum = Some(limits.topic_alias_max);
+            props.wildcard_subscription_available = Some(true);
+            props.subscription_identifiers_available = Some(true);
+            props.shared_subscription_available = Some(true);
+            if auth_data.is_some() || c.properties.authentication_method.is_some() {
+                props.authentication_method = c.properties.authentication_method.clone();
+                props.authentication_data = auth_data;
+            }
+        }
+        self.accepted = true;
+        self.attached = Some((attached.cell.clone(), attached.epoch));
+        self.out.push_back(Packet::ConnAck(ConnAck {
+            session_present: attached.session_present,
+            reason_code: ReasonCode::SUCCESS,
+            properties: props,
+        }));
+        let client_receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
+        let active = Active {
+            client_id,
+            cell: attached.cell.clone(),
+            epoch: attached.epoch,
+            keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive))),
+            alias_in: InAliases::default(),
+            alias_in_max: if v5 { limits.topic_alias_max } else { 0 },
+            alias_out: OutAliases::new(if v5 {
+                c.properties.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            }),
+            send_window: usize::from(client_receive_max.min(limits.max_inflight)),
+            resend: attached.session_present,
+            session_expiry: expiry,
+            auth_method: c.properties.authentication_method.clone(),
+            reauth: None,
+            username: grant.username.map(ByteString::from),
+            acl: grant.acl,
+            limiter: self
+                .broker
+                .security()
+                .map(|s| ClientLimiter::new(&s.config.quota, now))
+                .filter(ClientLimiter::is_limited)
+                .map(Box::new),
+            bridge: c.bridge,
+        };
+        tracing::debug!(client_id = %active.client_id, protocol = ?c.protocol, session_present = attached.session_present, "client connected");
+        self.state = State::Connected(Box::new(active));
+        self.timers.set(Timer::Connect, None);
+        self.rearm_keepalive(now);
+        // Checked: a validly signed token may carry any `exp`.
+        let expires = grant
+            .valid_for
+            .and_then(|d| now.checked_add(d.min(MAX_CREDENTIAL_VALIDITY)));
+        self.timers.set(Timer::Credentials, expires);
+    }
+
+    /// Re-authentication (v5 AUTH 0x19 after CONNACK), section 4.12.1.
+    pub(super) fn handle_reauth(&mut self, a: &mut Active, x: Auth) {
+        if a.auth_method.is_none() || x.properties.authentication_method != a.auth_method {
+            // [MQTT-4.12.0-7] / [MQTT-4.12.1-1]
+            return self.fail(ProtocolError::AuthMethodMismatch);
+        }
+        if x.reason_code == ReasonCode::REAUTHENTICATE {
+            // The connection's identity (the ACL's username) is fixed at
+            // CONNECT: re-authenticating as someone else is refused rather
+            // than silently keeping the old user's rights.
+            if a.auth_method.as_deref() == Some(crate::security::scram::SCRAM_SHA_256) {
+                let user = x
+                    .properties
+                    .authentication_data
+                    .as_deref()
+                    .and_then(crate::security::scram::client_first_username);
+                if user.as_deref() != a.username.as_deref() {
+                    return self.fail(ProtocolError::ReauthDifferentUser);
+                }
+            }
+            let method = a.auth_method.clone().unwrap_or_default();
+            a.reauth = self
+                .broker
+                .authenticator()
+                .and_then(|au| au.start(&method, &a.client_id));
+        } else if x.reason_code != ReasonCode::CONTINUE_AUTHENTICATION || a.reauth.is_none() {
+            return self.fail(ProtocolError::UnexpectedAuthReasonCode);
+        }
+        let Some(ex) = a.reauth.as_mut() else {
+            return self.fail(ProtocolError::ReauthRefused);
+        };
+        match ex.step(x.properties.authentication_data.as_deref()) {
+            AuthStep::Continue(data) => self.out.push_back(Packet::Auth(Auth {
+                reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
+                properties: AuthProperties {
+                    authentication_method: a.auth_method.clone(),
+                    authentication_data: Some(data),
+                    ..Default::default()
+                },
+            })),
+            AuthStep::Success(data) => {
+                a.reauth = None;
+                self.out.push_back(Packet::Auth(Auth {
+                    reason_code: ReasonCode::SUCCESS,
+                    properties: AuthProperties {
+                        authentication_method: a.auth_method.clone(),
+                        authentication_data: data,
+                        ..Default::default()
+                    },
+                }));
+            }
+            AuthStep::Failure => {
+                a.reauth = None;
+                self.fail(ProtocolError::ReauthFailed);
+            }
+        }
+    }
+}
+
+/// A copy of the will that shares no memory with the read buffer (it may be
+/// kept for the whole session).
+pub(super) fn detach_will(w: &millet_codec::LastWill) -> millet_codec::LastWill {
+    let mut w = w.clone();
+    w.topic = ByteString::from(&*w.topic);
+    w.payload = bytes::Bytes::copy_from_slice(&w.payload);
+    w
+}

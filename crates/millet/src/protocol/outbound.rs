@@ -1,0 +1,389 @@
+//! What goes to the client: control packets, the in-flight window resent on
+//! resume, and queued messages within the client's receive maximum and
+//! maximum packet size, with outbound topic aliases; the store records of
+//! queue → in-flight moves ([`crate::broker::persist::SessionWrites`]).
+//!
+//! Owns `Connection::out` (control packets waiting) and the per-call
+//! packet counts for `$SYS`.
+
+use super::*;
+
+/// Queued messages encoded by one [`Connection::poll_transmit`] call, in
+/// bytes: the rest waits for the next call (the connection wakes itself), so
+/// a long queue (a replay of 100,000 retained messages) is written in slices
+/// between which the task yields to the others on its thread.
+pub(super) const TRANSMIT_SLICE: usize = 256 * 1024;
+
+impl Connection {
+    /// Encode everything ready to send into `buf`: control packets first, then
+    /// the in-flight window on resume, then queued messages within the
+    /// client's receive maximum.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) {
+        self.received.add_received_to(&self.broker.stats);
+        let Some(protocol) = self.protocol else {
+            return;
+        };
+        self.check_kick();
+        if !self.pending_acks.is_empty() {
+            self.release_acks();
+        }
+        let mut sent = SentCount::default();
+        while let Some(mut p) = self.out.pop_front() {
+            if self.peer_max_packet != usize::MAX
+                && !fit_control_packet(&mut p, protocol, self.peer_max_packet)
+            {
+                self.discard_oversized(&p);
+                continue;
+            }
+            if let Err(e) = sent.encode(&p, protocol, buf) {
+                tracing::warn!(error = %e, packet = p.name(), "cannot encode packet; dropped");
+            }
+        }
+        sent.add_to(&self.broker.stats);
+        if self.close.is_some() {
+            return;
+        }
+        let State::Connected(active) = &mut self.state else {
+            return;
+        };
+        let stats = &self.broker.stats;
+        let mut sent = SentCount::default();
+        let cell = active.cell.clone();
+        self.waker.clear();
+        if !self.waker.is_blocked() {
+            self.timers.set(Timer::Pause, None); // every congested session drained
+        }
+        let mut st = cell.state.lock();
+        let session = &mut st.session;
+        // Store records mirroring queue → in-flight moves, submitted once at the end.
+        let mut writes = self.broker.session_writes(session);
+        // QoS 2 PUBLISH held until its in-flight record is durable (and, to
+        // keep the order and topic aliases right, everything behind it).
+        let mut held: Vec<Packet> = Vec::new();
+        // What the held packets wait for.
+        let mut hold = Ticket::NONE;
+        let max_packet = self.peer_max_packet;
+        if active.resend {
+            active.resend = false;
+            // A resent PUBLISH or PUBREL describes in-flight state the store
+            // may not hold yet (moved there just before the client went
+            // away): the client must not complete it before that is durable,
+            // or a crash would bring the message back from the queue under a
+            // new packet id. Resends wait for everything submitted so far.
+            if writes.records() {
+                let last = self.broker.last_ticket();
+                if self.broker.ticket_status(last) == AckStatus::Pending {
+                    hold = last;
+                }
+            }
+            // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP) and PUBREL in order.
+            let resend: Vec<(u16, InflightState, Delivery)> = session
+                .inflight()
+                .map(|(p, i)| (p, i.state, i.delivery.clone()))
+                .collect();
+            for (pid, state, d) in resend {
+                let packet = match state {
+                    InflightState::AwaitAck => {
+                        Packet::Publish(active.publish_packet(&d, Some(pid), true, now, protocol))
+                    }
+                    InflightState::AwaitComp => Packet::PubRel(PubResp::new(pid)),
+                };
+                if max_packet != usize::MAX
+                    && !encoded_len(&packet, protocol).is_ok_and(|n| n <= max_packet)
+                {
+                    // The client lowered its Maximum Packet Size since: the
+                    // message is discarded as if delivered [MQTT-3.1.2-25].
+                    if let Packet::Publish(p) = &packet {
+                        if let (Some(alias), false) = (p.properties.topic_alias, p.topic.is_empty())
+                        {
+                            active.alias_out.forget(&p.topic, alias);
+                        }
+                    }
+                    if session.forget_inflight(pid) {
+                        writes.inflight_done(session, pid);
+                    }
+                    stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                    stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if !hold.is_none() {
+                    held.push(packet);
+                } else {
+                    let _ = sent.encode(&packet, protocol, buf);
+                }
+            }
+        }
+        // The window is full with messages waiting, and none could be sent:
+        // the client is not acknowledging (a saturated but healthy client
+        // frees some room between two calls, and something goes out).
+        let mut ack_blocked = false;
+        let mut moved = false;
+        // Deliveries held from an earlier call keep new ones behind them
+        // (order, topic aliases). Acknowledgements of the client's own
+        // publishes waiting for the store do not: a PUBLISH to the client
+        // may overtake a PUBACK to it, only PUBACKs keep their order among
+        // themselves [MQTT-4.6.0-2]. (Holding behind them delayed a
+        // backend's telemetry by half the store's gathering time whenever
+        // it also published.)
+        let delivery_held = self
+            .pending_acks
+            .iter()
+            .any(|(_, p)| matches!(p, Packet::Publish(_) | Packet::PubRel(_)));
+        loop {
+            if buf.len() >= TRANSMIT_SLICE {
+                if session.has_pending() {
+                    self.waker.wake();
+                }
+                break;
+            }
+            let window_full = session.inflight_len() >= active.send_window;
+            let Some(d) = session.pop_queued(now) else {
+                break;
+            };
+            if d.qos != QoS::AtMostOnce && window_full {
+                session.unpop(d);
+                ack_blocked = !moved;
+                break;
+            }
+            moved = true;
+            let pid = if d.qos == QoS::AtMostOnce {
+                None
+            } else {
+                match session.alloc_packet_id() {
+                    Some(p) => Some(p),
+                    None => {
+                        session.unpop(d);
+                        break;
+                    }
+                }
+            };
+            writes.queue_entry_sent(session, &d);
+            let publish = active.publish_packet(&d, pid, false, now, protocol);
+            let packet = Packet::Publish(publish);
+            let fits = max_packet == usize::MAX
+                || encoded_len(&packet, protocol).is_ok_and(|n| n <= max_packet);
+            if !fits {
+                // [MQTT-3.1.2-25]: a message too big for the client is
+                // discarded as if it had been sent; a topic alias assigned
+                // for it must be forgotten.
+                if let Packet::Publish(p) = &packet {
+                    if let (Some(alias), false) = (p.properties.topic_alias, p.topic.is_empty()) {
+                        active.alias_out.forget(&p.topic, alias);
+                    }
+                }
+                stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            // A QoS 2 PUBLISH the client completes (PUBREC, PUBREL, PUBCOMP)
+            // before its in-flight record is durable would, after a crash, be
+            // sent again from the queue under a new packet id: delivered twice.
+            let hold = writes.holds_deliveries()
+                && (d.qos == QoS::ExactlyOnce || !held.is_empty() || delivery_held);
+            if hold {
+                held.push(packet);
+            } else if sent.encode(&packet, protocol, buf).is_err() {
+                // Never sent: neither is the alias mapping it carried.
+                if let Packet::Publish(p) = &packet {
+                    if let (Some(alias), false) = (p.properties.topic_alias, p.topic.is_empty()) {
+                        active.alias_out.forget(&p.topic, alias);
+                    }
+                }
+                continue;
+            }
+            if let Some(pid) = pid {
+                writes.inflight_added(session, pid, &d);
+                session.push_inflight(pid, d);
+            }
+        }
+        self.ack_blocked_since = if ack_blocked {
+            Some(self.ack_blocked_since.unwrap_or(now))
+        } else {
+            None
+        };
+        let ticket = writes.submit().max(hold);
+        if !held.is_empty() {
+            self.broker.ticket_wait(ticket, &self.waker);
+            self.pending_acks
+                .extend(held.into_iter().map(|packet| (ticket, packet)));
+        }
+        if !st.blocked.is_empty()
+            && st.session.queue_len() <= self.broker.config.limits.backpressure_queued / 2
+            && st.session.queued_bytes() <= self.broker.config.limits.max_queued_bytes / 4
+        {
+            st.release_blocked();
+        }
+        // Re-SUBSCRIBEs coalesced while a replay was under way: their
+        // replay, now that it has left the queue.
+        let due = if st.session.has_deferred_replays() {
+            st.session.take_due_replays()
+        } else {
+            Vec::new()
+        };
+        drop(st);
+        sent.add_to(stats);
+        for r in &due {
+            self.broker.replay_retained(&cell, r, now);
+        }
+    }
+
+    /// A control packet does not fit the client's Maximum Packet Size even
+    /// without its optional properties: it is not sent [MQTT-3.1.2-24]. A
+    /// client that cannot receive its CONNACK cannot use the connection.
+    pub(super) fn discard_oversized(&mut self, p: &Packet) {
+        if !self.warned_oversize {
+            self.warned_oversize = true;
+            tracing::warn!(
+                packet = p.name(),
+                client_maximum_packet_size = self.peer_max_packet,
+                "packet too big for the client's maximum packet size; discarded (logged once per connection)"
+            );
+        }
+        if let Packet::ConnAck(_) = p {
+            self.set_close(ProtocolError::ConnAckTooLarge {
+                max: self.peer_max_packet,
+            });
+            // Nothing may follow a CONNACK the client never got.
+            self.out.clear();
+        }
+    }
+}
+
+impl Active {
+    /// Build the PUBLISH for a delivery: QoS as downgraded, message expiry
+    /// decremented [MQTT-3.3.2-6], subscription identifiers, outbound alias.
+    pub(super) fn publish_packet(
+        &mut self,
+        d: &Delivery,
+        pid: Option<u16>,
+        dup: bool,
+        now: Instant,
+        protocol: Protocol,
+    ) -> Publish {
+        let m = &d.msg;
+        let mut topic = m.topic.clone();
+        let properties = if protocol.is_v5() {
+            let mut props = PublishProperties {
+                payload_format_indicator: m.properties.payload_format_indicator,
+                message_expiry_interval: m.expires_at.map(|t| {
+                    let left = t.saturating_duration_since(now);
+                    (left.as_secs() + u64::from(left.subsec_nanos() > 0)).min(u64::from(u32::MAX))
+                        as u32
+                }),
+                topic_alias: None,
+                response_topic: m.properties.response_topic.clone(),
+                correlation_data: m.properties.correlation_data.clone(),
+                user_properties: m.properties.user_properties.clone(),
+                subscription_identifiers: d.subscription_ids.to_vec(),
+                content_type: m.properties.content_type.clone(),
+            };
+            // A resend (DUP) carries the full topic and no alias.
+            if !dup {
+                match self.alias_out.assign(&topic) {
+                    OutAlias::None => {}
+                    OutAlias::Known(alias) => {
+                        props.topic_alias = Some(alias);
+                        topic = ByteString::new();
+                    }
+                    OutAlias::New(alias) => props.topic_alias = Some(alias),
+                }
+            }
+            props
+        } else {
+            PublishProperties::default()
+        };
+        Publish {
+            dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic,
+            packet_id: pid,
+            properties,
+            payload: m.payload.clone(),
+        }
+    }
+}
+
+/// Packets encoded by one [`Connection::poll_transmit`], added to the
+/// broker's `$SYS` counters once (not per packet: they are shared by every
+/// connection).
+#[derive(Default)]
+pub(super) struct SentCount {
+    pub(super) packets: u64,
+    publishes: u64,
+    /// PUBLISH packets and payload bytes by QoS (for `/metrics`).
+    by_qos: [u64; 3],
+    payload_by_qos: [u64; 3],
+}
+
+impl SentCount {
+    pub(super) fn encode(
+        &mut self,
+        p: &Packet,
+        protocol: Protocol,
+        buf: &mut BytesMut,
+    ) -> Result<(), millet_codec::EncodeError> {
+        encode(p, protocol, buf)?;
+        self.packets += 1;
+        if let Packet::Publish(p) = p {
+            self.count_publish(p);
+        }
+        Ok(())
+    }
+
+    pub(super) fn count_publish(&mut self, p: &millet_codec::Publish) {
+        let q = p.qos as usize;
+        self.publishes += 1;
+        if let (Some(n), Some(b)) = (self.by_qos.get_mut(q), self.payload_by_qos.get_mut(q)) {
+            *n += 1;
+            *b += p.payload.len() as u64;
+        }
+    }
+
+    pub(super) fn add_to(&mut self, stats: &crate::broker::Stats) {
+        if self.packets > 0 {
+            stats
+                .messages_sent
+                .fetch_add(self.packets, Ordering::Relaxed);
+        }
+        if self.publishes > 0 {
+            stats
+                .publish_sent
+                .fetch_add(self.publishes, Ordering::Relaxed);
+            stats.by_qos.add(
+                crate::broker::Direction::Sent,
+                &self.by_qos,
+                &self.payload_by_qos,
+            );
+        }
+        *self = SentCount::default();
+    }
+
+    /// Packets received from the client (the same counts, other counters).
+    pub(super) fn add_received_to(&mut self, stats: &crate::broker::Stats) {
+        if self.packets > 0 {
+            stats
+                .messages_received
+                .fetch_add(self.packets, Ordering::Relaxed);
+        }
+        if self.publishes > 0 {
+            stats
+                .publish_received
+                .fetch_add(self.publishes, Ordering::Relaxed);
+            stats.by_qos.add(
+                crate::broker::Direction::Received,
+                &self.by_qos,
+                &self.payload_by_qos,
+            );
+        }
+        *self = SentCount::default();
+    }
+}
+
+/// Whether `p` fits in `max` bytes, after dropping the optional properties
+/// MQTT 5 tells a server to leave out rather than exceed the client's
+/// Maximum Packet Size (see [`Packet::strip_optional_properties`]).
+pub(super) fn fit_control_packet(p: &mut Packet, protocol: Protocol, max: usize) -> bool {
+    let fits = |p: &Packet| encoded_len(p, protocol).is_ok_and(|n| n <= max);
+    fits(p) || (p.strip_optional_properties() && fits(p))
+}
