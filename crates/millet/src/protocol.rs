@@ -46,7 +46,8 @@ use crate::alias::{InAliases, OutAlias, OutAliases};
 use crate::auth::{AuthExchange, AuthStep};
 use crate::broker::{Attached, Broker, SubscribeOutcome};
 use crate::engine::{
-    AckStatus, AttachRequest, Completion, Request, SubscribeRequest, Ticket, UnsubscribeRequest,
+    AckStatus, AttachRequest, AuthenticateRequest, Completion, Request, SubscribeRequest, Ticket,
+    UnsubscribeRequest,
 };
 use crate::security::acl::{Access, Rule};
 use crate::security::quota::{ClientLimiter, ExceededAction, QuotaDecision};
@@ -62,10 +63,10 @@ mod subscribe;
 use error::Notice;
 pub use error::ProtocolError;
 
-/// The driver's decision on a CONNECT (authentication chain, bans, per-user
-/// connection limit), given to [`Connection::set_connect_verdict`] before the
-/// CONNECT itself. Without one the client is accepted as it presents itself
-/// (anonymous; the state-machine tests rely on this).
+/// The authentication hooks' decision on a CONNECT (chain, bans, per-user
+/// connection limit): the answer to [`Request::Authenticate`]
+/// ([`Completion::Verdict`]). Without hooks the client is accepted as it
+/// presents itself ([`crate::engine::AuthenticateRequest::as_presented`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectVerdict {
     /// `SUCCESS` to accept; otherwise the (v5) CONNACK reason code, mapped
@@ -83,7 +84,42 @@ pub struct ConnectVerdict {
     /// The credentials expire this long after the CONNECT (a JWT's `exp`):
     /// the connection is then closed with DISCONNECT 0x87 (v5).
     pub valid_for: Option<Duration>,
+    /// Held for the life of the connection (a per-user connection slot).
+    pub hold: Held,
 }
+
+/// Something the hooks hold for the life of a connection (released when
+/// the connection's state is dropped), opaque to the protocol.
+#[derive(Clone, Default)]
+pub struct Held(Option<Arc<dyn std::any::Any + Send + Sync>>);
+
+impl Held {
+    pub fn new<T: std::any::Any + Send + Sync>(t: T) -> Held {
+        Held(Some(Arc::new(t)))
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Held(..)"
+        } else {
+            "Held(none)"
+        })
+    }
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Held) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Held {}
 
 impl ConnectVerdict {
     /// Refuse the CONNECT with `reason`.
@@ -154,6 +190,8 @@ impl Timers {
 
 enum State {
     AwaitConnect,
+    /// CONNECT received; the hooks decide on it ([`Waiting`]).
+    Verifying,
     /// CONNECT received with an authentication method; AUTH exchange running.
     Authenticating(Box<PendingConnect>),
     /// CONNECT accepted; the engine attaches the session ([`Waiting`]).
@@ -179,6 +217,8 @@ struct Waiting {
 }
 
 enum Then {
+    /// The rest of the CONNECT's handling.
+    Verdict(Box<Connect>),
     /// CONNACK and the connected state.
     Attach(Box<PendingAttach>),
     /// SUBACK: a code per filter.
@@ -231,6 +271,8 @@ struct Active {
     username: Option<ByteString>,
     /// Per-client ACL rules from the authentication provider.
     acl: Vec<Rule>,
+    /// What the hooks hold while the connection lives.
+    _hold: Held,
     /// Incoming message / byte rate limit (`[security.quota]`).
     limiter: Option<Box<ClientLimiter>>,
     /// A bridge (protocol level 0x83 / 0x84): its subscriptions get No Local
@@ -391,8 +433,7 @@ impl Connection {
         self.waiting.as_mut().and_then(|w| w.request.take())
     }
 
-    /// True until a CONNECT was handled: the driver authenticates the next
-    /// CONNECT and calls [`Connection::set_connect_verdict`] first.
+    /// True until a CONNECT arrived.
     pub fn is_awaiting_connect(&self) -> bool {
         matches!(self.state, State::AwaitConnect) && self.close.is_none()
     }
@@ -407,11 +448,6 @@ impl Connection {
         if self.pending_acks.is_empty() && self.pending_acks.capacity() > 0 {
             self.pending_acks = VecDeque::new();
         }
-    }
-
-    /// The verdict on the CONNECT about to be handled.
-    pub fn set_connect_verdict(&mut self, v: ConnectVerdict) {
-        self.verdict = Some(Box::new(v));
     }
 
     /// The driver found the client consuming nothing for
@@ -509,9 +545,9 @@ impl Connection {
                 self.handle_connected(&mut active, packet, now);
                 self.state = State::Connected(active);
             }
-            State::Attaching => {
-                // Not reached: packets are held while attaching.
-                self.state = State::Attaching;
+            State::Attaching | State::Verifying => {
+                // Not reached: packets are held while waiting.
+                self.state = State::Closed;
                 self.fail(ProtocolError::EngineMismatch);
             }
             State::Closed => {}
@@ -528,6 +564,14 @@ impl Connection {
         };
         let Waiting { then, held, .. } = *w;
         match (then, completion) {
+            (Then::Verdict(c), Completion::Verdict(v)) => {
+                if self.close.is_some() || !matches!(self.state, State::Verifying) {
+                    return;
+                }
+                self.state = State::AwaitConnect;
+                self.verdict = Some(v);
+                self.handle_verified_connect(c);
+            }
             (Then::Attach(p), Completion::Attached(a)) => {
                 if self.close.is_some() || !matches!(self.state, State::Attaching) {
                     // Closed meanwhile (connect timeout, shutdown): the

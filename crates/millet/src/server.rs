@@ -17,15 +17,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use millet_codec::{decode, Connect, Packet, ReasonCode};
+use millet_codec::{decode, ReasonCode};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::engine::{Call, Engine};
-use crate::protocol::{ConnectVerdict, Connection, ProtocolError};
+use crate::engine::{AuthenticateRequest, Call, Completion, Engine, Request};
+use crate::protocol::{ConnectVerdict, Connection, Held, ProtocolError};
 use crate::security::quota::{ConnectionPermit, ConnectionRateLimiter};
 use crate::security::tls::ReloadableTls;
 use crate::security::{AuthResult, ConnectRequest, Security};
@@ -709,8 +709,8 @@ fn poll_read_some<S: Transport>(
 /// per-username connection limit (the permit is held by the connection).
 async fn connect_verdict(
     sec: &Security,
-    c: &Connect,
-    peer: &PeerInfo,
+    c: &AuthenticateRequest,
+    peer: &VerdictPeer,
     limit: Duration,
 ) -> (ConnectVerdict, Option<ConnectionPermit>) {
     let now = Instant::now();
@@ -727,11 +727,10 @@ async fn connect_verdict(
         return (ConnectVerdict::refuse(ReasonCode::BANNED), None);
     }
     let mut v = ConnectVerdict::default();
-    if c.properties.authentication_method.is_some() {
+    if c.authentication_method.is_some() {
         // The AUTH exchange authenticates (an unknown method gets 0x8C);
         // the SCRAM user becomes the ACL's username.
         v.username = c
-            .properties
             .authentication_data
             .as_deref()
             .and_then(crate::security::scram::client_first_username);
@@ -741,7 +740,7 @@ async fn connect_verdict(
             username: c.username.as_deref().map(str::to_string),
             password: c.password.as_deref().map(<[u8]>::to_vec),
             peer: peer.addr,
-            protocol: c.protocol.level(),
+            protocol: c.level,
             tls_identity: peer.tls_identity.clone(),
         };
         let (req, result) = match tokio::time::timeout(limit, sec.authenticate(req, peer.listener))
@@ -912,9 +911,9 @@ struct Hello {
 }
 
 impl Hello {
-    fn from_connect(c: &Connect) -> Hello {
+    fn from_request(c: &AuthenticateRequest) -> Hello {
         Hello {
-            level: c.protocol.level(),
+            level: c.level,
             clean_start: c.clean_start,
             keep_alive: c.keep_alive,
             username: c.username.as_deref().map(str::to_string),
@@ -985,7 +984,6 @@ struct Conn<S> {
     peer: SocketAddr,
     /// What is only needed until CONNECT is handled.
     info: Option<Box<PeerInfo>>,
-    _permit: Option<Box<ConnectionPermit>>,
     rbuf: BytesMut,
     wbuf: BytesMut,
     read_size: usize,
@@ -1042,7 +1040,6 @@ fn serve<S: Transport + 'static>(
             charged: 0,
         },
         info: Some(info),
-        _permit: None,
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         read_size: READ_MIN,
@@ -1115,23 +1112,6 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                     c.conn.handle_decode_error(&e);
                     continue;
                 }
-            };
-            let greeting = matches!(p, Packet::Connect(_)) && c.conn.is_awaiting_connect();
-            let p = match c.info.as_deref() {
-                Some(i) if greeting => {
-                    // Boxed, and the packet moved into it: the
-                    // verdict's future (HTTP hook, JWKS...) is large and
-                    // runs once; inline, every idle task would carry its
-                    // size.
-                    let (p, h, verdict) = Box::pin(greet(p, &c.broker, i)).await;
-                    if let Some((v, permit)) = verdict {
-                        c._permit = permit.map(Box::new);
-                        c.conn.set_connect_verdict(v);
-                    }
-                    c.hello = h.map(Box::new);
-                    p
-                }
-                _ => p,
             };
             c.conn.handle_packet(p, Instant::now());
             submit_requests(c);
@@ -1436,9 +1416,18 @@ fn submit_requests<S>(c: &mut Conn<S>) {
         let Some(request) = c.conn.poll_request() else {
             break;
         };
-        let engine = c.live.conns.engine.clone();
-        match crate::engine::submit(&*engine, request, &c.waker, Instant::now()) {
-            Call::Ready(done) => c.conn.handle_completion(done, Instant::now()),
+        let call = match request {
+            Request::Authenticate(r) => {
+                c.hello = Some(Box::new(Hello::from_request(&r)));
+                authenticate(c, r)
+            }
+            request => {
+                let engine = c.live.conns.engine.clone();
+                crate::engine::submit(&*engine, request, &c.waker, Instant::now())
+            }
+        };
+        match call {
+            Call::Ready(done) => handle_answer(c, done),
             Call::Later(pending) => c.pending = Some(pending),
         }
     }
@@ -1477,9 +1466,63 @@ fn note_connected<S>(c: &mut Conn<S>) {
 fn take_answer<S>(c: &mut Conn<S>) {
     if let Some(done) = c.pending.as_ref().and_then(|p| p.take()) {
         c.pending = None;
-        c.conn.handle_completion(done, Instant::now());
+        handle_answer(c, done);
         submit_requests(c);
     }
+}
+
+fn handle_answer<S>(c: &mut Conn<S>, done: Completion) {
+    if let (Completion::Verdict(v), Some(h)) = (&done, c.hello.as_mut()) {
+        h.username = v.username.clone();
+    }
+    c.conn.handle_completion(done, Instant::now());
+}
+
+/// The authentication hooks (`[security]`: bans, the authentication chain,
+/// per-user connection limits) decide on a CONNECT. A chain that answers
+/// at once (password file, signatures) is answered in this turn; one that
+/// waits (an HTTP hook, a JWKS fetch) runs as its own task, so the
+/// connection's task stays small and its worker free, and answers later.
+fn authenticate<S>(c: &mut Conn<S>, r: Box<AuthenticateRequest>) -> Call {
+    let (Some(sec), Some(info)) = (c.broker.security().cloned(), c.info.as_deref()) else {
+        return Call::Ready(Completion::Verdict(Box::new(r.as_presented())));
+    };
+    let peer = VerdictPeer {
+        addr: info.addr,
+        listener: info.listener,
+        tls_identity: info.tls_identity.clone(),
+    };
+    let broker = c.broker.clone();
+    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    let mut verdict = Box::pin(async move {
+        let (mut v, permit) = connect_verdict(&sec, &r, &peer, limit).await;
+        if v.reason != ReasonCode::SUCCESS {
+            broker.stats.auth_failures.count(v.reason);
+        }
+        if let Some(p) = permit {
+            v.hold = Held::new(p);
+        }
+        Completion::Verdict(Box::new(v))
+    });
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    if let Poll::Ready(done) = std::future::Future::poll(verdict.as_mut(), &mut cx) {
+        return Call::Ready(done);
+    }
+    let (reply, pending) = crate::engine::Reply::new(&c.waker);
+    tokio::spawn(async move {
+        let done = verdict.await;
+        // A connection gone meanwhile: the verdict (and its permit) is dropped.
+        let _ = reply.complete(done);
+    });
+    Call::Later(pending)
+}
+
+/// Who is connecting, for the hooks.
+struct VerdictPeer {
+    addr: SocketAddr,
+    listener: SocketAddr,
+    /// Identity (CN / SAN) of a verified client certificate.
+    tls_identity: Option<String>,
 }
 
 /// A park that found something waiting: the connection goes on, active now,
@@ -1609,34 +1652,6 @@ fn park<S: Transport + 'static>(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     *st = ParkState::Parked(c);
     Ok(())
-}
-
-/// What a CONNECT said (for the connection log line) and, with security
-/// configured, the verdict on it. Takes and gives back the packet so that
-/// it is held in this (boxed, short-lived) future, not in the task.
-async fn greet(
-    p: Packet,
-    broker: &Broker,
-    info: &PeerInfo,
-) -> (
-    Packet,
-    Option<Hello>,
-    Option<(ConnectVerdict, Option<ConnectionPermit>)>,
-) {
-    let Packet::Connect(c) = &p else {
-        return (p, None, None);
-    };
-    let mut h = Hello::from_connect(c);
-    let Some(sec) = broker.security() else {
-        return (p, Some(h), None);
-    };
-    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
-    let (v, permit) = connect_verdict(sec, c, info, limit).await;
-    if v.reason != ReasonCode::SUCCESS {
-        broker.stats.auth_failures.count(v.reason);
-    }
-    h.username = v.username.clone();
-    (p, Some(h), Some((v, permit)))
 }
 
 /// Close without making the kernel reset the connection (which it does when

@@ -17,6 +17,8 @@ struct Client {
     conn: Connection,
     /// The engine the connection's requests go to (see `engine_for`).
     engine: Arc<dyn Engine>,
+    /// The hooks' verdict on the CONNECT (None: accepted as presented).
+    verdict: Option<millet::protocol::ConnectVerdict>,
     proto: Protocol,
     wire: BytesMut,
     /// Packets received along with the CONNACK.
@@ -50,8 +52,18 @@ fn engine_for(b: &Arc<Broker>) -> Arc<dyn Engine> {
 
 /// Hand the connection's requests to the engine, waiting for answers that
 /// come later (as the server's driver does without blocking).
-fn pump(conn: &mut Connection, engine: &dyn Engine, now: Instant) {
+fn pump(
+    conn: &mut Connection,
+    engine: &dyn Engine,
+    verdict: &mut Option<millet::protocol::ConnectVerdict>,
+    now: Instant,
+) {
     while let Some(request) = conn.poll_request() {
+        if let (millet::engine::Request::Authenticate(_), Some(v)) = (&request, verdict.take()) {
+            // The hooks' verdict the test chose.
+            conn.handle_completion(millet::engine::Completion::Verdict(Box::new(v)), now);
+            continue;
+        }
         let waker = conn.waker().clone();
         match submit(engine, request, &waker, now) {
             Call::Ready(done) => conn.handle_completion(done, now),
@@ -89,6 +101,7 @@ impl Client {
         let mut cl = Client {
             conn: Connection::new(b.clone(), now),
             engine: engine_for(b),
+            verdict: None,
             proto,
             wire: BytesMut::new(),
             backlog: Vec::new(),
@@ -112,7 +125,7 @@ impl Client {
 
     fn send(&mut self, p: Packet, now: Instant) {
         self.conn.handle_packet(p, now);
-        pump(&mut self.conn, &*self.engine, now);
+        pump(&mut self.conn, &*self.engine, &mut self.verdict, now);
     }
 
     fn recv(&mut self, now: Instant) -> Vec<Packet> {
@@ -684,11 +697,12 @@ mod security {
         let mut cl = Client {
             conn: Connection::new(b.clone(), now),
             engine: engine_for(b),
+            verdict: None,
             proto: c.protocol,
             wire: BytesMut::new(),
             backlog: Vec::new(),
         };
-        cl.conn.set_connect_verdict(v);
+        cl.verdict = Some(v);
         cl.send(Packet::Connect(Box::new(c)), now);
         let mut pkts = cl.recv(now);
         match pkts.first() {
@@ -982,6 +996,7 @@ fn v5_with_max_packet(b: &Arc<Broker>, id: &str, max: u32, now: Instant) -> Clie
     let mut cl = Client {
         conn: Connection::new(b.clone(), now),
         engine: engine_for(b),
+        verdict: None,
         proto: Protocol::V5,
         wire: BytesMut::new(),
         backlog: Vec::new(),

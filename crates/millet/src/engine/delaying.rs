@@ -80,6 +80,7 @@ impl Delaying {
 /// Give `c` to the connection; if it went away meanwhile, undo what the
 /// call did (an attach is detached, as if the connection closed at once).
 fn answer(inner: &dyn Engine, reply: &Reply, c: Completion, now: Instant) {
+    // (A verdict never comes from an engine; nothing to undo for others.)
     if let Err(Completion::Attached(a)) = reply.complete(c) {
         inner.detach(&a.cell, a.epoch, true, None, now);
     }

@@ -2,8 +2,10 @@
 //! now or later.
 //!
 //! The protocol ([`crate::protocol`]) never calls these itself. It states a
-//! [`Request`] ([`crate::protocol::Connection::poll_request`]) and waits for
-//! its [`Completion`] in an explicit pending state, holding the client's
+//! [`Request`] ([`crate::protocol::Connection::poll_request`]; a
+//! [`Request::Authenticate`] goes to the driver's authentication hooks
+//! rather than to the engine) and waits for its [`Completion`] in an
+//! explicit pending state, holding the client's
 //! further packets in order; the driver ([`crate::server`], or a test)
 //! hands the request to the engine with [`submit`] and feeds the answer back
 //! with [`crate::protocol::Connection::handle_completion`]. A call answers
@@ -35,6 +37,7 @@ use bytestring::ByteString;
 use millet_codec::LastWill;
 
 use crate::broker::{Attached, SubscribeOutcome};
+use crate::protocol::ConnectVerdict;
 use crate::session::{ConnWaker, SessionCell, Subscription};
 
 pub mod delaying;
@@ -45,12 +48,43 @@ mod embedded;
 /// store sequence numbers, opaque outside `broker::persist`.
 pub use crate::broker::persist::{AckStatus, Ticket};
 
-/// Something the protocol needs from the engine before it can go on.
+/// Something the protocol needs before it can go on: a verdict on a
+/// CONNECT from the authentication hooks, or an engine call.
 #[derive(Debug)]
 pub enum Request {
+    /// For the authentication hooks (the driver's `[security]` chain):
+    /// answered [`Completion::Verdict`]. [`submit`], with no hooks, accepts
+    /// the client as it presents itself.
+    Authenticate(Box<AuthenticateRequest>),
     Attach(Box<AttachRequest>),
     Subscribe(SubscribeRequest),
     Unsubscribe(UnsubscribeRequest),
+}
+
+/// What a CONNECT presents, for authentication (and the connection log).
+#[derive(Debug, Clone)]
+pub struct AuthenticateRequest {
+    pub client_id: ByteString,
+    pub username: Option<ByteString>,
+    pub password: Option<bytes::Bytes>,
+    /// Protocol level (3, 4, 5; a bridge's 0x80 flag not included).
+    pub level: u8,
+    pub clean_start: bool,
+    pub keep_alive: u16,
+    /// An enhanced-authentication method (v5): the AUTH exchange then
+    /// authenticates; the hooks still check bans and quotas.
+    pub authentication_method: Option<ByteString>,
+    pub authentication_data: Option<bytes::Bytes>,
+}
+
+impl AuthenticateRequest {
+    /// The verdict when no hook is configured: accepted as presented.
+    pub fn as_presented(&self) -> ConnectVerdict {
+        ConnectVerdict {
+            username: self.username.as_deref().map(str::to_string),
+            ..Default::default()
+        }
+    }
 }
 
 /// Attach a connection to the session of `client_id` (CONNECT accepted).
@@ -83,6 +117,7 @@ pub struct UnsubscribeRequest {
 
 /// The answer to a [`Request`], variant for variant.
 pub enum Completion {
+    Verdict(Box<ConnectVerdict>),
     Attached(Attached),
     /// One outcome per requested filter, in order.
     Subscribed(Vec<SubscribeOutcome>),
@@ -93,6 +128,7 @@ pub enum Completion {
 impl std::fmt::Debug for Completion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Completion::Verdict(v) => f.debug_tuple("Verdict").field(&v.reason).finish(),
             Completion::Attached(a) => f
                 .debug_struct("Attached")
                 .field("epoch", &a.epoch)
@@ -161,8 +197,11 @@ pub trait Engine: Send + Sync + 'static {
 }
 
 /// Hand `req` to the right call of `engine`.
+/// An [`Request::Authenticate`] (for which there is no engine call) is
+/// answered as presented: the driver gives it to its hooks instead.
 pub fn submit(engine: &dyn Engine, req: Request, reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
     match req {
+        Request::Authenticate(r) => Call::Ready(Completion::Verdict(Box::new(r.as_presented()))),
         Request::Attach(r) => engine.attach(*r, reply_to, now),
         Request::Subscribe(r) => engine.subscribe(r, reply_to, now),
         Request::Unsubscribe(r) => engine.unsubscribe(r, reply_to, now),

@@ -8,7 +8,9 @@
 use super::*;
 
 impl Connection {
-    pub(super) fn handle_connect(&mut self, mut c: Box<Connect>) {
+    /// A CONNECT: the hooks are asked for their verdict first
+    /// ([`Request::Authenticate`]), then [`Connection::handle_verified_connect`].
+    pub(super) fn handle_connect(&mut self, c: Box<Connect>) {
         self.protocol = Some(c.protocol);
         if c.protocol.is_v5() {
             // Applies to every packet from now on, CONNACK included [MQTT-3.1.2-24].
@@ -17,6 +19,24 @@ impl Connection {
                 .maximum_packet_size
                 .map_or(usize::MAX, |m| m as usize);
         }
+        let request = AuthenticateRequest {
+            // Copies: the request may outlive the read buffer.
+            client_id: ByteString::from(&*c.client_id),
+            username: c.username.as_deref().map(ByteString::from),
+            password: c.password.as_deref().map(bytes::Bytes::copy_from_slice),
+            level: c.protocol.level(),
+            clean_start: c.clean_start,
+            keep_alive: c.keep_alive,
+            authentication_method: c.properties.authentication_method.clone(),
+            authentication_data: c.properties.authentication_data.clone(),
+        };
+        self.state = State::Verifying;
+        self.wait_for(Request::Authenticate(Box::new(request)), Then::Verdict(c));
+    }
+
+    /// The CONNECT with the hooks' verdict: the protocol's own checks, the
+    /// verdict applied, then the AUTH exchange or acceptance.
+    pub(super) fn handle_verified_connect(&mut self, mut c: Box<Connect>) {
         let mut verdict = self.verdict.take().unwrap_or_else(|| {
             Box::new(ConnectVerdict {
                 username: c.username.as_deref().map(str::to_string),
@@ -265,6 +285,7 @@ impl Connection {
             reauth: None,
             username: grant.username.map(ByteString::from),
             acl: grant.acl,
+            _hold: grant.hold,
             limiter: self
                 .broker
                 .security()
