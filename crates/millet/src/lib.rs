@@ -36,3 +36,4 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod tools;
+pub mod ws;

@@ -180,19 +180,49 @@ impl Server {
         if !broker.config.tls_listen.is_empty() && tls.is_none() {
             anyhow::bail!("tls_listen needs [security.tls]");
         }
+        if !broker.config.wss_listen.is_empty() && tls.is_none() {
+            anyhow::bail!("wss_listen needs [security.tls]");
+        }
         let preauth = PreAuthBudget::new(broker.config.limits.preauth_memory);
         let live = Arc::new(LiveConns::default());
         // The admin API first: `/readyz` says "not ready" until every MQTT
         // listener is bound.
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let admin = crate::admin::start(broker.clone(), ready.clone()).await?;
-        let plain = broker.config.listen.iter().map(|a| (*a, None));
-        let secure = broker.config.tls_listen.iter().map(|a| (*a, tls.clone()));
-        for (addr, tls) in plain.chain(secure) {
-            let listener =
-                bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let plain = broker.config.listen.iter().map(|a| (*a, None, None));
+        let secure = broker
+            .config
+            .tls_listen
+            .iter()
+            .map(|a| (*a, tls.clone(), None));
+        let ws = Arc::new(crate::ws::WsSettings::from_config(&broker.config));
+        let web = (broker
+            .config
+            .ws_listen
+            .iter()
+            .map(|a| (*a, None, Some(ws.clone()))))
+        .chain(
+            broker
+                .config
+                .wss_listen
+                .iter()
+                .map(|a| (*a, tls.clone(), Some(ws.clone()))),
+        );
+        for (addr, tls, ws) in plain.chain(secure).chain(web) {
+            let listener = match bind(addr) {
+                Ok(l) => l,
+                // A busy built-in default leaves WebSocket off (like the admin API).
+                Err(e) if ws.is_some() && broker.config.is_default_ws_listen(addr) => {
+                    tracing::warn!(%addr, error = %e, "cannot listen for MQTT over WebSocket on the default address: WebSocket listener off (set ws_listen / wss_listen, or --no-ws)");
+                    continue;
+                }
+                Err(e) => anyhow::bail!("cannot listen on {addr}: {e}"),
+            };
             let local = listener.local_addr()?;
-            if tls.is_some() {
+            if ws.is_some() {
+                let scheme = if tls.is_some() { "wss" } else { "ws" };
+                tracing::info!(addr = %local, path = %broker.config.ws_path, "listening for MQTT over WebSocket ({scheme})");
+            } else if tls.is_some() {
                 tracing::info!(addr = %local, "listening for MQTT over TLS");
             } else {
                 tracing::info!(addr = %local, "listening for MQTT over TCP");
@@ -205,6 +235,7 @@ impl Server {
             let ctx = Arc::new(ListenerCtx {
                 configured: addr,
                 tls,
+                ws,
                 rate,
                 tls_log: PerAddressThrottle::default(),
                 preauth: preauth.clone(),
@@ -224,6 +255,8 @@ impl Server {
                 .listen
                 .iter()
                 .chain(&broker.config.tls_listen)
+                .chain(&broker.config.ws_listen)
+                .chain(&broker.config.wss_listen)
                 .copied()
                 .collect();
             s.log_posture(&all);
@@ -333,6 +366,8 @@ struct ListenerCtx {
     configured: SocketAddr,
     /// `Some` on a TLS listener.
     tls: Option<Arc<ReloadableTls>>,
+    /// `Some` on a WebSocket listener (over TLS with `tls`).
+    ws: Option<Arc<crate::ws::WsSettings>>,
     rate: ConnectionRateLimiter,
     /// Throttles the info line for certificate failures.
     tls_log: PerAddressThrottle,
@@ -531,6 +566,10 @@ async fn accept_loop(
                     let live = ctx.live.clone();
                     let done = done.clone();
                     let mut info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone() };
+                    if let Some(ws) = &ctx.ws {
+                        tokio::spawn(accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done));
+                        continue;
+                    }
                     let Some(tls) = &ctx.tls else {
                         let fut = serve(stream, Box::new(info), broker, live, done);
                         tracing::trace!(
@@ -571,6 +610,67 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// A WebSocket listener's connection: TLS (wss), then the HTTP upgrade,
+/// together within the connect timeout and charged to the pre-auth memory
+/// budget; then served like any other connection.
+async fn accept_ws(
+    stream: TcpStream,
+    ctx: Arc<ListenerCtx>,
+    ws: Arc<crate::ws::WsSettings>,
+    mut info: PeerInfo,
+    broker: Arc<Broker>,
+    live: Arc<LiveConns>,
+    done: mpsc::Sender<()>,
+) {
+    let peer = info.addr;
+    let mut charge = PreAuthCharge {
+        budget: ctx.preauth.clone(),
+        charged: 0,
+    };
+    if !charge.set(crate::ws::HANDSHAKE_MAX_BYTES.saturating_sub(PREAUTH_FREE)) {
+        ctx.preauth.refuse(peer, Instant::now());
+        return;
+    }
+    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    let deadline = tokio::time::Instant::now() + limit;
+    let Some(tls) = &ctx.tls else {
+        match tokio::time::timeout_at(deadline, crate::ws::accept(stream, &ws, peer)).await {
+            Ok(Some(s)) => {
+                drop(charge);
+                serve(s, Box::new(info), broker, live, done).await;
+            }
+            Ok(None) => {}
+            Err(_) => tracing::debug!(%peer, "WebSocket upgrade timed out"),
+        }
+        return;
+    };
+    let s = match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            match certificate_problem(&e) {
+                Some(why) if ctx.tls_log.allow(peer.ip(), &why, Instant::now()) => {
+                    tracing::info!(%peer, "TLS handshake failed: {why} (logged once a minute per address)");
+                }
+                _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
+    match tokio::time::timeout_at(deadline, crate::ws::accept(s, &ws, peer)).await {
+        Ok(Some(s)) => {
+            drop(charge);
+            serve(s, Box::new(info), broker, live, done).await;
+        }
+        Ok(None) => {}
+        Err(_) => tracing::debug!(%peer, "WebSocket upgrade timed out"),
     }
 }
 
@@ -656,6 +756,24 @@ impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
     ) -> Poll<std::io::Result<usize>> {
         buf.reserve(hint);
         let r = tokio_util::io::poll_read_buf(Pin::new(self), cx, buf);
+        if r.is_pending() && buf.is_empty() {
+            *buf = BytesMut::new();
+        }
+        r
+    }
+}
+
+impl<S> Transport for crate::ws::WsStream<S>
+where
+    S: tokio::io::AsyncRead + AsyncWrite + Unpin + Send,
+{
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        _hint: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        let r = self.poll_read_bytes(cx, buf);
         if r.is_pending() && buf.is_empty() {
             *buf = BytesMut::new();
         }
