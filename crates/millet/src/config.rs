@@ -50,6 +50,11 @@ pub struct Config {
     pub wss_listen: Vec<SocketAddr>,
     /// HTTP path of the WebSocket upgrade (default `/mqtt`).
     pub ws_path: String,
+    /// Listeners (addresses as in `listen`, `tls_listen`, `ws_listen`,
+    /// `wss_listen`) whose connections start with a PROXY protocol v1 or v2
+    /// header from a load balancer: the client address in it is used
+    /// everywhere; a connection without one is closed.
+    pub proxy_protocol_listeners: Vec<SocketAddr>,
     /// Authentication chain, ACL, quotas, bans and TLS (`[security.auth]`,
     /// `[security.acl]`, `[security.quota]`, `[security.tls]`; see
     /// [`crate::security`]).
@@ -255,6 +260,7 @@ impl Default for Config {
             ws_listen: vec![default_ws_listen()],
             wss_listen: Vec::new(),
             ws_path: DEFAULT_WS_PATH.to_string(),
+            proxy_protocol_listeners: Vec::new(),
             security: crate::security::SecurityConfig::default(),
             admin: AdminConfig::default(),
         }
@@ -318,6 +324,7 @@ const ENV_KEYS: &[&str] = &[
     "ws_listen",
     "wss_listen",
     "ws_path",
+    "proxy_protocol_listeners",
     "server_reference",
     "server_moved",
 ];
@@ -364,6 +371,9 @@ pub struct Cli {
     /// HTTP path of the WebSocket upgrade (default /mqtt).
     #[arg(long)]
     pub ws_path: Option<String>,
+    /// A listener (one of the addresses above, repeatable) whose connections start with a PROXY protocol v1/v2 header.
+    #[arg(long)]
+    pub proxy_protocol_listener: Vec<SocketAddr>,
     /// Serve no MQTT over WebSocket (neither ws nor wss).
     #[arg(long)]
     pub no_ws: bool,
@@ -494,6 +504,9 @@ impl Config {
         if let Some(p) = &cli.ws_path {
             cfg.ws_path = p.clone();
         }
+        if !cli.proxy_protocol_listener.is_empty() {
+            cfg.proxy_protocol_listeners = cli.proxy_protocol_listener.clone();
+        }
         macro_rules! set {
             ($field:expr, $opt:expr) => {
                 if let Some(v) = $opt {
@@ -568,6 +581,19 @@ impl Config {
                 ));
             }
         }
+        for a in &self.proxy_protocol_listeners {
+            if !self.listen.contains(a)
+                && !self.tls_listen.contains(a)
+                && !self.ws_listen.contains(a)
+                && !self.wss_listen.contains(a)
+            {
+                return Err(format!(
+                    "proxy_protocol_listeners names {a}, which is not a listener \
+                     (listen = {:?}, tls_listen = {:?}, ws_listen = {:?}, wss_listen = {:?})",
+                    self.listen, self.tls_listen, self.ws_listen, self.wss_listen
+                ));
+            }
+        }
         if l.max_packet_size < 64 {
             return Err("max_packet_size must be at least 64 bytes".into());
         }
@@ -634,6 +660,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "ws_listen",
     "wss_listen",
     "ws_path",
+    "proxy_protocol_listeners",
 ];
 
 /// A configuration error as an operator reads it: which file, which
@@ -807,6 +834,20 @@ mod tests {
         };
         let c = Config::load(&cli).unwrap();
         assert!(c.ws_listen.is_empty() && c.wss_listen.is_empty());
+    }
+
+    #[test]
+    fn proxy_protocol_listeners_must_be_listeners() {
+        let c = load_text(
+            "listen = [\"127.0.0.1:1883\", \"127.0.0.1:1884\"]\nproxy_protocol_listeners = [\"127.0.0.1:1884\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy_protocol_listeners.len(), 1);
+        let e = load_text("proxy_protocol_listeners = [\"127.0.0.1:1999\"]\n").unwrap_err();
+        assert!(
+            e.contains("proxy_protocol_listeners names 127.0.0.1:1999, which is not a listener"),
+            "{e}"
+        );
     }
 
     #[test]

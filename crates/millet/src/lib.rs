@@ -31,6 +31,7 @@ pub mod budget;
 pub mod config;
 pub mod histogram;
 pub mod protocol;
+pub mod proxy;
 pub mod security;
 pub mod server;
 pub mod session;

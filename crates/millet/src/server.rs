@@ -236,6 +236,7 @@ impl Server {
                 configured: addr,
                 tls,
                 ws,
+                proxy_protocol: broker.config.proxy_protocol_listeners.contains(&addr),
                 rate,
                 tls_log: PerAddressThrottle::default(),
                 preauth: preauth.clone(),
@@ -368,6 +369,8 @@ struct ListenerCtx {
     tls: Option<Arc<ReloadableTls>>,
     /// `Some` on a WebSocket listener (over TLS with `tls`).
     ws: Option<Arc<crate::ws::WsSettings>>,
+    /// Connections start with a PROXY protocol header ([`crate::proxy`]).
+    proxy_protocol: bool,
     rate: ConnectionRateLimiter,
     /// Throttles the info line for certificate failures.
     tls_log: PerAddressThrottle,
@@ -562,10 +565,14 @@ async fn accept_loop(
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    if ctx.proxy_protocol {
+                        tokio::spawn(accept_proxied(stream, peer, ctx.clone(), broker.clone(), done.clone()));
+                        continue;
+                    }
                     let broker = broker.clone();
                     let live = ctx.live.clone();
                     let done = done.clone();
-                    let mut info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone() };
+                    let info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone() };
                     if let Some(ws) = &ctx.ws {
                         tokio::spawn(accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done));
                         continue;
@@ -581,26 +588,7 @@ async fn accept_loop(
                         tokio::spawn(fut);
                         continue;
                     };
-                    let acceptor = tls.acceptor();
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move {
-                        let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
-                        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => {
-                                info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
-                                serve(s, Box::new(info), broker, live, done).await;
-                                return;
-                            }
-                            Ok(Err(e)) => match certificate_problem(&e) {
-                                Some(why) if ctx.tls_log.allow(peer.ip(), &why, Instant::now()) => {
-                                    tracing::info!(%peer, "TLS handshake failed: {why} (logged once a minute per address)");
-                                }
-                                _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                            },
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        }
-                        drop(done);
-                    });
+                    tokio::spawn(accept_tls(stream, tls.clone(), ctx.clone(), info, broker, live, done));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -610,6 +598,98 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// A TLS listener's connection: the handshake within the connect timeout,
+/// then served.
+async fn accept_tls(
+    stream: TcpStream,
+    tls: Arc<ReloadableTls>,
+    ctx: Arc<ListenerCtx>,
+    mut info: PeerInfo,
+    broker: Arc<Broker>,
+    live: Arc<LiveConns>,
+    done: mpsc::Sender<()>,
+) {
+    let peer = info.addr;
+    let acceptor = tls.acceptor();
+    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => {
+            info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
+            serve(s, Box::new(info), broker, live, done).await;
+        }
+        Ok(Err(e)) => match certificate_problem(&e) {
+            Some(why) if ctx.tls_log.allow(peer.ip(), &why, Instant::now()) => {
+                tracing::info!(%peer, "TLS handshake failed: {why} (logged once a minute per address)");
+            }
+            _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        },
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// A connection on a PROXY-protocol listener: the header first (within the
+/// connect timeout; without one the connection is closed, with one log
+/// line a minute per address), then the client's address from it is the
+/// peer for bans, logs and everything else, and the connection goes on as
+/// on any listener (TLS, WebSocket, MQTT).
+async fn accept_proxied(
+    mut stream: TcpStream,
+    proxy: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    broker: Arc<Broker>,
+    done: mpsc::Sender<()>,
+) {
+    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    let peer = match tokio::time::timeout(limit, crate::proxy::read_header(&mut stream, proxy))
+        .await
+    {
+        Ok(Ok(peer)) => peer,
+        Ok(Err(crate::proxy::ProxyError::Closed)) => {
+            tracing::debug!(peer = %proxy, "closed before its PROXY protocol header");
+            return;
+        }
+        Ok(Err(e)) => {
+            if ctx
+                .tls_log
+                .allow(proxy.ip(), "proxy header", Instant::now())
+            {
+                tracing::info!(peer = %proxy, listener = %ctx.configured, "{e}: connection closed (PROXY protocol listener; logged once a minute per address)");
+            }
+            return;
+        }
+        Err(_) => {
+            if ctx
+                .tls_log
+                .allow(proxy.ip(), "proxy header", Instant::now())
+            {
+                tracing::info!(peer = %proxy, listener = %ctx.configured, "no PROXY protocol header within the connect timeout: connection closed (logged once a minute per address)");
+            }
+            return;
+        }
+    };
+    tracing::debug!(%peer, proxy = %proxy, "PROXY protocol header");
+    if let Some(sec) = broker.security() {
+        if let Some(ban) = sec.bans.ip_banned(peer.ip(), Instant::now()) {
+            tracing::debug!(%peer, %proxy, %ban, "banned address: connection closed");
+            return;
+        }
+    }
+    let live = ctx.live.clone();
+    let info = PeerInfo {
+        addr: peer,
+        listener: ctx.configured,
+        tls_identity: None,
+        preauth: ctx.preauth.clone(),
+    };
+    if let Some(ws) = &ctx.ws {
+        accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done).await;
+    } else if let Some(tls) = &ctx.tls {
+        accept_tls(stream, tls.clone(), ctx.clone(), info, broker, live, done).await;
+    } else {
+        serve(stream, Box::new(info), broker, live, done).await;
     }
 }
 

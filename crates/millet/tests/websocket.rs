@@ -289,3 +289,48 @@ async fn websocket_and_tcp_clients_talk_to_each_other() {
     tcp.write_all(PUBLISH).await.expect("write");
     assert_eq!(read_bytes(&mut ws, PUBLISH.len()).await, PUBLISH);
 }
+
+#[tokio::test]
+async fn a_proxy_protocol_header_before_the_upgrade_names_the_client() {
+    // Both listeners are configured as 127.0.0.1:0, so both expect the header.
+    let b = Broker::start_with(&[
+        "--ws-listen",
+        "127.0.0.1:0",
+        "--proxy-protocol-listener",
+        "127.0.0.1:0",
+    ]);
+    let deadline = Instant::now() + WAIT;
+    let port = loop {
+        if let Some(p) = ws_port(&b.log_text()) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no WebSocket listener");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("tcp");
+    tcp.write_all(format!("PROXY TCP4 203.0.113.50 127.0.0.1 4444 {port}\r\n").as_bytes())
+        .await
+        .expect("header");
+    let mut req = format!("ws://127.0.0.1:{port}/mqtt")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    let (ws, _) = timeout(
+        WAIT,
+        tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp)),
+    )
+    .await
+    .expect("handshake timed out")
+    .expect("upgrade");
+    let mut ws: Ws = ws;
+    ws.send(Message::binary(connect_packet("ws-proxied")))
+        .await
+        .expect("send");
+    assert_eq!(read_bytes(&mut ws, CONNACK.len()).await, CONNACK);
+    let log = b.log_text();
+    assert!(
+        log.contains("New client connected from 203.0.113.50:4444 as ws-proxied"),
+        "{log}"
+    );
+}
