@@ -14,6 +14,7 @@ import pytest
 
 from conftest import free_port
 from helpers import CONNACK, V5, V311, RawClient, connect_packet, unique, wait_until
+from test_security import pki, tls_section  # noqa: F401  (pki is a fixture)
 
 pytestmark = pytest.mark.millet_only("Millet's PROXY protocol listeners")
 
@@ -145,3 +146,42 @@ def test_a_ban_matches_the_address_in_the_header(millet_config):
     # a neighbour is not banned, and the balancer's own address is not either
     c = connect_through(b, v1("203.0.113.10", 40011, b.port))
     c.close()
+
+
+def test_a_header_before_the_tls_handshake(millet_config, pki):  # noqa: F811
+    import itertools
+    import socket
+
+    from test_security import client_ctx
+
+    tls_port = free_port()
+    admin = free_port()
+    conf = (f'[admin]\nlisten = "127.0.0.1:{admin}"\nbearer_token = "{TOKEN}"\n'
+            + tls_section(pki))
+    b = millet_config(conf, args=["--tls-listen", f"127.0.0.1:{tls_port}",
+                                  "--proxy-protocol-listener", f"127.0.0.1:{tls_port}"])
+    b.admin = admin
+
+    def tls_up():
+        try:
+            socket.create_connection(("127.0.0.1", tls_port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    wait_until(tls_up, what="the TLS listener")
+
+    c = RawClient.__new__(RawClient)
+    c.broker, c.version, c.buf, c.closed, c.pending = b, V5, bytearray(), False, []
+    c._pid = itertools.count(1)
+    raw = socket.create_connection(("127.0.0.1", tls_port), timeout=5)
+    raw.sendall(v2("203.0.113.77", 40077, tls_port))
+    c.sock = client_ctx(pki).wrap_socket(raw, server_hostname="127.0.0.1")
+    try:
+        c.connect(unique("pp-tls"))
+        assert peers(b)[c.client_id] == "203.0.113.77:40077"
+    finally:
+        c.close()
+    # the plain listener expects no header
+    plain = RawClient(b, V311)
+    plain.connect(unique("direct"))
+    plain.close()

@@ -334,3 +334,51 @@ async fn a_proxy_protocol_header_before_the_upgrade_names_the_client() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn a_frame_above_the_packet_limit_is_closed_with_1009() {
+    let b = Broker::start_with(&["--ws-listen", "127.0.0.1:0", "--max-packet-size", "1024"]);
+    let deadline = Instant::now() + WAIT;
+    let port = loop {
+        if let Some(p) = ws_port(&b.log_text()) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no WebSocket listener");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut ws = connected(port, "ws-big").await;
+    // max_packet_size + 64 KiB is the most one frame may carry.
+    ws.send(Message::binary(vec![0u8; 1024 + 64 * 1024 + 1]))
+        .await
+        .expect("send");
+    match next_message(&mut ws).await {
+        Some(Message::Close(Some(f))) => assert_eq!(f.code, CloseCode::Size, "{f:?}"),
+        other => panic!("expected close 1009, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_connect_timeout() {
+    let b = Broker::start_with(&["--ws-listen", "127.0.0.1:0", "--connect-timeout", "1"]);
+    let deadline = Instant::now() + WAIT;
+    let port = loop {
+        if let Some(p) = ws_port(&b.log_text()) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no WebSocket listener");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // No HTTP request at all: closed by the upgrade's deadline.
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("tcp");
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = timeout(WAIT, tokio::io::AsyncReadExt::read(&mut tcp, &mut buf))
+        .await
+        .expect("not closed within the wait")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "expected a close, got {:?}", &buf[..n]);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed too early"
+    );
+}
