@@ -851,9 +851,9 @@ where
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
-        _hint: usize,
+        hint: usize,
     ) -> Poll<std::io::Result<usize>> {
-        let r = self.poll_read_bytes(cx, buf);
+        let r = self.poll_read_bytes(cx, buf, hint);
         if r.is_pending() && buf.is_empty() {
             *buf = BytesMut::new();
         }

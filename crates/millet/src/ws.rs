@@ -23,6 +23,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -182,38 +183,61 @@ fn to_io(e: WsError) -> io::Error {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
-    /// Append the next bytes the client sent to `buf`: `Ready(Ok(0))` at the
-    /// end of the stream (a close frame, or a frame refused: the close that
-    /// says why goes out at shutdown).
+    /// Append what the client sent to `buf`: the payloads of every binary
+    /// message already received, until `want` bytes or nothing more is
+    /// there (one message per call would make a connection task take a
+    /// turn per MQTT packet: MQTT.js sends each packet as a frame).
+    /// `Ready(Ok(0))` at the end of the stream (a close frame, or a frame
+    /// refused: the close that says why goes out at shutdown).
     pub fn poll_read_bytes(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
+        want: usize,
     ) -> Poll<io::Result<usize>> {
+        let mut total = 0;
         loop {
             if !self.pending.is_empty() {
-                let n = self.pending.len();
+                total += self.pending.len();
                 buf.extend_from_slice(&self.pending);
                 self.pending = Bytes::new();
-                return Poll::Ready(Ok(n));
+                if total >= want {
+                    return Poll::Ready(Ok(total));
+                }
             }
             if self.ended {
-                return Poll::Ready(Ok(0));
+                return Poll::Ready(Ok(total));
             }
-            match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
+            let next = match Pin::new(&mut self.ws).poll_next(cx) {
+                Poll::Pending if total > 0 => return Poll::Ready(Ok(total)),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(next) => next,
+            };
+            match next {
                 Some(Ok(Message::Binary(b))) => self.pending = b,
                 // tungstenite answers pings itself (on the next read or write).
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                // A client that goes away without a close frame is no
+                // protocol error worth a line: TCP clients do that too.
                 Some(Ok(Message::Close(_)))
                 | None
-                | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                | Some(Err(
+                    WsError::ConnectionClosed
+                    | WsError::AlreadyClosed
+                    | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake),
+                )) => {
                     self.ended = true;
                 }
                 Some(Ok(Message::Text(_))) => self.refuse(
                     CloseCode::Unsupported,
                     "text frame: MQTT over WebSocket uses binary frames",
                 ),
-                Some(Err(WsError::Io(e))) => return Poll::Ready(Err(e)),
+                Some(Err(WsError::Io(e))) if total == 0 => return Poll::Ready(Err(e)),
+                Some(Err(WsError::Io(e))) => {
+                    // Hand over what came first; the next read says end.
+                    tracing::debug!(peer = %self.peer, error = %e, "WebSocket read failed");
+                    self.ended = true;
+                }
                 Some(Err(e @ WsError::Capacity(_))) => {
                     self.refuse(CloseCode::Size, &format!("frame too big: {e}"));
                 }
