@@ -382,3 +382,21 @@ async fn a_silent_connection_is_closed_after_the_connect_timeout() {
         "closed too early"
     );
 }
+
+#[tokio::test]
+async fn a_client_gone_without_a_close_frame_is_an_ordinary_disconnect() {
+    let (b, port) = broker();
+    let ws = connected(port, "ws-gone").await;
+    drop(ws); // TCP closed, no close frame
+    let deadline = Instant::now() + WAIT;
+    while !b.log_text().contains("Client ws-gone disconnected") {
+        assert!(
+            Instant::now() < deadline,
+            "no disconnect line:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = b.log_text();
+    assert!(!log.contains("bad frame"), "{log}");
+}
