@@ -189,26 +189,14 @@ impl Server {
         // listener is bound.
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let admin = crate::admin::start(broker.clone(), ready.clone()).await?;
-        let plain = broker.config.listen.iter().map(|a| (*a, None, None));
-        let secure = broker
-            .config
-            .tls_listen
-            .iter()
-            .map(|a| (*a, tls.clone(), None));
         let ws = Arc::new(crate::ws::WsSettings::from_config(&broker.config));
-        let web = (broker
-            .config
-            .ws_listen
-            .iter()
-            .map(|a| (*a, None, Some(ws.clone()))))
-        .chain(
-            broker
-                .config
-                .wss_listen
-                .iter()
-                .map(|a| (*a, tls.clone(), Some(ws.clone()))),
-        );
-        for (addr, tls, ws) in plain.chain(secure).chain(web) {
+        let c = &broker.config;
+        let plain = c.listen.iter().map(|a| (*a, None, None));
+        let secure = c.tls_listen.iter().map(|a| (*a, tls.clone(), None));
+        let web = c.ws_listen.iter().map(|a| (*a, None, Some(ws.clone())));
+        let web_tls = c.wss_listen.iter();
+        let web_tls = web_tls.map(|a| (*a, tls.clone(), Some(ws.clone())));
+        for (addr, tls, ws) in plain.chain(secure).chain(web).chain(web_tls) {
             let listener = match bind(addr) {
                 Ok(l) => l,
                 // A busy built-in default leaves WebSocket off (like the admin API).
