@@ -24,6 +24,24 @@ if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto >/dev/nu
     sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null
   fi
 fi
+# MQTT.js on Node and in headless Chromium, for MQTT over WebSocket
+# (tests/conformance/test_websocket.py; the npm package is tests/node).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1 \
+    || ! command -v chromium >/dev/null 2>&1; then
+  pkgs=(chromium)
+  command -v node >/dev/null 2>&1 || pkgs+=(nodejs)
+  command -v npm >/dev/null 2>&1 || pkgs+=(npm)
+  if [[ $(id -u) -eq 0 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+  fi
+fi
+node --version
+npm --version
+(cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+# A missing Node piece fails the WebSocket tests instead of skipping them.
+export MILLET_REQUIRE_NODE=1
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi

@@ -154,6 +154,7 @@ class Broker:
             data_dir = os.path.join(self.workdir, "data")
             os.makedirs(data_dir, exist_ok=True)
             cmd = [_find_millet(), "--listen", f"{self.host}:{self.port}", "--data-dir", data_dir]
+            cmd += ["--no-ws"]  # no WebSocket listener on the default port 8083
             for key, value in self.settings.items():
                 cmd += [SETTINGS[key][0], str(value)]
             cmd += shlex.split(os.environ.get("MILLET_ARGS", ""))
@@ -328,6 +329,8 @@ class ConfigBroker(Broker):
         if self.tls_port is not None:
             cmd += ["--tls-listen", f"{self.host}:{self.tls_port}"]
         cmd += [str(a) for a in self.args]
+        if not {"--ws-listen", "--wss-listen"} & set(cmd):
+            cmd += ["--no-ws"]  # no WebSocket listeners on the default ports 8083 / 8084
         self.extra["cmd"] = cmd
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

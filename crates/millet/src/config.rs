@@ -41,6 +41,20 @@ pub struct Config {
     /// MQTT-over-TLS listeners, e.g. `["127.0.0.1:8883"]`; need `[security.tls]`
     /// (which, with this list empty, listens on `127.0.0.1:8883`).
     pub tls_listen: Vec<SocketAddr>,
+    /// MQTT-over-WebSocket listeners (default `["127.0.0.1:8083"]`; `[]` or
+    /// `--no-ws`: none). The built-in default only warns when its port is
+    /// taken; a configured address that cannot be bound stops the start.
+    pub ws_listen: Vec<SocketAddr>,
+    /// MQTT over WebSocket over TLS; needs `[security.tls]` (which, with this
+    /// list empty, listens on `127.0.0.1:8084` unless `--no-ws`).
+    pub wss_listen: Vec<SocketAddr>,
+    /// HTTP path of the WebSocket upgrade (default `/mqtt`).
+    pub ws_path: String,
+    /// Listeners (addresses as in `listen`, `tls_listen`, `ws_listen`,
+    /// `wss_listen`) whose connections start with a PROXY protocol v1 or v2
+    /// header from a load balancer: the client address in it is used
+    /// everywhere; a connection without one is closed.
+    pub proxy_protocol_listeners: Vec<SocketAddr>,
     /// Authentication chain, ACL, quotas, bans and TLS (`[security.auth]`,
     /// `[security.acl]`, `[security.quota]`, `[security.tls]`; see
     /// [`crate::security`]).
@@ -257,6 +271,10 @@ impl Default for Config {
             limits: Limits::default(),
             store: StoreConfig::default(),
             tls_listen: Vec::new(),
+            ws_listen: vec![default_ws_listen()],
+            wss_listen: Vec::new(),
+            ws_path: DEFAULT_WS_PATH.to_string(),
+            proxy_protocol_listeners: Vec::new(),
             security: crate::security::SecurityConfig::default(),
             admin: AdminConfig::default(),
             engine: EngineConfig::default(),
@@ -296,6 +314,21 @@ impl Default for Limits {
     }
 }
 
+/// Default port of the MQTT-over-WebSocket listener (EMQX's).
+pub const DEFAULT_WS_PORT: u16 = 8083;
+/// Default port of the MQTT-over-secure-WebSocket listener (EMQX's).
+pub const DEFAULT_WSS_PORT: u16 = 8084;
+/// Default HTTP path of the WebSocket upgrade.
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+
+fn default_ws_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_WS_PORT))
+}
+
+fn default_wss_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_WSS_PORT))
+}
+
 /// Top-level keys settable through `MILLET_<KEY>`.
 const ENV_KEYS: &[&str] = &[
     "listen",
@@ -303,6 +336,10 @@ const ENV_KEYS: &[&str] = &[
     "sys_interval",
     "shared_strategy",
     "tls_listen",
+    "ws_listen",
+    "wss_listen",
+    "ws_path",
+    "proxy_protocol_listeners",
     "server_reference",
     "server_moved",
 ];
@@ -340,6 +377,21 @@ pub struct Cli {
     /// MQTT-over-TLS listen address (repeatable), e.g. 127.0.0.1:8883; needs [security.tls].
     #[arg(long)]
     pub tls_listen: Vec<SocketAddr>,
+    /// MQTT-over-WebSocket listen address (repeatable); default 127.0.0.1:8083.
+    #[arg(long)]
+    pub ws_listen: Vec<SocketAddr>,
+    /// MQTT-over-secure-WebSocket listen address (repeatable); needs [security.tls] (default then 127.0.0.1:8084).
+    #[arg(long)]
+    pub wss_listen: Vec<SocketAddr>,
+    /// HTTP path of the WebSocket upgrade (default /mqtt).
+    #[arg(long)]
+    pub ws_path: Option<String>,
+    /// A listener (one of the addresses above, repeatable) whose connections start with a PROXY protocol v1/v2 header.
+    #[arg(long)]
+    pub proxy_protocol_listener: Vec<SocketAddr>,
+    /// Serve no MQTT over WebSocket (neither ws nor wss).
+    #[arg(long)]
+    pub no_ws: bool,
     /// Data directory for the embedded store.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -451,6 +503,25 @@ impl Config {
                 crate::security::tls::DEFAULT_TLS_PORT,
             ))];
         }
+        if !cli.ws_listen.is_empty() {
+            cfg.ws_listen = cli.ws_listen.clone();
+        }
+        if !cli.wss_listen.is_empty() {
+            cfg.wss_listen = cli.wss_listen.clone();
+        }
+        if cfg.security.tls.is_some() && cfg.wss_listen.is_empty() {
+            cfg.wss_listen = vec![default_wss_listen()];
+        }
+        if cli.no_ws {
+            cfg.ws_listen.clear();
+            cfg.wss_listen.clear();
+        }
+        if let Some(p) = &cli.ws_path {
+            cfg.ws_path = p.clone();
+        }
+        if !cli.proxy_protocol_listener.is_empty() {
+            cfg.proxy_protocol_listeners = cli.proxy_protocol_listener.clone();
+        }
         macro_rules! set {
             ($field:expr, $opt:expr) => {
                 if let Some(v) = $opt {
@@ -503,12 +574,38 @@ impl Config {
         if !self.tls_listen.is_empty() && self.security.tls.is_none() {
             return Err("tls_listen needs a [security.tls] section (cert and key)".into());
         }
+        if !self.wss_listen.is_empty() && self.security.tls.is_none() {
+            return Err("wss_listen needs a [security.tls] section (cert and key)".into());
+        }
+        if !self.ws_path.starts_with('/') || self.ws_path.contains(['?', '#', ' ']) {
+            return Err(format!(
+                "ws_path {:?} must be an HTTP path starting with `/` (no query, fragment or space)",
+                self.ws_path
+            ));
+        }
         for a in &self.security.auth.anonymous_listeners {
-            if !self.listen.contains(a) && !self.tls_listen.contains(a) {
+            if !self.listen.contains(a)
+                && !self.tls_listen.contains(a)
+                && !self.ws_listen.contains(a)
+                && !self.wss_listen.contains(a)
+            {
                 return Err(format!(
                     "security.auth.anonymous_listeners names {a}, which is not a listener \
-                     (listen = {:?}, tls_listen = {:?})",
-                    self.listen, self.tls_listen
+                     (listen = {:?}, tls_listen = {:?}, ws_listen = {:?}, wss_listen = {:?})",
+                    self.listen, self.tls_listen, self.ws_listen, self.wss_listen
+                ));
+            }
+        }
+        for a in &self.proxy_protocol_listeners {
+            if !self.listen.contains(a)
+                && !self.tls_listen.contains(a)
+                && !self.ws_listen.contains(a)
+                && !self.wss_listen.contains(a)
+            {
+                return Err(format!(
+                    "proxy_protocol_listeners names {a}, which is not a listener \
+                     (listen = {:?}, tls_listen = {:?}, ws_listen = {:?}, wss_listen = {:?})",
+                    self.listen, self.tls_listen, self.ws_listen, self.wss_listen
                 ));
             }
         }
@@ -532,6 +629,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Whether `addr` is a WebSocket listener's built-in default (a busy
+    /// default port only leaves that listener off, with a warning, like the
+    /// admin API's; a configured one is an error).
+    pub fn is_default_ws_listen(&self, addr: SocketAddr) -> bool {
+        (addr == default_ws_listen() && self.ws_listen == [default_ws_listen()])
+            || (addr == default_wss_listen() && self.wss_listen == [default_wss_listen()])
     }
 
     /// Settings that are valid but probably not what the operator meant,
@@ -567,6 +672,10 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "server_reference",
     "server_moved",
     "tls_listen",
+    "ws_listen",
+    "wss_listen",
+    "ws_path",
+    "proxy_protocol_listeners",
 ];
 
 /// A configuration error as an operator reads it: which file, which
@@ -712,6 +821,48 @@ mod tests {
         assert!(e.contains("at least 16"), "{e}");
         let c = load_text("").unwrap();
         assert!(c.admin.enabled && c.admin.is_default_listen() && c.admin.metrics_auth);
+    }
+
+    #[test]
+    fn websocket_listeners() {
+        let c = load_text("").unwrap();
+        assert_eq!(c.ws_listen, [default_ws_listen()]);
+        assert!(c.wss_listen.is_empty());
+        assert_eq!(c.ws_path, "/mqtt");
+        assert!(c.is_default_ws_listen(default_ws_listen()));
+        let c = load_text("ws_listen = [\"127.0.0.1:9001\"]\nws_path = \"/ws\"\n").unwrap();
+        assert_eq!(
+            c.ws_listen,
+            ["127.0.0.1:9001".parse::<SocketAddr>().unwrap()]
+        );
+        assert!(!c.is_default_ws_listen(c.ws_listen[0]));
+        assert_eq!(c.ws_path, "/ws");
+        let c = load_text("ws_listen = []\n").unwrap();
+        assert!(c.ws_listen.is_empty());
+        let e = load_text("wss_listen = [\"127.0.0.1:8084\"]\n").unwrap_err();
+        assert!(e.contains("wss_listen needs a [security.tls]"), "{e}");
+        let e = load_text("ws_path = \"mqtt\"\n").unwrap_err();
+        assert!(e.contains("must be an HTTP path"), "{e}");
+        let cli = Cli {
+            no_ws: true,
+            ..Cli::default()
+        };
+        let c = Config::load(&cli).unwrap();
+        assert!(c.ws_listen.is_empty() && c.wss_listen.is_empty());
+    }
+
+    #[test]
+    fn proxy_protocol_listeners_must_be_listeners() {
+        let c = load_text(
+            "listen = [\"127.0.0.1:1883\", \"127.0.0.1:1884\"]\nproxy_protocol_listeners = [\"127.0.0.1:1884\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy_protocol_listeners.len(), 1);
+        let e = load_text("proxy_protocol_listeners = [\"127.0.0.1:1999\"]\n").unwrap_err();
+        assert!(
+            e.contains("proxy_protocol_listeners names 127.0.0.1:1999, which is not a listener"),
+            "{e}"
+        );
     }
 
     #[test]

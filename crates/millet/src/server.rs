@@ -190,19 +190,37 @@ impl Server {
         if !broker.config.tls_listen.is_empty() && tls.is_none() {
             anyhow::bail!("tls_listen needs [security.tls]");
         }
+        if !broker.config.wss_listen.is_empty() && tls.is_none() {
+            anyhow::bail!("wss_listen needs [security.tls]");
+        }
         let preauth = PreAuthBudget::new(broker.config.limits.preauth_memory);
         let live = Arc::new(LiveConns::new(crate::engine::from_config(&broker)));
         // The admin API first: `/readyz` says "not ready" until every MQTT
         // listener is bound.
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let admin = crate::admin::start(broker.clone(), ready.clone()).await?;
-        let plain = broker.config.listen.iter().map(|a| (*a, None));
-        let secure = broker.config.tls_listen.iter().map(|a| (*a, tls.clone()));
-        for (addr, tls) in plain.chain(secure) {
-            let listener =
-                bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let ws = Arc::new(crate::ws::WsSettings::from_config(&broker.config));
+        let c = &broker.config;
+        let plain = c.listen.iter().map(|a| (*a, None, None));
+        let secure = c.tls_listen.iter().map(|a| (*a, tls.clone(), None));
+        let web = c.ws_listen.iter().map(|a| (*a, None, Some(ws.clone())));
+        let web_tls = c.wss_listen.iter();
+        let web_tls = web_tls.map(|a| (*a, tls.clone(), Some(ws.clone())));
+        for (addr, tls, ws) in plain.chain(secure).chain(web).chain(web_tls) {
+            let listener = match bind(addr) {
+                Ok(l) => l,
+                // A busy built-in default leaves WebSocket off (like the admin API).
+                Err(e) if ws.is_some() && broker.config.is_default_ws_listen(addr) => {
+                    tracing::warn!(%addr, error = %e, "cannot listen for MQTT over WebSocket on the default address: WebSocket listener off (set ws_listen / wss_listen, or --no-ws)");
+                    continue;
+                }
+                Err(e) => anyhow::bail!("cannot listen on {addr}: {e}"),
+            };
             let local = listener.local_addr()?;
-            if tls.is_some() {
+            if ws.is_some() {
+                let scheme = if tls.is_some() { "wss" } else { "ws" };
+                tracing::info!(addr = %local, path = %broker.config.ws_path, "listening for MQTT over WebSocket ({scheme})");
+            } else if tls.is_some() {
                 tracing::info!(addr = %local, "listening for MQTT over TLS");
             } else {
                 tracing::info!(addr = %local, "listening for MQTT over TCP");
@@ -215,6 +233,8 @@ impl Server {
             let ctx = Arc::new(ListenerCtx {
                 configured: addr,
                 tls,
+                ws,
+                proxy_protocol: broker.config.proxy_protocol_listeners.contains(&addr),
                 rate,
                 tls_log: PerAddressThrottle::default(),
                 preauth: preauth.clone(),
@@ -234,6 +254,8 @@ impl Server {
                 .listen
                 .iter()
                 .chain(&broker.config.tls_listen)
+                .chain(&broker.config.ws_listen)
+                .chain(&broker.config.wss_listen)
                 .copied()
                 .collect();
             s.log_posture(&all);
@@ -343,6 +365,10 @@ struct ListenerCtx {
     configured: SocketAddr,
     /// `Some` on a TLS listener.
     tls: Option<Arc<ReloadableTls>>,
+    /// `Some` on a WebSocket listener (over TLS with `tls`).
+    ws: Option<Arc<crate::ws::WsSettings>>,
+    /// Connections start with a PROXY protocol header ([`crate::proxy`]).
+    proxy_protocol: bool,
     rate: ConnectionRateLimiter,
     /// Throttles the info line for certificate failures.
     tls_log: PerAddressThrottle,
@@ -537,10 +563,18 @@ async fn accept_loop(
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    if ctx.proxy_protocol {
+                        tokio::spawn(accept_proxied(stream, peer, ctx.clone(), broker.clone(), done.clone()));
+                        continue;
+                    }
                     let broker = broker.clone();
                     let live = ctx.live.clone();
                     let done = done.clone();
-                    let mut info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone() };
+                    let info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone() };
+                    if let Some(ws) = &ctx.ws {
+                        tokio::spawn(accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done));
+                        continue;
+                    }
                     let Some(tls) = &ctx.tls else {
                         let fut = serve(stream, Box::new(info), broker, live, done);
                         tracing::trace!(
@@ -552,26 +586,7 @@ async fn accept_loop(
                         tokio::spawn(fut);
                         continue;
                     };
-                    let acceptor = tls.acceptor();
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move {
-                        let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
-                        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => {
-                                info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
-                                serve(s, Box::new(info), broker, live, done).await;
-                                return;
-                            }
-                            Ok(Err(e)) => match certificate_problem(&e) {
-                                Some(why) if ctx.tls_log.allow(peer.ip(), &why, Instant::now()) => {
-                                    tracing::info!(%peer, "TLS handshake failed: {why} (logged once a minute per address)");
-                                }
-                                _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                            },
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        }
-                        drop(done);
-                    });
+                    tokio::spawn(accept_tls(stream, tls.clone(), ctx.clone(), info, broker, live, done));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -581,6 +596,159 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// A TLS listener's connection: the handshake within the connect timeout,
+/// then served.
+async fn accept_tls(
+    stream: TcpStream,
+    tls: Arc<ReloadableTls>,
+    ctx: Arc<ListenerCtx>,
+    mut info: PeerInfo,
+    broker: Arc<Broker>,
+    live: Arc<LiveConns>,
+    done: mpsc::Sender<()>,
+) {
+    let peer = info.addr;
+    let acceptor = tls.acceptor();
+    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => {
+            info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
+            serve(s, Box::new(info), broker, live, done).await;
+        }
+        Ok(Err(e)) => match certificate_problem(&e) {
+            Some(why) if ctx.tls_log.allow(peer.ip(), &why, Instant::now()) => {
+                tracing::info!(%peer, "TLS handshake failed: {why} (logged once a minute per address)");
+            }
+            _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        },
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// A connection on a PROXY-protocol listener: the header first (within the
+/// connect timeout; without one the connection is closed, with one log
+/// line a minute per address), then the client's address from it is the
+/// peer for bans, logs and everything else, and the connection goes on as
+/// on any listener (TLS, WebSocket, MQTT).
+async fn accept_proxied(
+    mut stream: TcpStream,
+    proxy: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    broker: Arc<Broker>,
+    done: mpsc::Sender<()>,
+) {
+    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    let peer = match tokio::time::timeout(limit, crate::proxy::read_header(&mut stream, proxy))
+        .await
+    {
+        Ok(Ok(peer)) => peer,
+        Ok(Err(crate::proxy::ProxyError::Closed)) => {
+            tracing::debug!(peer = %proxy, "closed before its PROXY protocol header");
+            return;
+        }
+        Ok(Err(e)) => {
+            if ctx
+                .tls_log
+                .allow(proxy.ip(), "proxy header", Instant::now())
+            {
+                tracing::info!(peer = %proxy, listener = %ctx.configured, "{e}: connection closed (PROXY protocol listener; logged once a minute per address)");
+            }
+            return;
+        }
+        Err(_) => {
+            if ctx
+                .tls_log
+                .allow(proxy.ip(), "proxy header", Instant::now())
+            {
+                tracing::info!(peer = %proxy, listener = %ctx.configured, "no PROXY protocol header within the connect timeout: connection closed (logged once a minute per address)");
+            }
+            return;
+        }
+    };
+    tracing::debug!(%peer, proxy = %proxy, "PROXY protocol header");
+    if let Some(sec) = broker.security() {
+        if let Some(ban) = sec.bans.ip_banned(peer.ip(), Instant::now()) {
+            tracing::debug!(%peer, %proxy, %ban, "banned address: connection closed");
+            return;
+        }
+    }
+    let live = ctx.live.clone();
+    let info = PeerInfo {
+        addr: peer,
+        listener: ctx.configured,
+        tls_identity: None,
+        preauth: ctx.preauth.clone(),
+    };
+    if let Some(ws) = &ctx.ws {
+        accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done).await;
+    } else if let Some(tls) = &ctx.tls {
+        accept_tls(stream, tls.clone(), ctx.clone(), info, broker, live, done).await;
+    } else {
+        serve(stream, Box::new(info), broker, live, done).await;
+    }
+}
+
+/// A WebSocket listener's connection: TLS (wss), then the HTTP upgrade,
+/// together within the connect timeout and charged to the pre-auth memory
+/// budget; then served like any other connection.
+async fn accept_ws(
+    stream: TcpStream,
+    ctx: Arc<ListenerCtx>,
+    ws: Arc<crate::ws::WsSettings>,
+    mut info: PeerInfo,
+    broker: Arc<Broker>,
+    live: Arc<LiveConns>,
+    done: mpsc::Sender<()>,
+) {
+    let peer = info.addr;
+    let mut charge = PreAuthCharge {
+        budget: ctx.preauth.clone(),
+        charged: 0,
+    };
+    if !charge.set(crate::ws::HANDSHAKE_MAX_BYTES.saturating_sub(PREAUTH_FREE)) {
+        ctx.preauth.refuse(peer, Instant::now());
+        return;
+    }
+    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    let deadline = tokio::time::Instant::now() + limit;
+    let Some(tls) = &ctx.tls else {
+        match tokio::time::timeout_at(deadline, crate::ws::accept(stream, &ws, peer)).await {
+            Ok(Some(s)) => {
+                drop(charge);
+                serve(s, Box::new(info), broker, live, done).await;
+            }
+            Ok(None) => {}
+            Err(_) => tracing::debug!(%peer, "WebSocket upgrade timed out"),
+        }
+        return;
+    };
+    let s = match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            match certificate_problem(&e) {
+                Some(why) if ctx.tls_log.allow(peer.ip(), &why, Instant::now()) => {
+                    tracing::info!(%peer, "TLS handshake failed: {why} (logged once a minute per address)");
+                }
+                _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
+    match tokio::time::timeout_at(deadline, crate::ws::accept(s, &ws, peer)).await {
+        Ok(Some(s)) => {
+            drop(charge);
+            serve(s, Box::new(info), broker, live, done).await;
+        }
+        Ok(None) => {}
+        Err(_) => tracing::debug!(%peer, "WebSocket upgrade timed out"),
     }
 }
 
@@ -666,6 +834,24 @@ impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
     ) -> Poll<std::io::Result<usize>> {
         buf.reserve(hint);
         let r = tokio_util::io::poll_read_buf(Pin::new(self), cx, buf);
+        if r.is_pending() && buf.is_empty() {
+            *buf = BytesMut::new();
+        }
+        r
+    }
+}
+
+impl<S> Transport for crate::ws::WsStream<S>
+where
+    S: tokio::io::AsyncRead + AsyncWrite + Unpin + Send,
+{
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        hint: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        let r = self.poll_read_bytes(cx, buf, hint);
         if r.is_pending() && buf.is_empty() {
             *buf = BytesMut::new();
         }

@@ -22,6 +22,7 @@ async fn start() -> (Server, Arc<Broker>, u16) {
     let config = Config {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         sys_interval: 0,
+        ws_listen: Vec::new(),
         admin: millet::config::AdminConfig {
             enabled: false,
             ..Default::default()

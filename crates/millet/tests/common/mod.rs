@@ -82,6 +82,9 @@ impl Broker {
                 if !args.contains(&"--admin-listen") {
                     c.arg("--no-admin");
                 }
+                if !args.contains(&"--ws-listen") {
+                    c.arg("--no-ws");
+                }
                 c.args(args);
                 (c, 0)
             };
