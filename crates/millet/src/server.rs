@@ -792,6 +792,10 @@ trait Transport: AsyncWrite + Unpin + Send {
     fn poll_park(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
         Poll::Ready(())
     }
+
+    /// The CONNECT was accepted: limits on unauthenticated clients end
+    /// (WebSocket: see [`crate::ws::Capped`]).
+    fn connect_accepted(&mut self) {}
 }
 
 impl Transport for TcpStream {
@@ -856,6 +860,10 @@ where
             *buf = BytesMut::new();
         }
         r
+    }
+
+    fn connect_accepted(&mut self) {
+        crate::ws::WsStream::connect_accepted(self);
     }
 }
 
@@ -1597,7 +1605,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
 
 /// Hand the protocol's requests to the engine; answers given at once are
 /// handled at once (the embedded engine: no wake-up, no allocation).
-fn submit_requests<S>(c: &mut Conn<S>) {
+fn submit_requests<S: Transport>(c: &mut Conn<S>) {
     while c.pending.is_none() {
         let Some(request) = c.conn.poll_request() else {
             break;
@@ -1624,10 +1632,11 @@ fn submit_requests<S>(c: &mut Conn<S>) {
 
 /// The CONNECT was accepted and the session attached: the pre-auth charge
 /// ends, the admin API learns the connection's details, one log line.
-fn note_connected<S>(c: &mut Conn<S>) {
+fn note_connected<S: Transport>(c: &mut Conn<S>) {
     let peer = c.peer;
     if let (Some(id), Some(h)) = (c.conn.client_id(), &c.hello) {
         c.connected = true;
+        c.stream.connect_accepted();
         c.preauth.set(0);
         c.info = None;
         if let Some((cell, epoch)) = c.conn.attached() {
@@ -1649,7 +1658,7 @@ fn note_connected<S>(c: &mut Conn<S>) {
 
 /// An engine answer that came later (it woke the task): handled, and the
 /// requests it led to submitted.
-fn take_answer<S>(c: &mut Conn<S>) {
+fn take_answer<S: Transport>(c: &mut Conn<S>) {
     if let Some(done) = c.pending.as_ref().and_then(|p| p.take()) {
         c.pending = None;
         handle_answer(c, done);

@@ -45,6 +45,9 @@ pub const HANDSHAKE_MAX_BYTES: usize = 64 * 1024;
 pub struct WsSettings {
     path: String,
     config: WebSocketConfig,
+    /// Bytes a connection may send before its CONNECT is accepted (see
+    /// [`Capped`]).
+    preauth_cap: usize,
 }
 
 impl WsSettings {
@@ -54,6 +57,9 @@ impl WsSettings {
         // next): tungstenite buffers a whole frame before handing it over.
         let max = (c.limits.max_packet_size as usize).saturating_add(64 * 1024);
         WsSettings {
+            preauth_cap: HANDSHAKE_MAX_BYTES
+                .saturating_add(c.limits.max_connect_packet_size as usize)
+                .saturating_add(64),
             path: c.ws_path.clone(),
             config: WebSocketConfig::default()
                 // Small: most MQTT connections are quiet devices.
@@ -104,6 +110,11 @@ where
                 ))
             }
         }
+    };
+    let stream = Capped {
+        inner: stream,
+        left: Some(settings.preauth_cap),
+        peer,
     };
     let r =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(settings.config))
@@ -165,7 +176,7 @@ fn choose_subprotocol(req: &Request) -> Result<Option<HeaderValue>, String> {
 /// A WebSocket connection as a byte stream: reads yield the payloads of
 /// binary messages, each write is sent as one binary message.
 pub struct WsStream<S> {
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<Capped<S>>,
     /// What is left of the last binary message.
     pending: Bytes,
     /// The close frame to send at shutdown (a refused frame's reason).
@@ -248,6 +259,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         }
     }
 
+    /// The CONNECT was accepted: the client may now send frames up to the
+    /// packet size limit (see [`Capped`]).
+    pub fn connect_accepted(&mut self) {
+        self.ws.get_mut().left = None;
+    }
+
     /// End reading; close with `code` at shutdown. One log line.
     fn refuse(&mut self, code: CloseCode, why: &str) {
         tracing::info!(peer = %self.peer, code = u16::from(code), "WebSocket {why}: closing");
@@ -289,6 +306,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
             let _ = Pin::new(&mut this.ws).start_send(Message::Close(frame));
         }
         Pin::new(&mut this.ws).poll_close(cx).map_err(to_io)
+    }
+}
+
+/// The socket under a WebSocket connection, counting what the client sends
+/// before its CONNECT is accepted. tungstenite buffers a whole frame before
+/// handing it over, and a frame may be as large as the largest packet (1
+/// MiB by default), where a TCP connection is refused from the fixed header
+/// of a CONNECT over `limits.max_connect_packet_size`: so until then the
+/// client may send at most the upgrade request, one such CONNECT and a
+/// frame header ([`WsSettings`]); one read more ends the connection. That
+/// bounds an unauthenticated WebSocket connection like a TCP one (to within
+/// one read of tungstenite's 4 KiB buffer).
+pub struct Capped<S> {
+    inner: S,
+    /// Bytes still allowed; `None` once the CONNECT was accepted.
+    left: Option<usize>,
+    peer: SocketAddr,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Capped<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let n = buf.filled().len() - before;
+        if let Some(left) = self.left {
+            match left.checked_sub(n) {
+                Some(rest) => self.left = Some(rest),
+                None => {
+                    tracing::info!(peer = %self.peer, "WebSocket client sent more than a CONNECT before its CONNECT was accepted: closing");
+                    return Poll::Ready(Err(io::Error::other(
+                        "too many bytes before CONNECT was accepted",
+                    )));
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Capped<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -400,3 +400,60 @@ async fn a_client_gone_without_a_close_frame_is_an_ordinary_disconnect() {
     let log = b.log_text();
     assert!(!log.contains("bad frame"), "{log}");
 }
+
+#[tokio::test]
+async fn before_connect_a_client_may_not_send_more_than_a_connect() {
+    // tungstenite buffers a whole frame (up to max_packet_size + 64 KiB)
+    // before the broker sees a byte of it: before CONNECT is accepted a
+    // client may send the upgrade, one CONNECT of at most
+    // max_connect_packet_size (64 KiB) and a frame header, as over TCP
+    // (issue 11, pre-authentication buffers).
+    let (b, port) = broker();
+    let mut ws = connect(port, "/mqtt", Some("mqtt")).await.expect("upgrade");
+    // A frame of 300 KiB: far below the frame limit (1 MiB + 64 KiB), far
+    // above what an unauthenticated client may send.
+    let sent = ws.send(Message::binary(vec![0x10u8; 300 * 1024])).await;
+    let closed = match sent {
+        Err(_) => true,
+        Ok(()) => matches!(next_message(&mut ws).await, None | Some(Message::Close(_))),
+    };
+    assert!(closed, "the connection must be closed");
+    let deadline = Instant::now() + WAIT;
+    while !b.log_text().contains("before its CONNECT was accepted") {
+        assert!(Instant::now() < deadline, "no log line:\n{}", b.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn after_connect_a_large_publish_in_one_frame_is_delivered() {
+    // Once CONNECT is accepted the limit is the packet size (1 MiB).
+    let (_b, port) = broker();
+    let mut sub = connected(port, "ws-big-sub").await;
+    sub.send(Message::binary(SUBSCRIBE.to_vec()))
+        .await
+        .expect("send");
+    assert_eq!(read_bytes(&mut sub, SUBACK.len()).await, SUBACK);
+    let mut publ = connected(port, "ws-big-pub").await;
+    let payload = vec![7u8; 300 * 1024];
+    let mut packet = vec![0x30];
+    let remaining = 2 + 4 + payload.len();
+    let mut n = remaining;
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if n == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&[0, 4, b't', b'/', b'w', b's']);
+    packet.extend_from_slice(&payload);
+    publ.send(Message::binary(packet.clone()))
+        .await
+        .expect("send");
+    assert_eq!(read_bytes(&mut sub, packet.len()).await, packet);
+}
