@@ -1,7 +1,8 @@
 //! The `millet` binary: parse configuration, start the listeners, drain on
 //! SIGINT / SIGTERM. `millet passwd FILE USER` edits an argon2id password file,
 //! `millet scram FILE USER` a SCRAM-SHA-256 credentials file, `millet ctl
-//! key add NAME --file FILE` creates an admin API key.
+//! key add NAME --file FILE` creates an admin API key, and `millet ctl
+//! COMMAND` administers a running broker through its admin API.
 
 use clap::Parser;
 use millet::config::{Cli, Config};
@@ -9,13 +10,24 @@ use millet::server::Server;
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    // `millet ctl key add NAME --file FILE`: admin API keys
+    // `millet ctl key add NAME --file FILE`: admin API keys (offline);
+    // `millet ctl COMMAND`: the admin API from the command line.
     if args.get(1).map(String::as_str) == Some("ctl") {
-        let (out, code) = millet::admin::keys::ctl(args.get(2..).unwrap_or_default());
-        if code == 0 {
-            println!("{out}");
+        let rest = args.get(2..).unwrap_or_default();
+        let (out, code) = if rest.first().map(String::as_str) == Some("key") {
+            millet::admin::keys::ctl(rest)
         } else {
-            eprintln!("millet ctl: {out}");
+            match millet::admin::ctl::run(rest) {
+                Ok(out) => (out, 0),
+                Err(e) => (e.message, e.code),
+            }
+        };
+        if code == 0 {
+            if !out.is_empty() {
+                println!("{out}");
+            }
+        } else {
+            eprintln!("millet ctl: {}", out.trim_end());
         }
         return std::process::ExitCode::from(code);
     }

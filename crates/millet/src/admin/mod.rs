@@ -15,6 +15,7 @@
 //! Errors are JSON: `{"error": "not_found", "message": "..."}` with 400,
 //! 401, 403, 404, 405, 409 or 503.
 
+pub mod ctl;
 pub mod keys;
 pub mod metrics;
 
