@@ -25,7 +25,7 @@ if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto >/dev/nu
   fi
 fi
 # MQTT.js on Node and in headless Chromium, for MQTT over WebSocket
-# (tests/conformance/test_websocket.py; the npm package is tests/node).
+# (tests/conformance/test_websocket.py and test_dashboard.py; the npm package is tests/node).
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1 \
     || ! command -v chromium >/dev/null 2>&1; then
   pkgs=(chromium)

@@ -52,8 +52,16 @@ def start_millet(tmp, *args: str, wait_admin: bool = True, data_dir=None):
     return b
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a 3xx comes back as itself (GET / -> 303 /dashboard)
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
 def http(b, method: str, path: str, body=None, key: str | None = "default", raw: bool = False):
-    """(status, parsed JSON or text, headers)."""
+    """(status, parsed JSON or text, headers); redirects are not followed."""
     if key == "default":
         key = b.key
     data = None
@@ -65,7 +73,7 @@ def http(b, method: str, path: str, body=None, key: str | None = "default", raw:
         headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(f"http://{b.host}:{b.admin}{path}", data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with _opener.open(req, timeout=10) as r:
             status, text, hdrs = r.status, r.read().decode(), r.headers
     except urllib.error.HTTPError as e:
         status, text, hdrs = e.code, e.read().decode(), e.headers
@@ -457,6 +465,9 @@ def test_openapi_document_matches_the_answers(admin):
         calls = [
             ("GET", "/healthz", None, None), ("GET", "/readyz", None, None), ("GET", "/metrics", None, None),
             ("GET", "/api/v1/openapi.json", None, None),
+            ("GET", "/", None, None), ("GET", "/dashboard", None, None),
+            ("GET", "/dashboard/{file}", "app.js", None), ("GET", "/dashboard/{file}", "style.css", None),
+            ("GET", "/dashboard/{file}", "mqtt.min.js", None), ("GET", "/dashboard/{file}", "nope.js", None),
             ("GET", "/api/v1/clients", f"?prefix={q(cid)}", None), ("GET", "/api/v1/clients", "?limit=0", None),
             ("GET", "/api/v1/clients/{id}", q(cid), None), ("GET", "/api/v1/clients/{id}", "nobody", None),
             ("POST", "/api/v1/clients/{id}/subscriptions", q(cid), {"filter": topic, "qos": 1}),

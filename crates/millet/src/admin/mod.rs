@@ -9,13 +9,16 @@
 //! `DATA_DIR/admin.token` (mode 0600): the API is never open to anyone
 //! who can reach the port, not even on loopback (another local user).
 //! Off loopback, a key file or token must be configured (checked when
-//! the configuration is loaded). `/healthz` and `/readyz` need no
-//! authentication; `/metrics` needs it unless `admin.metrics_auth = false`.
+//! the configuration is loaded). `/healthz`, `/readyz` and the web
+//! dashboard's static files (`/`, `/dashboard`, `/dashboard/{file}`:
+//! [`dashboard`]) need no authentication; `/metrics` needs it unless
+//! `admin.metrics_auth = false`.
 //!
 //! Errors are JSON: `{"error": "not_found", "message": "..."}` with 400,
 //! 401, 403, 404, 405, 409 or 503.
 
 pub mod ctl;
+mod dashboard;
 pub mod keys;
 pub mod metrics;
 
@@ -372,6 +375,9 @@ fn router(state: Arc<AdminState>) -> Router {
     let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/", get(dashboard::root))
+        .route("/dashboard", get(dashboard::index))
+        .route("/dashboard/{file}", get(dashboard::file))
         .merge(api);
     if let Some(m) = public_metrics {
         app = app.merge(m);
@@ -912,10 +918,25 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<serde_json::Value> {
         "bytes_sent": g(&s.bytes_sent),
         "memory_used": b.memory_used(),
         "memory_budget": b.config.limits.memory_budget,
+        "resident_memory": crate::broker::rss_bytes(),
         "store": b.store_state(),
+        "listeners": listeners(&b.config),
     });
     // One node until cluster mode: the list is where the other nodes go.
     Json(json!({"node": node, "nodes": [node.clone()]}))
+}
+
+/// The MQTT listeners as configured (an address with port 0 is shown as
+/// such): the dashboard's topic tester learns the WebSocket port here.
+fn listeners(c: &crate::config::Config) -> serde_json::Value {
+    let addrs = |l: &[SocketAddr]| l.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    json!({
+        "mqtt": addrs(&c.listen),
+        "mqtts": addrs(&c.tls_listen),
+        "ws": addrs(&c.ws_listen),
+        "wss": addrs(&c.wss_listen),
+        "ws_path": c.ws_path,
+    })
 }
 
 async fn reload(
@@ -1043,8 +1064,71 @@ mod tests {
             "/api/v1/clients/{id}",
             "/api/v1/bans/{target}",
             "/api/v1/reload",
+            "/",
+            "/dashboard",
+            "/dashboard/{file}",
         ] {
             assert!(paths.contains_key(p), "{p}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_dashboard_is_served_without_a_key_and_stats_name_the_listeners() {
+        let (a, dir) = start_admin(AdminConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        })
+        .await;
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let r = http
+            .get(format!("http://{}/", a.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 303);
+        assert_eq!(r.headers()["location"], "/dashboard");
+        let r = http
+            .get(format!("http://{}/dashboard", a.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        assert!(r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'"));
+        assert!(r.text().await.unwrap().contains("/dashboard/app.js"));
+        for (file, ct) in [
+            ("app.js", "text/javascript"),
+            ("mqtt.min.js", "text/javascript"),
+            ("style.css", "text/css"),
+            ("mqtt.LICENSE.md", "text/plain"),
+        ] {
+            let r = http
+                .get(format!("http://{}/dashboard/{file}", a.addr))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200, "{file}");
+            let got = r.headers()["content-type"].to_str().unwrap().to_owned();
+            assert!(got.starts_with(ct), "{file}: {got}");
+        }
+        assert_eq!(get(a.addr, "/dashboard/nope.js", None).await.0, 404);
+        assert_eq!(get(a.addr, "/dashboard/../admin.token", None).await.0, 404);
+        let token = std::fs::read_to_string(dir.path().join("data").join(TOKEN_FILE)).unwrap();
+        let (s, body) = get(a.addr, "/api/v1/stats", Some(token.trim())).await;
+        assert_eq!(s, 200);
+        let l = &body["node"]["listeners"];
+        assert_eq!(l["ws"][0], "127.0.0.1:8083");
+        assert_eq!(l["ws_path"], "/mqtt");
+        assert_eq!(l["mqtt"][0], "127.0.0.1:1883");
+        a.shutdown(Duration::from_secs(1)).await;
     }
 }
