@@ -715,15 +715,7 @@ async fn accept_ws(
     let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
     let deadline = tokio::time::Instant::now() + limit;
     let Some(tls) = &ctx.tls else {
-        match tokio::time::timeout_at(deadline, crate::ws::accept(stream, &ws, peer)).await {
-            Ok(Some(s)) => {
-                drop(charge);
-                serve(s, Box::new(info), broker, live, done).await;
-            }
-            Ok(None) => {}
-            Err(_) => tracing::debug!(%peer, "WebSocket upgrade timed out"),
-        }
-        return;
+        return upgrade_and_serve(stream, deadline, &ws, charge, info, broker, live, done).await;
     };
     let s = match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
         Ok(Ok(s)) => s,
@@ -742,7 +734,26 @@ async fn accept_ws(
         }
     };
     info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
-    match tokio::time::timeout_at(deadline, crate::ws::accept(s, &ws, peer)).await {
+    upgrade_and_serve(s, deadline, &ws, charge, info, broker, live, done).await;
+}
+
+/// The HTTP upgrade of a ws / wss connection by `deadline`, then serve it;
+/// the pre-auth `charge` for the handshake ends with the upgrade.
+#[allow(clippy::too_many_arguments)]
+async fn upgrade_and_serve<S>(
+    stream: S,
+    deadline: tokio::time::Instant,
+    ws: &crate::ws::WsSettings,
+    charge: PreAuthCharge,
+    info: PeerInfo,
+    broker: Arc<Broker>,
+    live: Arc<LiveConns>,
+    done: mpsc::Sender<()>,
+) where
+    S: tokio::io::AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = info.addr;
+    match tokio::time::timeout_at(deadline, crate::ws::accept(stream, ws, peer)).await {
         Ok(Some(s)) => {
             drop(charge);
             serve(s, Box::new(info), broker, live, done).await;
