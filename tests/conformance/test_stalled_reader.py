@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import (PINGREQ_PACKET, PINGRESP, PUBACK, V311, RawClient, connect_packet, publish_packet,
+from helpers import (TIMEOUT, PINGREQ_PACKET, PINGRESP, PUBACK, V311, RawClient, connect_packet, publish_packet,
                      subscribe_packet, unique, wait_until)
 from test_security import Target
 
@@ -27,6 +27,16 @@ def _stalled_subscriber_and_flooder(b, keepalive: int):
     dead.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     dead.connect((b.host, b.port))
     dead.sendall(connect_packet(V311, cid, keepalive=keepalive) + subscribe_packet(1, [(topic + "/#", 0)]))
+    # CONNACK (4 bytes) and SUBACK (5) are read: the subscription is in force
+    # from then on (with an engine that answers later, not as soon as the
+    # connection is logged). Then it never reads again.
+    dead.settimeout(TIMEOUT)
+    got = b""
+    while len(got) < 9:
+        chunk = dead.recv(9 - len(got))
+        assert chunk, f"closed after {got!r}"
+        got += chunk
+    assert got[0] == 0x20 and got[4] == 0x90, got
     wait_until(lambda: f"as {cid} " in b.log_text(), what="stalled subscriber connected")
     flood = socket.create_connection((b.host, b.port))
     flood.sendall(connect_packet(V311, unique("flooder")))
