@@ -42,6 +42,7 @@ pub mod proxy;
 pub mod security;
 pub mod server;
 pub mod session;
+pub mod stamp;
 pub mod store;
 pub mod tools;
 pub mod ws;

@@ -53,6 +53,7 @@ use crate::security::acl::{Access, Rule};
 use crate::security::quota::{ClientLimiter, ExceededAction, QuotaDecision};
 use crate::security::V3DenyAction;
 use crate::session::{ConnWaker, Delivery, InflightState, Message, SessionCell, Subscription};
+use crate::stamp::Stamp;
 
 mod connect;
 pub mod error;
@@ -162,7 +163,7 @@ pub enum Timer {
 
 /// The armed deadlines, one slot per [`Timer`].
 #[derive(Debug, Default)]
-struct Timers([Option<Instant>; 5]);
+struct Timers([Option<Stamp>; 5]);
 
 impl Timers {
     fn is_armed(&self, t: Timer) -> bool {
@@ -170,12 +171,12 @@ impl Timers {
     }
 
     fn set(&mut self, t: Timer, at: Option<Instant>) {
-        self.0[t as usize] = at;
+        self.0[t as usize] = at.map(Stamp::from);
     }
 
     /// Disarm `t` if it is due at `now`; whether it was.
     fn take_due(&mut self, t: Timer, now: Instant) -> bool {
-        let due = self.0[t as usize].is_some_and(|d| now >= d);
+        let due = self.0[t as usize].is_some_and(|d| Stamp::from(now) >= d);
         if due {
             self.0[t as usize] = None;
         }
@@ -184,7 +185,7 @@ impl Timers {
 
     /// The earliest armed deadline.
     fn next(&self) -> Option<Instant> {
-        self.0.iter().flatten().min().copied()
+        self.0.iter().flatten().min().map(|s| s.instant())
     }
 }
 
@@ -294,10 +295,10 @@ pub struct Connection {
     protocol: Option<Protocol>,
     /// Control packets (acks, CONNACK, SUBACK, ...) waiting to be written.
     out: VecDeque<Packet>,
-    close: Option<Close>,
+    /// Boxed: set once, when the connection ends (8 bytes until then).
+    close: Option<Box<Close>>,
     /// Every deadline (see [`Timer`]).
     timers: Timers,
-    last_recv: Instant,
     /// Session expiry set by the client's v5 DISCONNECT.
     disconnect_expiry: Option<u32>,
     waker: Arc<ConnWaker>,
@@ -320,7 +321,7 @@ pub struct Connection {
     /// a packet panicked.
     attached: Option<(Arc<SessionCell>, u64)>,
     /// See [`Connection::ack_blocked_since`].
-    ack_blocked_since: Option<Instant>,
+    ack_blocked_since: Option<Stamp>,
     /// The engine call waited for, if any.
     waiting: Option<Box<Waiting>>,
 }
@@ -339,7 +340,6 @@ impl Connection {
                 t.set(Timer::Connect, Some(now + timeout));
                 t
             },
-            last_recv: now,
             disconnect_expiry: None,
             waker: Arc::new(ConnWaker::default()),
             accepted: false,
@@ -470,7 +470,7 @@ impl Connection {
     /// messages waiting behind it (it is not acknowledging), as of the last
     /// [`Connection::poll_transmit`].
     pub fn ack_blocked_since(&self) -> Option<Instant> {
-        self.ack_blocked_since
+        self.ack_blocked_since.map(Stamp::instant)
     }
 
     /// The keep alive in force (None before CONNECT or when 0).
@@ -513,7 +513,6 @@ impl Connection {
         if self.close.is_some() {
             return;
         }
-        self.last_recv = now;
         self.rearm_keepalive(now);
         if let Some(w) = self.waiting.as_mut() {
             if w.held.len() >= MAX_HELD_PACKETS {
@@ -730,7 +729,7 @@ impl Connection {
     /// `Some` once the connection must close (after writing what
     /// `poll_transmit` produced).
     pub fn poll_close(&self) -> Option<&Close> {
-        self.close.as_ref()
+        self.close.as_deref()
     }
 
     // ---- internals -----------------------------------------------------
@@ -746,11 +745,11 @@ impl Connection {
     /// and will behaviour of `why`; the client is told nothing here.
     fn set_close(&mut self, why: ProtocolError) {
         if self.close.is_none() {
-            self.close = Some(Close {
+            self.close = Some(Box::new(Close {
                 reason: why.reason_code_for(self.protocol),
                 publish_will: why.publishes_will(),
                 why,
-            });
+            }));
         }
     }
 
@@ -887,4 +886,10 @@ pub fn reserved_topic(topic: &str) -> Option<ReasonCode> {
         }
     }
     None
+}
+
+/// Size of the connected state (for the size guard in `server.rs`).
+#[cfg(test)]
+pub(crate) fn active_size() -> usize {
+    std::mem::size_of::<Active>()
 }

@@ -30,6 +30,7 @@ use crate::security::quota::{ConnectionPermit, ConnectionRateLimiter};
 use crate::security::tls::ReloadableTls;
 use crate::security::{AuthResult, ConnectRequest, Security};
 use crate::session::ConnWaker;
+use crate::stamp::Stamp;
 
 /// Read sizes adapt between these bounds: a read that fills the buffer
 /// doubles the next one, one that doesn't halves it. Idle and lightly loaded
@@ -1208,10 +1209,10 @@ struct Conn<S> {
     waker: Arc<ConnWaker>,
     live: LiveConn,
     /// Since when a write has been waiting without progress.
-    stalled_since: Option<Instant>,
+    stalled_since: Option<Stamp>,
     /// The last read, write or wake-up: parking starts `park_after` later.
     /// While parked: when it parked.
-    last_active: Instant,
+    last_active: Stamp,
     /// Resumed after being parked at least `park_after`: a quiet client,
     /// parked again as soon as it is idle.
     quiet: bool,
@@ -1258,7 +1259,7 @@ fn serve<S: Transport + 'static>(
         waker,
         live,
         stalled_since: None,
-        last_active: now,
+        last_active: Stamp::from(now),
         quiet: false,
         parking: None,
         pending: None,
@@ -1355,12 +1356,15 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                     break;
                 }
                 Poll::Pending if before != c.wbuf.len() || c.stalled_since.is_none() => {
-                    c.stalled_since = Some(Instant::now());
+                    c.stalled_since = Some(Stamp::from(Instant::now()));
                 }
                 Poll::Pending => {}
             }
         }
-        let consuming_nothing = match (c.stalled_since, c.conn.ack_blocked_since()) {
+        let consuming_nothing = match (
+            c.stalled_since.map(Stamp::instant),
+            c.conn.ack_blocked_since(),
+        ) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -1426,7 +1430,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         // limit while a write waits, and when to park). Polled by hand
         // rather than with `select!`: no per-branch future is stored, so
         // the waiting task stays small.
-        let stall_at = c.stalled_since.map(|t| {
+        let stall_at = c.stalled_since.map(Stamp::instant).map(|t| {
             t + write_stall_limit(c.conn.keep_alive(), c.broker.config.limits.write_timeout)
         });
         let keepalive_at = c.conn.poll_timeout();
@@ -1453,7 +1457,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             }
             continue;
         }
-        let park_at = idle.then(|| c.last_active + park_after);
+        let park_at = idle.then(|| c.last_active.instant() + park_after);
         {
             let block_at = consuming_nothing
                 .filter(|_| !c.told_stalled)
@@ -1520,7 +1524,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         fresh = false;
         match event {
             Event::Read(r) => {
-                c.last_active = Instant::now();
+                c.last_active = Stamp::from(Instant::now());
                 if let Ok(n) = &r {
                     c.broker.stats.count_bytes_received(*n);
                 }
@@ -1529,7 +1533,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 }
             }
             Event::Wrote(n, r) => {
-                c.last_active = Instant::now();
+                c.last_active = Stamp::from(Instant::now());
                 c.broker.stats.count_bytes_sent(n);
                 match r {
                     Poll::Ready(Err(_)) => {
@@ -1540,10 +1544,10 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                         c.stalled_since = None;
                         wbuf_done(&mut c.wbuf);
                     }
-                    Poll::Pending => c.stalled_since = Some(Instant::now()),
+                    Poll::Pending => c.stalled_since = Some(Stamp::from(Instant::now())),
                 }
             }
-            Event::Woken => c.last_active = Instant::now(),
+            Event::Woken => c.last_active = Stamp::from(Instant::now()),
             Event::Timer => {
                 timer_at = None;
                 let now = Instant::now();
@@ -1735,7 +1739,7 @@ struct VerdictPeer {
 /// and parks by the timer next time.
 fn not_now<S>(mut c: Box<Conn<S>>) -> Box<Conn<S>> {
     c.quiet = false;
-    c.last_active = Instant::now();
+    c.last_active = Stamp::from(Instant::now());
     c
 }
 
@@ -1773,8 +1777,8 @@ impl<S: Transport + 'static> Resume for Conn<S> {
     fn resume(mut self: Box<Self>, runtime: &tokio::runtime::Handle) {
         let now = Instant::now();
         let park_after = Duration::from_millis(self.broker.config.limits.park_after_ms);
-        self.quiet = now.duration_since(self.last_active) >= park_after;
-        self.last_active = now;
+        self.quiet = now.duration_since(self.last_active.instant()) >= park_after;
+        self.last_active = Stamp::from(now);
         self.broker
             .stats
             .clients_parked
@@ -1844,7 +1848,7 @@ fn park<S: Transport + 'static>(
         return Err(not_now(c));
     }
     c.live.park_until(keepalive_at);
-    c.last_active = Instant::now();
+    c.last_active = Stamp::from(Instant::now());
     let mut st = parking.state.lock();
     if matches!(*st, ParkState::Running { woken: true }) {
         *st = ParkState::Running { woken: false };
@@ -1909,6 +1913,38 @@ async fn lingering_close<S: Transport>(
         match r {
             Ok(Ok(n)) if n > 0 => read += n,
             _ => return, // end of stream, error, or time is up
+        }
+    }
+}
+
+#[cfg(test)]
+mod size_report {
+    /// What every connection and session holds: a guard against growing
+    /// them by accident (each byte here is paid per device; see
+    /// BENCHMARKS.md, "Where idle-connection memory goes"). Raise a bound
+    /// only for a reason worth that cost.
+    #[test]
+    fn per_connection_state_stays_small() {
+        use std::mem::size_of;
+        let sizes = [
+            (
+                "Conn<TcpStream>",
+                size_of::<super::Conn<tokio::net::TcpStream>>(),
+                528,
+            ),
+            ("Connection", size_of::<crate::protocol::Connection>(), 272),
+            ("SessionCell", size_of::<crate::session::SessionCell>(), 424),
+            ("Option<Will>", size_of::<Option<crate::session::Will>>(), 8),
+            ("ConnWaker", size_of::<crate::session::ConnWaker>(), 40),
+            ("Parking", size_of::<super::Parking>(), 40),
+            ("ConnInfo", size_of::<crate::broker::admin::ConnInfo>(), 72),
+            ("Active", crate::protocol::active_size(), 232),
+        ];
+        for (name, size, bound) in sizes {
+            eprintln!("{name}: {size} bytes (bound {bound})");
+        }
+        for (name, size, bound) in sizes {
+            assert!(size <= bound, "{name} is {size} bytes, more than {bound}");
         }
     }
 }

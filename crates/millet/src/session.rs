@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::stamp::Stamp;
 use bytes::Bytes;
 use bytestring::ByteString;
 use millet_codec::{LastWill, PublishProperties, QoS, SubscriptionOptions};
@@ -296,7 +297,7 @@ impl Queue {
 pub struct DropLog {
     /// Drops since the last line.
     pub count: u64,
-    last: Option<Instant>,
+    last: Option<Stamp>,
 }
 
 impl DropLog {
@@ -308,11 +309,11 @@ impl DropLog {
         if self.count == 0
             || self
                 .last
-                .is_some_and(|t| now.duration_since(t) < Self::INTERVAL)
+                .is_some_and(|t| now.duration_since(t.instant()) < Self::INTERVAL)
         {
             return None;
         }
-        self.last = Some(now);
+        self.last = Some(Stamp::from(now));
         Some(std::mem::take(&mut self.count))
     }
 
@@ -329,14 +330,84 @@ impl DropLog {
     }
 }
 
-/// The will of the session's current (or last) connection.
+/// A set of packet ids (a session's incoming QoS 2 ids awaiting PUBREL):
+/// 8 bytes while none was ever added, where an empty `HashSet` is 48 in
+/// every session.
+#[derive(Debug, Default)]
+// Boxed on purpose: `None` costs 8 bytes where an empty set costs 48.
+#[allow(clippy::box_collection)]
+pub struct PacketIds(Option<Box<HashSet<u16>>>);
+
+impl PacketIds {
+    pub fn contains(&self, id: &u16) -> bool {
+        self.0.as_ref().is_some_and(|s| s.contains(id))
+    }
+
+    /// Whether `id` was not in the set yet.
+    pub fn insert(&mut self, id: u16) -> bool {
+        self.0.get_or_insert_with(Default::default).insert(id)
+    }
+
+    /// Whether `id` was in the set.
+    pub fn remove(&mut self, id: &u16) -> bool {
+        self.0.as_mut().is_some_and(|s| s.remove(id))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |s| s.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Extend<u16> for PacketIds {
+    fn extend<I: IntoIterator<Item = u16>>(&mut self, iter: I) {
+        let mut iter = iter.into_iter().peekable();
+        if iter.peek().is_some() {
+            self.0.get_or_insert_with(Default::default).extend(iter);
+        }
+    }
+}
+
+/// The will of the session's current (or last) connection. One box: most
+/// sessions have no will, and `Option<Will>` costs them 8 bytes.
 #[derive(Debug, Clone)]
-pub struct Will {
-    /// Boxed: most sessions have no will, and an inline one would make
-    /// every session (and every idle connection) larger.
-    pub will: Box<LastWill>,
+pub struct Will(Box<WillParts>);
+
+#[derive(Debug, Clone)]
+pub struct WillParts {
+    pub will: LastWill,
     pub client_id: ByteString,
     pub session: SessionId,
+}
+
+impl Will {
+    pub fn new(will: LastWill, client_id: ByteString, session: SessionId) -> Will {
+        Will(Box::new(WillParts {
+            will,
+            client_id,
+            session,
+        }))
+    }
+
+    pub fn into_parts(self) -> Box<WillParts> {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Will {
+    type Target = WillParts;
+    fn deref(&self) -> &WillParts {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Will {
+    fn deref_mut(&mut self) -> &mut WillParts {
+        &mut self.0
+    }
 }
 
 #[derive(Debug)]
@@ -350,12 +421,12 @@ pub struct Session {
     /// Insertion-ordered outgoing window, keyed by packet id.
     inflight: VecDeque<(u16, Inflight)>,
     /// Incoming QoS 2 packet ids: PUBREC sent, PUBREL not yet received.
-    pub awaiting_rel: HashSet<u16>,
+    pub awaiting_rel: PacketIds,
     next_packet_id: u16,
     /// Session expiry interval in seconds (v3 clean session 0 = u32::MAX).
     pub expiry_interval: u32,
     /// Set while no connection is attached.
-    pub expires_at: Option<Instant>,
+    pub expires_at: Option<Stamp>,
     pub will: Option<Will>,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
@@ -370,8 +441,8 @@ pub struct Session {
     pub store_key: Arc<str>,
     /// When a queued message last left the queue for the wire, and the
     /// time before that (restored by [`Session::unpop`]).
-    last_drain: Option<Instant>,
-    prev_drain: Option<Instant>,
+    last_drain: Option<Stamp>,
+    prev_drain: Option<Stamp>,
     /// Queue room beyond `max_queued` granted to retained replays
     /// ([`Session::grant_replay_room`]), and whether the last pop used it.
     replay_room: usize,
@@ -386,8 +457,15 @@ pub struct Session {
     meter: Arc<crate::budget::Meter>,
     /// Filters whose retained replay is under way (see [`Session::replay_started`]),
     /// and re-SUBSCRIBEs to them coalesced into one replay after it.
+    replays: Option<Box<Replays>>,
+}
+
+/// Retained replays under way and re-SUBSCRIBEs waiting for them; boxed,
+/// as most sessions have none.
+#[derive(Debug, Default)]
+struct Replays {
     replaying: Vec<ByteString>,
-    deferred_replays: Vec<DeferredReplay>,
+    deferred: Vec<DeferredReplay>,
 }
 
 /// A re-SUBSCRIBE's retained replay, run once the replay before it is sent.
@@ -428,8 +506,8 @@ impl Session {
         if self.inflight.is_empty() && self.inflight.capacity() > 0 {
             self.inflight = VecDeque::new();
         }
-        if self.awaiting_rel.is_empty() && self.awaiting_rel.capacity() > 0 {
-            self.awaiting_rel = HashSet::new();
+        if self.awaiting_rel.is_empty() {
+            self.awaiting_rel = PacketIds::default();
         }
     }
 
@@ -440,7 +518,7 @@ impl Session {
             queue: Queue::default(),
             max_queued,
             inflight: VecDeque::new(),
-            awaiting_rel: HashSet::new(),
+            awaiting_rel: PacketIds::default(),
             next_packet_id: 1,
             expiry_interval: 0,
             expires_at: None,
@@ -460,8 +538,7 @@ impl Session {
             inflight_bytes: 0,
             max_queued_bytes: usize::MAX,
             meter: Arc::default(),
-            replaying: Vec::new(),
-            deferred_replays: Vec::new(),
+            replays: None,
         }
     }
 
@@ -506,28 +583,26 @@ impl Session {
     /// matched, or it fit in the queue) nothing is under way, and the
     /// bookkeeping is released (an idle session keeps no allocation).
     pub fn replay_settled(&mut self) {
-        if self.replay_room == 0 && self.deferred_replays.is_empty() {
-            self.replaying = Vec::new();
+        if self.replay_room == 0 && !self.has_deferred_replays() {
+            self.replays = None;
         }
     }
 
     pub fn replay_started(&mut self, filter: &ByteString, replay: DeferredReplay) -> bool {
-        if self.replay_room == 0 && self.deferred_replays.is_empty() {
-            self.replaying.clear();
+        let room = self.replay_room;
+        let r = self.replays.get_or_insert_with(Default::default);
+        if room == 0 && r.deferred.is_empty() {
+            r.replaying.clear();
         }
-        if self.replay_room > 0 && self.replaying.iter().any(|f| f == filter) {
-            match self
-                .deferred_replays
-                .iter_mut()
-                .find(|d| d.filter == *filter)
-            {
+        if room > 0 && r.replaying.iter().any(|f| f == filter) {
+            match r.deferred.iter_mut().find(|d| d.filter == *filter) {
                 Some(d) => *d = replay,
-                None => self.deferred_replays.push(replay),
+                None => r.deferred.push(replay),
             }
             return false;
         }
-        if !self.replaying.iter().any(|f| f == filter) {
-            self.replaying.push(ByteString::from(&**filter));
+        if !r.replaying.iter().any(|f| f == filter) {
+            r.replaying.push(ByteString::from(&**filter));
         }
         true
     }
@@ -537,13 +612,14 @@ impl Session {
         if self.replay_room > 0 {
             return Vec::new();
         }
-        self.replaying.clear();
-        std::mem::take(&mut self.deferred_replays)
+        self.replays.take().map(|r| r.deferred).unwrap_or_default()
     }
 
     /// Whether coalesced replays wait (cheap check for the connection).
     pub fn has_deferred_replays(&self) -> bool {
-        !self.deferred_replays.is_empty()
+        self.replays
+            .as_ref()
+            .is_some_and(|r| !r.deferred.is_empty())
     }
 
     /// Is the attached reader draining this queue: did a message leave it
@@ -553,7 +629,7 @@ impl Session {
     /// by policy until its keep alive or write deadline ends it.
     pub fn is_draining(&self, now: Instant, grace: Duration) -> bool {
         self.last_drain
-            .is_none_or(|t| now.saturating_duration_since(t) < grace)
+            .is_none_or(|t| now.saturating_duration_since(t.instant()) < grace)
             && !self.consumer_stalled
     }
 
@@ -648,7 +724,7 @@ impl Session {
             self.sub_queued(d.charge());
             if !d.msg.is_expired(now) {
                 self.prev_drain = self.last_drain;
-                self.last_drain = Some(now);
+                self.last_drain = Some(Stamp::from(now));
                 self.popped_room = self.replay_room > 0;
                 if self.popped_room {
                     self.replay_room -= 1;

@@ -33,7 +33,9 @@ use crate::auth::Authenticator;
 use crate::config::{Config, ShareStrategyConfig};
 use crate::session::{
     ConnWaker, Delivery, Enqueued, Message, Session, SessionCell, SessionId, Subscription, Will,
+    WillParts,
 };
+use crate::stamp::Stamp;
 use crate::store::Op;
 use index::{ShareStrategy, SubscriptionIndex};
 use retained::RetainedStore;
@@ -547,11 +549,11 @@ impl Broker {
                 (rs.session.expiry_interval != u32::MAX)
                     .then(|| now_ms.saturating_add(u64::from(rs.session.expiry_interval) * 1000))
             });
-            s.expires_at = expires_ms.map(|ms| p.instant(ms, now));
+            s.expires_at = expires_ms.map(|ms| Stamp::from(p.instant(ms, now)));
             if let Some(t) = s.expires_at {
                 self.expiries
                     .lock()
-                    .push(std::cmp::Reverse((t, s.client_id.clone())));
+                    .push(std::cmp::Reverse((t.instant(), s.client_id.clone())));
             }
             let cell_subs: Vec<(ByteString, Subscription)> = rs
                 .session
@@ -813,11 +815,7 @@ impl Broker {
         };
         {
             let mut st = attached.cell.state.lock();
-            st.session.will = will.map(|will| Will {
-                will: Box::new(will),
-                client_id: client_id.clone(),
-                session: attached.cell.id,
-            });
+            st.session.will = will.map(|will| Will::new(will, client_id.clone(), attached.cell.id));
             if let Some(p) = &self.persist {
                 if expiry_interval > 0 {
                     st.session.persisted = true;
@@ -892,19 +890,20 @@ impl Broker {
                     will_now = Some(w);
                 } else {
                     let at = now + Duration::from_secs(u64::from(delay));
-                    delayed = Some((crate::store::WillRecord::from(&*w.will), at));
+                    delayed = Some((crate::store::WillRecord::from(&w.will), at));
                     self.delayed_wills.lock().push(DelayedWill { at, will: w });
                 }
             }
             if expiry == 0 {
                 true
             } else {
-                st.session.expires_at =
-                    (expiry != u32::MAX).then(|| now + Duration::from_secs(u64::from(expiry)));
+                st.session.expires_at = (expiry != u32::MAX)
+                    .then(|| Stamp::from(now + Duration::from_secs(u64::from(expiry))));
                 if let Some(t) = st.session.expires_at {
-                    self.expiries
-                        .lock()
-                        .push(std::cmp::Reverse((t, st.session.client_id.clone())));
+                    self.expiries.lock().push(std::cmp::Reverse((
+                        t.instant(),
+                        st.session.client_id.clone(),
+                    )));
                 }
                 if let (Some(p), true) = (&self.persist, st.session.persisted) {
                     let mut rec = p.session_record(&st.session, delayed.as_ref().map(|d| d.1));
@@ -984,7 +983,11 @@ impl Broker {
     }
 
     fn publish_will(&self, w: Will, now: Instant) {
-        let will = w.will;
+        let WillParts {
+            will,
+            client_id: will_client_id,
+            session: will_session,
+        } = *w.into_parts();
         let mut properties = millet_codec::PublishProperties {
             payload_format_indicator: will.properties.payload_format_indicator,
             message_expiry_interval: will.properties.message_expiry_interval,
@@ -1005,8 +1008,8 @@ impl Broker {
             retain: will.retain,
             properties,
             expires_at,
-            publisher: Some(w.session),
-            publisher_client_id: w.client_id,
+            publisher: Some(will_session),
+            publisher_client_id: will_client_id,
             store_id: Default::default(),
         };
         tracing::debug!(topic = %msg.topic, "publishing will");
@@ -1502,7 +1505,8 @@ impl Broker {
                 .filter(|id| {
                     reg.get(*id).is_some_and(|c| {
                         let st = c.state.lock();
-                        st.conn_epoch == 0 && st.session.expires_at.is_some_and(|t| t <= now)
+                        st.conn_epoch == 0
+                            && st.session.expires_at.is_some_and(|t| t.instant() <= now)
                     })
                 })
                 .collect();

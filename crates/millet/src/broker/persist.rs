@@ -341,24 +341,20 @@ impl Persistence {
         SessionRecord {
             client_id: s.client_id.to_string(),
             expiry_interval: s.expiry_interval,
-            expires_at_ms: s.expires_at.map(|t| self.unix_ms(t)),
+            expires_at_ms: s.expires_at.map(|t| self.unix_ms(t.instant())),
             subscriptions: s
                 .subscriptions
                 .iter()
                 .map(|(f, sub)| SubscriptionRecord::new(f, &sub.options, sub.identifier))
                 .collect(),
-            will: s.will.as_ref().map(|w| WillRecord::from(&*w.will)),
+            will: s.will.as_ref().map(|w| WillRecord::from(&w.will)),
             will_at_ms: will_at.map(|t| self.unix_ms(t)),
         }
     }
 
     /// Rebuild a will from its record.
     pub fn will_from_record(r: &WillRecord, client_id: &ByteString, session: SessionId) -> Will {
-        Will {
-            will: Box::new(r.to_last_will()),
-            client_id: client_id.clone(),
-            session,
-        }
+        Will::new(r.to_last_will(), client_id.clone(), session)
     }
 
     pub fn shutdown(self) {

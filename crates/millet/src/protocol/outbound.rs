@@ -197,7 +197,7 @@ impl Connection {
             }
         }
         self.ack_blocked_since = if ack_blocked {
-            Some(self.ack_blocked_since.unwrap_or(now))
+            Some(self.ack_blocked_since.unwrap_or(Stamp::from(now)))
         } else {
             None
         };

@@ -1,0 +1,91 @@
+//! [`Stamp`]: an instant in 8 bytes, for the deadlines and times that every
+//! connection and session keeps.
+//!
+//! `Instant` is 16 bytes on Linux (seconds and nanoseconds), and so is
+//! `Option<Instant>`. A stamp is the same instant as nanoseconds from a
+//! process-wide origin, in a `NonZeroU64`, so `Option<Stamp>` is 8 bytes too.
+//! The mapping is exact (nanosecond precision, as `Instant` on Linux) and
+//! keeps the order, for any instant within 146 years either side of the
+//! first use; beyond that it saturates. Per idle connection and session
+//! this saves about 100 bytes (see BENCHMARKS.md, "Where idle-connection
+//! memory goes").
+
+use std::num::NonZeroU64;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The origin's value: stamps below it are instants before the origin.
+const ORIGIN: u64 = 1 << 62;
+
+static BASE: OnceLock<Instant> = OnceLock::new();
+
+fn base() -> Instant {
+    *BASE.get_or_init(Instant::now)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// An instant in 8 bytes; `Option<Stamp>` is 8 bytes too.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Stamp(NonZeroU64);
+
+impl Stamp {
+    pub fn instant(self) -> Instant {
+        let b = base();
+        let v = self.0.get();
+        if v >= ORIGIN {
+            b.checked_add(Duration::from_nanos(v - ORIGIN)).unwrap_or(b)
+        } else {
+            b.checked_sub(Duration::from_nanos(ORIGIN - v)).unwrap_or(b)
+        }
+    }
+}
+
+impl From<Instant> for Stamp {
+    fn from(t: Instant) -> Stamp {
+        let b = base();
+        let v = if t >= b {
+            ORIGIN.saturating_add(nanos(t - b))
+        } else {
+            ORIGIN.saturating_sub(nanos(b - t))
+        };
+        Stamp(NonZeroU64::new(v).unwrap_or(NonZeroU64::MIN))
+    }
+}
+
+impl From<Stamp> for Instant {
+    fn from(s: Stamp) -> Instant {
+        s.instant()
+    }
+}
+
+impl std::fmt::Debug for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.instant().fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_exactly_and_keeps_order() {
+        let now = Instant::now();
+        let times = [
+            now.checked_sub(Duration::from_secs(3600)).unwrap_or(now),
+            now,
+            now + Duration::from_nanos(1),
+            now + Duration::from_secs(100 * 365 * 24 * 3600),
+        ];
+        for w in times.windows(2) {
+            assert!(Stamp::from(w[0]) <= Stamp::from(w[1]));
+        }
+        for t in times {
+            assert_eq!(Stamp::from(t).instant(), t);
+        }
+        assert_eq!(std::mem::size_of::<Option<Stamp>>(), 8);
+    }
+}
