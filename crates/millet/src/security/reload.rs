@@ -5,7 +5,7 @@
 //! [`ReloadableFile::reload`] swaps in the new content only when the whole
 //! file loaded, and returns the error otherwise (the caller logs it, once; the
 //! error names the file). *When* to reload (SIGHUP, a changed modification
-//! stamp) is decided by [`super::Security`], not here.
+//! stamp) is decided by [`super::refresh`], not here.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
