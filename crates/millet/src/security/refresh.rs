@@ -11,19 +11,7 @@ use std::path::PathBuf;
 use super::config::SecurityConfig;
 use super::loaded::Security;
 use super::quota;
-
-pub(super) type FileStamp = Option<(std::time::SystemTime, u64)>;
-
-pub(super) fn file_stamps(paths: &[PathBuf]) -> Vec<FileStamp> {
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::metadata(p)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())))
-        })
-        .collect()
-}
+use super::reload::{file_stamps, FileStamp};
 
 impl Security {
     /// The files this configuration reads (ACL, password, SCRAM, signature
