@@ -5,12 +5,30 @@
 //! [`ReloadableFile::reload`] swaps in the new content only when the whole
 //! file loaded, and returns the error otherwise (the caller logs it, once; the
 //! error names the file). *When* to reload (SIGHUP, a changed modification
-//! stamp) is decided by [`super::Security`], not here.
+//! stamp) is decided by [`super::refresh`], not here; the stamp itself,
+//! [`FileStamp`], is defined here (also used by [`super::tls`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, Guard};
+
+/// A file's modification time and size (`None`: cannot be read): a change
+/// to either means the file changed.
+pub type FileStamp = Option<(SystemTime, u64)>;
+
+/// The [`FileStamp`] of the file at `path`.
+pub fn file_stamp(path: &Path) -> FileStamp {
+    std::fs::metadata(path)
+        .ok()
+        .and_then(|m| Some((m.modified().ok()?, m.len())))
+}
+
+/// The [`FileStamp`] of each path, in order.
+pub fn file_stamps<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> Vec<FileStamp> {
+    paths.into_iter().map(|p| file_stamp(p)).collect()
+}
 
 /// Reads and parses the file at a path.
 pub type Loader<T, E> = fn(&Path) -> Result<T, E>;

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
@@ -21,6 +21,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use tokio_rustls::TlsAcceptor;
+
+use super::reload::{self, FileStamp};
 
 /// Default port of the MQTT-over-TLS listener.
 pub const DEFAULT_TLS_PORT: u16 = 8883;
@@ -156,7 +158,7 @@ pub fn build_server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsErro
 pub struct ReloadableTls {
     cfg: TlsConfig,
     current: ArcSwap<ServerConfig>,
-    stamp: parking_lot::Mutex<Vec<Option<(SystemTime, u64)>>>,
+    stamp: parking_lot::Mutex<Vec<FileStamp>>,
 }
 
 impl ReloadableTls {
@@ -236,16 +238,12 @@ impl ReloadableTls {
     }
 }
 
-fn file_stamps(cfg: &TlsConfig) -> Vec<Option<(SystemTime, u64)>> {
-    [Some(&cfg.cert), Some(&cfg.key), cfg.ca.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(|p| {
-            std::fs::metadata(p)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())))
-        })
-        .collect()
+fn file_stamps(cfg: &TlsConfig) -> Vec<FileStamp> {
+    reload::file_stamps(
+        [Some(&cfg.cert), Some(&cfg.key), cfg.ca.as_ref()]
+            .into_iter()
+            .flatten(),
+    )
 }
 
 /// Names found in a certificate.
