@@ -22,7 +22,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::broker::Broker;
+use crate::broker::{AuthFailure, Broker};
 use crate::config::Config;
 use crate::engine::{AuthenticateRequest, Call, Completion, Engine, Request};
 use crate::protocol::{ConnectVerdict, Connection, Held, ProtocolError};
@@ -917,7 +917,7 @@ async fn connect_verdict(
     c: &AuthenticateRequest,
     peer: &VerdictPeer,
     limit: Duration,
-) -> (ConnectVerdict, Option<ConnectionPermit>) {
+) -> Result<(ConnectVerdict, Option<ConnectionPermit>), (ReasonCode, AuthFailure)> {
     let now = Instant::now();
     let banned = |client_id: &str, username: Option<&str>| {
         let ban = sec
@@ -929,7 +929,7 @@ async fn connect_verdict(
         ban.is_some()
     };
     if banned(&c.client_id, c.username.as_deref()) {
-        return (ConnectVerdict::refuse(ReasonCode::BANNED), None);
+        return Err((ReasonCode::BANNED, AuthFailure::Banned));
     }
     let mut v = ConnectVerdict::default();
     if c.authentication_method.is_some() {
@@ -954,17 +954,20 @@ async fn connect_verdict(
             Ok(r) => r,
             Err(_) => {
                 tracing::warn!(peer = %peer.addr, client_id = %c.client_id, "authentication timed out");
-                return (ConnectVerdict::refuse(ReasonCode::NOT_AUTHORIZED), None);
+                return Err((ReasonCode::NOT_AUTHORIZED, AuthFailure::Timeout));
             }
         };
         match result {
-            AuthResult::Deny => {
-                let rc = if c.password.is_some() {
-                    ReasonCode::BAD_USER_NAME_OR_PASSWORD
+            AuthResult::Deny(why) => {
+                let (rc, plain) = if c.password.is_some() {
+                    (
+                        ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                        AuthFailure::BadCredentials,
+                    )
                 } else {
-                    ReasonCode::NOT_AUTHORIZED
+                    (ReasonCode::NOT_AUTHORIZED, AuthFailure::NotAuthorized)
                 };
-                return (ConnectVerdict::refuse(rc), None);
+                return Err((rc, why.unwrap_or(plain)));
             }
             AuthResult::Allow { acl, valid_until } => {
                 v.acl = acl;
@@ -984,7 +987,7 @@ async fn connect_verdict(
         }
         let client_id = v.client_id.as_deref().unwrap_or(&c.client_id);
         if banned(client_id, v.username.as_deref()) {
-            return (ConnectVerdict::refuse(ReasonCode::BANNED), None);
+            return Err((ReasonCode::BANNED, AuthFailure::Banned));
         }
     }
     let mut permit = None;
@@ -993,11 +996,11 @@ async fn connect_verdict(
             Some(p) => permit = Some(p),
             None => {
                 tracing::info!(peer = %peer.addr, username = %user, "max_connections_per_user reached");
-                return (ConnectVerdict::refuse(ReasonCode::QUOTA_EXCEEDED), None);
+                return Err((ReasonCode::QUOTA_EXCEEDED, AuthFailure::Quota));
             }
         }
     }
-    (v, permit)
+    Ok((v, permit))
 }
 
 /// A connection's state machine that detaches its session however the task
@@ -1701,13 +1704,18 @@ fn authenticate<S>(c: &mut Conn<S>, r: Box<AuthenticateRequest>) -> Call {
     let broker = c.broker.clone();
     let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
     let mut verdict = Box::pin(async move {
-        let (mut v, permit) = connect_verdict(&sec, &r, &peer, limit).await;
-        if v.reason != ReasonCode::SUCCESS {
-            broker.stats.auth_failures.count(v.reason);
-        }
-        if let Some(p) = permit {
-            v.hold = Held::new(p);
-        }
+        let v = match connect_verdict(&sec, &r, &peer, limit).await {
+            Ok((mut v, permit)) => {
+                if let Some(p) = permit {
+                    v.hold = Held::new(p);
+                }
+                v
+            }
+            Err((rc, why)) => {
+                broker.stats.auth_failures.count(why);
+                ConnectVerdict::refuse(rc)
+            }
+        };
         Completion::Verdict(Box::new(v))
     });
     let mut cx = Context::from_waker(std::task::Waker::noop());

@@ -96,6 +96,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::broker::AuthFailure;
 use acl::{Acl, Rule};
 use http_hook::{HttpHook, HttpHookConfig};
 use jwt::{JwtAuth, JwtConfig};
@@ -117,6 +118,10 @@ pub enum Decision {
         valid_until: Option<u64>,
     },
     Deny,
+    /// Refused for a reason finer than "bad credentials" (an expired JWT,
+    /// a failing HTTP hook): counted under that reason in `/metrics`,
+    /// otherwise the same as [`Decision::Deny`].
+    DenyFor(AuthFailure),
     /// Not this provider's business: ask the next.
     Ignore,
 }
@@ -127,6 +132,14 @@ impl Decision {
         Decision::Allow {
             acl: Vec::new(),
             valid_until: None,
+        }
+    }
+
+    /// [`Decision::DenyFor`] as a plain [`Decision::Deny`].
+    pub fn plain(self) -> Decision {
+        match self {
+            Decision::DenyFor(_) => Decision::Deny,
+            d => d,
         }
     }
 }
@@ -141,8 +154,10 @@ pub enum AuthResult {
         /// See [`Decision::Allow`].
         valid_until: Option<u64>,
     },
-    /// Refused: CONNACK 0x87 (v5) / 0x05 (v3.1.1).
-    Deny,
+    /// Refused: CONNACK 0x86 / 0x87 (v5) or 4 / 5 (v3.1.1); the reason
+    /// for the metrics when finer than the CONNACK's (`None`: a provider
+    /// refused the credentials).
+    Deny(Option<AuthFailure>),
 }
 
 /// What the chain knows about a CONNECT.
@@ -245,7 +260,7 @@ impl AuthProvider for JwtProvider {
     }
     fn authenticate<'a>(&'a self, req: &'a ConnectRequest) -> BoxFuture<'a, Decision> {
         Box::pin(async move {
-            self.0.check(
+            self.0.check_why(
                 &req.client_id,
                 req.username.as_deref(),
                 req.password.as_deref(),
@@ -266,7 +281,7 @@ impl AuthProvider for HttpProvider {
         "http"
     }
     fn authenticate<'a>(&'a self, req: &'a ConnectRequest) -> BoxFuture<'a, Decision> {
-        Box::pin(self.0.check(
+        Box::pin(self.0.check_why(
             &req.client_id,
             req.username.as_deref(),
             req.password.as_deref(),
@@ -417,9 +432,13 @@ impl AuthChain {
                     tracing::debug!(client_id = %req.client_id, provider = p.name(), "authenticated");
                     return AuthResult::Allow { acl, valid_until };
                 }
-                Decision::Deny => {
-                    tracing::info!(client_id = %req.client_id, username = req.username.as_deref().unwrap_or(""), peer = %req.peer, protocol = req.protocol, provider = p.name(), "authentication refused");
-                    return AuthResult::Deny;
+                d @ (Decision::Deny | Decision::DenyFor(_)) => {
+                    let why = match d {
+                        Decision::DenyFor(why) => Some(why),
+                        _ => None,
+                    };
+                    tracing::info!(client_id = %req.client_id, username = req.username.as_deref().unwrap_or(""), peer = %req.peer, protocol = req.protocol, provider = p.name(), reason = why.map_or("refused", AuthFailure::label), "authentication refused");
+                    return AuthResult::Deny(why);
                 }
                 Decision::Ignore => {}
             }
@@ -431,7 +450,7 @@ impl AuthChain {
             },
             ListenerPolicy::Authenticated => {
                 tracing::info!(client_id = %req.client_id, username = req.username.as_deref().unwrap_or(""), peer = %req.peer, protocol = req.protocol, "authentication refused: no provider accepted the client");
-                AuthResult::Deny
+                AuthResult::Deny(Some(AuthFailure::NotAuthorized))
             }
         }
     }
@@ -1084,9 +1103,15 @@ mod tests {
             }
         );
         let chain = AuthChain::new(vec![p("a", Decision::Deny), p("b", Decision::allow())]);
-        assert_eq!(chain.authenticate(&req()).await, AuthResult::Deny);
+        assert!(matches!(
+            chain.authenticate(&req()).await,
+            AuthResult::Deny(_)
+        ));
         let chain = AuthChain::new(vec![p("a", Decision::Ignore)]);
-        assert_eq!(chain.authenticate(&req()).await, AuthResult::Deny);
+        assert!(matches!(
+            chain.authenticate(&req()).await,
+            AuthResult::Deny(_)
+        ));
         assert_eq!(
             chain
                 .authenticate_with(&req(), ListenerPolicy::Anonymous)
