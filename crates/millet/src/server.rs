@@ -448,6 +448,23 @@ struct PeerInfo {
     tls_identity: Option<String>,
     /// The memory budget of connections that have not completed CONNECT.
     preauth: Arc<PreAuthBudget>,
+    /// `tcp`, `tls`, `ws` or `wss`, for the connect log line.
+    transport: &'static str,
+    /// The proxy's own address when a PROXY protocol header supplied
+    /// `addr`.
+    proxy: Option<SocketAddr>,
+}
+
+impl ListenerCtx {
+    /// The listener's transport, as the connect log line names it.
+    fn transport(&self) -> &'static str {
+        match (self.ws.is_some(), self.tls.is_some()) {
+            (false, false) => "tcp",
+            (false, true) => "tls",
+            (true, false) => "ws",
+            (true, true) => "wss",
+        }
+    }
 }
 
 /// Read-buffer bytes held by connections that have not completed CONNECT,
@@ -570,7 +587,7 @@ async fn accept_loop(
                     let broker = broker.clone();
                     let live = ctx.live.clone();
                     let done = done.clone();
-                    let info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone() };
+                    let info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone(), transport: ctx.transport(), proxy: None };
                     if let Some(ws) = &ctx.ws {
                         tokio::spawn(accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done));
                         continue;
@@ -681,6 +698,10 @@ async fn accept_proxied(
         listener: ctx.configured,
         tls_identity: None,
         preauth: ctx.preauth.clone(),
+        transport: ctx.transport(),
+        // v2 LOCAL and v1 UNKNOWN headers carry no address: the proxy's own
+        // is the peer then.
+        proxy: (peer != proxy).then_some(proxy),
     };
     if let Some(ws) = &ctx.ws {
         accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done).await;
@@ -1649,6 +1670,10 @@ fn submit_requests<S: Transport>(c: &mut Conn<S>) {
 fn note_connected<S: Transport>(c: &mut Conn<S>) {
     let peer = c.peer;
     if let (Some(id), Some(h)) = (c.conn.client_id(), &c.hello) {
+        let (transport, proxy) = c
+            .info
+            .as_deref()
+            .map_or(("tcp", None), |i| (i.transport, i.proxy));
         c.connected = true;
         c.stream.connect_accepted();
         c.preauth.set(0);
@@ -1666,7 +1691,16 @@ fn note_connected<S: Transport>(c: &mut Conn<S>) {
                 ),
             );
         }
-        tracing::info!("New client connected from {peer} as {id} ({})", h.summary());
+        match proxy {
+            None => tracing::info!(
+                "New client connected from {peer} as {id} ({}) over {transport}",
+                h.summary()
+            ),
+            Some(proxy) => tracing::info!(
+                "New client connected from {peer} as {id} ({}) over {transport}, address from the PROXY protocol header (proxy {proxy})",
+                h.summary()
+            ),
+        }
     }
 }
 
