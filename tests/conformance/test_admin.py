@@ -8,6 +8,7 @@ The OpenAPI document the broker serves is checked against its own answers.
 from __future__ import annotations
 
 import base64
+import http.client as httpclient
 import json
 import os
 import re
@@ -501,6 +502,92 @@ def test_metrics_count_auth_failures_by_reason(tmp_path):
         assert not re.search(r'client_id=|alice|dev"', text), "no client ids or user names in labels"
     finally:
         terminate(b.proc)
+
+
+def _https(port: int, path: str, cafile=None, key=None):
+    """(status, text, headers) of an HTTPS GET; cafile None: system roots only."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=cafile)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(f"https://{HOST}:{port}{path}", headers=headers)
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _NoRedirect)
+    try:
+        with opener.open(req, timeout=10) as r:
+            return r.status, r.read().decode(), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), e.headers
+
+
+@pytest.mark.parametrize("own_cert", [True, False], ids=["admin-cert", "security-tls-cert"])
+def test_admin_api_over_https(tmp_path, own_cert):
+    """[admin] tls: the API, /metrics and the dashboard over HTTPS (with the
+    admin listener's own certificate, or [security.tls]'s), checked by a real
+    HTTPS client trusting the test CA; plain HTTP and an untrusting client get
+    nothing; `millet ctl --url https://... --ca` works."""
+    import ssl
+    from test_security import _ca, _issue, _pem_cert, _pem_key
+    ca = _ca("Millet Admin Test CA")
+    cert, key = _issue(ca, "localhost", True)
+    (tmp_path / "ca.pem").write_bytes(_pem_cert(ca[0]))
+    (tmp_path / "server.pem").write_bytes(_pem_cert(cert))
+    (tmp_path / "server.key").write_bytes(_pem_key(key))
+    token = "https-test-token-0123456789abcdef"
+    if own_cert:
+        conf = (f'[admin]\nbearer_token = "{token}"\ntls = true\n'
+                f'tls_cert = "{tmp_path / "server.pem"}"\ntls_key = "{tmp_path / "server.key"}"\n')
+        args = ["--config", str(tmp_path / "millet.toml")]
+    else:
+        conf = (f'tls_listen = ["{HOST}:{free_port()}"]\nwss_listen = ["{HOST}:{free_port()}"]\n'
+                f'[admin]\nbearer_token = "{token}"\n'
+                f'[security.tls]\ncert = "{tmp_path / "server.pem"}"\nkey = "{tmp_path / "server.key"}"\n')
+        args = ["--config", str(tmp_path / "millet.toml"), "--admin-tls"]
+    (tmp_path / "millet.toml").write_text(conf)
+    b = start_millet(tmp_path, *args, "--no-ws", wait_admin=False)
+    ca_file = str(tmp_path / "ca.pem")
+    try:
+        def up():
+            if b.proc.poll() is not None:
+                raise AssertionError(f"millet exited: {b.log_path.read_text(errors='replace')}")
+            try:
+                return _https(b.admin, "/readyz", ca_file)[0] == 200
+            except OSError:
+                return False
+        wait_until(up, timeout=15, what="admin API ready over HTTPS")
+        assert "admin API listening (HTTPS)" in b.log_path.read_text()
+        s, text, _ = _https(b.admin, "/metrics", ca_file, key=token)
+        assert s == 200 and "# TYPE millet_deliver_latency_seconds histogram" in text
+        assert _https(b.admin, "/metrics", ca_file)[0] == 401
+        s, text, h = _https(b.admin, "/dashboard", ca_file)
+        assert s == 200 and h.get("Content-Type", "").startswith("text/html")
+        # plain HTTP to the HTTPS port: no HTTP answer
+        with pytest.raises((OSError, urllib.error.URLError, httpclient.HTTPException)):
+            urllib.request.urlopen(f"http://{HOST}:{b.admin}/readyz", timeout=5).read()
+        # a client that does not trust the CA refuses the certificate
+        with pytest.raises(urllib.error.URLError) as e:
+            _https(b.admin, "/readyz")
+        assert isinstance(e.value.reason, ssl.SSLCertVerificationError), e.value
+        # a silent client does not hold up the others
+        import socket
+        with socket.create_connection((HOST, b.admin)):
+            assert _https(b.admin, "/readyz", ca_file)[0] == 200
+        url = f"https://{HOST}:{b.admin}"
+        r = subprocess.run([_find_millet(), "ctl", "--url", url, "--ca", ca_file, "--token", token,
+                            "--json", "stats"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["node"]["version"]
+        r = subprocess.run([_find_millet(), "ctl", "--url", url, "--token", token, "stats"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
+    finally:
+        terminate(b.proc)
+
+
+def test_admin_tls_needs_a_certificate(tmp_path):
+    r = subprocess.run([_find_millet(), "--listen", f"{HOST}:{free_port()}", "--data-dir", str(tmp_path / "d"),
+                        "--admin-listen", f"{HOST}:{free_port()}", "--no-ws", "--admin-tls"],
+                       capture_output=True, text=True, timeout=15)
+    assert r.returncode != 0
+    assert "admin.tls needs admin.tls_cert and admin.tls_key, or a [security.tls] section" in r.stderr + r.stdout
 
 
 def test_stats_and_reload(admin):
