@@ -7,7 +7,7 @@
 #   --no-pinned   skip the taskset pass (broker on CPU 0, load tool on CPU 1)
 #   --skip-build  use the existing target/release binaries
 #   --only LIST   run only these passes (comma-separated: default, durability,
-#                 pinned, idle, scale, fleet) and keep the other passes'
+#                 pinned, idle, scale, fleet, ws) and keep the other passes'
 #                 results in bench/results (BENCHMARKS.md is regenerated from
 #                 all of them; the new passes' date and notes go to
 #                 bench/results/meta-<pass>.json)
@@ -21,6 +21,11 @@
 # Before every connection case the script waits (at most 60 s) until fewer
 # than 1,000 sockets are in TIME_WAIT and logs the listen-queue counters
 # (nstat TcpExtListenOverflows / TcpExtListenDrops) around it.
+#
+# WebSocket pass (only with --only ws): the clients of QoS 0 fan-in and of
+# QoS 1 at 1,000 msg/s over ws:// (millet-bench --transport ws: one masked
+# binary frame per MQTT packet, like MQTT.js); Mosquitto's websockets
+# listener (libwebsockets) against Millet's ws_listen.
 #
 # Durability pass: QoS 1 to a persistent session (millet-bench scenario
 # qos1-persistent) against Millet with --durability sync / interval / none and
@@ -79,7 +84,10 @@ MOSQ_PORT="${MOSQ_PORT:-21883}"
 MILLET_PORT="${MILLET_PORT:-21884}"
 MOSQ_TLS_PORT="${MOSQ_TLS_PORT:-28883}"
 MILLET_TLS_PORT="${MILLET_TLS_PORT:-28884}"
+MOSQ_WS_PORT="${MOSQ_WS_PORT:-28083}"
+MILLET_WS_PORT="${MILLET_WS_PORT:-28084}"
 TLS=0
+WS=0
 BROKER_PID=""
 NOTES=()
 START_TS=$(date +%s)
@@ -139,7 +147,7 @@ fi
 ulimit -n 200000 2>/dev/null || ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE="$(ulimit -n)"
 
-for var in MOSQ_PORT MILLET_PORT MOSQ_TLS_PORT MILLET_TLS_PORT; do
+for var in MOSQ_PORT MILLET_PORT MOSQ_TLS_PORT MILLET_TLS_PORT MOSQ_WS_PORT MILLET_WS_PORT; do
     p="${!var}"
     for _ in $(seq 1 20); do
         port_open "$p" || break
@@ -180,6 +188,13 @@ log_type error
 log_type warning
 EOF
 MOSQ_CONF_TEXT="listener $MOSQ_PORT 127.0.0.1; allow_anonymous true; max_connections -1; max_inflight_messages 32; log_type error+warning"
+# Mosquitto's WebSocket listener (ws pass), next to its TCP one.
+MOSQ_WS_CONF="$WORK/mosquitto-ws.conf"
+{
+    cat "$MOSQ_CONF"
+    echo "listener $MOSQ_WS_PORT 127.0.0.1"
+    echo "protocol websockets"
+} >"$MOSQ_WS_CONF"
 # Mosquitto with persistence for the durability pass: an in-memory broker that
 # writes a snapshot of everything every autosave_interval seconds (and at exit).
 # The directory must be writable after it drops privileges to user mosquitto.
@@ -192,7 +207,7 @@ chmod 755 "$WORK"
     echo "persistence_location $MOSQ_PERSIST_DIR"
     echo "autosave_interval 1"
 } >"$MOSQ_PERSIST_CONF"
-chmod 644 "$MOSQ_CONF" "$MOSQ_PERSIST_CONF"
+chmod 644 "$MOSQ_CONF" "$MOSQ_PERSIST_CONF" "$MOSQ_WS_CONF"
 MOSQ_PERSIST_CONF_TEXT="$MOSQ_CONF_TEXT; persistence true; persistence_location DIR; autosave_interval 1"
 
 # TLS (idle pass): a throwaway CA and a P-256 server certificate for
@@ -247,6 +262,10 @@ start_broker() {
                 PORT="$MOSQ_TLS_PORT"
                 conf="$WORK/mosquitto-tls.conf"
             fi
+            if [ "$WS" = 1 ]; then
+                PORT="$MOSQ_WS_PORT"
+                conf="$MOSQ_WS_CONF"
+            fi
             "${pin[@]}" "$MOSQUITTO" -c "$conf" >"$WORK/mosquitto.log" 2>&1 &
             BROKER_PID=$!
             ;;
@@ -268,6 +287,10 @@ start_broker() {
             if [ "$TLS" = 1 ]; then
                 PORT="$MILLET_TLS_PORT"
                 listen=(--config "$WORK/millet-tls.toml")
+            fi
+            if [ "$WS" = 1 ]; then
+                PORT="$MILLET_WS_PORT"
+                listen+=(--ws-listen "127.0.0.1:$PORT" --ws-path /mqtt)
             fi
             rm -rf "$WORK/millet-data"
             MILLET_LOG=warn "${pin[@]}" "$MILLET" "${listen[@]}" \
@@ -304,7 +327,7 @@ unavailable() { # FILE REASON
 # machine may have its own).
 time_wait_count() {
     local f="" p
-    for p in "$MOSQ_PORT" "$MILLET_PORT" "$MOSQ_TLS_PORT" "$MILLET_TLS_PORT"; do
+    for p in "$MOSQ_PORT" "$MILLET_PORT" "$MOSQ_TLS_PORT" "$MILLET_TLS_PORT" "$MOSQ_WS_PORT" "$MILLET_WS_PORT"; do
         f="$f${f:+ or }sport = :$p or dport = :$p"
     done
     ss -tan state time-wait "( $f )" 2>/dev/null | tail -n +2 | wc -l
@@ -469,6 +492,14 @@ if wanted fleet; then
         "${FLEET_ARGS[@]}" "${fleet_pin[@]}" >&2
     PASS_NOTE[fleet]="Fleet pass: bench/fleet.sh (parameters in the section)."
     PASS_NOTES+=("${PASS_NOTE[fleet]}")
+fi
+if wanted ws; then
+    WS=1
+    both ws qos0-fanin-ws "$REPEAT" scenario fan-in -p 4 --qos 0 --size 64 --count "$N_FANIN" --transport ws --ws-path /mqtt
+    both ws lat-qos1-1k-ws 1 run -p 1 -s 1 --qos 1 --size 64 --rate 1000 --duration "$LAT_DUR" --transport ws --ws-path /mqtt
+    WS=0
+    PASS_NOTE[ws]="WebSocket pass: every client (publishers and subscriber) speaks MQTT over WebSocket (\`millet-bench --transport ws --ws-path /mqtt\`: HTTP upgrade with sub-protocol \`mqtt\`, then one masked binary frame per MQTT packet, as MQTT.js sends them). Mosquitto: \`listener PORT 127.0.0.1\` + \`protocol websockets\` (libwebsockets); Millet: \`--ws-listen 127.0.0.1:PORT --ws-path /mqtt\`. Compare with the plain-TCP qos0-fanin of the same run date for the cost of the WebSocket layer."
+    PASS_NOTES+=("${PASS_NOTE[ws]}")
 fi
 TW_NOTE="Connection cases wait until fewer than 1,000 sockets to or from the brokers' ports are in TIME_WAIT before they start (at most 75 s); the load tool leaves the source port to \`connect()\` with one source address and picks ports itself with several (\`--source-ips\` > 1) instead of \`bind(ip:0)\`: see bench/HISTORY.md, the 10k-connection case."
 PASS_NOTES+=("$TW_NOTE")

@@ -8,6 +8,7 @@ The OpenAPI document the broker serves is checked against its own answers.
 from __future__ import annotations
 
 import base64
+import http.client as httpclient
 import json
 import os
 import re
@@ -404,6 +405,23 @@ def test_metrics_move_with_traffic(admin):
                      "millet_memory_used_bytes", "millet_sessions"):
             assert f"\n{name}" in after, name
         assert not re.search(r'client_id=|' + re.escape(topic), after), "no client ids or topics in labels"
+        # publish-to-deliver latency: one PUBLISH in 64 per worker thread is
+        # timed, so 2,000 more deliveries observe some (any thread count < 31)
+        for _ in range(2000):
+            pub.publish(topic, b"y", qos=0)
+        sub.messages.wait_for(5 + 2000)
+
+        def observed():
+            t = http(admin, "GET", "/metrics", raw=True)[1]
+            return t if metric(t, "millet_deliver_latency_seconds_count") > \
+                metric(before, "millet_deliver_latency_seconds_count") else None
+        lat = wait_until(observed, what="deliver latency observations")
+        assert "# TYPE millet_deliver_latency_seconds histogram" in lat
+        assert metric(lat, "millet_deliver_latency_seconds_bucket", '{le="0.00005"}') <= \
+            metric(lat, "millet_deliver_latency_seconds_bucket", '{le="5"}') <= \
+            metric(lat, "millet_deliver_latency_seconds_bucket", '{le="+Inf"}') == \
+            metric(lat, "millet_deliver_latency_seconds_count")
+        assert metric(lat, "millet_deliver_latency_seconds_sum") > 0
         # every series the shipped Grafana dashboard queries exists
         dash = (Path(__file__).resolve().parents[2] / "docs" / "grafana-millet.json").read_text()
         for name in set(re.findall(r"millet_[a-z_]+", dash)):
@@ -411,6 +429,165 @@ def test_metrics_move_with_traffic(admin):
     finally:
         sub.close()
         pub.close()
+
+
+def _hs256(secret: bytes, claims: dict) -> str:
+    import hashlib
+    import hmac
+
+    def b64(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+def test_metrics_count_auth_failures_by_reason(tmp_path):
+    """Real paho-mqtt clients fail authentication in each way the chain
+    tells apart; /metrics counts each under its reason label."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+    passwd = tmp_path / "passwd"
+    r = subprocess.run([_find_millet(), "passwd", str(passwd), "alice", "--password", "s3cret"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    secret = b"metrics-test-secret-0123456789abcdef"
+    conf = tmp_path / "millet.toml"
+    conf.write_text(f'[admin]\nbearer_token = "metrics-test-token-0123456789"\n'
+                    f'[security.auth.password_file]\npath = "{passwd}"\n'
+                    f'[security.auth.jwt]\nalgorithm = "HS256"\nsecret = "{secret.decode()}"\nbind = "none"\n')
+    b = start_millet(tmp_path, "--config", str(conf))
+    b.key = "metrics-test-token-0123456789"
+    try:
+        def connect(username, password, client_id):
+            """CONNACK reason code of a real paho v5 client (0: accepted)."""
+            got = []
+            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+            if username is not None or password is not None:
+                c.username_pw_set(username, password)
+            c.on_connect = lambda cl, ud, flags, rc, props: got.append(rc.value)
+            c.connect(b.host, b.port, keepalive=30)
+            c.loop_start()
+            try:
+                wait_until(lambda: got, timeout=10, what=f"CONNACK for {client_id}")
+            finally:
+                c.disconnect()
+                c.loop_stop()
+            return got[0]
+
+        def failures():
+            text = http(b, "GET", "/metrics", raw=True)[1]
+            reasons = ("bad_credentials", "not_authorized", "jwt_expired", "jwt_invalid", "banned")
+            return {r: metric(text, "millet_auth_failures_total", f'{{reason="{r}"}}') for r in reasons}, text
+
+        before, text = failures()
+        assert "# TYPE millet_auth_failures_total counter" in text
+        for r in ("quota", "timeout", "hook_error", "scram_failed", "other"):
+            metric(text, "millet_auth_failures_total", f'{{reason="{r}"}}')
+        now = int(time.time())
+        assert connect("alice", "s3cret", unique("ok")) == 0
+        assert connect("alice", "wrong", unique("bad")) == 0x86
+        assert connect(None, None, unique("anon")) == 0x87
+        assert connect("dev", _hs256(secret, {"exp": now - 3600}), unique("old")) == 0x86
+        assert connect("dev", _hs256(b"another-secret", {"exp": now + 3600}), unique("forged")) == 0x86
+        assert connect("dev", _hs256(secret, {"exp": now + 3600}), unique("jwt")) == 0
+        banned = unique("adm-aban")
+        assert http(b, "POST", "/api/v1/bans", body={"target": f"client:{banned}", "duration": 30})[0] == 201
+        assert connect("alice", "s3cret", banned) == 0x8A
+
+        after, text = failures()
+        assert {r: after[r] - before[r] for r in after} == {
+            "bad_credentials": 1, "not_authorized": 1, "jwt_expired": 1, "jwt_invalid": 1, "banned": 1}
+        assert not re.search(r'client_id=|alice|dev"', text), "no client ids or user names in labels"
+    finally:
+        terminate(b.proc)
+
+
+def _https(port: int, path: str, cafile=None, key=None):
+    """(status, text, headers) of an HTTPS GET; cafile None: system roots only."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=cafile)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(f"https://{HOST}:{port}{path}", headers=headers)
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _NoRedirect)
+    try:
+        with opener.open(req, timeout=10) as r:
+            return r.status, r.read().decode(), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), e.headers
+
+
+@pytest.mark.parametrize("own_cert", [True, False], ids=["admin-cert", "security-tls-cert"])
+def test_admin_api_over_https(tmp_path, own_cert):
+    """[admin] tls: the API, /metrics and the dashboard over HTTPS (with the
+    admin listener's own certificate, or [security.tls]'s), checked by a real
+    HTTPS client trusting the test CA; plain HTTP and an untrusting client get
+    nothing; `millet ctl --url https://... --ca` works."""
+    import ssl
+    from test_security import _ca, _issue, _pem_cert, _pem_key
+    ca = _ca("Millet Admin Test CA")
+    cert, key = _issue(ca, "localhost", True)
+    (tmp_path / "ca.pem").write_bytes(_pem_cert(ca[0]))
+    (tmp_path / "server.pem").write_bytes(_pem_cert(cert))
+    (tmp_path / "server.key").write_bytes(_pem_key(key))
+    token = "https-test-token-0123456789abcdef"
+    if own_cert:
+        conf = (f'[admin]\nbearer_token = "{token}"\ntls = true\n'
+                f'tls_cert = "{tmp_path / "server.pem"}"\ntls_key = "{tmp_path / "server.key"}"\n')
+        args = ["--config", str(tmp_path / "millet.toml")]
+    else:
+        conf = (f'tls_listen = ["{HOST}:{free_port()}"]\nwss_listen = ["{HOST}:{free_port()}"]\n'
+                f'[admin]\nbearer_token = "{token}"\n'
+                f'[security.tls]\ncert = "{tmp_path / "server.pem"}"\nkey = "{tmp_path / "server.key"}"\n')
+        args = ["--config", str(tmp_path / "millet.toml"), "--admin-tls"]
+    (tmp_path / "millet.toml").write_text(conf)
+    b = start_millet(tmp_path, *args, "--no-ws", wait_admin=False)
+    ca_file = str(tmp_path / "ca.pem")
+    try:
+        def up():
+            if b.proc.poll() is not None:
+                raise AssertionError(f"millet exited: {b.log_path.read_text(errors='replace')}")
+            try:
+                return _https(b.admin, "/readyz", ca_file)[0] == 200
+            except OSError:
+                return False
+        wait_until(up, timeout=15, what="admin API ready over HTTPS")
+        assert "admin API listening (HTTPS)" in b.log_path.read_text()
+        s, text, _ = _https(b.admin, "/metrics", ca_file, key=token)
+        assert s == 200 and "# TYPE millet_deliver_latency_seconds histogram" in text
+        assert _https(b.admin, "/metrics", ca_file)[0] == 401
+        s, text, h = _https(b.admin, "/dashboard", ca_file)
+        assert s == 200 and h.get("Content-Type", "").startswith("text/html")
+        # plain HTTP to the HTTPS port: no HTTP answer
+        with pytest.raises((OSError, urllib.error.URLError, httpclient.HTTPException)):
+            urllib.request.urlopen(f"http://{HOST}:{b.admin}/readyz", timeout=5).read()
+        # a client that does not trust the CA refuses the certificate
+        with pytest.raises(urllib.error.URLError) as e:
+            _https(b.admin, "/readyz")
+        assert isinstance(e.value.reason, ssl.SSLCertVerificationError), e.value
+        # a silent client does not hold up the others
+        import socket
+        with socket.create_connection((HOST, b.admin)):
+            assert _https(b.admin, "/readyz", ca_file)[0] == 200
+        url = f"https://{HOST}:{b.admin}"
+        r = subprocess.run([_find_millet(), "ctl", "--url", url, "--ca", ca_file, "--token", token,
+                            "--json", "stats"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["node"]["version"]
+        r = subprocess.run([_find_millet(), "ctl", "--url", url, "--token", token, "stats"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
+    finally:
+        terminate(b.proc)
+
+
+def test_admin_tls_needs_a_certificate(tmp_path):
+    r = subprocess.run([_find_millet(), "--listen", f"{HOST}:{free_port()}", "--data-dir", str(tmp_path / "d"),
+                        "--admin-listen", f"{HOST}:{free_port()}", "--no-ws", "--admin-tls"],
+                       capture_output=True, text=True, timeout=15)
+    assert r.returncode != 0
+    assert "admin.tls needs admin.tls_cert and admin.tls_key, or a [security.tls] section" in r.stderr + r.stdout
 
 
 def test_stats_and_reload(admin):

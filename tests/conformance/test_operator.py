@@ -39,7 +39,7 @@ def start_fails(tmp_path: Path, config_text: str, *args: str) -> str:
 
 def test_connect_and_disconnect_are_logged_at_info_by_default(millet_config, tmp_path):
     """One line per connect, Mosquitto's shape `New client connected from IP:PORT as ID (p5, c1,
-    k60, u'alice')`, and one per disconnect with its reason."""
+    k60, u'alice')` followed by the transport, and one per disconnect with its reason."""
     pub = mosquitto("mosquitto_pub")
     b = millet_config("")
     cid = unique("dev")
@@ -48,8 +48,8 @@ def test_connect_and_disconnect_are_logged_at_info_by_default(millet_config, tmp
     assert r.returncode == 0, r
     wait_until(lambda: f"Client {cid} disconnected" in b.log_text(), what="disconnect line")
     log = b.log_text()
-    assert re.search(rf"INFO .*New client connected from 127\.0\.0\.1:\d+ as {cid} \(p5, c1, k45, u'alice'\)",
-                     log), log
+    assert re.search(rf"INFO .*New client connected from 127\.0\.0\.1:\d+ as {cid} \(p5, c1, k45, u'alice'\) over tcp$",
+                     log, re.M), log
     assert f"Client {cid} disconnected: client sent DISCONNECT" in log
     # a client that just goes away, over 3.1.1 without a username
     r3 = raw(b, V311)
@@ -57,7 +57,8 @@ def test_connect_and_disconnect_are_logged_at_info_by_default(millet_config, tmp
     r3.close()
     wait_until(lambda: "Client quiet-1 disconnected: connection closed by the client" in b.log_text(),
                what="peer close line")
-    assert re.search(r"New client connected from 127\.0\.0\.1:\d+ as quiet-1 \(p4, c1, k30\)", b.log_text())
+    assert re.search(r"New client connected from 127\.0\.0\.1:\d+ as quiet-1 \(p4, c1, k30\) over tcp$", b.log_text(),
+                     re.M)
 
 
 def test_refused_authentications_name_the_username_and_client_id(millet_config, tmp_path):

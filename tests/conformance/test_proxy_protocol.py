@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import struct
 import urllib.request
 
@@ -90,6 +91,9 @@ def test_v1_and_v2_headers_give_the_client_address(millet_config):
             assert shown.get(cid) == expect, (name, shown)
         log = b.log_text()
         assert "New client connected from 203.0.113.7:40001" in log, log
+        # the line names the transport and where the address came from
+        assert re.search(r"New client connected from 203\.0\.113\.7:40001 as \S+ \(p4[^)]*\) over tcp, "
+                         r"address from the PROXY protocol header \(proxy 127\.0\.0\.1:\d+\)", log), log
         # the connection still works after the header: a round trip
         c = clients[0]
         topic = unique("pp/")

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from conftest import _find_millet
+from conftest import _find_millet, free_port
 from helpers import (AUTH, CONNACK, DISCONNECT, P_AUTH_DATA, P_AUTH_METHOD, P_USER_PROPERTY,
                      PINGREQ_PACKET, PINGRESP, PUBACK, PUBREC, SUBACK, TIMEOUT, V311, V5, Client,
                      RawClient, _Reader, connect_packet, enc_props, packet, publish_packet,
@@ -888,8 +888,10 @@ def test_scram_sha256_enhanced_auth_and_reauthentication(millet_config, tmp_path
     pw = tmp_path / "passwd"
     passwd(str(pw), "alice", "--password", "s3cret")
     # an authenticated listener: SCRAM is an accepted way in, besides the chain
+    admin, token = free_port(), "scram-test-token-0123456789abcdef"
     b = millet_config(f'[security.auth]\nchain = ["password_file"]\n[security.auth.password_file]\n'
-                      f'path = "{pw}"\n[security.auth.scram]\npath = "{creds}"\n')
+                      f'path = "{pw}"\n[security.auth.scram]\npath = "{creds}"\n'
+                      f'[admin]\nbearer_token = "{token}"\n', args=["--admin-listen", f"{HOST}:{admin}"])
     r, rc, _ = scram_connect(b, "carol", "pa55word")
     try:
         assert rc == 0
@@ -931,6 +933,13 @@ def test_scram_sha256_enhanced_auth_and_reauthentication(millet_config, tmp_path
         assert rc == RC_NOT_AUTHORIZED
     # an unknown method: 0x8C
     assert raw_connack(b, V5, properties={P_AUTH_METHOD: "PLAIN-NOPE", P_AUTH_DATA: b"x"}) == 0x8C
+    # /metrics counts the failed exchanges (the two refused CONNECTs) and the unknown method
+    import urllib.request
+    req = urllib.request.Request(f"http://{HOST}:{admin}/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    assert 'millet_auth_failures_total{reason="scram_failed"} 2\n' in text, text
+    assert 'millet_auth_failures_total{reason="other"} 1\n' in text, text
 
 
 # ---------------------------------------------------------------------------

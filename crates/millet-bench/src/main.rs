@@ -87,6 +87,12 @@ enum Cmd {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    Ws,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Scenario {
     /// Many publishers, one subscriber on `bench/#`.
     FanIn,
@@ -234,6 +240,13 @@ struct RunArgs {
     /// Broker PID: report its VmRSS before and after the run.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// How the clients reach the broker: tcp, or ws (MQTT over WebSocket on
+    /// --port, sub-protocol `mqtt`, one masked binary frame per packet).
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: Transport,
+    /// HTTP path of the WebSocket upgrade (--transport ws).
+    #[arg(long, default_value = "/mqtt")]
+    ws_path: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -463,6 +476,12 @@ fn build_run_cfg(addr: SocketAddr, mode: Mode, a: &RunArgs) -> Result<run::RunCf
     }
     let cfg = run::RunCfg {
         addr,
+        transport: match a.transport {
+            Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+        }
+        .into(),
+        ws_path: a.ws_path.clone(),
         mode: match mode {
             Mode::Pub => "pub",
             Mode::Sub => "sub",
@@ -526,13 +545,18 @@ fn fmt_rate(r: f64) -> String {
 fn print_run_summary(r: &run::RunResult) {
     let Some(c) = &r.config else { return };
     eprintln!(
-        "== millet-bench {}{} against {} | MQTT {} QoS {} | {} pub x {} sub | {} B{}",
+        "== millet-bench {}{} against {}{} | MQTT {} QoS {} | {} pub x {} sub | {} B{}",
         c.mode,
         c.scenario
             .as_ref()
             .map(|s| format!(" ({s})"))
             .unwrap_or_default(),
         r.broker,
+        if c.transport == "ws" {
+            format!(" over ws ({})", c.ws_path)
+        } else {
+            String::new()
+        },
         if c.mqtt_version == 5 { "5.0" } else { "3.1.1" },
         c.qos,
         r.publishers_connected,

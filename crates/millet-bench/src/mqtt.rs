@@ -481,6 +481,8 @@ pub struct Connected<S = TcpStream> {
     /// Bytes received after the CONNACK (normally empty).
     pub rbuf: BytesMut,
     pub session_present: bool,
+    /// MQTT over WebSocket: the framing of everything after the CONNACK.
+    pub ws: Option<Box<WsFraming>>,
 }
 
 /// CONNECT / CONNACK over an already open stream (TCP or TLS).
@@ -504,6 +506,7 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     stream,
                     rbuf,
                     session_present,
+                    ws: None,
                 }),
                 In::ConnAck { code, .. } => Err(anyhow!("CONNACK refused, code {code}")),
                 other => Err(anyhow!("expected CONNACK, got {other:?}")),
@@ -533,6 +536,241 @@ pub async fn mqtt_connect(
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| anyhow!("connect timed out after {timeout:?}"))?
+}
+
+/// TCP connect + WebSocket upgrade (`GET path`, sub-protocol `mqtt`) +
+/// CONNECT/CONNACK in binary frames, all within `timeout`. The connection
+/// then carries every MQTT packet in a binary frame of its own, masked, as
+/// browser and MQTT.js clients send them ([`WsFraming`]).
+pub async fn mqtt_connect_ws(
+    addr: SocketAddr,
+    path: &str,
+    opts: &ConnectOpts,
+    client_id: &str,
+    timeout: Duration,
+    rbuf_cap: usize,
+) -> Result<Connected> {
+    let fut = async {
+        let mut stream = tcp_connect(addr, None)
+            .await
+            .with_context(|| format!("TCP connect to {addr}"))?;
+        let mut ws = Box::new(WsFraming::new());
+        ws.upgrade(&mut stream, addr, path).await?;
+        let mut out = BytesMut::with_capacity(64 + client_id.len());
+        encode_connect(opts, client_id, &mut out)?;
+        ws.frame_packets(&mut out);
+        stream.write_all(&ws.out).await?;
+        ws.out.clear();
+        let mut rbuf = BytesMut::with_capacity(rbuf_cap.max(64));
+        ws.deframe(&mut rbuf)?;
+        loop {
+            if let Some(pkt) = read_packet(opts.version, &mut rbuf)? {
+                return match pkt {
+                    In::ConnAck {
+                        code: 0,
+                        session_present,
+                    } => Ok(Connected {
+                        stream,
+                        rbuf,
+                        session_present,
+                        ws: Some(ws),
+                    }),
+                    In::ConnAck { code, .. } => Err(anyhow!("CONNACK refused, code {code}")),
+                    other => Err(anyhow!("expected CONNACK, got {other:?}")),
+                };
+            }
+            if stream.read_buf(&mut ws.raw).await? == 0 {
+                bail!("connection closed before CONNACK");
+            }
+            ws.deframe(&mut rbuf)?;
+            if !ws.out.is_empty() {
+                stream.write_all(&ws.out).await?;
+                ws.out.clear();
+            }
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| anyhow!("connect timed out after {timeout:?}"))?
+}
+
+/// The client side of RFC 6455 framing for MQTT over WebSocket: MQTT
+/// packets out as masked binary frames (one per packet), binary frames in
+/// as the MQTT byte stream; pings answered, a close frame is an error.
+pub struct WsFraming {
+    /// Bytes from the socket not yet deframed.
+    pub raw: BytesMut,
+    /// Frames waiting to be written to the socket.
+    pub out: BytesMut,
+    /// xorshift state for the masking keys.
+    seed: u32,
+}
+
+impl Default for WsFraming {
+    fn default() -> Self {
+        WsFraming::new()
+    }
+}
+
+impl WsFraming {
+    pub fn new() -> Self {
+        static SEED: AtomicU32 = AtomicU32::new(0x9E37_79B9);
+        WsFraming {
+            raw: BytesMut::with_capacity(4096),
+            out: BytesMut::with_capacity(4096),
+            seed: SEED.fetch_add(0x6D2B_79F5, Ordering::Relaxed) | 1,
+        }
+    }
+
+    /// The HTTP upgrade: request, then the `101` answer (its
+    /// `Sec-WebSocket-Accept` checked); bytes after it stay in `raw`.
+    async fn upgrade(
+        &mut self,
+        stream: &mut TcpStream,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Result<()> {
+        use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+        let key = generate_key();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await?;
+        let end = loop {
+            if let Some(i) = self.raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if self.raw.len() > 16 * 1024 {
+                bail!("WebSocket upgrade: answer headers too long");
+            }
+            if stream.read_buf(&mut self.raw).await? == 0 {
+                bail!("WebSocket upgrade: connection closed");
+            }
+        };
+        let head = self.raw.split_to(end);
+        let head = String::from_utf8_lossy(&head);
+        let mut lines = head.lines();
+        let status = lines.next().unwrap_or_default();
+        if status.split_whitespace().nth(1) != Some("101") {
+            bail!("WebSocket upgrade refused: {status}");
+        }
+        let want = derive_accept_key(key.as_bytes());
+        let accepted = lines.filter_map(|l| l.split_once(':')).any(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == want
+        });
+        if !accepted {
+            bail!("WebSocket upgrade: wrong or missing Sec-WebSocket-Accept");
+        }
+        Ok(())
+    }
+
+    fn next_mask(&mut self) -> [u8; 4] {
+        let mut x = self.seed;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.seed = x;
+        x.to_ne_bytes()
+    }
+
+    /// Append one masked frame with `opcode` and `payload` to `out`.
+    fn frame(&mut self, opcode: u8, payload: &[u8]) {
+        let mask = self.next_mask();
+        let n = payload.len();
+        self.out.reserve(n + 14);
+        self.out.extend_from_slice(&[0x80 | opcode]);
+        if n < 126 {
+            self.out.extend_from_slice(&[0x80 | n as u8]);
+        } else if n <= usize::from(u16::MAX) {
+            self.out.extend_from_slice(&[0x80 | 126]);
+            self.out.extend_from_slice(&(n as u16).to_be_bytes());
+        } else {
+            self.out.extend_from_slice(&[0x80 | 127]);
+            self.out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+        self.out.extend_from_slice(&mask);
+        let start = self.out.len();
+        self.out.extend_from_slice(payload);
+        for (i, b) in self.out[start..].iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+    }
+
+    /// Move the MQTT packets in `mqtt` (complete, as encoded by this
+    /// client) into binary frames, one per packet.
+    pub fn frame_packets(&mut self, mqtt: &mut BytesMut) {
+        while !mqtt.is_empty() {
+            let n = packet_len(mqtt).unwrap_or(mqtt.len()).min(mqtt.len());
+            let p = mqtt.split_to(n);
+            self.frame(2, &p);
+        }
+    }
+
+    /// Decode the complete frames in `raw`: data into `into`, pings
+    /// answered (pongs in `out`).
+    pub fn deframe(&mut self, into: &mut BytesMut) -> Result<()> {
+        loop {
+            let b = &self.raw[..];
+            if b.len() < 2 {
+                return Ok(());
+            }
+            let opcode = b[0] & 0x0F;
+            let masked = b[1] & 0x80 != 0;
+            let (len, mut at) = match b[1] & 0x7F {
+                126 if b.len() >= 4 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
+                127 if b.len() >= 10 => {
+                    let mut l = [0u8; 8];
+                    l.copy_from_slice(&b[2..10]);
+                    (u64::from_be_bytes(l), 10)
+                }
+                126 | 127 => return Ok(()),
+                l => (u64::from(l), 2),
+            };
+            if len > MAX_PACKET as u64 {
+                bail!("WebSocket frame of {len} bytes");
+            }
+            let mut key = [0u8; 4];
+            if masked {
+                if b.len() < at + 4 {
+                    return Ok(());
+                }
+                key.copy_from_slice(&b[at..at + 4]);
+                at += 4;
+            }
+            let len = len as usize;
+            if b.len() < at + len {
+                return Ok(());
+            }
+            let _head = self.raw.split_to(at);
+            let mut payload = self.raw.split_to(len);
+            if masked {
+                for (i, x) in payload.iter_mut().enumerate() {
+                    *x ^= key[i % 4];
+                }
+            }
+            match opcode {
+                0 | 2 => into.extend_from_slice(&payload),
+                9 => self.frame(10, &payload),
+                10 => {}
+                8 => bail!("WebSocket closed by the broker"),
+                other => bail!("unexpected WebSocket opcode {other}"),
+            }
+        }
+    }
+}
+
+/// Length of the MQTT packet at the start of `b` (fixed header included),
+/// if its header is complete.
+fn packet_len(b: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for (i, byte) in b.iter().skip(1).take(4).enumerate() {
+        len |= usize::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(1 + i + 1 + len);
+        }
+    }
+    None
 }
 
 /// A TLS client configuration trusting the CA certificates (PEM) in `ca_file`.
@@ -596,6 +834,33 @@ pub fn split_shared(filter: &str) -> (Option<&str>, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ws_frames_round_trip() {
+        let mut a = WsFraming::new();
+        let mut mqtt = BytesMut::new();
+        encode_disconnect(Version::V4, &mut mqtt).unwrap();
+        encode_disconnect(Version::V4, &mut mqtt).unwrap();
+        a.frame_packets(&mut mqtt);
+        assert!(mqtt.is_empty());
+        // two masked frames of 2 bytes each
+        assert_eq!(a.out.len(), 2 * (2 + 4 + 2));
+        // the broker's side: unmasked frames, one split in two reads, a ping
+        let mut b = WsFraming::new();
+        b.raw
+            .extend_from_slice(&[0x82, 3, 1, 2, 3, 0x89, 1, 7, 0x82]);
+        let mut got = BytesMut::new();
+        b.deframe(&mut got).unwrap();
+        assert_eq!(&got[..], &[1, 2, 3]);
+        assert_eq!(b.out.len(), 2 + 4 + 1, "pong queued");
+        b.raw.extend_from_slice(&[126, 0, 2, 9, 9]);
+        b.deframe(&mut got).unwrap();
+        assert_eq!(&got[..], &[1, 2, 3, 9, 9]);
+        b.raw.extend_from_slice(&[0x88, 0]);
+        assert!(b.deframe(&mut got).is_err());
+        assert_eq!(packet_len(&[0x30, 0x80, 0x01]), Some(3 + 128));
+        assert_eq!(packet_len(&[0x30, 0x80]), None);
+    }
 
     #[test]
     fn template_roundtrip_v4_v5() -> Result<()> {

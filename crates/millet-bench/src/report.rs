@@ -190,6 +190,32 @@ const CASES: &[Case] = &[
         ],
     },
     Case {
+        id: "qos0-fanin-ws",
+        title: "QoS 0 fan-in over WebSocket (4 publishers, one `bench/#` subscriber, all on `ws://…/mqtt`, 64 B, unlimited rate)",
+        metrics: &[
+            m("received", "recv_rate", Higher, "msg/s"),
+            m("loss", "loss_pct", Lower, "%"),
+            m(
+                "latency p99 (queueing, unlimited rate)",
+                "latency.p99_us",
+                Lower,
+                "µs",
+            ),
+            m("broker CPU", "broker_cpu_s", Lower, "s"),
+            m("millet-bench CPU", "tool_cpu_s", Info, "s"),
+        ],
+    },
+    Case {
+        id: "lat-qos1-1k-ws",
+        title: "QoS 1 at 1,000 msg/s over WebSocket (one publisher, one subscriber, 64 B)",
+        metrics: &[
+            m("PUBLISH→PUBACK p99", "ack_latency.p99_us", Lower, "µs"),
+            m("end-to-end p50", "latency.p50_us", Lower, "µs"),
+            m("end-to-end p99", "latency.p99_us", Lower, "µs"),
+            m("broker CPU", "broker_cpu_s", Lower, "s"),
+        ],
+    },
+    Case {
         id: "idle-tcp",
         title: "Idle plain-TCP connections ({n} connections)",
         metrics: IDLE_METRICS,
@@ -255,6 +281,10 @@ const PASSES: &[(&str, &str)] = &[
     (
         "scale",
         "Scale on one box (`bench/compare.sh --only scale`)",
+    ),
+    (
+        "ws",
+        "MQTT over WebSocket (`bench/compare.sh --only ws`; Mosquitto: `listener PORT` + `protocol websockets`)",
     ),
 ];
 

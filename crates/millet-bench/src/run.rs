@@ -28,6 +28,11 @@ const LAT_BATCH: usize = 256;
 pub struct RunCfg {
     #[serde(skip)]
     pub addr: SocketAddr,
+    /// `tcp` or `ws` (MQTT over WebSocket, `ws_path`).
+    #[serde(default)]
+    pub transport: String,
+    #[serde(skip)]
+    pub ws_path: String,
     pub mode: String,
     pub scenario: Option<String>,
     #[serde(skip)]
@@ -75,6 +80,40 @@ pub struct RunCfg {
 }
 
 impl RunCfg {
+    /// Connect one client over the run's transport (TCP, or WebSocket with
+    /// `--transport ws`).
+    async fn connect(
+        &self,
+        opts: &mqtt::ConnectOpts,
+        client_id: &str,
+        rbuf_cap: usize,
+    ) -> Result<mqtt::Connected> {
+        match self.transport.as_str() {
+            "ws" => {
+                mqtt::mqtt_connect_ws(
+                    self.addr,
+                    &self.ws_path,
+                    opts,
+                    client_id,
+                    self.connect_timeout(),
+                    rbuf_cap,
+                )
+                .await
+            }
+            _ => {
+                mqtt::mqtt_connect(
+                    self.addr,
+                    None,
+                    opts,
+                    client_id,
+                    self.connect_timeout(),
+                    rbuf_cap,
+                )
+                .await
+            }
+        }
+    }
+
     fn connect_opts(&self, clean: bool) -> mqtt::ConnectOpts {
         mqtt::ConnectOpts {
             topic_alias_max: None,
@@ -123,6 +162,8 @@ enum Ev {
 /// One MQTT connection driven with non-blocking reads and writes.
 struct Link {
     stream: TcpStream,
+    /// `--transport ws`: frames around the MQTT bytes.
+    ws: Option<Box<mqtt::WsFraming>>,
     rbuf: BytesMut,
     wbuf: BytesMut,
     ver: Version,
@@ -134,6 +175,7 @@ impl Link {
     fn new(c: mqtt::Connected, ver: Version, rbuf_cap: usize) -> Self {
         Link {
             stream: c.stream,
+            ws: c.ws,
             rbuf: c.rbuf,
             wbuf: BytesMut::with_capacity(HIGH_WATER + 4096),
             ver,
@@ -142,13 +184,33 @@ impl Link {
         }
     }
 
-    /// Write as much of `wbuf` as the socket takes without blocking.
+    /// Bytes waiting to be written, framed or not.
+    fn queued(&self) -> usize {
+        self.wbuf.len() + self.ws.as_ref().map_or(0, |w| w.out.len())
+    }
+
+    /// Bytes waiting to be written (over WebSocket: framed or not yet).
+    fn has_output(&self) -> bool {
+        !self.wbuf.is_empty() || self.ws.as_ref().is_some_and(|w| !w.out.is_empty())
+    }
+
+    /// Write as much of `wbuf` as the socket takes without blocking (over
+    /// WebSocket: framed first, a frame per packet).
     fn try_flush(&mut self) -> Result<()> {
-        while !self.wbuf.is_empty() {
-            match self.stream.try_write(&self.wbuf) {
+        let out = match &mut self.ws {
+            Some(ws) => {
+                if !self.wbuf.is_empty() {
+                    ws.frame_packets(&mut self.wbuf);
+                }
+                &mut ws.out
+            }
+            None => &mut self.wbuf,
+        };
+        while !out.is_empty() {
+            match self.stream.try_write(out) {
                 Ok(0) => bail!("socket write returned 0"),
                 Ok(n) => {
-                    self.wbuf.advance(n);
+                    out.advance(n);
                     self.last_tx = Instant::now();
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -167,7 +229,16 @@ impl Link {
         if self.rbuf.capacity() - self.rbuf.len() < self.rbuf_cap / 4 {
             self.rbuf.reserve(self.rbuf_cap);
         }
-        let pending = !self.wbuf.is_empty();
+        let pending = self.has_output();
+        let into = match &mut self.ws {
+            Some(ws) => {
+                if ws.raw.capacity() - ws.raw.len() < self.rbuf_cap / 4 {
+                    ws.raw.reserve(self.rbuf_cap);
+                }
+                &mut ws.raw
+            }
+            None => &mut self.rbuf,
+        };
         let (mut rd, wr) = self.stream.split();
         let stop_fut = async {
             match stop {
@@ -177,10 +248,10 @@ impl Link {
                 None => std::future::pending::<()>().await,
             }
         };
-        tokio::select! {
+        let ev = tokio::select! {
             biased;
             _ = stop_fut => Ev::Stop,
-            r = rd.read_buf(&mut self.rbuf) => match r {
+            r = rd.read_buf(into) => match r {
                 Ok(0) => Ev::Error(anyhow!("connection closed by broker")),
                 Ok(_) => Ev::Read,
                 Err(e) => Ev::Error(e.into()),
@@ -190,13 +261,25 @@ impl Link {
                 Err(e) => Ev::Error(e.into()),
             },
             _ = sleep_until(wake.into()) => Ev::Timer,
+        };
+        if let (Ev::Read, Some(ws)) = (&ev, &mut self.ws) {
+            if let Err(e) = ws.deframe(&mut self.rbuf) {
+                return Ev::Error(e);
+            }
+            if !ws.out.is_empty() {
+                // a pong: out with whatever else is waiting
+                if let Err(e) = self.try_flush() {
+                    return Ev::Error(e);
+                }
+            }
         }
+        ev
     }
 
     /// Flush everything (bounded by `timeout`), used at shutdown.
     async fn flush_all(&mut self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
-        while !self.wbuf.is_empty() {
+        while self.has_output() {
             tokio::select! {
                 r = self.stream.writable() => { r?; self.try_flush()?; }
                 _ = sleep_until(deadline) => bail!("flush timed out"),
@@ -259,15 +342,7 @@ pub async fn publisher(
     let client_id = format!("{}-{:08x}-p{idx}", cfg.client_prefix, cfg.nonce);
     let connected = {
         let _permit = ctx.connect_sem.acquire().await;
-        mqtt::mqtt_connect(
-            cfg.addr,
-            None,
-            &cfg.connect_opts(true),
-            &client_id,
-            cfg.connect_timeout(),
-            4096,
-        )
-        .await
+        cfg.connect(&cfg.connect_opts(true), &client_id, 4096).await
     };
     let mut link = match connected {
         Ok(c) => Link::new(c, cfg.version, 4096),
@@ -349,7 +424,7 @@ async fn publish_loop(
         }
         // How many messages may go out right now?
         let mut allowed: u64 = 0;
-        if !sending_done && link.wbuf.len() < HIGH_WATER {
+        if !sending_done && link.queued() < HIGH_WATER {
             allowed = limit - seq;
             if qos > 0 {
                 allowed = allowed.min(window.saturating_sub(inflight.len()) as u64);
@@ -358,7 +433,7 @@ async fn publish_loop(
                 let due = (now.duration_since(t0).as_secs_f64() * rate) as u64 + 1;
                 allowed = allowed.min(due.saturating_sub(seq));
             }
-            let room = (HIGH_WATER - link.wbuf.len()) / tmpl.frame_len().max(1) + 1;
+            let room = (HIGH_WATER - link.queued()) / tmpl.frame_len().max(1) + 1;
             allowed = allowed.min(room as u64);
         }
         if allowed > 0 {
@@ -410,17 +485,17 @@ async fn publish_loop(
                     Instant::now() + Duration::from_secs_f64(cfg.drain_max_s.max(cfg.drain_s));
             }
         }
-        if !link.wbuf.is_empty() {
+        if link.has_output() {
             link.try_flush()?;
         }
-        if sending_done && link.wbuf.is_empty() && (inflight.is_empty() || now >= drain_deadline) {
+        if sending_done && !link.has_output() && (inflight.is_empty() || now >= drain_deadline) {
             break;
         }
         // More can be produced immediately: keep going, but stay cooperative.
         let window_ok = qos == 0 || inflight.len() < window;
         let rate_ok = rate <= 0.0
             || ((Instant::now().duration_since(t0).as_secs_f64() * rate) as u64 + 1) > seq;
-        if !sending_done && window_ok && rate_ok && link.wbuf.len() < HIGH_WATER && seq < limit {
+        if !sending_done && window_ok && rate_ok && link.queued() < HIGH_WATER && seq < limit {
             tokio::task::coop::consume_budget().await;
             continue;
         }
@@ -553,16 +628,7 @@ pub async fn subscriber(
     if !cfg.clean_session {
         // Remove the persistent session we created.
         let _permit = ctx.connect_sem.acquire().await;
-        if let Ok(c) = mqtt::mqtt_connect(
-            cfg.addr,
-            None,
-            &cfg.connect_opts(true),
-            &client_id,
-            cfg.connect_timeout(),
-            256,
-        )
-        .await
-        {
+        if let Ok(c) = cfg.connect(&cfg.connect_opts(true), &client_id, 256).await {
             let mut l = Link::new(c, cfg.version, 256);
             l.disconnect().await;
         }
@@ -590,15 +656,12 @@ async fn subscribe_loop(
     };
     let connect = || async {
         let _permit = ctx.connect_sem.acquire().await;
-        mqtt::mqtt_connect(
-            cfg.addr,
-            None,
+        cfg.connect(
             &mqtt::ConnectOpts {
                 topic_alias_max: cfg.sub_topic_alias_max,
                 ..cfg.connect_opts(cfg.clean_session)
             },
             client_id,
-            cfg.connect_timeout(),
             rbuf_cap,
         )
         .await
@@ -1220,15 +1283,13 @@ async fn cleanup_retained(ctx: &Ctx, per_pub_hint: u64) {
         .map(|m| m.div_ceil(cfg.publishers.max(1) as u64))
         .unwrap_or(per_pub_hint);
     let fut = async {
-        let c = mqtt::mqtt_connect(
-            cfg.addr,
-            None,
-            &cfg.connect_opts(true),
-            &format!("{}-{:08x}-cleanup", cfg.client_prefix, cfg.nonce),
-            cfg.connect_timeout(),
-            4096,
-        )
-        .await?;
+        let c = cfg
+            .connect(
+                &cfg.connect_opts(true),
+                &format!("{}-{:08x}-cleanup", cfg.client_prefix, cfg.nonce),
+                4096,
+            )
+            .await?;
         let mut link = Link::new(c, cfg.version, 4096);
         for p in 0..cfg.publishers {
             let topic = subst(&cfg.pub_topic, p);
@@ -1242,7 +1303,7 @@ async fn cleanup_retained(ctx: &Ctx, per_pub_hint: u64) {
                     Bytes::new(),
                     &mut link.wbuf,
                 )?;
-                if link.wbuf.len() > HIGH_WATER {
+                if link.queued() > HIGH_WATER {
                     link.flush_all(Duration::from_secs(10)).await?;
                 }
             }

@@ -62,6 +62,12 @@ fn unavailable(name: &str, why: &str) -> Option<Broker> {
 }
 
 fn start_mosquitto(name: &str) -> Option<Broker> {
+    start_mosquitto_with(name, "")
+}
+
+/// Mosquitto with `extra` after its listener line (e.g. `protocol
+/// websockets`).
+fn start_mosquitto_with(name: &str, extra: &str) -> Option<Broker> {
     let Some(bin) = mosquitto_bin() else {
         return unavailable(name, "mosquitto not installed");
     };
@@ -78,7 +84,7 @@ fn start_mosquitto(name: &str) -> Option<Broker> {
         let written = std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
+                "listener {port} 127.0.0.1\n{extra}allow_anonymous true\nmax_connections -1\n\
                  max_inflight_messages 32\nlog_type error\n"
             ),
         );
@@ -159,6 +165,54 @@ fn qos1_fan_in_v4_no_loss() {
     assert_eq!(u(&r, "acked_lost"), 0, "{r}");
     assert_eq!(u(&r, "duplicates"), 0, "{r}");
     assert!(r["latency"]["p99_us"].as_f64().is_some(), "{r}");
+}
+
+#[test]
+fn over_websocket_qos0_fan_in_and_qos1() {
+    let Some(b) = start_mosquitto_with("ws", "protocol websockets\n") else {
+        return;
+    };
+    let r = bench(
+        b.port,
+        &[
+            "scenario",
+            "fan-in",
+            "-p",
+            "3",
+            "--qos",
+            "0",
+            "--count",
+            "2000",
+            "--transport",
+            "ws",
+            "--ws-path",
+            "/mqtt",
+        ],
+    );
+    assert_eq!(r["config"]["transport"], "ws", "{r}");
+    assert_eq!(u(&r, "expected"), 6000, "{r}");
+    assert_eq!(u(&r, "unique"), 6000, "{r}");
+    let r = bench(
+        b.port,
+        &[
+            "run",
+            "-p",
+            "1",
+            "-s",
+            "1",
+            "--qos",
+            "1",
+            "--version",
+            "5",
+            "--count",
+            "1000",
+            "--transport",
+            "ws",
+        ],
+    );
+    assert_eq!(u(&r, "acked"), 1000, "{r}");
+    assert_eq!(u(&r, "unique"), 1000, "{r}");
+    assert_eq!(u(&r, "lost"), 0, "{r}");
 }
 
 #[test]

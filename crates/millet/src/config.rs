@@ -95,6 +95,15 @@ pub struct AdminConfig {
     pub bearer_token: Option<String>,
     /// `/metrics` requires authentication like the rest of the API.
     pub metrics_auth: bool,
+    /// Serve HTTPS instead of HTTP (`--admin-tls`): with `tls_cert` and
+    /// `tls_key` when given, else with the `[security.tls]` certificate
+    /// (no client certificate asked for: the API authenticates by key).
+    pub tls: bool,
+    /// The admin listener's own certificate chain (PEM, leaf first), e.g.
+    /// one for the dashboard's public name; with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Default port of the admin listener (EMQX's dashboard port).
@@ -108,6 +117,9 @@ impl Default for AdminConfig {
             keys_file: None,
             bearer_token: None,
             metrics_auth: true,
+            tls: false,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -464,6 +476,9 @@ pub struct Cli {
     /// Do not serve the admin HTTP API.
     #[arg(long)]
     pub no_admin: bool,
+    /// Serve the admin API and dashboard over HTTPS ([admin] tls_cert / tls_key, else [security.tls]).
+    #[arg(long)]
+    pub admin_tls: bool,
     /// Log format on stderr: text (default) or json (one object per line).
     #[arg(long, env = "MILLET_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -558,9 +573,29 @@ impl Config {
         if cli.no_admin {
             cfg.admin.enabled = false;
         }
+        if cli.admin_tls {
+            cfg.admin.tls = true;
+        }
         cfg.validate()
             .map_err(|e| Box::new(figment::Error::from(e)))?;
         Ok(cfg)
+    }
+
+    /// The admin listener's TLS settings when `admin.tls` is on: its own
+    /// certificate and key, else `[security.tls]`'s (without client
+    /// certificate checks).
+    pub fn admin_tls(&self) -> Option<crate::security::tls::TlsConfig> {
+        if !self.admin.tls {
+            return None;
+        }
+        match (&self.admin.tls_cert, &self.admin.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::security::tls::TlsConfig::new(cert, key)),
+            _ => self
+                .security
+                .tls
+                .as_ref()
+                .map(|t| crate::security::tls::TlsConfig::new(&t.cert, &t.key)),
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -576,6 +611,15 @@ impl Config {
         }
         if !self.wss_listen.is_empty() && self.security.tls.is_none() {
             return Err("wss_listen needs a [security.tls] section (cert and key)".into());
+        }
+        if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
+            return Err("admin.tls_cert and admin.tls_key go together".into());
+        }
+        if self.admin.enabled && self.admin.tls && self.admin_tls().is_none() {
+            return Err(
+                "admin.tls needs admin.tls_cert and admin.tls_key, or a [security.tls] section"
+                    .into(),
+            );
         }
         if !self.ws_path.starts_with('/') || self.ws_path.contains(['?', '#', ' ']) {
             return Err(format!(

@@ -22,7 +22,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::broker::Broker;
+use crate::broker::{AuthFailure, Broker};
 use crate::config::Config;
 use crate::engine::{AuthenticateRequest, Call, Completion, Engine, Request};
 use crate::protocol::{ConnectVerdict, Connection, Held, ProtocolError};
@@ -449,6 +449,23 @@ struct PeerInfo {
     tls_identity: Option<String>,
     /// The memory budget of connections that have not completed CONNECT.
     preauth: Arc<PreAuthBudget>,
+    /// `tcp`, `tls`, `ws` or `wss`, for the connect log line.
+    transport: &'static str,
+    /// The proxy's own address when a PROXY protocol header supplied
+    /// `addr`.
+    proxy: Option<SocketAddr>,
+}
+
+impl ListenerCtx {
+    /// The listener's transport, as the connect log line names it.
+    fn transport(&self) -> &'static str {
+        match (self.ws.is_some(), self.tls.is_some()) {
+            (false, false) => "tcp",
+            (false, true) => "tls",
+            (true, false) => "ws",
+            (true, true) => "wss",
+        }
+    }
 }
 
 /// Read-buffer bytes held by connections that have not completed CONNECT,
@@ -571,7 +588,7 @@ async fn accept_loop(
                     let broker = broker.clone();
                     let live = ctx.live.clone();
                     let done = done.clone();
-                    let info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone() };
+                    let info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone(), transport: ctx.transport(), proxy: None };
                     if let Some(ws) = &ctx.ws {
                         tokio::spawn(accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done));
                         continue;
@@ -682,6 +699,10 @@ async fn accept_proxied(
         listener: ctx.configured,
         tls_identity: None,
         preauth: ctx.preauth.clone(),
+        transport: ctx.transport(),
+        // v2 LOCAL and v1 UNKNOWN headers carry no address: the proxy's own
+        // is the peer then.
+        proxy: (peer != proxy).then_some(proxy),
     };
     if let Some(ws) = &ctx.ws {
         accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done).await;
@@ -918,7 +939,7 @@ async fn connect_verdict(
     c: &AuthenticateRequest,
     peer: &VerdictPeer,
     limit: Duration,
-) -> (ConnectVerdict, Option<ConnectionPermit>) {
+) -> Result<(ConnectVerdict, Option<ConnectionPermit>), (ReasonCode, AuthFailure)> {
     let now = Instant::now();
     let banned = |client_id: &str, username: Option<&str>| {
         let ban = sec
@@ -930,7 +951,7 @@ async fn connect_verdict(
         ban.is_some()
     };
     if banned(&c.client_id, c.username.as_deref()) {
-        return (ConnectVerdict::refuse(ReasonCode::BANNED), None);
+        return Err((ReasonCode::BANNED, AuthFailure::Banned));
     }
     let mut v = ConnectVerdict::default();
     if c.authentication_method.is_some() {
@@ -955,17 +976,20 @@ async fn connect_verdict(
             Ok(r) => r,
             Err(_) => {
                 tracing::warn!(peer = %peer.addr, client_id = %c.client_id, "authentication timed out");
-                return (ConnectVerdict::refuse(ReasonCode::NOT_AUTHORIZED), None);
+                return Err((ReasonCode::NOT_AUTHORIZED, AuthFailure::Timeout));
             }
         };
         match result {
-            AuthResult::Deny => {
-                let rc = if c.password.is_some() {
-                    ReasonCode::BAD_USER_NAME_OR_PASSWORD
+            AuthResult::Deny(why) => {
+                let (rc, plain) = if c.password.is_some() {
+                    (
+                        ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                        AuthFailure::BadCredentials,
+                    )
                 } else {
-                    ReasonCode::NOT_AUTHORIZED
+                    (ReasonCode::NOT_AUTHORIZED, AuthFailure::NotAuthorized)
                 };
-                return (ConnectVerdict::refuse(rc), None);
+                return Err((rc, why.unwrap_or(plain)));
             }
             AuthResult::Allow { acl, valid_until } => {
                 v.acl = acl;
@@ -985,7 +1009,7 @@ async fn connect_verdict(
         }
         let client_id = v.client_id.as_deref().unwrap_or(&c.client_id);
         if banned(client_id, v.username.as_deref()) {
-            return (ConnectVerdict::refuse(ReasonCode::BANNED), None);
+            return Err((ReasonCode::BANNED, AuthFailure::Banned));
         }
     }
     let mut permit = None;
@@ -994,11 +1018,11 @@ async fn connect_verdict(
             Some(p) => permit = Some(p),
             None => {
                 tracing::info!(peer = %peer.addr, username = %user, "max_connections_per_user reached");
-                return (ConnectVerdict::refuse(ReasonCode::QUOTA_EXCEEDED), None);
+                return Err((ReasonCode::QUOTA_EXCEEDED, AuthFailure::Quota));
             }
         }
     }
-    (v, permit)
+    Ok((v, permit))
 }
 
 /// A connection's state machine that detaches its session however the task
@@ -1650,6 +1674,10 @@ fn submit_requests<S: Transport>(c: &mut Conn<S>) {
 fn note_connected<S: Transport>(c: &mut Conn<S>) {
     let peer = c.peer;
     if let (Some(id), Some(h)) = (c.conn.client_id(), &c.hello) {
+        let (transport, proxy) = c
+            .info
+            .as_deref()
+            .map_or(("tcp", None), |i| (i.transport, i.proxy));
         c.connected = true;
         c.stream.connect_accepted();
         c.preauth.set(0);
@@ -1667,7 +1695,16 @@ fn note_connected<S: Transport>(c: &mut Conn<S>) {
                 ),
             );
         }
-        tracing::info!("New client connected from {peer} as {id} ({})", h.summary());
+        match proxy {
+            None => tracing::info!(
+                "New client connected from {peer} as {id} ({}) over {transport}",
+                h.summary()
+            ),
+            Some(proxy) => tracing::info!(
+                "New client connected from {peer} as {id} ({}) over {transport}, address from the PROXY protocol header (proxy {proxy})",
+                h.summary()
+            ),
+        }
     }
 }
 
@@ -1705,13 +1742,18 @@ fn authenticate<S>(c: &mut Conn<S>, r: Box<AuthenticateRequest>) -> Call {
     let broker = c.broker.clone();
     let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
     let mut verdict = Box::pin(async move {
-        let (mut v, permit) = connect_verdict(&sec, &r, &peer, limit).await;
-        if v.reason != ReasonCode::SUCCESS {
-            broker.stats.auth_failures.count(v.reason);
-        }
-        if let Some(p) = permit {
-            v.hold = Held::new(p);
-        }
+        let v = match connect_verdict(&sec, &r, &peer, limit).await {
+            Ok((mut v, permit)) => {
+                if let Some(p) = permit {
+                    v.hold = Held::new(p);
+                }
+                v
+            }
+            Err((rc, why)) => {
+                broker.stats.auth_failures.count(why);
+                ConnectVerdict::refuse(rc)
+            }
+        };
         Completion::Verdict(Box::new(v))
     });
     let mut cx = Context::from_waker(std::task::Waker::noop());

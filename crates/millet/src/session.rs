@@ -39,6 +39,11 @@ pub struct Message {
     pub publisher_client_id: ByteString,
     /// Id in the durable store, set when the message is first persisted.
     pub store_id: std::sync::OnceLock<u64>,
+    /// When the broker read it, on one message in
+    /// [`crate::broker::LATENCY_SAMPLE_EVERY`] (`None` on the others and on
+    /// copies kept for later: retained, queued offline): its live deliveries
+    /// feed `millet_deliver_latency_seconds`.
+    pub routed_at: Option<Stamp>,
 }
 
 impl Message {
@@ -70,6 +75,7 @@ impl Message {
             // Owned already (copied at CONNECT).
             publisher_client_id: self.publisher_client_id.clone(),
             store_id: Default::default(),
+            routed_at: None,
         }
     }
 
@@ -1111,6 +1117,7 @@ mod tests {
                 publisher: None,
                 publisher_client_id: "p".into(),
                 store_id: Default::default(),
+                routed_at: None,
             }),
             qos: QoS::AtMostOnce,
             retain: true,
@@ -1153,6 +1160,7 @@ mod tests {
                 publisher: None,
                 publisher_client_id: "p".into(),
                 store_id: Default::default(),
+                routed_at: None,
             }),
             qos,
             retain: false,

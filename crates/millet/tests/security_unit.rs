@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use millet::auth::{AuthStep, Authenticator};
+use millet::broker::AuthFailure;
 use millet::security::acl::{Action, Rule};
 use millet::security::scram::{ScramStore, SCRAM_SHA_256};
 use millet::security::signature::{self, SignatureAlgorithm, SignatureEncoding};
@@ -98,7 +99,7 @@ max_connections_per_user = 1
     let (_, r) = sec
         .authenticate(req("c1", Some("alice"), Some(b"wrong")), lo)
         .await;
-    assert_eq!(r, AuthResult::Deny);
+    assert_eq!(r, AuthResult::Deny(None));
 
     // device signature
     let now = signature::unix_now_ms();
@@ -143,13 +144,29 @@ max_connections_per_user = 1
         .acl
         .check_subscribe("j1", Some("whoever"), &extra, "t/j1"));
 
+    // refused tokens say why (the `reason` label of /metrics)
+    for (key, exp, why) in [
+        (&b"jwt-key"[..], now / 1000 - 3600, AuthFailure::JwtExpired),
+        (&b"other-key"[..], now / 1000 + 60, AuthFailure::JwtInvalid),
+    ] {
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"exp": exp, "sub": "whoever"}),
+            &jsonwebtoken::EncodingKey::from_secret(key),
+        )?;
+        let (_, r) = sec
+            .authenticate(req("j2", Some("whoever"), Some(token.as_bytes())), lo)
+            .await;
+        assert_eq!(r, AuthResult::Deny(Some(why)));
+    }
+
     // nobody recognises plain unknown credentials → deny at end of chain
     let (_, r) = sec
         .authenticate(req("x", Some("eve"), Some(b"pw")), lo)
         .await;
-    assert_eq!(r, AuthResult::Deny);
+    assert_eq!(r, AuthResult::Deny(Some(AuthFailure::NotAuthorized)));
     let (_, r) = sec.authenticate(req("x", None, None), lo).await;
-    assert_eq!(r, AuthResult::Deny);
+    assert_eq!(r, AuthResult::Deny(Some(AuthFailure::NotAuthorized)));
 
     // per-user connection limit
     let permit = sec.user_connections.try_acquire("alice");
@@ -184,7 +201,7 @@ async fn default_config_is_anonymous_on_loopback_only() -> R {
     let (_, r) = sec
         .authenticate(req("c", None, None), "0.0.0.0:1883".parse()?)
         .await;
-    assert_eq!(r, AuthResult::Deny);
+    assert_eq!(r, AuthResult::Deny(Some(AuthFailure::NotAuthorized)));
     Ok(())
 }
 

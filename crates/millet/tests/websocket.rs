@@ -333,6 +333,10 @@ async fn a_proxy_protocol_header_before_the_upgrade_names_the_client() {
         log.contains("New client connected from 203.0.113.50:4444 as ws-proxied"),
         "{log}"
     );
+    assert!(
+        log.contains("over ws, address from the PROXY protocol header (proxy 127.0.0.1:"),
+        "{log}"
+    );
 }
 
 #[tokio::test]

@@ -35,9 +35,13 @@ pub const FAILED: u8 = 5;
                   API keys: millet ctl key add NAME --file FILE"
 )]
 struct Ctl {
-    /// Admin API address.
+    /// Admin API address (https://... when the broker runs with `[admin] tls`).
     #[arg(long, env = "MILLET_CTL_URL", default_value = "http://127.0.0.1:18083")]
     url: String,
+    /// CA certificate (PEM) to trust for an https URL, besides the system's
+    /// roots: the broker's own CA or self-signed certificate.
+    #[arg(long, env = "MILLET_CTL_CA")]
+    ca: Option<PathBuf>,
     /// API key or bearer token (default: DATA_DIR/admin.token).
     #[arg(long, env = "MILLET_CTL_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -200,10 +204,23 @@ impl Ctl {
     ) -> Result<Value, CtlError> {
         let token = self.token()?;
         let url = format!("{}{path}", self.url.trim_end_matches('/'));
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| err(FAILED, e.to_string()))?;
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(path) = &self.ca {
+            let pem = std::fs::read(path)
+                .map_err(|e| err(USAGE, format!("--ca {}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| err(USAGE, format!("--ca {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(err(
+                    USAGE,
+                    format!("--ca {}: no PEM certificate in it", path.display()),
+                ));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let client = builder.build().map_err(|e| err(FAILED, e.to_string()))?;
         let mut req = client.request(method, &url).bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::broker::admin::QUEUE_DEPTH_BOUNDS;
 use crate::broker::{Broker, Direction};
-use crate::histogram::{Snapshot, BOUNDS};
+use crate::histogram::Snapshot;
 
 struct Out(String);
 
@@ -44,7 +44,7 @@ impl Out {
 
     fn histogram(&mut self, name: &str, help: &str, s: &Snapshot) {
         self.head(name, "histogram", help);
-        for (b, c) in BOUNDS.iter().zip(&s.cumulative) {
+        for (b, c) in s.bounds.iter().zip(&s.cumulative) {
             let _ = writeln!(self.0, "{name}_bucket{{le=\"{b}\"}} {c}");
         }
         let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {}", s.count);
@@ -205,19 +205,17 @@ pub fn render(broker: &Broker, now: std::time::Instant) -> String {
             ("retained", g(&o.retained_refused)),
         ],
     );
-    let a = &s.auth_failures;
     m.labelled(
         "millet_auth_failures_total",
         "counter",
-        "CONNECTs refused by authentication, bans and per-user limits, by reason.",
+        "CONNECTs refused by authentication, bans, per-user limits and the AUTH exchange, by reason; the sum is $SYS clients/auth_failed.",
         "reason",
-        &[
-            ("bad_credentials", g(&a.bad_credentials)),
-            ("not_authorized", g(&a.not_authorized)),
-            ("banned", g(&a.banned)),
-            ("quota", g(&a.quota)),
-            ("other", g(&a.other)),
-        ],
+        &s.auth_failures.by_reason(),
+    );
+    m.histogram(
+        "millet_deliver_latency_seconds",
+        &format!("Publish-to-deliver latency: from reading a PUBLISH to encoding a live delivery of it for a subscriber. Sampled: one PUBLISH in {} per worker thread is timed, every live delivery of it observed (retained and offline-queued copies are not).", crate::broker::LATENCY_SAMPLE_EVERY),
+        &s.deliver_latency.snapshot(),
     );
     let q = broker.queue_depths();
     m.one(

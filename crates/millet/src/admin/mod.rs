@@ -256,6 +256,7 @@ pub async fn start(
     ready: Arc<AtomicBool>,
 ) -> anyhow::Result<Option<AdminServer>> {
     let cfg = broker.config.admin.clone();
+    let tls_cfg = broker.config.admin_tls();
     if !cfg.enabled {
         tracing::info!("admin API disabled");
         return Ok(None);
@@ -305,21 +306,139 @@ pub async fn start(
         metrics_auth: cfg.metrics_auth,
         bans,
     });
+    let tls = match tls_cfg {
+        Some(c) => {
+            let t = crate::security::tls::ReloadableTls::new(c)
+                .map_err(|e| anyhow::anyhow!("admin API TLS: {e}"))?;
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
     let app = router(state);
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let scheme = if tls.is_some() { "HTTPS" } else { "HTTP" };
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
+        let served = match tls {
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+            Some(tls) => {
+                // Renewed certificate files are picked up (like the MQTT
+                // TLS listeners'); the watcher ends with the listener.
+                let watch = tls.clone().spawn_watch_files(Duration::from_secs(5));
+                let r = axum::serve(TlsListener::new(listener, tls), app)
+                    .with_graceful_shutdown(shutdown)
+                    .await;
+                watch.abort();
+                r
+            }
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "admin API listener failed");
         }
     });
-    tracing::info!(%addr, "admin API listening (HTTP)");
+    tracing::info!(%addr, "admin API listening ({scheme})");
     Ok(Some(AdminServer { addr, stop, task }))
+}
+
+/// Longest a client may take over its TLS handshake with the admin
+/// listener.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most TLS handshakes with the admin listener in progress at once (more
+/// wait in the accept queue).
+const TLS_HANDSHAKES: usize = 64;
+
+/// An HTTPS listener for `axum::serve`: a task accepts TCP connections
+/// and runs each TLS handshake as its own task (bounded in time and in
+/// number), so a slow or silent client holds up nobody; finished
+/// handshakes are handed to axum.
+struct TlsListener {
+    addr: SocketAddr,
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    fn new(
+        listener: tokio::net::TcpListener,
+        tls: Arc<crate::security::tls::ReloadableTls>,
+    ) -> TlsListener {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (tx, ready) = tokio::sync::mpsc::channel(16);
+        let permits = Arc::new(tokio::sync::Semaphore::new(TLS_HANDSHAKES));
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let (tcp, peer) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "admin API: accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    () = tx.closed() => return,
+                };
+                let acceptor = tls.acceptor();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => {
+                            let _ = tx.send((s, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "admin API: TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!(%peer, "admin API: TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        TlsListener {
+            addr,
+            ready,
+            accept,
+        }
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accepting task is gone (only when the listener is
+            // dropped): nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
 }
 
 /// Write `text` to `path` with mode 0600 (Unix), replacing it.

@@ -410,6 +410,7 @@ impl Broker {
             publisher: None,
             publisher_client_id: ByteString::from_static("$admin"),
             store_id: Default::default(),
+            routed_at: None,
         };
         Ok(self.publish(Arc::new(msg), None, now))
     }

@@ -87,7 +87,16 @@ pub struct Stats {
     pub dropped_too_large: AtomicU64,
     /// CONNECTs refused by the security layer, by reason ([`AuthFailures`]).
     pub auth_failures: AuthFailures,
+    /// Publish-to-deliver latency of the sampled messages
+    /// ([`Broker::latency_stamp`]): from the read of the PUBLISH to the
+    /// encoding of each live delivery into a subscriber's write buffer.
+    pub deliver_latency: crate::histogram::Histogram<16>,
 }
+
+/// One PUBLISH in this many (per worker thread) is stamped for the
+/// publish-to-deliver latency histogram: observing every delivery would put
+/// three shared atomics on the hot path of each.
+pub const LATENCY_SAMPLE_EVERY: u32 = 64;
 
 /// Which way a message went, for [`QosCounters`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,33 +159,105 @@ impl QosCounters {
     }
 }
 
-/// CONNECTs refused by the authentication chain, bans and per-user
-/// limits, by the CONNACK reason code they got (for `/metrics`).
-#[derive(Debug, Default)]
-pub struct AuthFailures {
-    /// 0x86 bad user name or password (3.x: 4).
-    pub bad_credentials: AtomicU64,
-    /// 0x87 not authorized (3.x: 5).
-    pub not_authorized: AtomicU64,
-    /// 0x8A banned.
-    pub banned: AtomicU64,
-    /// 0x97 quota exceeded (connections per user).
-    pub quota: AtomicU64,
-    /// Any other refusal.
-    pub other: AtomicU64,
+/// Why a CONNECT was refused, as the bounded `reason` label of
+/// `millet_auth_failures_total` (never a client id or user name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// A provider refused the credentials presented (password file,
+    /// signature, or the HTTP hook's `deny`), a password was given:
+    /// CONNACK 0x86 (3.x: 4).
+    BadCredentials,
+    /// Refused without a password, or no provider accepted the client:
+    /// CONNACK 0x87 (3.x: 5).
+    NotAuthorized,
+    /// A ban matched (client id, user name or address): 0x8A.
+    Banned,
+    /// `max_connections_per_user` reached: 0x97.
+    Quota,
+    /// The authentication chain did not answer within `connect_timeout`.
+    Timeout,
+    /// A JWT whose `exp` (plus leeway) has passed.
+    JwtExpired,
+    /// A JWT that does not verify (signature, algorithm, issuer,
+    /// audience, `nbf`, no `exp` when required, bound to another identity).
+    JwtInvalid,
+    /// The HTTP hook failed (unreachable, timeout, bad answer) under
+    /// `on_error = "deny"`.
+    HookError,
+    /// The v5 enhanced authentication (SCRAM) exchange failed.
+    ScramFailed,
+    /// Anything else (an unknown authentication method...).
+    Other,
 }
 
+impl AuthFailure {
+    /// Every reason, in exposition order.
+    pub const ALL: [AuthFailure; 10] = [
+        AuthFailure::BadCredentials,
+        AuthFailure::NotAuthorized,
+        AuthFailure::Banned,
+        AuthFailure::Quota,
+        AuthFailure::Timeout,
+        AuthFailure::JwtExpired,
+        AuthFailure::JwtInvalid,
+        AuthFailure::HookError,
+        AuthFailure::ScramFailed,
+        AuthFailure::Other,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthFailure::BadCredentials => "bad_credentials",
+            AuthFailure::NotAuthorized => "not_authorized",
+            AuthFailure::Banned => "banned",
+            AuthFailure::Quota => "quota",
+            AuthFailure::Timeout => "timeout",
+            AuthFailure::JwtExpired => "jwt_expired",
+            AuthFailure::JwtInvalid => "jwt_invalid",
+            AuthFailure::HookError => "hook_error",
+            AuthFailure::ScramFailed => "scram_failed",
+            AuthFailure::Other => "other",
+        }
+    }
+}
+
+/// CONNECTs refused by the authentication chain, bans, per-user limits
+/// and the AUTH exchange, by [`AuthFailure`] (for `/metrics`; the total is
+/// `$SYS/broker/clients/auth_failed`). Refusals are rare: a plain atomic
+/// per refusal.
+#[derive(Debug, Default)]
+pub struct AuthFailures([AtomicU64; AuthFailure::ALL.len()]);
+
 impl AuthFailures {
-    /// Count a refused CONNECT by its reason code.
-    pub fn count(&self, reason: ReasonCode) {
-        let c = match reason {
-            ReasonCode::BAD_USER_NAME_OR_PASSWORD => &self.bad_credentials,
-            ReasonCode::NOT_AUTHORIZED => &self.not_authorized,
-            ReasonCode::BANNED => &self.banned,
-            ReasonCode::QUOTA_EXCEEDED => &self.quota,
-            _ => &self.other,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
+    /// Count a refused CONNECT.
+    pub fn count(&self, why: AuthFailure) {
+        self.0[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(label, count)` for every reason.
+    pub fn by_reason(&self) -> [(&'static str, u64); AuthFailure::ALL.len()] {
+        AuthFailure::ALL.map(|r| (r.label(), self.0[r as usize].load(Ordering::Relaxed)))
+    }
+
+    /// All refusals.
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl Broker {
+    /// `Some(now)` for one call in [`LATENCY_SAMPLE_EVERY`] on this thread,
+    /// for [`Message::routed_at`] (no clock read: `now` is the caller's).
+    pub fn latency_stamp(&self, now: Instant) -> Option<Stamp> {
+        thread_local! {
+            static SEEN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        }
+        SEEN.with(|n| {
+            let v = n.get().wrapping_add(1);
+            n.set(v);
+            (v % LATENCY_SAMPLE_EVERY == 0).then(|| Stamp::from(now))
+        })
     }
 }
 
@@ -1011,6 +1092,7 @@ impl Broker {
             publisher: Some(will_session),
             publisher_client_id: will_client_id,
             store_id: Default::default(),
+            routed_at: None,
         };
         tracing::debug!(topic = %msg.topic, "publishing will");
         self.publish(Arc::new(msg), None, now);

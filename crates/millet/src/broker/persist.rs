@@ -283,6 +283,7 @@ impl Persistence {
             publisher: None,
             publisher_client_id: ByteString::from(r.publisher.as_deref().unwrap_or("")),
             store_id: Default::default(),
+            routed_at: None,
         };
         let _ = msg.store_id.set(id);
         msg

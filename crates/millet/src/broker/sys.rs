@@ -189,6 +189,7 @@ fn publish_sys(broker: &Broker, load: &LoadAverages<{ LOADS.len() }>, now: Insta
         ),
         ("clients/expired", get(&s.clients_expired).to_string()),
         ("clients/parked", get(&s.clients_parked).to_string()),
+        ("clients/auth_failed", s.auth_failures.total().to_string()),
         ("messages/received", get(&s.messages_received).to_string()),
         ("messages/sent", get(&s.messages_sent).to_string()),
         ("messages/dropped", dropped.to_string()),
@@ -253,6 +254,7 @@ fn publish_sys(broker: &Broker, load: &LoadAverages<{ LOADS.len() }>, now: Insta
             publisher: None,
             publisher_client_id: "$SYS".into(),
             store_id: Default::default(),
+            routed_at: None,
         };
         broker.publish(Arc::new(msg), None, now);
     }

@@ -107,6 +107,10 @@ impl Connection {
                 .authenticator()
                 .and_then(|a| a.start(method, &client_id));
             let Some(mut exchange) = exchange else {
+                self.broker
+                    .stats
+                    .auth_failures
+                    .count(crate::broker::AuthFailure::Other);
                 let method = (**method).into();
                 return self.fail(ProtocolError::BadAuthenticationMethod(method));
             };
@@ -140,7 +144,13 @@ impl Connection {
                 self.state = State::Authenticating(pending);
             }
             AuthStep::Success(data) => self.accept(pending.connect, data),
-            AuthStep::Failure => self.fail(ProtocolError::AuthenticationFailed),
+            AuthStep::Failure => {
+                self.broker
+                    .stats
+                    .auth_failures
+                    .count(crate::broker::AuthFailure::ScramFailed);
+                self.fail(ProtocolError::AuthenticationFailed)
+            }
         }
     }
 

@@ -208,6 +208,7 @@ impl Connection {
             publisher: Some(a.cell.id),
             publisher_client_id: a.client_id.clone(),
             store_id: Default::default(),
+            routed_at: self.broker.latency_stamp(now),
         };
         let routed = self.broker.publish(Arc::new(msg), Some(&self.waker), now);
         if routed.congested && !self.timers.is_armed(Timer::Pause) {

@@ -191,6 +191,11 @@ impl Connection {
                 }
                 continue;
             }
+            if let (Some(t), false) = (d.msg.routed_at, hold) {
+                stats
+                    .deliver_latency
+                    .observe(now.saturating_duration_since(t.instant()));
+            }
             if let Some(pid) = pid {
                 writes.inflight_added(session, pid, &d);
                 session.push_inflight(pid, d);

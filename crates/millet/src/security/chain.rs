@@ -27,6 +27,7 @@ use super::passwd::PasswordStore;
 use super::posture::ListenerPolicy;
 use super::signature::{self, SignatureAuth};
 use super::tls::IdentityAs;
+use crate::broker::AuthFailure;
 
 /// A provider's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,10 @@ pub enum Decision {
         valid_until: Option<u64>,
     },
     Deny,
+    /// Refused for a reason finer than "bad credentials" (an expired JWT,
+    /// a failing HTTP hook): counted under that reason in `/metrics`,
+    /// otherwise the same as [`Decision::Deny`].
+    DenyFor(AuthFailure),
     /// Not this provider's business: ask the next.
     Ignore,
 }
@@ -50,6 +55,14 @@ impl Decision {
         Decision::Allow {
             acl: Vec::new(),
             valid_until: None,
+        }
+    }
+
+    /// [`Decision::DenyFor`] as a plain [`Decision::Deny`].
+    pub fn plain(self) -> Decision {
+        match self {
+            Decision::DenyFor(_) => Decision::Deny,
+            d => d,
         }
     }
 }
@@ -64,8 +77,10 @@ pub enum AuthResult {
         /// See [`Decision::Allow`].
         valid_until: Option<u64>,
     },
-    /// Refused: CONNACK 0x87 (v5) / 0x05 (v3.1.1).
-    Deny,
+    /// Refused: CONNACK 0x86 / 0x87 (v5) or 4 / 5 (v3.1.1); the reason
+    /// for the metrics when finer than the CONNACK's (`None`: a provider
+    /// refused the credentials).
+    Deny(Option<AuthFailure>),
 }
 
 /// What the chain knows about a CONNECT.
@@ -168,7 +183,7 @@ impl AuthProvider for JwtProvider {
     }
     fn authenticate<'a>(&'a self, req: &'a ConnectRequest) -> BoxFuture<'a, Decision> {
         Box::pin(async move {
-            self.0.check(
+            self.0.check_why(
                 &req.client_id,
                 req.username.as_deref(),
                 req.password.as_deref(),
@@ -189,7 +204,7 @@ impl AuthProvider for HttpProvider {
         "http"
     }
     fn authenticate<'a>(&'a self, req: &'a ConnectRequest) -> BoxFuture<'a, Decision> {
-        Box::pin(self.0.check(
+        Box::pin(self.0.check_why(
             &req.client_id,
             req.username.as_deref(),
             req.password.as_deref(),
@@ -273,9 +288,13 @@ impl AuthChain {
                     tracing::debug!(client_id = %req.client_id, provider = p.name(), "authenticated");
                     return AuthResult::Allow { acl, valid_until };
                 }
-                Decision::Deny => {
-                    tracing::info!(client_id = %req.client_id, username = req.username.as_deref().unwrap_or(""), peer = %req.peer, protocol = req.protocol, provider = p.name(), "authentication refused");
-                    return AuthResult::Deny;
+                d @ (Decision::Deny | Decision::DenyFor(_)) => {
+                    let why = match d {
+                        Decision::DenyFor(why) => Some(why),
+                        _ => None,
+                    };
+                    tracing::info!(client_id = %req.client_id, username = req.username.as_deref().unwrap_or(""), peer = %req.peer, protocol = req.protocol, provider = p.name(), reason = why.map_or("refused", AuthFailure::label), "authentication refused");
+                    return AuthResult::Deny(why);
                 }
                 Decision::Ignore => {}
             }
@@ -287,7 +306,7 @@ impl AuthChain {
             },
             ListenerPolicy::Authenticated => {
                 tracing::info!(client_id = %req.client_id, username = req.username.as_deref().unwrap_or(""), peer = %req.peer, protocol = req.protocol, "authentication refused: no provider accepted the client");
-                AuthResult::Deny
+                AuthResult::Deny(Some(AuthFailure::NotAuthorized))
             }
         }
     }
@@ -369,9 +388,15 @@ mod tests {
             }
         );
         let chain = AuthChain::new(vec![p("a", Decision::Deny), p("b", Decision::allow())]);
-        assert_eq!(chain.authenticate(&req()).await, AuthResult::Deny);
+        assert!(matches!(
+            chain.authenticate(&req()).await,
+            AuthResult::Deny(_)
+        ));
         let chain = AuthChain::new(vec![p("a", Decision::Ignore)]);
-        assert_eq!(chain.authenticate(&req()).await, AuthResult::Deny);
+        assert!(matches!(
+            chain.authenticate(&req()).await,
+            AuthResult::Deny(_)
+        ));
         assert_eq!(
             chain
                 .authenticate_with(&req(), ListenerPolicy::Anonymous)

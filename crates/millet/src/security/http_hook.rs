@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use super::jwt::claims_to_rules;
 use super::Decision;
+use crate::broker::AuthFailure;
 
 /// What to answer when the hook cannot be asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -147,7 +148,24 @@ impl HttpHook {
     }
 
     /// Ask the hook (or the cache).
+    /// [`HttpHook::check_why`] with every refusal a plain
+    /// [`Decision::Deny`].
     pub async fn check(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+        peer: SocketAddr,
+        protocol: u8,
+    ) -> Decision {
+        self.check_why(client_id, username, password, peer, protocol)
+            .await
+            .plain()
+    }
+
+    /// Ask the hook (or its cache); a failing hook under `on_error =
+    /// "deny"` is [`Decision::DenyFor`] [`AuthFailure::HookError`].
+    pub async fn check_why(
         &self,
         client_id: &str,
         username: Option<&str>,
@@ -192,7 +210,7 @@ impl HttpHook {
             Err(e) => {
                 tracing::warn!(client_id, url = %self.cfg.url, on_error = ?self.cfg.on_error, "HTTP auth hook failed: {e}");
                 return match self.cfg.on_error {
-                    OnError::Deny => Decision::Deny,
+                    OnError::Deny => Decision::DenyFor(AuthFailure::HookError),
                     OnError::Ignore => Decision::Ignore,
                 };
             }

@@ -33,6 +33,10 @@ use serde::{Deserialize, Serialize};
 
 use super::acl::{Action, Rule};
 use super::Decision;
+use crate::broker::AuthFailure;
+
+/// The verification error of a token past its `exp` (plus leeway).
+const EXPIRED: &str = "token expired";
 
 /// Supported algorithms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,9 +322,7 @@ impl JwtAuth {
         let c = data.claims;
         let leeway = self.cfg.leeway_secs;
         match c.exp {
-            Some(exp) if exp.saturating_add(leeway) <= now_secs => {
-                return Err("token expired".into())
-            }
+            Some(exp) if exp.saturating_add(leeway) <= now_secs => return Err(EXPIRED.into()),
             None if self.cfg.require_exp => return Err("token without exp".into()),
             _ => {}
         }
@@ -332,8 +334,22 @@ impl JwtAuth {
         Ok(c)
     }
 
-    /// Check a CONNECT whose password may carry a token.
+    /// [`JwtAuth::check_why`] with every refusal a plain
+    /// [`Decision::Deny`].
     pub fn check(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+        now_secs: u64,
+    ) -> Decision {
+        self.check_why(client_id, username, password, now_secs)
+            .plain()
+    }
+
+    /// Check a CONNECT whose password may carry a token; a refusal says
+    /// whether the token expired or is invalid.
+    pub fn check_why(
         &self,
         client_id: &str,
         username: Option<&str>,
@@ -351,7 +367,11 @@ impl JwtAuth {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(client_id, error = %e, "JWT refused");
-                return Decision::Deny;
+                return Decision::DenyFor(if e == EXPIRED {
+                    AuthFailure::JwtExpired
+                } else {
+                    AuthFailure::JwtInvalid
+                });
             }
         };
         let claim = claims.string(&self.cfg.bind_claim);
@@ -369,7 +389,7 @@ impl JwtAuth {
                 bind = ?self.cfg.bind,
                 "JWT refused: the token was issued for another identity"
             );
-            return Decision::Deny;
+            return Decision::DenyFor(AuthFailure::JwtInvalid);
         }
         Decision::Allow {
             acl: claims_to_rules(&claims.publish, &claims.subscribe),
