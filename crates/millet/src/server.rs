@@ -1196,6 +1196,138 @@ fn sniff_non_mqtt(first: &[u8]) -> Option<&'static str> {
 }
 
 /// What ended a connection task's wait.
+/// One poll of what a connection waits for (see `drive`, step 4).
+fn poll_event<S: Transport>(
+    c: &mut Conn<S>,
+    read: bool,
+    full: bool,
+    timer_armed: bool,
+    timer: Pin<&mut tokio::time::Sleep>,
+    cx: &mut Context<'_>,
+) -> Poll<Event> {
+    let Conn {
+        stream,
+        wbuf,
+        rbuf,
+        read_size,
+        waker,
+        pending,
+        ..
+    } = c;
+    if !wbuf.is_empty() {
+        let before = wbuf.len();
+        let r = poll_write_now(stream, wbuf, cx);
+        if before != wbuf.len() || r.is_ready() {
+            return Poll::Ready(Event::Wrote(before - wbuf.len(), r));
+        }
+    }
+    if read {
+        if let Poll::Ready(r) = poll_read_some(stream, cx, rbuf, read_size) {
+            return Poll::Ready(Event::Read(r));
+        }
+    }
+    // With full output, deliveries are left for later (they would only
+    // wake the task for nothing); signals still count.
+    let woken = if full {
+        waker.poll_signalled(cx)
+    } else {
+        waker.poll_woken(cx)
+    };
+    // An engine answer is looked for after registering: its wake-up may
+    // have been consumed by `poll_transmit`.
+    if woken.is_ready() || pending.as_ref().is_some_and(|p| p.is_answered()) {
+        return Poll::Ready(Event::Woken);
+    }
+    if timer_armed && std::future::Future::poll(timer, cx).is_ready() {
+        return Poll::Ready(Event::Timer);
+    }
+    Poll::Pending
+}
+
+/// What a connection waits for, worked out before each wait (and again
+/// when its timer fires) rather than kept across it.
+struct Plan {
+    /// The protocol's next deadline (keep-alive, connect, ...).
+    keepalive_at: Option<Instant>,
+    /// A write waiting this long without progress ends the connection.
+    stall_at: Option<Instant>,
+    /// Since when the client has consumed nothing (see [`Conn::consuming_nothing`]).
+    consuming_nothing: Option<Instant>,
+    /// When the session is to be told that its client consumes nothing.
+    block_at: Option<Instant>,
+    /// Nothing in progress: the connection may park.
+    idle: bool,
+    /// When it parks, if nothing happens first.
+    park_at: Option<Instant>,
+}
+
+impl Plan {
+    fn deadline(&self) -> Option<Instant> {
+        [
+            self.keepalive_at,
+            self.stall_at,
+            self.block_at,
+            self.park_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
+
+impl<S: Transport> Conn<S> {
+    fn park_after(&self) -> Duration {
+        Duration::from_millis(self.broker.config.limits.park_after_ms)
+    }
+
+    /// Since when the client has consumed nothing: writes stuck, or its
+    /// in-flight window full.
+    fn consuming_nothing(&self) -> Option<Instant> {
+        match (
+            self.stalled_since.map(Stamp::instant),
+            self.conn.ack_blocked_since(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn plan(&self, now: Instant) -> Plan {
+        let park_after = self.park_after();
+        let stall_at = self.stalled_since.map(|t| {
+            t.instant()
+                + write_stall_limit(
+                    self.conn.keep_alive(),
+                    self.broker.config.limits.write_timeout,
+                )
+        });
+        let keepalive_at = self.conn.poll_timeout();
+        let consuming_nothing = self.consuming_nothing();
+        let idle = S::PARKS
+            && !park_after.is_zero()
+            && self.connected
+            && !self.shutting_down
+            && self.rbuf.is_empty()
+            && self.wbuf.is_empty()
+            && consuming_nothing.is_none()
+            && !self.told_stalled
+            && self.conn.is_idle()
+            // A keep-alive due soon is left to the task's own timer (the
+            // sweep that wakes parked connections is coarse).
+            && keepalive_at.is_none_or(|k| k > now + park_after + PARK_HORIZON);
+        Plan {
+            keepalive_at,
+            stall_at,
+            consuming_nothing,
+            block_at: consuming_nothing
+                .filter(|_| !self.told_stalled)
+                .map(|t| t + crate::session::WRITE_BLOCK_GRACE),
+            idle,
+            park_at: idle.then(|| self.last_active.instant() + park_after),
+        }
+    }
+}
+
 enum Event {
     Read(std::io::Result<usize>),
     /// Bytes written, and whether all of `wbuf` is now out (or failed).
@@ -1294,12 +1426,10 @@ fn serve<S: Transport + 'static>(
 
 /// Run a connection (new, or resumed from parking) until it closes or parks.
 async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
-    let peer = c.peer;
-    let park_after = Duration::from_millis(c.broker.config.limits.park_after_ms);
     // The keep-alive / connect / retry timer: one timer entry, moved as the
     // deadline moves (not a new one per wait).
     let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
-    let mut timer_at: Option<tokio::time::Instant> = None;
+    let mut timer_at: Option<Stamp> = None;
     // Nothing handled yet since the task (re)started: a resumed connection
     // first handles what woke it before it may park again.
     let mut fresh = true;
@@ -1312,7 +1442,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                     .as_ref()
                     .map(|i| i.listener.to_string())
                     .unwrap_or_default();
-                tracing::info!(%peer, listener, "not MQTT: {what}; connection closed");
+                tracing::info!(peer = %c.peer, listener, "not MQTT: {what}; connection closed");
                 break;
             }
         }
@@ -1337,7 +1467,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::info!(%peer, client_id = c.conn.client_id().unwrap_or(""), error = %e,
+                    tracing::info!(peer = %c.peer, client_id = c.conn.client_id().unwrap_or(""), error = %e,
                     reason = %e.reason_code(), "malformed packet; closing");
                     c.conn.handle_decode_error(&e);
                     continue;
@@ -1385,14 +1515,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 Poll::Pending => {}
             }
         }
-        let consuming_nothing = match (
-            c.stalled_since.map(Stamp::instant),
-            c.conn.ack_blocked_since(),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if c.told_stalled && consuming_nothing.is_none() {
+        if c.told_stalled && c.consuming_nothing().is_none() {
             c.conn.set_consumer_stalled(false);
             c.told_stalled = false;
         }
@@ -1418,17 +1541,17 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 c.broker.stats.count_bytes_sent(before - c.wbuf.len());
             }
             if c.connected {
-                tracing::info!(%peer, %reason, "Client {} disconnected: {why}", c.conn.client_id().unwrap_or(""));
+                tracing::info!(peer = %c.peer, %reason, "Client {} disconnected: {why}", c.conn.client_id().unwrap_or(""));
             } else {
-                tracing::debug!(%peer, %reason, %why, "closing connection");
+                tracing::debug!(peer = %c.peer, %reason, %why, "closing connection");
             }
             break;
         }
         if c.eof {
             if c.connected {
-                tracing::info!(%peer, "Client {} disconnected: connection closed by the client without DISCONNECT", c.conn.client_id().unwrap_or(""));
+                tracing::info!(peer = %c.peer, "Client {} disconnected: connection closed by the client without DISCONNECT", c.conn.client_id().unwrap_or(""));
             } else {
-                tracing::debug!(%peer, "connection closed by peer");
+                tracing::debug!(peer = %c.peer, "connection closed by peer");
             }
             break;
         }
@@ -1442,8 +1565,8 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         if signals & ConnWaker::BANS != 0 && c.connected {
             if let (Some(sec), Some(id)) = (c.broker.security(), c.conn.client_id()) {
                 let user = c.hello.as_ref().and_then(|h| h.username.as_deref());
-                if let Some(ban) = sec.bans.check(id, user, Some(peer.ip()), Instant::now()) {
-                    tracing::info!(%peer, client_id = id, username = user.unwrap_or(""), %ban, "banned at run time: disconnecting");
+                if let Some(ban) = sec.bans.check(id, user, Some(c.peer.ip()), Instant::now()) {
+                    tracing::info!(peer = %c.peer, client_id = id, username = user.unwrap_or(""), %ban, "banned at run time: disconnecting");
                     c.conn.handle_kick(ProtocolError::Banned(Box::new(ban)));
                     continue;
                 }
@@ -1454,48 +1577,24 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         // limit while a write waits, and when to park). Polled by hand
         // rather than with `select!`: no per-branch future is stored, so
         // the waiting task stays small.
-        let stall_at = c.stalled_since.map(Stamp::instant).map(|t| {
-            t + write_stall_limit(c.conn.keep_alive(), c.broker.config.limits.write_timeout)
-        });
-        let keepalive_at = c.conn.poll_timeout();
-        let now = Instant::now();
-        let idle = S::PARKS
-            && !park_after.is_zero()
-            && c.connected
-            && !c.shutting_down
-            && c.rbuf.is_empty()
-            && c.wbuf.is_empty()
-            && consuming_nothing.is_none()
-            && !c.told_stalled
-            && c.conn.is_idle()
-            // A keep-alive due soon is left to the task's own timer (the
-            // sweep that wakes parked connections is coarse).
-            && keepalive_at.is_none_or(|k| k > now + park_after + PARK_HORIZON);
-        if idle && c.quiet && !fresh {
-            // Resumed after a long quiet (a device's message, a command to
-            // it) and done: park again at once, without waiting
-            // `park_after` for a timer to say so.
-            match park(c, keepalive_at) {
-                Ok(()) => return,
-                Err(back) => c = back,
-            }
-            continue;
-        }
-        let park_at = idle.then(|| c.last_active.instant() + park_after);
         {
-            let block_at = consuming_nothing
-                .filter(|_| !c.told_stalled)
-                .map(|t| t + crate::session::WRITE_BLOCK_GRACE);
-            let deadline = [keepalive_at, stall_at, block_at, park_at]
-                .into_iter()
-                .flatten()
-                .min()
-                .map(tokio::time::Instant::from_std);
-            if deadline != timer_at {
-                if let Some(d) = deadline {
-                    timer.as_mut().reset(d);
+            let plan = c.plan(Instant::now());
+            if plan.idle && c.quiet && !fresh {
+                // Resumed after a long quiet (a device's message, a command to
+                // it) and done: park again at once, without waiting
+                // `park_after` for a timer to say so.
+                match park(c, plan.keepalive_at) {
+                    Ok(()) => return,
+                    Err(back) => c = back,
                 }
-                timer_at = deadline;
+                continue;
+            }
+            let deadline = plan.deadline();
+            if deadline.map(Stamp::from) != timer_at {
+                if let Some(d) = deadline {
+                    timer.as_mut().reset(tokio::time::Instant::from_std(d));
+                }
+                timer_at = deadline.map(Stamp::from);
             }
         }
         c.conn.release_idle_memory();
@@ -1504,46 +1603,13 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         // unread (TCP holds them back): they are handled after the answer.
         let read = !c.conn.is_paused() && !full && c.conn.accepts_packets();
         let event = {
-            let Conn {
-                stream,
-                wbuf,
-                rbuf,
-                read_size,
-                waker,
-                pending,
-                ..
-            } = &mut *c;
-            std::future::poll_fn(|cx| {
-                if !wbuf.is_empty() {
-                    let before = wbuf.len();
-                    let r = poll_write_now(stream, wbuf, cx);
-                    if before != wbuf.len() || r.is_ready() {
-                        return Poll::Ready(Event::Wrote(before - wbuf.len(), r));
-                    }
-                }
-                if read {
-                    if let Poll::Ready(r) = poll_read_some(stream, cx, rbuf, read_size) {
-                        return Poll::Ready(Event::Read(r));
-                    }
-                }
-                // With full output, deliveries are left for later (they
-                // would only wake the task for nothing); signals still count.
-                let woken = if full {
-                    waker.poll_signalled(cx)
-                } else {
-                    waker.poll_woken(cx)
-                };
-                // An engine answer is looked for after registering: its
-                // wake-up may have been consumed by `poll_transmit`.
-                if woken.is_ready() || pending.as_ref().is_some_and(|p| p.is_answered()) {
-                    return Poll::Ready(Event::Woken);
-                }
-                if timer_at.is_some() && std::future::Future::poll(timer.as_mut(), cx).is_ready() {
-                    return Poll::Ready(Event::Timer);
-                }
-                Poll::Pending
-            })
-            .await
+            // The closure holds one reference and three flags: what it
+            // captures is stored in every waiting task.
+            let conn = &mut *c;
+            let armed = timer_at.is_some();
+            let mut timer = timer.as_mut();
+            std::future::poll_fn(move |cx| poll_event(conn, read, full, armed, timer.as_mut(), cx))
+                .await
         };
         fresh = false;
         match event {
@@ -1575,28 +1641,31 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             Event::Timer => {
                 timer_at = None;
                 let now = Instant::now();
-                if park_at.is_some_and(|t| t <= now) {
+                // Planned again (not kept across the wait: the task stays small).
+                let plan = c.plan(now);
+                if plan.park_at.is_some_and(|t| t <= now) {
                     // Quiet for `park_after` with nothing in progress (any
                     // other event would have come first): give up the task.
-                    match park(c, keepalive_at) {
+                    match park(c, plan.keepalive_at) {
                         Ok(()) => return,
                         Err(back) => c = back,
                     }
                     continue;
                 }
                 if !c.told_stalled
-                    && consuming_nothing
+                    && plan
+                        .consuming_nothing
                         .is_some_and(|t| now >= t + crate::session::WRITE_BLOCK_GRACE)
                 {
                     c.conn.set_consumer_stalled(true);
                     c.told_stalled = true;
                 }
-                if stall_at.is_some_and(|t| t <= now) {
+                if plan.stall_at.is_some_and(|t| t <= now) {
                     let stall = write_stall_limit(
                         c.conn.keep_alive(),
                         c.broker.config.limits.write_timeout,
                     );
-                    tracing::info!(%peer, "Client {} disconnected: stopped reading (no write progress for {:?})",
+                    tracing::info!(peer = %c.peer, "Client {} disconnected: stopped reading (no write progress for {:?})",
                         c.conn.client_id().unwrap_or(""), stall);
                     c.write_failed = true;
                     break;
@@ -1607,7 +1676,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         if !c.connected {
             let held = c.rbuf.capacity().saturating_sub(PREAUTH_FREE);
             if !c.preauth.set(held) {
-                c.preauth.budget.refuse(peer, Instant::now());
+                c.preauth.budget.refuse(c.peer, Instant::now());
                 c.over_budget = true;
                 break;
             }
