@@ -256,18 +256,20 @@ struct Active {
     client_id: ByteString,
     cell: Arc<SessionCell>,
     epoch: u64,
-    keep_alive: Option<Duration>,
+    /// Keep alive in force, seconds (0: none).
+    keep_alive: u16,
     alias_in: InAliases,
     alias_in_max: u16,
     alias_out: OutAliases,
     /// Outgoing QoS 1/2 window: min(client receive maximum, server max_inflight).
-    send_window: usize,
+    send_window: u16,
     /// Resend the in-flight window (DUP) before anything else.
     resend: bool,
     /// Session expiry granted at CONNECT (a DISCONNECT may not raise it from 0).
     session_expiry: u32,
-    auth_method: Option<ByteString>,
-    reauth: Option<Box<dyn AuthExchange>>,
+    /// Enhanced authentication (v5): its method, and a re-authentication
+    /// under way. Boxed: most connections have none.
+    auth: Option<Box<Reauth>>,
     /// Effective username, for the ACL.
     username: Option<ByteString>,
     /// Per-client ACL rules from the authentication provider.
@@ -279,6 +281,18 @@ struct Active {
     /// A bridge (protocol level 0x83 / 0x84): its subscriptions get No Local
     /// and Retain As Published.
     bridge: bool,
+}
+
+/// A v5 connection's authentication method and its re-authentication.
+struct Reauth {
+    method: ByteString,
+    exchange: Option<Box<dyn AuthExchange>>,
+}
+
+impl Active {
+    fn keep_alive(&self) -> Option<Duration> {
+        (self.keep_alive > 0).then(|| Duration::from_secs(u64::from(self.keep_alive)))
+    }
 }
 
 /// Credentials valid longer than this (a JWT `exp` far in the future) are
@@ -404,7 +418,7 @@ impl Connection {
     /// deadline comes.
     pub fn is_idle(&self) -> bool {
         let quiet_state = match &self.state {
-            State::Connected(a) => a.reauth.is_none(),
+            State::Connected(a) => a.auth.as_ref().is_none_or(|r| r.exchange.is_none()),
             _ => false,
         };
         quiet_state
@@ -476,7 +490,7 @@ impl Connection {
     /// The keep alive in force (None before CONNECT or when 0).
     pub fn keep_alive(&self) -> Option<Duration> {
         match &self.state {
-            State::Connected(a) => a.keep_alive,
+            State::Connected(a) => a.keep_alive(),
             _ => None,
         }
     }
@@ -736,7 +750,7 @@ impl Connection {
 
     fn rearm_keepalive(&mut self, now: Instant) {
         if let State::Connected(a) = &self.state {
-            let at = a.keep_alive.map(|k| now + k + k / 2);
+            let at = a.keep_alive().map(|k| now + k + k / 2);
             self.timers.set(Timer::KeepAlive, at);
         }
     }

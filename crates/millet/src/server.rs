@@ -2049,7 +2049,7 @@ mod size_report {
             ("ConnWaker", size_of::<crate::session::ConnWaker>(), 40),
             ("Parking", size_of::<super::Parking>(), 40),
             ("ConnInfo", size_of::<crate::broker::admin::ConnInfo>(), 72),
-            ("Active", crate::protocol::active_size(), 232),
+            ("Active", crate::protocol::active_size(), 176),
         ];
         for (name, size, bound) in sizes {
             eprintln!("{name}: {size} bytes (bound {bound})");

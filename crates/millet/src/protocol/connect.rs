@@ -280,7 +280,7 @@ impl Connection {
             client_id,
             cell: attached.cell.clone(),
             epoch: attached.epoch,
-            keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive))),
+            keep_alive,
             alias_in: InAliases::default(),
             alias_in_max: if v5 { limits.topic_alias_max } else { 0 },
             alias_out: OutAliases::new(if v5 {
@@ -288,11 +288,15 @@ impl Connection {
             } else {
                 0
             }),
-            send_window: usize::from(client_receive_max.min(limits.max_inflight)),
+            send_window: client_receive_max.min(limits.max_inflight),
             resend: attached.session_present,
             session_expiry: expiry,
-            auth_method: c.properties.authentication_method.clone(),
-            reauth: None,
+            auth: c.properties.authentication_method.clone().map(|method| {
+                Box::new(Reauth {
+                    method,
+                    exchange: None,
+                })
+            }),
             username: grant.username.map(ByteString::from),
             acl: grant.acl,
             _hold: grant.hold,
@@ -317,15 +321,19 @@ impl Connection {
 
     /// Re-authentication (v5 AUTH 0x19 after CONNACK), section 4.12.1.
     pub(super) fn handle_reauth(&mut self, a: &mut Active, x: Auth) {
-        if a.auth_method.is_none() || x.properties.authentication_method != a.auth_method {
+        let Some(auth) = a
+            .auth
+            .as_mut()
+            .filter(|r| x.properties.authentication_method.as_ref() == Some(&r.method))
+        else {
             // [MQTT-4.12.0-7] / [MQTT-4.12.1-1]
             return self.fail(ProtocolError::AuthMethodMismatch);
-        }
+        };
         if x.reason_code == ReasonCode::REAUTHENTICATE {
             // The connection's identity (the ACL's username) is fixed at
             // CONNECT: re-authenticating as someone else is refused rather
             // than silently keeping the old user's rights.
-            if a.auth_method.as_deref() == Some(crate::security::scram::SCRAM_SHA_256) {
+            if &*auth.method == crate::security::scram::SCRAM_SHA_256 {
                 let user = x
                     .properties
                     .authentication_data
@@ -335,39 +343,38 @@ impl Connection {
                     return self.fail(ProtocolError::ReauthDifferentUser);
                 }
             }
-            let method = a.auth_method.clone().unwrap_or_default();
-            a.reauth = self
+            auth.exchange = self
                 .broker
                 .authenticator()
-                .and_then(|au| au.start(&method, &a.client_id));
-        } else if x.reason_code != ReasonCode::CONTINUE_AUTHENTICATION || a.reauth.is_none() {
+                .and_then(|au| au.start(&auth.method, &a.client_id));
+        } else if x.reason_code != ReasonCode::CONTINUE_AUTHENTICATION || auth.exchange.is_none() {
             return self.fail(ProtocolError::UnexpectedAuthReasonCode);
         }
-        let Some(ex) = a.reauth.as_mut() else {
+        let Some(ex) = auth.exchange.as_mut() else {
             return self.fail(ProtocolError::ReauthRefused);
         };
         match ex.step(x.properties.authentication_data.as_deref()) {
             AuthStep::Continue(data) => self.out.push_back(Packet::Auth(Auth {
                 reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
                 properties: AuthProperties {
-                    authentication_method: a.auth_method.clone(),
+                    authentication_method: Some(auth.method.clone()),
                     authentication_data: Some(data),
                     ..Default::default()
                 },
             })),
             AuthStep::Success(data) => {
-                a.reauth = None;
+                auth.exchange = None;
                 self.out.push_back(Packet::Auth(Auth {
                     reason_code: ReasonCode::SUCCESS,
                     properties: AuthProperties {
-                        authentication_method: a.auth_method.clone(),
+                        authentication_method: Some(auth.method.clone()),
                         authentication_data: data,
                         ..Default::default()
                     },
                 }));
             }
             AuthStep::Failure => {
-                a.reauth = None;
+                auth.exchange = None;
                 self.fail(ProtocolError::ReauthFailed);
             }
         }

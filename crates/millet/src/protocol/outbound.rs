@@ -136,7 +136,7 @@ impl Connection {
                 }
                 break;
             }
-            let window_full = session.inflight_len() >= active.send_window;
+            let window_full = session.inflight_len() >= usize::from(active.send_window);
             let Some(d) = session.pop_queued(now) else {
                 break;
             };
