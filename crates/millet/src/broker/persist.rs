@@ -489,3 +489,41 @@ impl Ticket {
         self.0 == 0
     }
 }
+
+impl super::Broker {
+    /// The store, if any.
+    pub fn persistence(&self) -> Option<&Persistence> {
+        self.persist.as_ref()
+    }
+
+    /// The store records a connection writes for `session` in one turn.
+    pub fn session_writes(&self, session: &Session) -> SessionWrites<'_> {
+        SessionWrites::new(self.persist.as_ref(), session)
+    }
+
+    /// Whether what `ticket` covers is durable yet (or failed).
+    pub fn ticket_status(&self, ticket: Ticket) -> AckStatus {
+        match &self.persist {
+            Some(p) => p.status(ticket.0),
+            None => AckStatus::Durable,
+        }
+    }
+
+    /// Wake `waker` once `ticket` is done (at once if it is).
+    pub fn ticket_wait(&self, ticket: Ticket, waker: &Arc<ConnWaker>) {
+        if let (Some(p), false) = (&self.persist, ticket.is_none()) {
+            p.wait(ticket.0, waker);
+        }
+    }
+
+    /// A ticket covering everything submitted so far.
+    pub fn last_ticket(&self) -> Ticket {
+        Ticket(self.persist.as_ref().map_or(0, |p| p.submitted_seq()))
+    }
+
+    /// Acknowledgements go out when the write is submitted, not when it is
+    /// durable (`interval` policy), or nothing is stored at all.
+    pub fn acks_early(&self) -> bool {
+        self.persist.as_ref().is_none_or(|p| p.acks_early())
+    }
+}
