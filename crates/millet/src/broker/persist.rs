@@ -4,7 +4,10 @@
 //! records, the wall clock ↔ `Instant` mapping (records hold unix
 //! milliseconds; the broker runs on `Instant`s), and the bookkeeping that lets
 //! a connection hold back a PUBACK / PUBREC until the store has made the
-//! message durable (group commit: many publishers share one fsync).
+//! message durable (group commit: many publishers share one fsync). The
+//! `impl Broker` at the end holds the broker's accessors for the store and
+//! its durability tickets. Restoring from the store at start-up is in
+//! `recovery.rs`.
 
 use std::collections::VecDeque;
 use std::ops::RangeInclusive;

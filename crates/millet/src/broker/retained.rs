@@ -1,6 +1,12 @@
 //! Retained message store: one retained message per topic name, found by
 //! topic filter when a client subscribes (OASIS MQTT 5.0 section 3.3.1.3).
 //!
+//! Owns the retained messages: this trie ([`RetainedStore`]) and, in the
+//! `impl Broker` at the end, the broker's `retained`, `retained_count` and
+//! `retained_bytes`: the limits on new retained topics, the counts, replay
+//! on subscribe, and expiry. (Storing or clearing a retained message as
+//! part of a publish is in `route.rs`, [`Broker::publish`].)
+//!
 //! # Structure
 //!
 //! A trie of topic levels (`/`-separated, empty levels included), with
