@@ -4,7 +4,10 @@
 //! records, the wall clock ↔ `Instant` mapping (records hold unix
 //! milliseconds; the broker runs on `Instant`s), and the bookkeeping that lets
 //! a connection hold back a PUBACK / PUBREC until the store has made the
-//! message durable (group commit: many publishers share one fsync).
+//! message durable (group commit: many publishers share one fsync). The
+//! `impl Broker` at the end holds the broker's accessors for the store and
+//! its durability tickets. Restoring from the store at start-up is in
+//! `recovery.rs`.
 
 use std::collections::VecDeque;
 use std::ops::RangeInclusive;
@@ -487,5 +490,43 @@ impl Ticket {
 
     pub fn is_none(self) -> bool {
         self.0 == 0
+    }
+}
+
+impl super::Broker {
+    /// The store, if any.
+    pub fn persistence(&self) -> Option<&Persistence> {
+        self.persist.as_ref()
+    }
+
+    /// The store records a connection writes for `session` in one turn.
+    pub fn session_writes(&self, session: &Session) -> SessionWrites<'_> {
+        SessionWrites::new(self.persist.as_ref(), session)
+    }
+
+    /// Whether what `ticket` covers is durable yet (or failed).
+    pub fn ticket_status(&self, ticket: Ticket) -> AckStatus {
+        match &self.persist {
+            Some(p) => p.status(ticket.0),
+            None => AckStatus::Durable,
+        }
+    }
+
+    /// Wake `waker` once `ticket` is done (at once if it is).
+    pub fn ticket_wait(&self, ticket: Ticket, waker: &Arc<ConnWaker>) {
+        if let (Some(p), false) = (&self.persist, ticket.is_none()) {
+            p.wait(ticket.0, waker);
+        }
+    }
+
+    /// A ticket covering everything submitted so far.
+    pub fn last_ticket(&self) -> Ticket {
+        Ticket(self.persist.as_ref().map_or(0, |p| p.submitted_seq()))
+    }
+
+    /// Acknowledgements go out when the write is submitted, not when it is
+    /// durable (`interval` policy), or nothing is stored at all.
+    pub fn acks_early(&self) -> bool {
+        self.persist.as_ref().is_none_or(|p| p.acks_early())
     }
 }

@@ -1,0 +1,379 @@
+//! The session registry: client id → session cell, one live connection
+//! per client id. Attach (create, resume or discard per clean start),
+//! takeover, detach, and session expiry. Owns `registry`, `expiries`
+//! (the expiry queue), `next_session_id` and `next_epoch`.
+//!
+//! Lock order: `registry` → a session's `state` (see the module doc of
+//! [`crate::broker`]).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytestring::ByteString;
+use millet_codec::{topic, LastWill, QoS};
+
+use super::route::remove_from_index;
+use super::wills::DelayedWill;
+use super::Broker;
+use crate::session::{ConnWaker, Session, SessionCell, SessionId, Subscription, Will};
+use crate::stamp::Stamp;
+use crate::store::Op;
+
+/// Result of attaching a connection to a session.
+pub struct Attached {
+    pub cell: Arc<SessionCell>,
+    pub epoch: u64,
+    pub session_present: bool,
+}
+
+/// Why a new session is refused ([`Broker::admit_session`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionRefusal {
+    MaxSessions,
+    Memory,
+}
+
+impl Broker {
+    /// A new session with this broker's queue limits and memory meter.
+    fn new_session(&self, id: SessionId, client_id: ByteString) -> Session {
+        let l = &self.config.limits;
+        let mut s = Session::new(id, client_id, l.max_queued);
+        s.set_memory_limits(l.max_queued_bytes, self.meter.clone());
+        s
+    }
+
+    /// May `client_id` get a session? A session that exists (resumed, or
+    /// discarded by a clean start) always may; a new one not at
+    /// `max_sessions`, nor above the memory high watermark (counted).
+    /// A client id for a client that sent none [MQTT-3.1.3-6]: random, so
+    /// that it is unique across restarts and (with an engine shared by
+    /// several nodes) across nodes.
+    pub fn assign_client_id(&self) -> ByteString {
+        format!("millet-{:016x}", rand::random::<u64>()).into()
+    }
+
+    pub fn admit_session(&self, client_id: &str) -> Result<(), SessionRefusal> {
+        let reg = self.registry.lock();
+        if reg.contains_key(client_id) {
+            return Ok(());
+        }
+        let o = &self.overload;
+        if reg.len() >= self.config.limits.max_sessions {
+            o.sessions_refused_max.fetch_add(1, Ordering::Relaxed);
+            return Err(SessionRefusal::MaxSessions);
+        }
+        drop(reg);
+        if self.memory_pressure() >= crate::budget::Pressure::High {
+            o.sessions_refused_memory.fetch_add(1, Ordering::Relaxed);
+            return Err(SessionRefusal::Memory);
+        }
+        Ok(())
+    }
+
+    /// Attach a new connection to the session of `client_id`, creating it,
+    /// resuming it or discarding it per `clean_start` [MQTT-3.1.2-4..6]. A
+    /// connection already attached is told to close with 0x8E [MQTT-3.1.4-3].
+    pub fn connect(
+        &self,
+        client_id: &ByteString,
+        clean_start: bool,
+        expiry_interval: u32,
+        will: Option<LastWill>,
+        waker: Arc<ConnWaker>,
+        now: Instant,
+    ) -> Attached {
+        let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
+        let mut wills_now: Vec<Will> = Vec::new();
+        let mut ended: Option<Arc<SessionCell>> = None;
+        let attached = {
+            let mut reg = self.registry.lock();
+            let existing = reg.get(client_id).cloned();
+            let mut resumed = None;
+            if let Some(cell) = existing {
+                let mut st = cell.state.lock();
+                // A session with expiry 0 ends when its connection closes,
+                // and a takeover closes it: nothing to resume.
+                let clean_start =
+                    clean_start || (st.conn_epoch != 0 && st.session.expiry_interval == 0);
+                // The will of the previous connection: it goes out only if the
+                // session ends here; a resumed session cancels it, like a
+                // reconnection within the will delay [MQTT-3.1.2-8],
+                // [MQTT-3.1.3-9] (Mosquitto behaves the same since its issue
+                // 1273). A live old connection gets it back to decide on when
+                // it closes (see `SessionStateGuarded::takeover_will`).
+                let old_will = st.session.will.take();
+                if st.conn_epoch != 0 {
+                    // Takeover: the old connection sees its epoch replaced and
+                    // closes with 0x8E.
+                    if let (true, Some(w)) = (clean_start, old_will) {
+                        st.takeover_will = Some((st.conn_epoch, w));
+                    }
+                    st.conn_epoch = 0;
+                    st.signal_kick();
+                    st.waker = None;
+                    st.conn_info = None;
+                    self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
+                } else if let (true, Some(w)) = (clean_start, old_will) {
+                    wills_now.push(w);
+                }
+                // A will waiting for its delay: the session ends before the
+                // delay passes (published now), or the reconnection cancels it.
+                let delayed = self.take_delayed_will(cell.id);
+                if clean_start {
+                    wills_now.extend(delayed);
+                }
+                if clean_start {
+                    drop(st);
+                    reg.remove(client_id);
+                    ended = Some(cell);
+                } else {
+                    st.conn_epoch = epoch;
+                    st.waker = Some(waker.clone());
+                    st.kick = None;
+                    st.conn_info = None;
+                    st.session.expires_at = None;
+                    st.session.expiry_interval = expiry_interval;
+                    drop(st);
+                    resumed = Some(cell);
+                }
+            }
+            match resumed {
+                Some(cell) => Attached {
+                    cell,
+                    epoch,
+                    session_present: true,
+                },
+                None => {
+                    let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
+                    let mut s = self.new_session(id, client_id.clone());
+                    s.expiry_interval = expiry_interval;
+                    let cell = SessionCell::new(s);
+                    {
+                        let mut st = cell.state.lock();
+                        st.conn_epoch = epoch;
+                        st.waker = Some(waker.clone());
+                    }
+                    reg.insert(client_id.clone(), cell.clone());
+                    self.stats
+                        .clients_maximum
+                        .fetch_max(reg.len() as u64, Ordering::Relaxed);
+                    Attached {
+                        cell,
+                        epoch,
+                        session_present: false,
+                    }
+                }
+            }
+        };
+        {
+            let mut st = attached.cell.state.lock();
+            st.session.will = will.map(|will| Will::new(will, client_id.clone(), attached.cell.id));
+            if let Some(p) = &self.persist {
+                if expiry_interval > 0 {
+                    st.session.persisted = true;
+                    p.submit(vec![Op::PutSession(Box::new(
+                        p.session_record(&st.session, None),
+                    ))]);
+                }
+            }
+        }
+        if let Some(cell) = ended {
+            self.end_session(&cell, now);
+        }
+        for w in wills_now {
+            self.publish_will(w, now);
+        }
+        self.stats.clients_connected.fetch_add(1, Ordering::Relaxed);
+        attached
+    }
+
+    /// The connection `epoch` of `cell` has closed. `publish_will` is false
+    /// after a normal DISCONNECT [MQTT-3.1.2-10]. `expiry_override` is the
+    /// session expiry from a v5 DISCONNECT.
+    pub fn disconnect(
+        &self,
+        cell: &Arc<SessionCell>,
+        epoch: u64,
+        publish_will: bool,
+        expiry_override: Option<u32>,
+        now: Instant,
+    ) {
+        let mut will_now = None;
+        let end = {
+            let reg = self.registry.lock();
+            let mut st = cell.state.lock();
+            if st.conn_epoch != epoch {
+                // Taken over. If the session ended with the takeover, our will
+                // was left for us to decide on [MQTT-3.1.2-10].
+                let will = match st.takeover_will.take() {
+                    Some((e, w)) if e == epoch => Some(w),
+                    other => {
+                        st.takeover_will = other;
+                        None
+                    }
+                };
+                drop(st);
+                drop(reg);
+                if let (true, Some(w)) = (publish_will, will) {
+                    self.publish_will(w, now);
+                }
+                return;
+            }
+            st.conn_epoch = 0;
+            st.kick = None;
+            st.waker = None;
+            st.conn_info = None;
+            st.release_blocked();
+            self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
+            if let Some(e) = expiry_override {
+                st.session.expiry_interval = e;
+            }
+            let expiry = st.session.expiry_interval;
+            let will = st.session.will.take();
+            let mut delayed: Option<(crate::store::WillRecord, Instant)> = None;
+            if let (true, Some(w)) = (publish_will, will) {
+                let delay = w
+                    .will
+                    .properties
+                    .will_delay_interval
+                    .unwrap_or(0)
+                    .min(expiry);
+                if delay == 0 {
+                    will_now = Some(w);
+                } else {
+                    let at = now + Duration::from_secs(u64::from(delay));
+                    delayed = Some((crate::store::WillRecord::from(&w.will), at));
+                    self.delayed_wills.lock().push(DelayedWill { at, will: w });
+                }
+            }
+            if expiry == 0 {
+                true
+            } else {
+                st.session.expires_at = (expiry != u32::MAX)
+                    .then(|| Stamp::from(now + Duration::from_secs(u64::from(expiry))));
+                if let Some(t) = st.session.expires_at {
+                    self.expiries.lock().push(std::cmp::Reverse((
+                        t.instant(),
+                        st.session.client_id.clone(),
+                    )));
+                }
+                if let (Some(p), true) = (&self.persist, st.session.persisted) {
+                    let mut rec = p.session_record(&st.session, delayed.as_ref().map(|d| d.1));
+                    rec.will = delayed.map(|d| d.0);
+                    p.submit(vec![Op::PutSession(Box::new(rec))]);
+                }
+                drop(st);
+                drop(reg);
+                false
+            }
+        };
+        if end {
+            let client_id = cell.state.lock().session.client_id.clone();
+            {
+                let mut reg = self.registry.lock();
+                if reg.get(&client_id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+                    reg.remove(&client_id);
+                }
+            }
+            self.end_session(cell, now);
+        }
+        if let Some(w) = will_now {
+            self.publish_will(w, now);
+        }
+    }
+
+    /// Forget a session: its subscriptions leave the index, and QoS 1/2
+    /// messages it received through shared subscriptions but did not
+    /// acknowledge go to another member of their group.
+    pub(super) fn end_session(&self, cell: &Arc<SessionCell>, now: Instant) {
+        let (subs, pending) = {
+            let mut st = cell.state.lock();
+            let subs: Vec<(ByteString, Subscription)> = st.session.subscriptions.drain().collect();
+            let pending = st.session.drain_all();
+            if let (Some(p), true) = (&self.persist, st.session.persisted) {
+                st.session.persisted = false;
+                p.submit(vec![Op::DeleteSession {
+                    client_id: st.session.store_key.clone(),
+                }]);
+            }
+            (subs, pending)
+        };
+        {
+            let mut idx = self.index.write();
+            for (filter, sub) in &subs {
+                remove_from_index(&mut idx, filter, sub, cell.id);
+            }
+        }
+        self.stats
+            .subscriptions
+            .fetch_sub(subs.len() as u64, Ordering::Relaxed);
+        for d in pending {
+            let Some(share) = d.share.clone() else {
+                continue;
+            };
+            if d.qos == QoS::AtMostOnce || d.msg.is_expired(now) {
+                continue;
+            }
+            let Ok(Some(sf)) = topic::parse_shared(&share) else {
+                continue;
+            };
+            let member = self
+                .index
+                .read()
+                .pick_shared_member(sf.group, sf.filter, cell.id);
+            if let Some((_, entry)) = member {
+                self.deliver(&entry.cell, d);
+            }
+        }
+    }
+
+    /// Sessions in the registry: connected ones, and disconnected ones
+    /// that have not expired.
+    pub fn session_count(&self) -> usize {
+        self.registry.lock().len()
+    }
+
+    /// Remove the disconnected sessions whose expiry interval has passed
+    /// (part of [`Broker::handle_timeout`]).
+    pub(super) fn expire_sessions(&self, now: Instant) {
+        let due: Vec<ByteString> = {
+            let mut q = self.expiries.lock();
+            let mut due = Vec::new();
+            while q.peek().is_some_and(|e| e.0 .0 <= now) {
+                if let Some(std::cmp::Reverse((_, id))) = q.pop() {
+                    due.push(id);
+                }
+            }
+            due
+        };
+        let expired: Vec<Arc<SessionCell>> = if due.is_empty() {
+            Vec::new()
+        } else {
+            let mut reg = self.registry.lock();
+            let ids: Vec<&ByteString> = due
+                .iter()
+                .filter(|id| {
+                    reg.get(*id).is_some_and(|c| {
+                        let st = c.state.lock();
+                        st.conn_epoch == 0
+                            && st.session.expires_at.is_some_and(|t| t.instant() <= now)
+                    })
+                })
+                .collect();
+            ids.into_iter().filter_map(|k| reg.remove(k)).collect()
+        };
+        self.stats
+            .clients_expired
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
+        for cell in expired {
+            tracing::debug!(session = cell.id, "session expired");
+            self.end_session(&cell, now);
+        }
+    }
+
+    /// Every session's cell, for shutdown.
+    pub fn all_sessions(&self) -> Vec<Arc<SessionCell>> {
+        self.registry.lock().values().cloned().collect()
+    }
+}

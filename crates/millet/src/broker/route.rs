@@ -1,0 +1,466 @@
+//! Routing: the subscription index (filter → sessions), subscribe and
+//! unsubscribe, and publishes routed through the index into the sessions'
+//! queues, with back-pressure on publishers and the broker-wide cap on
+//! "queue full" lines. Owns `index` and `drop_lines`.
+//!
+//! A session's `state` lock is never held while taking `index`, because
+//! publishers hold `index` (read) while they take session locks.
+
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytestring::ByteString;
+use millet_codec::{topic, QoS, ReasonCode};
+use smallvec::SmallVec;
+
+use super::index::{self, SubscriptionIndex};
+use super::retained::message_bytes;
+use super::{persist, Broker};
+use crate::session::{
+    ConnWaker, Delivery, Enqueued, Message, Session, SessionCell, SessionId, Subscription,
+};
+use crate::store::Op;
+
+/// The value stored for each subscription in the index.
+/// Back-pressure waits only for a reader that took a message off its
+/// queue within this long ([`crate::session::Session::is_draining`]): one
+/// that stopped reading or acknowledging does not hold publishers back.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+#[derive(Debug, Clone)]
+pub struct IndexEntry {
+    pub cell: Arc<SessionCell>,
+    pub options: millet_codec::SubscriptionOptions,
+    pub identifier: Option<u32>,
+    /// The full `$share/g/f` filter for shared subscriptions.
+    pub share: Option<ByteString>,
+}
+
+/// What [`Broker::publish`] did with a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Routed {
+    /// Sessions the message was offered to.
+    pub sessions: usize,
+    /// A receiving session is congested: the publisher should pause.
+    pub congested: bool,
+    /// What the acknowledgement must wait for (none: nothing stored).
+    pub ticket: persist::Ticket,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeOutcome {
+    /// Granted; `true` if the subscription did not exist before.
+    Granted {
+        is_new: bool,
+    },
+    Refused(ReasonCode),
+}
+
+/// The per-session "queue full" lines of the current minute, broker-wide:
+/// at most [`DropLines::MAX`] a minute; the rest are summed into one line.
+#[derive(Default)]
+pub(super) struct DropLines {
+    since: Option<Instant>,
+    lines: u32,
+    suppressed_sessions: u64,
+    suppressed_messages: u64,
+}
+
+impl DropLines {
+    const MAX: u32 = 10;
+}
+
+thread_local! {
+    static MATCHES: RefCell<Vec<index::Match<SessionId, IndexEntry>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Broker {
+    /// Route a message to every matching subscription; store or clear it as
+    /// retained if its retain flag is set. Returns the number of sessions it
+    /// was offered to.
+    ///
+    /// Back-pressure: when `publisher` is given and a receiving session that
+    /// is online has more than `limits.backpressure_queued` messages waiting,
+    /// the publisher's waker is parked on that session and `congested` is set
+    /// in the result; the publisher should stop reading until woken (the
+    /// subscriber wakes it once its queue drained to half the threshold).
+    pub fn publish(
+        &self,
+        msg: Arc<Message>,
+        publisher: Option<&Arc<ConnWaker>>,
+        _now: Instant,
+    ) -> Routed {
+        let mut retained_seq = 0;
+        // `$SYS` is regenerated every interval: not worth a disk write.
+        let persist = self
+            .persist
+            .as_ref()
+            .filter(|_| !msg.topic.starts_with("$SYS/"));
+        let store_retained = msg.retain
+            && (msg.payload.is_empty() || self.retained_admits(&msg.topic, message_bytes(&msg)));
+        if msg.retain && !store_retained {
+            self.overload
+                .retained_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if store_retained {
+            let mut r = self.retained.write();
+            if msg.payload.is_empty() {
+                let old = r.remove(&msg.topic); // [MQTT-3.3.1-10]
+                self.retained_changed(&msg.topic, None, old.as_deref());
+                if let Some(p) = persist {
+                    retained_seq = p.submit(vec![Op::DeleteRetained {
+                        topic: msg.topic.to_string(),
+                    }]);
+                }
+            } else {
+                let kept = Arc::new(msg.detached());
+                if let Some(p) = persist {
+                    let mut ops = Vec::with_capacity(2);
+                    let message_id = p.message_id(&kept, &mut ops, true);
+                    ops.push(Op::PutRetained {
+                        topic: msg.topic.to_string(),
+                        message_id,
+                    });
+                    retained_seq = p.submit(ops);
+                }
+                let old = r.set(&msg.topic, kept.clone()); // [MQTT-3.3.1-5]
+                self.retained_changed(&msg.topic, Some(&kept), old.as_deref());
+            }
+        }
+        let mut routed = self.route(&msg, publisher);
+        routed.ticket = routed.ticket.max(persist::Ticket(retained_seq));
+        routed
+    }
+
+    fn route(&self, msg: &Arc<Message>, publisher: Option<&Arc<ConnWaker>>) -> Routed {
+        let mut matches = MATCHES.with(|m| std::mem::take(&mut *m.borrow_mut()));
+        self.index
+            .read()
+            .matches(&msg.topic, &msg.publisher_client_id, &mut matches);
+        let mut routed = Routed::default();
+        let mut ops = Vec::new();
+        // Read once per message (two shared loads), not per subscriber.
+        let shed_qos0 = self.memory_pressure() >= crate::budget::Pressure::High;
+        // The message detached from the publisher's read buffer, made once
+        // when the first session has to keep it (see `deliver_with_pressure`).
+        let mut kept: Option<Arc<Message>> = None;
+        // Overlapping subscriptions of one session are merged into one delivery
+        // with the highest QoS and every subscription identifier [MQTT-3.3.4-2..5].
+        for run in index::group_by_key(&mut matches) {
+            let mut best: Option<Delivery> = None;
+            for m in run {
+                let e = &m.value;
+                if e.options.no_local && e.share.is_none() && msg.publisher == Some(m.key) {
+                    continue; // [MQTT-3.8.3-3]
+                }
+                let qos = msg.qos.min(e.options.qos);
+                let retain = e.options.retain_as_published && msg.retain;
+                match &mut best {
+                    None => {
+                        let mut ids = SmallVec::new();
+                        ids.extend(e.identifier);
+                        best = Some(Delivery {
+                            msg: msg.clone(),
+                            qos,
+                            retain,
+                            subscription_ids: ids,
+                            share: e.share.clone(),
+                            seq: 0,
+                            replay: false,
+                        });
+                    }
+                    Some(d) => {
+                        d.qos = d.qos.max(qos);
+                        d.retain |= retain;
+                        d.subscription_ids.extend(e.identifier);
+                    }
+                }
+            }
+            if let (Some(d), Some(first)) = (best, run.first()) {
+                routed.congested |= self.deliver_with_pressure(
+                    &first.value.cell,
+                    d,
+                    publisher,
+                    &mut ops,
+                    false,
+                    Some(&mut kept),
+                    shed_qos0,
+                );
+                routed.sessions += 1;
+            }
+        }
+        matches.clear();
+        MATCHES.with(|m| *m.borrow_mut() = matches);
+        if let Some(p) = &self.persist {
+            routed.ticket = persist::Ticket(p.submit(ops));
+        }
+        routed
+    }
+
+    /// Queue a delivery on a session and wake its connection.
+    pub fn deliver(&self, cell: &SessionCell, d: Delivery) {
+        let mut ops = Vec::new();
+        let shed_qos0 = !d.replay && self.memory_pressure() >= crate::budget::Pressure::High;
+        self.deliver_with_pressure(cell, d, None, &mut ops, true, None, shed_qos0);
+        if let Some(p) = &self.persist {
+            p.submit(ops);
+        }
+    }
+
+    /// Store the session record (metadata, subscriptions, will) if persisted.
+    fn persist_session(&self, s: &Session) {
+        if let (Some(p), true) = (&self.persist, s.persisted) {
+            p.submit(vec![Op::PutSession(Box::new(p.session_record(s, None)))]);
+        }
+    }
+
+    /// Queue a delivery; returns true if the session is congested and
+    /// `publisher` was parked on it.
+    ///
+    /// QoS 0 is not queued for a session with no connection attached
+    /// (unless `limits.queue_qos0_offline`), nor at all while `shed_qos0`
+    /// (memory above the high watermark; counted as dropped).
+    ///
+    /// `detached`: for a message fresh from a publisher (its topic, payload
+    /// and properties are slices of the read buffer it arrived in), the
+    /// copy detached from that buffer, made on first need and shared by the
+    /// sessions of this publish. A session with no connection attached,
+    /// which may keep the message for as long as it lives, gets the copy;
+    /// an online session keeps the slice, written and released as it drains.
+    /// (Copying for every session, or once its queue is backlogged, cost
+    /// 15-26% of the saturated fan-in rate, where queues sit at the
+    /// back-pressure threshold; see docs/DESIGN.md.)
+    #[allow(clippy::too_many_arguments)] // one private hot-path helper, three callers
+    fn deliver_with_pressure(
+        &self,
+        cell: &SessionCell,
+        mut d: Delivery,
+        publisher: Option<&Arc<ConnWaker>>,
+        ops: &mut Vec<Op>,
+        force_message: bool,
+        detached: Option<&mut Option<Arc<Message>>>,
+        shed_qos0: bool,
+    ) -> bool {
+        let threshold = self.config.limits.backpressure_queued;
+        // In bytes too: half of `max_queued_bytes`, so that an online
+        // reader of large messages holds publishers back before its queue
+        // drops by the byte limit.
+        let bytes_threshold = self.config.limits.max_queued_bytes / 2;
+        let (r, congested) = {
+            let mut st = cell.state.lock();
+            if d.qos == QoS::AtMostOnce && !d.replay {
+                if shed_qos0 {
+                    drop(st);
+                    self.overload
+                        .qos0_dropped_memory
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                if st.conn_epoch == 0 && !self.config.limits.queue_qos0_offline {
+                    return false; // like Mosquitto's queue_qos0_messages false
+                }
+            }
+            if let Some(kept) = detached {
+                if st.conn_epoch == 0 && st.session.admits(&d) {
+                    d.msg = kept
+                        .get_or_insert_with(|| {
+                            let m = d.msg.detached();
+                            if let Some(&id) = d.msg.store_id.get() {
+                                let _ = m.store_id.set(id); // stored once, whichever is used
+                            }
+                            Arc::new(m)
+                        })
+                        .clone();
+                }
+            }
+            // A message about to be dropped costs no store work.
+            let op = match &self.persist {
+                Some(p)
+                    if st.session.persisted
+                        && (d.qos != QoS::AtMostOnce || p.persist_qos0)
+                        && st.session.admits(&d) =>
+                {
+                    d.seq = st.session.take_seq();
+                    Some(p.queue_op(&st.session.store_key, &d, ops, force_message))
+                }
+                _ => None,
+            };
+            let r = st.session.enqueue(d);
+            if let Some(op) = op {
+                if r != Enqueued::Dropped {
+                    ops.push(op);
+                }
+            }
+            if let Enqueued::DisplacedQos0 { seqs } = &r {
+                for &seq in seqs {
+                    if seq != 0 && self.persist.is_some() {
+                        ops.push(Op::DeleteQueueEntry {
+                            client_id: st.session.store_key.clone(),
+                            seq,
+                        });
+                    }
+                }
+            }
+            if r != Enqueued::Queued {
+                if let Some(n) = st.session.drop_log.due_with(Instant::now) {
+                    self.log_queue_full(&st.session.client_id, n);
+                }
+            }
+            st.wake();
+            // A publisher is never held back by its own session: it must
+            // keep reading the acknowledgements that drain it.
+            let congested = match publisher {
+                Some(w)
+                    if st.conn_epoch != 0
+                        && (st.session.queue_len() >= threshold
+                            || st.session.queued_bytes() >= bytes_threshold)
+                        && st.session.is_draining(Instant::now(), DRAIN_GRACE)
+                        && !st.waker.as_ref().is_some_and(|own| Arc::ptr_eq(own, w)) =>
+                {
+                    if !st.blocked.iter().any(|b| Arc::ptr_eq(b, w)) {
+                        st.blocked.push(w.clone());
+                        w.block();
+                    }
+                    true
+                }
+                _ => false,
+            };
+            (r, congested)
+        };
+        if r != Enqueued::Queued {
+            self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        congested
+    }
+
+    /// A session's throttled "queue full" line (at most one a minute per
+    /// session, [`crate::session::DropLog`]), itself capped broker-wide: at
+    /// most `DropLines::MAX` such lines a minute, the others summed into one
+    /// line when the next minute's first one is due.
+    pub(super) fn log_queue_full(&self, client_id: &str, dropped: u64) {
+        let now = Instant::now();
+        let mut g = self.drop_lines.lock();
+        if g.since
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            if g.suppressed_sessions > 0 {
+                tracing::warn!(
+                    sessions = g.suppressed_sessions,
+                    dropped = g.suppressed_messages,
+                    "session queues full: more sessions dropped messages in the last minute (their lines left out: at most {} a minute)",
+                    DropLines::MAX
+                );
+            }
+            *g = DropLines {
+                since: Some(now),
+                ..Default::default()
+            };
+        }
+        if g.lines < DropLines::MAX {
+            g.lines += 1;
+            drop(g);
+            tracing::warn!(%client_id, max_queued = self.config.limits.max_queued,
+                max_queued_bytes = self.config.limits.max_queued_bytes, dropped,
+                "session queue full: messages dropped (QoS 0 first) since this session's last such line (at most one a minute per session)");
+        } else {
+            g.suppressed_sessions += 1;
+            g.suppressed_messages += dropped;
+        }
+    }
+
+    /// Add a subscription for `cell`. `filter` is as the client sent it.
+    pub fn subscribe(
+        &self,
+        cell: &Arc<SessionCell>,
+        filter: &ByteString,
+        sub: Subscription,
+    ) -> SubscribeOutcome {
+        let limits = &self.config.limits;
+        if filter.len() > limits.max_topic_length
+            || filter.split('/').count() > limits.max_topic_levels
+        {
+            return SubscribeOutcome::Refused(ReasonCode::TOPIC_FILTER_INVALID);
+        }
+        let shared = match topic::parse_shared(filter) {
+            Ok(s) => s,
+            Err(_) => return SubscribeOutcome::Refused(ReasonCode::TOPIC_FILTER_INVALID),
+        };
+        if shared.is_none() && !topic::valid_topic_filter(filter) {
+            return SubscribeOutcome::Refused(ReasonCode::TOPIC_FILTER_INVALID);
+        }
+        if shared.is_some() && sub.options.no_local {
+            // [MQTT-3.8.3-4]: a protocol error; the caller turns this into a DISCONNECT.
+            return SubscribeOutcome::Refused(ReasonCode::PROTOCOL_ERROR);
+        }
+        let is_new = {
+            let mut st = cell.state.lock();
+            let exists = st.session.subscriptions.contains_key(filter);
+            if !exists && st.session.subscriptions.len() >= limits.max_subscriptions {
+                return SubscribeOutcome::Refused(ReasonCode::QUOTA_EXCEEDED);
+            }
+            // Copied: the filter is a slice of the read chunk.
+            st.session
+                .subscriptions
+                .insert(ByteString::from(&**filter), sub.clone());
+            self.persist_session(&st.session);
+            !exists
+        };
+        let entry = IndexEntry {
+            cell: cell.clone(),
+            options: sub.options,
+            identifier: sub.identifier,
+            share: shared.as_ref().map(|_| ByteString::from(&**filter)),
+        };
+        {
+            let mut idx = self.index.write();
+            match &shared {
+                Some(sf) => {
+                    idx.insert_shared(sf.group, sf.filter, cell.id, entry);
+                }
+                None => {
+                    idx.insert(filter, cell.id, entry);
+                }
+            }
+        }
+        if is_new {
+            self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
+        SubscribeOutcome::Granted { is_new }
+    }
+
+    /// Remove a subscription; returns whether it existed.
+    pub fn unsubscribe(&self, cell: &Arc<SessionCell>, filter: &ByteString) -> bool {
+        let sub = {
+            let mut st = cell.state.lock();
+            let Some(sub) = st.session.subscriptions.remove(filter) else {
+                return false;
+            };
+            self.persist_session(&st.session);
+            sub
+        };
+        remove_from_index(&mut self.index.write(), filter, &sub, cell.id);
+        self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+}
+
+pub(super) fn remove_from_index(
+    idx: &mut SubscriptionIndex<SessionId, IndexEntry>,
+    filter: &str,
+    sub: &Subscription,
+    id: SessionId,
+) {
+    match (&sub.share_group, topic::parse_shared(filter)) {
+        (Some(_), Ok(Some(sf))) => {
+            idx.remove_shared(sf.group, sf.filter, id);
+        }
+        _ => {
+            idx.remove(filter, id);
+        }
+    }
+}
