@@ -78,12 +78,20 @@ def test_takeover_while_attaching_leaves_one_connection(broker):
     try:
         a.send(connect_packet(V5, client_id=cid))
         b.send(connect_packet(V5, client_id=cid))
-        assert a.recv().type == CONNACK
-        assert b.recv().type == CONNACK
-        a.send(PING)
-        b.send(PING)
+        # Each CONNECT is answered: a CONNACK, or, for the one attached
+        # first, possibly only its takeover (DISCONNECT 0x8E or a close) when
+        # the second attach came before its CONNACK was written. Once both
+        # are answered, both have been attached.
+        first = [a.recv(), b.recv()]
+        acked = [p is not None and p.type == CONNACK for p in first]
+        assert any(acked), f"neither CONNECT was accepted: {first}"
+        for c, ok in zip((a, b), acked):
+            if ok:
+                c.send(PING)
         alive = []
-        for c in (a, b):
+        for c, ok in zip((a, b), acked):
+            if not ok:
+                continue
             p = c.recv()
             while p is not None and p.type not in (PINGRESP, 14):
                 p = c.recv()
