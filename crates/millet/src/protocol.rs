@@ -318,6 +318,10 @@ pub struct Connection {
     waker: Arc<ConnWaker>,
     /// CONNACK 0x00 has been queued: errors from now on are DISCONNECTs.
     accepted: bool,
+    /// A packet was received (the last at `last_recv`) since the
+    /// keep-alive deadline was last set.
+    keepalive_stale: bool,
+    last_recv: Instant,
     /// Verdict on the CONNECT, from the driver (see [`ConnectVerdict`]).
     verdict: Option<Box<ConnectVerdict>>,
     /// PUBACK / PUBREC held until the store sequence they depend on is
@@ -357,6 +361,8 @@ impl Connection {
             disconnect_expiry: None,
             waker: Arc::new(ConnWaker::default()),
             accepted: false,
+            keepalive_stale: false,
+            last_recv: now,
             pending_acks: VecDeque::new(),
             verdict: None,
             peer_max_packet: usize::MAX,
@@ -527,7 +533,10 @@ impl Connection {
         if self.close.is_some() {
             return;
         }
-        self.rearm_keepalive(now);
+        // Re-armed once per turn (poll_transmit / handle_timeout), not per
+        // packet: converting the deadline costs more than handling a PING.
+        self.keepalive_stale = true;
+        self.last_recv = now;
         if let Some(w) = self.waiting.as_mut() {
             if w.held.len() >= MAX_HELD_PACKETS {
                 return self.fail(ProtocolError::HeldPacketsExceeded);
@@ -668,6 +677,9 @@ impl Connection {
 
     /// The timer returned by [`Connection::poll_timeout`] fired.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.keepalive_stale {
+            self.rearm_keepalive(self.last_recv);
+        }
         self.timers.take_due(Timer::Throttle, now);
         if self.timers.take_due(Timer::Credentials, now) && self.close.is_none() {
             tracing::info!("credentials expired (JWT exp); closing");
@@ -736,6 +748,9 @@ impl Connection {
     // ---- outputs -------------------------------------------------------
 
     /// The earliest deadline at which [`Connection::handle_timeout`] must be called.
+    /// After packets were handled and before the next `poll_transmit`,
+    /// the keep-alive deadline may still be the earlier one: a timeout then
+    /// only re-arms it.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.next()
     }
@@ -749,6 +764,7 @@ impl Connection {
     // ---- internals -----------------------------------------------------
 
     fn rearm_keepalive(&mut self, now: Instant) {
+        self.keepalive_stale = false;
         if let State::Connected(a) = &self.state {
             let at = a.keep_alive().map(|k| now + k + k / 2);
             self.timers.set(Timer::KeepAlive, at);

@@ -2041,9 +2041,9 @@ mod size_report {
             (
                 "Conn<TcpStream>",
                 size_of::<super::Conn<tokio::net::TcpStream>>(),
-                528,
+                544,
             ),
-            ("Connection", size_of::<crate::protocol::Connection>(), 272),
+            ("Connection", size_of::<crate::protocol::Connection>(), 288),
             ("SessionCell", size_of::<crate::session::SessionCell>(), 424),
             ("Option<Will>", size_of::<Option<crate::session::Will>>(), 8),
             ("ConnWaker", size_of::<crate::session::ConnWaker>(), 40),

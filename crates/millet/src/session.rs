@@ -726,11 +726,17 @@ impl Session {
     /// Take the next queued delivery (arrival order across QoS levels),
     /// skipping expired messages.
     pub fn pop_queued(&mut self, now: Instant) -> Option<Delivery> {
+        self.pop_queued_at(now, Stamp::from(now))
+    }
+
+    /// [`Session::pop_queued`] with `now` also as a [`Stamp`] (converted
+    /// once for a whole batch by the caller).
+    pub fn pop_queued_at(&mut self, now: Instant, stamp: Stamp) -> Option<Delivery> {
         while let Some(d) = self.queue.pop_front() {
             self.sub_queued(d.charge());
             if !d.msg.is_expired(now) {
                 self.prev_drain = self.last_drain;
-                self.last_drain = Some(Stamp::from(now));
+                self.last_drain = Some(stamp);
                 self.popped_room = self.replay_room > 0;
                 if self.popped_room {
                     self.replay_room -= 1;

@@ -20,6 +20,9 @@ impl Connection {
     /// client's receive maximum.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) {
         self.received.add_received_to(&self.broker.stats);
+        if self.keepalive_stale {
+            self.rearm_keepalive(self.last_recv);
+        }
         let Some(protocol) = self.protocol else {
             return;
         };
@@ -118,6 +121,8 @@ impl Connection {
         // frees some room between two calls, and something goes out).
         let mut ack_blocked = false;
         let mut moved = false;
+        // `now` as a Stamp, converted at most once for the batch.
+        let mut stamp = None;
         // Deliveries held from an earlier call keep new ones behind them
         // (order, topic aliases). Acknowledgements of the client's own
         // publishes waiting for the store do not: a PUBLISH to the client
@@ -137,7 +142,9 @@ impl Connection {
                 break;
             }
             let window_full = session.inflight_len() >= usize::from(active.send_window);
-            let Some(d) = session.pop_queued(now) else {
+            let Some(d) =
+                session.pop_queued_at(now, *stamp.get_or_insert_with(|| Stamp::from(now)))
+            else {
                 break;
             };
             if d.qos != QoS::AtMostOnce && window_full {
