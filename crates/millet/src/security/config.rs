@@ -242,15 +242,9 @@ mod tests {
     use super::*;
     use crate::security::{ListenerPolicy, Security};
 
-    fn passwd_file() -> tempfile::NamedTempFile {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), "").unwrap();
-        f
-    }
-
     #[test]
     fn a_configured_provider_left_out_of_the_chain_is_an_error() {
-        let f = passwd_file();
+        let f = super::super::empty_passwd_file();
         let c = SecurityConfig::from_toml(&format!(
             "[auth]\nchain = [\"jwt\"]\n[auth.password_file]\npath = {:?}\n[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"k\"",
             f.path()

@@ -239,16 +239,10 @@ impl Security {
 mod tests {
     use super::*;
 
-    fn passwd_file() -> tempfile::NamedTempFile {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), "").unwrap();
-        f
-    }
-
     #[test]
     fn a_configured_provider_is_in_force_without_a_chain() {
         // The fail-open case: [security.auth.password_file] and no chain.
-        let f = passwd_file();
+        let f = super::super::empty_passwd_file();
         let c = SecurityConfig::from_toml(&format!(
             "[auth.password_file]\npath = {:?}\n[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"k\"",
             f.path()
@@ -263,7 +257,7 @@ mod tests {
 
     #[test]
     fn scram_alone_requires_authentication_on_loopback() {
-        let f = passwd_file();
+        let f = super::super::empty_passwd_file();
         let c = SecurityConfig::from_toml(&format!("[auth.scram]\npath = {:?}", f.path())).unwrap();
         let s = Security::from_config(c).unwrap();
         assert!(s.chain.is_empty() && s.authentication_configured());

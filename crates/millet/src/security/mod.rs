@@ -53,3 +53,11 @@ pub use config::{
 };
 pub use loaded::Security;
 pub use posture::{log_posture, posture_report, ListenerPolicy};
+
+/// An empty password file, for the tests of the chain's configuration.
+#[cfg(test)]
+pub(crate) fn empty_passwd_file() -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), "").unwrap();
+    f
+}
