@@ -487,15 +487,37 @@ pub struct Connected<S = TcpStream> {
 
 /// CONNECT / CONNACK over an already open stream (TCP or TLS).
 pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+    stream: S,
     opts: &ConnectOpts,
     client_id: &str,
     rbuf_cap: usize,
 ) -> Result<Connected<S>> {
+    handshake_framed(stream, opts, client_id, rbuf_cap, None).await
+}
+
+/// CONNECT / CONNACK, in WebSocket frames when `ws` is given (the upgrade
+/// already done).
+async fn handshake_framed<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    opts: &ConnectOpts,
+    client_id: &str,
+    rbuf_cap: usize,
+    mut ws: Option<Box<WsFraming>>,
+) -> Result<Connected<S>> {
     let mut out = BytesMut::with_capacity(64 + client_id.len());
     encode_connect(opts, client_id, &mut out)?;
-    stream.write_all(&out).await?;
+    match ws.as_mut() {
+        Some(ws) => {
+            ws.frame_packets(&mut out);
+            stream.write_all(&ws.out).await?;
+            ws.out.clear();
+        }
+        None => stream.write_all(&out).await?,
+    }
     let mut rbuf = BytesMut::with_capacity(rbuf_cap.max(64));
+    if let Some(ws) = ws.as_mut() {
+        ws.deframe(&mut rbuf)?;
+    }
     loop {
         if let Some(pkt) = read_packet(opts.version, &mut rbuf)? {
             return match pkt {
@@ -506,14 +528,25 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     stream,
                     rbuf,
                     session_present,
-                    ws: None,
+                    ws,
                 }),
                 In::ConnAck { code, .. } => Err(anyhow!("CONNACK refused, code {code}")),
                 other => Err(anyhow!("expected CONNACK, got {other:?}")),
             };
         }
-        if stream.read_buf(&mut rbuf).await? == 0 {
+        let Some(ws) = ws.as_mut() else {
+            if stream.read_buf(&mut rbuf).await? == 0 {
+                bail!("connection closed before CONNACK");
+            }
+            continue;
+        };
+        if stream.read_buf(&mut ws.raw).await? == 0 {
             bail!("connection closed before CONNACK");
+        }
+        ws.deframe(&mut rbuf)?;
+        if !ws.out.is_empty() {
+            stream.write_all(&ws.out).await?;
+            ws.out.clear();
         }
     }
 }
@@ -556,38 +589,7 @@ pub async fn mqtt_connect_ws(
             .with_context(|| format!("TCP connect to {addr}"))?;
         let mut ws = Box::new(WsFraming::new());
         ws.upgrade(&mut stream, addr, path).await?;
-        let mut out = BytesMut::with_capacity(64 + client_id.len());
-        encode_connect(opts, client_id, &mut out)?;
-        ws.frame_packets(&mut out);
-        stream.write_all(&ws.out).await?;
-        ws.out.clear();
-        let mut rbuf = BytesMut::with_capacity(rbuf_cap.max(64));
-        ws.deframe(&mut rbuf)?;
-        loop {
-            if let Some(pkt) = read_packet(opts.version, &mut rbuf)? {
-                return match pkt {
-                    In::ConnAck {
-                        code: 0,
-                        session_present,
-                    } => Ok(Connected {
-                        stream,
-                        rbuf,
-                        session_present,
-                        ws: Some(ws),
-                    }),
-                    In::ConnAck { code, .. } => Err(anyhow!("CONNACK refused, code {code}")),
-                    other => Err(anyhow!("expected CONNACK, got {other:?}")),
-                };
-            }
-            if stream.read_buf(&mut ws.raw).await? == 0 {
-                bail!("connection closed before CONNACK");
-            }
-            ws.deframe(&mut rbuf)?;
-            if !ws.out.is_empty() {
-                stream.write_all(&ws.out).await?;
-                ws.out.clear();
-            }
-        }
+        handshake_framed(stream, opts, client_id, rbuf_cap, Some(ws)).await
     };
     tokio::time::timeout(timeout, fut)
         .await

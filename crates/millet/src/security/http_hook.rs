@@ -147,7 +147,6 @@ impl HttpHook {
         self.cache.lock().clear();
     }
 
-    /// Ask the hook (or the cache).
     /// [`HttpHook::check_why`] with every refusal a plain
     /// [`Decision::Deny`].
     pub async fn check(
