@@ -190,6 +190,67 @@ fn publishes(p: &[Packet]) -> Vec<&Publish> {
 }
 
 #[test]
+fn suback_goes_out_before_the_retained_messages_an_unanswered_subscribe_replayed() {
+    // An engine that answers later (a networked one, the delaying one) may
+    // have queued the replay before its answer reaches the connection. The
+    // SUBACK still comes first (CI once saw the PUBLISH overtake it).
+    let (b, now) = broker();
+    let mut publisher = Client::v5(&b, "pub", now);
+    for (topic, qos, packet_id) in [
+        ("r/1", QoS::AtLeastOnce, Some(1)),
+        ("r/2", QoS::AtMostOnce, None),
+    ] {
+        publisher.send(
+            Packet::Publish(Publish {
+                topic: topic.into(),
+                payload: bytes::Bytes::from_static(b"kept"),
+                qos,
+                packet_id,
+                retain: true,
+                ..Default::default()
+            }),
+            now,
+        );
+    }
+    let mut sub = Client::v5(&b, "sub", now);
+    sub.conn.handle_packet(
+        Packet::Subscribe(Subscribe {
+            packet_id: 9,
+            subscription_identifier: None,
+            user_properties: vec![],
+            filters: vec![(
+                "r/#".into(),
+                SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..Default::default()
+                },
+            )],
+        }),
+        now,
+    );
+    // The engine does the work now (the replay lands in the session) ...
+    let request = sub.conn.poll_request().expect("SUBSCRIBE asks the engine");
+    let waker = sub.conn.waker().clone();
+    let done = match submit(&*b, request, &waker, now) {
+        Call::Ready(done) => done,
+        Call::Later(p) => p.wait(Duration::from_secs(10)).expect("answered"),
+    };
+    // ... but its answer has not reached the connection.
+    let early = sub.recv(now);
+    assert!(early.is_empty(), "sent before the SUBACK: {early:?}");
+    sub.conn.handle_completion(done, now);
+    let p = sub.recv(now);
+    assert!(
+        matches!(p.first(), Some(Packet::SubAck(a)) if a.packet_id == 9),
+        "{p:?}"
+    );
+    let mut topics: Vec<&str> = publishes(&p).iter().map(|x| &*x.topic).collect();
+    topics.sort_unstable(); // retained messages replay in no set order
+    assert_eq!(topics, ["r/1", "r/2"], "{p:?}");
+    assert!(publishes(&p).iter().all(|x| x.retain));
+}
+
+#[test]
 fn keep_alive_closes_after_one_and_a_half_intervals() {
     // [MQTT-3.1.2-22]
     let (b, t0) = broker();

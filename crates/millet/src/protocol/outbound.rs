@@ -46,6 +46,17 @@ impl Connection {
         if self.close.is_some() {
             return;
         }
+        if self
+            .waiting
+            .as_ref()
+            .is_some_and(|w| matches!(w.then, Then::Subscribe { .. }))
+        {
+            // A SUBSCRIBE the engine has not answered yet may already have
+            // queued the retained messages it replays: they wait for its
+            // SUBACK, which clients (and Mosquitto, EMQX) put first. The
+            // answer wakes the connection, and the next call drains.
+            return;
+        }
         let State::Connected(active) = &mut self.state else {
             return;
         };
