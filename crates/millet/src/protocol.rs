@@ -321,7 +321,7 @@ pub struct Connection {
     /// A packet was received (the last at `last_recv`) since the
     /// keep-alive deadline was last set.
     keepalive_stale: bool,
-    last_recv: Instant,
+    last_recv: Stamp,
     /// Verdict on the CONNECT, from the driver (see [`ConnectVerdict`]).
     verdict: Option<Box<ConnectVerdict>>,
     /// PUBACK / PUBREC held until the store sequence they depend on is
@@ -362,7 +362,7 @@ impl Connection {
             waker: Arc::new(ConnWaker::default()),
             accepted: false,
             keepalive_stale: false,
-            last_recv: now,
+            last_recv: Stamp::from(now),
             pending_acks: VecDeque::new(),
             verdict: None,
             peer_max_packet: usize::MAX,
@@ -410,9 +410,6 @@ impl Connection {
         if let State::Connected(a) = &self.state {
             let mut st = a.cell.state.lock();
             st.session.release_idle_memory();
-            if st.blocked.is_empty() && st.blocked.capacity() > 0 {
-                st.blocked = Vec::new();
-            }
         }
     }
 
@@ -502,6 +499,11 @@ impl Connection {
     }
 
     /// What the driver waits on for deliveries and kicks.
+    /// The broker this connection belongs to.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
     pub fn waker(&self) -> &Arc<ConnWaker> {
         &self.waker
     }
@@ -526,7 +528,7 @@ impl Connection {
         // Counted here, added to the shared counters once per batch
         // (`poll_transmit`, `handle_closed`): a shared atomic per packet
         // cost about 7% of QoS 0 fan-in.
-        self.received.packets += 1;
+        self.received.count_packet();
         if let Packet::Publish(p) = &packet {
             self.received.count_publish(p);
         }
@@ -536,7 +538,7 @@ impl Connection {
         // Re-armed once per turn (poll_transmit / handle_timeout), not per
         // packet: converting the deadline costs more than handling a PING.
         self.keepalive_stale = true;
-        self.last_recv = now;
+        self.last_recv = Stamp::from(now);
         if let Some(w) = self.waiting.as_mut() {
             if w.held.len() >= MAX_HELD_PACKETS {
                 return self.fail(ProtocolError::HeldPacketsExceeded);
@@ -678,7 +680,7 @@ impl Connection {
     /// The timer returned by [`Connection::poll_timeout`] fired.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.keepalive_stale {
-            self.rearm_keepalive(self.last_recv);
+            self.rearm_keepalive(self.last_recv.instant());
         }
         self.timers.take_due(Timer::Throttle, now);
         if self.timers.take_due(Timer::Credentials, now) && self.close.is_none() {

@@ -447,8 +447,10 @@ struct PeerInfo {
     listener: SocketAddr,
     /// Identity (CN / SAN) of a verified client certificate.
     tls_identity: Option<String>,
-    /// The memory budget of connections that have not completed CONNECT.
-    preauth: Arc<PreAuthBudget>,
+    /// This connection's share of the memory budget of connections that
+    /// have not completed CONNECT (released when the info goes, at CONNECT
+    /// accepted or close).
+    preauth: PreAuthCharge,
     /// `tcp`, `tls`, `ws` or `wss`, for the connect log line.
     transport: &'static str,
     /// The proxy's own address when a PROXY protocol header supplied
@@ -514,6 +516,10 @@ struct PreAuthCharge {
 }
 
 impl PreAuthCharge {
+    fn new(budget: Arc<PreAuthBudget>) -> PreAuthCharge {
+        PreAuthCharge { budget, charged: 0 }
+    }
+
     /// Hold `bytes` now instead of what was charged before; false (and
     /// nothing charged) if that would exceed the budget.
     fn set(&mut self, bytes: usize) -> bool {
@@ -588,7 +594,7 @@ async fn accept_loop(
                     let broker = broker.clone();
                     let live = ctx.live.clone();
                     let done = done.clone();
-                    let info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: ctx.preauth.clone(), transport: ctx.transport(), proxy: None };
+                    let info = PeerInfo { addr: peer, listener: ctx.configured, tls_identity: None, preauth: PreAuthCharge::new(ctx.preauth.clone()), transport: ctx.transport(), proxy: None };
                     if let Some(ws) = &ctx.ws {
                         tokio::spawn(accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done));
                         continue;
@@ -698,7 +704,7 @@ async fn accept_proxied(
         addr: peer,
         listener: ctx.configured,
         tls_identity: None,
-        preauth: ctx.preauth.clone(),
+        preauth: PreAuthCharge::new(ctx.preauth.clone()),
         transport: ctx.transport(),
         // v2 LOCAL and v1 UNKNOWN headers carry no address: the proxy's own
         // is the peer then.
@@ -1210,10 +1216,11 @@ fn poll_event<S: Transport>(
         wbuf,
         rbuf,
         read_size,
-        waker,
+        conn,
         pending,
         ..
     } = c;
+    let waker = conn.waker();
     if !wbuf.is_empty() {
         let before = wbuf.len();
         let r = poll_write_now(stream, wbuf, cx);
@@ -1222,7 +1229,11 @@ fn poll_event<S: Transport>(
         }
     }
     if read {
-        if let Poll::Ready(r) = poll_read_some(stream, cx, rbuf, read_size) {
+        // (Kept as u32 in the connection's box: READ_MAX fits.)
+        let mut size = *read_size as usize;
+        let r = poll_read_some(stream, cx, rbuf, &mut size);
+        *read_size = u32::try_from(size).unwrap_or(u32::MAX);
+        if let Poll::Ready(r) = r {
             return Poll::Ready(Event::Read(r));
         }
     }
@@ -1277,7 +1288,7 @@ impl Plan {
 
 impl<S: Transport> Conn<S> {
     fn park_after(&self) -> Duration {
-        Duration::from_millis(self.broker.config.limits.park_after_ms)
+        Duration::from_millis(self.conn.broker().config.limits.park_after_ms)
     }
 
     /// Since when the client has consumed nothing: writes stuck, or its
@@ -1298,7 +1309,7 @@ impl<S: Transport> Conn<S> {
             t.instant()
                 + write_stall_limit(
                     self.conn.keep_alive(),
-                    self.broker.config.limits.write_timeout,
+                    self.conn.broker().config.limits.write_timeout,
                 )
         });
         let keepalive_at = self.conn.poll_timeout();
@@ -1342,13 +1353,12 @@ enum Event {
 struct Conn<S> {
     stream: S,
     conn: Detach,
-    broker: Arc<Broker>,
     peer: SocketAddr,
     /// What is only needed until CONNECT is handled.
     info: Option<Box<PeerInfo>>,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    read_size: usize,
+    read_size: u32,
     eof: bool,
     write_failed: bool,
     shutting_down: bool,
@@ -1361,8 +1371,6 @@ struct Conn<S> {
     told_stalled: bool,
     /// What the CONNECT said, for the connection log line and run-time bans.
     hello: Option<Box<Hello>>,
-    preauth: PreAuthCharge,
-    waker: Arc<ConnWaker>,
     live: LiveConn,
     /// Since when a write has been waiting without progress.
     stalled_since: Option<Stamp>,
@@ -1390,21 +1398,15 @@ fn serve<S: Transport + 'static>(
 ) -> impl std::future::Future<Output = ()> + Send {
     let now = Instant::now();
     let conn = Detach(Connection::new(broker.clone(), now));
-    let waker = conn.waker().clone();
-    let live = live.register(&waker);
+    let live = live.register(conn.waker());
     let c = Box::new(Conn {
         stream,
         conn,
-        broker,
         peer: info.addr,
-        preauth: PreAuthCharge {
-            budget: info.preauth.clone(),
-            charged: 0,
-        },
         info: Some(info),
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
-        read_size: READ_MIN,
+        read_size: READ_MIN as u32,
         eof: false,
         write_failed: false,
         shutting_down: false,
@@ -1412,7 +1414,6 @@ fn serve<S: Transport + 'static>(
         over_budget: false,
         told_stalled: false,
         hello: None,
-        waker,
         live,
         stalled_since: None,
         last_active: Stamp::from(now),
@@ -1487,7 +1488,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         // WRITE_HIGH; then reading pauses too (TCP back-pressure on the
         // client) and new messages stay in the session queue, under its
         // limits. No progress for `stall`: the client is gone.
-        let signals = c.waker.take_signals();
+        let signals = c.conn.waker().take_signals();
         if c.wbuf.len() < WRITE_HIGH || signals & ConnWaker::KICK != 0 {
             let c = &mut *c;
             c.conn.poll_transmit(Instant::now(), &mut c.wbuf);
@@ -1499,7 +1500,10 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 let Conn { stream, wbuf, .. } = &mut *c;
                 std::future::poll_fn(|cx| Poll::Ready(poll_write_now(stream, wbuf, cx))).await
             };
-            c.broker.stats.count_bytes_sent(before - c.wbuf.len());
+            c.conn
+                .broker()
+                .stats
+                .count_bytes_sent(before - c.wbuf.len());
             match at_once {
                 Poll::Ready(Ok(())) => {
                     c.stalled_since = None;
@@ -1526,8 +1530,10 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             // why) gets the rest of the stall time, at most LINGER_TIME
             // when the client has already stopped reading.
             if !c.wbuf.is_empty() {
-                let stall =
-                    write_stall_limit(c.conn.keep_alive(), c.broker.config.limits.write_timeout);
+                let stall = write_stall_limit(
+                    c.conn.keep_alive(),
+                    c.conn.broker().config.limits.write_timeout,
+                );
                 let limit = if c.stalled_since.is_some() {
                     stall.min(LINGER_TIME)
                 } else {
@@ -1538,7 +1544,10 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 if Box::pin(write_out(stream, wbuf, limit)).await.is_err() {
                     c.write_failed = true;
                 }
-                c.broker.stats.count_bytes_sent(before - c.wbuf.len());
+                c.conn
+                    .broker()
+                    .stats
+                    .count_bytes_sent(before - c.wbuf.len());
             }
             if c.connected {
                 tracing::info!(peer = %c.peer, %reason, "Client {} disconnected: {why}", c.conn.client_id().unwrap_or(""));
@@ -1563,7 +1572,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             continue;
         }
         if signals & ConnWaker::BANS != 0 && c.connected {
-            if let (Some(sec), Some(id)) = (c.broker.security(), c.conn.client_id()) {
+            if let (Some(sec), Some(id)) = (c.conn.broker().security(), c.conn.client_id()) {
                 let user = c.hello.as_ref().and_then(|h| h.username.as_deref());
                 if let Some(ban) = sec.bans.check(id, user, Some(c.peer.ip()), Instant::now()) {
                     tracing::info!(peer = %c.peer, client_id = id, username = user.unwrap_or(""), %ban, "banned at run time: disconnecting");
@@ -1616,7 +1625,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             Event::Read(r) => {
                 c.last_active = Stamp::from(Instant::now());
                 if let Ok(n) = &r {
-                    c.broker.stats.count_bytes_received(*n);
+                    c.conn.broker().stats.count_bytes_received(*n);
                 }
                 if !matches!(r, Ok(n) if n > 0) {
                     c.eof = true;
@@ -1624,7 +1633,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             }
             Event::Wrote(n, r) => {
                 c.last_active = Stamp::from(Instant::now());
-                c.broker.stats.count_bytes_sent(n);
+                c.conn.broker().stats.count_bytes_sent(n);
                 match r {
                     Poll::Ready(Err(_)) => {
                         c.write_failed = true;
@@ -1663,7 +1672,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 if plan.stall_at.is_some_and(|t| t <= now) {
                     let stall = write_stall_limit(
                         c.conn.keep_alive(),
-                        c.broker.config.limits.write_timeout,
+                        c.conn.broker().config.limits.write_timeout,
                     );
                     tracing::info!(peer = %c.peer, "Client {} disconnected: stopped reading (no write progress for {:?})",
                         c.conn.client_id().unwrap_or(""), stall);
@@ -1675,8 +1684,13 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         }
         if !c.connected {
             let held = c.rbuf.capacity().saturating_sub(PREAUTH_FREE);
-            if !c.preauth.set(held) {
-                c.preauth.budget.refuse(c.peer, Instant::now());
+            let peer = c.peer;
+            let refused = c.info.as_mut().and_then(|i| {
+                let charge = &mut i.preauth;
+                (!charge.set(held)).then(|| charge.budget.clone())
+            });
+            if let Some(budget) = refused {
+                budget.refuse(peer, Instant::now());
                 c.over_budget = true;
                 break;
             }
@@ -1725,7 +1739,7 @@ fn submit_requests<S: Transport>(c: &mut Conn<S>) {
             }
             request => {
                 let engine = c.live.conns.engine.clone();
-                crate::engine::submit(&*engine, request, &c.waker, Instant::now())
+                crate::engine::submit(&*engine, request, c.conn.waker(), Instant::now())
             }
         };
         match call {
@@ -1749,8 +1763,7 @@ fn note_connected<S: Transport>(c: &mut Conn<S>) {
             .map_or(("tcp", None), |i| (i.transport, i.proxy));
         c.connected = true;
         c.stream.connect_accepted();
-        c.preauth.set(0);
-        c.info = None;
+        c.info = None; // and with it the pre-auth charge
         if let Some((cell, epoch)) = c.conn.attached() {
             crate::broker::admin::set_conn_info(
                 cell,
@@ -1800,7 +1813,7 @@ fn handle_answer<S>(c: &mut Conn<S>, done: Completion) {
 /// waits (an HTTP hook, a JWKS fetch) runs as its own task, so the
 /// connection's task stays small and its worker free, and answers later.
 fn authenticate<S>(c: &mut Conn<S>, r: Box<AuthenticateRequest>) -> Call {
-    let (Some(sec), Some(info)) = (c.broker.security().cloned(), c.info.as_deref()) else {
+    let (Some(sec), Some(info)) = (c.conn.broker().security().cloned(), c.info.as_deref()) else {
         return Call::Ready(Completion::Verdict(Box::new(r.as_presented())));
     };
     let peer = VerdictPeer {
@@ -1808,7 +1821,7 @@ fn authenticate<S>(c: &mut Conn<S>, r: Box<AuthenticateRequest>) -> Call {
         listener: info.listener,
         tls_identity: info.tls_identity.clone(),
     };
-    let broker = c.broker.clone();
+    let broker = c.conn.broker().clone();
     let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
     let mut verdict = Box::pin(async move {
         let v = match connect_verdict(&sec, &r, &peer, limit).await {
@@ -1829,7 +1842,7 @@ fn authenticate<S>(c: &mut Conn<S>, r: Box<AuthenticateRequest>) -> Call {
     if let Poll::Ready(done) = std::future::Future::poll(verdict.as_mut(), &mut cx) {
         return Call::Ready(done);
     }
-    let (reply, pending) = crate::engine::Reply::new(&c.waker);
+    let (reply, pending) = crate::engine::Reply::new(c.conn.waker());
     tokio::spawn(async move {
         let done = verdict.await;
         // A connection gone meanwhile: the verdict (and its permit) is dropped.
@@ -1887,10 +1900,11 @@ trait Resume: Send {
 impl<S: Transport + 'static> Resume for Conn<S> {
     fn resume(mut self: Box<Self>, runtime: &tokio::runtime::Handle) {
         let now = Instant::now();
-        let park_after = Duration::from_millis(self.broker.config.limits.park_after_ms);
+        let park_after = Duration::from_millis(self.conn.broker().config.limits.park_after_ms);
         self.quiet = now.duration_since(self.last_active.instant()) >= park_after;
         self.last_active = Stamp::from(now);
-        self.broker
+        self.conn
+            .broker()
             .stats
             .clients_parked
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -1955,7 +1969,7 @@ fn park<S: Transport + 'static>(
     *parking.state.lock() = ParkState::Running { woken: false };
     let waker = std::task::Waker::from(parking.clone());
     let mut cx = Context::from_waker(&waker);
-    if c.stream.poll_park(&mut cx).is_ready() || c.waker.poll_woken(&mut cx).is_ready() {
+    if c.stream.poll_park(&mut cx).is_ready() || c.conn.waker().poll_woken(&mut cx).is_ready() {
         return Err(not_now(c));
     }
     c.live.park_until(keepalive_at);
@@ -1967,7 +1981,8 @@ fn park<S: Transport + 'static>(
         return Err(not_now(c));
     }
     // Counted before it can be resumed (which takes this lock).
-    c.broker
+    c.conn
+        .broker()
         .stats
         .clients_parked
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -2041,10 +2056,10 @@ mod size_report {
             (
                 "Conn<TcpStream>",
                 size_of::<super::Conn<tokio::net::TcpStream>>(),
-                544,
+                472,
             ),
-            ("Connection", size_of::<crate::protocol::Connection>(), 288),
-            ("SessionCell", size_of::<crate::session::SessionCell>(), 424),
+            ("Connection", size_of::<crate::protocol::Connection>(), 248),
+            ("SessionCell", size_of::<crate::session::SessionCell>(), 408),
             ("Option<Will>", size_of::<Option<crate::session::Will>>(), 8),
             ("ConnWaker", size_of::<crate::session::ConnWaker>(), 40),
             ("Parking", size_of::<super::Parking>(), 40),

@@ -322,8 +322,7 @@ impl Broker {
                         && st.session.is_draining(Instant::now(), DRAIN_GRACE)
                         && !st.waker.as_ref().is_some_and(|own| Arc::ptr_eq(own, w)) =>
                 {
-                    if !st.blocked.iter().any(|b| Arc::ptr_eq(b, w)) {
-                        st.blocked.push(w.clone());
+                    if st.blocked.add(w) {
                         w.block();
                     }
                     true

@@ -21,7 +21,7 @@ impl Connection {
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) {
         self.received.add_received_to(&self.broker.stats);
         if self.keepalive_stale {
-            self.rearm_keepalive(self.last_recv);
+            self.rearm_keepalive(self.last_recv.instant());
         }
         let Some(protocol) = self.protocol else {
             return;
@@ -327,16 +327,18 @@ impl Active {
     }
 }
 
-/// Packets encoded by one [`Connection::poll_transmit`], added to the
-/// broker's `$SYS` counters once (not per packet: they are shared by every
-/// connection).
+/// Packets encoded by one [`Connection::poll_transmit`] (or received in
+/// one turn), added to the broker's `$SYS` counters once (not per packet:
+/// they are shared by every connection). 32-bit counts (32 bytes, one is
+/// kept in every connection): a turn handles at most a few packets' worth
+/// of bytes, and the counts saturate rather than wrap.
 #[derive(Default)]
 pub(super) struct SentCount {
-    pub(super) packets: u64,
-    publishes: u64,
+    packets: u32,
+    publishes: u32,
     /// PUBLISH packets and payload bytes by QoS (for `/metrics`).
-    by_qos: [u64; 3],
-    payload_by_qos: [u64; 3],
+    by_qos: [u32; 3],
+    payload_by_qos: [u32; 3],
 }
 
 impl SentCount {
@@ -347,36 +349,44 @@ impl SentCount {
         buf: &mut BytesMut,
     ) -> Result<(), millet_codec::EncodeError> {
         encode(p, protocol, buf)?;
-        self.packets += 1;
+        self.count_packet();
         if let Packet::Publish(p) = p {
             self.count_publish(p);
         }
         Ok(())
     }
 
+    pub(super) fn count_packet(&mut self) {
+        self.packets = self.packets.saturating_add(1);
+    }
+
     pub(super) fn count_publish(&mut self, p: &millet_codec::Publish) {
         let q = p.qos as usize;
-        self.publishes += 1;
+        self.publishes = self.publishes.saturating_add(1);
         if let (Some(n), Some(b)) = (self.by_qos.get_mut(q), self.payload_by_qos.get_mut(q)) {
-            *n += 1;
-            *b += p.payload.len() as u64;
+            *n = n.saturating_add(1);
+            *b = b.saturating_add(u32::try_from(p.payload.len()).unwrap_or(u32::MAX));
         }
+    }
+
+    fn wide(a: [u32; 3]) -> [u64; 3] {
+        a.map(u64::from)
     }
 
     pub(super) fn add_to(&mut self, stats: &crate::broker::Stats) {
         if self.packets > 0 {
             stats
                 .messages_sent
-                .fetch_add(self.packets, Ordering::Relaxed);
+                .fetch_add(u64::from(self.packets), Ordering::Relaxed);
         }
         if self.publishes > 0 {
             stats
                 .publish_sent
-                .fetch_add(self.publishes, Ordering::Relaxed);
+                .fetch_add(u64::from(self.publishes), Ordering::Relaxed);
             stats.by_qos.add(
                 crate::broker::Direction::Sent,
-                &self.by_qos,
-                &self.payload_by_qos,
+                &Self::wide(self.by_qos),
+                &Self::wide(self.payload_by_qos),
             );
         }
         *self = SentCount::default();
@@ -387,16 +397,16 @@ impl SentCount {
         if self.packets > 0 {
             stats
                 .messages_received
-                .fetch_add(self.packets, Ordering::Relaxed);
+                .fetch_add(u64::from(self.packets), Ordering::Relaxed);
         }
         if self.publishes > 0 {
             stats
                 .publish_received
-                .fetch_add(self.publishes, Ordering::Relaxed);
+                .fetch_add(u64::from(self.publishes), Ordering::Relaxed);
             stats.by_qos.add(
                 crate::broker::Direction::Received,
-                &self.by_qos,
-                &self.payload_by_qos,
+                &Self::wide(self.by_qos),
+                &Self::wide(self.payload_by_qos),
             );
         }
         *self = SentCount::default();
