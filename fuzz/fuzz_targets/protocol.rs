@@ -337,7 +337,13 @@ impl World {
 
     fn replace(&mut self, i: usize) {
         let now = self.now;
-        self.conns[i].conn.handle_closed(now);
+        let conn = &mut self.conns[i].conn;
+        conn.handle_closed(now);
+        // The session's detach is a request to the engine.
+        while let Some(request) = conn.poll_request() {
+            let waker = conn.waker().clone();
+            let _ = millet::engine::submit(&*self.broker, request, &waker, now);
+        }
         self.conns[i] = Conn::new(&self.broker, now);
     }
 

@@ -5,7 +5,8 @@
 //! ([`Connection::handle_timeout`]), each with `now`; it asks for bytes to
 //! write ([`Connection::poll_transmit`]), the next deadline
 //! ([`Connection::poll_timeout`]) and whether to close ([`Connection::poll_close`]).
-//! When the socket is gone the driver calls [`Connection::handle_closed`] once.
+//! When the socket is gone the driver calls [`Connection::handle_closed`]
+//! and hands the [`Request::Detach`] it then yields to the engine.
 //!
 //! What may cross a network is asked of the engine ([`crate::engine`]): the
 //! driver takes the request with [`Connection::poll_request`], and the
@@ -46,8 +47,8 @@ use crate::alias::{InAliases, OutAlias, OutAliases};
 use crate::auth::{AuthExchange, AuthStep};
 use crate::broker::{Attached, Broker, SubscribeOutcome};
 use crate::engine::{
-    AckStatus, AttachRequest, AuthenticateRequest, Completion, Request, SubscribeRequest, Ticket,
-    UnsubscribeRequest,
+    AckStatus, AttachRequest, AuthenticateRequest, Completion, DetachRequest, Request,
+    SubscribeRequest, Ticket, UnsubscribeRequest,
 };
 use crate::security::acl::{Access, Rule};
 use crate::security::quota::{ClientLimiter, ExceededAction, QuotaDecision};
@@ -321,6 +322,9 @@ pub struct Connection {
     /// A packet was received (the last at `last_recv`) since the
     /// keep-alive deadline was last set.
     keepalive_stale: bool,
+    /// Closed ([`Connection::handle_closed`]): the session attached, if
+    /// any, is to be detached ([`Connection::poll_request`]).
+    detach_due: bool,
     last_recv: Stamp,
     /// Verdict on the CONNECT, from the driver (see [`ConnectVerdict`]).
     verdict: Option<Box<ConnectVerdict>>,
@@ -362,6 +366,7 @@ impl Connection {
             waker: Arc::new(ConnWaker::default()),
             accepted: false,
             keepalive_stale: false,
+            detach_due: false,
             last_recv: Stamp::from(now),
             pending_acks: VecDeque::new(),
             verdict: None,
@@ -447,7 +452,19 @@ impl Connection {
     /// ([`crate::engine::submit`]); its answer comes back through
     /// [`Connection::handle_completion`].
     pub fn poll_request(&mut self) -> Option<Request> {
-        self.waiting.as_mut().and_then(|w| w.request.take())
+        if let Some(r) = self.waiting.as_mut().and_then(|w| w.request.take()) {
+            return Some(r);
+        }
+        if !self.detach_due {
+            return None;
+        }
+        let (cell, epoch) = self.attached.take()?;
+        Some(Request::Detach(DetachRequest {
+            cell,
+            epoch,
+            publish_will: self.close.as_ref().is_none_or(|c| c.publish_will),
+            expiry_override: self.disconnect_expiry,
+        }))
     }
 
     /// True until a CONNECT arrived.
@@ -582,6 +599,9 @@ impl Connection {
     /// [`Connection::poll_request`]. The packets held meanwhile are handled
     /// now, in order (until one makes the connection wait again).
     pub fn handle_completion(&mut self, completion: Completion, now: Instant) {
+        if matches!(completion, Completion::Detached) {
+            return; // nothing waits for a detach
+        }
         let Some(w) = self.waiting.take() else {
             tracing::error!(?completion, "engine answer with no request outstanding");
             return self.fail(ProtocolError::EngineMismatch);
@@ -737,14 +757,18 @@ impl Connection {
     /// The network connection is gone (or was closed by us). Tells the broker,
     /// which publishes the will if due and starts the session expiry.
     /// Idempotent, and safe after a panic in another `handle_*` call.
-    pub fn handle_closed(&mut self, now: Instant) {
+    ///
+    /// The session is detached through the engine: the next
+    /// [`Connection::poll_request`] gives the [`Request::Detach`] (also
+    /// after a later call, when an attach answered meanwhile).
+    pub fn handle_closed(&mut self, _now: Instant) {
         self.received.add_received_to(&self.broker.stats);
-        let publish_will = self.close.as_ref().is_none_or(|c| c.publish_will);
         self.state = State::Closed;
-        if let Some((cell, epoch)) = self.attached.take() {
-            self.broker
-                .disconnect(&cell, epoch, publish_will, self.disconnect_expiry, now);
+        // A request not yet handed to the engine is not made.
+        if let Some(w) = self.waiting.as_mut() {
+            w.request = None;
         }
+        self.detach_due = true;
     }
 
     // ---- outputs -------------------------------------------------------

@@ -1031,15 +1031,30 @@ async fn connect_verdict(
     Ok((v, permit))
 }
 
-/// A connection's state machine that detaches its session however the task
-/// ends: when the task returns early, panics or is dropped,
-/// [`Connection::handle_closed`] still runs (once), so the session goes
-/// offline, its expiry starts and its will is published.
+/// A connection's state machine, in the [`Conn`] whose drop detaches its
+/// session however the task ends: when the task returns early, panics or
+/// is dropped (parked, at runtime shutdown), [`close`] still runs, so the
+/// session goes offline, its expiry starts and its will is published.
 struct Detach(Connection);
 
-impl Drop for Detach {
+/// The socket is gone, or the connection is done with it: tell the state
+/// machine ([`Connection::handle_closed`]) and hand its session's detach
+/// to the engine now (a takeover or the will must not wait for the
+/// lingering close). Idempotent; an attach answered after a first call is
+/// detached by the next.
+fn close(conn: &mut Connection, engine: &dyn Engine) {
+    let now = Instant::now();
+    conn.handle_closed(now);
+    while let Some(r) = conn.poll_request() {
+        if let Request::Detach(d) = r {
+            engine.detach(&d.cell, d.epoch, d.publish_will, d.expiry_override, now);
+        }
+    }
+}
+
+impl<S> Drop for Conn<S> {
     fn drop(&mut self) {
-        self.0.handle_closed(Instant::now());
+        close(&mut self.conn, &*self.live.conns.engine);
     }
 }
 
@@ -1701,7 +1716,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         c.conn.set_consumer_stalled(false);
     }
     if c.eof || c.write_failed || c.over_budget {
-        c.conn.handle_closed(Instant::now());
+        close(&mut c.conn, &*c.live.conns.engine);
         let _ = Box::pin(tokio::time::timeout(
             Duration::from_secs(1),
             c.stream.shutdown(),
@@ -1714,15 +1729,20 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
     // the client's own DISCONNECT may still be unread and decides on the will;
     // otherwise the session is detached before lingering.
     let Conn {
-        stream, rbuf, conn, ..
+        stream,
+        rbuf,
+        conn,
+        live,
+        ..
     } = &mut *c;
+    let engine = &*live.conns.engine;
     if conn.wants_packets_while_closing() {
         Box::pin(lingering_close(stream, rbuf, Some(conn))).await;
     } else {
-        conn.handle_closed(Instant::now());
+        close(conn, engine);
         Box::pin(lingering_close(stream, rbuf, None)).await;
     }
-    conn.handle_closed(Instant::now());
+    close(conn, engine);
 }
 
 /// Hand the protocol's requests to the engine; answers given at once are

@@ -123,6 +123,13 @@ impl Client {
         Client::new(b, connect_packet(Protocol::V5, id, true), now).0
     }
 
+    /// The socket is gone: the connection closes and its session is
+    /// detached through the engine (as the server's driver does).
+    fn closed(&mut self, now: Instant) {
+        self.conn.handle_closed(now);
+        pump(&mut self.conn, &*self.engine, &mut self.verdict, now);
+    }
+
     fn send(&mut self, p: Packet, now: Instant) {
         self.conn.handle_packet(p, now);
         pump(&mut self.conn, &*self.engine, &mut self.verdict, now);
@@ -428,7 +435,7 @@ fn takeover_closes_the_old_connection_with_0x8e_and_resumes() {
         matches!(&p[..], [Packet::Disconnect(d)] if d.reason_code == ReasonCode::SESSION_TAKEN_OVER)
     );
     assert!(old.conn.poll_close().is_some());
-    old.conn.handle_closed(t0);
+    old.closed(t0);
     // The subscription survived on the new connection.
     let mut p = Client::v5(&b, "p", t0);
     p.publish("t", b"m", QoS::AtLeastOnce, Some(1), t0);
@@ -451,7 +458,7 @@ fn taken_over_while_already_closing_sends_a_single_disconnect() {
         "{p:?}"
     );
     assert!(old.conn.poll_close().is_some());
-    old.conn.handle_closed(t0);
+    old.closed(t0);
 }
 
 #[test]
@@ -473,13 +480,13 @@ fn will_delay_is_honoured_and_cancelled_by_reconnect() {
     });
     // First: dies, comes back after 3 s → no will [MQTT-3.1.3-9].
     let (mut cl, _) = Client::new(&b, c.clone(), t0);
-    cl.conn.handle_closed(t0);
+    cl.closed(t0);
     b.handle_timeout(t0 + Duration::from_secs(3));
     let (mut cl, _) = Client::new(&b, c.clone(), t0 + Duration::from_secs(3));
     b.handle_timeout(t0 + Duration::from_secs(10));
     assert!(publishes(&watcher.recv(t0)).is_empty());
     // Second: dies and stays away → will after 5 s, not before.
-    cl.conn.handle_closed(t0 + Duration::from_secs(10));
+    cl.closed(t0 + Duration::from_secs(10));
     b.handle_timeout(t0 + Duration::from_secs(14));
     assert!(publishes(&watcher.recv(t0)).is_empty());
     b.handle_timeout(t0 + Duration::from_secs(15));
@@ -504,10 +511,10 @@ fn normal_disconnect_discards_the_will() {
     });
     let (mut cl, _) = Client::new(&b, c.clone(), t0);
     cl.send(Packet::Disconnect(Disconnect::default()), t0);
-    cl.conn.handle_closed(t0);
+    cl.closed(t0);
     assert!(publishes(&watcher.recv(t0)).is_empty());
     let (mut cl, _) = Client::new(&b, c, t0);
-    cl.conn.handle_closed(t0); // abnormal
+    cl.closed(t0); // abnormal
     assert_eq!(publishes(&watcher.recv(t0)).len(), 1);
 }
 
@@ -519,7 +526,7 @@ fn message_expiry_drops_queued_messages_and_decrements_the_interval() {
     c.properties.session_expiry_interval = Some(1000);
     let (mut sub, _) = Client::new(&b, c.clone(), t0);
     sub.subscribe("e", QoS::AtLeastOnce, t0);
-    sub.conn.handle_closed(t0);
+    sub.closed(t0);
     let mut p = Client::v5(&b, "p", t0);
     for (i, secs) in [(1u16, 5u32), (2, 60)] {
         let mut pb = Publish {
@@ -547,11 +554,11 @@ fn session_expires_after_its_interval() {
     let mut c = connect_packet(Protocol::V5, "exp", false);
     c.properties.session_expiry_interval = Some(30);
     let (mut cl, _) = Client::new(&b, c.clone(), t0);
-    cl.conn.handle_closed(t0);
+    cl.closed(t0);
     b.handle_timeout(t0 + Duration::from_secs(29));
     let (mut cl, ack) = Client::new(&b, c.clone(), t0 + Duration::from_secs(29));
     assert!(ack.session_present);
-    cl.conn.handle_closed(t0 + Duration::from_secs(29));
+    cl.closed(t0 + Duration::from_secs(29));
     b.handle_timeout(t0 + Duration::from_secs(60));
     let (_, ack) = Client::new(&b, c, t0 + Duration::from_secs(60));
     assert!(!ack.session_present);
@@ -568,7 +575,7 @@ fn unacked_messages_are_resent_with_dup_on_resume() {
     p.publish("r", b"m", QoS::AtLeastOnce, Some(1), t0);
     let first = sub.recv(t0);
     assert!(!publishes(&first)[0].dup);
-    sub.conn.handle_closed(t0);
+    sub.closed(t0);
     let (mut sub, ack) = Client::new(&b, c, t0);
     assert!(ack.session_present);
     let again = sub.recv(t0);
@@ -1091,7 +1098,7 @@ fn a_client_too_small_for_any_connack_is_closed_without_one() {
     assert!(got.is_empty(), "{got:?}");
     let close = cl.conn.poll_close().expect("closed");
     assert_eq!(close.reason, ReasonCode::PACKET_TOO_LARGE);
-    cl.conn.handle_closed(t0);
+    cl.closed(t0);
     // The session was released: the same client id connects normally.
     let (_, ack) = Client::new(&b, connect_packet(Protocol::V5, "tiny", true), t0);
     assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
@@ -1143,14 +1150,14 @@ fn dup_resend_too_big_for_a_lowered_maximum_is_dropped_as_delivered() {
         t0,
     );
     assert_eq!(publishes(&sub.recv(t0)).len(), 1);
-    sub.conn.handle_closed(t0);
+    sub.closed(t0);
     c.clean_start = false;
     c.properties.maximum_packet_size = Some(100);
     let (mut sub, ack) = Client::new(&b, c.clone(), t0);
     assert!(ack.session_present);
     assert!(publishes(&sub.recv(t0)).is_empty());
     // Not resent on the next resume either: it was forgotten.
-    sub.conn.handle_closed(t0);
+    sub.closed(t0);
     c.properties.maximum_packet_size = None;
     let (mut sub, _) = Client::new(&b, c, t0);
     assert!(publishes(&sub.recv(t0)).is_empty());
@@ -1184,7 +1191,7 @@ fn dup_resend_on_a_plain_reconnect_waits_until_the_inflight_record_is_durable() 
         publishes(&sub.recv(t0)).is_empty(),
         "first send waits (held)"
     );
-    sub.conn.handle_closed(t0);
+    sub.closed(t0);
     let (mut sub, ack) = Client::new(&b, c, t0);
     assert!(ack.session_present);
     assert!(
@@ -1223,7 +1230,7 @@ fn displaced_qos0_messages_do_not_come_back_after_a_restart() {
     c.properties.session_expiry_interval = Some(300);
     let (mut sub, _) = Client::new(&b, c.clone(), t0);
     sub.subscribe("t", QoS::AtLeastOnce, t0);
-    sub.conn.handle_closed(t0);
+    sub.closed(t0);
     let mut p = Client::v5(&b, "p", t0);
     let sent: [(&'static [u8], QoS); 6] = [
         (b"a", QoS::AtMostOnce),
@@ -1284,7 +1291,7 @@ fn outbound_topic_aliases_are_remapped_past_the_maximum_and_reset_per_connection
         ]
     );
     // A new connection starts with no aliases.
-    sub.conn.handle_closed(t0);
+    sub.closed(t0);
     let (mut sub, _) = Client::new(&b, c, t0);
     p.publish("x/3", b"m", QoS::AtMostOnce, None, t0);
     let got = sub.recv(t0);
@@ -1307,7 +1314,7 @@ fn memory_accounting_qos0_offline_and_retained_caps() {
     c.properties.session_expiry_interval = Some(1000);
     let (mut sub, _) = Client::new(&b, c.clone(), t0);
     sub.subscribe("m/#", QoS::AtLeastOnce, t0);
-    sub.conn.handle_closed(t0);
+    sub.closed(t0);
     let mut p = Client::v5(&b, "p", t0);
     p.publish("m/zero", b"0123456789", QoS::AtMostOnce, None, t0);
     p.publish("m/one", b"0123456789", QoS::AtLeastOnce, Some(1), t0);

@@ -49,7 +49,9 @@ mod embedded;
 pub use crate::broker::persist::{AckStatus, Ticket};
 
 /// Something the protocol needs before it can go on: a verdict on a
-/// CONNECT from the authentication hooks, or an engine call.
+/// CONNECT from the authentication hooks, or an engine call; or, once
+/// closed, the detach of its session ([`Request::Detach`], nothing waits
+/// for it).
 #[derive(Debug)]
 pub enum Request {
     /// For the authentication hooks (the driver's `[security]` chain):
@@ -59,6 +61,23 @@ pub enum Request {
     Attach(Box<AttachRequest>),
     Subscribe(SubscribeRequest),
     Unsubscribe(UnsubscribeRequest),
+    /// The connection closed ([`crate::protocol::Connection::handle_closed`]):
+    /// [`Engine::detach`]. Answered [`Completion::Detached`], which the
+    /// protocol ignores; a driver may as well drop it.
+    Detach(DetachRequest),
+}
+
+/// The session a closed connection was attached to, and how it closed.
+#[derive(Debug)]
+pub struct DetachRequest {
+    pub cell: Arc<SessionCell>,
+    /// The connection's epoch (a connection taken over changes nothing).
+    pub epoch: u64,
+    /// Publish the will (at once or after its delay): not after a normal
+    /// DISCONNECT [MQTT-3.1.2-10].
+    pub publish_will: bool,
+    /// The session expiry a v5 DISCONNECT set.
+    pub expiry_override: Option<u32>,
 }
 
 /// What a CONNECT presents, for authentication (and the connection log).
@@ -123,6 +142,8 @@ pub enum Completion {
     Subscribed(Vec<SubscribeOutcome>),
     /// Per requested filter: whether the subscription existed.
     Unsubscribed(Vec<bool>),
+    /// The session was detached (nothing waits for this).
+    Detached,
 }
 
 impl std::fmt::Debug for Completion {
@@ -136,6 +157,7 @@ impl std::fmt::Debug for Completion {
                 .finish(),
             Completion::Subscribed(o) => f.debug_tuple("Subscribed").field(o).finish(),
             Completion::Unsubscribed(o) => f.debug_tuple("Unsubscribed").field(o).finish(),
+            Completion::Detached => f.write_str("Detached"),
         }
     }
 }
@@ -182,7 +204,8 @@ pub trait Engine: Send + Sync + 'static {
     fn unsubscribe(&self, req: UnsubscribeRequest, reply_to: &Arc<ConnWaker>, now: Instant)
         -> Call;
 
-    /// The connection `epoch` attached to `cell` closed (fire and forget):
+    /// The connection `epoch` attached to `cell` closed (fire and forget;
+    /// [`Request::Detach`], handed over as soon as the connection closed):
     /// the will is published if `publish_will` (at once or after its
     /// delay), and the session's expiry starts (`expiry_override`: from a
     /// v5 DISCONNECT). A connection already taken over changes nothing.
@@ -205,6 +228,10 @@ pub fn submit(engine: &dyn Engine, req: Request, reply_to: &Arc<ConnWaker>, now:
         Request::Attach(r) => engine.attach(*r, reply_to, now),
         Request::Subscribe(r) => engine.subscribe(r, reply_to, now),
         Request::Unsubscribe(r) => engine.unsubscribe(r, reply_to, now),
+        Request::Detach(r) => {
+            engine.detach(&r.cell, r.epoch, r.publish_will, r.expiry_override, now);
+            Call::Ready(Completion::Detached)
+        }
     }
 }
 
