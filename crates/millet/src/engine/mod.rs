@@ -42,6 +42,7 @@ use crate::session::{ConnWaker, SessionCell, Subscription};
 
 pub mod delaying;
 mod embedded;
+pub mod subject;
 
 /// Durability: a publish (or a session change) is acknowledged once its
 /// [`Ticket`] is done ([`AckStatus`]). The embedded engine's tickets are
