@@ -3,8 +3,12 @@
 //!
 //! # Structure
 //!
-//! A trie keyed by topic level (OASIS MQTT 5.0 section 4.7). Each `Node` is
-//! reached by one filter level and has:
+//! Filters without wildcards live in a hash map keyed by the whole filter
+//! (`exact`): a publish finds them with one lookup of its topic, and a
+//! device's own topics (`devices/{id}/cmd`) cost one entry rather than a
+//! trie node per level. The filters with `+` or `#` live in a trie keyed by
+//! topic level (OASIS MQTT 5.0 section 4.7). Each `Node` is reached by one
+//! filter level and has:
 //!
 //! * `children`: literal levels, in an `ahash` map keyed by `Box<str>` (looked
 //!   up with the borrowed `&str` level of the topic, so matching never
@@ -417,6 +421,11 @@ type Frame<'a, K, V> = (&'a Node<K, V>, Option<usize>);
 #[derive(Debug)]
 pub struct SubscriptionIndex<K, V> {
     root: Node<K, V>,
+    /// Filters without wildcards, by the whole filter (their `Subs::filter`
+    /// is left empty: the key is the filter). A device's own topics
+    /// (`devices/{id}/cmd`) cost one entry here instead of a trie node per
+    /// level, and a publish finds them with one hash of its topic.
+    exact: AHashMap<Box<str>, Box<Subs<K, V>>>,
     strategy: ShareStrategy,
     rng: AtomicU64,
     /// Nodes besides the root.
@@ -434,6 +443,11 @@ where
     fn default() -> Self {
         Self::new(ShareStrategy::default())
     }
+}
+
+/// Whether `filter` has no wildcard level (it then lives in the exact table).
+fn is_exact(filter: &str) -> bool {
+    !filter.split('/').any(|l| l == "+" || l == "#")
 }
 
 /// The walk of one filter, level by level, ending at the filter's node.
@@ -458,6 +472,7 @@ where
     pub fn with_seed(strategy: ShareStrategy, seed: u64) -> Self {
         Self {
             root: Node::new(),
+            exact: AHashMap::new(),
             strategy,
             rng: AtomicU64::new(seed),
             nodes: 0,
@@ -493,8 +508,14 @@ where
     }
 
     /// Number of trie nodes besides the root (memory use / pruning checks).
+    /// Filters without wildcards are not in the trie ([`Self::exact_count`]).
     pub fn node_count(&self) -> usize {
         self.nodes
+    }
+
+    /// Number of distinct filters without wildcards that have subscribers.
+    pub fn exact_count(&self) -> usize {
+        self.exact.len()
     }
 
     /// Whether there is no subscription at all.
@@ -502,8 +523,17 @@ where
         self.subscriptions == 0 && self.shared_members == 0
     }
 
-    /// Node of `filter`, created if missing, with its `Subs` created too.
+    /// The `Subs` of `filter`, created if missing (with its trie nodes).
     fn subs_mut_or_insert(&mut self, filter: &str) -> &mut Subs<K, V> {
+        if is_exact(filter) {
+            return self.exact.entry(filter.into()).or_insert_with(|| {
+                Box::new(Subs {
+                    filter: Box::default(),
+                    normal: SubList::new(),
+                    shared: Vec::new(),
+                })
+            });
+        }
         let mut node = &mut self.root;
         let mut created = 0;
         for level in filter_levels(filter) {
@@ -517,6 +547,23 @@ where
                 shared: Vec::new(),
             })
         })
+    }
+
+    /// The `Subs` of `filter`, if any.
+    fn subs(&self, filter: &str) -> Option<&Subs<K, V>> {
+        if is_exact(filter) {
+            self.exact.get(filter).map(|s| &**s)
+        } else {
+            self.find(filter)?.subs.as_deref()
+        }
+    }
+
+    fn subs_mut(&mut self, filter: &str) -> Option<&mut Subs<K, V>> {
+        if is_exact(filter) {
+            self.exact.get_mut(filter).map(|s| &mut **s)
+        } else {
+            self.find_mut(filter)?.subs.as_deref_mut()
+        }
     }
 
     fn find(&self, filter: &str) -> Option<&Node<K, V>> {
@@ -538,6 +585,16 @@ where
     /// Removes the empty node of `filter` and every ancestor left empty.
     /// Iterative: finds the deepest ancestor that must stay, then cuts below.
     fn prune(&mut self, filter: &str) {
+        if is_exact(filter) {
+            if self.exact.get(filter).is_some_and(|s| s.is_empty()) {
+                self.exact.remove(filter);
+                // Give memory back once most entries are gone.
+                if self.exact.capacity() > 64 && self.exact.len() * 4 < self.exact.capacity() {
+                    self.exact.shrink_to_fit();
+                }
+            }
+            return;
+        }
         let Some(end) = self.find_mut(filter) else {
             return;
         };
@@ -590,7 +647,7 @@ where
 
     /// Removes the normal subscription of `key` to `filter`.
     pub fn remove(&mut self, filter: &str, key: K) -> Option<V> {
-        let subs = self.find_mut(filter)?.subs.as_mut()?;
+        let subs = self.subs_mut(filter)?;
         let prev = subs.normal.remove(key)?;
         let now_empty = subs.is_empty();
         self.subscriptions -= 1;
@@ -602,7 +659,7 @@ where
 
     /// The value of the normal subscription of `key` to `filter`.
     pub fn get(&self, filter: &str, key: K) -> Option<&V> {
-        self.find(filter)?.subs.as_ref()?.normal.get(key)
+        self.subs(filter)?.normal.get(key)
     }
 
     /// Adds or replaces `key` as a member of `$share/{group}/{filter}`.
@@ -632,7 +689,7 @@ where
     /// Removes `key` from `$share/{group}/{filter}`; the group disappears with
     /// its last member.
     pub fn remove_shared(&mut self, group: &str, filter: &str, key: K) -> Option<V> {
-        let subs = self.find_mut(filter)?.subs.as_mut()?;
+        let subs = self.subs_mut(filter)?;
         let i = subs.shared.iter().position(|g| &*g.name == group)?;
         let prev = subs.shared[i].members.remove(key)?;
         let group_gone = subs.shared[i].members.is_empty();
@@ -652,12 +709,7 @@ where
 
     /// The value of `key`'s membership in `$share/{group}/{filter}`.
     pub fn get_shared(&self, group: &str, filter: &str, key: K) -> Option<&V> {
-        self.find(filter)?
-            .subs
-            .as_ref()?
-            .group(group)?
-            .members
-            .get(key)
+        self.subs(filter)?.group(group)?.members.get(key)
     }
 
     /// The members of `$share/{group}/{filter}` (empty if no such group).
@@ -666,8 +718,7 @@ where
         group: &str,
         filter: &str,
     ) -> impl Iterator<Item = (K, &'a V)> + 'a {
-        self.find(filter)
-            .and_then(|n| n.subs.as_ref())
+        self.subs(filter)
             .and_then(|s| s.group(group))
             .into_iter()
             .flat_map(|g| g.members.entries.iter().map(|(k, v)| (*k, v)))
@@ -750,15 +801,12 @@ where
         mut visit: impl FnMut(MatchRef<'a, K, V>),
     ) {
         let dollar = is_sys_topic(topic);
-        let mut emit = |node: &'a Node<K, V>| {
-            let Some(subs) = node.subs.as_deref() else {
-                return;
-            };
+        let mut emit_subs = |filter: &'a str, subs: &'a Subs<K, V>| {
             for (key, value) in &subs.normal.entries {
                 visit(MatchRef {
                     key: *key,
                     value,
-                    filter: &subs.filter,
+                    filter,
                     group: None,
                 });
             }
@@ -768,10 +816,23 @@ where
                     visit(MatchRef {
                         key,
                         value,
-                        filter: &subs.filter,
+                        filter,
                         group: Some(&group.name),
                     });
                 }
+            }
+        };
+        // The filter equal to the topic (a filter without wildcards matches
+        // a `$` topic too: only wildcards skip them).
+        if let Some((filter, subs)) = self.exact.get_key_value(topic) {
+            emit_subs(filter, subs);
+        }
+        if self.nodes == 0 {
+            return; // no wildcard filter at all
+        }
+        let mut emit = |node: &'a Node<K, V>| {
+            if let Some(subs) = node.subs.as_deref() {
+                emit_subs(&subs.filter, subs);
             }
         };
         let mut stack: SmallVec<[Frame<'a, K, V>; 32]> = SmallVec::new();
@@ -828,7 +889,7 @@ where
         publisher: &str,
         accept: impl FnMut(K) -> bool,
     ) -> Option<(K, &V)> {
-        let g = self.find(filter)?.subs.as_ref()?.group(group)?;
+        let g = self.subs(filter)?.group(group)?;
         self.choose(g, publisher, accept, false)
     }
 }

@@ -365,31 +365,32 @@ fn shared_pick_and_eligibility() {
 
 #[test]
 fn remove_prunes_nodes() {
+    // The trie holds the filters with wildcards.
     let mut idx = SubscriptionIndex::new(ShareStrategy::RoundRobin);
-    idx.insert("a/b/c", 1u64, ());
-    idx.insert("a/b/d", 1, ());
-    assert_eq!(idx.node_count(), 4);
-    idx.remove("a/b/c", 1);
+    idx.insert("a/b/+", 1u64, ());
+    idx.insert("a/b/#", 1, ());
+    assert_eq!(idx.node_count(), 4); // a, b, +, #
+    idx.remove("a/b/+", 1);
     assert_eq!(idx.node_count(), 3);
-    idx.remove("a/b/d", 1);
+    idx.remove("a/b/#", 1);
     assert_eq!(idx.node_count(), 0);
 
-    idx.insert("a/b", 1, ());
-    idx.insert("a/b/+/#", 1, ());
-    idx.insert_shared("g", "a/b/+", 2, ());
-    assert_eq!(idx.node_count(), 4);
-    idx.remove("a/b/+/#", 1);
+    idx.insert("a/+", 1, ());
+    idx.insert("a/+/+/#", 1, ());
+    idx.insert_shared("g", "a/+/+", 2, ());
+    assert_eq!(idx.node_count(), 4); // a, +, +, #
+    idx.remove("a/+/+/#", 1);
     assert_eq!(idx.node_count(), 3);
-    idx.remove_shared("g", "a/b/+", 2);
+    idx.remove_shared("g", "a/+/+", 2);
     assert_eq!(idx.node_count(), 2);
     // Removing an inner filter keeps the nodes its descendants need.
-    idx.insert("a/b/c", 3, ());
-    idx.remove("a/b", 1);
+    idx.insert("a/+/c", 3, ());
+    idx.remove("a/+", 1);
     assert_eq!(idx.node_count(), 3);
     let mut out = Vec::new();
     idx.matches("a/b/c", "p", &mut out);
     assert_eq!(out.len(), 1);
-    idx.remove("a/b/c", 3);
+    idx.remove("a/+/c", 3);
     assert_eq!(idx.node_count(), 0);
     assert!(idx.is_empty());
 
@@ -400,6 +401,62 @@ fn remove_prunes_nodes() {
         idx.remove(&f, i);
     }
     assert_eq!(idx.node_count(), 0);
+}
+
+#[test]
+fn filters_without_wildcards_are_one_entry_each() {
+    let mut idx = SubscriptionIndex::new(ShareStrategy::RoundRobin);
+    idx.insert("a/b/c", 1u64, 'x');
+    idx.insert("a/b/c", 2, 'y');
+    idx.insert_shared("g", "a/b/c", 3, 'z');
+    idx.insert("a/+/c", 4, 'w');
+    assert_eq!(idx.node_count(), 3); // a, +, c: only the wildcard filter
+    assert_eq!(idx.exact_count(), 1);
+    assert_eq!(idx.get("a/b/c", 2), Some(&'y'));
+    assert_eq!(idx.get_shared("g", "a/b/c", 3), Some(&'z'));
+    let mut got = Vec::new();
+    idx.for_each_match(
+        "a/b/c",
+        "p",
+        |_| true,
+        |m| got.push((m.key, m.filter, m.group)),
+    );
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        [
+            (1, "a/b/c", None),
+            (2, "a/b/c", None),
+            (3, "a/b/c", Some("g")),
+            (4, "a/+/c", None)
+        ]
+    );
+    let mut out = Vec::new();
+    idx.matches("a/b/d", "p", &mut out);
+    assert!(out.is_empty());
+    // A filter without wildcards matches a `$` topic (only wildcards skip them).
+    idx.insert("$SYS/up", 5, 'u');
+    out.clear();
+    idx.matches("$SYS/up", "p", &mut out);
+    assert_eq!(out.len(), 1);
+    // Gone with its last subscriber, normal or shared.
+    assert_eq!(idx.remove("a/b/c", 1), Some('x'));
+    assert_eq!(idx.remove("a/b/c", 2), Some('y'));
+    assert_eq!(idx.exact_count(), 2);
+    assert_eq!(idx.remove_shared("g", "a/b/c", 3), Some('z'));
+    assert_eq!(idx.remove("$SYS/up", 5), Some('u'));
+    assert_eq!(idx.exact_count(), 0);
+    assert_eq!(idx.remove("a/+/c", 4), Some('w'));
+    assert!(idx.is_empty());
+    for i in 0..1000u64 {
+        let f = format!("devices/{i}/cmd");
+        idx.insert(&f, i, 'd');
+    }
+    assert_eq!((idx.exact_count(), idx.node_count()), (1000, 0));
+    for i in 0..1000u64 {
+        assert_eq!(idx.remove(&format!("devices/{i}/cmd"), i), Some('d'));
+    }
+    assert_eq!(idx.exact_count(), 0);
 }
 
 #[test]
@@ -433,13 +490,14 @@ fn large_fan_out() {
 fn very_deep_filters_do_not_overflow_the_stack() {
     let deep = vec!["a"; 40_000].join("/");
     let mut idx = SubscriptionIndex::new(ShareStrategy::RoundRobin);
-    idx.insert(&deep, 1u64, ());
+    idx.insert(&deep, 1u64, ()); // no wildcard: one entry, not in the trie
     idx.insert(&format!("{deep}/#"), 2, ());
+    idx.insert(&format!("{deep}/+"), 3, ());
     let mut out = Vec::new();
     idx.matches(&deep, "p", &mut out);
     assert_eq!(out.len(), 2);
     idx.remove(&format!("{deep}/#"), 2);
-    assert_eq!(idx.node_count(), 40_000);
+    assert_eq!(idx.node_count(), 40_001);
     drop(idx); // iterative drop
 
     let mut store = RetainedStore::new();
