@@ -1031,12 +1031,6 @@ async fn connect_verdict(
     Ok((v, permit))
 }
 
-/// A connection's state machine, in the [`Conn`] whose drop detaches its
-/// session however the task ends: when the task returns early, panics or
-/// is dropped (parked, at runtime shutdown), [`close`] still runs, so the
-/// session goes offline, its expiry starts and its will is published.
-struct Detach(Connection);
-
 /// The socket is gone, or the connection is done with it: tell the state
 /// machine ([`Connection::handle_closed`]) and hand its session's detach
 /// to the engine now (a takeover or the will must not wait for the
@@ -1055,19 +1049,6 @@ fn close(conn: &mut Connection, engine: &dyn Engine) {
 impl<S> Drop for Conn<S> {
     fn drop(&mut self) {
         close(&mut self.conn, &*self.live.conns.engine);
-    }
-}
-
-impl std::ops::Deref for Detach {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Detach {
-    fn deref_mut(&mut self) -> &mut Connection {
-        &mut self.0
     }
 }
 
@@ -1367,7 +1348,10 @@ enum Event {
 /// [`park`]) is this box alone, with no task.
 struct Conn<S> {
     stream: S,
-    conn: Detach,
+    /// The state machine; `Conn`'s `Drop` closes it and detaches its
+    /// session however the task ends (returns early, panics, is dropped
+    /// while parked or at runtime shutdown).
+    conn: Connection,
     peer: SocketAddr,
     /// What is only needed until CONNECT is handled.
     info: Option<Box<PeerInfo>>,
@@ -1412,7 +1396,7 @@ fn serve<S: Transport + 'static>(
     done: mpsc::Sender<()>,
 ) -> impl std::future::Future<Output = ()> + Send {
     let now = Instant::now();
-    let conn = Detach(Connection::new(broker.clone(), now));
+    let conn = Connection::new(broker.clone(), now);
     let live = live.register(conn.waker());
     let c = Box::new(Conn {
         stream,
@@ -1929,7 +1913,7 @@ impl<S: Transport + 'static> Resume for Conn<S> {
             .clients_parked
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         // A runtime that is shutting down drops the future: the
-        // connection's `Detach` then detaches its session.
+        // connection's `Drop` then detaches its session.
         runtime.spawn(drive(self));
     }
 }
@@ -2021,7 +2005,7 @@ fn park<S: Transport + 'static>(
 async fn lingering_close<S: Transport>(
     stream: &mut S,
     rbuf: &mut BytesMut,
-    mut conn: Option<&mut Detach>,
+    mut conn: Option<&mut Connection>,
 ) {
     let deadline = tokio::time::Instant::now() + LINGER_TIME;
     if !matches!(
