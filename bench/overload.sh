@@ -17,7 +17,10 @@
 # target is "RSS within the configured budget"); Mosquitto with a listener,
 # allow_anonymous and `log_type error`, everything else default.
 # Output: bench/results/overload-<broker>-<scenario>.json (overload-quick-... with --quick).
-# Extra millet-bench overload flags: $OVERLOAD_ARGS (e.g. "--rss-budget-mib 256").
+# The attacker's client threads run at nice 19 (millet-bench's --attacker-nice: on a
+# real deployment it is another machine; see crates/millet-bench/src/overload.rs).
+# Extra millet-bench overload flags: $OVERLOAD_ARGS (e.g. "--rss-budget-mib 256",
+# "--attacker-nice 0").
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

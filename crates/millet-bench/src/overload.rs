@@ -17,6 +17,16 @@
 //!   peak of each phase. Above `--rss-abort-mib` the attack stops early (a
 //!   safety valve for a shared machine) and the scenario is marked aborted.
 //!
+//! * the **attacker**: on a runtime of its own whose threads run at
+//!   `--attacker-nice` (19 by default). On a real deployment the attacking
+//!   client runs on another machine; here it shares this machine's cores with
+//!   the devices' client, and at the same priority its own CPU (generating
+//!   gigabytes a second) is taken from the devices' thread: the devices then
+//!   slow down whatever the broker does, for any broker (measured on 2 cores:
+//!   the broker's CPU stays where it was in the baseline while the tool's
+//!   grows by half a core). Niced, the attacker's client uses the CPU the
+//!   others leave; what it sends still reaches the broker at full priority.
+//!
 //! Targets (per scenario, attack phase): probe PING and publish → deliver p99
 //! under 50 ms, the devices keep at least 80% of their baseline msg/s, the peak
 //! RSS within `--rss-budget-mib`.
@@ -77,6 +87,10 @@ pub struct OverloadArgs {
     /// Attack phase length (default 10s, quick 4s).
     #[arg(long, value_parser = crate::parse_duration)]
     pub attack: Option<f64>,
+    /// Niceness of the attacker's client threads (0: as the others; see
+    /// the module doc for why it runs niced).
+    #[arg(long, default_value_t = 19)]
+    pub attacker_nice: u8,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -192,6 +206,10 @@ pub struct Params {
     pub big_payload: usize,
     pub rss_budget_mib: u64,
     pub rss_abort_mib: u64,
+    /// Niceness of the attacker's client threads (absent in results from
+    /// before it existed: they ran at 0).
+    #[serde(default)]
+    pub attacker_nice: u8,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -1340,6 +1358,8 @@ struct Suite {
     p: Params,
     nonce: u32,
     rss: RssSampler,
+    /// Where attackers run (see the module doc: its threads are niced).
+    attacker_rt: tokio::runtime::Runtime,
 }
 
 impl Suite {
@@ -1354,7 +1374,6 @@ impl Suite {
     /// One phase: probe + devices (+ attacker) for `secs`.
     fn phase(
         &self,
-        rt: &tokio::runtime::Runtime,
         sc: Sc,
         tag: &str,
         secs: f64,
@@ -1386,7 +1405,7 @@ impl Suite {
         );
         // The devices run for the whole phase; connecting is not measured
         // separately (a few ms against seconds).
-        let atk = attacker.map(|f| rt.spawn(f(stop.clone())));
+        let atk = attacker.map(|f| self.attacker_rt.spawn(f(stop.clone())));
         let t0 = Instant::now();
         while t0.elapsed().as_secs_f64() < secs {
             if self.rss.over.is_set() {
@@ -1410,7 +1429,9 @@ impl Suite {
             Err(e) => r.devices.errors.push(format!("{e:#}")),
         }
         if let Some(h) = atk {
-            let res = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), h).await });
+            let res = self
+                .attacker_rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(30), h).await });
             match res {
                 Ok(Ok(Ok(a))) => r.attacker = a,
                 Ok(Ok(Err(e))) => {
@@ -1462,7 +1483,7 @@ impl Suite {
             return res;
         }
         res.rss_start_kib = self.rss.now();
-        res.baseline = self.phase(rt, sc, "base", p.baseline_s, None);
+        res.baseline = self.phase(sc, "base", p.baseline_s, None);
         let atk: Box<dyn FnOnce(Stop) -> AttackFut> = {
             let (cid, prefix, topic) = (self.cid(sc, "attacker"), prefix.clone(), offline_topic);
             match sc {
@@ -1494,7 +1515,7 @@ impl Suite {
                 }
             }
         };
-        res.attack = self.phase(rt, sc, "attack", p.attack_s, Some(atk));
+        res.attack = self.phase(sc, "attack", p.attack_s, Some(atk));
         // Teardown.
         let td = rt.block_on(async {
             if !sessions.is_empty() {
@@ -1590,6 +1611,33 @@ pub fn params(a: &OverloadArgs) -> Params {
         big_payload: 500 * 1024,
         rss_budget_mib: a.rss_budget_mib,
         rss_abort_mib: a.rss_abort_mib,
+        attacker_nice: a.attacker_nice.min(19),
+    }
+}
+
+/// Lower the calling thread's priority (Linux: the nice value is per
+/// thread). Through `renice` on the thread id from `/proc/thread-self`, so
+/// that the tool needs no `unsafe` FFI; a failure is reported once per
+/// thread and the attacker runs at normal priority.
+fn nice_this_thread(nice: u8) {
+    if nice == 0 {
+        return;
+    }
+    let tid = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name().and_then(|f| f.to_str()).map(str::to_owned));
+    let ok = tid.is_some_and(|tid| {
+        std::process::Command::new("renice")
+            .args(["-n", &nice.to_string(), "-p", &tid])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !ok {
+        eprintln!(
+            "[overload] could not renice an attacker thread to {nice}: it runs at normal priority"
+        );
     }
 }
 
@@ -1606,11 +1654,20 @@ pub fn run(
         bail!("cannot read /proc/{:?}/status", a.broker_pid);
     }
     std::thread::sleep(Duration::from_millis(120));
+    let nice = p.attacker_nice;
+    let attacker_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("attacker")
+        .enable_all()
+        .on_thread_start(move || nice_this_thread(nice))
+        .build()
+        .context("attacker runtime")?;
     let suite = Suite {
         addr,
         p: p.clone(),
         nonce,
         rss,
+        attacker_rt,
     };
     let mut out = OverloadResult {
         kind: "overload".into(),
@@ -1745,6 +1802,24 @@ pub fn render(results: &[(String, OverloadResult)], intro: Option<&str>) -> Stri
             p.attack_s,
             p.rss_budget_mib,
             p.rss_abort_mib
+        );
+        let _ = writeln!(
+            w,
+            "{}\n",
+            if p.attacker_nice > 0 {
+                format!(
+                    "The attacker's client runs on threads of its own at nice {}: on a real \
+                     deployment it is on another machine, and here, at the devices' priority, \
+                     its own CPU (generating up to gigabytes a second) would be taken from the \
+                     devices' client thread, whatever the broker does. Niced, it uses the CPU \
+                     the others leave; what it sends reaches the broker as before.",
+                    p.attacker_nice
+                )
+            } else {
+                "The attacker's client runs at the same priority as the devices' client \
+                 (`--attacker-nice 0`): on 2 shared cores its own CPU is taken from theirs."
+                    .to_string()
+            }
         );
     }
     let _ = writeln!(

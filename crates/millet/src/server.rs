@@ -40,8 +40,10 @@ const READ_MIN: usize = 512;
 const READ_MAX: usize = 64 * 1024;
 /// Write buffers above this capacity are released after each flush.
 const KEEP_WRITE_CAPACITY: usize = 8 * 1024;
-/// Longest a connection task handles packets before it lets other tasks
-/// run (checked every 16 packets).
+/// Longest a connection task runs before it lets other tasks run: checked
+/// every 16 packets while it handles a read batch, and after every event it
+/// got without waiting (a client sending big packets back to back reads one
+/// per event, so the packet count alone would never trip).
 const BUSY_SLICE: Duration = Duration::from_millis(2);
 /// While this much waits to be written, a connection neither reads from its
 /// client nor takes more messages from its session.
@@ -1433,6 +1435,9 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
     // Nothing handled yet since the task (re)started: a resumed connection
     // first handles what woke it before it may park again.
     let mut fresh = true;
+    // When this turn on the worker began: the last wait that was not ready
+    // at once, or the last yield.
+    let mut slice_start = Instant::now();
     loop {
         // 1. Decode and handle every complete packet received so far.
         if c.conn.is_awaiting_connect() && c.hello.is_none() {
@@ -1450,8 +1455,8 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         // thousands of sessions) must not hold the worker thread for the
         // whole read batch. Every few packets the time is checked; past
         // BUSY_SLICE the task yields, so that the other tasks queued on
-        // this worker (and its I/O) run before it goes on.
-        let mut slice_start = Instant::now();
+        // this worker (and its I/O) run before it goes on. The slice
+        // spans events that came without a wait (see the end of the loop).
         let mut handled = 0u32;
         take_answer(&mut c);
         while c.conn.poll_close().is_none() && !c.rbuf.is_empty() && c.conn.accepts_packets() {
@@ -1616,9 +1621,24 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             let conn = &mut *c;
             let armed = timer_at.is_some();
             let mut timer = timer.as_mut();
-            std::future::poll_fn(move |cx| poll_event(conn, read, full, armed, timer.as_mut(), cx))
-                .await
+            let mut waited = false;
+            std::future::poll_fn(move |cx| {
+                let r = poll_event(conn, read, full, armed, timer.as_mut(), cx);
+                waited |= r.is_pending();
+                r.map(|e| (e, waited))
+            })
+            .await
         };
+        let (event, waited) = event;
+        // A client that keeps its socket full (big packets back to back)
+        // gets every event at once: without this it would yield only when
+        // tokio's per-task budget runs out, after megabytes.
+        if waited {
+            slice_start = Instant::now();
+        } else if slice_start.elapsed() >= BUSY_SLICE {
+            tokio::task::yield_now().await;
+            slice_start = Instant::now();
+        }
         fresh = false;
         match event {
             Event::Read(r) => {
