@@ -41,10 +41,25 @@ use super::{
     SYNC_LINGER_ONE,
 };
 
+/// The last exact computation of the store's usage against `max_bytes`.
+#[derive(Clone, Copy)]
+struct QuotaCheck {
+    over: bool,
+    at: Instant,
+    /// Live data plus log then.
+    used: u64,
+    /// The files' length (engine file plus log) then.
+    len: u64,
+}
+
 /// Minimum time between two attempts to reopen a failed engine.
 const REOPEN_BACKOFF: Duration = Duration::from_millis(100);
 /// How often to recompute exact usage while the files are above `max_bytes`.
 const QUOTA_RECHECK: Duration = Duration::from_secs(1);
+/// ... and at most how often when the files grew by more than the room the
+/// last computation left (so a fast writer cannot run far past the limit
+/// between two computations).
+const QUOTA_RECHECK_GROWN: Duration = Duration::from_millis(20);
 /// Log bytes not yet checkpointed may reach this many times
 /// `checkpoint_bytes` (at least [`LOG_HARD_MIN`]) while checkpoints fail or
 /// lag; beyond, groups are refused.
@@ -198,7 +213,7 @@ pub(crate) struct Writer {
     /// Log appends are failing (logged once per episode).
     log_failing: bool,
     /// Quota state: over the limit, and when that was last computed.
-    over_quota: Option<(bool, Instant)>,
+    over_quota: Option<QuotaCheck>,
 }
 
 impl Writer {
@@ -676,16 +691,26 @@ impl Writer {
             self.over_quota = None;
             return Ok(false);
         }
-        if let Some((over, at)) = self.over_quota {
-            if at.elapsed() < QUOTA_RECHECK {
-                return Ok(over);
+        if let Some(q) = self.over_quota {
+            let age = q.at.elapsed();
+            // Grown past the room left at the last computation: what was
+            // under the limit may not be any more.
+            let grown = !q.over && len.saturating_sub(q.len) > limit.saturating_sub(q.used);
+            if age < QUOTA_RECHECK && !(grown && age >= QUOTA_RECHECK_GROWN) {
+                return Ok(q.over);
             }
         }
-        // Waits for a running checkpoint; at most once per QUOTA_RECHECK and
-        // only while the files are above the limit.
+        // Waits for a running checkpoint; only while the files are above
+        // the limit, at most once per QUOTA_RECHECK (QUOTA_RECHECK_GROWN
+        // while they grow past the room left).
         let used = self.ck.state.lock().used_bytes(&self.shared)? + log;
         let over = used > limit;
-        self.over_quota = Some((over, Instant::now()));
+        self.over_quota = Some(QuotaCheck {
+            over,
+            at: Instant::now(),
+            used,
+            len,
+        });
         Ok(over)
     }
 }
