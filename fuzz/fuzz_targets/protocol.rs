@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use millet::broker::Broker;
 use millet::config::Config;
-use millet::protocol::Connection;
+use millet::protocol::{Connection, Shared};
 use millet_codec::bytes::BytesMut;
 use millet_codec::{decode, Packet, Protocol, QoS};
 
@@ -93,7 +93,7 @@ struct Conn {
 impl Conn {
     fn new(broker: &Arc<Broker>, now: Instant) -> Conn {
         Conn {
-            conn: Connection::new(broker.clone(), now),
+            conn: Connection::new(Shared::new(broker.clone(), broker.clone()), now),
             socket: Vec::new(),
             rbuf: BytesMut::new(),
             peer: Peer::default(),

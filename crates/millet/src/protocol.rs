@@ -304,8 +304,23 @@ const MAX_CREDENTIAL_VALIDITY: Duration = Duration::from_secs(100 * 365 * 24 * 3
 /// read again (breaks cycles of connections that hold each other back).
 const MAX_BACKPRESSURE_PAUSE: Duration = Duration::from_secs(1);
 
+/// What every connection of a server reaches: the broker (configuration,
+/// counters, and the state not yet behind the seam) and the engine its
+/// publishes and durability go through. One per server, shared.
+pub struct Shared {
+    pub broker: Arc<Broker>,
+    pub engine: Arc<dyn crate::engine::Engine>,
+}
+
+impl Shared {
+    pub fn new(broker: Arc<Broker>, engine: Arc<dyn crate::engine::Engine>) -> Arc<Shared> {
+        Arc::new(Shared { broker, engine })
+    }
+}
+
 pub struct Connection {
-    broker: Arc<Broker>,
+    /// One pointer for both (see [`Shared`]): a connection's state stays small.
+    shared: Arc<Shared>,
     state: State,
     protocol: Option<Protocol>,
     /// Control packets (acks, CONNACK, SUBACK, ...) waiting to be written.
@@ -349,10 +364,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(broker: Arc<Broker>, now: Instant) -> Connection {
-        let timeout = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    pub fn new(shared: Arc<Shared>, now: Instant) -> Connection {
+        let timeout = Duration::from_secs(shared.broker.config.limits.connect_timeout.max(1));
         Connection {
-            broker,
+            shared,
             state: State::AwaitConnect,
             protocol: None,
             out: VecDeque::new(),
@@ -390,7 +405,7 @@ impl Connection {
     /// CONNECT is accepted, at most `limits.max_connect_packet_size`, so an
     /// unauthenticated client cannot make us buffer a large packet.
     pub fn max_packet_size(&self) -> usize {
-        let l = &self.broker.config.limits;
+        let l = &self.shared.broker.config.limits;
         if self.accepted {
             l.max_packet_size as usize
         } else {
@@ -518,7 +533,12 @@ impl Connection {
     /// What the driver waits on for deliveries and kicks.
     /// The broker this connection belongs to.
     pub fn broker(&self) -> &Arc<Broker> {
-        &self.broker
+        &self.shared.broker
+    }
+
+    /// The engine this connection's publishes go to.
+    pub fn engine(&self) -> &dyn crate::engine::Engine {
+        &*self.shared.engine
     }
 
     pub fn waker(&self) -> &Arc<ConnWaker> {
@@ -727,7 +747,8 @@ impl Connection {
         if self.protocol == Some(Protocol::V5) && self.accepted {
             // With a server reference configured the drain redirects clients
             // (0x9C + reference) instead of only announcing the shutdown.
-            let (reason_code, server_reference) = match &self.broker.config.server_reference {
+            let (reason_code, server_reference) = match &self.shared.broker.config.server_reference
+            {
                 Some(r) => (
                     ReasonCode::USE_ANOTHER_SERVER,
                     Some(ByteString::from(r.as_str())),
@@ -762,7 +783,7 @@ impl Connection {
     /// [`Connection::poll_request`] gives the [`Request::Detach`] (also
     /// after a later call, when an attach answered meanwhile).
     pub fn handle_closed(&mut self, _now: Instant) {
-        self.received.add_received_to(&self.broker.stats);
+        self.received.add_received_to(&self.shared.broker.stats);
         self.state = State::Closed;
         // A request not yet handed to the engine is not made.
         if let Some(w) = self.waiting.as_mut() {
@@ -901,7 +922,8 @@ impl Connection {
         access: Access,
         topic: &str,
     ) -> bool {
-        self.broker
+        self.shared
+            .broker
             .security()
             .is_none_or(|s| s.acl.check(client_id, username, extra, access, topic))
     }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use crate::broker::{AuthFailure, Broker};
 use crate::config::Config;
 use crate::engine::{AuthenticateRequest, Call, Completion, Engine, Request};
-use crate::protocol::{ConnectVerdict, Connection, Held, ProtocolError};
+use crate::protocol::{ConnectVerdict, Connection, Held, ProtocolError, Shared};
 use crate::security::quota::{ConnectionPermit, ConnectionRateLimiter};
 use crate::security::tls::ReloadableTls;
 use crate::security::{AuthResult, ConnectRequest, Security};
@@ -71,7 +71,8 @@ const LINGER_BYTES: usize = 1024 * 1024;
 struct LiveConns {
     conns: parking_lot::Mutex<slab::Slab<LiveEntry>>,
     shutting_down: std::sync::atomic::AtomicBool,
-    engine: Arc<dyn Engine>,
+    /// The broker and the engine, as every connection's protocol sees them.
+    shared: Arc<Shared>,
 }
 
 struct LiveEntry {
@@ -81,11 +82,11 @@ struct LiveEntry {
 }
 
 impl LiveConns {
-    fn new(engine: Arc<dyn Engine>) -> LiveConns {
+    fn new(shared: Arc<Shared>) -> LiveConns {
         LiveConns {
             conns: Default::default(),
             shutting_down: Default::default(),
-            engine,
+            shared,
         }
     }
 
@@ -197,7 +198,10 @@ impl Server {
             anyhow::bail!("wss_listen needs [security.tls]");
         }
         let preauth = PreAuthBudget::new(broker.config.limits.preauth_memory);
-        let live = Arc::new(LiveConns::new(crate::engine::from_config(&broker)));
+        let live = Arc::new(LiveConns::new(Shared::new(
+            broker.clone(),
+            crate::engine::from_config(&broker),
+        )));
         // The admin API first: `/readyz` says "not ready" until every MQTT
         // listener is bound.
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -602,7 +606,7 @@ async fn accept_loop(
                         continue;
                     }
                     let Some(tls) = &ctx.tls else {
-                        let fut = serve(stream, Box::new(info), broker, live, done);
+                        let fut = serve(stream, Box::new(info), live, done);
                         tracing::trace!(
                             task = std::mem::size_of_val(&fut),
                             state = std::mem::size_of::<Conn<TcpStream>>(),
@@ -642,7 +646,7 @@ async fn accept_tls(
     match tokio::time::timeout(limit, acceptor.accept(stream)).await {
         Ok(Ok(s)) => {
             info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
-            serve(s, Box::new(info), broker, live, done).await;
+            serve(s, Box::new(info), live, done).await;
         }
         Ok(Err(e)) => match certificate_problem(&e) {
             Some(why) if ctx.tls_log.allow(peer.ip(), &why, Instant::now()) => {
@@ -717,7 +721,7 @@ async fn accept_proxied(
     } else if let Some(tls) = &ctx.tls {
         accept_tls(stream, tls.clone(), ctx.clone(), info, broker, live, done).await;
     } else {
-        serve(stream, Box::new(info), broker, live, done).await;
+        serve(stream, Box::new(info), live, done).await;
     }
 }
 
@@ -745,7 +749,7 @@ async fn accept_ws(
     let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
     let deadline = tokio::time::Instant::now() + limit;
     let Some(tls) = &ctx.tls else {
-        return upgrade_and_serve(stream, deadline, &ws, charge, info, broker, live, done).await;
+        return upgrade_and_serve(stream, deadline, &ws, charge, info, live, done).await;
     };
     let s = match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
         Ok(Ok(s)) => s,
@@ -764,19 +768,17 @@ async fn accept_ws(
         }
     };
     info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
-    upgrade_and_serve(s, deadline, &ws, charge, info, broker, live, done).await;
+    upgrade_and_serve(s, deadline, &ws, charge, info, live, done).await;
 }
 
 /// The HTTP upgrade of a ws / wss connection by `deadline`, then serve it;
 /// the pre-auth `charge` for the handshake ends with the upgrade.
-#[allow(clippy::too_many_arguments)]
 async fn upgrade_and_serve<S>(
     stream: S,
     deadline: tokio::time::Instant,
     ws: &crate::ws::WsSettings,
     charge: PreAuthCharge,
     info: PeerInfo,
-    broker: Arc<Broker>,
     live: Arc<LiveConns>,
     done: mpsc::Sender<()>,
 ) where
@@ -786,7 +788,7 @@ async fn upgrade_and_serve<S>(
     match tokio::time::timeout_at(deadline, crate::ws::accept(stream, ws, peer)).await {
         Ok(Some(s)) => {
             drop(charge);
-            serve(s, Box::new(info), broker, live, done).await;
+            serve(s, Box::new(info), live, done).await;
         }
         Ok(None) => {}
         Err(_) => tracing::debug!(%peer, "WebSocket upgrade timed out"),
@@ -1050,7 +1052,7 @@ fn close(conn: &mut Connection, engine: &dyn Engine) {
 
 impl<S> Drop for Conn<S> {
     fn drop(&mut self) {
-        close(&mut self.conn, &*self.live.conns.engine);
+        close(&mut self.conn, &*self.live.conns.shared.engine);
     }
 }
 
@@ -1393,12 +1395,11 @@ struct Conn<S> {
 fn serve<S: Transport + 'static>(
     stream: S,
     info: Box<PeerInfo>,
-    broker: Arc<Broker>,
     live: Arc<LiveConns>,
     done: mpsc::Sender<()>,
 ) -> impl std::future::Future<Output = ()> + Send {
     let now = Instant::now();
-    let conn = Connection::new(broker.clone(), now);
+    let conn = Connection::new(live.shared.clone(), now);
     let live = live.register(conn.waker());
     let c = Box::new(Conn {
         stream,
@@ -1720,7 +1721,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         c.conn.set_consumer_stalled(false);
     }
     if c.eof || c.write_failed || c.over_budget {
-        close(&mut c.conn, &*c.live.conns.engine);
+        close(&mut c.conn, &*c.live.conns.shared.engine);
         let _ = Box::pin(tokio::time::timeout(
             Duration::from_secs(1),
             c.stream.shutdown(),
@@ -1739,7 +1740,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         live,
         ..
     } = &mut *c;
-    let engine = &*live.conns.engine;
+    let engine = &*live.conns.shared.engine;
     if conn.wants_packets_while_closing() {
         Box::pin(lingering_close(stream, rbuf, Some(conn))).await;
     } else {
@@ -1762,7 +1763,7 @@ fn submit_requests<S: Transport>(c: &mut Conn<S>) {
                 authenticate(c, r)
             }
             request => {
-                let engine = c.live.conns.engine.clone();
+                let engine = c.live.conns.shared.engine.clone();
                 crate::engine::submit(&*engine, request, c.conn.waker(), Instant::now())
             }
         };

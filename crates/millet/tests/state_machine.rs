@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use millet::broker::Broker;
 use millet::config::Config;
 use millet::engine::{submit, Call, Engine};
-use millet::protocol::Connection;
+use millet::protocol::{Connection, Shared};
 use millet_codec::*;
 
 struct Client {
@@ -97,10 +97,21 @@ fn connect_packet(proto: Protocol, id: &str, clean: bool) -> Connect {
 
 impl Client {
     fn new(b: &Arc<Broker>, c: Connect, now: Instant) -> (Client, ConnAck) {
+        Client::on_engine(b, engine_for(b), c, now)
+    }
+
+    /// A client whose connection's requests, publishes and durability go
+    /// to `engine`.
+    fn on_engine(
+        b: &Arc<Broker>,
+        engine: Arc<dyn Engine>,
+        c: Connect,
+        now: Instant,
+    ) -> (Client, ConnAck) {
         let proto = c.protocol;
         let mut cl = Client {
-            conn: Connection::new(b.clone(), now),
-            engine: engine_for(b),
+            conn: Connection::new(Shared::new(b.clone(), engine.clone()), now),
+            engine,
             verdict: None,
             proto,
             wire: BytesMut::new(),
@@ -144,6 +155,23 @@ impl Client {
             out.push(p);
         }
         out
+    }
+
+    /// What the connection sends, waiting (at most 10 s) for a wake-up
+    /// first when there is nothing yet: an engine that answers later
+    /// releases held packets when it says a ticket is durable.
+    fn recv_once_woken(&mut self, now: Instant) -> Vec<Packet> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let woken = self.conn.waker().clear();
+            let got = self.recv(now);
+            if !got.is_empty() || Instant::now() >= deadline {
+                return got;
+            }
+            if !woken {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     fn subscribe(&mut self, filter: &str, qos: QoS, now: Instant) {
@@ -298,7 +326,7 @@ fn server_keep_alive_caps_the_client() {
 #[test]
 fn connect_timeout_closes_silent_connections() {
     let (b, t0) = broker();
-    let mut conn = Connection::new(b, t0);
+    let mut conn = Connection::new(Shared::new(b.clone(), engine_for(&b)), t0);
     let deadline = conn.poll_timeout().expect("connect timer");
     conn.handle_timeout(deadline);
     assert!(conn.poll_close().is_some());
@@ -763,7 +791,7 @@ mod security {
         now: Instant,
     ) -> (Client, ConnAck) {
         let mut cl = Client {
-            conn: Connection::new(b.clone(), now),
+            conn: Connection::new(Shared::new(b.clone(), engine_for(b)), now),
             engine: engine_for(b),
             verdict: None,
             proto: c.protocol,
@@ -1062,7 +1090,7 @@ fn v5_with_max_packet(b: &Arc<Broker>, id: &str, max: u32, now: Instant) -> Clie
     let mut c = connect_packet(Protocol::V5, id, true);
     c.properties.maximum_packet_size = Some(max);
     let mut cl = Client {
-        conn: Connection::new(b.clone(), now),
+        conn: Connection::new(Shared::new(b.clone(), engine_for(b)), now),
         engine: engine_for(b),
         verdict: None,
         proto: Protocol::V5,
@@ -1203,7 +1231,9 @@ fn dup_resend_on_a_plain_reconnect_waits_until_the_inflight_record_is_durable() 
     store
         .wait_durable(store.submitted_seq(), Duration::from_secs(30))
         .unwrap();
-    let got = sub.recv(t0);
+    // Durable in the store; an engine that answers later (the delaying
+    // one) says so after its delay, and wakes the connection then.
+    let got = sub.recv_once_woken(t0);
     let got = publishes(&got);
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(got[0].dup);
@@ -1358,4 +1388,153 @@ fn memory_accounting_qos0_offline_and_retained_caps() {
     assert_eq!(retained(&mut p, "r/b", 3), ReasonCode::QUOTA_EXCEEDED);
     assert!(!retained(&mut p, "r/a", 4).is_error());
     assert_eq!(b.retained_count_without_sys(), 1);
+}
+
+/// An engine whose durability the test decides (everything else is the
+/// broker's): a ticket is pending until the gate opens, however durable the
+/// store already is. Shows that acknowledgements wait for the engine's
+/// word, as a networked engine's would, not for the local store.
+struct DurabilityGate {
+    inner: Arc<Broker>,
+    open: std::sync::atomic::AtomicBool,
+    waiting: parking_lot::Mutex<Vec<Arc<millet::session::ConnWaker>>>,
+}
+
+impl DurabilityGate {
+    fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        for w in self.waiting.lock().drain(..) {
+            w.wake();
+        }
+    }
+}
+
+impl Engine for DurabilityGate {
+    fn attach(
+        &self,
+        req: millet::engine::AttachRequest,
+        reply_to: &Arc<millet::session::ConnWaker>,
+        now: Instant,
+    ) -> Call {
+        Engine::attach(&*self.inner, req, reply_to, now)
+    }
+    fn subscribe(
+        &self,
+        req: millet::engine::SubscribeRequest,
+        reply_to: &Arc<millet::session::ConnWaker>,
+        now: Instant,
+    ) -> Call {
+        Engine::subscribe(&*self.inner, req, reply_to, now)
+    }
+    fn unsubscribe(
+        &self,
+        req: millet::engine::UnsubscribeRequest,
+        reply_to: &Arc<millet::session::ConnWaker>,
+        now: Instant,
+    ) -> Call {
+        Engine::unsubscribe(&*self.inner, req, reply_to, now)
+    }
+    fn detach(
+        &self,
+        cell: &Arc<millet::session::SessionCell>,
+        epoch: u64,
+        publish_will: bool,
+        expiry_override: Option<u32>,
+        now: Instant,
+    ) {
+        Engine::detach(
+            &*self.inner,
+            cell,
+            epoch,
+            publish_will,
+            expiry_override,
+            now,
+        )
+    }
+    fn publish(
+        &self,
+        msg: Arc<millet::session::Message>,
+        publisher: Option<&Arc<millet::session::ConnWaker>>,
+        now: Instant,
+    ) -> millet::broker::Routed {
+        Engine::publish(&*self.inner, msg, publisher, now)
+    }
+    fn ticket_status(&self, ticket: millet::engine::Ticket) -> millet::engine::AckStatus {
+        if self.open.load(std::sync::atomic::Ordering::SeqCst) || ticket.is_none() {
+            Engine::ticket_status(&*self.inner, ticket)
+        } else {
+            millet::engine::AckStatus::Pending
+        }
+    }
+    fn ticket_wait(&self, ticket: millet::engine::Ticket, waker: &Arc<millet::session::ConnWaker>) {
+        if self.open.load(std::sync::atomic::Ordering::SeqCst) {
+            Engine::ticket_wait(&*self.inner, ticket, waker);
+        } else {
+            self.waiting.lock().push(waker.clone());
+        }
+    }
+    fn last_ticket(&self) -> millet::engine::Ticket {
+        Engine::last_ticket(&*self.inner)
+    }
+    fn acks_early(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn acknowledgements_wait_for_the_engine_to_say_durable() {
+    // [MQTT-4.3.2-2] / [MQTT-4.3.3-2]: PUBACK and PUBREC mean the server owns
+    // the message; with an engine across a network that is when the engine
+    // says the message is durable, not when the local store is.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.sys_interval = 0;
+    cfg.data_dir = dir.path().to_path_buf();
+    let t0 = Instant::now();
+    let b = Arc::new(Broker::open(cfg, t0).unwrap());
+    let gate = Arc::new(DurabilityGate {
+        inner: b.clone(),
+        open: Default::default(),
+        waiting: Default::default(),
+    });
+    // A persistent subscriber: the messages must be stored for it.
+    let mut c = connect_packet(Protocol::V5, "keeper", false);
+    c.properties.session_expiry_interval = Some(300);
+    let (mut sub, _) = Client::new(&b, c, t0);
+    sub.subscribe("g/#", QoS::ExactlyOnce, t0);
+    sub.closed(t0);
+    let (mut p, _) = Client::on_engine(
+        &b,
+        gate.clone(),
+        connect_packet(Protocol::V5, "gated", true),
+        t0,
+    );
+    p.publish("g/1", b"one", QoS::AtLeastOnce, Some(1), t0);
+    p.publish("g/2", b"two", QoS::ExactlyOnce, Some(2), t0);
+    p.publish("g/3", b"three", QoS::AtMostOnce, None, t0);
+    let store = b.persistence().expect("the default config has a store");
+    store
+        .wait_durable(store.submitted_seq(), Duration::from_secs(30))
+        .unwrap();
+    let early = p.recv(t0);
+    assert!(
+        early.is_empty(),
+        "the store is durable, but the engine has not said so: {early:?}"
+    );
+    assert!(
+        !gate.waiting.lock().is_empty(),
+        "the connection waits for the engine"
+    );
+    p.conn.waker().clear();
+    gate.open();
+    assert!(
+        p.conn.waker().clear(),
+        "opening the gate woke the connection"
+    );
+    let got = p.recv(t0);
+    assert!(
+        matches!(&got[..], [Packet::PubAck(a), Packet::PubRec(r)]
+            if a.packet_id == 1 && r.packet_id == 2 && a.reason_code == ReasonCode::SUCCESS),
+        "{got:?}"
+    );
 }

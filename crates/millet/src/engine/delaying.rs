@@ -9,21 +9,44 @@
 //! were made, so one connection's calls (at most one outstanding) keep their
 //! order. A call whose connection went away meanwhile is not made at all;
 //! an answer that finds it gone is undone ([`Engine::detach`]).
+//!
+//! Publishing answers at once (as every engine's does), but durability comes
+//! later: each [`Ticket`] is done only once the inner engine says so *and* a
+//! random delay has passed since it was first asked about, so every
+//! acknowledgement that waits for durability (PUBACK, PUBREC, PUBCOMP,
+//! resends) is held and released as it would be across a network. The
+//! delays keep tickets ordered (a later ticket is never done before an
+//! earlier one), as [`Engine::ticket_status`] promises.
 
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
 
-use super::{AttachRequest, Call, Completion, Engine, Reply, SubscribeRequest, UnsubscribeRequest};
-use crate::session::{ConnWaker, SessionCell};
+use super::{
+    AckStatus, AttachRequest, Call, Completion, Engine, Reply, SubscribeRequest, Ticket,
+    UnsubscribeRequest,
+};
+use crate::broker::Routed;
+use crate::session::{ConnWaker, Message, SessionCell};
 
 /// See the module documentation.
 pub struct Delaying {
     inner: Arc<dyn Engine>,
     max: Duration,
     rng: parking_lot::Mutex<rand::rngs::StdRng>,
+    tickets: parking_lot::Mutex<Tickets>,
+}
+
+/// When each ticket asked about is released (done, if the inner engine
+/// says so too). Release times grow with the tickets; released ones are
+/// forgotten, below a watermark.
+#[derive(Default)]
+struct Tickets {
+    release: BTreeMap<Ticket, Instant>,
+    /// Every ticket up to this one is released.
+    released_upto: Ticket,
 }
 
 impl Delaying {
@@ -35,7 +58,46 @@ impl Delaying {
             inner,
             max,
             rng: parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+            tickets: Default::default(),
         }
+    }
+
+    /// When `ticket`'s delay ends (`None`: it has ended). Its first
+    /// mention draws the delay, kept between the release times of the
+    /// tickets around it so that the order holds.
+    fn release_at(&self, ticket: Ticket) -> Option<Instant> {
+        if ticket.is_none() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut t = self.tickets.lock();
+        if ticket <= t.released_upto {
+            return None;
+        }
+        let at = match t.release.get(&ticket) {
+            Some(at) => *at,
+            None => {
+                let mut at = now + self.delay();
+                if let Some((_, lower)) = t.release.range(..ticket).next_back() {
+                    at = at.max(*lower);
+                }
+                if let Some((_, higher)) = t.release.range(ticket..).next() {
+                    at = at.min(*higher);
+                }
+                t.release.insert(ticket, at);
+                at
+            }
+        };
+        // Forget the released ones (the oldest first: release times grow
+        // with the tickets).
+        while let Some((&k, &a)) = t.release.first_key_value() {
+            if a > now {
+                break;
+            }
+            t.release.pop_first();
+            t.released_upto = t.released_upto.max(k);
+        }
+        (at > now).then_some(at)
     }
 
     fn delay(&self) -> Duration {
@@ -120,6 +182,58 @@ impl Engine for Delaying {
         // the same way, by the session's owner entry).
         self.inner
             .detach(cell, epoch, publish_will, expiry_override, now);
+    }
+
+    fn publish(
+        &self,
+        msg: Arc<Message>,
+        publisher: Option<&Arc<ConnWaker>>,
+        now: Instant,
+    ) -> Routed {
+        // Routing answers at once in every engine; durability is delayed
+        // (the ticket, below).
+        self.inner.publish(msg, publisher, now)
+    }
+
+    fn ticket_status(&self, ticket: Ticket) -> AckStatus {
+        match self.inner.ticket_status(ticket) {
+            AckStatus::Pending => AckStatus::Pending,
+            done => match self.release_at(ticket) {
+                Some(_) => AckStatus::Pending,
+                None => done,
+            },
+        }
+    }
+
+    fn ticket_wait(&self, ticket: Ticket, waker: &Arc<ConnWaker>) {
+        match self.release_at(ticket) {
+            None => self.inner.ticket_wait(ticket, waker),
+            Some(at) => {
+                // Weak: a wait does not keep the engine (and its store)
+                // alive past its owner.
+                let inner = Arc::downgrade(&self.inner);
+                let waker = waker.clone();
+                schedule(
+                    at,
+                    Box::new(move || {
+                        if let Some(inner) = inner.upgrade() {
+                            inner.ticket_wait(ticket, &waker);
+                        }
+                    }),
+                );
+            }
+        }
+    }
+
+    fn last_ticket(&self) -> Ticket {
+        self.inner.last_ticket()
+    }
+
+    fn acks_early(&self) -> bool {
+        // Never: an acknowledgement decided at once would skip the delay
+        // (the status above says pending, and nothing would wake the
+        // connection to look again).
+        false
     }
 }
 

@@ -7,9 +7,12 @@ use std::time::Instant;
 use bytestring::ByteString;
 use millet_codec::topic;
 
-use super::{AttachRequest, Call, Completion, Engine, SubscribeRequest, UnsubscribeRequest};
-use crate::broker::{Broker, SubscribeOutcome};
-use crate::session::{ConnWaker, DeferredReplay, SessionCell};
+use super::{
+    AckStatus, AttachRequest, Call, Completion, Engine, SubscribeRequest, Ticket,
+    UnsubscribeRequest,
+};
+use crate::broker::{Broker, Routed, SubscribeOutcome};
+use crate::session::{ConnWaker, DeferredReplay, Message, SessionCell};
 
 impl Engine for Broker {
     fn attach(&self, req: AttachRequest, _reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
@@ -68,6 +71,31 @@ impl Engine for Broker {
         now: Instant,
     ) {
         self.disconnect(cell, epoch, publish_will, expiry_override, now);
+    }
+
+    fn publish(
+        &self,
+        msg: Arc<Message>,
+        publisher: Option<&Arc<ConnWaker>>,
+        now: Instant,
+    ) -> Routed {
+        Broker::publish(self, msg, publisher, now)
+    }
+
+    fn ticket_status(&self, ticket: Ticket) -> AckStatus {
+        Broker::ticket_status(self, ticket)
+    }
+
+    fn ticket_wait(&self, ticket: Ticket, waker: &Arc<ConnWaker>) {
+        Broker::ticket_wait(self, ticket, waker)
+    }
+
+    fn last_ticket(&self) -> Ticket {
+        Broker::last_ticket(self)
+    }
+
+    fn acks_early(&self) -> bool {
+        Broker::acks_early(self)
     }
 }
 

@@ -22,13 +22,17 @@
 //!   correctly for an engine across a network (`[engine] test_delay_ms`).
 //! - cluster mode on NATS JetStream (issue 13) is the second real engine.
 //!
-//! Durability is a [`Ticket`]: a publish routed by the broker, or the
-//! session records a connection writes ([`crate::broker::persist::SessionWrites`]),
-//! give one, and the acknowledgement waits until it is done
-//! ([`crate::broker::Broker::ticket_wait`]). What is not (yet) behind this
-//! seam: publishing itself (routing is synchronous), and the session's
-//! delivery queue (shared with the broker under the session lock).
-//! docs/DESIGN.md ("The engine seam") lists what moves next.
+//! Publishing is an engine call that answers at once ([`Engine::publish`]):
+//! routing to the sessions is local in every engine (a networked one routes
+//! to its own node's sessions and forwards the rest), and what may come
+//! later is durability. That is a [`Ticket`]: a publish, or the session
+//! records a connection writes ([`crate::broker::persist::SessionWrites`]),
+//! give one, and the acknowledgement waits until the engine says it is done
+//! ([`Engine::ticket_status`], [`Engine::ticket_wait`]). What is not (yet)
+//! behind this seam: the session records (written by the protocol through
+//! the broker) and the session's delivery queue (shared with the broker
+//! under the session lock). docs/DESIGN.md ("The engine seam") lists what
+//! moves next.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,9 +40,9 @@ use std::time::{Duration, Instant};
 use bytestring::ByteString;
 use millet_codec::LastWill;
 
-use crate::broker::{Attached, SubscribeOutcome};
+use crate::broker::{Attached, Routed, SubscribeOutcome};
 use crate::protocol::ConnectVerdict;
-use crate::session::{ConnWaker, SessionCell, Subscription};
+use crate::session::{ConnWaker, Message, SessionCell, Subscription};
 
 pub mod delaying;
 mod embedded;
@@ -218,6 +222,39 @@ pub trait Engine: Send + Sync + 'static {
         expiry_override: Option<u32>,
         now: Instant,
     );
+
+    /// Route `msg` (authorized and vetted by the protocol) to every
+    /// session with a matching subscription, in the order publishes are
+    /// made, and keep it as the retained message of its topic if it asks
+    /// to be. Answers at once: the sessions reached, whether one of them is
+    /// congested (the publisher should pause: `publisher` is woken when it
+    /// drains), and the [`Ticket`] the acknowledgement waits for (none:
+    /// nothing had to be made durable). May refuse to retain beyond the
+    /// retained caps (the message is still routed).
+    fn publish(
+        &self,
+        msg: Arc<Message>,
+        publisher: Option<&Arc<ConnWaker>>,
+        now: Instant,
+    ) -> Routed;
+
+    /// Where `ticket` stands: pending, durable (a crash after this loses
+    /// nothing it covers), or failed (the write will never be durable: the
+    /// acknowledgement becomes a refusal). [`Ticket::NONE`] is durable.
+    fn ticket_status(&self, ticket: Ticket) -> AckStatus;
+
+    /// Wake `waker` once `ticket` is no longer pending (at once if it is
+    /// not): the connection then asks [`Engine::ticket_status`].
+    fn ticket_wait(&self, ticket: Ticket, waker: &Arc<ConnWaker>);
+
+    /// A ticket covering everything submitted so far (a resend of
+    /// in-flight state waits for it).
+    fn last_ticket(&self) -> Ticket;
+
+    /// Acknowledgements go out when a write is submitted rather than when
+    /// it is durable (an operator's choice: `[store] sync = "interval"`,
+    /// or no store at all): [`Engine::ticket_status`] decides at once.
+    fn acks_early(&self) -> bool;
 }
 
 /// Hand `req` to the right call of `engine`.

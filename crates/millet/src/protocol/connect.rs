@@ -46,17 +46,22 @@ impl Connection {
         if let Some(id) = verdict.client_id.take() {
             c.client_id = ByteString::from(id);
         }
-        if let Some(reference) = &self.broker.config.server_reference {
+        if let Some(reference) = &self.shared.broker.config.server_reference {
             // Server redirection [MQTT-4.11]: v5 learns where to go; 3.x
             // only hears "server unavailable".
             let why = ProtocolError::Redirected {
                 reference: reference.as_str().into(),
-                moved: self.broker.config.server_moved,
+                moved: self.shared.broker.config.server_moved,
             };
             return self.fail(why);
         }
-        let limits = &self.broker.config.limits;
-        if self.broker.stats.clients_connected.load(Ordering::Relaxed) as usize
+        let limits = &self.shared.broker.config.limits;
+        if self
+            .shared
+            .broker
+            .stats
+            .clients_connected
+            .load(Ordering::Relaxed) as usize
             >= limits.max_connections
         {
             return self.fail(ProtocolError::MaxConnections);
@@ -103,11 +108,13 @@ impl Connection {
         if let Some(method) = &c.properties.authentication_method {
             let client_id = c.client_id.to_string();
             let exchange = self
+                .shared
                 .broker
                 .authenticator()
                 .and_then(|a| a.start(method, &client_id));
             let Some(mut exchange) = exchange else {
-                self.broker
+                self.shared
+                    .broker
                     .stats
                     .auth_failures
                     .count(crate::broker::AuthFailure::Other);
@@ -145,7 +152,8 @@ impl Connection {
             }
             AuthStep::Success(data) => self.accept(pending.connect, data),
             AuthStep::Failure => {
-                self.broker
+                self.shared
+                    .broker
                     .stats
                     .auth_failures
                     .count(crate::broker::AuthFailure::ScramFailed);
@@ -171,11 +179,11 @@ impl Connection {
 
     pub(super) fn accept(&mut self, c: Box<Connect>, auth_data: Option<bytes::Bytes>) {
         let grant = *self.verdict.take().unwrap_or_default();
-        let limits = self.broker.config.limits.clone();
+        let limits = self.shared.broker.config.limits.clone();
         let v5 = c.protocol.is_v5();
         let mut props = ConnAckProperties::default();
         let client_id: ByteString = if c.client_id.is_empty() {
-            let id = self.broker.assign_client_id();
+            let id = self.shared.broker.assign_client_id();
             if v5 {
                 props.assigned_client_identifier = Some(id.clone()); // [MQTT-3.2.2-16]
             }
@@ -184,7 +192,7 @@ impl Connection {
             // Copied: a slice would pin the whole read chunk for the life of the session.
             ByteString::from(&*c.client_id)
         };
-        if let Err(refusal) = self.broker.admit_session(&client_id) {
+        if let Err(refusal) = self.shared.broker.admit_session(&client_id) {
             // A new session would take memory the broker does not have, or
             // one more than `max_sessions`: 0x97 (3.x: 3, server unavailable).
             let why = error::session_refusal_text(refusal);
@@ -253,7 +261,7 @@ impl Connection {
             expiry,
             grant,
         } = *p;
-        let limits = self.broker.config.limits.clone();
+        let limits = self.shared.broker.config.limits.clone();
         let v5 = c.protocol.is_v5();
         if v5 {
             props.receive_maximum = Some(limits.receive_maximum);
@@ -301,6 +309,7 @@ impl Connection {
             acl: grant.acl,
             _hold: grant.hold,
             limiter: self
+                .shared
                 .broker
                 .security()
                 .map(|s| ClientLimiter::new(&s.config.quota, now))
@@ -344,6 +353,7 @@ impl Connection {
                 }
             }
             auth.exchange = self
+                .shared
                 .broker
                 .authenticator()
                 .and_then(|au| au.start(&auth.method, &a.client_id));

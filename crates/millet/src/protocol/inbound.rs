@@ -15,7 +15,7 @@ impl Connection {
             Packet::PubAck(r) => {
                 let mut st = a.cell.state.lock();
                 if st.session.handle_puback(r.packet_id) {
-                    let mut w = self.broker.session_writes(&st.session);
+                    let mut w = self.shared.broker.session_writes(&st.session);
                     w.inflight_done(&st.session, r.packet_id);
                     w.submit();
                 } else {
@@ -56,7 +56,7 @@ impl Connection {
                     let mut st = a.cell.state.lock();
                     let known = st.session.awaiting_rel.remove(&r.packet_id);
                     if known {
-                        let mut w = self.broker.session_writes(&st.session);
+                        let mut w = self.shared.broker.session_writes(&st.session);
                         w.awaiting_rel_done(&st.session, r.packet_id);
                         w.submit();
                     }
@@ -73,7 +73,7 @@ impl Connection {
             Packet::PubComp(r) => {
                 let mut st = a.cell.state.lock();
                 if st.session.handle_pubcomp(r.packet_id) {
-                    let mut w = self.broker.session_writes(&st.session);
+                    let mut w = self.shared.broker.session_writes(&st.session);
                     w.inflight_done(&st.session, r.packet_id);
                     w.submit();
                 }
@@ -88,7 +88,7 @@ impl Connection {
                         return self.fail(ProtocolError::SessionExpiryRaised);
                     }
                     self.disconnect_expiry =
-                        Some(e.min(self.broker.config.limits.max_session_expiry));
+                        Some(e.min(self.shared.broker.config.limits.max_session_expiry));
                 }
                 // The will is published unless the reason is 0x00 [MQTT-3.14.4-3].
                 self.set_close(ProtocolError::ClientDisconnect(d.reason_code));
@@ -101,7 +101,7 @@ impl Connection {
 
     pub(super) fn handle_publish(&mut self, a: &mut Active, mut p: Publish, now: Instant) {
         let v5 = self.protocol == Some(Protocol::V5);
-        let limits = &self.broker.config.limits;
+        let limits = &self.shared.broker.config.limits;
         if let Some(alias) = p.properties.topic_alias.take() {
             if alias == 0 || alias > a.alias_in_max {
                 return self.fail(ProtocolError::TopicAliasInvalid { alias });
@@ -140,7 +140,7 @@ impl Connection {
         if let Some(rc) = reserved_topic(&p.topic) {
             return self.publish_refused(a, &p, rc);
         }
-        if self.broker.injected_panic(&p.topic) {
+        if self.shared.broker.injected_panic(&p.topic) {
             // Test hook (never set outside tests): a connection task that
             // panics must still detach its session.
             panic!("injected panic on PUBLISH to {}", p.topic);
@@ -148,10 +148,10 @@ impl Connection {
         if let Some(limiter) = a.limiter.as_mut() {
             let size = p.payload.len() + p.topic.len();
             if let QuotaDecision::Exceeded { retry_after } = limiter.check_publish(size, now) {
-                let backpressure = self
-                    .broker
-                    .security()
-                    .is_some_and(|s| s.config.quota.on_exceeded == ExceededAction::Backpressure);
+                let backpressure =
+                    self.shared.broker.security().is_some_and(|s| {
+                        s.config.quota.on_exceeded == ExceededAction::Backpressure
+                    });
                 if !backpressure {
                     tracing::info!(client_id = %a.client_id, "message rate quota exceeded; disconnecting");
                     return self.fail(ProtocolError::MessageRateTooHigh);
@@ -190,7 +190,7 @@ impl Connection {
                 return self.fail(ProtocolError::ReceiveMaximumExceeded);
             }
             st.session.awaiting_rel.insert(pid);
-            let mut w = self.broker.session_writes(&st.session);
+            let mut w = self.shared.broker.session_writes(&st.session);
             w.awaiting_rel_added(&st.session, pid);
             rel_ticket = w.submit();
         }
@@ -208,9 +208,12 @@ impl Connection {
             publisher: Some(a.cell.id),
             publisher_client_id: a.client_id.clone(),
             store_id: Default::default(),
-            routed_at: self.broker.latency_stamp(now),
+            routed_at: self.shared.broker.latency_stamp(now),
         };
-        let routed = self.broker.publish(Arc::new(msg), Some(&self.waker), now);
+        let routed = self
+            .shared
+            .engine
+            .publish(Arc::new(msg), Some(&self.waker), now);
         if routed.congested && !self.timers.is_armed(Timer::Pause) {
             self.timers
                 .set(Timer::Pause, Some(now + MAX_BACKPRESSURE_PAUSE));
@@ -252,9 +255,11 @@ impl Connection {
         {
             return true; // a resend: acknowledged again below
         }
-        let full = !deleting && self.broker.memory_pressure() == crate::budget::Pressure::Full;
+        let full =
+            !deleting && self.shared.broker.memory_pressure() == crate::budget::Pressure::Full;
         if full {
-            self.broker
+            self.shared
+                .broker
                 .overload
                 .publish_refused_memory
                 .fetch_add(1, Ordering::Relaxed);
@@ -269,10 +274,12 @@ impl Connection {
             && p.retain
             && !deleting
             && !self
+                .shared
                 .broker
                 .retained_admits(&p.topic, (p.topic.len() + p.payload.len()) as u64)
         {
-            self.broker
+            self.shared
+                .broker
                 .overload
                 .retained_refused
                 .fetch_add(1, Ordering::Relaxed);
@@ -303,7 +310,7 @@ impl Connection {
         packet_id: u16,
         is_error: bool,
     ) -> Ticket {
-        let mut w = self.broker.session_writes(session);
+        let mut w = self.shared.broker.session_writes(session);
         if is_error {
             w.inflight_done(session, packet_id);
             w.submit();
@@ -321,11 +328,11 @@ impl Connection {
             return;
         }
         self.pending_acks.push_back((ticket, ack));
-        if self.broker.acks_early() {
+        if self.shared.engine.acks_early() {
             // Decided now (refused only while the store is failing).
             self.release_acks();
         } else {
-            self.broker.ticket_wait(ticket, &self.waker);
+            self.shared.engine.ticket_wait(ticket, &self.waker);
         }
     }
 
@@ -335,7 +342,7 @@ impl Connection {
     /// closed and the client will resend).
     pub(super) fn release_acks(&mut self) {
         while let Some((ticket, _)) = self.pending_acks.front() {
-            let status = self.broker.ticket_status(*ticket);
+            let status = self.shared.engine.ticket_status(*ticket);
             if status == AckStatus::Pending {
                 break;
             }
@@ -399,6 +406,7 @@ impl Connection {
         tracing::debug!(client_id = %a.client_id, topic = %p.topic, "PUBLISH not authorized");
         let disconnect = !v5
             && self
+                .shared
                 .broker
                 .security()
                 .is_some_and(|s| s.config.acl.v3_deny_action == V3DenyAction::Disconnect);

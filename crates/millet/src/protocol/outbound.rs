@@ -19,7 +19,7 @@ impl Connection {
     /// the in-flight window on resume, then queued messages within the
     /// client's receive maximum.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) {
-        self.received.add_received_to(&self.broker.stats);
+        self.received.add_received_to(&self.shared.broker.stats);
         if self.keepalive_stale {
             self.rearm_keepalive(self.last_recv.instant());
         }
@@ -42,7 +42,7 @@ impl Connection {
                 tracing::warn!(error = %e, packet = p.name(), "cannot encode packet; dropped");
             }
         }
-        sent.add_to(&self.broker.stats);
+        sent.add_to(&self.shared.broker.stats);
         if self.close.is_some() {
             return;
         }
@@ -60,7 +60,7 @@ impl Connection {
         let State::Connected(active) = &mut self.state else {
             return;
         };
-        let stats = &self.broker.stats;
+        let stats = &self.shared.broker.stats;
         let mut sent = SentCount::default();
         let cell = active.cell.clone();
         self.waker.clear();
@@ -70,7 +70,7 @@ impl Connection {
         let mut st = cell.state.lock();
         let session = &mut st.session;
         // Store records mirroring queue → in-flight moves, submitted once at the end.
-        let mut writes = self.broker.session_writes(session);
+        let mut writes = self.shared.broker.session_writes(session);
         // QoS 2 PUBLISH held until its in-flight record is durable (and, to
         // keep the order and topic aliases right, everything behind it).
         let mut held: Vec<Packet> = Vec::new();
@@ -85,8 +85,8 @@ impl Connection {
             // or a crash would bring the message back from the queue under a
             // new packet id. Resends wait for everything submitted so far.
             if writes.records() {
-                let last = self.broker.last_ticket();
-                if self.broker.ticket_status(last) == AckStatus::Pending {
+                let last = self.shared.engine.last_ticket();
+                if self.shared.engine.ticket_status(last) == AckStatus::Pending {
                     hold = last;
                 }
             }
@@ -226,13 +226,13 @@ impl Connection {
         };
         let ticket = writes.submit().max(hold);
         if !held.is_empty() {
-            self.broker.ticket_wait(ticket, &self.waker);
+            self.shared.engine.ticket_wait(ticket, &self.waker);
             self.pending_acks
                 .extend(held.into_iter().map(|packet| (ticket, packet)));
         }
         if !st.blocked.is_empty()
-            && st.session.queue_len() <= self.broker.config.limits.backpressure_queued / 2
-            && st.session.queued_bytes() <= self.broker.config.limits.max_queued_bytes / 4
+            && st.session.queue_len() <= self.shared.broker.config.limits.backpressure_queued / 2
+            && st.session.queued_bytes() <= self.shared.broker.config.limits.max_queued_bytes / 4
         {
             st.release_blocked();
         }
@@ -246,7 +246,7 @@ impl Connection {
         drop(st);
         sent.add_to(stats);
         for r in &due {
-            self.broker.replay_retained(&cell, r, now);
+            self.shared.broker.replay_retained(&cell, r, now);
         }
     }
 
