@@ -8,8 +8,9 @@
 //!   QoS handshakes, flow control), sans-IO, driven with `now`; it asks the
 //!   engine for what may cross a network and waits for the answer.
 //! - [`engine`]: the seam to shared, durable state (attach with takeover,
-//!   subscribe, unsubscribe, detach; durability tickets), answered now or
-//!   later; [`engine::delaying`] answers late on purpose, for tests.
+//!   subscribe, unsubscribe, detach, answered now or later; publish, whose
+//!   durability ticket is done now or later); [`engine::delaying`] answers
+//!   late on purpose, for tests.
 //! - [`session`]: what outlives a connection: subscriptions, queue, in-flight
 //!   window, QoS 2 ids awaiting PUBREL, will, expiry.
 //! - [`broker`]: the embedded engine: routing (subscription index, `$share`
