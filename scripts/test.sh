@@ -82,7 +82,9 @@ MILLET_LIMITS__PARK_AFTER_MS=1 MILLET_BIN="${CARGO_TARGET_DIR:-$PWD/target}/rele
 
 log "the engine seam: every suite again on the delaying engine (engine.test_delay_ms = 20)"
 # Every engine call (attach, subscribe, unsubscribe) is answered after a
-# seeded random 0-20 ms delay, as an engine across a network would answer
+# seeded random 0-20 ms delay, as an engine across a network would answer,
+# and so are the authorizations of every SUBSCRIBE filter, will and one
+# PUBLISH in 64 (the hooks' pending path)
 # (docs/DESIGN.md, "The engine seam"): the state-machine tests (in-process,
 # MILLET_TEST_ENGINE_DELAY_MS), the rumqttc and other socket tests and the
 # whole conformance suite (brokers started with MILLET_ENGINE__TEST_DELAY_MS).

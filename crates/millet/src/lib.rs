@@ -11,6 +11,9 @@
 //!   subscribe, unsubscribe, detach, answered now or later; publish, whose
 //!   durability ticket is done now or later); [`engine::delaying`] answers
 //!   late on purpose, for tests.
+//! - [`hooks`]: authorization (answered in place, or later through the
+//!   same pending path) and events (connected, published, subscribed,
+//!   delivered, disconnected) for the rules engine and thing models to come.
 //! - [`session`]: what outlives a connection: subscriptions, queue, in-flight
 //!   window, QoS 2 ids awaiting PUBREL, will, expiry.
 //! - [`broker`]: the embedded engine: routing (subscription index, `$share`
@@ -38,6 +41,7 @@ pub mod budget;
 pub mod config;
 pub mod engine;
 pub mod histogram;
+pub mod hooks;
 pub mod protocol;
 pub mod proxy;
 pub mod security;

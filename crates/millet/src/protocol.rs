@@ -50,6 +50,7 @@ use crate::engine::{
     AckStatus, AttachRequest, AuthenticateRequest, Completion, DetachRequest, Request,
     SubscribeRequest, Ticket, UnsubscribeRequest,
 };
+use crate::hooks::{Authorization, AuthorizeRequest, Client, Event, Hooks};
 use crate::security::acl::{Access, Rule};
 use crate::security::quota::{ClientLimiter, ExceededAction, QuotaDecision};
 use crate::security::V3DenyAction;
@@ -221,12 +222,25 @@ struct Waiting {
 enum Then {
     /// The rest of the CONNECT's handling.
     Verdict(Box<Connect>),
+    /// The CONNECT, once the hooks authorized its will's topic.
+    Will(Box<Connect>),
+    /// The PUBLISH, once the hooks authorized its topic.
+    Publish(Box<Publish>),
+    /// The SUBSCRIBE, once the hooks answered for the filters they asked
+    /// about (one [`Authorization::Ask`] each, in order).
+    SubscribeAuthorized {
+        subscribe: Box<Subscribe>,
+        verdicts: Vec<Authorization>,
+    },
     /// CONNACK and the connected state.
     Attach(Box<PendingAttach>),
     /// SUBACK: a code per filter.
     Subscribe { packet_id: u16, codes: Vec<SubCode> },
-    /// UNSUBACK.
-    Unsubscribe { packet_id: u16 },
+    /// UNSUBACK (the filters kept only for the hooks' events).
+    Unsubscribe {
+        packet_id: u16,
+        filters: Vec<ByteString>,
+    },
 }
 
 /// One filter's SUBACK code, while the engine subscribes.
@@ -234,7 +248,7 @@ enum SubCode {
     /// Decided by the protocol (not authorized).
     Known(ReasonCode),
     /// Asked of the engine, for this QoS (granted as asked).
-    Asked(QoS),
+    Asked(QoS, ByteString),
 }
 
 /// An accepted CONNECT, while the engine attaches its session.
@@ -305,16 +319,44 @@ const MAX_CREDENTIAL_VALIDITY: Duration = Duration::from_secs(100 * 365 * 24 * 3
 const MAX_BACKPRESSURE_PAUSE: Duration = Duration::from_secs(1);
 
 /// What every connection of a server reaches: the broker (configuration,
-/// counters, and the state not yet behind the seam) and the engine its
-/// publishes and durability go through. One per server, shared.
+/// counters, and the state not yet behind the seam), the engine its
+/// publishes and durability go through, and the hooks that authorize and
+/// observe ([`crate::hooks`]). One per server, shared.
 pub struct Shared {
     pub broker: Arc<Broker>,
     pub engine: Arc<dyn crate::engine::Engine>,
+    pub hooks: Arc<dyn Hooks>,
+    /// `hooks.observes()`, asked once: no event is built otherwise.
+    observes: bool,
 }
 
 impl Shared {
+    /// On `engine`, with the broker's own ACL as the hooks.
     pub fn new(broker: Arc<Broker>, engine: Arc<dyn crate::engine::Engine>) -> Arc<Shared> {
-        Arc::new(Shared { broker, engine })
+        let hooks: Arc<dyn Hooks> = broker.clone();
+        Shared::with_hooks(broker, engine, hooks)
+    }
+
+    pub fn with_hooks(
+        broker: Arc<Broker>,
+        engine: Arc<dyn crate::engine::Engine>,
+        hooks: Arc<dyn Hooks>,
+    ) -> Arc<Shared> {
+        let observes = hooks.observes();
+        Arc::new(Shared {
+            broker,
+            engine,
+            hooks,
+            observes,
+        })
+    }
+
+    /// Tell the hooks `event`, if they observe (built only then).
+    #[inline]
+    pub(crate) fn tell<'a>(&self, event: impl FnOnce() -> Event<'a>) {
+        if self.observes {
+            self.hooks.event(&event());
+        }
     }
 }
 
@@ -541,6 +583,11 @@ impl Connection {
         &*self.shared.engine
     }
 
+    /// The hooks that answer [`Request::Authorize`].
+    pub fn hooks(&self) -> &dyn Hooks {
+        &*self.shared.hooks
+    }
+
     pub fn waker(&self) -> &Arc<ConnWaker> {
         &self.waker
     }
@@ -645,10 +692,62 @@ impl Connection {
                 }
                 self.handle_attached(p, a, now);
             }
+            (Then::Will(c), Completion::Authorized(v)) => {
+                if self.close.is_some() || !matches!(self.state, State::Verifying) {
+                    return;
+                }
+                self.state = State::AwaitConnect;
+                match v.as_slice() {
+                    [true] => self.connect_authorized(c),
+                    [false] => self.will_not_authorized(&c),
+                    _ => return self.hooks_mismatch(),
+                }
+            }
+            (Then::Publish(p), Completion::Authorized(v)) => {
+                let allowed = match v.as_slice() {
+                    [allowed] => *allowed,
+                    _ => return self.hooks_mismatch(),
+                };
+                self.with_active(|conn, a| {
+                    if allowed {
+                        conn.publish_authorized(a, *p, now);
+                    } else {
+                        conn.publish_denied(a, &p);
+                    }
+                });
+            }
+            (
+                Then::SubscribeAuthorized {
+                    subscribe,
+                    mut verdicts,
+                },
+                Completion::Authorized(v),
+            ) => {
+                let mut answers = v.into_iter();
+                for verdict in verdicts.iter_mut().filter(|v| **v == Authorization::Ask) {
+                    match answers.next() {
+                        Some(allowed) => *verdict = allowed.into(),
+                        None => return self.hooks_mismatch(),
+                    }
+                }
+                if answers.next().is_some() {
+                    return self.hooks_mismatch();
+                }
+                self.with_active(|conn, a| conn.subscribe_authorized(a, *subscribe, &verdicts));
+            }
             (Then::Subscribe { packet_id, codes }, Completion::Subscribed(outcomes)) => {
                 self.subscribed(packet_id, codes, outcomes);
             }
-            (Then::Unsubscribe { packet_id }, Completion::Unsubscribed(existed)) => {
+            (Then::Unsubscribe { packet_id, filters }, Completion::Unsubscribed(existed)) => {
+                if let Some(client_id) = self.client_id() {
+                    for (filter, existed) in filters.iter().zip(&existed) {
+                        self.shared.tell(|| Event::Unsubscribed {
+                            client_id,
+                            filter,
+                            existed: *existed,
+                        });
+                    }
+                }
                 let codes = existed
                     .into_iter()
                     .map(|e| {
@@ -687,6 +786,29 @@ impl Connection {
 
     /// Wait for the engine: `request` goes to the driver, `then` says what
     /// the answer completes.
+    /// The hooks answered an authorization with the wrong number of
+    /// verdicts.
+    fn hooks_mismatch(&mut self) {
+        tracing::error!("hooks answered a different number of authorizations than asked");
+        self.fail(ProtocolError::EngineMismatch);
+    }
+
+    /// Run `f` on the connected state (taken out of `self.state` meanwhile,
+    /// as [`Connection::dispatch`] does); nothing when not connected (closed
+    /// while waiting).
+    fn with_active(&mut self, f: impl FnOnce(&mut Connection, &mut Active)) {
+        if self.close.is_some() {
+            return;
+        }
+        match std::mem::replace(&mut self.state, State::Closed) {
+            State::Connected(mut active) => {
+                f(self, &mut active);
+                self.state = State::Connected(active);
+            }
+            other => self.state = other,
+        }
+    }
+
     fn wait_for(&mut self, request: Request, then: Then) {
         self.waiting = Some(Box::new(Waiting {
             request: Some(request),
@@ -784,6 +906,12 @@ impl Connection {
     /// after a later call, when an attach answered meanwhile).
     pub fn handle_closed(&mut self, _now: Instant) {
         self.received.add_received_to(&self.shared.broker.stats);
+        if let State::Connected(a) = &self.state {
+            self.shared.tell(|| Event::Disconnected {
+                client_id: &a.client_id,
+                close: self.close.as_deref(),
+            });
+        }
         self.state = State::Closed;
         // A request not yet handed to the engine is not made.
         if let Some(w) = self.waiting.as_mut() {
@@ -913,19 +1041,22 @@ impl Connection {
         }
     }
 
-    /// The ACL's answer (everything is allowed without a security layer).
-    fn acl_allows(
+    /// The hooks' answer in place, or [`Authorization::Ask`] (see
+    /// [`crate::hooks`]).
+    fn authorize_now(
         &self,
         client_id: &str,
         username: Option<&str>,
-        extra: &[Rule],
+        rules: &[Rule],
         access: Access,
         topic: &str,
-    ) -> bool {
-        self.shared
-            .broker
-            .security()
-            .is_none_or(|s| s.acl.check(client_id, username, extra, access, topic))
+    ) -> Authorization {
+        let client = Client {
+            client_id,
+            username,
+            rules,
+        };
+        self.shared.hooks.authorize_now(&client, access, topic)
     }
 }
 

@@ -198,9 +198,10 @@ impl Server {
             anyhow::bail!("wss_listen needs [security.tls]");
         }
         let preauth = PreAuthBudget::new(broker.config.limits.preauth_memory);
-        let live = Arc::new(LiveConns::new(Shared::new(
+        let live = Arc::new(LiveConns::new(Shared::with_hooks(
             broker.clone(),
             crate::engine::from_config(&broker),
+            crate::hooks::from_config(&broker),
         )));
         // The admin API first: `/readyz` says "not ready" until every MQTT
         // listener is bound.
@@ -1763,8 +1764,14 @@ fn submit_requests<S: Transport>(c: &mut Conn<S>) {
                 authenticate(c, r)
             }
             request => {
-                let engine = c.live.conns.shared.engine.clone();
-                crate::engine::submit(&*engine, request, c.conn.waker(), Instant::now())
+                let shared = c.live.conns.shared.clone();
+                crate::engine::submit(
+                    &*shared.engine,
+                    &*shared.hooks,
+                    request,
+                    c.conn.waker(),
+                    Instant::now(),
+                )
             }
         };
         match call {

@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use millet::broker::Broker;
 use millet::config::Config;
 use millet::engine::{submit, Call, Engine};
+use millet::hooks::Hooks;
 use millet::protocol::{Connection, Shared};
 use millet_codec::*;
 
@@ -50,6 +51,25 @@ fn engine_for(b: &Arc<Broker>) -> Arc<dyn Engine> {
     }
 }
 
+/// What a connection reaches: the broker, `engine`, and the broker's ACL as
+/// hooks; with `MILLET_TEST_ENGINE_DELAY_MS=N`, the hooks send every
+/// SUBSCRIBE's and some PUBLISHes' authorization through the pending path,
+/// answered after up to N ms.
+fn shared_for(b: &Arc<Broker>, engine: Arc<dyn Engine>) -> Arc<Shared> {
+    let hooks: Arc<dyn Hooks> = match std::env::var("MILLET_TEST_ENGINE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(ms) if ms > 0 => Arc::new(millet::engine::delaying::DelayingHooks::new(
+            b.clone(),
+            Duration::from_millis(ms),
+            11,
+        )),
+        _ => b.clone(),
+    };
+    Shared::with_hooks(b.clone(), engine, hooks)
+}
+
 /// Hand the connection's requests to the engine, waiting for answers that
 /// come later (as the server's driver does without blocking).
 fn pump(
@@ -65,7 +85,7 @@ fn pump(
             continue;
         }
         let waker = conn.waker().clone();
-        match submit(engine, request, &waker, now) {
+        match submit(engine, conn.hooks(), request, &waker, now) {
             Call::Ready(done) => conn.handle_completion(done, now),
             Call::Later(pending) => {
                 let done = pending
@@ -110,7 +130,7 @@ impl Client {
     ) -> (Client, ConnAck) {
         let proto = c.protocol;
         let mut cl = Client {
-            conn: Connection::new(Shared::new(b.clone(), engine.clone()), now),
+            conn: Connection::new(shared_for(b, engine.clone()), now),
             engine,
             verdict: None,
             proto,
@@ -264,9 +284,20 @@ fn suback_goes_out_before_the_retained_messages_an_unanswered_subscribe_replayed
         now,
     );
     // The engine does the work now (the replay lands in the session) ...
-    let request = sub.conn.poll_request().expect("SUBSCRIBE asks the engine");
     let waker = sub.conn.waker().clone();
-    let done = match submit(&*b, request, &waker, now) {
+    let request = loop {
+        let request = sub.conn.poll_request().expect("SUBSCRIBE asks the engine");
+        if !matches!(request, millet::engine::Request::Authorize(_)) {
+            break request;
+        }
+        // (Hooks that answer later first: the delayed run's.)
+        let done = match submit(&*b, sub.conn.hooks(), request, &waker, now) {
+            Call::Ready(done) => done,
+            Call::Later(p) => p.wait(Duration::from_secs(10)).expect("answered"),
+        };
+        sub.conn.handle_completion(done, now);
+    };
+    let done = match submit(&*b, &*b, request, &waker, now) {
         Call::Ready(done) => done,
         Call::Later(p) => p.wait(Duration::from_secs(10)).expect("answered"),
     };
@@ -326,7 +357,7 @@ fn server_keep_alive_caps_the_client() {
 #[test]
 fn connect_timeout_closes_silent_connections() {
     let (b, t0) = broker();
-    let mut conn = Connection::new(Shared::new(b.clone(), engine_for(&b)), t0);
+    let mut conn = Connection::new(shared_for(&b, engine_for(&b)), t0);
     let deadline = conn.poll_timeout().expect("connect timer");
     conn.handle_timeout(deadline);
     assert!(conn.poll_close().is_some());
@@ -791,7 +822,7 @@ mod security {
         now: Instant,
     ) -> (Client, ConnAck) {
         let mut cl = Client {
-            conn: Connection::new(Shared::new(b.clone(), engine_for(b)), now),
+            conn: Connection::new(shared_for(b, engine_for(b)), now),
             engine: engine_for(b),
             verdict: None,
             proto: c.protocol,
@@ -1090,7 +1121,7 @@ fn v5_with_max_packet(b: &Arc<Broker>, id: &str, max: u32, now: Instant) -> Clie
     let mut c = connect_packet(Protocol::V5, id, true);
     c.properties.maximum_packet_size = Some(max);
     let mut cl = Client {
-        conn: Connection::new(Shared::new(b.clone(), engine_for(b)), now),
+        conn: Connection::new(shared_for(b, engine_for(b)), now),
         engine: engine_for(b),
         verdict: None,
         proto: Protocol::V5,
@@ -1536,5 +1567,379 @@ fn acknowledgements_wait_for_the_engine_to_say_durable() {
         matches!(&got[..], [Packet::PubAck(a), Packet::PubRec(r)]
             if a.packet_id == 1 && r.packet_id == 2 && a.reason_code == ReasonCode::SUCCESS),
         "{got:?}"
+    );
+}
+
+// ---- hooks: authorization that answers later, and events --------------------
+
+/// Hooks that ask (answer later) for every topic or filter under `slow/`,
+/// allowing it unless it contains `deny`, and record every event. Closed,
+/// the answers wait for [`GateHooks::release`]; open, each is given at once
+/// (still through the pending path: `Call::Later`).
+#[derive(Default)]
+struct GateHooks {
+    open: std::sync::atomic::AtomicBool,
+    waiting: parking_lot::Mutex<Vec<(millet::hooks::AuthorizeRequest, Arc<millet::engine::Reply>)>>,
+    asked: std::sync::atomic::AtomicUsize,
+    events: parking_lot::Mutex<Vec<String>>,
+}
+
+impl GateHooks {
+    fn open() -> Arc<GateHooks> {
+        let h = GateHooks::default();
+        h.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        Arc::new(h)
+    }
+
+    fn verdicts(req: &millet::hooks::AuthorizeRequest) -> millet::engine::Completion {
+        millet::engine::Completion::Authorized(
+            req.topics.iter().map(|t| !t.contains("deny")).collect(),
+        )
+    }
+
+    /// Answer every authorization waiting.
+    fn release(&self) {
+        for (req, reply) in self.waiting.lock().drain(..) {
+            reply
+                .complete(GateHooks::verdicts(&req))
+                .expect("connection alive");
+        }
+    }
+
+    fn events(&self) -> Vec<String> {
+        std::mem::take(&mut *self.events.lock())
+    }
+}
+
+impl Hooks for GateHooks {
+    fn authorize_now(
+        &self,
+        _client: &millet::hooks::Client<'_>,
+        _access: millet::security::acl::Access,
+        topic: &str,
+    ) -> millet::hooks::Authorization {
+        if topic.starts_with("slow/") {
+            millet::hooks::Authorization::Ask
+        } else {
+            millet::hooks::Authorization::Allow
+        }
+    }
+
+    fn authorize(
+        &self,
+        req: millet::hooks::AuthorizeRequest,
+        reply_to: &Arc<millet::session::ConnWaker>,
+        _now: Instant,
+    ) -> Call {
+        self.asked
+            .fetch_add(req.topics.len(), std::sync::atomic::Ordering::SeqCst);
+        let (reply, pending) = millet::engine::Reply::new(reply_to);
+        if self.open.load(std::sync::atomic::Ordering::SeqCst) {
+            reply
+                .complete(GateHooks::verdicts(&req))
+                .expect("pending kept");
+        } else {
+            self.waiting.lock().push((req, reply));
+        }
+        Call::Later(pending)
+    }
+
+    fn observes(&self) -> bool {
+        true
+    }
+
+    fn event(&self, e: &millet::hooks::Event<'_>) {
+        use millet::hooks::Event;
+        let line = match e {
+            Event::Connected {
+                client_id,
+                session_present,
+                ..
+            } => format!("connected {client_id} {session_present}"),
+            Event::Published {
+                client_id,
+                msg,
+                sessions,
+            } => format!("published {client_id} {} {sessions}", msg.topic),
+            Event::Subscribed {
+                client_id,
+                filter,
+                qos,
+            } => format!("subscribed {client_id} {filter} {}", *qos as u8),
+            Event::Unsubscribed {
+                client_id,
+                filter,
+                existed,
+            } => format!("unsubscribed {client_id} {filter} {existed}"),
+            Event::Delivered {
+                client_id,
+                msg,
+                qos,
+            } => format!("delivered {client_id} {} {}", msg.topic, *qos as u8),
+            Event::Disconnected { client_id, close } => {
+                format!("disconnected {client_id} {:?}", close.map(|c| c.reason.0))
+            }
+        };
+        self.events.lock().push(line);
+    }
+}
+
+impl Client {
+    /// A client whose connection's hooks are `hooks`.
+    fn with_hooks(
+        b: &Arc<Broker>,
+        hooks: Arc<dyn Hooks>,
+        c: Connect,
+        now: Instant,
+    ) -> (Client, ConnAck) {
+        let engine = engine_for(b);
+        let mut cl = Client {
+            conn: Connection::new(Shared::with_hooks(b.clone(), engine.clone(), hooks), now),
+            engine,
+            verdict: None,
+            proto: c.protocol,
+            wire: BytesMut::new(),
+            backlog: Vec::new(),
+        };
+        cl.send(Packet::Connect(Box::new(c)), now);
+        let mut pkts = cl.recv_once_woken(now);
+        match pkts.first() {
+            Some(Packet::ConnAck(a)) => {
+                let a = a.clone();
+                pkts.remove(0);
+                cl.backlog = pkts;
+                (cl, a)
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Hand over the connection's requests, opening `gate` for each
+    /// authorization it waits for.
+    fn drive(&mut self, gate: &GateHooks, now: Instant) {
+        while let Some(request) = self.conn.poll_request() {
+            let waker = self.conn.waker().clone();
+            let call = submit(&*self.engine, self.conn.hooks(), request, &waker, now);
+            gate.release();
+            let done = match call {
+                Call::Ready(done) => done,
+                Call::Later(p) => p.wait(Duration::from_secs(10)).expect("answered"),
+            };
+            self.conn.handle_completion(done, now);
+        }
+    }
+}
+
+fn qos1(topic: &str, pid: u16) -> Packet {
+    Packet::Publish(Publish {
+        topic: topic.into(),
+        payload: bytes::Bytes::from_static(b"x"),
+        qos: QoS::AtLeastOnce,
+        packet_id: Some(pid),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn publishes_wait_in_order_for_an_authorization_that_answers_later() {
+    let (b, now) = broker();
+    let gate = Arc::new(GateHooks::default());
+    let mut sub = Client::v5(&b, "sub", now);
+    sub.subscribe("#", QoS::AtLeastOnce, now);
+    let (mut p, ack) = Client::with_hooks(
+        &b,
+        gate.clone(),
+        connect_packet(Protocol::V5, "p", true),
+        now,
+    );
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    // The first PUBLISH waits for the hooks; the next two are held behind it.
+    p.conn.handle_packet(qos1("slow/1", 1), now);
+    let request = p.conn.poll_request().expect("the hooks are asked");
+    assert!(matches!(request, millet::engine::Request::Authorize(_)));
+    assert!(!p.conn.accepts_packets());
+    let waker = p.conn.waker().clone();
+    let Call::Later(pending) = submit(&*p.engine, p.conn.hooks(), request, &waker, now) else {
+        panic!("the gate answers later");
+    };
+    p.conn.handle_packet(qos1("fast/2", 2), now);
+    p.conn.handle_packet(qos1("slow/deny/3", 3), now);
+    assert!(
+        p.recv(now).is_empty(),
+        "nothing is acknowledged before the answer"
+    );
+    assert!(
+        sub.recv(now).is_empty(),
+        "nothing is routed before the answer"
+    );
+    gate.release();
+    let done = pending.wait(Duration::from_secs(10)).expect("answered");
+    p.conn.handle_completion(done, now);
+    // fast/2 is handled at once; slow/deny/3 asks again.
+    p.drive(&gate, now);
+    let mut acks = Vec::new();
+    while acks.len() < 3 {
+        let got = p.recv_once_woken(now);
+        assert!(!got.is_empty(), "PUBACKs missing after {acks:?}");
+        acks.extend(got);
+    }
+    assert_eq!(
+        acks,
+        vec![
+            Packet::PubAck(PubResp::new(1)),
+            Packet::PubAck(PubResp::new(2)),
+            Packet::PubAck(PubResp::with_reason(3, ReasonCode::NOT_AUTHORIZED)),
+        ]
+    );
+    let got = sub.recv_once_woken(now);
+    let topics: Vec<&str> = publishes(&got).iter().map(|x| &*x.topic).collect();
+    assert_eq!(
+        topics,
+        ["slow/1", "fast/2"],
+        "in order, the denied one not routed"
+    );
+    assert_eq!(gate.asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[test]
+fn subscribe_filters_are_authorized_by_hooks_that_answer_later() {
+    let (b, now) = broker();
+    let gate = GateHooks::open();
+    let (mut c, _) = Client::with_hooks(
+        &b,
+        gate.clone(),
+        connect_packet(Protocol::V5, "s", true),
+        now,
+    );
+    c.send(
+        Packet::Subscribe(Subscribe {
+            packet_id: 4,
+            subscription_identifier: None,
+            user_properties: vec![],
+            filters: ["a/#", "slow/ok", "slow/deny", "slow/+/x"]
+                .iter()
+                .map(|f| {
+                    (
+                        bytestring::ByteString::from(*f),
+                        SubscriptionOptions {
+                            qos: QoS::AtLeastOnce,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect(),
+        }),
+        now,
+    );
+    let p = c.recv_once_woken(now);
+    let Some(Packet::SubAck(a)) = p.first() else {
+        panic!("expected SUBACK, got {p:?}");
+    };
+    assert_eq!(a.packet_id, 4);
+    assert_eq!(
+        a.reason_codes,
+        vec![
+            ReasonCode::GRANTED_QOS_1,
+            ReasonCode::GRANTED_QOS_1,
+            ReasonCode::NOT_AUTHORIZED,
+            ReasonCode::GRANTED_QOS_1,
+        ]
+    );
+    // Only the three under slow/ were asked, in one request.
+    assert_eq!(gate.asked.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[test]
+fn a_will_topic_the_hooks_refuse_later_refuses_the_connect() {
+    let (b, now) = broker();
+    let gate = GateHooks::open();
+    let will = |topic: &str| LastWill {
+        topic: topic.into(),
+        payload: bytes::Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: WillProperties::default(),
+    };
+    let mut c = connect_packet(Protocol::V5, "w1", true);
+    c.will = Some(will("slow/deny/will"));
+    let (_, ack) = Client::with_hooks(&b, gate.clone(), c, now);
+    assert_eq!(ack.reason_code, ReasonCode::NOT_AUTHORIZED);
+    let mut c = connect_packet(Protocol::V3_1_1, "w2", true);
+    c.will = Some(will("slow/deny/will"));
+    let (_, ack) = Client::with_hooks(&b, gate.clone(), c, now);
+    // 3.1.1 return code 5, which the codec reads back as 0x87.
+    assert_eq!(
+        ack.reason_code,
+        ReasonCode::NOT_AUTHORIZED,
+        "3.1.1: not authorized"
+    );
+    let mut c = connect_packet(Protocol::V5, "w3", true);
+    c.will = Some(will("slow/will"));
+    let (_, ack) = Client::with_hooks(&b, gate.clone(), c, now);
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    assert_eq!(gate.asked.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[test]
+fn hooks_see_connect_subscribe_publish_deliver_unsubscribe_and_disconnect() {
+    let (b, now) = broker();
+    let gate = GateHooks::open();
+    let (mut c, _) = Client::with_hooks(
+        &b,
+        gate.clone(),
+        connect_packet(Protocol::V5, "ev", true),
+        now,
+    );
+    c.send(
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            subscription_identifier: None,
+            user_properties: vec![],
+            filters: vec![(
+                "e/#".into(),
+                SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..Default::default()
+                },
+            )],
+        }),
+        now,
+    );
+    assert!(matches!(
+        c.recv_once_woken(now).first(),
+        Some(Packet::SubAck(_))
+    ));
+    c.send(qos1("e/1", 7), now);
+    let mut got = Vec::new();
+    while publishes(&got).is_empty() {
+        let more = c.recv_once_woken(now);
+        assert!(!more.is_empty(), "no delivery: {got:?}");
+        got.extend(more);
+    }
+    c.send(
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: 2,
+            user_properties: vec![],
+            filters: vec!["e/#".into(), "none".into()],
+        }),
+        now,
+    );
+    assert!(matches!(
+        c.recv_once_woken(now).first(),
+        Some(Packet::UnsubAck(_))
+    ));
+    c.send(Packet::Disconnect(Disconnect::default()), now);
+    c.closed(now);
+    assert_eq!(
+        gate.events(),
+        [
+            "connected ev false",
+            "subscribed ev e/# 1",
+            "published ev e/1 1",
+            "delivered ev e/1 1",
+            "unsubscribed ev e/# true",
+            "unsubscribed ev none false",
+            "disconnected ev Some(0)",
+        ]
     );
 }

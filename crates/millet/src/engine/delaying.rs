@@ -17,8 +17,12 @@
 //! resends) is held and released as it would be across a network. The
 //! delays keep tickets ordered (a later ticket is never done before an
 //! earlier one), as [`Engine::ticket_status`] promises.
+//!
+//! [`DelayingHooks`] does the same for the hooks ([`crate::hooks`]): some
+//! authorizations are answered after a delay instead of in place.
 
 use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -29,6 +33,8 @@ use super::{
     UnsubscribeRequest,
 };
 use crate::broker::Routed;
+use crate::hooks::{Authorization, AuthorizeRequest, Client, Event, Hooks};
+use crate::security::acl::Access;
 use crate::session::{ConnWaker, Message, SessionCell};
 
 /// See the module documentation.
@@ -101,8 +107,7 @@ impl Delaying {
     }
 
     fn delay(&self) -> Duration {
-        let max = u64::try_from(self.max.as_micros()).unwrap_or(u64::MAX);
-        Duration::from_micros(self.rng.lock().random_range(0..=max))
+        draw(&self.rng, self.max)
     }
 
     /// Run `call` on the inner engine after a delay, and answer `reply`.
@@ -235,6 +240,86 @@ impl Engine for Delaying {
         // connection to look again).
         false
     }
+}
+
+/// A hooks wrapper for tests ([`crate::hooks`]): every SUBSCRIBE filter,
+/// will topic and one PUBLISH authorization in [`ASK_EVERY`] are not
+/// answered in place but through the protocol's pending path
+/// ([`Authorization::Ask`]), by the inner hooks after a seeded random
+/// delay, so the socket suites run the protocol's waiting for
+/// authorization (held packets, order kept) as an HTTP authorization hook
+/// would make it wait. The rest are answered in place, so a long run of
+/// publishes is not slowed by a delay each.
+pub struct DelayingHooks {
+    inner: Arc<dyn Hooks>,
+    max: Duration,
+    rng: parking_lot::Mutex<rand::rngs::StdRng>,
+    asked: AtomicU64,
+}
+
+/// One PUBLISH authorization in this many takes the delayed path.
+pub const ASK_EVERY: u64 = 64;
+
+impl DelayingHooks {
+    pub fn new(inner: Arc<dyn Hooks>, max: Duration, seed: u64) -> DelayingHooks {
+        DelayingHooks {
+            inner,
+            max,
+            rng: parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+            asked: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Hooks for DelayingHooks {
+    fn authorize_now(&self, client: &Client<'_>, access: Access, topic: &str) -> Authorization {
+        let n = self.asked.fetch_add(1, Ordering::Relaxed);
+        if access == Access::Subscribe || n.is_multiple_of(ASK_EVERY) {
+            return Authorization::Ask;
+        }
+        self.inner.authorize_now(client, access, topic)
+    }
+
+    fn authorize(&self, req: AuthorizeRequest, reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
+        let (reply, pending) = Reply::new(reply_to);
+        let inner = self.inner.clone();
+        let waker = reply_to.clone();
+        schedule(
+            Instant::now() + draw(&self.rng, self.max),
+            Box::new(move || {
+                if reply.is_abandoned() {
+                    return;
+                }
+                match inner.authorize(req, &waker, now) {
+                    Call::Ready(c) => {
+                        let _ = reply.complete(c);
+                    }
+                    Call::Later(p) => {
+                        std::thread::spawn(move || {
+                            if let Some(c) = p.wait(Duration::from_secs(3600)) {
+                                let _ = reply.complete(c);
+                            }
+                        });
+                    }
+                }
+            }),
+        );
+        Call::Later(pending)
+    }
+
+    fn observes(&self) -> bool {
+        self.inner.observes()
+    }
+
+    fn event(&self, event: &Event<'_>) {
+        self.inner.event(event);
+    }
+}
+
+/// A delay between 0 and `max`, uniform.
+fn draw(rng: &parking_lot::Mutex<rand::rngs::StdRng>, max: Duration) -> Duration {
+    let max = u64::try_from(max.as_micros()).unwrap_or(u64::MAX);
+    Duration::from_micros(rng.lock().random_range(0..=max))
 }
 
 // ---- the scheduler thread ---------------------------------------------------

@@ -3,8 +3,9 @@
 //!
 //! The protocol ([`crate::protocol`]) never calls these itself. It states a
 //! [`Request`] ([`crate::protocol::Connection::poll_request`]; a
-//! [`Request::Authenticate`] goes to the driver's authentication hooks
-//! rather than to the engine) and waits for its [`Completion`] in an
+//! [`Request::Authenticate`] goes to the driver's authentication chain and
+//! a [`Request::Authorize`] to the hooks ([`crate::hooks`]) rather than to
+//! the engine) and waits for its [`Completion`] in an
 //! explicit pending state, holding the client's
 //! further packets in order; the driver ([`crate::server`], or a test)
 //! hands the request to the engine with [`submit`] and feeds the answer back
@@ -41,6 +42,8 @@ use bytestring::ByteString;
 use millet_codec::LastWill;
 
 use crate::broker::{Attached, Routed, SubscribeOutcome};
+pub use crate::hooks::AuthorizeRequest;
+use crate::hooks::Hooks;
 use crate::protocol::ConnectVerdict;
 use crate::session::{ConnWaker, Message, SessionCell, Subscription};
 
@@ -63,6 +66,9 @@ pub enum Request {
     /// answered [`Completion::Verdict`]. [`submit`], with no hooks, accepts
     /// the client as it presents itself.
     Authenticate(Box<AuthenticateRequest>),
+    /// For the hooks ([`crate::hooks::Hooks::authorize`]): authorizations
+    /// they could not answer in place. Answered [`Completion::Authorized`].
+    Authorize(Box<AuthorizeRequest>),
     Attach(Box<AttachRequest>),
     Subscribe(SubscribeRequest),
     Unsubscribe(UnsubscribeRequest),
@@ -142,6 +148,8 @@ pub struct UnsubscribeRequest {
 /// The answer to a [`Request`], variant for variant.
 pub enum Completion {
     Verdict(Box<ConnectVerdict>),
+    /// One verdict per topic of the [`AuthorizeRequest`], in order.
+    Authorized(Vec<bool>),
     Attached(Attached),
     /// One outcome per requested filter, in order.
     Subscribed(Vec<SubscribeOutcome>),
@@ -155,6 +163,7 @@ impl std::fmt::Debug for Completion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Completion::Verdict(v) => f.debug_tuple("Verdict").field(&v.reason).finish(),
+            Completion::Authorized(v) => f.debug_tuple("Authorized").field(v).finish(),
             Completion::Attached(a) => f
                 .debug_struct("Attached")
                 .field("epoch", &a.epoch)
@@ -257,12 +266,20 @@ pub trait Engine: Send + Sync + 'static {
     fn acks_early(&self) -> bool;
 }
 
-/// Hand `req` to the right call of `engine`.
+/// Hand `req` to the right call of `engine` or `hooks`.
 /// An [`Request::Authenticate`] (for which there is no engine call) is
-/// answered as presented: the driver gives it to its hooks instead.
-pub fn submit(engine: &dyn Engine, req: Request, reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
+/// answered as presented: the driver gives it to its authentication chain
+/// instead.
+pub fn submit(
+    engine: &dyn Engine,
+    hooks: &dyn Hooks,
+    req: Request,
+    reply_to: &Arc<ConnWaker>,
+    now: Instant,
+) -> Call {
     match req {
         Request::Authenticate(r) => Call::Ready(Completion::Verdict(Box::new(r.as_presented()))),
+        Request::Authorize(r) => hooks.authorize(*r, reply_to, now),
         Request::Attach(r) => engine.attach(*r, reply_to, now),
         Request::Subscribe(r) => engine.subscribe(r, reply_to, now),
         Request::Unsubscribe(r) => engine.unsubscribe(r, reply_to, now),

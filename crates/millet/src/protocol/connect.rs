@@ -93,18 +93,46 @@ impl Connection {
         if let Some(w) = &c.will {
             // A will the client could not publish itself is refused with the
             // CONNECT (0x87 / 3.x 5) rather than silently dropped later.
-            if !self.acl_allows(
+            let username = verdict.username.as_deref();
+            match self.authorize_now(
                 &c.client_id,
-                verdict.username.as_deref(),
+                username,
                 &verdict.acl,
                 Access::Publish,
                 &w.topic,
             ) {
-                tracing::info!(client_id = %c.client_id, topic = %w.topic, "will topic not authorized");
-                return self.fail(ProtocolError::WillTopicNotAuthorized);
+                Authorization::Allow => {}
+                Authorization::Deny => return self.will_not_authorized(&c),
+                Authorization::Ask => {
+                    let request = AuthorizeRequest {
+                        // Copies: the request may outlive the read buffer.
+                        client_id: ByteString::from(&*c.client_id),
+                        username: username.map(ByteString::from),
+                        rules: verdict.acl.clone(),
+                        access: Access::Publish,
+                        topics: vec![ByteString::from(&*w.topic)],
+                    };
+                    self.verdict = Some(verdict);
+                    self.state = State::Verifying;
+                    return self.wait_for(Request::Authorize(Box::new(request)), Then::Will(c));
+                }
             }
         }
         self.verdict = Some(verdict);
+        self.connect_authorized(c);
+    }
+
+    /// The hooks refused the will's topic: so is the CONNECT.
+    pub(super) fn will_not_authorized(&mut self, c: &Connect) {
+        if let Some(w) = &c.will {
+            tracing::info!(client_id = %c.client_id, topic = %w.topic, "will topic not authorized");
+        }
+        self.fail(ProtocolError::WillTopicNotAuthorized)
+    }
+
+    /// The CONNECT passed every check (its will authorized): the AUTH
+    /// exchange, or acceptance.
+    pub(super) fn connect_authorized(&mut self, c: Box<Connect>) {
         if let Some(method) = &c.properties.authentication_method {
             let client_id = c.client_id.to_string();
             let exchange = self
@@ -318,6 +346,11 @@ impl Connection {
             bridge: c.bridge,
         };
         tracing::debug!(client_id = %active.client_id, protocol = ?c.protocol, session_present = attached.session_present, "client connected");
+        self.shared.tell(|| Event::Connected {
+            client_id: &active.client_id,
+            username: active.username.as_deref(),
+            session_present: attached.session_present,
+        });
         self.state = State::Connected(Box::new(active));
         self.timers.set(Timer::Connect, None);
         self.rearm_keepalive(now);

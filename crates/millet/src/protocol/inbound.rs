@@ -160,15 +160,36 @@ impl Connection {
                 self.timers.set(Timer::Throttle, Some(now + retry_after));
             }
         }
-        if !self.acl_allows(
+        match self.authorize_now(
             &a.client_id,
             a.username.as_deref(),
             &a.acl,
             Access::Publish,
             &p.topic,
         ) {
-            return self.publish_denied(a, &p);
+            Authorization::Allow => self.publish_authorized(a, p, now),
+            Authorization::Deny => self.publish_denied(a, &p),
+            Authorization::Ask => {
+                let request = AuthorizeRequest {
+                    client_id: a.client_id.clone(),
+                    username: a.username.clone(),
+                    rules: a.acl.clone(),
+                    access: Access::Publish,
+                    topics: vec![p.topic.clone()],
+                };
+                self.wait_for(
+                    Request::Authorize(Box::new(request)),
+                    Then::Publish(Box::new(p)),
+                );
+            }
         }
+    }
+
+    /// An authorized PUBLISH: overload checks, the QoS 2 id, routing through
+    /// the engine, and its acknowledgement once durable.
+    pub(super) fn publish_authorized(&mut self, a: &mut Active, p: Publish, now: Instant) {
+        let v5 = self.protocol == Some(Protocol::V5);
+        let limits = &self.shared.broker.config.limits;
         let qos = p.qos;
         let pid = p.packet_id.unwrap_or(0);
         let mut rel_ticket = Ticket::NONE;
@@ -210,10 +231,16 @@ impl Connection {
             store_id: Default::default(),
             routed_at: self.shared.broker.latency_stamp(now),
         };
-        let routed = self
-            .shared
-            .engine
-            .publish(Arc::new(msg), Some(&self.waker), now);
+        let msg = Arc::new(msg);
+        let told = self.shared.observes.then(|| msg.clone());
+        let routed = self.shared.engine.publish(msg, Some(&self.waker), now);
+        if let Some(msg) = &told {
+            self.shared.hooks.event(&Event::Published {
+                client_id: &a.client_id,
+                msg,
+                sessions: routed.sessions,
+            });
+        }
         if routed.congested && !self.timers.is_armed(Timer::Pause) {
             self.timers
                 .set(Timer::Pause, Some(now + MAX_BACKPRESSURE_PAUSE));

@@ -214,6 +214,11 @@ impl Connection {
                     .deliver_latency
                     .observe(now.saturating_duration_since(t.instant()));
             }
+            self.shared.tell(|| Event::Delivered {
+                client_id: &active.client_id,
+                msg: &d.msg,
+                qos: d.qos,
+            });
             if let Some(pid) = pid {
                 writes.inflight_added(session, pid, &d);
                 session.push_inflight(pid, d);

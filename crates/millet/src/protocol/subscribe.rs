@@ -5,17 +5,54 @@ use super::*;
 
 impl Connection {
     pub(super) fn handle_subscribe(&mut self, a: &mut Active, s: Subscribe) {
-        let mut codes = Vec::with_capacity(s.filters.len());
-        let mut asked = Vec::with_capacity(s.filters.len());
-        for (filter, options) in &s.filters {
-            let mut options = *options;
-            if !self.acl_allows(
+        let mut verdicts = Vec::with_capacity(s.filters.len());
+        let mut ask = Vec::new();
+        for (filter, _) in &s.filters {
+            let v = self.authorize_now(
                 &a.client_id,
                 a.username.as_deref(),
                 &a.acl,
                 Access::Subscribe,
                 filter,
-            ) {
+            );
+            if v == Authorization::Ask {
+                ask.push(filter.clone());
+            }
+            verdicts.push(v);
+        }
+        if ask.is_empty() {
+            return self.subscribe_authorized(a, s, &verdicts);
+        }
+        let request = AuthorizeRequest {
+            client_id: a.client_id.clone(),
+            username: a.username.clone(),
+            rules: a.acl.clone(),
+            access: Access::Subscribe,
+            topics: ask,
+        };
+        self.wait_for(
+            Request::Authorize(Box::new(request)),
+            Then::SubscribeAuthorized {
+                subscribe: Box::new(s),
+                verdicts,
+            },
+        );
+    }
+
+    /// A SUBSCRIBE whose filters the hooks answered for (`verdicts`, one
+    /// per filter, none [`Authorization::Ask`]): the protocol's checks, then
+    /// the engine.
+    pub(super) fn subscribe_authorized(
+        &mut self,
+        a: &mut Active,
+        s: Subscribe,
+        verdicts: &[Authorization],
+    ) {
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut asked = Vec::with_capacity(s.filters.len());
+        for ((filter, options), verdict) in s.filters.iter().zip(verdicts) {
+            let mut options = *options;
+            if *verdict != Authorization::Allow {
                 // 0x87; the 3.x encoder turns any failure into 0x80.
                 tracing::debug!(client_id = %a.client_id, %filter, "SUBSCRIBE not authorized");
                 codes.push(SubCode::Known(ReasonCode::NOT_AUTHORIZED));
@@ -42,7 +79,7 @@ impl Connection {
                 identifier: s.subscription_identifier,
                 share_group,
             };
-            codes.push(SubCode::Asked(options.qos));
+            codes.push(SubCode::Asked(options.qos, filter.clone()));
             asked.push((filter.clone(), sub));
         }
         let then = Then::Subscribe {
@@ -78,8 +115,17 @@ impl Connection {
         for code in codes {
             let rc = match code {
                 SubCode::Known(rc) => rc,
-                SubCode::Asked(qos) => match outcomes.next() {
-                    Some(SubscribeOutcome::Granted { .. }) => ReasonCode(qos as u8),
+                SubCode::Asked(qos, filter) => match outcomes.next() {
+                    Some(SubscribeOutcome::Granted { .. }) => {
+                        if let Some(client_id) = self.client_id() {
+                            self.shared.tell(|| Event::Subscribed {
+                                client_id,
+                                filter: &filter,
+                                qos,
+                            });
+                        }
+                        ReasonCode(qos as u8)
+                    }
                     Some(SubscribeOutcome::Refused(ReasonCode::PROTOCOL_ERROR)) => {
                         return self.fail(ProtocolError::NoLocalOnSharedSubscription);
                     }
@@ -100,6 +146,12 @@ impl Connection {
     }
 
     pub(super) fn handle_unsubscribe(&mut self, a: &mut Active, u: Unsubscribe) {
+        // Kept for the hooks' events only when they observe (no copy otherwise).
+        let filters = if self.shared.observes {
+            u.filters.clone()
+        } else {
+            Vec::new()
+        };
         let request = Request::Unsubscribe(UnsubscribeRequest {
             cell: a.cell.clone(),
             filters: u.filters,
@@ -108,6 +160,7 @@ impl Connection {
             request,
             Then::Unsubscribe {
                 packet_id: u.packet_id,
+                filters,
             },
         );
     }
