@@ -1507,6 +1507,12 @@ impl Engine for DurabilityGate {
     fn last_ticket(&self) -> millet::engine::Ticket {
         Engine::last_ticket(&*self.inner)
     }
+    fn session_writes<'a>(
+        &'a self,
+        session: &millet::session::Session,
+    ) -> millet::engine::SessionWrites<'a> {
+        Engine::session_writes(&*self.inner, session)
+    }
     fn acks_early(&self) -> bool {
         false
     }

@@ -29,13 +29,13 @@ use std::time::{Duration, Instant};
 use rand::{RngExt, SeedableRng};
 
 use super::{
-    AckStatus, AttachRequest, Call, Completion, Engine, Reply, SubscribeRequest, Ticket,
-    UnsubscribeRequest,
+    AckStatus, AttachRequest, Call, Completion, Engine, Reply, SessionWrites, SubscribeRequest,
+    Ticket, UnsubscribeRequest,
 };
 use crate::broker::Routed;
 use crate::hooks::{Authorization, AuthorizeRequest, Client, Event, Hooks};
 use crate::security::acl::Access;
-use crate::session::{ConnWaker, Message, SessionCell};
+use crate::session::{ConnWaker, Message, Session, SessionCell};
 
 /// See the module documentation.
 pub struct Delaying {
@@ -232,6 +232,11 @@ impl Engine for Delaying {
 
     fn last_ticket(&self) -> Ticket {
         self.inner.last_ticket()
+    }
+
+    fn session_writes<'a>(&'a self, session: &Session) -> SessionWrites<'a> {
+        // Written at once; their tickets are delayed (above).
+        self.inner.session_writes(session)
     }
 
     fn acks_early(&self) -> bool {

@@ -8,11 +8,11 @@ use bytestring::ByteString;
 use millet_codec::topic;
 
 use super::{
-    AckStatus, AttachRequest, Call, Completion, Engine, SubscribeRequest, Ticket,
+    AckStatus, AttachRequest, Call, Completion, Engine, SessionWrites, SubscribeRequest, Ticket,
     UnsubscribeRequest,
 };
 use crate::broker::{Broker, Routed, SubscribeOutcome};
-use crate::session::{ConnWaker, DeferredReplay, Message, SessionCell};
+use crate::session::{ConnWaker, DeferredReplay, Message, Session, SessionCell};
 
 impl Engine for Broker {
     fn attach(&self, req: AttachRequest, _reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
@@ -92,6 +92,10 @@ impl Engine for Broker {
 
     fn last_ticket(&self) -> Ticket {
         Broker::last_ticket(self)
+    }
+
+    fn session_writes<'a>(&'a self, session: &Session) -> SessionWrites<'a> {
+        Broker::session_writes(self, session)
     }
 
     fn acks_early(&self) -> bool {

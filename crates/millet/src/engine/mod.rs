@@ -27,11 +27,10 @@
 //! routing to the sessions is local in every engine (a networked one routes
 //! to its own node's sessions and forwards the rest), and what may come
 //! later is durability. That is a [`Ticket`]: a publish, or the session
-//! records a connection writes ([`crate::broker::persist::SessionWrites`]),
-//! give one, and the acknowledgement waits until the engine says it is done
+//! records a connection writes ([`Engine::session_writes`]), give one, and
+//! the acknowledgement waits until the engine says it is done
 //! ([`Engine::ticket_status`], [`Engine::ticket_wait`]). What is not (yet)
-//! behind this seam: the session records (written by the protocol through
-//! the broker) and the session's delivery queue (shared with the broker
+//! behind this seam: the session's delivery queue (shared with the broker
 //! under the session lock). docs/DESIGN.md ("The engine seam") lists what
 //! moves next.
 
@@ -45,7 +44,7 @@ use crate::broker::{Attached, Routed, SubscribeOutcome};
 pub use crate::hooks::AuthorizeRequest;
 use crate::hooks::Hooks;
 use crate::protocol::ConnectVerdict;
-use crate::session::{ConnWaker, Message, SessionCell, Subscription};
+use crate::session::{ConnWaker, Message, Session, SessionCell, Subscription};
 
 pub mod delaying;
 mod embedded;
@@ -54,7 +53,7 @@ pub mod subject;
 /// Durability: a publish (or a session change) is acknowledged once its
 /// [`Ticket`] is done ([`AckStatus`]). The embedded engine's tickets are
 /// store sequence numbers, opaque outside `broker::persist`.
-pub use crate::broker::persist::{AckStatus, Ticket};
+pub use crate::broker::persist::{AckStatus, SessionWrites, Ticket};
 
 /// Something the protocol needs before it can go on: a verdict on a
 /// CONNECT from the authentication hooks, or an engine call; or, once
@@ -259,6 +258,18 @@ pub trait Engine: Send + Sync + 'static {
     /// A ticket covering everything submitted so far (a resend of
     /// in-flight state waits for it).
     fn last_ticket(&self) -> Ticket;
+
+    /// The records one turn of a connection writes for `session` (a
+    /// message moved from the queue to the in-flight window, an
+    /// acknowledged one forgotten, a QoS 2 id remembered or released), in
+    /// the protocol's terms, submitted together
+    /// ([`SessionWrites::submit`]): the [`Ticket`] it gives says when they
+    /// are durable, and the acknowledgements and deliveries that depend on
+    /// them wait for it. Records of one session are applied in the order
+    /// they are submitted. A session the engine does not keep durably (a
+    /// clean one, or no store) records nothing: the ticket is
+    /// [`Ticket::NONE`].
+    fn session_writes<'a>(&'a self, session: &Session) -> SessionWrites<'a>;
 
     /// Acknowledgements go out when a write is submitted rather than when
     /// it is durable (an operator's choice: `[store] sync = "interval"`,

@@ -15,7 +15,7 @@ impl Connection {
             Packet::PubAck(r) => {
                 let mut st = a.cell.state.lock();
                 if st.session.handle_puback(r.packet_id) {
-                    let mut w = self.shared.broker.session_writes(&st.session);
+                    let mut w = self.shared.engine.session_writes(&st.session);
                     w.inflight_done(&st.session, r.packet_id);
                     w.submit();
                 } else {
@@ -56,7 +56,7 @@ impl Connection {
                     let mut st = a.cell.state.lock();
                     let known = st.session.awaiting_rel.remove(&r.packet_id);
                     if known {
-                        let mut w = self.shared.broker.session_writes(&st.session);
+                        let mut w = self.shared.engine.session_writes(&st.session);
                         w.awaiting_rel_done(&st.session, r.packet_id);
                         w.submit();
                     }
@@ -73,7 +73,7 @@ impl Connection {
             Packet::PubComp(r) => {
                 let mut st = a.cell.state.lock();
                 if st.session.handle_pubcomp(r.packet_id) {
-                    let mut w = self.shared.broker.session_writes(&st.session);
+                    let mut w = self.shared.engine.session_writes(&st.session);
                     w.inflight_done(&st.session, r.packet_id);
                     w.submit();
                 }
@@ -211,7 +211,7 @@ impl Connection {
                 return self.fail(ProtocolError::ReceiveMaximumExceeded);
             }
             st.session.awaiting_rel.insert(pid);
-            let mut w = self.shared.broker.session_writes(&st.session);
+            let mut w = self.shared.engine.session_writes(&st.session);
             w.awaiting_rel_added(&st.session, pid);
             rel_ticket = w.submit();
         }
@@ -337,7 +337,7 @@ impl Connection {
         packet_id: u16,
         is_error: bool,
     ) -> Ticket {
-        let mut w = self.shared.broker.session_writes(session);
+        let mut w = self.shared.engine.session_writes(session);
         if is_error {
             w.inflight_done(session, packet_id);
             w.submit();

@@ -1,7 +1,7 @@
 //! What goes to the client: control packets, the in-flight window resent on
 //! resume, and queued messages within the client's receive maximum and
 //! maximum packet size, with outbound topic aliases; the store records of
-//! queue → in-flight moves ([`crate::broker::persist::SessionWrites`]).
+//! queue → in-flight moves ([`crate::engine::Engine::session_writes`]).
 //!
 //! Owns `Connection::out` (control packets waiting) and the per-call
 //! packet counts for `$SYS`.
@@ -70,7 +70,7 @@ impl Connection {
         let mut st = cell.state.lock();
         let session = &mut st.session;
         // Store records mirroring queue → in-flight moves, submitted once at the end.
-        let mut writes = self.shared.broker.session_writes(session);
+        let mut writes = self.shared.engine.session_writes(session);
         // QoS 2 PUBLISH held until its in-flight record is durable (and, to
         // keep the order and topic aliases right, everything behind it).
         let mut held: Vec<Packet> = Vec::new();
