@@ -589,6 +589,82 @@ def test_http_hook_allow_deny_and_fail_closed(millet_config, closing):
     assert raw_connack(b, V5, username="u1", password=b"letmein") == RC_BAD_CREDENTIALS
 
 
+class _Authz(http.server.BaseHTTPRequestHandler):
+    """An HTTP authorization service: allow under ok/, deny under no/,
+    ignore (the local ACL decides) elsewhere; slow/ answers after 300 ms."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        topic = body["topic"]
+        if "slow/" in topic:
+            time.sleep(0.3)
+        result = "allow" if "ok/" in topic else "deny" if "no/" in topic else "ignore"
+        out = json.dumps({"result": result}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_http_authorization_hook(millet_config, tmp_path, closing):
+    """[security.acl.http]: every PUBLISH, SUBSCRIBE filter and will topic is
+    asked of an HTTP service (answers cached); the connection waits for the
+    answer with its later packets held in order; `ignore` falls back to the
+    ACL file; a service that is down denies (fail closed)."""
+    srv = http.server.ThreadingHTTPServer((HOST, 0), _Authz)
+    srv.requests = []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    acl = write(tmp_path / "acl.toml", '[[rules]]\npermission = "allow"\naction = "publish"\ntopics = ["local/#"]\n'
+                '[[rules]]\npermission = "allow"\naction = "subscribe"\ntopics = ["#"]\n')
+    url = f"http://{HOST}:{srv.server_address[1]}/authz"
+    try:
+        b = millet_config(f'[security.acl]\nfile = "{acl}"\n[security.acl.http]\nurl = "{url}"\n'
+                          'timeout_ms = 1000\ncache_ttl_secs = 60\n')
+        w = closing(Client(b, V5, client_id="authz-watcher"))
+        w.connect()
+        # subscribe: ok/ allowed by the service, no/ denied, x/ ignored -> ACL allows
+        assert w.subscribe("ok/#", 1) == [1]
+        assert w.subscribe("no/#", 1) == [RC_NOT_AUTHORIZED]
+        assert w.subscribe("local/#", 1) == [1]
+        assert w.subscribe("other/#", 1) == [1]
+        p = closing(Client(b, V5, client_id="authz-dev"))
+        p.connect(username="dev")
+        assert p.publish("ok/a", b"1", qos=1) == 0
+        assert p.publish("no/a", b"2", qos=1) == RC_NOT_AUTHORIZED
+        assert p.publish("local/a", b"3", qos=1) == 0  # ignore -> the ACL file allows
+        assert p.publish("other/a", b"4", qos=1) == RC_NOT_AUTHORIZED  # ignore -> the ACL denies
+        got = w.messages.wait_for(2)
+        assert [(m.topic, m.payload) for m in got] == [("ok/a", b"1"), ("local/a", b"3")]
+        asked = [(r["access"], r["topic"], r["client_id"], r["username"]) for r in srv.requests]
+        assert ("publish", "ok/a", "authz-dev", "dev") in asked
+        assert ("subscribe", "no/#", "authz-watcher", None) in asked
+        # cached: the same publish again does not ask
+        n = len(srv.requests)
+        assert p.publish("ok/a", b"5", qos=1) == 0
+        assert len(srv.requests) == n
+        # a slow answer holds the client's later publishes behind it, in order
+        slow = [b"s0", b"s1", b"s2"]
+        for i, payload in enumerate(slow):
+            p.publish("ok/slow/0" if i == 0 else f"ok/b{i}", payload, qos=0, wait=False)
+        got = w.messages.wait_for(3, pred=lambda m: m.payload in slow)
+        assert [m.payload for m in got] == slow
+        # a will topic the service denies refuses the CONNECT
+        d = closing(Client(b, V5, client_id="authz-will"))
+        assert d.connect(will={"topic": "no/will", "payload": b"x"}, expect_rc=None).rc == RC_NOT_AUTHORIZED
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    # the service is down: what is not cached is denied
+    q = closing(Client(b, V5, client_id="authz-after"))
+    q.connect(username="dev")
+    assert q.publish("ok/new", b"x", qos=1) == RC_NOT_AUTHORIZED
+
+
 # ---------------------------------------------------------------------------
 # ACL
 # ---------------------------------------------------------------------------

@@ -27,6 +27,9 @@
 //! - [`crate::broker::Broker`]: the `[security.acl]` rules (per-client rules
 //!   from the authentication first), everything allowed without a security
 //!   layer; observes nothing.
+//! - [`crate::security::http_authz::HttpAuthz`]: an HTTP service
+//!   (`[security.acl.http]`), its answers cached and given in place, the
+//!   rest asked by a task while the connection waits.
 //! - [`crate::engine::delaying::DelayingHooks`]: for tests, sends some of the
 //!   authorizations through the pending path, answered after a random
 //!   delay (`[engine] test_delay_ms`).
@@ -207,17 +210,31 @@ impl crate::broker::Broker {
     }
 }
 
-/// The hooks a server runs with: the broker's ACL, wrapped in the test
+/// The hooks a server runs with: the HTTP authorization hook when
+/// `[security.acl.http]` is set, else the broker's ACL; wrapped in the test
 /// delay when `[engine] test_delay_ms` is set (some authorizations then
 /// take the pending path).
-pub fn from_config(broker: &Arc<crate::broker::Broker>) -> Arc<dyn Hooks> {
+pub fn from_config(
+    broker: &Arc<crate::broker::Broker>,
+) -> Result<Arc<dyn Hooks>, crate::security::http_authz::HttpAuthzError> {
+    let http = broker.security().and_then(|s| s.config.acl.http.clone());
+    let hooks: Arc<dyn Hooks> = match http {
+        Some(cfg) => {
+            tracing::info!(url = %cfg.url, cache_ttl_secs = cfg.cache_ttl_secs, "authorization asks an HTTP service ([security.acl.http])");
+            Arc::new(crate::security::http_authz::HttpAuthz::new(
+                cfg,
+                broker.clone(),
+            )?)
+        }
+        None => broker.clone(),
+    };
     let cfg = &broker.config.engine;
     if cfg.test_delay_ms == 0 {
-        return broker.clone();
+        return Ok(hooks);
     }
-    Arc::new(crate::engine::delaying::DelayingHooks::new(
-        broker.clone(),
+    Ok(Arc::new(crate::engine::delaying::DelayingHooks::new(
+        hooks,
         std::time::Duration::from_millis(cfg.test_delay_ms),
         cfg.test_delay_seed ^ 0x9e37_79b9_7f4a_7c15,
-    ))
+    )))
 }

@@ -201,7 +201,7 @@ impl Server {
         let live = Arc::new(LiveConns::new(Shared::with_hooks(
             broker.clone(),
             crate::engine::from_config(&broker),
-            crate::hooks::from_config(&broker),
+            crate::hooks::from_config(&broker)?,
         )));
         // The admin API first: `/readyz` says "not ready" until every MQTT
         // listener is bound.

@@ -186,7 +186,9 @@ impl Connection {
     }
 
     /// An authorized PUBLISH: overload checks, the QoS 2 id, routing through
-    /// the engine, and its acknowledgement once durable.
+    /// the engine, and its acknowledgement once durable. Inlined: the
+    /// `Publish` is not copied again on the way (measured with callgrind).
+    #[inline(always)]
     pub(super) fn publish_authorized(&mut self, a: &mut Active, p: Publish, now: Instant) {
         let v5 = self.protocol == Some(Protocol::V5);
         let limits = &self.shared.broker.config.limits;

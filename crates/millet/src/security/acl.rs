@@ -61,7 +61,7 @@ pub enum Action {
 }
 
 /// The operation being checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Access {
     Publish,
     Subscribe,

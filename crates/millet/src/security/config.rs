@@ -58,6 +58,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::http_authz::HttpAuthzConfig;
 use super::http_hook::{self, HttpHookConfig};
 use super::jwt::{self, JwtConfig};
 use super::quota::QuotaConfig;
@@ -115,6 +116,10 @@ pub struct AclConfig {
     /// PUBACK / PUBREC 0x87): `"drop"` (QoS 1/2 still acknowledged so the
     /// client does not resend forever) or `"disconnect"` (close).
     pub v3_deny_action: V3DenyAction,
+    /// An HTTP service asked for every authorization not in its cache
+    /// (`[security.acl.http]`; see [`super::http_authz`]); its `ignore`
+    /// leaves the decision to the rules above.
+    pub http: Option<HttpAuthzConfig>,
 }
 
 /// `acl.v3_deny_action`.

@@ -24,6 +24,8 @@
 //!   window.
 //! - [`jwt`]: HS256 / RS256 / ES256 tokens, claims → ACL rules.
 //! - [`http_hook`]: POST to an HTTP service, cached, fail-closed.
+//! - [`http_authz`]: the HTTP authorization hook (`[security.acl.http]`), a
+//!   [`crate::hooks::Hooks`]: cached answers in place, the rest later.
 //! - [`scram`]: SCRAM-SHA-256 for MQTT 5 enhanced authentication.
 //! - [`acl`]: rules, topic matching, reload.
 //! - [`quota`]: token buckets, connection rate, per-user connections, bans.
@@ -31,6 +33,7 @@
 pub mod acl;
 pub mod chain;
 pub mod config;
+pub mod http_authz;
 pub mod http_hook;
 pub mod jwt;
 pub mod loaded;
