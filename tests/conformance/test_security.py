@@ -549,17 +549,21 @@ def test_jwt_expiry_closes_the_connection(millet_config):
         long.close()
 
 
+def _json_reply(handler, obj) -> None:
+    out = json.dumps(obj).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(out)))
+    handler.end_headers()
+    handler.wfile.write(out)
+
+
 class _Hook(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append(body)
         ok = body.get("password") == "letmein"
-        out = json.dumps({"result": "allow", "publish": ["hook/#"]} if ok else {"result": "deny"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
+        _json_reply(self, {"result": "allow", "publish": ["hook/#"]} if ok else {"result": "deny"})
 
     def log_message(self, *a):
         pass
@@ -600,12 +604,7 @@ class _Authz(http.server.BaseHTTPRequestHandler):
         if "slow/" in topic:
             time.sleep(0.3)
         result = "allow" if "ok/" in topic else "deny" if "no/" in topic else "ignore"
-        out = json.dumps({"result": result}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
+        _json_reply(self, {"result": result})
 
     def log_message(self, *a):
         pass

@@ -128,17 +128,27 @@ impl Client {
         c: Connect,
         now: Instant,
     ) -> (Client, ConnAck) {
-        let proto = c.protocol;
+        Client::on_shared(shared_for(b, engine.clone()), engine, c, now)
+    }
+
+    /// A client whose connection reaches `shared` (its requests go to
+    /// `engine`), connected with `c`.
+    fn on_shared(
+        shared: Arc<Shared>,
+        engine: Arc<dyn Engine>,
+        c: Connect,
+        now: Instant,
+    ) -> (Client, ConnAck) {
         let mut cl = Client {
-            conn: Connection::new(shared_for(b, engine.clone()), now),
+            conn: Connection::new(shared, now),
             engine,
             verdict: None,
-            proto,
+            proto: c.protocol,
             wire: BytesMut::new(),
             backlog: Vec::new(),
         };
         cl.send(Packet::Connect(Box::new(c)), now);
-        let mut pkts = cl.recv(now);
+        let mut pkts = cl.recv_once_woken(now);
         match pkts.first() {
             Some(Packet::ConnAck(a)) => {
                 let a = a.clone();
@@ -1699,25 +1709,8 @@ impl Client {
         now: Instant,
     ) -> (Client, ConnAck) {
         let engine = engine_for(b);
-        let mut cl = Client {
-            conn: Connection::new(Shared::with_hooks(b.clone(), engine.clone(), hooks), now),
-            engine,
-            verdict: None,
-            proto: c.protocol,
-            wire: BytesMut::new(),
-            backlog: Vec::new(),
-        };
-        cl.send(Packet::Connect(Box::new(c)), now);
-        let mut pkts = cl.recv_once_woken(now);
-        match pkts.first() {
-            Some(Packet::ConnAck(a)) => {
-                let a = a.clone();
-                pkts.remove(0);
-                cl.backlog = pkts;
-                (cl, a)
-            }
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
+        let shared = Shared::with_hooks(b.clone(), engine.clone(), hooks);
+        Client::on_shared(shared, engine, c, now)
     }
 
     /// Hand over the connection's requests, opening `gate` for each
@@ -1734,6 +1727,27 @@ impl Client {
             self.conn.handle_completion(done, now);
         }
     }
+}
+
+/// A SUBSCRIBE of `filters`, each at `qos`.
+fn subscribe_to(packet_id: u16, filters: &[&str], qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id,
+        subscription_identifier: None,
+        user_properties: vec![],
+        filters: filters
+            .iter()
+            .map(|f| {
+                (
+                    bytestring::ByteString::from(*f),
+                    SubscriptionOptions {
+                        qos,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect(),
+    })
 }
 
 fn qos1(topic: &str, pid: u16) -> Packet {
@@ -1818,23 +1832,11 @@ fn subscribe_filters_are_authorized_by_hooks_that_answer_later() {
         now,
     );
     c.send(
-        Packet::Subscribe(Subscribe {
-            packet_id: 4,
-            subscription_identifier: None,
-            user_properties: vec![],
-            filters: ["a/#", "slow/ok", "slow/deny", "slow/+/x"]
-                .iter()
-                .map(|f| {
-                    (
-                        bytestring::ByteString::from(*f),
-                        SubscriptionOptions {
-                            qos: QoS::AtLeastOnce,
-                            ..Default::default()
-                        },
-                    )
-                })
-                .collect(),
-        }),
+        subscribe_to(
+            4,
+            &["a/#", "slow/ok", "slow/deny", "slow/+/x"],
+            QoS::AtLeastOnce,
+        ),
         now,
     );
     let p = c.recv_once_woken(now);
@@ -1896,21 +1898,7 @@ fn hooks_see_connect_subscribe_publish_deliver_unsubscribe_and_disconnect() {
         connect_packet(Protocol::V5, "ev", true),
         now,
     );
-    c.send(
-        Packet::Subscribe(Subscribe {
-            packet_id: 1,
-            subscription_identifier: None,
-            user_properties: vec![],
-            filters: vec![(
-                "e/#".into(),
-                SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..Default::default()
-                },
-            )],
-        }),
-        now,
-    );
+    c.send(subscribe_to(1, &["e/#"], QoS::AtLeastOnce), now);
     assert!(matches!(
         c.recv_once_woken(now).first(),
         Some(Packet::SubAck(_))

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::acl::Access;
-use super::http_hook::OnError;
+use super::http_hook::{cache_bounded, http_client, OnError};
 use crate::broker::Broker;
 use crate::engine::{Call, Completion, Reply};
 use crate::hooks::{Authorization, AuthorizeRequest, Client, Hooks};
@@ -123,21 +123,7 @@ fn cache_key(client: &Client<'_>, access: Access, topic: &str) -> String {
 
 impl HttpAuthz {
     pub fn new(cfg: HttpAuthzConfig, local: Arc<Broker>) -> Result<HttpAuthz, HttpAuthzError> {
-        let url = reqwest::Url::parse(&cfg.url).map_err(|e| HttpAuthzError(e.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(HttpAuthzError(format!(
-                "unsupported URL scheme {}",
-                url.scheme()
-            )));
-        }
-        let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .map_err(|e| HttpAuthzError(e.to_string()))?;
+        let client = http_client(&cfg.url, cfg.timeout_ms).map_err(HttpAuthzError)?;
         Ok(HttpAuthz(Arc::new(Inner {
             cfg,
             client,
@@ -165,15 +151,13 @@ impl HttpAuthz {
         if ttl.is_zero() {
             return;
         }
-        let now = Instant::now();
-        let mut cache = self.0.cache.lock();
-        if cache.len() >= self.0.cfg.cache_max_entries {
-            cache.retain(|_, (_, until)| now < *until);
-            if cache.len() >= self.0.cfg.cache_max_entries {
-                cache.clear();
-            }
-        }
-        cache.insert(key, (v, now + ttl));
+        let max = self.0.cfg.cache_max_entries;
+        cache_bounded(
+            &mut self.0.cache.lock(),
+            max,
+            key,
+            (v, Instant::now() + ttl),
+        );
     }
 
     /// The service's verdict on one topic (`on_error` when it cannot say).

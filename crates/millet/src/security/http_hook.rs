@@ -120,21 +120,7 @@ pub struct HttpHookError(String);
 
 impl HttpHook {
     pub fn new(cfg: HttpHookConfig) -> Result<HttpHook, HttpHookError> {
-        let url = reqwest::Url::parse(&cfg.url).map_err(|e| HttpHookError(e.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(HttpHookError(format!(
-                "unsupported URL scheme {}",
-                url.scheme()
-            )));
-        }
-        let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .map_err(|e| HttpHookError(e.to_string()))?;
+        let client = http_client(&cfg.url, cfg.timeout_ms).map_err(HttpHookError)?;
         Ok(HttpHook {
             cfg,
             client,
@@ -215,15 +201,13 @@ impl HttpHook {
             }
         };
         if !ttl.is_zero() {
-            let now = Instant::now();
-            let mut cache = self.cache.lock();
-            if cache.len() >= self.cfg.cache_max_entries {
-                cache.retain(|_, (_, until)| now < *until);
-                if cache.len() >= self.cfg.cache_max_entries {
-                    cache.clear();
-                }
-            }
-            cache.insert(key, (decision.clone(), now + ttl));
+            let entry = (decision.clone(), Instant::now() + ttl);
+            cache_bounded(
+                &mut self.cache.lock(),
+                self.cfg.cache_max_entries,
+                key,
+                entry,
+            );
         }
         decision
     }
@@ -276,6 +260,41 @@ impl HttpHook {
             HookResult::Ignore => Decision::Ignore,
         })
     }
+}
+
+/// The HTTP client for a hook at `url` (http or https only): `timeout_ms`
+/// for connecting and for the whole request, no redirects, no proxy.
+pub(crate) fn http_client(url: &str, timeout_ms: u64) -> Result<reqwest::Client, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("unsupported URL scheme {}", parsed.scheme()));
+    }
+    let timeout = Duration::from_millis(timeout_ms.max(1));
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// Insert into a hook's answer cache of at most `max` entries: when full,
+/// the expired ones go, then (still full) all of them.
+pub(crate) fn cache_bounded<K: std::hash::Hash + Eq, V>(
+    cache: &mut HashMap<K, (V, Instant)>,
+    max: usize,
+    key: K,
+    entry: (V, Instant),
+) {
+    if cache.len() >= max {
+        let now = Instant::now();
+        cache.retain(|_, (_, until)| now < *until);
+        if cache.len() >= max {
+            cache.clear();
+        }
+    }
+    cache.insert(key, entry);
 }
 
 #[cfg(test)]
