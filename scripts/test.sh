@@ -52,6 +52,11 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+# The fuzz crate is outside the workspace; check that it still compiles here,
+# so an API change fails in the first minutes rather than at the fuzz step.
+log "cargo check (fuzz targets)"
+cargo check --manifest-path fuzz/Cargo.toml --bins
+
 log "build (release)"
 cargo build --release --workspace --bins
 

@@ -125,7 +125,7 @@ impl Conn {
                     // The embedded engine answers at once.
                     while let Some(request) = self.conn.poll_request() {
                         let waker = self.conn.waker().clone();
-                        match millet::engine::submit(&**broker, request, &waker, now) {
+                        match millet::engine::submit(&**broker, &**broker, request, &waker, now) {
                             millet::engine::Call::Ready(done) => {
                                 self.conn.handle_completion(done, now)
                             }
@@ -342,7 +342,7 @@ impl World {
         // The session's detach is a request to the engine.
         while let Some(request) = conn.poll_request() {
             let waker = conn.waker().clone();
-            let _ = millet::engine::submit(&*self.broker, request, &waker, now);
+            let _ = millet::engine::submit(&*self.broker, &*self.broker, request, &waker, now);
         }
         self.conns[i] = Conn::new(&self.broker, now);
     }

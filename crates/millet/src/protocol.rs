@@ -784,8 +784,6 @@ impl Connection {
         }
     }
 
-    /// Wait for the engine: `request` goes to the driver, `then` says what
-    /// the answer completes.
     /// The hooks answered an authorization with the wrong number of
     /// verdicts.
     fn hooks_mismatch(&mut self) {
@@ -809,6 +807,8 @@ impl Connection {
         }
     }
 
+    /// Wait for the engine (or the hooks): `request` goes to the driver,
+    /// `then` says what the answer completes.
     fn wait_for(&mut self, request: Request, then: Then) {
         self.waiting = Some(Box::new(Waiting {
             request: Some(request),

@@ -1523,6 +1523,20 @@ impl Engine for DurabilityGate {
     ) -> millet::engine::SessionWrites<'a> {
         Engine::session_writes(&*self.inner, session)
     }
+    fn assign_client_id(&self) -> bytestring::ByteString {
+        Engine::assign_client_id(&*self.inner)
+    }
+    fn admit_session(&self, client_id: &str) -> Result<(), millet::broker::SessionRefusal> {
+        Engine::admit_session(&*self.inner, client_id)
+    }
+    fn replay_retained(
+        &self,
+        cell: &Arc<millet::session::SessionCell>,
+        replay: &millet::session::DeferredReplay,
+        now: Instant,
+    ) {
+        Engine::replay_retained(&*self.inner, cell, replay, now)
+    }
     fn acks_early(&self) -> bool {
         false
     }

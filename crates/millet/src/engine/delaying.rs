@@ -239,6 +239,24 @@ impl Engine for Delaying {
         self.inner.session_writes(session)
     }
 
+    fn assign_client_id(&self) -> bytestring::ByteString {
+        self.inner.assign_client_id()
+    }
+
+    fn admit_session(&self, client_id: &str) -> Result<(), crate::broker::SessionRefusal> {
+        // Answered at once in every engine (from the node's own view).
+        self.inner.admit_session(client_id)
+    }
+
+    fn replay_retained(
+        &self,
+        cell: &Arc<SessionCell>,
+        replay: &crate::session::DeferredReplay,
+        now: Instant,
+    ) {
+        self.inner.replay_retained(cell, replay, now);
+    }
+
     fn acks_early(&self) -> bool {
         // Never: an acknowledgement decided at once would skip the delay
         // (the status above says pending, and nothing would wake the

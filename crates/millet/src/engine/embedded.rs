@@ -11,7 +11,7 @@ use super::{
     AckStatus, AttachRequest, Call, Completion, Engine, SessionWrites, SubscribeRequest, Ticket,
     UnsubscribeRequest,
 };
-use crate::broker::{Broker, Routed, SubscribeOutcome};
+use crate::broker::{Broker, Routed, SessionRefusal, SubscribeOutcome};
 use crate::session::{ConnWaker, DeferredReplay, Message, Session, SessionCell};
 
 impl Engine for Broker {
@@ -96,6 +96,18 @@ impl Engine for Broker {
 
     fn session_writes<'a>(&'a self, session: &Session) -> SessionWrites<'a> {
         Broker::session_writes(self, session)
+    }
+
+    fn assign_client_id(&self) -> ByteString {
+        Broker::assign_client_id(self)
+    }
+
+    fn admit_session(&self, client_id: &str) -> Result<(), SessionRefusal> {
+        Broker::admit_session(self, client_id)
+    }
+
+    fn replay_retained(&self, cell: &Arc<SessionCell>, replay: &DeferredReplay, now: Instant) {
+        Broker::replay_retained(self, cell, replay, now);
     }
 
     fn acks_early(&self) -> bool {

@@ -40,11 +40,11 @@ use std::time::{Duration, Instant};
 use bytestring::ByteString;
 use millet_codec::LastWill;
 
-use crate::broker::{Attached, Routed, SubscribeOutcome};
+use crate::broker::{Attached, Routed, SessionRefusal, SubscribeOutcome};
 pub use crate::hooks::AuthorizeRequest;
 use crate::hooks::Hooks;
 use crate::protocol::ConnectVerdict;
-use crate::session::{ConnWaker, Message, Session, SessionCell, Subscription};
+use crate::session::{ConnWaker, DeferredReplay, Message, Session, SessionCell, Subscription};
 
 pub mod delaying;
 mod embedded;
@@ -270,6 +270,25 @@ pub trait Engine: Send + Sync + 'static {
     /// clean one, or no store) records nothing: the ticket is
     /// [`Ticket::NONE`].
     fn session_writes<'a>(&'a self, session: &Session) -> SessionWrites<'a>;
+
+    /// A client id for a client that connected without one
+    /// [MQTT-3.1.3-6]: unique among the engine's sessions (across the
+    /// cluster for a networked engine). Answers at once.
+    fn assign_client_id(&self) -> ByteString;
+
+    /// Whether the session of `client_id` may be attached now: an existing
+    /// one always is; a new one is refused beyond `limits.max_sessions`
+    /// ([`SessionRefusal::MaxSessions`]) or while memory is at its high
+    /// watermark ([`SessionRefusal::Memory`]). Answers at once, from what
+    /// the engine knows here (a networked engine: its node's view); the
+    /// protocol refuses the CONNECT with 0x97 (3.x: 3).
+    fn admit_session(&self, client_id: &str) -> Result<(), SessionRefusal>;
+
+    /// Queue in `cell`'s session the retained messages matching `replay`
+    /// (a re-SUBSCRIBE coalesced while an earlier replay was being sent),
+    /// as [`Engine::subscribe`] does for a new one. Fire and forget: the
+    /// session's waker is signalled when they are queued.
+    fn replay_retained(&self, cell: &Arc<SessionCell>, replay: &DeferredReplay, now: Instant);
 
     /// Acknowledgements go out when a write is submitted rather than when
     /// it is durable (an operator's choice: `[store] sync = "interval"`,

@@ -211,7 +211,7 @@ impl Connection {
         let v5 = c.protocol.is_v5();
         let mut props = ConnAckProperties::default();
         let client_id: ByteString = if c.client_id.is_empty() {
-            let id = self.shared.broker.assign_client_id();
+            let id = self.shared.engine.assign_client_id();
             if v5 {
                 props.assigned_client_identifier = Some(id.clone()); // [MQTT-3.2.2-16]
             }
@@ -220,7 +220,7 @@ impl Connection {
             // Copied: a slice would pin the whole read chunk for the life of the session.
             ByteString::from(&*c.client_id)
         };
-        if let Err(refusal) = self.shared.broker.admit_session(&client_id) {
+        if let Err(refusal) = self.shared.engine.admit_session(&client_id) {
             // A new session would take memory the broker does not have, or
             // one more than `max_sessions`: 0x97 (3.x: 3, server unavailable).
             let why = error::session_refusal_text(refusal);

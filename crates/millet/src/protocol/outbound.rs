@@ -251,7 +251,7 @@ impl Connection {
         drop(st);
         sent.add_to(stats);
         for r in &due {
-            self.shared.broker.replay_retained(&cell, r, now);
+            self.shared.engine.replay_retained(&cell, r, now);
         }
     }
 
