@@ -93,7 +93,7 @@ struct Conn {
 impl Conn {
     fn new(broker: &Arc<Broker>, now: Instant) -> Conn {
         Conn {
-            conn: Connection::new(Shared::new(broker.clone(), broker.clone()), now),
+            conn: Connection::new(Shared::embedded(broker.clone()), now),
             socket: Vec::new(),
             rbuf: BytesMut::new(),
             peer: Peer::default(),

@@ -198,7 +198,7 @@ impl Hooks for crate::broker::Broker {
 impl crate::broker::Broker {
     /// The ACL's answer (everything is allowed without a security layer).
     pub fn acl_allows(&self, client: &Client<'_>, access: Access, topic: &str) -> bool {
-        self.security().is_none_or(|s| {
+        self.node.security().is_none_or(|s| {
             s.acl.check(
                 client.client_id,
                 client.username,
@@ -217,7 +217,10 @@ impl crate::broker::Broker {
 pub fn from_config(
     broker: &Arc<crate::broker::Broker>,
 ) -> Result<Arc<dyn Hooks>, crate::security::http_authz::HttpAuthzError> {
-    let http = broker.security().and_then(|s| s.config.acl.http.clone());
+    let http = broker
+        .node
+        .security()
+        .and_then(|s| s.config.acl.http.clone());
     let hooks: Arc<dyn Hooks> = match http {
         Some(cfg) => {
             tracing::info!(url = %cfg.url, cache_ttl_secs = cfg.cache_ttl_secs, "authorization asks an HTTP service ([security.acl.http])");
@@ -228,7 +231,7 @@ pub fn from_config(
         }
         None => broker.clone(),
     };
-    let cfg = &broker.config.engine;
+    let cfg = &broker.node.config.engine;
     if cfg.test_delay_ms == 0 {
         return Ok(hooks);
     }

@@ -20,7 +20,10 @@
 //!   groups), retained messages, client registry and takeover, delayed
 //!   wills, `$SYS`, and the redb store behind its write-ahead log
 //!   ([`broker::persist`], [`store`]).
-//! - [`budget`]: broker-wide memory accounting (`limits.memory_budget`).
+//! - [`node`]: what the process holds about itself on any engine
+//!   (configuration, counters, security settings, the memory meter); the
+//!   protocol reaches it and the engine, never the broker.
+//! - [`budget`]: node-wide memory accounting (`limits.memory_budget`).
 //! - [`alias`]: topic aliases both ways (O(1) outbound assignment with replacement).
 //! - [`auth`]: the enhanced-authentication (AUTH) provider interface.
 //! - [`security`]: TLS, the authentication chain, ACL, quotas and bans.
@@ -42,6 +45,7 @@ pub mod config;
 pub mod engine;
 pub mod histogram;
 pub mod hooks;
+pub mod node;
 pub mod protocol;
 pub mod proxy;
 pub mod security;

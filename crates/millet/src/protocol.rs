@@ -45,12 +45,13 @@ use millet_codec::{
 
 use crate::alias::{InAliases, OutAlias, OutAliases};
 use crate::auth::{AuthExchange, AuthStep};
-use crate::broker::{Attached, Broker, SubscribeOutcome};
+use crate::broker::{Attached, SubscribeOutcome};
 use crate::engine::{
-    AckStatus, AttachRequest, AuthenticateRequest, Completion, DetachRequest, Request,
-    SubscribeRequest, Ticket, UnsubscribeRequest,
+    AckStatus, Acknowledged, AttachRequest, AuthenticateRequest, Completion, DetachRequest,
+    Qos2Arrival, Request, SessionAck, SubscribeRequest, Ticket, UnsubscribeRequest,
 };
 use crate::hooks::{Authorization, AuthorizeRequest, Client, Event, Hooks};
+use crate::node::Node;
 use crate::security::acl::{Access, Rule};
 use crate::security::quota::{ClientLimiter, ExceededAction, QuotaDecision};
 use crate::security::V3DenyAction;
@@ -318,12 +319,13 @@ const MAX_CREDENTIAL_VALIDITY: Duration = Duration::from_secs(100 * 365 * 24 * 3
 /// read again (breaks cycles of connections that hold each other back).
 const MAX_BACKPRESSURE_PAUSE: Duration = Duration::from_secs(1);
 
-/// What every connection of a server reaches: the broker (configuration,
-/// counters, and the state not yet behind the seam), the engine its
-/// publishes and durability go through, and the hooks that authorize and
-/// observe ([`crate::hooks`]). One per server, shared.
+/// What every connection of a server reaches: its node (configuration,
+/// counters, security settings, the memory meter: [`Node`]), the engine
+/// its sessions, subscriptions, publishes and durability go through, and
+/// the hooks that authorize and observe ([`crate::hooks`]). One per
+/// server, shared. The protocol never reaches the broker itself.
 pub struct Shared {
-    pub broker: Arc<Broker>,
+    pub node: Arc<Node>,
     pub engine: Arc<dyn crate::engine::Engine>,
     pub hooks: Arc<dyn Hooks>,
     /// `hooks.observes()`, asked once: no event is built otherwise.
@@ -331,20 +333,14 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// On `engine`, with the broker's own ACL as the hooks.
-    pub fn new(broker: Arc<Broker>, engine: Arc<dyn crate::engine::Engine>) -> Arc<Shared> {
-        let hooks: Arc<dyn Hooks> = broker.clone();
-        Shared::with_hooks(broker, engine, hooks)
-    }
-
     pub fn with_hooks(
-        broker: Arc<Broker>,
+        node: Arc<Node>,
         engine: Arc<dyn crate::engine::Engine>,
         hooks: Arc<dyn Hooks>,
     ) -> Arc<Shared> {
         let observes = hooks.observes();
         Arc::new(Shared {
-            broker,
+            node,
             engine,
             hooks,
             observes,
@@ -407,7 +403,7 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(shared: Arc<Shared>, now: Instant) -> Connection {
-        let timeout = Duration::from_secs(shared.broker.config.limits.connect_timeout.max(1));
+        let timeout = Duration::from_secs(shared.node.config.limits.connect_timeout.max(1));
         Connection {
             shared,
             state: State::AwaitConnect,
@@ -447,7 +443,7 @@ impl Connection {
     /// CONNECT is accepted, at most `limits.max_connect_packet_size`, so an
     /// unauthenticated client cannot make us buffer a large packet.
     pub fn max_packet_size(&self) -> usize {
-        let l = &self.shared.broker.config.limits;
+        let l = &self.shared.node.config.limits;
         if self.accepted {
             l.max_packet_size as usize
         } else {
@@ -470,8 +466,7 @@ impl Connection {
     /// queues (see [`crate::session::Session::release_idle_memory`]).
     pub fn release_session_memory(&self) {
         if let State::Connected(a) = &self.state {
-            let mut st = a.cell.state.lock();
-            st.session.release_idle_memory();
+            a.cell.release_idle_memory();
         }
     }
 
@@ -547,13 +542,8 @@ impl Connection {
     /// consuming again (`false`). A stalled session no longer holds its
     /// publishers back, and the ones it holds are released.
     pub fn set_consumer_stalled(&mut self, stalled: bool) {
-        let State::Connected(a) = &self.state else {
-            return;
-        };
-        let mut st = a.cell.state.lock();
-        st.session.set_consumer_stalled(stalled);
-        if stalled {
-            st.release_blocked();
+        if let State::Connected(a) = &self.state {
+            a.cell.set_consumer_stalled(stalled);
         }
     }
 
@@ -572,10 +562,10 @@ impl Connection {
         }
     }
 
-    /// What the driver waits on for deliveries and kicks.
-    /// The broker this connection belongs to.
-    pub fn broker(&self) -> &Arc<Broker> {
-        &self.shared.broker
+    /// The node this connection belongs to: configuration, counters,
+    /// security settings.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.shared.node
     }
 
     /// The engine this connection's publishes go to.
@@ -869,8 +859,7 @@ impl Connection {
         if self.protocol == Some(Protocol::V5) && self.accepted {
             // With a server reference configured the drain redirects clients
             // (0x9C + reference) instead of only announcing the shutdown.
-            let (reason_code, server_reference) = match &self.shared.broker.config.server_reference
-            {
+            let (reason_code, server_reference) = match &self.shared.node.config.server_reference {
                 Some(r) => (
                     ReasonCode::USE_ANOTHER_SERVER,
                     Some(ByteString::from(r.as_str())),
@@ -905,7 +894,7 @@ impl Connection {
     /// [`Connection::poll_request`] gives the [`Request::Detach`] (also
     /// after a later call, when an attach answered meanwhile).
     pub fn handle_closed(&mut self, _now: Instant) {
-        self.received.add_received_to(&self.shared.broker.stats);
+        self.received.add_received_to(&self.shared.node.stats);
         if let State::Connected(a) = &self.state {
             self.shared.tell(|| Event::Disconnected {
                 client_id: &a.client_id,
@@ -994,15 +983,7 @@ impl Connection {
         let State::Connected(a) = &self.state else {
             return;
         };
-        let kick = {
-            let mut st = a.cell.state.lock();
-            if st.conn_epoch != a.epoch {
-                Some(ReasonCode::SESSION_TAKEN_OVER) // [MQTT-3.1.4-3]
-            } else {
-                st.kick.take()
-            }
-        };
-        if let Some(reason) = kick {
+        if let Some(reason) = a.cell.take_kick(a.epoch) {
             // Already closing (e.g. a malformed packet in the same wake-up):
             // its own DISCONNECT, if any, is the last packet [MQTT-3.14.4-1].
             // Taken over: the broker detached us. If the session ended, it

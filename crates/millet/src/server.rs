@@ -189,17 +189,17 @@ impl Server {
         let (done_tx, done) = mpsc::channel::<()>(1);
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
-        let security = broker.security().cloned();
+        let security = broker.node.security().cloned();
         let tls = security.as_ref().and_then(|s| s.tls.clone());
-        if !broker.config.tls_listen.is_empty() && tls.is_none() {
+        if !broker.node.config.tls_listen.is_empty() && tls.is_none() {
             anyhow::bail!("tls_listen needs [security.tls]");
         }
-        if !broker.config.wss_listen.is_empty() && tls.is_none() {
+        if !broker.node.config.wss_listen.is_empty() && tls.is_none() {
             anyhow::bail!("wss_listen needs [security.tls]");
         }
-        let preauth = PreAuthBudget::new(broker.config.limits.preauth_memory);
+        let preauth = PreAuthBudget::new(broker.node.config.limits.preauth_memory);
         let live = Arc::new(LiveConns::new(Shared::with_hooks(
-            broker.clone(),
+            broker.node.clone(),
             crate::engine::from_config(&broker),
             crate::hooks::from_config(&broker)?,
         )));
@@ -207,8 +207,8 @@ impl Server {
         // listener is bound.
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let admin = crate::admin::start(broker.clone(), ready.clone()).await?;
-        let ws = Arc::new(crate::ws::WsSettings::from_config(&broker.config));
-        let c = &broker.config;
+        let ws = Arc::new(crate::ws::WsSettings::from_config(&broker.node.config));
+        let c = &broker.node.config;
         let plain = c.listen.iter().map(|a| (*a, None, None));
         let secure = c.tls_listen.iter().map(|a| (*a, tls.clone(), None));
         let web = c.ws_listen.iter().map(|a| (*a, None, Some(ws.clone())));
@@ -218,7 +218,7 @@ impl Server {
             let listener = match bind(addr) {
                 Ok(l) => l,
                 // A busy built-in default leaves WebSocket off (like the admin API).
-                Err(e) if ws.is_some() && broker.config.is_default_ws_listen(addr) => {
+                Err(e) if ws.is_some() && broker.node.config.is_default_ws_listen(addr) => {
                     tracing::warn!(%addr, error = %e, "cannot listen for MQTT over WebSocket on the default address: WebSocket listener off (set ws_listen / wss_listen, or --no-ws)");
                     continue;
                 }
@@ -227,7 +227,7 @@ impl Server {
             let local = listener.local_addr()?;
             if ws.is_some() {
                 let scheme = if tls.is_some() { "wss" } else { "ws" };
-                tracing::info!(addr = %local, path = %broker.config.ws_path, "listening for MQTT over WebSocket ({scheme})");
+                tracing::info!(addr = %local, path = %broker.node.config.ws_path, "listening for MQTT over WebSocket ({scheme})");
             } else if tls.is_some() {
                 tracing::info!(addr = %local, "listening for MQTT over TLS");
             } else {
@@ -242,7 +242,7 @@ impl Server {
                 configured: addr,
                 tls,
                 ws,
-                proxy_protocol: broker.config.proxy_protocol_listeners.contains(&addr),
+                proxy_protocol: broker.node.config.proxy_protocol_listeners.contains(&addr),
                 rate,
                 tls_log: PerAddressThrottle::default(),
                 preauth: preauth.clone(),
@@ -258,12 +258,13 @@ impl Server {
         }
         if let Some(s) = &security {
             let all: Vec<SocketAddr> = broker
+                .node
                 .config
                 .listen
                 .iter()
-                .chain(&broker.config.tls_listen)
-                .chain(&broker.config.ws_listen)
-                .chain(&broker.config.wss_listen)
+                .chain(&broker.node.config.tls_listen)
+                .chain(&broker.node.config.ws_listen)
+                .chain(&broker.node.config.wss_listen)
                 .copied()
                 .collect();
             s.log_posture(&all);
@@ -583,7 +584,7 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let now = Instant::now();
-                    if let Some(sec) = broker.security() {
+                    if let Some(sec) = broker.node.security() {
                         if let Some(ban) = sec.bans.ip_banned(peer.ip(), now) {
                             tracing::debug!(%peer, %ban, "banned address: connection closed");
                             continue;
@@ -643,7 +644,7 @@ async fn accept_tls(
 ) {
     let peer = info.addr;
     let acceptor = tls.acceptor();
-    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    let limit = Duration::from_secs(broker.node.config.limits.connect_timeout.max(1));
     match tokio::time::timeout(limit, acceptor.accept(stream)).await {
         Ok(Ok(s)) => {
             info.tls_identity = crate::security::tls::peer_identity(s.get_ref().1);
@@ -671,7 +672,7 @@ async fn accept_proxied(
     broker: Arc<Broker>,
     done: mpsc::Sender<()>,
 ) {
-    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    let limit = Duration::from_secs(broker.node.config.limits.connect_timeout.max(1));
     let peer = match tokio::time::timeout(limit, crate::proxy::read_header(&mut stream, proxy))
         .await
     {
@@ -700,7 +701,7 @@ async fn accept_proxied(
         }
     };
     tracing::debug!(%peer, proxy = %proxy, "PROXY protocol header");
-    if let Some(sec) = broker.security() {
+    if let Some(sec) = broker.node.security() {
         if let Some(ban) = sec.bans.ip_banned(peer.ip(), Instant::now()) {
             tracing::debug!(%peer, %proxy, %ban, "banned address: connection closed");
             return;
@@ -747,7 +748,7 @@ async fn accept_ws(
         ctx.preauth.refuse(peer, Instant::now());
         return;
     }
-    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    let limit = Duration::from_secs(broker.node.config.limits.connect_timeout.max(1));
     let deadline = tokio::time::Instant::now() + limit;
     let Some(tls) = &ctx.tls else {
         return upgrade_and_serve(stream, deadline, &ws, charge, info, live, done).await;
@@ -1289,7 +1290,7 @@ impl Plan {
 
 impl<S: Transport> Conn<S> {
     fn park_after(&self) -> Duration {
-        Duration::from_millis(self.conn.broker().config.limits.park_after_ms)
+        Duration::from_millis(self.conn.node().config.limits.park_after_ms)
     }
 
     /// Since when the client has consumed nothing: writes stuck, or its
@@ -1310,7 +1311,7 @@ impl<S: Transport> Conn<S> {
             t.instant()
                 + write_stall_limit(
                     self.conn.keep_alive(),
-                    self.conn.broker().config.limits.write_timeout,
+                    self.conn.node().config.limits.write_timeout,
                 )
         });
         let keepalive_at = self.conn.poll_timeout();
@@ -1506,10 +1507,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 let Conn { stream, wbuf, .. } = &mut *c;
                 std::future::poll_fn(|cx| Poll::Ready(poll_write_now(stream, wbuf, cx))).await
             };
-            c.conn
-                .broker()
-                .stats
-                .count_bytes_sent(before - c.wbuf.len());
+            c.conn.node().stats.count_bytes_sent(before - c.wbuf.len());
             match at_once {
                 Poll::Ready(Ok(())) => {
                     c.stalled_since = None;
@@ -1538,7 +1536,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             if !c.wbuf.is_empty() {
                 let stall = write_stall_limit(
                     c.conn.keep_alive(),
-                    c.conn.broker().config.limits.write_timeout,
+                    c.conn.node().config.limits.write_timeout,
                 );
                 let limit = if c.stalled_since.is_some() {
                     stall.min(LINGER_TIME)
@@ -1550,10 +1548,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 if Box::pin(write_out(stream, wbuf, limit)).await.is_err() {
                     c.write_failed = true;
                 }
-                c.conn
-                    .broker()
-                    .stats
-                    .count_bytes_sent(before - c.wbuf.len());
+                c.conn.node().stats.count_bytes_sent(before - c.wbuf.len());
             }
             if c.connected {
                 tracing::info!(peer = %c.peer, %reason, "Client {} disconnected: {why}", c.conn.client_id().unwrap_or(""));
@@ -1578,7 +1573,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             continue;
         }
         if signals & ConnWaker::BANS != 0 && c.connected {
-            if let (Some(sec), Some(id)) = (c.conn.broker().security(), c.conn.client_id()) {
+            if let (Some(sec), Some(id)) = (c.conn.node().security(), c.conn.client_id()) {
                 let user = c.hello.as_ref().and_then(|h| h.username.as_deref());
                 if let Some(ban) = sec.bans.check(id, user, Some(c.peer.ip()), Instant::now()) {
                     tracing::info!(peer = %c.peer, client_id = id, username = user.unwrap_or(""), %ban, "banned at run time: disconnecting");
@@ -1646,7 +1641,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             Event::Read(r) => {
                 c.last_active = Stamp::from(Instant::now());
                 if let Ok(n) = &r {
-                    c.conn.broker().stats.count_bytes_received(*n);
+                    c.conn.node().stats.count_bytes_received(*n);
                 }
                 if !matches!(r, Ok(n) if n > 0) {
                     c.eof = true;
@@ -1654,7 +1649,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             }
             Event::Wrote(n, r) => {
                 c.last_active = Stamp::from(Instant::now());
-                c.conn.broker().stats.count_bytes_sent(n);
+                c.conn.node().stats.count_bytes_sent(n);
                 match r {
                     Poll::Ready(Err(_)) => {
                         c.write_failed = true;
@@ -1693,7 +1688,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 if plan.stall_at.is_some_and(|t| t <= now) {
                     let stall = write_stall_limit(
                         c.conn.keep_alive(),
-                        c.conn.broker().config.limits.write_timeout,
+                        c.conn.node().config.limits.write_timeout,
                     );
                     tracing::info!(peer = %c.peer, "Client {} disconnected: stopped reading (no write progress for {:?})",
                         c.conn.client_id().unwrap_or(""), stall);
@@ -1845,7 +1840,7 @@ fn handle_answer<S>(c: &mut Conn<S>, done: Completion) {
 /// waits (an HTTP hook, a JWKS fetch) runs as its own task, so the
 /// connection's task stays small and its worker free, and answers later.
 fn authenticate<S>(c: &mut Conn<S>, r: Box<AuthenticateRequest>) -> Call {
-    let (Some(sec), Some(info)) = (c.conn.broker().security().cloned(), c.info.as_deref()) else {
+    let (Some(sec), Some(info)) = (c.conn.node().security().cloned(), c.info.as_deref()) else {
         return Call::Ready(Completion::Verdict(Box::new(r.as_presented())));
     };
     let peer = VerdictPeer {
@@ -1853,8 +1848,8 @@ fn authenticate<S>(c: &mut Conn<S>, r: Box<AuthenticateRequest>) -> Call {
         listener: info.listener,
         tls_identity: info.tls_identity.clone(),
     };
-    let broker = c.conn.broker().clone();
-    let limit = Duration::from_secs(broker.config.limits.connect_timeout.max(1));
+    let node = c.conn.node().clone();
+    let limit = Duration::from_secs(node.config.limits.connect_timeout.max(1));
     let mut verdict = Box::pin(async move {
         let v = match connect_verdict(&sec, &r, &peer, limit).await {
             Ok((mut v, permit)) => {
@@ -1864,7 +1859,7 @@ fn authenticate<S>(c: &mut Conn<S>, r: Box<AuthenticateRequest>) -> Call {
                 v
             }
             Err((rc, why)) => {
-                broker.stats.auth_failures.count(why);
+                node.stats.auth_failures.count(why);
                 ConnectVerdict::refuse(rc)
             }
         };
@@ -1932,11 +1927,11 @@ trait Resume: Send {
 impl<S: Transport + 'static> Resume for Conn<S> {
     fn resume(mut self: Box<Self>, runtime: &tokio::runtime::Handle) {
         let now = Instant::now();
-        let park_after = Duration::from_millis(self.conn.broker().config.limits.park_after_ms);
+        let park_after = Duration::from_millis(self.conn.node().config.limits.park_after_ms);
         self.quiet = now.duration_since(self.last_active.instant()) >= park_after;
         self.last_active = Stamp::from(now);
         self.conn
-            .broker()
+            .node()
             .stats
             .clients_parked
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -2014,7 +2009,7 @@ fn park<S: Transport + 'static>(
     }
     // Counted before it can be resumed (which takes this lock).
     c.conn
-        .broker()
+        .node()
         .stats
         .clients_parked
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

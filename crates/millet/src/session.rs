@@ -1126,6 +1126,35 @@ impl SessionCell {
             }),
         })
     }
+
+    /// Before its connection parks: the session gives back the capacity of
+    /// its empty queues ([`Session::release_idle_memory`]).
+    pub fn release_idle_memory(&self) {
+        self.state.lock().session.release_idle_memory();
+    }
+
+    /// The attached client consumes nothing (`true`) or consumes again: a
+    /// stalled session no longer holds its publishers back, and the ones it
+    /// holds are released ([`Session::set_consumer_stalled`]).
+    pub fn set_consumer_stalled(&self, stalled: bool) {
+        let mut st = self.state.lock();
+        st.session.set_consumer_stalled(stalled);
+        if stalled {
+            st.release_blocked();
+        }
+    }
+
+    /// Why the connection of `epoch` must close, if it must: the session
+    /// was taken over by a newer connection (0x8E [MQTT-3.1.4-3]), or a
+    /// kick was left for it (admin, shutdown, ban), taken once.
+    pub fn take_kick(&self, epoch: u64) -> Option<millet_codec::ReasonCode> {
+        let mut st = self.state.lock();
+        if st.conn_epoch != epoch {
+            Some(millet_codec::ReasonCode::SESSION_TAKEN_OVER)
+        } else {
+            st.kick.take()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! published, as after any abnormal close [MQTT-3.1.2-8].
 //!
 //! The server runs in process (so the test can inject the panic through
-//! `Broker::panic_on_publish_to`, and look at the session afterwards); the
+//! `Node::panic_on_publish_to`, and look at the session afterwards); the
 //! clients are rumqttc over real sockets.
 
 mod common;
@@ -30,7 +30,7 @@ async fn start() -> (Server, Arc<Broker>, u16) {
         ..Default::default()
     };
     let broker = Arc::new(Broker::new(config, Instant::now()));
-    broker.panic_on_publish_to(PANIC_TOPIC);
+    broker.node.panic_on_publish_to(PANIC_TOPIC);
     let server = Server::start_with(broker.clone()).await.unwrap();
     let port = server.addrs[0].port();
     (server, broker, port)
@@ -59,6 +59,7 @@ async fn a_panicking_connection_task_still_detaches_its_session() {
     let (mut victim, _) = V5::connect_with(o).await;
     assert_eq!(
         broker
+            .node
             .stats
             .clients_connected
             .load(std::sync::atomic::Ordering::Relaxed),
@@ -95,6 +96,7 @@ async fn a_panicking_connection_task_still_detaches_its_session() {
     }
     assert_eq!(
         broker
+            .node
             .stats
             .clients_connected
             .load(std::sync::atomic::Ordering::Relaxed),

@@ -67,7 +67,7 @@ fn shared_for(b: &Arc<Broker>, engine: Arc<dyn Engine>) -> Arc<Shared> {
         )),
         _ => b.clone(),
     };
-    Shared::with_hooks(b.clone(), engine, hooks)
+    Shared::with_hooks(b.node.clone(), engine, hooks)
 }
 
 /// Hand the connection's requests to the engine, waiting for answers that
@@ -732,7 +732,8 @@ fn slow_online_subscriber_pauses_publishers_instead_of_dropping() {
     publ.recv(t0);
     assert!(!publ.conn.is_paused());
     assert_eq!(
-        b.stats
+        b.node
+            .stats
             .messages_dropped
             .load(std::sync::atomic::Ordering::Relaxed),
         0
@@ -779,7 +780,8 @@ fn a_paused_publisher_stays_paused_through_unrelated_wake_ups() {
     let got = sub.recv(t0);
     assert_eq!(publishes(&got).len(), 1);
     assert_eq!(
-        b.stats
+        b.node
+            .stats
             .messages_dropped
             .load(std::sync::atomic::Ordering::Relaxed),
         0
@@ -1393,7 +1395,7 @@ fn memory_accounting_qos0_offline_and_retained_caps() {
     millet::budget::Meter::flush_local();
     let one = (15 + millet::session::DELIVERY_OVERHEAD) as u64;
     assert_eq!(
-        b.memory_used(),
+        b.node.memory_used(),
         one,
         "only the QoS 1 message is queued: topic + payload + slot"
     );
@@ -1403,10 +1405,10 @@ fn memory_accounting_qos0_offline_and_retained_caps() {
     assert_eq!(got.len(), 1, "QoS 0 was not queued offline: {got:?}");
     let pid = got[0].packet_id.expect("QoS 1");
     millet::budget::Meter::flush_local();
-    assert_eq!(b.memory_used(), one, "in flight still counts");
+    assert_eq!(b.node.memory_used(), one, "in flight still counts");
     sub.send(Packet::PubAck(PubResp::new(pid)), t0);
     millet::budget::Meter::flush_local();
-    assert_eq!(b.memory_used(), 0);
+    assert_eq!(b.node.memory_used(), 0);
     // Retained: one topic allowed; a second new one refused, a replacement not.
     let retained = |p: &mut Client, topic: &str, pid: u16| {
         p.send(
@@ -1528,6 +1530,9 @@ impl Engine for DurabilityGate {
     }
     fn admit_session(&self, client_id: &str) -> Result<(), millet::broker::SessionRefusal> {
         Engine::admit_session(&*self.inner, client_id)
+    }
+    fn retained_admits(&self, topic: &str, bytes: u64) -> bool {
+        Engine::retained_admits(&*self.inner, topic, bytes)
     }
     fn replay_retained(
         &self,
@@ -1723,7 +1728,7 @@ impl Client {
         now: Instant,
     ) -> (Client, ConnAck) {
         let engine = engine_for(b);
-        let shared = Shared::with_hooks(b.clone(), engine.clone(), hooks);
+        let shared = Shared::with_hooks(b.node.clone(), engine.clone(), hooks);
         Client::on_shared(shared, engine, c, now)
     }
 

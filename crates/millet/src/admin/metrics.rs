@@ -63,8 +63,8 @@ fn by_qos(a: [u64; 3]) -> [(&'static str, u64); 3] {
 
 /// The whole exposition.
 pub fn render(broker: &Broker, now: std::time::Instant) -> String {
-    let s = &broker.stats;
-    let o = &broker.overload;
+    let s = &broker.node.stats;
+    let o = &broker.node.overload;
     let mut m = Out(String::with_capacity(8192));
     let connected = g(&s.clients_connected);
     let (received, received_bytes) = s.by_qos.totals(Direction::Received);
@@ -255,13 +255,13 @@ pub fn render(broker: &Broker, now: std::time::Instant) -> String {
         "millet_memory_used_bytes",
         "gauge",
         "Bytes of queued, in-flight and retained messages ($SYS memory/used).",
-        broker.memory_used(),
+        broker.node.memory_used(),
     );
     m.one(
         "millet_memory_budget_bytes",
         "gauge",
         "limits.memory_budget (0: no limit).",
-        broker.config.limits.memory_budget,
+        broker.node.config.limits.memory_budget,
     );
     if let Some(rss) = crate::broker::rss_bytes() {
         m.one(

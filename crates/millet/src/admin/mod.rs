@@ -255,8 +255,8 @@ pub async fn start(
     broker: Arc<Broker>,
     ready: Arc<AtomicBool>,
 ) -> anyhow::Result<Option<AdminServer>> {
-    let cfg = broker.config.admin.clone();
-    let tls_cfg = broker.config.admin_tls();
+    let cfg = broker.node.config.admin.clone();
+    let tls_cfg = broker.node.config.admin_tls();
     if !cfg.enabled {
         tracing::info!("admin API disabled");
         return Ok(None);
@@ -273,9 +273,9 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let mut token = cfg.bearer_token.clone();
     if cfg.keys_file.is_none() && token.is_none() {
-        let path = broker.config.data_dir.join(TOKEN_FILE);
+        let path = broker.node.config.data_dir.join(TOKEN_FILE);
         let t = keys::generate_key();
-        std::fs::create_dir_all(&broker.config.data_dir)
+        std::fs::create_dir_all(&broker.node.config.data_dir)
             .and_then(|()| write_private(&path, &format!("{t}\n")))
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
         tracing::info!(token_file = %path.display(),
@@ -296,8 +296,8 @@ pub async fn start(
         );
     }
     let bans = AdminBans::load(
-        broker.config.data_dir.join(BANS_FILE),
-        broker.security().map(|s| &*s.bans),
+        broker.node.config.data_dir.join(BANS_FILE),
+        broker.node.security().map(|s| &*s.bans),
     )?;
     let state = Arc::new(AdminState {
         broker,
@@ -849,7 +849,7 @@ async fn publish(
             )
         }
     };
-    if payload.len() > st.broker.config.limits.max_packet_size as usize {
+    if payload.len() > st.broker.node.config.limits.max_packet_size as usize {
         return Err(ApiError::bad_request(format!(
             "payload of {} bytes exceeds limits.max_packet_size",
             payload.len()
@@ -946,7 +946,7 @@ struct BanInfo {
 }
 
 fn security(st: &AdminState) -> ApiResult<&Arc<crate::security::Security>> {
-    st.broker.security().ok_or_else(|| {
+    st.broker.node.security().ok_or_else(|| {
         ApiError::conflict("bans need the security layer, which this broker runs without")
     })
 }
@@ -1016,7 +1016,7 @@ async fn remove_ban(
 
 async fn stats(State(st): State<Arc<AdminState>>) -> Json<serde_json::Value> {
     let b = &st.broker;
-    let s = &b.stats;
+    let s = &b.node.stats;
     let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let sessions = b.session_count() as u64;
     let node = json!({
@@ -1035,11 +1035,11 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<serde_json::Value> {
         "messages_dropped": g(&s.messages_dropped),
         "bytes_received": g(&s.bytes_received),
         "bytes_sent": g(&s.bytes_sent),
-        "memory_used": b.memory_used(),
-        "memory_budget": b.config.limits.memory_budget,
+        "memory_used": b.node.memory_used(),
+        "memory_budget": b.node.config.limits.memory_budget,
         "resident_memory": crate::broker::rss_bytes(),
         "store": b.store_state(),
-        "listeners": listeners(&b.config),
+        "listeners": listeners(&b.node.config),
     });
     // One node until cluster mode: the list is where the other nodes go.
     Json(json!({"node": node, "nodes": [node.clone()]}))
@@ -1062,7 +1062,7 @@ async fn reload(
     State(st): State<Arc<AdminState>>,
     axum::Extension(who): axum::Extension<Caller>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let mut errors: Vec<String> = match st.broker.security() {
+    let mut errors: Vec<String> = match st.broker.node.security() {
         Some(s) => s.reload_from("admin API"),
         None => Vec::new(),
     };

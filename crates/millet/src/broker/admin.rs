@@ -382,7 +382,7 @@ impl Broker {
         message_expiry: Option<u32>,
         now: Instant,
     ) -> Result<Routed, PublishRefused> {
-        let l = &self.config.limits;
+        let l = &self.node.config.limits;
         if !topic::valid_topic_name(topic_name)
             || topic_name.len() > l.max_topic_length
             || topic_name.split('/').count() > l.max_topic_levels
@@ -505,7 +505,7 @@ impl Broker {
 
     /// Bytes of retained messages ($SYS not counted).
     pub fn retained_bytes(&self) -> u64 {
-        self.retained_bytes.load(Ordering::Relaxed)
+        self.node.retained_bytes.load(Ordering::Relaxed)
     }
 
     /// The store's state for `/readyz` and `/api/v1/stats`: `"none"`
@@ -682,7 +682,7 @@ mod tests {
             2,
             "retained replayed"
         );
-        assert_eq!(b.stats.subscriptions.load(Ordering::Relaxed), 1);
+        assert_eq!(b.node.stats.subscriptions.load(Ordering::Relaxed), 1);
         let subs = b.admin_subscriptions(Some("c"), 10).unwrap();
         assert_eq!((subs[0].filter.as_str(), subs[0].qos), ("s/+", 1));
         let routed = b

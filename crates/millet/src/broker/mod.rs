@@ -4,14 +4,14 @@
 //!
 //! | file | owns |
 //! | --- | --- |
-//! | `mod.rs` | [`Broker`] itself, its constructor, the memory budget, the ticker ([`Broker::handle_timeout`]) |
+//! | `mod.rs` | [`Broker`] itself, its constructor, the ticker ([`Broker::handle_timeout`]); configuration, counters, security and the memory meter are its [`Node`]'s |
 //! | `registry.rs` | client id → session cell (`registry`), attach / takeover / detach, session expiry (`expiries`) |
 //! | `route.rs` | the subscription index (`index`): subscribe, unsubscribe, publish routing and delivery into session queues, back-pressure |
 //! | `wills.rs` | will publication and the wills waiting for their delay (`delayed_wills`) |
 //! | `retained.rs` | the retained messages (`retained`, their counts and limits), replay on subscribe, expiry |
 //! | `recovery.rs` | nothing at run time: [`Broker::open`] and restoring the state above from the store |
 //! | `persist.rs` | the store handle (`persist`), store records, durability tickets |
-//! | `stats.rs` | broker-wide counters (`stats`, `overload`) |
+//! | `stats.rs` | the counters' types (the node holds them: `node.stats`, `node.overload`) |
 //! | `sys.rs` | `$SYS` publication (`sys`) |
 //! | `admin.rs` | nothing: the admin API's queries and commands on the state above |
 //! | `index.rs` | the subscription index's data structure |
@@ -41,7 +41,7 @@ pub use stats::{
 };
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ShareStrategyConfig};
+use crate::node::Node;
 use crate::session::{Message, SessionCell, SessionId};
 use index::{ShareStrategy, SubscriptionIndex};
 use retained::RetainedStore;
@@ -57,7 +58,9 @@ use route::DropLines;
 use wills::DelayedWill;
 
 pub struct Broker {
-    pub config: Config,
+    /// Configuration, counters, security and the memory meter: the
+    /// process's own ([`Node`]), shared with its connections.
+    pub node: Arc<Node>,
     index: RwLock<SubscriptionIndex<SessionId, IndexEntry>>,
     retained: RwLock<RetainedStore<Arc<Message>>>,
     registry: Mutex<HashMap<ByteString, Arc<SessionCell>>>,
@@ -69,38 +72,32 @@ pub struct Broker {
     expiries: Mutex<std::collections::BinaryHeap<std::cmp::Reverse<(Instant, ByteString)>>>,
     next_session_id: AtomicU64,
     next_epoch: AtomicU64,
-    pub stats: Stats,
     started: Instant,
     sys: Mutex<sys::SysState>,
-    authenticator: Option<Arc<dyn Authenticator>>,
-    /// Authorization, quotas and bans ([`crate::security`]); `None`: allow all.
-    security: Option<Arc<crate::security::Security>>,
     /// The embedded store; `None` runs in memory only.
     persist: Option<persist::Persistence>,
     last_sweep: Mutex<Option<Instant>>,
-    /// Test hook, see [`Broker::panic_on_publish_to`].
-    panic_topic: std::sync::OnceLock<Box<str>>,
     /// Broker-wide cap on the per-session "queue full" lines.
     drop_lines: Mutex<DropLines>,
-    /// Bytes held by session queues and in-flight windows (`memory_budget`).
-    meter: Arc<crate::budget::Meter>,
-    /// Retained messages and their bytes (topic + payload), `$SYS` topics
-    /// not included; changed only under the `retained` write lock.
+    /// Retained messages (their bytes are the node's, `Node::retained_bytes`),
+    /// `$SYS` topics not included; changed only under the `retained` write lock.
     retained_count: AtomicU64,
-    retained_bytes: AtomicU64,
-    /// What the limits refused (logged at a throttled rate, in `$SYS`).
-    pub overload: Overload,
 }
 
 impl Broker {
     pub fn new(config: Config, now: Instant) -> Broker {
-        let strategy = match config.shared_strategy {
+        Broker::on_node(Arc::new(Node::new(config)), now)
+    }
+
+    /// The broker of `node` (its configuration, counters and meter).
+    pub fn on_node(node: Arc<Node>, now: Instant) -> Broker {
+        let strategy = match node.config.shared_strategy {
             ShareStrategyConfig::RoundRobin => ShareStrategy::RoundRobin,
             ShareStrategyConfig::Random => ShareStrategy::Random,
             ShareStrategyConfig::HashClientId => ShareStrategy::HashClientId,
         };
         Broker {
-            config,
+            node,
             index: RwLock::new(SubscriptionIndex::new(strategy)),
             retained: RwLock::new(RetainedStore::new()),
             registry: Mutex::new(HashMap::new()),
@@ -108,66 +105,25 @@ impl Broker {
             expiries: Mutex::default(),
             next_session_id: AtomicU64::new(1),
             next_epoch: AtomicU64::new(1),
-            stats: Stats::default(),
             started: now,
             sys: Mutex::new(sys::SysState::default()),
-            authenticator: None,
-            security: None,
             persist: None,
             last_sweep: Mutex::new(None),
-            panic_topic: std::sync::OnceLock::new(),
             drop_lines: Mutex::default(),
-            meter: Arc::default(),
             retained_count: AtomicU64::new(0),
-            retained_bytes: AtomicU64::new(0),
-            overload: Overload::default(),
         }
     }
 
-    /// Bytes held in session queues, in-flight windows and the retained
-    /// store, as counted against `limits.memory_budget`.
-    pub fn memory_used(&self) -> u64 {
-        self.meter
-            .used()
-            .saturating_add(self.retained_bytes.load(Ordering::Relaxed))
-    }
-
-    /// Where the broker stands against its memory budget.
-    pub fn memory_pressure(&self) -> crate::budget::Pressure {
-        crate::budget::Pressure::of(self.memory_used(), self.config.limits.memory_budget)
-    }
-
-    /// Test hook: the connection task that handles a PUBLISH to `topic`
-    /// panics (to test that a panicking connection task still detaches its
-    /// session). Only tests call it; peers and configuration cannot set it.
-    #[doc(hidden)]
-    pub fn panic_on_publish_to(&self, topic: &str) {
-        let _ = self.panic_topic.set(topic.into());
-    }
-
-    /// Whether a PUBLISH to `topic` must panic (see [`Broker::panic_on_publish_to`]).
-    pub(crate) fn injected_panic(&self, topic: &str) -> bool {
-        self.panic_topic.get().is_some_and(|t| **t == *topic)
-    }
-
     /// Install the security layer (ACL, quotas, bans) consulted by connections.
-    pub fn with_security(mut self, s: Arc<crate::security::Security>) -> Broker {
-        self.security = Some(s);
+    pub fn with_security(self, s: Arc<crate::security::Security>) -> Broker {
+        self.node.set_security(s);
         self
-    }
-
-    pub fn security(&self) -> Option<&Arc<crate::security::Security>> {
-        self.security.as_ref()
     }
 
     /// Install the enhanced-authentication provider (MQTT 5 AUTH).
-    pub fn with_authenticator(mut self, a: Arc<dyn Authenticator>) -> Broker {
-        self.authenticator = Some(a);
+    pub fn with_authenticator(self, a: Arc<dyn Authenticator>) -> Broker {
+        self.node.set_authenticator(a);
         self
-    }
-
-    pub fn authenticator(&self) -> Option<&Arc<dyn Authenticator>> {
-        self.authenticator.as_ref()
     }
 
     pub fn uptime(&self, now: Instant) -> Duration {
@@ -180,8 +136,11 @@ impl Broker {
         self.publish_due_wills(now);
         self.expire_sessions(now);
         self.expire_retained(now);
-        self.overload
-            .log(now, self.memory_used(), self.config.limits.memory_budget);
+        self.node.overload.log(
+            now,
+            self.node.memory_used(),
+            self.node.config.limits.memory_budget,
+        );
         if let Some(p) = &self.persist {
             let mut last = self.last_sweep.lock();
             if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(30)) {

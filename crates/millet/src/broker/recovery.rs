@@ -53,10 +53,10 @@ impl Broker {
         let mut registry = HashMap::new();
         let mut wills = Vec::new();
         let (max_queued, max_queued_bytes) = (
-            self.config.limits.max_queued,
-            self.config.limits.max_queued_bytes,
+            self.node.config.limits.max_queued,
+            self.node.config.limits.max_queued_bytes,
         );
-        let meter = self.meter.clone();
+        let meter = self.node.meter.clone();
         let idx = self.index.get_mut();
         for rs in &rec.sessions {
             let client_id = ByteString::from(rs.session.client_id.as_str());
@@ -172,7 +172,10 @@ impl Broker {
                     }
                 }
                 cell.state.lock().session.subscriptions.insert(filter, sub);
-                self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+                self.node
+                    .stats
+                    .subscriptions
+                    .fetch_add(1, Ordering::Relaxed);
             }
             registry.insert(client_id, cell);
             n_sessions += 1;
@@ -183,7 +186,8 @@ impl Broker {
                 if !m.is_expired(now) {
                     if !topic_name.starts_with("$SYS/") {
                         self.retained_count.fetch_add(1, Ordering::Relaxed);
-                        self.retained_bytes
+                        self.node
+                            .retained_bytes
                             .fetch_add(message_bytes(&m), Ordering::Relaxed);
                     }
                     retained.set(topic_name, m);

@@ -37,9 +37,9 @@ pub enum SessionRefusal {
 impl Broker {
     /// A new session with this broker's queue limits and memory meter.
     fn new_session(&self, id: SessionId, client_id: ByteString) -> Session {
-        let l = &self.config.limits;
+        let l = &self.node.config.limits;
         let mut s = Session::new(id, client_id, l.max_queued);
-        s.set_memory_limits(l.max_queued_bytes, self.meter.clone());
+        s.set_memory_limits(l.max_queued_bytes, self.node.meter.clone());
         s
     }
 
@@ -58,13 +58,13 @@ impl Broker {
         if reg.contains_key(client_id) {
             return Ok(());
         }
-        let o = &self.overload;
-        if reg.len() >= self.config.limits.max_sessions {
+        let o = &self.node.overload;
+        if reg.len() >= self.node.config.limits.max_sessions {
             o.sessions_refused_max.fetch_add(1, Ordering::Relaxed);
             return Err(SessionRefusal::MaxSessions);
         }
         drop(reg);
-        if self.memory_pressure() >= crate::budget::Pressure::High {
+        if self.node.memory_pressure() >= crate::budget::Pressure::High {
             o.sessions_refused_memory.fetch_add(1, Ordering::Relaxed);
             return Err(SessionRefusal::Memory);
         }
@@ -113,7 +113,10 @@ impl Broker {
                     st.signal_kick();
                     st.waker = None;
                     st.conn_info = None;
-                    self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
+                    self.node
+                        .stats
+                        .clients_connected
+                        .fetch_sub(1, Ordering::Relaxed);
                 } else if let (true, Some(w)) = (clean_start, old_will) {
                     wills_now.push(w);
                 }
@@ -155,7 +158,8 @@ impl Broker {
                         st.waker = Some(waker.clone());
                     }
                     reg.insert(client_id.clone(), cell.clone());
-                    self.stats
+                    self.node
+                        .stats
                         .clients_maximum
                         .fetch_max(reg.len() as u64, Ordering::Relaxed);
                     Attached {
@@ -184,7 +188,10 @@ impl Broker {
         for w in wills_now {
             self.publish_will(w, now);
         }
-        self.stats.clients_connected.fetch_add(1, Ordering::Relaxed);
+        self.node
+            .stats
+            .clients_connected
+            .fetch_add(1, Ordering::Relaxed);
         attached
     }
 
@@ -225,7 +232,10 @@ impl Broker {
             st.waker = None;
             st.conn_info = None;
             st.release_blocked();
-            self.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
+            self.node
+                .stats
+                .clients_connected
+                .fetch_sub(1, Ordering::Relaxed);
             if let Some(e) = expiry_override {
                 st.session.expiry_interval = e;
             }
@@ -305,7 +315,8 @@ impl Broker {
                 remove_from_index(&mut idx, filter, sub, cell.id);
             }
         }
-        self.stats
+        self.node
+            .stats
             .subscriptions
             .fetch_sub(subs.len() as u64, Ordering::Relaxed);
         for d in pending {
@@ -363,7 +374,8 @@ impl Broker {
                 .collect();
             ids.into_iter().filter_map(|k| reg.remove(k)).collect()
         };
-        self.stats
+        self.node
+            .stats
             .clients_expired
             .fetch_add(expired.len() as u64, Ordering::Relaxed);
         for cell in expired {

@@ -316,14 +316,15 @@ impl Broker {
         if topic.starts_with("$SYS/") {
             return true;
         }
-        let l = &self.config.limits;
+        let l = &self.node.config.limits;
         let full = self.retained_count.load(Ordering::Relaxed) >= l.max_retained_messages as u64
             || self
+                .node
                 .retained_bytes
                 .load(Ordering::Relaxed)
                 .saturating_add(bytes)
                 > l.max_retained_bytes
-            || self.memory_pressure() == crate::budget::Pressure::Full;
+            || self.node.memory_pressure() == crate::budget::Pressure::Full;
         !full || self.retained.read().get(topic).is_some()
     }
 
@@ -337,7 +338,7 @@ impl Broker {
         if topic.starts_with("$SYS/") {
             return;
         }
-        let (c, b) = (&self.retained_count, &self.retained_bytes);
+        let (c, b) = (&self.retained_count, &self.node.retained_bytes);
         if let Some(m) = added {
             c.fetch_add(1, Ordering::Relaxed);
             b.fetch_add(message_bytes(m), Ordering::Relaxed);
@@ -374,7 +375,7 @@ impl Broker {
         };
         let mut st = cell.state.lock();
         st.session
-            .grant_replay_room(retained.len(), self.config.limits.max_retained_replay);
+            .grant_replay_room(retained.len(), self.node.config.limits.max_retained_replay);
         if st.session.persisted && self.persist.is_some() {
             // QoS 1/2 replays are stored with the queue: the general path.
             drop(st);
@@ -398,7 +399,8 @@ impl Broker {
         }
         st.wake();
         drop(st);
-        self.stats
+        self.node
+            .stats
             .messages_dropped
             .fetch_add(dropped, Ordering::Relaxed);
     }
@@ -439,7 +441,9 @@ impl Broker {
         if gone.2 {
             r.retain_where(|m| !m.is_expired(now));
             self.retained_count.fetch_sub(gone.0, Ordering::Relaxed);
-            self.retained_bytes.fetch_sub(gone.1, Ordering::Relaxed);
+            self.node
+                .retained_bytes
+                .fetch_sub(gone.1, Ordering::Relaxed);
         }
     }
 }

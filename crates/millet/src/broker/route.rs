@@ -102,7 +102,8 @@ impl Broker {
         let store_retained = msg.retain
             && (msg.payload.is_empty() || self.retained_admits(&msg.topic, message_bytes(&msg)));
         if msg.retain && !store_retained {
-            self.overload
+            self.node
+                .overload
                 .retained_refused
                 .fetch_add(1, Ordering::Relaxed);
         }
@@ -144,7 +145,7 @@ impl Broker {
         let mut routed = Routed::default();
         let mut ops = Vec::new();
         // Read once per message (two shared loads), not per subscriber.
-        let shed_qos0 = self.memory_pressure() >= crate::budget::Pressure::High;
+        let shed_qos0 = self.node.memory_pressure() >= crate::budget::Pressure::High;
         // The message detached from the publisher's read buffer, made once
         // when the first session has to keep it (see `deliver_with_pressure`).
         let mut kept: Option<Arc<Message>> = None;
@@ -204,7 +205,7 @@ impl Broker {
     /// Queue a delivery on a session and wake its connection.
     pub fn deliver(&self, cell: &SessionCell, d: Delivery) {
         let mut ops = Vec::new();
-        let shed_qos0 = !d.replay && self.memory_pressure() >= crate::budget::Pressure::High;
+        let shed_qos0 = !d.replay && self.node.memory_pressure() >= crate::budget::Pressure::High;
         self.deliver_with_pressure(cell, d, None, &mut ops, true, None, shed_qos0);
         if let Some(p) = &self.persist {
             p.submit(ops);
@@ -245,23 +246,27 @@ impl Broker {
         detached: Option<&mut Option<Arc<Message>>>,
         shed_qos0: bool,
     ) -> bool {
-        let threshold = self.config.limits.backpressure_queued;
+        let threshold = self.node.config.limits.backpressure_queued;
         // In bytes too: half of `max_queued_bytes`, so that an online
         // reader of large messages holds publishers back before its queue
         // drops by the byte limit.
-        let bytes_threshold = self.config.limits.max_queued_bytes / 2;
+        let bytes_threshold = self.node.config.limits.max_queued_bytes / 2;
         let (r, congested) = {
             let mut st = cell.state.lock();
             if d.qos == QoS::AtMostOnce && !d.replay {
                 if shed_qos0 {
                     drop(st);
-                    self.overload
+                    self.node
+                        .overload
                         .qos0_dropped_memory
                         .fetch_add(1, Ordering::Relaxed);
-                    self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.node
+                        .stats
+                        .messages_dropped
+                        .fetch_add(1, Ordering::Relaxed);
                     return false;
                 }
-                if st.conn_epoch == 0 && !self.config.limits.queue_qos0_offline {
+                if st.conn_epoch == 0 && !self.node.config.limits.queue_qos0_offline {
                     return false; // like Mosquitto's queue_qos0_messages false
                 }
             }
@@ -332,7 +337,10 @@ impl Broker {
             (r, congested)
         };
         if r != Enqueued::Queued {
-            self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+            self.node
+                .stats
+                .messages_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
         congested
     }
@@ -363,8 +371,8 @@ impl Broker {
         if g.lines < DropLines::MAX {
             g.lines += 1;
             drop(g);
-            tracing::warn!(%client_id, max_queued = self.config.limits.max_queued,
-                max_queued_bytes = self.config.limits.max_queued_bytes, dropped,
+            tracing::warn!(%client_id, max_queued = self.node.config.limits.max_queued,
+                max_queued_bytes = self.node.config.limits.max_queued_bytes, dropped,
                 "session queue full: messages dropped (QoS 0 first) since this session's last such line (at most one a minute per session)");
         } else {
             g.suppressed_sessions += 1;
@@ -379,7 +387,7 @@ impl Broker {
         filter: &ByteString,
         sub: Subscription,
     ) -> SubscribeOutcome {
-        let limits = &self.config.limits;
+        let limits = &self.node.config.limits;
         if filter.len() > limits.max_topic_length
             || filter.split('/').count() > limits.max_topic_levels
         {
@@ -427,7 +435,10 @@ impl Broker {
             }
         }
         if is_new {
-            self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+            self.node
+                .stats
+                .subscriptions
+                .fetch_add(1, Ordering::Relaxed);
         }
         SubscribeOutcome::Granted { is_new }
     }
@@ -443,7 +454,10 @@ impl Broker {
             sub
         };
         remove_from_index(&mut self.index.write(), filter, &sub, cell.id);
-        self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        self.node
+            .stats
+            .subscriptions
+            .fetch_sub(1, Ordering::Relaxed);
         true
     }
 }

@@ -1,7 +1,7 @@
 //! Broker-wide counters: [`Stats`] (published under `$SYS`, `/metrics`
 //! and the admin API), PUBLISH counts by QoS ([`QosCounters`]), refused
 //! CONNECTs ([`AuthFailures`] by [`AuthFailure`]), the sampling of the
-//! publish-to-deliver latency ([`Broker::latency_stamp`]), and what the
+//! publish-to-deliver latency ([`Stats::latency_stamp`]), and what the
 //! limits refused ([`Overload`], with its throttled log line). Owns the
 //! `stats` and `overload` fields.
 
@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::Broker;
 use crate::stamp::Stamp;
 
 /// Broker-wide counters, published under `$SYS` (see `sys.rs` for what
@@ -46,7 +45,7 @@ pub struct Stats {
     /// CONNECTs refused by the security layer, by reason ([`AuthFailures`]).
     pub auth_failures: AuthFailures,
     /// Publish-to-deliver latency of the sampled messages
-    /// ([`Broker::latency_stamp`]): from the read of the PUBLISH to the
+    /// ([`Stats::latency_stamp`]): from the read of the PUBLISH to the
     /// encoding of each live delivery into a subscriber's write buffer.
     pub deliver_latency: crate::histogram::Histogram<16>,
 }
@@ -204,7 +203,7 @@ impl AuthFailures {
     }
 }
 
-impl Broker {
+impl Stats {
     /// `Some(now)` for one call in [`LATENCY_SAMPLE_EVERY`] on this thread,
     /// for [`crate::session::Message::routed_at`] (no clock read: `now` is the caller's).
     pub fn latency_stamp(&self, now: Instant) -> Option<Stamp> {
@@ -217,9 +216,7 @@ impl Broker {
             (v % LATENCY_SAMPLE_EVERY == 0).then(|| Stamp::from(now))
         })
     }
-}
 
-impl Stats {
     /// `n` bytes read from a client's connection.
     pub fn count_bytes_received(&self, n: usize) {
         self.bytes_received.fetch_add(n as u64, Ordering::Relaxed);

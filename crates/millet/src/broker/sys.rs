@@ -45,7 +45,7 @@ const LOADS: [&str; 7] = [
 ];
 
 fn load_counters(broker: &Broker) -> [u64; LOADS.len()] {
-    let s = &broker.stats;
+    let s = &broker.node.stats;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     [
         get(&s.messages_received),
@@ -117,7 +117,7 @@ pub(super) struct SysState {
 
 /// Publish the `$SYS` tree if `sys_interval` has passed since the last time.
 pub(super) fn tick(broker: &Broker, now: Instant) {
-    let interval = broker.config.sys_interval;
+    let interval = broker.node.config.sys_interval;
     if interval == 0 {
         return;
     }
@@ -155,7 +155,7 @@ fn store_bytes(broker: &Broker) -> u64 {
     if broker.persistence().is_none() {
         return 0;
     }
-    let Ok(dir) = std::fs::read_dir(broker.config.data_dir.join("store")) else {
+    let Ok(dir) = std::fs::read_dir(broker.node.config.data_dir.join("store")) else {
         return 0;
     };
     dir.filter_map(|e| e.ok()?.metadata().ok())
@@ -165,8 +165,8 @@ fn store_bytes(broker: &Broker) -> u64 {
 }
 
 fn publish_sys(broker: &Broker, load: &LoadAverages<{ LOADS.len() }>, now: Instant) {
-    let s = &broker.stats;
-    let o = &broker.overload;
+    let s = &broker.node.stats;
+    let o = &broker.node.overload;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let connected = get(&s.clients_connected);
     let total = broker.session_count() as u64;
@@ -207,10 +207,10 @@ fn publish_sys(broker: &Broker, load: &LoadAverages<{ LOADS.len() }>, now: Insta
             broker.retained_count_without_sys().to_string(),
         ),
         ("store/bytes", store_bytes(broker).to_string()),
-        ("memory/used", broker.memory_used().to_string()),
+        ("memory/used", broker.node.memory_used().to_string()),
         (
             "memory/budget",
-            broker.config.limits.memory_budget.to_string(),
+            broker.node.config.limits.memory_budget.to_string(),
         ),
         (
             "overload/sessions/refused",

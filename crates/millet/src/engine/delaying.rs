@@ -248,6 +248,11 @@ impl Engine for Delaying {
         self.inner.admit_session(client_id)
     }
 
+    fn retained_admits(&self, topic: &str, bytes: u64) -> bool {
+        // Answered at once in every engine (from the node's own view).
+        self.inner.retained_admits(topic, bytes)
+    }
+
     fn replay_retained(
         &self,
         cell: &Arc<SessionCell>,

@@ -106,6 +106,10 @@ impl Engine for Broker {
         Broker::admit_session(self, client_id)
     }
 
+    fn retained_admits(&self, topic: &str, bytes: u64) -> bool {
+        Broker::retained_admits(self, topic, bytes)
+    }
+
     fn replay_retained(&self, cell: &Arc<SessionCell>, replay: &DeferredReplay, now: Instant) {
         Broker::replay_retained(self, cell, replay, now);
     }
@@ -140,5 +144,15 @@ fn replay(
     if now_due {
         broker.replay_retained(cell, &replay, now);
         cell.state.lock().session.replay_settled();
+    }
+}
+
+impl crate::protocol::Shared {
+    /// Connections on the embedded engine `broker`, with its own ACL as the
+    /// hooks (tests and tools; the server builds its `Shared` from the
+    /// configuration).
+    pub fn embedded(broker: Arc<Broker>) -> Arc<crate::protocol::Shared> {
+        let hooks: Arc<dyn crate::hooks::Hooks> = broker.clone();
+        crate::protocol::Shared::with_hooks(broker.node.clone(), broker, hooks)
     }
 }

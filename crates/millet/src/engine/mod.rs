@@ -185,6 +185,41 @@ pub enum Call {
     Later(Pending),
 }
 
+/// What the client said about a packet id of its session
+/// ([`Engine::acknowledge`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionAck {
+    /// PUBACK of a QoS 1 delivery.
+    PubAck(u16),
+    /// PUBREC of a QoS 2 delivery; `refused`: an error reason code, which
+    /// ends the delivery there.
+    PubRec { packet_id: u16, refused: bool },
+    /// PUBCOMP of a QoS 2 delivery.
+    PubComp(u16),
+    /// PUBREL of a QoS 2 message the client sent.
+    PubRel(u16),
+}
+
+/// The answer to [`Engine::acknowledge`].
+#[derive(Debug, Clone, Copy)]
+pub struct Acknowledged {
+    /// The packet id was in the session (v5 answers 0x92 otherwise).
+    pub known: bool,
+    /// The record's ticket; what answers the acknowledgement waits for it.
+    pub ticket: Ticket,
+}
+
+/// The answer to [`Engine::qos2_arrived`].
+#[derive(Debug, Clone, Copy)]
+pub enum Qos2Arrival {
+    /// New: remembered until its PUBREL; the PUBREC waits for the ticket.
+    New(Ticket),
+    /// Already awaiting its PUBREL: acknowledged again, not routed again.
+    Resent,
+    /// Beyond the receive maximum the server announced.
+    Full,
+}
+
 /// What an engine promises, call by call.
 ///
 /// Every call may answer later ([`Call::Later`]); the protocol sends nothing
@@ -271,6 +306,91 @@ pub trait Engine: Send + Sync + 'static {
     /// [`Ticket::NONE`].
     fn session_writes<'a>(&'a self, session: &Session) -> SessionWrites<'a>;
 
+    /// Apply what the client said about a packet id of `cell`'s session
+    /// (its acknowledgement of a delivery, or its PUBREL of a QoS 2
+    /// message it sent) and record it: whether the id was known there, and
+    /// the [`Ticket`] of the record (a PUBREL answering a PUBREC waits for
+    /// it: "awaiting PUBCOMP" must survive a crash before the client may
+    /// forget the id). Answers at once. The default keeps the session in
+    /// the cell and records through [`Engine::session_writes`]; the session
+    /// lock is taken here, never by the protocol.
+    fn acknowledge(&self, cell: &SessionCell, ack: SessionAck) -> Acknowledged {
+        let mut st = cell.state.lock();
+        let s = &mut st.session;
+        let (known, ticket) = match ack {
+            SessionAck::PubAck(id) | SessionAck::PubComp(id) => {
+                let known = match ack {
+                    SessionAck::PubAck(_) => s.handle_puback(id),
+                    _ => s.handle_pubcomp(id),
+                };
+                if known {
+                    let mut w = self.session_writes(s);
+                    w.inflight_done(s, id);
+                    w.submit();
+                }
+                (known, Ticket::NONE)
+            }
+            SessionAck::PubRec { packet_id, refused } => {
+                let known = s.handle_pubrec(packet_id, refused);
+                let mut ticket = Ticket::NONE;
+                if known {
+                    let mut w = self.session_writes(s);
+                    if refused {
+                        w.inflight_done(s, packet_id);
+                        w.submit();
+                    } else {
+                        w.inflight_released(s, packet_id);
+                        ticket = w.submit();
+                    }
+                }
+                (known, ticket)
+            }
+            SessionAck::PubRel(id) => {
+                let known = s.awaiting_rel.remove(&id);
+                if known {
+                    let mut w = self.session_writes(s);
+                    w.awaiting_rel_done(s, id);
+                    w.submit();
+                }
+                (known, Ticket::NONE)
+            }
+        };
+        Acknowledged { known, ticket }
+    }
+
+    /// A QoS 2 PUBLISH with `packet_id` arrived in `cell`'s session: a
+    /// resend of one awaiting its PUBREL ([`Qos2Arrival::Resent`]: not
+    /// routed again [MQTT-4.3.3-10]), one beyond `receive_maximum`
+    /// ([`Qos2Arrival::Full`]), or a new one, remembered and recorded
+    /// ([`Qos2Arrival::New`] with the record's ticket: its PUBREC waits for
+    /// it). Answers at once; the default keeps the ids in the cell's
+    /// session and records through [`Engine::session_writes`].
+    fn qos2_arrived(
+        &self,
+        cell: &SessionCell,
+        packet_id: u16,
+        receive_maximum: usize,
+    ) -> Qos2Arrival {
+        let mut st = cell.state.lock();
+        let s = &mut st.session;
+        if s.awaiting_rel.contains(&packet_id) {
+            return Qos2Arrival::Resent;
+        }
+        if s.awaiting_rel.len() >= receive_maximum {
+            return Qos2Arrival::Full;
+        }
+        s.awaiting_rel.insert(packet_id);
+        let mut w = self.session_writes(s);
+        w.awaiting_rel_added(s, packet_id);
+        Qos2Arrival::New(w.submit())
+    }
+
+    /// Whether `packet_id` of `cell`'s session is a QoS 2 message awaiting
+    /// its PUBREL (a resend is acknowledged again, whatever the limits).
+    fn qos2_awaiting(&self, cell: &SessionCell, packet_id: u16) -> bool {
+        cell.state.lock().session.awaiting_rel.contains(&packet_id)
+    }
+
     /// A client id for a client that connected without one
     /// [MQTT-3.1.3-6]: unique among the engine's sessions (across the
     /// cluster for a networked engine). Answers at once.
@@ -283,6 +403,13 @@ pub trait Engine: Send + Sync + 'static {
     /// the engine knows here (a networked engine: its node's view); the
     /// protocol refuses the CONNECT with 0x97 (3.x: 3).
     fn admit_session(&self, client_id: &str) -> Result<(), SessionRefusal>;
+
+    /// Whether a new retained message of `bytes` (topic + payload) on
+    /// `topic` would be stored: replacing or deleting one always is; a new
+    /// one within the retained limits and the memory budget. Answers at
+    /// once, from what the engine knows here; the protocol refuses a v5
+    /// PUBLISH it would not store with 0x97 rather than drop it silently.
+    fn retained_admits(&self, topic: &str, bytes: u64) -> bool;
 
     /// Queue in `cell`'s session the retained messages matching `replay`
     /// (a re-SUBSCRIBE coalesced while an earlier replay was being sent),
@@ -407,7 +534,7 @@ impl Drop for Pending {
 /// itself (embedded), wrapped in the test delay when
 /// `[engine] test_delay_ms` is set.
 pub fn from_config(broker: &Arc<crate::broker::Broker>) -> Arc<dyn Engine> {
-    let cfg = &broker.config.engine;
+    let cfg = &broker.node.config.engine;
     if cfg.test_delay_ms == 0 {
         return broker.clone();
     }

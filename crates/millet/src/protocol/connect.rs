@@ -46,19 +46,19 @@ impl Connection {
         if let Some(id) = verdict.client_id.take() {
             c.client_id = ByteString::from(id);
         }
-        if let Some(reference) = &self.shared.broker.config.server_reference {
+        if let Some(reference) = &self.shared.node.config.server_reference {
             // Server redirection [MQTT-4.11]: v5 learns where to go; 3.x
             // only hears "server unavailable".
             let why = ProtocolError::Redirected {
                 reference: reference.as_str().into(),
-                moved: self.shared.broker.config.server_moved,
+                moved: self.shared.node.config.server_moved,
             };
             return self.fail(why);
         }
-        let limits = &self.shared.broker.config.limits;
+        let limits = &self.shared.node.config.limits;
         if self
             .shared
-            .broker
+            .node
             .stats
             .clients_connected
             .load(Ordering::Relaxed) as usize
@@ -137,12 +137,12 @@ impl Connection {
             let client_id = c.client_id.to_string();
             let exchange = self
                 .shared
-                .broker
+                .node
                 .authenticator()
                 .and_then(|a| a.start(method, &client_id));
             let Some(mut exchange) = exchange else {
                 self.shared
-                    .broker
+                    .node
                     .stats
                     .auth_failures
                     .count(crate::broker::AuthFailure::Other);
@@ -181,7 +181,7 @@ impl Connection {
             AuthStep::Success(data) => self.accept(pending.connect, data),
             AuthStep::Failure => {
                 self.shared
-                    .broker
+                    .node
                     .stats
                     .auth_failures
                     .count(crate::broker::AuthFailure::ScramFailed);
@@ -207,7 +207,7 @@ impl Connection {
 
     pub(super) fn accept(&mut self, c: Box<Connect>, auth_data: Option<bytes::Bytes>) {
         let grant = *self.verdict.take().unwrap_or_default();
-        let limits = self.shared.broker.config.limits.clone();
+        let limits = self.shared.node.config.limits.clone();
         let v5 = c.protocol.is_v5();
         let mut props = ConnAckProperties::default();
         let client_id: ByteString = if c.client_id.is_empty() {
@@ -289,7 +289,7 @@ impl Connection {
             expiry,
             grant,
         } = *p;
-        let limits = self.shared.broker.config.limits.clone();
+        let limits = self.shared.node.config.limits.clone();
         let v5 = c.protocol.is_v5();
         if v5 {
             props.receive_maximum = Some(limits.receive_maximum);
@@ -338,7 +338,7 @@ impl Connection {
             _hold: grant.hold,
             limiter: self
                 .shared
-                .broker
+                .node
                 .security()
                 .map(|s| ClientLimiter::new(&s.config.quota, now))
                 .filter(ClientLimiter::is_limited)
@@ -387,7 +387,7 @@ impl Connection {
             }
             auth.exchange = self
                 .shared
-                .broker
+                .node
                 .authenticator()
                 .and_then(|au| au.start(&auth.method, &a.client_id));
         } else if x.reason_code != ReasonCode::CONTINUE_AUTHENTICATION || auth.exchange.is_none() {

@@ -13,28 +13,17 @@ impl Connection {
         match packet {
             Packet::Publish(p) => self.handle_publish(a, p, now),
             Packet::PubAck(r) => {
-                let mut st = a.cell.state.lock();
-                if st.session.handle_puback(r.packet_id) {
-                    let mut w = self.shared.engine.session_writes(&st.session);
-                    w.inflight_done(&st.session, r.packet_id);
-                    w.submit();
-                } else {
+                let ack = SessionAck::PubAck(r.packet_id);
+                if !self.shared.engine.acknowledge(&a.cell, ack).known {
                     tracing::debug!(packet_id = r.packet_id, "PUBACK for unknown packet id");
                 }
             }
             Packet::PubRec(r) => {
-                let (known, ticket) = {
-                    let mut st = a.cell.state.lock();
-                    let known = st
-                        .session
-                        .handle_pubrec(r.packet_id, r.reason_code.is_error());
-                    let ticket = if known {
-                        self.persist_pubrec(&mut st.session, r.packet_id, r.reason_code.is_error())
-                    } else {
-                        Ticket::NONE
-                    };
-                    (known, ticket)
+                let ack = SessionAck::PubRec {
+                    packet_id: r.packet_id,
+                    refused: r.reason_code.is_error(),
                 };
+                let Acknowledged { known, ticket } = self.shared.engine.acknowledge(&a.cell, ack);
                 if !r.reason_code.is_error() {
                     let reason = if known || !v5 {
                         ReasonCode::SUCCESS
@@ -52,16 +41,8 @@ impl Connection {
                 }
             }
             Packet::PubRel(r) => {
-                let known = {
-                    let mut st = a.cell.state.lock();
-                    let known = st.session.awaiting_rel.remove(&r.packet_id);
-                    if known {
-                        let mut w = self.shared.engine.session_writes(&st.session);
-                        w.awaiting_rel_done(&st.session, r.packet_id);
-                        w.submit();
-                    }
-                    known
-                };
+                let ack = SessionAck::PubRel(r.packet_id);
+                let known = self.shared.engine.acknowledge(&a.cell, ack).known;
                 let reason = if known || !v5 {
                     ReasonCode::SUCCESS
                 } else {
@@ -71,12 +52,8 @@ impl Connection {
                     .push_back(Packet::PubComp(PubResp::with_reason(r.packet_id, reason)));
             }
             Packet::PubComp(r) => {
-                let mut st = a.cell.state.lock();
-                if st.session.handle_pubcomp(r.packet_id) {
-                    let mut w = self.shared.engine.session_writes(&st.session);
-                    w.inflight_done(&st.session, r.packet_id);
-                    w.submit();
-                }
+                let ack = SessionAck::PubComp(r.packet_id);
+                self.shared.engine.acknowledge(&a.cell, ack);
             }
             Packet::Subscribe(s) => self.handle_subscribe(a, s),
             Packet::Unsubscribe(u) => self.handle_unsubscribe(a, u),
@@ -88,7 +65,7 @@ impl Connection {
                         return self.fail(ProtocolError::SessionExpiryRaised);
                     }
                     self.disconnect_expiry =
-                        Some(e.min(self.shared.broker.config.limits.max_session_expiry));
+                        Some(e.min(self.shared.node.config.limits.max_session_expiry));
                 }
                 // The will is published unless the reason is 0x00 [MQTT-3.14.4-3].
                 self.set_close(ProtocolError::ClientDisconnect(d.reason_code));
@@ -101,7 +78,7 @@ impl Connection {
 
     pub(super) fn handle_publish(&mut self, a: &mut Active, mut p: Publish, now: Instant) {
         let v5 = self.protocol == Some(Protocol::V5);
-        let limits = &self.shared.broker.config.limits;
+        let limits = &self.shared.node.config.limits;
         if let Some(alias) = p.properties.topic_alias.take() {
             if alias == 0 || alias > a.alias_in_max {
                 return self.fail(ProtocolError::TopicAliasInvalid { alias });
@@ -140,7 +117,7 @@ impl Connection {
         if let Some(rc) = reserved_topic(&p.topic) {
             return self.publish_refused(a, &p, rc);
         }
-        if self.shared.broker.injected_panic(&p.topic) {
+        if self.shared.node.injected_panic(&p.topic) {
             // Test hook (never set outside tests): a connection task that
             // panics must still detach its session.
             panic!("injected panic on PUBLISH to {}", p.topic);
@@ -149,7 +126,7 @@ impl Connection {
             let size = p.payload.len() + p.topic.len();
             if let QuotaDecision::Exceeded { retry_after } = limiter.check_publish(size, now) {
                 let backpressure =
-                    self.shared.broker.security().is_some_and(|s| {
+                    self.shared.node.security().is_some_and(|s| {
                         s.config.quota.on_exceeded == ExceededAction::Backpressure
                     });
                 if !backpressure {
@@ -191,7 +168,7 @@ impl Connection {
     #[inline(always)]
     pub(super) fn publish_authorized(&mut self, a: &mut Active, p: Publish, now: Instant) {
         let v5 = self.protocol == Some(Protocol::V5);
-        let limits = &self.shared.broker.config.limits;
+        let limits = &self.shared.node.config.limits;
         let qos = p.qos;
         let pid = p.packet_id.unwrap_or(0);
         let mut rel_ticket = Ticket::NONE;
@@ -200,22 +177,20 @@ impl Connection {
             return;
         }
         if qos == QoS::ExactlyOnce {
-            let mut st = a.cell.state.lock();
-            if st.session.awaiting_rel.contains(&pid) {
-                // A resend of a message we already have: acknowledge, don't
-                // deliver twice [MQTT-4.3.3-10].
-                drop(st);
-                self.queue_ack(Ticket::NONE, Packet::PubRec(PubResp::new(pid)));
-                return;
+            match self
+                .shared
+                .engine
+                .qos2_arrived(&a.cell, pid, receive_maximum)
+            {
+                Qos2Arrival::New(ticket) => rel_ticket = ticket,
+                Qos2Arrival::Resent => {
+                    // A resend of a message we already have: acknowledge,
+                    // don't deliver twice [MQTT-4.3.3-10].
+                    self.queue_ack(Ticket::NONE, Packet::PubRec(PubResp::new(pid)));
+                    return;
+                }
+                Qos2Arrival::Full => return self.fail(ProtocolError::ReceiveMaximumExceeded),
             }
-            if st.session.awaiting_rel.len() >= receive_maximum {
-                drop(st);
-                return self.fail(ProtocolError::ReceiveMaximumExceeded);
-            }
-            st.session.awaiting_rel.insert(pid);
-            let mut w = self.shared.engine.session_writes(&st.session);
-            w.awaiting_rel_added(&st.session, pid);
-            rel_ticket = w.submit();
         }
         let expires_at = p
             .properties
@@ -231,7 +206,7 @@ impl Connection {
             publisher: Some(a.cell.id),
             publisher_client_id: a.client_id.clone(),
             store_id: Default::default(),
-            routed_at: self.shared.broker.latency_stamp(now),
+            routed_at: self.shared.node.stats.latency_stamp(now),
         };
         let msg = Arc::new(msg);
         let told = self.shared.observes.then(|| msg.clone());
@@ -275,20 +250,17 @@ impl Connection {
         let v5 = self.protocol == Some(Protocol::V5);
         let deleting = p.retain && p.payload.is_empty();
         if p.qos == QoS::ExactlyOnce
-            && a.cell
-                .state
-                .lock()
-                .session
-                .awaiting_rel
-                .contains(&p.packet_id.unwrap_or(0))
+            && self
+                .shared
+                .engine
+                .qos2_awaiting(&a.cell, p.packet_id.unwrap_or(0))
         {
             return true; // a resend: acknowledged again below
         }
-        let full =
-            !deleting && self.shared.broker.memory_pressure() == crate::budget::Pressure::Full;
+        let full = !deleting && self.shared.node.memory_pressure() == crate::budget::Pressure::Full;
         if full {
             self.shared
-                .broker
+                .node
                 .overload
                 .publish_refused_memory
                 .fetch_add(1, Ordering::Relaxed);
@@ -304,11 +276,11 @@ impl Connection {
             && !deleting
             && !self
                 .shared
-                .broker
+                .engine
                 .retained_admits(&p.topic, (p.topic.len() + p.payload.len()) as u64)
         {
             self.shared
-                .broker
+                .node
                 .overload
                 .retained_refused
                 .fetch_add(1, Ordering::Relaxed);
@@ -328,25 +300,6 @@ impl Connection {
             _ => Packet::PubAck(PubResp::with_reason(pid, rc)),
         };
         self.queue_ack(Ticket::NONE, ack);
-    }
-
-    /// PUBREC received: the stored entry moves to "awaiting PUBCOMP" (or is
-    /// dropped when the PUBREC carried an error). Returns the ticket the
-    /// PUBREL must wait for.
-    pub(super) fn persist_pubrec(
-        &self,
-        session: &mut crate::session::Session,
-        packet_id: u16,
-        is_error: bool,
-    ) -> Ticket {
-        let mut w = self.shared.engine.session_writes(session);
-        if is_error {
-            w.inflight_done(session, packet_id);
-            w.submit();
-            return Ticket::NONE;
-        }
-        w.inflight_released(session, packet_id);
-        w.submit()
     }
 
     /// Queue a PUBACK / PUBREC that may go out once `ticket` is done
@@ -436,7 +389,7 @@ impl Connection {
         let disconnect = !v5
             && self
                 .shared
-                .broker
+                .node
                 .security()
                 .is_some_and(|s| s.config.acl.v3_deny_action == V3DenyAction::Disconnect);
         if disconnect {

@@ -19,7 +19,7 @@ impl Connection {
     /// the in-flight window on resume, then queued messages within the
     /// client's receive maximum.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) {
-        self.received.add_received_to(&self.shared.broker.stats);
+        self.received.add_received_to(&self.shared.node.stats);
         if self.keepalive_stale {
             self.rearm_keepalive(self.last_recv.instant());
         }
@@ -42,7 +42,7 @@ impl Connection {
                 tracing::warn!(error = %e, packet = p.name(), "cannot encode packet; dropped");
             }
         }
-        sent.add_to(&self.shared.broker.stats);
+        sent.add_to(&self.shared.node.stats);
         if self.close.is_some() {
             return;
         }
@@ -60,7 +60,7 @@ impl Connection {
         let State::Connected(active) = &mut self.state else {
             return;
         };
-        let stats = &self.shared.broker.stats;
+        let stats = &self.shared.node.stats;
         let mut sent = SentCount::default();
         let cell = active.cell.clone();
         self.waker.clear();
@@ -236,8 +236,8 @@ impl Connection {
                 .extend(held.into_iter().map(|packet| (ticket, packet)));
         }
         if !st.blocked.is_empty()
-            && st.session.queue_len() <= self.shared.broker.config.limits.backpressure_queued / 2
-            && st.session.queued_bytes() <= self.shared.broker.config.limits.max_queued_bytes / 4
+            && st.session.queue_len() <= self.shared.node.config.limits.backpressure_queued / 2
+            && st.session.queued_bytes() <= self.shared.node.config.limits.max_queued_bytes / 4
         {
             st.release_blocked();
         }
