@@ -37,8 +37,11 @@ pub struct Message {
     pub publisher: Option<SessionId>,
     /// The publisher's client id (hash strategy of shared subscriptions).
     pub publisher_client_id: ByteString,
-    /// Id in the durable store, set when the message is first persisted.
-    pub store_id: std::sync::OnceLock<u64>,
+    /// The engine's id for the message once it keeps it durably (the
+    /// embedded engine: its store record; a JetStream engine: the stream
+    /// sequence). Set and read by the engine only; the protocol leaves it
+    /// empty.
+    pub engine_id: std::sync::OnceLock<u64>,
     /// When the broker read it, on one message in
     /// [`crate::broker::LATENCY_SAMPLE_EVERY`] (`None` on the others and on
     /// copies kept for later: retained, queued offline): its live deliveries
@@ -74,7 +77,7 @@ impl Message {
             publisher: self.publisher,
             // Owned already (copied at CONNECT).
             publisher_client_id: self.publisher_client_id.clone(),
-            store_id: Default::default(),
+            engine_id: Default::default(),
             routed_at: None,
         }
     }
@@ -96,7 +99,9 @@ pub struct Delivery {
     /// The `$share/g/f` filter this came through, if shared (for redelivery to
     /// another member when this session ends).
     pub share: Option<ByteString>,
-    /// Position of the stored queue entry (0: not persisted).
+    /// The engine's position of this delivery in the session's durable
+    /// queue (0: not kept durably). Engine bookkeeping, like the session's
+    /// `persisted`, `next_seq` and `store_key`: the protocol never reads it.
     pub seq: u64,
     /// A retained message replayed on SUBSCRIBE: it shares the retained
     /// store's copy, so it is charged to neither the session's bytes nor the
@@ -436,10 +441,13 @@ pub struct Session {
     pub will: Option<Will>,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
-    /// The session has a record in the durable store (it is persistent and
-    /// a store is configured): its queue, in-flight and QoS 2 ids are mirrored there.
+    /// The engine keeps this session durably (it is persistent and the
+    /// engine has a store): its queue, in-flight and QoS 2 ids are mirrored
+    /// there. This, `next_seq`, `store_key` and `Delivery::seq` are the
+    /// engine's bookkeeping ([`crate::engine::Engine::session_writes`]
+    /// reads them); the protocol never touches them.
     pub persisted: bool,
-    /// Next queue entry / in-flight order number for the store.
+    /// Next queue entry / in-flight order number for the engine's records.
     pub next_seq: u64,
     /// Drops not yet logged, and when the last drop line was logged.
     pub drop_log: DropLog,
@@ -1174,7 +1182,7 @@ mod tests {
                 expires_at: None,
                 publisher: None,
                 publisher_client_id: "p".into(),
-                store_id: Default::default(),
+                engine_id: Default::default(),
                 routed_at: None,
             }),
             qos: QoS::AtMostOnce,
@@ -1217,7 +1225,7 @@ mod tests {
                 expires_at: None,
                 publisher: None,
                 publisher_client_id: "p".into(),
-                store_id: Default::default(),
+                engine_id: Default::default(),
                 routed_at: None,
             }),
             qos,

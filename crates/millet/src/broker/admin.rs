@@ -409,7 +409,7 @@ impl Broker {
             expires_at: message_expiry.map(|s| now + Duration::from_secs(u64::from(s))),
             publisher: None,
             publisher_client_id: ByteString::from_static("$admin"),
-            store_id: Default::default(),
+            engine_id: Default::default(),
             routed_at: None,
         };
         Ok(self.publish(Arc::new(msg), None, now))

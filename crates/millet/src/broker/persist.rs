@@ -247,7 +247,7 @@ impl Persistence {
     /// when the earlier references may all be gone).
     pub fn message_id(&self, msg: &Message, ops: &mut Vec<Op>, force: bool) -> u64 {
         let mut fresh = false;
-        let id = *msg.store_id.get_or_init(|| {
+        let id = *msg.engine_id.get_or_init(|| {
             fresh = true;
             self.store.alloc_message_id()
         });
@@ -285,10 +285,10 @@ impl Persistence {
             expires_at: r.properties.expires_at_ms.map(|ms| self.instant(ms, now)),
             publisher: None,
             publisher_client_id: ByteString::from(r.publisher.as_deref().unwrap_or("")),
-            store_id: Default::default(),
+            engine_id: Default::default(),
             routed_at: None,
         };
-        let _ = msg.store_id.set(id);
+        let _ = msg.engine_id.set(id);
         msg
     }
 
@@ -326,7 +326,7 @@ impl Persistence {
             client_id: client_id.clone(),
             packet_id,
             entry: InflightEntry {
-                message_id: d.msg.store_id.get().copied().unwrap_or(0),
+                message_id: d.msg.engine_id.get().copied().unwrap_or(0),
                 qos: d.qos as u8,
                 retain: d.retain,
                 subscription_ids: d.subscription_ids.to_vec(),

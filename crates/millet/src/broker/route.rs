@@ -275,8 +275,8 @@ impl Broker {
                     d.msg = kept
                         .get_or_insert_with(|| {
                             let m = d.msg.detached();
-                            if let Some(&id) = d.msg.store_id.get() {
-                                let _ = m.store_id.set(id); // stored once, whichever is used
+                            if let Some(&id) = d.msg.engine_id.get() {
+                                let _ = m.engine_id.set(id); // stored once, whichever is used
                             }
                             Arc::new(m)
                         })

@@ -253,7 +253,7 @@ fn publish_sys(broker: &Broker, load: &LoadAverages<{ LOADS.len() }>, now: Insta
             expires_at: None,
             publisher: None,
             publisher_client_id: "$SYS".into(),
-            store_id: Default::default(),
+            engine_id: Default::default(),
             routed_at: None,
         };
         broker.publish(Arc::new(msg), None, now);

@@ -51,7 +51,7 @@ impl Broker {
             expires_at,
             publisher: Some(will_session),
             publisher_client_id: will_client_id,
-            store_id: Default::default(),
+            engine_id: Default::default(),
             routed_at: None,
         };
         tracing::debug!(topic = %msg.topic, "publishing will");

@@ -205,7 +205,7 @@ impl Connection {
             expires_at,
             publisher: Some(a.cell.id),
             publisher_client_id: a.client_id.clone(),
-            store_id: Default::default(),
+            engine_id: Default::default(),
             routed_at: self.shared.node.stats.latency_stamp(now),
         };
         let msg = Arc::new(msg);
