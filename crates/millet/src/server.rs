@@ -278,11 +278,7 @@ impl Server {
                 }
             }));
         }
-        tasks.push(tokio::spawn(ticker(
-            broker.clone(),
-            live.clone(),
-            shutdown_rx.clone(),
-        )));
+        tasks.push(tokio::spawn(ticker(live.clone(), shutdown_rx.clone())));
         drop(done_tx);
         ready.store(true, std::sync::atomic::Ordering::Release);
         Ok(Server {
@@ -797,7 +793,9 @@ async fn upgrade_and_serve<S>(
     }
 }
 
-async fn ticker(broker: Arc<Broker>, live: Arc<LiveConns>, mut shutdown: watch::Receiver<bool>) {
+/// The node's clock: the engine's deadlines (wills, expiry, `$SYS`) and
+/// the parked connections' keep-alive sweep.
+async fn ticker(live: Arc<LiveConns>, mut shutdown: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(std::time::Duration::from_millis(250));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut swept = Instant::now();
@@ -805,7 +803,7 @@ async fn ticker(broker: Arc<Broker>, live: Arc<LiveConns>, mut shutdown: watch::
         tokio::select! {
             _ = every.tick() => {
                 let now = Instant::now();
-                broker.handle_timeout(now);
+                live.shared.engine.handle_timeout(now);
                 if now.duration_since(swept) >= SWEEP_EVERY {
                     live.sweep(now);
                     swept = now;

@@ -1528,6 +1528,9 @@ impl Engine for DurabilityGate {
     fn assign_client_id(&self) -> bytestring::ByteString {
         Engine::assign_client_id(&*self.inner)
     }
+    fn handle_timeout(&self, now: Instant) {
+        Engine::handle_timeout(&*self.inner, now);
+    }
     fn admit_session(&self, client_id: &str) -> Result<(), millet::broker::SessionRefusal> {
         Engine::admit_session(&*self.inner, client_id)
     }

@@ -243,6 +243,11 @@ impl Engine for Delaying {
         self.inner.assign_client_id()
     }
 
+    fn handle_timeout(&self, now: Instant) {
+        // The engine's own work, not a connection's call: not delayed.
+        self.inner.handle_timeout(now);
+    }
+
     fn admit_session(&self, client_id: &str) -> Result<(), crate::broker::SessionRefusal> {
         // Answered at once in every engine (from the node's own view).
         self.inner.admit_session(client_id)

@@ -102,6 +102,10 @@ impl Engine for Broker {
         Broker::assign_client_id(self)
     }
 
+    fn handle_timeout(&self, now: Instant) {
+        Broker::handle_timeout(self, now);
+    }
+
     fn admit_session(&self, client_id: &str) -> Result<(), SessionRefusal> {
         Broker::admit_session(self, client_id)
     }

@@ -391,6 +391,13 @@ pub trait Engine: Send + Sync + 'static {
         cell.state.lock().session.awaiting_rel.contains(&packet_id)
     }
 
+    /// The engine's own deadlines: wills whose delay ran out, sessions
+    /// whose expiry came, expired retained messages (and, for the embedded
+    /// engine, `$SYS` publication and its store's housekeeping). The node's
+    /// ticker calls it every 250 ms; it must not block (a networked engine
+    /// starts its work and returns).
+    fn handle_timeout(&self, now: Instant);
+
     /// A client id for a client that connected without one
     /// [MQTT-3.1.3-6]: unique among the engine's sessions (across the
     /// cluster for a networked engine). Answers at once.
