@@ -1460,27 +1460,49 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         // spans events that came without a wait (see the end of the loop).
         let mut handled = 0u32;
         take_answer(&mut c);
-        while c.conn.poll_close().is_none() && !c.rbuf.is_empty() && c.conn.accepts_packets() {
-            handled += 1;
-            if handled.is_multiple_of(16) && slice_start.elapsed() >= BUSY_SLICE {
-                tokio::task::yield_now().await;
-                slice_start = Instant::now();
-            }
-            // The decode result is not kept across the await below (it
-            // would be stored in every task).
-            let c = &mut *c;
-            let p = match decode(&mut c.rbuf, c.conn.protocol(), c.conn.max_packet_size()) {
-                Ok(Some(p)) => p,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::info!(peer = %c.peer, client_id = c.conn.client_id().unwrap_or(""), error = %e,
-                    reason = %e.reason_code(), "malformed packet; closing");
-                    c.conn.handle_decode_error(&e);
-                    continue;
+        loop {
+            // The clock is read every 16 packets, not per packet: the
+            // packets in between share `now` (and its conversion to a
+            // `Stamp`). `now` lives in this block only, so the task does not
+            // keep it across the yield below.
+            let must_yield = {
+                let mut now = Instant::now();
+                let mut must_yield = false;
+                while c.conn.poll_close().is_none()
+                    && !c.rbuf.is_empty()
+                    && c.conn.accepts_packets()
+                {
+                    handled += 1;
+                    if handled.is_multiple_of(16) {
+                        now = Instant::now();
+                        if now.saturating_duration_since(slice_start) >= BUSY_SLICE {
+                            must_yield = true;
+                            break;
+                        }
+                    }
+                    // The decode result is not kept across the await below (it
+                    // would be stored in every task).
+                    let c = &mut *c;
+                    let p = match decode(&mut c.rbuf, c.conn.protocol(), c.conn.max_packet_size()) {
+                        Ok(Some(p)) => p,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::info!(peer = %c.peer, client_id = c.conn.client_id().unwrap_or(""), error = %e,
+                            reason = %e.reason_code(), "malformed packet; closing");
+                            c.conn.handle_decode_error(&e);
+                            continue;
+                        }
+                    };
+                    c.conn.handle_packet(p, now);
+                    submit_requests(c);
                 }
+                must_yield
             };
-            c.conn.handle_packet(p, Instant::now());
-            submit_requests(c);
+            if !must_yield {
+                break;
+            }
+            tokio::task::yield_now().await;
+            slice_start = Instant::now();
         }
         if c.rbuf.is_empty() && c.rbuf.capacity() > 0 {
             c.rbuf = BytesMut::new(); // idle: hold no read buffer

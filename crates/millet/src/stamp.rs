@@ -43,8 +43,29 @@ impl Stamp {
     }
 }
 
+thread_local! {
+    /// The last conversion on this thread: a driver turn hands the same
+    /// `now` to every packet it handles, and converting it again cost ~85
+    /// instructions per packet (`Instant` subtraction, 128-bit nanoseconds),
+    /// about 1% of a QoS 0 PUBLISH's handling (callgrind).
+    static LAST: std::cell::Cell<Option<(Instant, Stamp)>> = const { std::cell::Cell::new(None) };
+}
+
 impl From<Instant> for Stamp {
     fn from(t: Instant) -> Stamp {
+        LAST.with(|last| match last.get() {
+            Some((i, s)) if i == t => s,
+            _ => {
+                let s = Stamp::convert(t);
+                last.set(Some((t, s)));
+                s
+            }
+        })
+    }
+}
+
+impl Stamp {
+    fn convert(t: Instant) -> Stamp {
         let b = base();
         let v = if t >= b {
             ORIGIN.saturating_add(nanos(t - b))
