@@ -503,6 +503,13 @@ impl Connection {
     /// A request for the engine, to be handed to it once
     /// ([`crate::engine::submit`]); its answer comes back through
     /// [`Connection::handle_completion`].
+    /// Whether [`Connection::poll_request`] has something (a cheap check
+    /// the driver makes after every packet).
+    #[inline]
+    pub fn has_request(&self) -> bool {
+        self.detach_due || self.waiting.as_ref().is_some_and(|w| w.request.is_some())
+    }
+
     pub fn poll_request(&mut self) -> Option<Request> {
         if let Some(r) = self.waiting.as_mut().and_then(|w| w.request.take()) {
             return Some(r);

@@ -1768,7 +1768,16 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
 
 /// Hand the protocol's requests to the engine; answers given at once are
 /// handled at once (the embedded engine: no wake-up, no allocation).
+#[inline]
 fn submit_requests<S: Transport>(c: &mut Conn<S>) {
+    // Most packets (PUBLISH, acks, PINGREQ) leave nothing to submit.
+    if c.connected && (c.pending.is_some() || !c.conn.has_request()) {
+        return;
+    }
+    submit_pending_requests(c);
+}
+
+fn submit_pending_requests<S: Transport>(c: &mut Conn<S>) {
     while c.pending.is_none() {
         let Some(request) = c.conn.poll_request() else {
             break;
