@@ -2115,7 +2115,7 @@ mod size_report {
                 472,
             ),
             ("Connection", size_of::<crate::protocol::Connection>(), 248),
-            ("SessionCell", size_of::<crate::session::SessionCell>(), 408),
+            ("SessionCell", size_of::<crate::session::SessionCell>(), 392),
             ("Option<Will>", size_of::<Option<crate::session::Will>>(), 8),
             ("ConnWaker", size_of::<crate::session::ConnWaker>(), 40),
             ("Parking", size_of::<super::Parking>(), 40),

@@ -101,7 +101,7 @@ pub struct Delivery {
     pub share: Option<ByteString>,
     /// The engine's position of this delivery in the session's durable
     /// queue (0: not kept durably). Engine bookkeeping, like the session's
-    /// `persisted`, `next_seq` and `store_key`: the protocol never reads it.
+    /// `persisted` and `next_seq`: the protocol never reads it.
     pub seq: u64,
     /// A retained message replayed on SUBSCRIBE: it shares the retained
     /// store's copy, so it is charged to neither the session's bytes nor the
@@ -443,7 +443,7 @@ pub struct Session {
     pub dropped: u64,
     /// The engine keeps this session durably (it is persistent and the
     /// engine has a store): its queue, in-flight and QoS 2 ids are mirrored
-    /// there. This, `next_seq`, `store_key` and `Delivery::seq` are the
+    /// there. This, `next_seq` and `Delivery::seq` are the
     /// engine's bookkeeping ([`crate::engine::Engine::session_writes`]
     /// reads them); the protocol never touches them.
     pub persisted: bool,
@@ -451,8 +451,6 @@ pub struct Session {
     pub next_seq: u64,
     /// Drops not yet logged, and when the last drop line was logged.
     pub drop_log: DropLog,
-    /// The client id as the store's ops carry it (shared, not copied per op).
-    pub store_key: Arc<str>,
     /// When a queued message last left the queue for the wire, and the
     /// time before that (restored by [`Session::unpop`]).
     last_drain: Option<Stamp>,
@@ -541,7 +539,6 @@ impl Session {
             drop_log: DropLog::default(),
             persisted: false,
             next_seq: 1,
-            store_key: Arc::from(&*client_id),
             client_id,
             last_drain: None,
             prev_drain: None,

@@ -295,7 +295,7 @@ impl Persistence {
     /// A queue entry for `d`, referencing its message (stored if needed).
     pub fn queue_op(
         &self,
-        client_id: &Arc<str>,
+        client_id: &ByteString,
         d: &Delivery,
         ops: &mut Vec<Op>,
         force_message: bool,
@@ -316,7 +316,7 @@ impl Persistence {
 
     pub fn inflight_op(
         &self,
-        client_id: &Arc<str>,
+        client_id: &ByteString,
         packet_id: u16,
         d: &Delivery,
         await_comp: bool,
@@ -407,7 +407,7 @@ impl<'a> SessionWrites<'a> {
     pub fn inflight_done(&mut self, session: &Session, packet_id: u16) {
         if self.persist.is_some() {
             self.ops.push(Op::DeleteInflight {
-                client_id: session.store_key.clone(),
+                client_id: session.client_id.clone(),
                 packet_id,
             });
         }
@@ -422,7 +422,7 @@ impl<'a> SessionWrites<'a> {
             p.message_id(&d.msg, &mut self.ops, d.seq == 0);
             let order = session.take_seq();
             self.ops
-                .push(p.inflight_op(&session.store_key, packet_id, d, false, order));
+                .push(p.inflight_op(&session.client_id, packet_id, d, false, order));
         }
     }
 
@@ -430,7 +430,7 @@ impl<'a> SessionWrites<'a> {
     pub fn queue_entry_sent(&mut self, session: &Session, d: &Delivery) {
         if let (Some(_), true) = (self.persist, d.seq != 0) {
             self.ops.push(Op::DeleteQueueEntry {
-                client_id: session.store_key.clone(),
+                client_id: session.client_id.clone(),
                 seq: d.seq,
             });
         }
@@ -442,7 +442,7 @@ impl<'a> SessionWrites<'a> {
         let Some(p) = self.persist else { return };
         let order = session.take_seq();
         if let Some(i) = session.inflight_get(packet_id) {
-            let op = p.inflight_op(&session.store_key, packet_id, &i.delivery, true, order);
+            let op = p.inflight_op(&session.client_id, packet_id, &i.delivery, true, order);
             self.ops.push(op);
         }
     }
@@ -451,7 +451,7 @@ impl<'a> SessionWrites<'a> {
     pub fn awaiting_rel_added(&mut self, session: &Session, packet_id: u16) {
         if self.persist.is_some() {
             self.ops.push(Op::PutAwaitingRel {
-                client_id: session.store_key.clone(),
+                client_id: session.client_id.clone(),
                 packet_id,
             });
         }
@@ -461,7 +461,7 @@ impl<'a> SessionWrites<'a> {
     pub fn awaiting_rel_done(&mut self, session: &Session, packet_id: u16) {
         if self.persist.is_some() {
             self.ops.push(Op::DeleteAwaitingRel {
-                client_id: session.store_key.clone(),
+                client_id: session.client_id.clone(),
                 packet_id,
             });
         }

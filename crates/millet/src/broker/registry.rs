@@ -304,7 +304,7 @@ impl Broker {
             if let (Some(p), true) = (&self.persist, st.session.persisted) {
                 st.session.persisted = false;
                 p.submit(vec![Op::DeleteSession {
-                    client_id: st.session.store_key.clone(),
+                    client_id: st.session.client_id.clone(),
                 }]);
             }
             (subs, pending)

@@ -291,7 +291,7 @@ impl Broker {
                         && st.session.admits(&d) =>
                 {
                     d.seq = st.session.take_seq();
-                    Some(p.queue_op(&st.session.store_key, &d, ops, force_message))
+                    Some(p.queue_op(&st.session.client_id, &d, ops, force_message))
                 }
                 _ => None,
             };
@@ -305,7 +305,7 @@ impl Broker {
                 for &seq in seqs {
                     if seq != 0 && self.persist.is_some() {
                         ops.push(Op::DeleteQueueEntry {
-                            client_id: st.session.store_key.clone(),
+                            client_id: st.session.client_id.clone(),
                             seq,
                         });
                     }

@@ -660,7 +660,7 @@ impl<'t> Tables<'t> {
             } => {
                 let old = self
                     .queue
-                    .insert((client_id.as_bytes(), *seq), entry.encode().as_slice())
+                    .insert((str::as_bytes(client_id), *seq), entry.encode().as_slice())
                     .map_err(map_err)?
                     .and_then(|g| QueueEntry::decode(g.value()).ok());
                 add_ref(index, entry.message_id);
@@ -671,7 +671,7 @@ impl<'t> Tables<'t> {
             Op::DeleteQueueEntry { client_id, seq } => {
                 let old = self
                     .queue
-                    .remove((client_id.as_bytes(), *seq))
+                    .remove((str::as_bytes(client_id), *seq))
                     .map_err(map_err)?
                     .and_then(|g| QueueEntry::decode(g.value()).ok());
                 if let Some(o) = old {
@@ -686,7 +686,7 @@ impl<'t> Tables<'t> {
                 let old = self
                     .inflight
                     .insert(
-                        (client_id.as_bytes(), *packet_id),
+                        (str::as_bytes(client_id), *packet_id),
                         entry.encode().as_slice(),
                     )
                     .map_err(map_err)?
@@ -702,7 +702,7 @@ impl<'t> Tables<'t> {
             } => {
                 let old = self
                     .inflight
-                    .remove((client_id.as_bytes(), *packet_id))
+                    .remove((str::as_bytes(client_id), *packet_id))
                     .map_err(map_err)?
                     .and_then(|g| InflightEntry::decode(g.value()).ok());
                 if let Some(o) = old {
@@ -714,7 +714,7 @@ impl<'t> Tables<'t> {
                 packet_id,
             } => {
                 self.awaiting
-                    .insert((client_id.as_bytes(), *packet_id), ())
+                    .insert((str::as_bytes(client_id), *packet_id), ())
                     .map_err(map_err)?;
             }
             Op::DeleteAwaitingRel {
@@ -722,7 +722,7 @@ impl<'t> Tables<'t> {
                 packet_id,
             } => {
                 self.awaiting
-                    .remove((client_id.as_bytes(), *packet_id))
+                    .remove((str::as_bytes(client_id), *packet_id))
                     .map_err(map_err)?;
             }
             Op::PutRetained { topic, message_id } => {

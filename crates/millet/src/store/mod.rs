@@ -49,6 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytestring::ByteString;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 pub use records::{
@@ -131,7 +132,7 @@ pub enum Op {
     /// Remove a session with all its queue, in-flight and awaiting-PUBREL
     /// entries (dropping the message references they hold).
     DeleteSession {
-        client_id: Arc<str>,
+        client_id: ByteString,
     },
     /// Store a message under a broker-chosen id ([`Store::alloc_message_id`]).
     PutMessage {
@@ -145,12 +146,12 @@ pub enum Op {
     /// the engine); within one submit group a later put at the same
     /// position replaces the earlier one.
     PutQueueEntry {
-        client_id: Arc<str>,
+        client_id: ByteString,
         seq: u64,
         entry: QueueEntry,
     },
     DeleteQueueEntry {
-        client_id: Arc<str>,
+        client_id: ByteString,
         seq: u64,
     },
     /// Record (or update, e.g. AwaitAck → AwaitComp) an outgoing in-flight
@@ -158,21 +159,21 @@ pub enum Op {
     /// first record of that packet id since its previous use was deleted
     /// (the broker allocates packet ids outside the in-flight window).
     PutInflight {
-        client_id: Arc<str>,
+        client_id: ByteString,
         packet_id: u16,
         entry: InflightEntry,
     },
     DeleteInflight {
-        client_id: Arc<str>,
+        client_id: ByteString,
         packet_id: u16,
     },
     /// An incoming QoS 2 packet id awaiting PUBREL.
     PutAwaitingRel {
-        client_id: Arc<str>,
+        client_id: ByteString,
         packet_id: u16,
     },
     DeleteAwaitingRel {
-        client_id: Arc<str>,
+        client_id: ByteString,
         packet_id: u16,
     },
     /// Make a stored message the retained message of `topic` (replaces).
