@@ -16,7 +16,14 @@ from helpers import (DISCONNECT, PINGREQ_PACKET, PINGRESP, PUBLISH, V311, V5, Ra
 
 pytestmark = pytest.mark.millet_only("Millet's parked connections")
 
-CONFIG = "sys_interval = 1\n[limits]\npark_after_ms = 100\n"
+CONFIG = "sys_interval = 1\n[limits]\npark_after_ms = 100\ntcp_reactor = {reactor}\n"
+
+
+@pytest.fixture(params=["true", "false"], ids=["event-loop", "task-per-connection"])
+def park_config(request) -> str:
+    """Both ways a plain-TCP connection parks: in its event loop (the default) and, with
+    ``tcp_reactor = false``, by giving up its tokio task."""
+    return CONFIG.format(reactor=request.param)
 
 
 def parked(b) -> int:
@@ -34,8 +41,8 @@ def wait_parked(b, n: int, what: str):
     wait_until(lambda: parked(b) >= n, timeout=10, interval=0.2, what=what)
 
 
-def test_parked_subscriber_is_woken_by_deliveries_and_pings(millet_config):
-    b = millet_config(CONFIG)
+def test_parked_subscriber_is_woken_by_deliveries_and_pings(millet_config, park_config):
+    b = millet_config(park_config)
     topic = unique("park/")
     sub = RawClient(b, V5)
     sub.connect(unique("parked-sub"), keepalive=60)
@@ -58,11 +65,11 @@ def test_parked_subscriber_is_woken_by_deliveries_and_pings(millet_config):
     sub.disconnect()
 
 
-def test_keep_alive_ends_a_parked_connection_and_publishes_its_will(millet_config):
+def test_keep_alive_ends_a_parked_connection_and_publishes_its_will(millet_config, park_config):
     """[MQTT-3.1.2-22]: no packet within 1.5 x keep alive: the server closes the connection, and
     publishes the will [MQTT-3.1.2-8]. A parked connection has no timer of its own: the
     broker-wide sweep must wake it."""
-    b = millet_config(CONFIG)
+    b = millet_config(park_config)
     will_topic = unique("park-will/")
     watcher = RawClient(b, V311)
     watcher.connect(unique("watcher"), keepalive=60)
@@ -80,8 +87,8 @@ def test_keep_alive_ends_a_parked_connection_and_publishes_its_will(millet_confi
     assert "keep alive" in b.log_text().lower()
 
 
-def test_takeover_and_shutdown_reach_parked_connections(millet_config):
-    b = millet_config(CONFIG)
+def test_takeover_and_shutdown_reach_parked_connections(millet_config, park_config):
+    b = millet_config(park_config)
     cid = unique("taken")
     old = RawClient(b, V5)
     old.connect(cid, keepalive=60)

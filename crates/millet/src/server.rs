@@ -32,6 +32,8 @@ use crate::security::{AuthResult, ConnectRequest, Security};
 use crate::session::ConnWaker;
 use crate::stamp::Stamp;
 
+mod reactor;
+
 /// Read sizes adapt between these bounds: a read that fills the buffer
 /// doubles the next one, one that doesn't halves it. Idle and lightly loaded
 /// connections (the fleet's common case) read small, so connection bursts and
@@ -114,6 +116,11 @@ impl LiveConns {
         }
     }
 
+    fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn shutdown(&self) {
         self.shutting_down
             .store(true, std::sync::atomic::Ordering::Release);
@@ -168,6 +175,7 @@ pub struct Server {
     /// MQTT listeners bound and not draining (the admin API's `/readyz`).
     ready: Arc<std::sync::atomic::AtomicBool>,
     live: Arc<LiveConns>,
+    reactors: Option<Arc<reactor::Reactors>>,
     shutdown: watch::Sender<bool>,
     done: mpsc::Receiver<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -208,6 +216,14 @@ impl Server {
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let admin = crate::admin::start(broker.clone(), ready.clone()).await?;
         let ws = Arc::new(crate::ws::WsSettings::from_config(&broker.node.config));
+        // (Not aborted at shutdown like `tasks`: a reactor ends once its
+        // connections have closed.)
+        let reactors = if broker.node.config.limits.tcp_reactor {
+            let workers = tokio::runtime::Handle::current().metrics().num_workers();
+            Some(Arc::new(reactor::Reactors::start(workers, live.clone())?))
+        } else {
+            None
+        };
         let c = &broker.node.config;
         let plain = c.listen.iter().map(|a| (*a, None, None));
         let secure = c.tls_listen.iter().map(|a| (*a, tls.clone(), None));
@@ -247,6 +263,7 @@ impl Server {
                 tls_log: PerAddressThrottle::default(),
                 preauth: preauth.clone(),
                 live: live.clone(),
+                reactors: reactors.clone(),
             });
             tasks.push(tokio::spawn(accept_loop(
                 listener,
@@ -288,6 +305,7 @@ impl Server {
             admin,
             ready,
             live,
+            reactors,
             shutdown,
             done,
             tasks,
@@ -301,6 +319,9 @@ impl Server {
             .store(false, std::sync::atomic::Ordering::Release);
         let _ = self.shutdown.send(true);
         self.live.shutdown();
+        if let Some(r) = &self.reactors {
+            r.wake_all();
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -379,6 +400,8 @@ struct ListenerCtx {
     tls_log: PerAddressThrottle,
     preauth: Arc<PreAuthBudget>,
     live: Arc<LiveConns>,
+    /// Plain-TCP connections' event loops (`limits.tcp_reactor`).
+    reactors: Option<Arc<reactor::Reactors>>,
 }
 
 /// Lets one event per address and kind through per
@@ -603,6 +626,14 @@ async fn accept_loop(
                         tokio::spawn(accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done));
                         continue;
                     }
+                    if let (None, Some(reactors)) = (&ctx.tls, &ctx.reactors) {
+                        // Out of tokio's hands: the reactor's epoll set holds it.
+                        match stream.into_std() {
+                            Ok(sock) => reactors.serve(sock, Box::new(info), done),
+                            Err(e) => tracing::debug!(%peer, error = %e, "connection lost at accept"),
+                        }
+                        continue;
+                    }
                     let Some(tls) = &ctx.tls else {
                         let fut = serve(stream, Box::new(info), live, done);
                         tracing::trace!(
@@ -718,6 +749,11 @@ async fn accept_proxied(
         accept_ws(stream, ctx.clone(), ws.clone(), info, broker, live, done).await;
     } else if let Some(tls) = &ctx.tls {
         accept_tls(stream, tls.clone(), ctx.clone(), info, broker, live, done).await;
+    } else if let Some(reactors) = &ctx.reactors {
+        match stream.into_std() {
+            Ok(sock) => reactors.serve(sock, Box::new(info), done),
+            Err(e) => tracing::debug!(%peer, error = %e, "connection lost after its PROXY header"),
+        }
     } else {
         serve(stream, Box::new(info), live, done).await;
     }
@@ -839,6 +875,32 @@ trait Transport: AsyncWrite + Unpin + Send {
     /// The CONNECT was accepted: limits on unauthenticated clients end
     /// (WebSocket: see [`crate::ws::Capped`]).
     fn connect_accepted(&mut self) {}
+
+    /// Polled by a [`reactor`] rather than run as a tokio task: its yields
+    /// wake it at once (the reactor polls it again next round).
+    const IN_REACTOR: bool = false;
+
+    /// Park a quiet connection (see [`park`]; a reactor's connections
+    /// park in their reactor).
+    fn park(c: Box<Conn<Self>>, keepalive_at: Option<Instant>) -> Parked<Self>
+    where
+        Self: Sized + 'static,
+    {
+        match park(c, keepalive_at) {
+            Ok(()) => Parked::Gone,
+            Err(c) => Parked::NotNow(c),
+        }
+    }
+}
+
+/// What became of a connection asked to park.
+enum Parked<S> {
+    /// Parked with its waker ([`Parking`]); the task ends.
+    Gone,
+    /// Parked: its reactor keeps it (the future ends with it).
+    Kept(Box<Conn<S>>),
+    /// Something is waiting: the connection goes on.
+    NotNow(Box<Conn<S>>),
 }
 
 impl Transport for TcpStream {
@@ -1391,13 +1453,14 @@ struct Conn<S> {
     _done: mpsc::Sender<()>,
 }
 
-/// Serve one connection until it closes.
+/// Serve one connection until it closes (or, in a reactor, parks: see
+/// [`drive`]).
 fn serve<S: Transport + 'static>(
     stream: S,
     info: Box<PeerInfo>,
     live: Arc<LiveConns>,
     done: mpsc::Sender<()>,
-) -> impl std::future::Future<Output = ()> + Send {
+) -> impl std::future::Future<Output = Option<Box<Conn<S>>>> + Send {
     let now = Instant::now();
     let conn = Connection::new(live.shared.clone(), now);
     let live = live.register(conn.waker());
@@ -1428,7 +1491,8 @@ fn serve<S: Transport + 'static>(
 }
 
 /// Run a connection (new, or resumed from parking) until it closes or parks.
-async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
+/// `Some`: parked in its reactor ([`Parked::Kept`]), which keeps it.
+async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S>>> {
     // The keep-alive / connect / retry timer: one timer entry, moved as the
     // deadline moves (not a new one per wait).
     let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
@@ -1501,7 +1565,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             if !must_yield {
                 break;
             }
-            tokio::task::yield_now().await;
+            yield_turn::<S>().await;
             slice_start = Instant::now();
         }
         if c.rbuf.is_empty() && c.rbuf.capacity() > 0 {
@@ -1613,9 +1677,10 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 // Resumed after a long quiet (a device's message, a command to
                 // it) and done: park again at once, without waiting
                 // `park_after` for a timer to say so.
-                match park(c, plan.keepalive_at) {
-                    Ok(()) => return,
-                    Err(back) => c = back,
+                match S::park(c, plan.keepalive_at) {
+                    Parked::Gone => return None,
+                    Parked::Kept(c) => return Some(c),
+                    Parked::NotNow(back) => c = back,
                 }
                 continue;
             }
@@ -1653,7 +1718,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         if waited {
             slice_start = Instant::now();
         } else if slice_start.elapsed() >= BUSY_SLICE {
-            tokio::task::yield_now().await;
+            yield_turn::<S>().await;
             slice_start = Instant::now();
         }
         fresh = false;
@@ -1691,9 +1756,10 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
                 if plan.park_at.is_some_and(|t| t <= now) {
                     // Quiet for `park_after` with nothing in progress (any
                     // other event would have come first): give up the task.
-                    match park(c, plan.keepalive_at) {
-                        Ok(()) => return,
-                        Err(back) => c = back,
+                    match S::park(c, plan.keepalive_at) {
+                        Parked::Gone => return None,
+                        Parked::Kept(c) => return Some(c),
+                        Parked::NotNow(back) => c = back,
                     }
                     continue;
                 }
@@ -1743,7 +1809,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
             c.stream.shutdown(),
         ))
         .await;
-        return;
+        return None;
     }
     // We decided to close (DISCONNECT sent, CONNACK refused, takeover,
     // shutdown...): linger so that the client can read why. After a takeover
@@ -1764,6 +1830,16 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) {
         Box::pin(lingering_close(stream, rbuf, None)).await;
     }
     close(conn, engine);
+    None
+}
+
+/// Let the worker's other tasks (or the reactor's other connections) run.
+async fn yield_turn<S: Transport>() {
+    if S::IN_REACTOR {
+        reactor::YieldTurn::default().await;
+    } else {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Hand the protocol's requests to the engine; answers given at once are
@@ -1953,8 +2029,9 @@ trait Resume: Send {
     fn resume(self: Box<Self>, runtime: &tokio::runtime::Handle);
 }
 
-impl<S: Transport + 'static> Resume for Conn<S> {
-    fn resume(mut self: Box<Self>, runtime: &tokio::runtime::Handle) {
+impl<S> Conn<S> {
+    /// Leaving parking: quiet if it was parked at least `park_after`.
+    fn unpark(&mut self) {
         let now = Instant::now();
         let park_after = Duration::from_millis(self.conn.node().config.limits.park_after_ms);
         self.quiet = now.duration_since(self.last_active.instant()) >= park_after;
@@ -1964,6 +2041,12 @@ impl<S: Transport + 'static> Resume for Conn<S> {
             .stats
             .clients_parked
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<S: Transport + 'static> Resume for Conn<S> {
+    fn resume(mut self: Box<Self>, runtime: &tokio::runtime::Handle) {
+        self.unpark();
         // A runtime that is shutting down drops the future: the
         // connection's `Drop` then detaches its session.
         runtime.spawn(drive(self));
@@ -2114,6 +2197,12 @@ mod size_report {
                 size_of::<super::Conn<tokio::net::TcpStream>>(),
                 472,
             ),
+            (
+                "Conn<ReactorTcp>",
+                size_of::<super::Conn<super::reactor::ReactorTcp>>(),
+                456,
+            ),
+            ("Slot", size_of::<super::reactor::Slot>(), 24),
             ("Connection", size_of::<crate::protocol::Connection>(), 248),
             ("SessionCell", size_of::<crate::session::SessionCell>(), 392),
             ("Option<Will>", size_of::<Option<crate::session::Will>>(), 8),
