@@ -49,6 +49,7 @@ pub mod config;
 pub mod engine;
 pub mod histogram;
 pub mod hooks;
+pub mod lazy;
 pub mod node;
 pub mod protocol;
 pub mod proxy;

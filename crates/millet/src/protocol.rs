@@ -286,10 +286,9 @@ struct Active {
     /// Enhanced authentication (v5): its method, and a re-authentication
     /// under way. Boxed: most connections have none.
     auth: Option<Box<Reauth>>,
-    /// Effective username, for the ACL.
-    username: Option<ByteString>,
-    /// Per-client ACL rules from the authentication provider.
-    acl: Vec<Rule>,
+    /// Effective username and per-client ACL rules, for the ACL. Boxed,
+    /// and only when there is either: 8 bytes for an anonymous client.
+    identity: Option<Box<Identity>>,
     /// What the hooks hold while the connection lives.
     _hold: Held,
     /// Incoming message / byte rate limit (`[security.quota]`).
@@ -299,6 +298,13 @@ struct Active {
     bridge: bool,
 }
 
+/// Who the client is to the ACL (see [`Active::identity`]).
+struct Identity {
+    username: Option<ByteString>,
+    /// Per-client ACL rules from the authentication provider.
+    acl: Vec<Rule>,
+}
+
 /// A v5 connection's authentication method and its re-authentication.
 struct Reauth {
     method: ByteString,
@@ -306,6 +312,18 @@ struct Reauth {
 }
 
 impl Active {
+    fn new_identity(username: Option<ByteString>, acl: Vec<Rule>) -> Option<Box<Identity>> {
+        (username.is_some() || !acl.is_empty()).then(|| Box::new(Identity { username, acl }))
+    }
+
+    fn username(&self) -> Option<&ByteString> {
+        self.identity.as_ref().and_then(|i| i.username.as_ref())
+    }
+
+    fn acl(&self) -> &[Rule] {
+        self.identity.as_ref().map_or(&[], |i| &i.acl)
+    }
+
     fn keep_alive(&self) -> Option<Duration> {
         (self.keep_alive > 0).then(|| Duration::from_secs(u64::from(self.keep_alive)))
     }
@@ -362,7 +380,7 @@ pub struct Connection {
     state: State,
     protocol: Option<Protocol>,
     /// Control packets (acks, CONNACK, SUBACK, ...) waiting to be written.
-    out: VecDeque<Packet>,
+    out: crate::lazy::LazyDeque<Packet>,
     /// Boxed: set once, when the connection ends (8 bytes until then).
     close: Option<Box<Close>>,
     /// Every deadline (see [`Timer`]).
@@ -383,7 +401,7 @@ pub struct Connection {
     verdict: Option<Box<ConnectVerdict>>,
     /// PUBACK / PUBREC held until the store sequence they depend on is
     /// durable; released in order [MQTT-4.6.0-2].
-    pending_acks: VecDeque<(Ticket, Packet)>,
+    pending_acks: crate::lazy::LazyDeque<(Ticket, Packet)>,
     /// Largest packet the client accepts (its v5 Maximum Packet Size).
     peer_max_packet: usize,
     /// A packet too big for the client has been discarded and logged.
@@ -408,7 +426,7 @@ impl Connection {
             shared,
             state: State::AwaitConnect,
             protocol: None,
-            out: VecDeque::new(),
+            out: crate::lazy::LazyDeque::new(),
             close: None,
             timers: {
                 let mut t = Timers::default();
@@ -421,7 +439,7 @@ impl Connection {
             keepalive_stale: false,
             detach_due: false,
             last_recv: Stamp::from(now),
-            pending_acks: VecDeque::new(),
+            pending_acks: crate::lazy::LazyDeque::new(),
             verdict: None,
             peer_max_packet: usize::MAX,
             warned_oversize: false,
@@ -535,12 +553,8 @@ impl Connection {
     /// connection waits: an idle connection should hold no allocation it
     /// does not need (one costs a few hundred bytes; a fleet has millions).
     pub fn release_idle_memory(&mut self) {
-        if self.out.is_empty() && self.out.capacity() > 0 {
-            self.out = VecDeque::new();
-        }
-        if self.pending_acks.is_empty() && self.pending_acks.capacity() > 0 {
-            self.pending_acks = VecDeque::new();
-        }
+        self.out.release();
+        self.pending_acks.release();
     }
 
     /// The driver found the client consuming nothing for

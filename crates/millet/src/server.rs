@@ -2143,10 +2143,13 @@ async fn lingering_close<S: Transport>(
     mut conn: Option<&mut Connection>,
 ) {
     let deadline = tokio::time::Instant::now() + LINGER_TIME;
-    if !matches!(
-        tokio::time::timeout_at(deadline, stream.shutdown()).await,
-        Ok(Ok(()))
-    ) {
+    let shut = tokio::time::timeout_at(deadline, stream.shutdown()).await;
+    // A failed shutdown (the client already reset the connection, e.g. in
+    // answer to the DISCONNECT just written) ends the lingering, except
+    // that what the socket still holds is read when the state machine
+    // wants it: a normal DISCONNECT sent before the client closed decides
+    // on its will [MQTT-3.1.2-10] (the data is read before the reset).
+    if !matches!(shut, Ok(Ok(()))) && conn.is_none() {
         return;
     }
     let mut read = 0usize;
@@ -2195,21 +2198,21 @@ mod size_report {
             (
                 "Conn<TcpStream>",
                 size_of::<super::Conn<tokio::net::TcpStream>>(),
-                472,
+                424,
             ),
             (
                 "Conn<ReactorTcp>",
                 size_of::<super::Conn<super::reactor::ReactorTcp>>(),
-                456,
+                408,
             ),
             ("Slot", size_of::<super::reactor::Slot>(), 24),
-            ("Connection", size_of::<crate::protocol::Connection>(), 248),
-            ("SessionCell", size_of::<crate::session::SessionCell>(), 392),
+            ("Connection", size_of::<crate::protocol::Connection>(), 200),
+            ("SessionCell", size_of::<crate::session::SessionCell>(), 296),
             ("Option<Will>", size_of::<Option<crate::session::Will>>(), 8),
             ("ConnWaker", size_of::<crate::session::ConnWaker>(), 40),
             ("Parking", size_of::<super::Parking>(), 40),
             ("ConnInfo", size_of::<crate::broker::admin::ConnInfo>(), 72),
-            ("Active", crate::protocol::active_size(), 176),
+            ("Active", crate::protocol::active_size(), 128),
         ];
         for (name, size, bound) in sizes {
             eprintln!("{name}: {size} bytes (bound {bound})");

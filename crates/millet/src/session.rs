@@ -226,8 +226,14 @@ pub enum Enqueued {
 /// heads, so the delivery order is the arrival order across QoS levels (and
 /// per publisher [MQTT-4.6.0]); a full queue drops its oldest QoS 0 entry in
 /// O(1) (the head of `q0`) instead of searching for it.
+///
+/// Boxed, and only while it holds something: most sessions (an idle
+/// device's) have nothing queued, and keep 8 bytes instead of 64.
 #[derive(Debug, Default)]
-struct Queue {
+struct Queue(Option<Box<Lanes>>);
+
+#[derive(Debug, Default)]
+struct Lanes {
     q0: VecDeque<(u64, Delivery)>,
     q12: VecDeque<(u64, Delivery)>,
     /// Arrival number of the next push.
@@ -238,9 +244,76 @@ struct Queue {
 
 impl Queue {
     fn len(&self) -> usize {
-        self.q0.len() + self.q12.len()
+        self.0.as_ref().map_or(0, |l| l.q0.len() + l.q12.len())
     }
 
+    fn lanes(&mut self) -> &mut Lanes {
+        self.0.get_or_insert_with(Box::default)
+    }
+
+    fn push_back(&mut self, d: Delivery) {
+        self.lanes().push_back(d);
+    }
+
+    fn push_front(&mut self, d: Delivery) {
+        self.lanes().push_front(d);
+    }
+
+    fn pop_front(&mut self) -> Option<Delivery> {
+        self.0.as_mut()?.pop_front()
+    }
+
+    fn pop_front_q0(&mut self) -> Option<(u64, Delivery)> {
+        self.0.as_mut()?.pop_front_q0()
+    }
+
+    fn has_q0(&self) -> bool {
+        self.0.as_ref().is_some_and(|l| !l.q0.is_empty())
+    }
+
+    fn q12_len(&self) -> usize {
+        self.0.as_ref().map_or(0, |l| l.q12.len())
+    }
+
+    /// Bytes of the QoS 0 entries.
+    fn bytes0(&self) -> usize {
+        self.0.as_ref().map_or(0, |l| l.bytes0)
+    }
+
+    /// Empty: give the lanes back.
+    fn release_if_empty(&mut self) {
+        if self.len() == 0 {
+            self.0 = None;
+        }
+    }
+
+    /// Drop the entries expired at `now`; the bytes they held.
+    fn retain_unexpired(&mut self, now: Instant) -> usize {
+        let Some(l) = self.0.as_mut() else {
+            return 0;
+        };
+        let mut freed0 = 0;
+        l.q0.retain(|(_, d)| {
+            let expired = d.msg.is_expired(now);
+            if expired {
+                freed0 += d.charge();
+            }
+            !expired
+        });
+        let mut freed12 = 0;
+        l.q12.retain(|(_, d)| {
+            let expired = d.msg.is_expired(now);
+            if expired {
+                freed12 += d.charge();
+            }
+            !expired
+        });
+        l.bytes0 -= freed0;
+        freed0 + freed12
+    }
+}
+
+impl Lanes {
     fn push_back(&mut self, d: Delivery) {
         let n = self.next;
         self.next += 1;
@@ -430,7 +503,7 @@ pub struct Session {
     queue: Queue,
     max_queued: usize,
     /// Insertion-ordered outgoing window, keyed by packet id.
-    inflight: VecDeque<(u16, Inflight)>,
+    inflight: crate::lazy::LazyDeque<(u16, Inflight)>,
     /// Incoming QoS 2 packet ids: PUBREC sent, PUBREL not yet received.
     pub awaiting_rel: PacketIds,
     next_packet_id: u16,
@@ -509,15 +582,8 @@ impl Session {
     /// received one message would otherwise keep a few hundred bytes of
     /// queue and in-flight window for good).
     pub fn release_idle_memory(&mut self) {
-        if self.queue.q0.is_empty() && self.queue.q0.capacity() > 0 {
-            self.queue.q0 = VecDeque::new();
-        }
-        if self.queue.q12.is_empty() && self.queue.q12.capacity() > 0 {
-            self.queue.q12 = VecDeque::new();
-        }
-        if self.inflight.is_empty() && self.inflight.capacity() > 0 {
-            self.inflight = VecDeque::new();
-        }
+        self.queue.release_if_empty();
+        self.inflight.release();
         if self.awaiting_rel.is_empty() {
             self.awaiting_rel = PacketIds::default();
         }
@@ -529,7 +595,7 @@ impl Session {
             subscriptions: Subscriptions::default(),
             queue: Queue::default(),
             max_queued,
-            inflight: VecDeque::new(),
+            inflight: crate::lazy::LazyDeque::new(),
             awaiting_rel: PacketIds::default(),
             next_packet_id: 1,
             expiry_interval: 0,
@@ -648,7 +714,7 @@ impl Session {
     /// displacing an older QoS 0 message) rather than dropped. O(1); lets the
     /// broker skip the store work for a message about to be dropped.
     pub fn admits(&self, d: &Delivery) -> bool {
-        self.fits(d.charge()) || (d.qos != QoS::AtMostOnce && !self.queue.q0.is_empty())
+        self.fits(d.charge()) || (d.qos != QoS::AtMostOnce && self.queue.has_q0())
     }
 
     /// Room for one more message of `charge` bytes (a replay, 0 bytes, only
@@ -691,9 +757,9 @@ impl Session {
         // for the count; for the byte limit maybe several), if dropping
         // every QoS 0 message would make room at all (checked first, so
         // each message is displaced at most once: amortized O(1)).
-        let rest_bytes = self.queued_bytes - self.queue.bytes0;
-        if self.queue.q0.is_empty()
-            || self.queue.q12.len() >= self.capacity()
+        let rest_bytes = self.queued_bytes - self.queue.bytes0();
+        if !self.queue.has_q0()
+            || self.queue.q12_len() >= self.capacity()
             || (charge > 0 && rest_bytes.saturating_add(charge) > self.max_queued_bytes)
         {
             return Enqueued::Dropped;
@@ -820,11 +886,9 @@ impl Session {
 
     /// PUBACK received: returns true if it matched a QoS 1 message in flight.
     pub fn handle_puback(&mut self, packet_id: u16) -> bool {
+        let at = |s: &Self, pos| s.inflight.get(pos).map(|(_, i)| (i.delivery.qos, i.state));
         match self.inflight_pos(packet_id) {
-            Some(pos)
-                if self.inflight[pos].1.delivery.qos == QoS::AtLeastOnce
-                    && self.inflight[pos].1.state == InflightState::AwaitAck =>
-            {
+            Some(pos) if at(self, pos) == Some((QoS::AtLeastOnce, InflightState::AwaitAck)) => {
                 self.remove_inflight(pos);
                 true
             }
@@ -836,11 +900,16 @@ impl Session {
     /// With an error reason code the message is done [MQTT-4.3.3-?]: removed.
     pub fn handle_pubrec(&mut self, packet_id: u16, is_error: bool) -> bool {
         match self.inflight_pos(packet_id) {
-            Some(pos) if self.inflight[pos].1.delivery.qos == QoS::ExactlyOnce => {
+            Some(pos)
+                if self
+                    .inflight
+                    .get(pos)
+                    .is_some_and(|(_, i)| i.delivery.qos == QoS::ExactlyOnce) =>
+            {
                 if is_error {
                     self.remove_inflight(pos);
-                } else {
-                    self.inflight[pos].1.state = InflightState::AwaitComp;
+                } else if let Some((_, i)) = self.inflight.get_mut(pos) {
+                    i.state = InflightState::AwaitComp;
                 }
                 true
             }
@@ -851,7 +920,12 @@ impl Session {
     /// PUBCOMP received.
     pub fn handle_pubcomp(&mut self, packet_id: u16) -> bool {
         match self.inflight_pos(packet_id) {
-            Some(pos) if self.inflight[pos].1.state == InflightState::AwaitComp => {
+            Some(pos)
+                if self
+                    .inflight
+                    .get(pos)
+                    .is_some_and(|(_, i)| i.state == InflightState::AwaitComp) =>
+            {
                 self.remove_inflight(pos);
                 true
             }
@@ -883,7 +957,8 @@ impl Session {
         self.sub_queued(self.queued_bytes);
         let mut out: Vec<Delivery> = self
             .inflight
-            .drain(..)
+            .take()
+            .into_iter()
             .filter(|(_, i)| i.state == InflightState::AwaitAck)
             .map(|(_, i)| i.delivery)
             .collect();
@@ -895,24 +970,8 @@ impl Session {
 
     /// Forget messages that have expired while queued.
     pub fn expire_queued(&mut self, now: Instant) {
-        let mut freed0 = 0;
-        self.queue.q0.retain(|(_, d)| {
-            let expired = d.msg.is_expired(now);
-            if expired {
-                freed0 += d.charge();
-            }
-            !expired
-        });
-        let mut freed12 = 0;
-        self.queue.q12.retain(|(_, d)| {
-            let expired = d.msg.is_expired(now);
-            if expired {
-                freed12 += d.charge();
-            }
-            !expired
-        });
-        self.queue.bytes0 -= freed0;
-        self.sub_queued(freed0 + freed12);
+        let freed = self.queue.retain_unexpired(now);
+        self.sub_queued(freed);
     }
 }
 

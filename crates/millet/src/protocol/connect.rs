@@ -333,8 +333,7 @@ impl Connection {
                     exchange: None,
                 })
             }),
-            username: grant.username.map(ByteString::from),
-            acl: grant.acl,
+            identity: Active::new_identity(grant.username.map(ByteString::from), grant.acl),
             _hold: grant.hold,
             limiter: self
                 .shared
@@ -348,7 +347,7 @@ impl Connection {
         tracing::debug!(client_id = %active.client_id, protocol = ?c.protocol, session_present = attached.session_present, "client connected");
         self.shared.tell(|| Event::Connected {
             client_id: &active.client_id,
-            username: active.username.as_deref(),
+            username: active.username().map(|u| &**u),
             session_present: attached.session_present,
         });
         self.state = State::Connected(Box::new(active));
@@ -381,7 +380,8 @@ impl Connection {
                     .authentication_data
                     .as_deref()
                     .and_then(crate::security::scram::client_first_username);
-                if user.as_deref() != a.username.as_deref() {
+                let known = a.identity.as_ref().and_then(|i| i.username.as_deref());
+                if user.as_deref() != known {
                     return self.fail(ProtocolError::ReauthDifferentUser);
                 }
             }

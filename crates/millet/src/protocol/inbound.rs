@@ -139,8 +139,8 @@ impl Connection {
         }
         match self.authorize_now(
             &a.client_id,
-            a.username.as_deref(),
-            &a.acl,
+            a.username().map(|u| &**u),
+            a.acl(),
             Access::Publish,
             &p.topic,
         ) {
@@ -149,8 +149,8 @@ impl Connection {
             Authorization::Ask => {
                 let request = AuthorizeRequest {
                     client_id: a.client_id.clone(),
-                    username: a.username.clone(),
-                    rules: a.acl.clone(),
+                    username: a.username().cloned(),
+                    rules: a.acl().to_vec(),
                     access: Access::Publish,
                     topics: vec![p.topic.clone()],
                 };

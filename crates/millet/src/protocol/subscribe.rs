@@ -10,8 +10,8 @@ impl Connection {
         for (filter, _) in &s.filters {
             let v = self.authorize_now(
                 &a.client_id,
-                a.username.as_deref(),
-                &a.acl,
+                a.username().map(|u| &**u),
+                a.acl(),
                 Access::Subscribe,
                 filter,
             );
@@ -25,8 +25,8 @@ impl Connection {
         }
         let request = AuthorizeRequest {
             client_id: a.client_id.clone(),
-            username: a.username.clone(),
-            rules: a.acl.clone(),
+            username: a.username().cloned(),
+            rules: a.acl().to_vec(),
             access: Access::Subscribe,
             topics: ask,
         };
