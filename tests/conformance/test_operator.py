@@ -186,16 +186,20 @@ def test_a_ban_added_at_run_time_disconnects_matching_live_clients(millet_config
     v5.connect("doomed-5")
     v3 = raw(b, V311)
     v3.connect("doomed-3")
+    # banned by username: the connection finds it in its session's details
+    user = raw(b, V311)
+    user.connect(unique("innocent-id"), username="mallory")
     other = Client(b, V5, client_id=unique("ok"))
     other.connect()
     try:
-        Path(bans).write_text("client:doomed-5\nclient:doomed-3\n")
+        Path(bans).write_text("client:doomed-5\nclient:doomed-3\nuser:mallory\n")
         b.proc.send_signal(signal.SIGHUP)
         seen = v5.wait_closed(timeout=10.0)
         # [MQTT-3.14.2.1]: 0x8A (Banned) is a CONNACK code; a DISCONNECT says 0x98
         # Administrative action (paho's v5 client cannot even parse 0x8A there).
         assert any(p.type == DISCONNECT and p.disconnect()[0] == 0x98 for p in seen), seen
         v3.wait_closed(timeout=10.0)
+        user.wait_closed(timeout=10.0)
         assert raw_connack(b, V5, client_id="doomed-5") == RC_BANNED
         # negative: everyone else keeps their connection
         assert other.publish(unique("still/"), b"here", qos=1) in (0, 0x10)
@@ -203,3 +207,4 @@ def test_a_ban_added_at_run_time_disconnects_matching_live_clients(millet_config
         other.close()
         v5.close()
         v3.close()
+        user.close()

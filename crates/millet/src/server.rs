@@ -1434,7 +1434,8 @@ struct Conn<S> {
     /// stuck or its in-flight window full for WRITE_BLOCK_GRACE): it
     /// then holds no publisher back.
     told_stalled: bool,
-    /// What the CONNECT said, for the connection log line and run-time bans.
+    /// What the CONNECT said, for the connection log line (until it is
+    /// logged; then the session's `ConnInfo` has it).
     hello: Option<Box<Hello>>,
     live: LiveConn,
     /// Since when a write has been waiting without progress.
@@ -1658,7 +1659,13 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
         }
         if signals & ConnWaker::BANS != 0 && c.connected {
             if let (Some(sec), Some(id)) = (c.conn.node().security(), c.conn.client_id()) {
-                let user = c.hello.as_ref().and_then(|h| h.username.as_deref());
+                // The effective username, as the admin API shows it (the
+                // CONNECT's details are not kept in the connection).
+                let user = c
+                    .conn
+                    .attached()
+                    .and_then(|(cell, _)| crate::broker::admin::conn_username(cell));
+                let user = user.as_deref();
                 if let Some(ban) = sec.bans.check(id, user, Some(c.peer.ip()), Instant::now()) {
                     tracing::info!(peer = %c.peer, client_id = id, username = user.unwrap_or(""), %ban, "banned at run time: disconnecting");
                     c.conn.handle_kick(ProtocolError::Banned(Box::new(ban)));
@@ -1919,6 +1926,10 @@ fn note_connected<S: Transport>(c: &mut Conn<S>) {
                 h.summary()
             ),
         }
+    }
+    if c.connected {
+        // Logged, and in the session's `ConnInfo`: not kept twice.
+        c.hello = None;
     }
 }
 
@@ -2205,11 +2216,11 @@ mod size_report {
                 size_of::<super::Conn<super::reactor::ReactorTcp>>(),
                 408,
             ),
-            ("Slot", size_of::<super::reactor::Slot>(), 24),
+            ("Slot", size_of::<super::reactor::Slot>(), 16),
             ("Connection", size_of::<crate::protocol::Connection>(), 200),
             ("SessionCell", size_of::<crate::session::SessionCell>(), 296),
             ("Option<Will>", size_of::<Option<crate::session::Will>>(), 8),
-            ("ConnWaker", size_of::<crate::session::ConnWaker>(), 40),
+            ("ConnWaker", size_of::<crate::session::ConnWaker>(), 32),
             ("Parking", size_of::<super::Parking>(), 40),
             ("ConnInfo", size_of::<crate::broker::admin::ConnInfo>(), 72),
             ("Active", crate::protocol::active_size(), 128),

@@ -990,7 +990,7 @@ pub struct ConnWaker {
     signals: std::sync::atomic::AtomicU8,
     /// Number of congested sessions this connection (as a publisher) is
     /// waiting for (see [`SessionStateGuarded::blocked`]).
-    blocked_on: std::sync::atomic::AtomicUsize,
+    blocked_on: std::sync::atomic::AtomicU32,
 }
 
 impl ConnWaker {

@@ -65,6 +65,11 @@ pub fn set_conn_info(cell: &SessionCell, epoch: u64, info: ConnInfo) {
     }
 }
 
+/// The username of the connection attached to `cell`, if it has one.
+pub fn conn_username(cell: &SessionCell) -> Option<String> {
+    cell.state.lock().conn_info.as_ref()?.username.clone()
+}
+
 /// One client (session) as the API lists it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClientSummary {

@@ -133,7 +133,10 @@ struct Incoming {
 /// One connection's waker and socket readiness, shared by the reactor and
 /// the connection's transport.
 pub(super) struct Slot {
-    key: usize,
+    /// Its slab key (a reactor holds fewer than 2^32 connections: the
+    /// process's descriptors run out first). 32 bits keep the slot's
+    /// allocation at 32 bytes.
+    key: u32,
     inbox: Arc<Inbox>,
     /// In the reactor's list of connections to poll.
     queued: AtomicBool,
@@ -159,7 +162,7 @@ impl Wake for Slot {
 
     fn wake_by_ref(self: &Arc<Self>) {
         if self.enqueue() {
-            self.inbox.woken.lock().push(self.key);
+            self.inbox.woken.lock().push(self.key as usize);
             self.inbox.notify.notify_one();
         }
     }
@@ -234,6 +237,10 @@ impl Reactor {
     fn add(&mut self, mut i: Incoming) -> Option<usize> {
         let entry = self.slots.vacant_entry();
         let key = entry.key();
+        let Ok(key32) = u32::try_from(key) else {
+            tracing::warn!(peer = %i.info.addr, "too many connections in one event loop: closed");
+            return None;
+        };
         if let Err(e) = self.poll.get_ref().registry().register(
             &mut i.sock,
             Token(key),
@@ -243,7 +250,7 @@ impl Reactor {
             return None;
         }
         let slot = Arc::new(Slot {
-            key,
+            key: key32,
             inbox: self.inbox.clone(),
             queued: AtomicBool::new(true),
             readable: AtomicBool::new(false),
