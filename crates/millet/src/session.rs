@@ -292,24 +292,21 @@ impl Queue {
         let Some(l) = self.0.as_mut() else {
             return 0;
         };
-        let mut freed0 = 0;
-        l.q0.retain(|(_, d)| {
-            let expired = d.msg.is_expired(now);
-            if expired {
-                freed0 += d.charge();
-            }
-            !expired
-        });
-        let mut freed12 = 0;
-        l.q12.retain(|(_, d)| {
-            let expired = d.msg.is_expired(now);
-            if expired {
-                freed12 += d.charge();
-            }
-            !expired
-        });
+        /// Drop one lane's expired entries; the bytes they held.
+        fn drop_expired(lane: &mut VecDeque<(u64, Delivery)>, now: Instant) -> usize {
+            let mut freed = 0;
+            lane.retain(|(_, d)| {
+                let expired = d.msg.is_expired(now);
+                if expired {
+                    freed += d.charge();
+                }
+                !expired
+            });
+            freed
+        }
+        let freed0 = drop_expired(&mut l.q0, now);
         l.bytes0 -= freed0;
-        freed0 + freed12
+        freed0 + drop_expired(&mut l.q12, now)
     }
 }
 
