@@ -255,7 +255,6 @@ enum SubCode {
 /// An accepted CONNECT, while the engine attaches its session.
 struct PendingAttach {
     connect: Box<Connect>,
-    client_id: ByteString,
     props: ConnAckProperties,
     auth_data: Option<bytes::Bytes>,
     keep_alive: u16,
@@ -269,7 +268,6 @@ struct PendingConnect {
 }
 
 struct Active {
-    client_id: ByteString,
     cell: Arc<SessionCell>,
     epoch: u64,
     /// Keep alive in force, seconds (0: none).
@@ -312,6 +310,11 @@ struct Reauth {
 }
 
 impl Active {
+    /// The session's client id (assigned, if the client sent none).
+    fn client_id(&self) -> &ByteString {
+        &self.cell.client_id
+    }
+
     fn new_identity(username: Option<ByteString>, acl: Vec<Rule>) -> Option<Box<Identity>> {
         (username.is_some() || !acl.is_empty()).then(|| Box::new(Identity { username, acl }))
     }
@@ -594,6 +597,12 @@ impl Connection {
         &*self.shared.engine
     }
 
+    /// The engine, as a handle of its own (for a call that also needs the
+    /// connection mutably).
+    pub fn engine_handle(&self) -> Arc<dyn crate::engine::Engine> {
+        self.shared.engine.clone()
+    }
+
     /// The hooks that answer [`Request::Authorize`].
     pub fn hooks(&self) -> &dyn Hooks {
         &*self.shared.hooks
@@ -611,7 +620,7 @@ impl Connection {
 
     pub fn client_id(&self) -> Option<&str> {
         match &self.state {
-            State::Connected(a) => Some(&a.client_id),
+            State::Connected(a) => Some(&a.client_id()),
             _ => None,
         }
     }
@@ -918,7 +927,7 @@ impl Connection {
         self.received.add_received_to(&self.shared.node.stats);
         if let State::Connected(a) = &self.state {
             self.shared.tell(|| Event::Disconnected {
-                client_id: &a.client_id,
+                client_id: &a.client_id(),
                 close: self.close.as_deref(),
             });
         }

@@ -70,8 +70,13 @@ const LINGER_BYTES: usize = 1024 * 1024;
 /// the keep-alive deadlines of parked connections (see [`park`]), which
 /// have no timer of their own: [`LiveConns::sweep`] wakes those that are due.
 /// And the engine the connections call (one per server, not per connection).
+///
+/// Connections in a reactor are not listed here: their reactor's slab
+/// lists them already, so each reactor passes signals on to its own and
+/// sweeps its own parked ones (told through its inbox, `reactors`).
 struct LiveConns {
     conns: parking_lot::Mutex<slab::Slab<LiveEntry>>,
+    reactors: parking_lot::Mutex<Vec<Arc<reactor::Inbox>>>,
     shutting_down: std::sync::atomic::AtomicBool,
     /// The broker and the engine, as every connection's protocol sees them.
     shared: Arc<Shared>,
@@ -87,6 +92,7 @@ impl LiveConns {
     fn new(shared: Arc<Shared>) -> LiveConns {
         LiveConns {
             conns: Default::default(),
+            reactors: Default::default(),
             shutting_down: Default::default(),
             shared,
         }
@@ -110,9 +116,20 @@ impl LiveConns {
         }
     }
 
+    /// A connection in a reactor: its reactor lists it (see above).
+    fn unlisted(self: &Arc<Self>) -> LiveConn {
+        LiveConn {
+            conns: self.clone(),
+            key: LiveConn::UNLISTED,
+        }
+    }
+
     fn signal_all(&self, signal: u8) {
         for (_, e) in self.conns.lock().iter() {
             e.waker.signal(signal);
+        }
+        for r in self.reactors.lock().iter() {
+            r.signal_all(signal);
         }
     }
 
@@ -141,6 +158,9 @@ impl LiveConns {
         for w in due {
             w.signal(0);
         }
+        for r in self.reactors.lock().iter() {
+            r.sweep_due();
+        }
     }
 }
 
@@ -151,8 +171,14 @@ struct LiveConn {
 }
 
 impl LiveConn {
+    /// The key of a connection that its reactor lists.
+    const UNLISTED: usize = usize::MAX;
+
     /// Parking with this keep-alive deadline (`None`: no keep-alive).
     fn park_until(&self, deadline: Option<Instant>) {
+        if self.key == LiveConn::UNLISTED {
+            return; // its reactor sweeps it
+        }
         if let Some(e) = self.conns.conns.lock().get_mut(self.key) {
             e.parked_until = deadline;
         }
@@ -161,6 +187,9 @@ impl LiveConn {
 
 impl Drop for LiveConn {
     fn drop(&mut self) {
+        if self.key == LiveConn::UNLISTED {
+            return;
+        }
         self.conns.conns.lock().try_remove(self.key);
     }
 }
@@ -1112,9 +1141,112 @@ fn close(conn: &mut Connection, engine: &dyn Engine) {
     }
 }
 
-impl<S> Drop for Conn<S> {
+/// A connection's state machine, closed (and its session detached) when
+/// dropped, however the connection ends: returns early, panics, is dropped
+/// while parked or at runtime shutdown. A field type of its own rather than
+/// `Conn`'s `Drop`, so that a connection can be taken apart when it goes
+/// dormant ([`Dormant`]).
+struct Machine(Connection);
+
+impl std::ops::Deref for Machine {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Machine {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.0
+    }
+}
+
+impl Drop for Machine {
     fn drop(&mut self) {
-        close(&mut self.conn, &*self.live.conns.shared.engine);
+        let engine = self.0.engine_handle();
+        close(&mut self.0, &*engine);
+    }
+}
+
+/// A connection parked in its reactor: what outlives a quiet spell, about
+/// two thirds of a [`Conn`]. Going dormant drops the fields that are at
+/// rest while parked (buffers, the handshake's details, a pending engine
+/// call, stall tracking); waking sets them to those rest values.
+struct Dormant<S> {
+    stream: S,
+    conn: Machine,
+    peer: SocketAddr,
+    /// Its reactor lists it: no key in [`LiveConns`] to keep.
+    live: Arc<LiveConns>,
+    last_active: Stamp,
+    _done: mpsc::Sender<()>,
+}
+
+impl<S> Conn<S> {
+    /// This parked connection as a [`Dormant`] record; itself when a field
+    /// that a dormant record does not keep is not at rest (not the case for
+    /// a connection that [`Plan::idle`] let park).
+    fn into_dormant(self: Box<Self>) -> Result<Box<Dormant<S>>, Box<Self>> {
+        let at_rest = self.info.is_none()
+            && self.rbuf.is_empty()
+            && self.wbuf.capacity() == 0
+            && !self.eof
+            && !self.write_failed
+            && !self.shutting_down
+            && self.connected
+            && !self.over_budget
+            && !self.told_stalled
+            && self.hello.is_none()
+            && self.parking.is_none()
+            && self.pending.is_none()
+            && self.live.key == LiveConn::UNLISTED;
+        if !at_rest {
+            return Err(self);
+        }
+        let c = *self;
+        Ok(Box::new(Dormant {
+            stream: c.stream,
+            conn: c.conn,
+            peer: c.peer,
+            live: c.live.conns.clone(),
+            last_active: c.last_active,
+            _done: c._done,
+        }))
+    }
+}
+
+impl<S> Dormant<S> {
+    /// The deadline its keep-alive sweep checks (see [`Plan`]).
+    fn keepalive_at(&self) -> Option<Instant> {
+        self.conn.poll_timeout()
+    }
+
+    /// Back to a full [`Conn`], its other fields at their rest values.
+    fn wake(self: Box<Self>) -> Box<Conn<S>> {
+        let d = *self;
+        Box::new(Conn {
+            stream: d.stream,
+            conn: d.conn,
+            peer: d.peer,
+            info: None,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            read_size: READ_MIN as u32,
+            eof: false,
+            write_failed: false,
+            shutting_down: false,
+            connected: true,
+            over_budget: false,
+            told_stalled: false,
+            hello: None,
+            live: d.live.unlisted(),
+            stalled_since: None,
+            last_active: d.last_active,
+            quiet: false,
+            parking: None,
+            pending: None,
+            _done: d._done,
+        })
     }
 }
 
@@ -1414,10 +1546,9 @@ enum Event {
 /// [`park`]) is this box alone, with no task.
 struct Conn<S> {
     stream: S,
-    /// The state machine; `Conn`'s `Drop` closes it and detaches its
-    /// session however the task ends (returns early, panics, is dropped
-    /// while parked or at runtime shutdown).
-    conn: Connection,
+    /// The state machine; closed, and its session detached, when dropped
+    /// (see [`Machine`]).
+    conn: Machine,
     peer: SocketAddr,
     /// What is only needed until CONNECT is handled.
     info: Option<Box<PeerInfo>>,
@@ -1462,10 +1593,25 @@ fn serve<S: Transport + 'static>(
     live: Arc<LiveConns>,
     done: mpsc::Sender<()>,
 ) -> impl std::future::Future<Output = Option<Box<Conn<S>>>> + Send {
+    drive(new_conn(stream, info, live, done))
+}
+
+/// A new connection's state. Listed in `live` unless it runs in a reactor
+/// (which lists its own).
+fn new_conn<S: Transport + 'static>(
+    stream: S,
+    info: Box<PeerInfo>,
+    live: Arc<LiveConns>,
+    done: mpsc::Sender<()>,
+) -> Box<Conn<S>> {
     let now = Instant::now();
-    let conn = Connection::new(live.shared.clone(), now);
-    let live = live.register(conn.waker());
-    let c = Box::new(Conn {
+    let conn = Machine(Connection::new(live.shared.clone(), now));
+    let live = if S::IN_REACTOR {
+        live.unlisted()
+    } else {
+        live.register(conn.waker())
+    };
+    Box::new(Conn {
         stream,
         conn,
         peer: info.addr,
@@ -1487,8 +1633,7 @@ fn serve<S: Transport + 'static>(
         parking: None,
         pending: None,
         _done: done,
-    });
-    drive(c)
+    })
 }
 
 /// Run a connection (new, or resumed from parking) until it closes or parks.
@@ -1569,8 +1714,11 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
             yield_turn::<S>().await;
             slice_start = Instant::now();
         }
-        if c.rbuf.is_empty() && c.rbuf.capacity() > 0 {
-            c.rbuf = BytesMut::new(); // idle: hold no read buffer
+        if c.rbuf.is_empty() {
+            // Idle: hold no read buffer. Even at zero capacity, a buffer
+            // that packets were split from still refers to (and keeps) the
+            // chunk they came in.
+            c.rbuf = BytesMut::new();
         }
         // 2. Write what the state machine produced, as far as the
         // socket takes it now. A write that would wait does not stop
@@ -2216,14 +2364,20 @@ mod size_report {
                 size_of::<super::Conn<super::reactor::ReactorTcp>>(),
                 408,
             ),
+            (
+                "Dormant<ReactorTcp>",
+                size_of::<super::Dormant<super::reactor::ReactorTcp>>(),
+                280,
+            ),
             ("Slot", size_of::<super::reactor::Slot>(), 16),
+            ("reactor Entry", super::reactor::entry_size(), 40),
             ("Connection", size_of::<crate::protocol::Connection>(), 200),
-            ("SessionCell", size_of::<crate::session::SessionCell>(), 296),
+            ("SessionCell", size_of::<crate::session::SessionCell>(), 352),
             ("Option<Will>", size_of::<Option<crate::session::Will>>(), 8),
             ("ConnWaker", size_of::<crate::session::ConnWaker>(), 32),
             ("Parking", size_of::<super::Parking>(), 40),
-            ("ConnInfo", size_of::<crate::broker::admin::ConnInfo>(), 72),
-            ("Active", crate::protocol::active_size(), 128),
+            ("ConnInfo", size_of::<crate::broker::admin::ConnInfo>(), 64),
+            ("Active", crate::protocol::active_size(), 96),
         ];
         for (name, size, bound) in sizes {
             eprintln!("{name}: {size} bytes (bound {bound})");

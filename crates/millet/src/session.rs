@@ -494,7 +494,6 @@ impl std::ops::DerefMut for Will {
 #[derive(Debug)]
 pub struct Session {
     pub id: SessionId,
-    pub client_id: ByteString,
     /// Filter (including the `$share/g/` prefix) → subscription.
     pub subscriptions: Subscriptions,
     queue: Queue,
@@ -586,7 +585,7 @@ impl Session {
         }
     }
 
-    pub fn new(id: SessionId, client_id: ByteString, max_queued: usize) -> Self {
+    pub fn new(id: SessionId, max_queued: usize) -> Self {
         Session {
             id,
             subscriptions: Subscriptions::default(),
@@ -602,7 +601,6 @@ impl Session {
             drop_log: DropLog::default(),
             persisted: false,
             next_seq: 1,
-            client_id,
             last_drain: None,
             prev_drain: None,
             replay_room: 0,
@@ -1114,6 +1112,10 @@ impl Blocked {
 #[derive(Debug)]
 pub struct SessionCell {
     pub id: SessionId,
+    /// The session's client id, readable without the lock (the registry
+    /// hashes it, the connection logs it, store records name it). Its one
+    /// copy: a second handle would cost a shared header.
+    pub client_id: ByteString,
     pub state: parking_lot::Mutex<SessionStateGuarded>,
 }
 
@@ -1140,7 +1142,7 @@ pub struct SessionStateGuarded {
     pub blocked: Blocked,
     /// What the admin API shows of the attached connection (peer,
     /// username, protocol); `None` when none is attached.
-    pub conn_info: Option<Arc<crate::broker::admin::ConnInfo>>,
+    pub conn_info: Option<crate::broker::admin::ConnInfo>,
 }
 
 impl SessionStateGuarded {
@@ -1173,9 +1175,10 @@ impl Drop for SessionStateGuarded {
 }
 
 impl SessionCell {
-    pub fn new(session: Session) -> Arc<Self> {
+    pub fn new(session: Session, client_id: ByteString) -> Arc<Self> {
         Arc::new(SessionCell {
             id: session.id,
+            client_id,
             state: parking_lot::Mutex::new(SessionStateGuarded {
                 session,
                 conn_epoch: 0,
@@ -1224,7 +1227,7 @@ mod tests {
 
     #[test]
     fn retained_replay_room_lets_a_replay_past_max_queued_and_shrinks_as_it_drains() {
-        let mut s = Session::new(1, "c".into(), 2);
+        let mut s = Session::new(1, 2);
         let d = |i: u8| Delivery {
             msg: Arc::new(Message {
                 topic: format!("t/{i}").into(),
@@ -1292,7 +1295,7 @@ mod tests {
 
     #[test]
     fn full_queue_drops_qos0_first() {
-        let mut s = Session::new(1, "c".into(), 2);
+        let mut s = Session::new(1, 2);
         assert_eq!(s.enqueue(msg(QoS::AtMostOnce)), Enqueued::Queued);
         assert_eq!(s.enqueue(msg(QoS::AtLeastOnce)), Enqueued::Queued);
         assert_eq!(
@@ -1325,7 +1328,7 @@ mod tests {
 
     #[test]
     fn full_queue_of_qos1_drops_new_messages_and_keeps_order() {
-        let mut s = Session::new(1, "c".into(), 3);
+        let mut s = Session::new(1, 3);
         for t in ["a", "b", "c"] {
             assert_eq!(s.enqueue(tagged(QoS::AtLeastOnce, t)), Enqueued::Queued);
         }
@@ -1339,7 +1342,7 @@ mod tests {
 
     #[test]
     fn mixed_full_queue_displaces_oldest_qos0_and_keeps_arrival_order() {
-        let mut s = Session::new(1, "c".into(), 5);
+        let mut s = Session::new(1, 5);
         for (seq, (q, t)) in (10..).zip([
             (QoS::AtLeastOnce, "a"),
             (QoS::AtMostOnce, "b"),
@@ -1379,7 +1382,7 @@ mod tests {
 
     #[test]
     fn interleaved_qos_levels_pop_in_arrival_order() {
-        let mut s = Session::new(1, "c".into(), 100);
+        let mut s = Session::new(1, 100);
         let qs = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
         let names: Vec<&'static str> = (0..30)
             .map(|i| &*Box::leak(format!("{i:02}").into_boxed_str()))
@@ -1415,7 +1418,7 @@ mod tests {
     #[test]
     fn full_queue_decides_in_constant_time() {
         let n = 100_000;
-        let mut s = Session::new(1, "c".into(), n);
+        let mut s = Session::new(1, n);
         let d = msg(QoS::AtLeastOnce);
         for _ in 0..n {
             s.enqueue(d.clone());
@@ -1425,7 +1428,7 @@ mod tests {
             assert_eq!(s.enqueue(d.clone()), Enqueued::Dropped);
         }
         // Half QoS 0 at the tail: each displacement finds it at once.
-        let mut s = Session::new(1, "c".into(), n);
+        let mut s = Session::new(1, n);
         for i in 0..n {
             s.enqueue(msg(if i < n / 2 {
                 QoS::AtLeastOnce
@@ -1459,7 +1462,7 @@ mod tests {
     #[test]
     fn queue_is_bounded_in_bytes_and_charges_the_meter() {
         let meter = Arc::new(crate::budget::Meter::default());
-        let mut s = Session::new(1, "c".into(), 100);
+        let mut s = Session::new(1, 100);
         s.set_memory_limits(1000, meter.clone());
         assert_eq!(s.enqueue(sized(QoS::AtMostOnce, 300)), Enqueued::Queued);
         assert_eq!(s.enqueue(sized(QoS::AtMostOnce, 300)), Enqueued::Queued);
@@ -1504,7 +1507,7 @@ mod tests {
 
     #[test]
     fn repeated_subscribes_coalesce_while_a_replay_is_under_way() {
-        let mut s = Session::new(1, "c".into(), 10);
+        let mut s = Session::new(1, 10);
         let f: ByteString = "a/+".into();
         let r = |id| DeferredReplay {
             filter: "a/+".into(),
@@ -1576,7 +1579,7 @@ mod tests {
 
     #[test]
     fn packet_ids_skip_inflight_and_zero() {
-        let mut s = Session::new(1, "c".into(), 10);
+        let mut s = Session::new(1, 10);
         s.next_packet_id = u16::MAX;
         let a = s.alloc_packet_id();
         assert_eq!(a, Some(u16::MAX));
@@ -1588,7 +1591,7 @@ mod tests {
 
     #[test]
     fn qos2_outgoing_flow() {
-        let mut s = Session::new(1, "c".into(), 10);
+        let mut s = Session::new(1, 10);
         s.push_inflight(7, msg(QoS::ExactlyOnce));
         assert!(!s.handle_puback(7), "PUBACK does not complete QoS 2");
         assert!(!s.handle_pubcomp(7), "PUBCOMP before PUBREC is ignored");

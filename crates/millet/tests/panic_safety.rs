@@ -84,7 +84,7 @@ async fn a_panicking_connection_task_still_detaches_its_session() {
     let cell = broker
         .all_sessions()
         .into_iter()
-        .find(|c| c.state.lock().session.client_id == "victim")
+        .find(|c| c.client_id == "victim")
         .expect("the persistent session outlives the connection");
     {
         let st = cell.state.lock();
@@ -108,7 +108,7 @@ async fn a_panicking_connection_task_still_detaches_its_session() {
         broker
             .all_sessions()
             .iter()
-            .all(|c| c.state.lock().session.client_id != "victim"),
+            .all(|c| c.client_id != "victim"),
         "session did not expire"
     );
 

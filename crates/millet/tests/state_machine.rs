@@ -1521,9 +1521,10 @@ impl Engine for DurabilityGate {
     }
     fn session_writes<'a>(
         &'a self,
+        client_id: &'a bytestring::ByteString,
         session: &millet::session::Session,
     ) -> millet::engine::SessionWrites<'a> {
-        Engine::session_writes(&*self.inner, session)
+        Engine::session_writes(&*self.inner, client_id, session)
     }
     fn assign_client_id(&self) -> bytestring::ByteString {
         Engine::assign_client_id(&*self.inner)

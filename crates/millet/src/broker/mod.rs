@@ -40,7 +40,6 @@ pub use stats::{
     AuthFailure, AuthFailures, Direction, Overload, QosCounters, Stats, LATENCY_SAMPLE_EVERY,
 };
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,7 +50,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::auth::Authenticator;
 use crate::config::{Config, ShareStrategyConfig};
 use crate::node::Node;
-use crate::session::{Message, SessionCell, SessionId};
+use crate::session::{Message, SessionId};
 use index::{ShareStrategy, SubscriptionIndex};
 use retained::RetainedStore;
 use route::DropLines;
@@ -63,7 +62,7 @@ pub struct Broker {
     pub node: Arc<Node>,
     index: RwLock<SubscriptionIndex<SessionId, IndexEntry>>,
     retained: RwLock<RetainedStore<Arc<Message>>>,
-    registry: Mutex<HashMap<ByteString, Arc<SessionCell>>>,
+    registry: Mutex<registry::Registry>,
     delayed_wills: Mutex<Vec<DelayedWill>>,
     /// When offline sessions expire, soonest first: the ticker looks at the
     /// due ones only, instead of every session every tick. Entries are
@@ -100,7 +99,7 @@ impl Broker {
             node,
             index: RwLock::new(SubscriptionIndex::new(strategy)),
             retained: RwLock::new(RetainedStore::new()),
-            registry: Mutex::new(HashMap::new()),
+            registry: Mutex::default(),
             delayed_wills: Mutex::new(Vec::new()),
             expiries: Mutex::default(),
             next_session_id: AtomicU64::new(1),

@@ -341,9 +341,14 @@ impl Persistence {
     }
 
     /// The session record: metadata, subscriptions, will and expiry.
-    pub fn session_record(&self, s: &Session, will_at: Option<Instant>) -> SessionRecord {
+    pub fn session_record(
+        &self,
+        client_id: &str,
+        s: &Session,
+        will_at: Option<Instant>,
+    ) -> SessionRecord {
         SessionRecord {
-            client_id: s.client_id.to_string(),
+            client_id: client_id.to_string(),
             expiry_interval: s.expiry_interval,
             expires_at_ms: s.expires_at.map(|t| self.unix_ms(t.instant())),
             subscriptions: s
@@ -380,13 +385,20 @@ pub fn qos(q: u8) -> QoS {
 /// [`Ticket::NONE`].
 pub struct SessionWrites<'a> {
     persist: Option<&'a Persistence>,
+    /// The session's client id (its cell's), which names its records.
+    client_id: &'a ByteString,
     ops: Vec<Op>,
 }
 
 impl<'a> SessionWrites<'a> {
-    pub(crate) fn new(persist: Option<&'a Persistence>, session: &Session) -> SessionWrites<'a> {
+    pub(crate) fn new(
+        persist: Option<&'a Persistence>,
+        client_id: &'a ByteString,
+        session: &Session,
+    ) -> SessionWrites<'a> {
         SessionWrites {
             persist: persist.filter(|_| session.persisted),
+            client_id,
             ops: Vec::new(),
         }
     }
@@ -404,10 +416,10 @@ impl<'a> SessionWrites<'a> {
     }
 
     /// An outgoing message is complete (PUBACK, PUBCOMP, or discarded).
-    pub fn inflight_done(&mut self, session: &Session, packet_id: u16) {
+    pub fn inflight_done(&mut self, packet_id: u16) {
         if self.persist.is_some() {
             self.ops.push(Op::DeleteInflight {
-                client_id: session.client_id.clone(),
+                client_id: self.client_id.clone(),
                 packet_id,
             });
         }
@@ -422,15 +434,15 @@ impl<'a> SessionWrites<'a> {
             p.message_id(&d.msg, &mut self.ops, d.seq == 0);
             let order = session.take_seq();
             self.ops
-                .push(p.inflight_op(&session.client_id, packet_id, d, false, order));
+                .push(p.inflight_op(self.client_id, packet_id, d, false, order));
         }
     }
 
     /// `d` left the queue (sent, or discarded as too large).
-    pub fn queue_entry_sent(&mut self, session: &Session, d: &Delivery) {
+    pub fn queue_entry_sent(&mut self, d: &Delivery) {
         if let (Some(_), true) = (self.persist, d.seq != 0) {
             self.ops.push(Op::DeleteQueueEntry {
-                client_id: session.client_id.clone(),
+                client_id: self.client_id.clone(),
                 seq: d.seq,
             });
         }
@@ -442,26 +454,26 @@ impl<'a> SessionWrites<'a> {
         let Some(p) = self.persist else { return };
         let order = session.take_seq();
         if let Some(i) = session.inflight_get(packet_id) {
-            let op = p.inflight_op(&session.client_id, packet_id, &i.delivery, true, order);
+            let op = p.inflight_op(self.client_id, packet_id, &i.delivery, true, order);
             self.ops.push(op);
         }
     }
 
     /// An incoming QoS 2 message `packet_id` is awaiting its PUBREL.
-    pub fn awaiting_rel_added(&mut self, session: &Session, packet_id: u16) {
+    pub fn awaiting_rel_added(&mut self, packet_id: u16) {
         if self.persist.is_some() {
             self.ops.push(Op::PutAwaitingRel {
-                client_id: session.client_id.clone(),
+                client_id: self.client_id.clone(),
                 packet_id,
             });
         }
     }
 
     /// PUBREL received: the incoming QoS 2 id is forgotten.
-    pub fn awaiting_rel_done(&mut self, session: &Session, packet_id: u16) {
+    pub fn awaiting_rel_done(&mut self, packet_id: u16) {
         if self.persist.is_some() {
             self.ops.push(Op::DeleteAwaitingRel {
-                client_id: session.client_id.clone(),
+                client_id: self.client_id.clone(),
                 packet_id,
             });
         }
@@ -500,8 +512,12 @@ impl super::Broker {
     }
 
     /// The store records a connection writes for `session` in one turn.
-    pub fn session_writes(&self, session: &Session) -> SessionWrites<'_> {
-        SessionWrites::new(self.persist.as_ref(), session)
+    pub fn session_writes<'a>(
+        &'a self,
+        client_id: &'a ByteString,
+        session: &Session,
+    ) -> SessionWrites<'a> {
+        SessionWrites::new(self.persist.as_ref(), client_id, session)
     }
 
     /// Whether what `ticket` covers is durable yet (or failed).

@@ -50,7 +50,7 @@ impl Broker {
             Some(m)
         };
         let (mut n_sessions, mut n_queued, mut n_inflight) = (0usize, 0usize, 0usize);
-        let mut registry = HashMap::new();
+        let mut registry = super::registry::Registry::default();
         let mut wills = Vec::new();
         let (max_queued, max_queued_bytes) = (
             self.node.config.limits.max_queued,
@@ -61,7 +61,7 @@ impl Broker {
         for rs in &rec.sessions {
             let client_id = ByteString::from(rs.session.client_id.as_str());
             let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
-            let mut s = Session::new(id, client_id.clone(), max_queued);
+            let mut s = Session::new(id, max_queued);
             s.set_memory_limits(max_queued_bytes, meter.clone());
             s.persisted = true;
             s.expiry_interval = rs.session.expiry_interval;
@@ -74,7 +74,7 @@ impl Broker {
             if let Some(t) = s.expires_at {
                 self.expiries
                     .lock()
-                    .push(std::cmp::Reverse((t.instant(), s.client_id.clone())));
+                    .push(std::cmp::Reverse((t.instant(), client_id.clone())));
             }
             let cell_subs: Vec<(ByteString, Subscription)> = rs
                 .session
@@ -155,7 +155,7 @@ impl Broker {
                     will: persist::Persistence::will_from_record(w, &client_id, id),
                 });
             }
-            let cell = SessionCell::new(s);
+            let cell = SessionCell::new(s, client_id.clone());
             for (filter, sub) in cell_subs {
                 let entry = IndexEntry {
                     cell: cell.clone(),
@@ -177,7 +177,7 @@ impl Broker {
                     .subscriptions
                     .fetch_add(1, Ordering::Relaxed);
             }
-            registry.insert(client_id, cell);
+            registry.insert(cell);
             n_sessions += 1;
         }
         let retained = self.retained.get_mut();

@@ -6,6 +6,9 @@
 //! Lock order: `registry` → a session's `state` (see the module doc of
 //! [`crate::broker`]).
 
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +22,64 @@ use super::Broker;
 use crate::session::{ConnWaker, Session, SessionCell, SessionId, Subscription, Will};
 use crate::stamp::Stamp;
 use crate::store::Op;
+
+/// The sessions by client id. A set of cells hashed by the id each cell
+/// holds ([`SessionCell::client_id`]): 8 bytes an entry, where a map keyed
+/// by a copy of the id took 40 (a third of an idle connection's budget).
+#[derive(Default)]
+pub(super) struct Registry(HashSet<ById>);
+
+/// A registry entry: its cell, looked up by the cell's client id.
+struct ById(Arc<SessionCell>);
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.client_id
+    }
+}
+
+impl Hash for ById {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `str` hashes: lookups go by `&str` (see `Borrow`).
+        str::hash(&self.0.client_id, state);
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &ById) -> bool {
+        *self.0.client_id == *other.0.client_id
+    }
+}
+
+impl Eq for ById {}
+
+impl Registry {
+    pub(super) fn get(&self, client_id: &str) -> Option<&Arc<SessionCell>> {
+        self.0.get(client_id).map(|e| &e.0)
+    }
+
+    pub(super) fn contains_key(&self, client_id: &str) -> bool {
+        self.0.contains(client_id)
+    }
+
+    /// Add `cell` under its client id, replacing (and returning) the cell
+    /// there was.
+    pub(super) fn insert(&mut self, cell: Arc<SessionCell>) -> Option<Arc<SessionCell>> {
+        self.0.replace(ById(cell)).map(|e| e.0)
+    }
+
+    pub(super) fn remove(&mut self, client_id: &str) -> Option<Arc<SessionCell>> {
+        self.0.take(client_id).map(|e| e.0)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Arc<SessionCell>> {
+        self.0.iter().map(|e| &e.0)
+    }
+}
 
 /// Result of attaching a connection to a session.
 pub struct Attached {
@@ -36,9 +97,9 @@ pub enum SessionRefusal {
 
 impl Broker {
     /// A new session with this broker's queue limits and memory meter.
-    fn new_session(&self, id: SessionId, client_id: ByteString) -> Session {
+    fn new_session(&self, id: SessionId) -> Session {
         let l = &self.node.config.limits;
-        let mut s = Session::new(id, client_id, l.max_queued);
+        let mut s = Session::new(id, l.max_queued);
         s.set_memory_limits(l.max_queued_bytes, self.node.meter.clone());
         s
     }
@@ -149,15 +210,17 @@ impl Broker {
                 },
                 None => {
                     let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
-                    let mut s = self.new_session(id, client_id.clone());
+                    let mut s = self.new_session(id);
                     s.expiry_interval = expiry_interval;
-                    let cell = SessionCell::new(s);
+                    // A copy, not a second handle: the cell holds the one
+                    // handle, with no shared header (see `SessionCell::client_id`).
+                    let cell = SessionCell::new(s, ByteString::from(&**client_id));
                     {
                         let mut st = cell.state.lock();
                         st.conn_epoch = epoch;
                         st.waker = Some(waker.clone());
                     }
-                    reg.insert(client_id.clone(), cell.clone());
+                    reg.insert(cell.clone());
                     self.node
                         .stats
                         .clients_maximum
@@ -176,9 +239,11 @@ impl Broker {
             if let Some(p) = &self.persist {
                 if expiry_interval > 0 {
                     st.session.persisted = true;
-                    p.submit(vec![Op::PutSession(Box::new(
-                        p.session_record(&st.session, None),
-                    ))]);
+                    p.submit(vec![Op::PutSession(Box::new(p.session_record(
+                        &attached.cell.client_id,
+                        &st.session,
+                        None,
+                    )))]);
                 }
             }
         }
@@ -265,11 +330,12 @@ impl Broker {
                 if let Some(t) = st.session.expires_at {
                     self.expiries.lock().push(std::cmp::Reverse((
                         t.instant(),
-                        st.session.client_id.clone(),
+                        cell.client_id.clone(),
                     )));
                 }
                 if let (Some(p), true) = (&self.persist, st.session.persisted) {
-                    let mut rec = p.session_record(&st.session, delayed.as_ref().map(|d| d.1));
+                    let will_at = delayed.as_ref().map(|d| d.1);
+                    let mut rec = p.session_record(&cell.client_id, &st.session, will_at);
                     rec.will = delayed.map(|d| d.0);
                     p.submit(vec![Op::PutSession(Box::new(rec))]);
                 }
@@ -279,7 +345,7 @@ impl Broker {
             }
         };
         if end {
-            let client_id = cell.state.lock().session.client_id.clone();
+            let client_id = cell.client_id.clone();
             {
                 let mut reg = self.registry.lock();
                 if reg.get(&client_id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
@@ -304,7 +370,7 @@ impl Broker {
             if let (Some(p), true) = (&self.persist, st.session.persisted) {
                 st.session.persisted = false;
                 p.submit(vec![Op::DeleteSession {
-                    client_id: st.session.client_id.clone(),
+                    client_id: cell.client_id.clone(),
                 }]);
             }
             (subs, pending)
@@ -365,7 +431,7 @@ impl Broker {
             let ids: Vec<&ByteString> = due
                 .iter()
                 .filter(|id| {
-                    reg.get(*id).is_some_and(|c| {
+                    reg.get(id).is_some_and(|c| {
                         let st = c.state.lock();
                         st.conn_epoch == 0
                             && st.session.expires_at.is_some_and(|t| t.instant() <= now)

@@ -394,7 +394,7 @@ impl Broker {
         }
         if dropped > 0 {
             if let Some(n) = st.session.drop_log.due_with(Instant::now) {
-                self.log_queue_full(&st.session.client_id, n);
+                self.log_queue_full(&cell.client_id, n);
             }
         }
         st.wake();

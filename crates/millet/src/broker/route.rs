@@ -213,9 +213,10 @@ impl Broker {
     }
 
     /// Store the session record (metadata, subscriptions, will) if persisted.
-    fn persist_session(&self, s: &Session) {
+    fn persist_session(&self, client_id: &str, s: &Session) {
         if let (Some(p), true) = (&self.persist, s.persisted) {
-            p.submit(vec![Op::PutSession(Box::new(p.session_record(s, None)))]);
+            let rec = p.session_record(client_id, s, None);
+            p.submit(vec![Op::PutSession(Box::new(rec))]);
         }
     }
 
@@ -291,7 +292,7 @@ impl Broker {
                         && st.session.admits(&d) =>
                 {
                     d.seq = st.session.take_seq();
-                    Some(p.queue_op(&st.session.client_id, &d, ops, force_message))
+                    Some(p.queue_op(&cell.client_id, &d, ops, force_message))
                 }
                 _ => None,
             };
@@ -305,7 +306,7 @@ impl Broker {
                 for &seq in seqs {
                     if seq != 0 && self.persist.is_some() {
                         ops.push(Op::DeleteQueueEntry {
-                            client_id: st.session.client_id.clone(),
+                            client_id: cell.client_id.clone(),
                             seq,
                         });
                     }
@@ -313,7 +314,7 @@ impl Broker {
             }
             if r != Enqueued::Queued {
                 if let Some(n) = st.session.drop_log.due_with(Instant::now) {
-                    self.log_queue_full(&st.session.client_id, n);
+                    self.log_queue_full(&cell.client_id, n);
                 }
             }
             st.wake();
@@ -414,7 +415,7 @@ impl Broker {
             st.session
                 .subscriptions
                 .insert(ByteString::from(&**filter), sub.clone());
-            self.persist_session(&st.session);
+            self.persist_session(&cell.client_id, &st.session);
             !exists
         };
         let entry = IndexEntry {
@@ -450,7 +451,7 @@ impl Broker {
             let Some(sub) = st.session.subscriptions.remove(filter) else {
                 return false;
             };
-            self.persist_session(&st.session);
+            self.persist_session(&cell.client_id, &st.session);
             sub
         };
         remove_from_index(&mut self.index.write(), filter, &sub, cell.id);

@@ -234,9 +234,13 @@ impl Engine for Delaying {
         self.inner.last_ticket()
     }
 
-    fn session_writes<'a>(&'a self, session: &Session) -> SessionWrites<'a> {
+    fn session_writes<'a>(
+        &'a self,
+        client_id: &'a bytestring::ByteString,
+        session: &Session,
+    ) -> SessionWrites<'a> {
         // Written at once; their tickets are delayed (above).
-        self.inner.session_writes(session)
+        self.inner.session_writes(client_id, session)
     }
 
     fn assign_client_id(&self) -> bytestring::ByteString {

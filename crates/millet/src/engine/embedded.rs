@@ -94,8 +94,12 @@ impl Engine for Broker {
         Broker::last_ticket(self)
     }
 
-    fn session_writes<'a>(&'a self, session: &Session) -> SessionWrites<'a> {
-        Broker::session_writes(self, session)
+    fn session_writes<'a>(
+        &'a self,
+        client_id: &'a ByteString,
+        session: &Session,
+    ) -> SessionWrites<'a> {
+        Broker::session_writes(self, client_id, session)
     }
 
     fn assign_client_id(&self) -> ByteString {

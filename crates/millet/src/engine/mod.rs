@@ -304,7 +304,11 @@ pub trait Engine: Send + Sync + 'static {
     /// they are submitted. A session the engine does not keep durably (a
     /// clean one, or no store) records nothing: the ticket is
     /// [`Ticket::NONE`].
-    fn session_writes<'a>(&'a self, session: &Session) -> SessionWrites<'a>;
+    fn session_writes<'a>(
+        &'a self,
+        client_id: &'a ByteString,
+        session: &Session,
+    ) -> SessionWrites<'a>;
 
     /// Apply what the client said about a packet id of `cell`'s session
     /// (its acknowledgement of a delivery, or its PUBREL of a QoS 2
@@ -324,8 +328,8 @@ pub trait Engine: Send + Sync + 'static {
                     _ => s.handle_pubcomp(id),
                 };
                 if known {
-                    let mut w = self.session_writes(s);
-                    w.inflight_done(s, id);
+                    let mut w = self.session_writes(&cell.client_id, s);
+                    w.inflight_done(id);
                     w.submit();
                 }
                 (known, Ticket::NONE)
@@ -334,9 +338,9 @@ pub trait Engine: Send + Sync + 'static {
                 let known = s.handle_pubrec(packet_id, refused);
                 let mut ticket = Ticket::NONE;
                 if known {
-                    let mut w = self.session_writes(s);
+                    let mut w = self.session_writes(&cell.client_id, s);
                     if refused {
-                        w.inflight_done(s, packet_id);
+                        w.inflight_done(packet_id);
                         w.submit();
                     } else {
                         w.inflight_released(s, packet_id);
@@ -348,8 +352,8 @@ pub trait Engine: Send + Sync + 'static {
             SessionAck::PubRel(id) => {
                 let known = s.awaiting_rel.remove(&id);
                 if known {
-                    let mut w = self.session_writes(s);
-                    w.awaiting_rel_done(s, id);
+                    let mut w = self.session_writes(&cell.client_id, s);
+                    w.awaiting_rel_done(id);
                     w.submit();
                 }
                 (known, Ticket::NONE)
@@ -380,8 +384,8 @@ pub trait Engine: Send + Sync + 'static {
             return Qos2Arrival::Full;
         }
         s.awaiting_rel.insert(packet_id);
-        let mut w = self.session_writes(s);
-        w.awaiting_rel_added(s, packet_id);
+        let mut w = self.session_writes(&cell.client_id, s);
+        w.awaiting_rel_added(packet_id);
         Qos2Arrival::New(w.submit())
     }
 

@@ -252,7 +252,7 @@ impl Connection {
             }
         }
         let request = AttachRequest {
-            client_id: client_id.clone(),
+            client_id,
             clean_start: c.clean_start,
             expiry_interval: expiry,
             will: c.will.as_ref().map(detach_will),
@@ -263,7 +263,6 @@ impl Connection {
             Request::Attach(Box::new(request)),
             Then::Attach(Box::new(PendingAttach {
                 connect: c,
-                client_id,
                 props,
                 auth_data,
                 keep_alive,
@@ -282,7 +281,6 @@ impl Connection {
     ) {
         let PendingAttach {
             connect: c,
-            client_id,
             mut props,
             auth_data,
             keep_alive,
@@ -313,7 +311,6 @@ impl Connection {
         }));
         let client_receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
         let active = Active {
-            client_id,
             cell: attached.cell.clone(),
             epoch: attached.epoch,
             keep_alive,
@@ -344,9 +341,9 @@ impl Connection {
                 .map(Box::new),
             bridge: c.bridge,
         };
-        tracing::debug!(client_id = %active.client_id, protocol = ?c.protocol, session_present = attached.session_present, "client connected");
+        tracing::debug!(client_id = %active.client_id(), protocol = ?c.protocol, session_present = attached.session_present, "client connected");
         self.shared.tell(|| Event::Connected {
-            client_id: &active.client_id,
+            client_id: &active.client_id(),
             username: active.username().map(|u| &**u),
             session_present: attached.session_present,
         });
@@ -389,7 +386,7 @@ impl Connection {
                 .shared
                 .node
                 .authenticator()
-                .and_then(|au| au.start(&auth.method, &a.client_id));
+                .and_then(|au| au.start(&auth.method, &a.cell.client_id));
         } else if x.reason_code != ReasonCode::CONTINUE_AUTHENTICATION || auth.exchange.is_none() {
             return self.fail(ProtocolError::UnexpectedAuthReasonCode);
         }

@@ -130,7 +130,7 @@ impl Connection {
                         s.config.quota.on_exceeded == ExceededAction::Backpressure
                     });
                 if !backpressure {
-                    tracing::info!(client_id = %a.client_id, "message rate quota exceeded; disconnecting");
+                    tracing::info!(client_id = %a.client_id(), "message rate quota exceeded; disconnecting");
                     return self.fail(ProtocolError::MessageRateTooHigh);
                 }
                 // Accept this one, then stop reading until the bucket refills.
@@ -138,7 +138,7 @@ impl Connection {
             }
         }
         match self.authorize_now(
-            &a.client_id,
+            &a.client_id(),
             a.username().map(|u| &**u),
             a.acl(),
             Access::Publish,
@@ -148,7 +148,7 @@ impl Connection {
             Authorization::Deny => self.publish_denied(a, &p),
             Authorization::Ask => {
                 let request = AuthorizeRequest {
-                    client_id: a.client_id.clone(),
+                    client_id: a.client_id().clone(),
                     username: a.username().cloned(),
                     rules: a.acl().to_vec(),
                     access: Access::Publish,
@@ -204,7 +204,7 @@ impl Connection {
             properties: p.properties,
             expires_at,
             publisher: Some(a.cell.id),
-            publisher_client_id: a.client_id.clone(),
+            publisher_client_id: a.client_id().clone(),
             engine_id: Default::default(),
             routed_at: self.shared.node.stats.latency_stamp(now),
         };
@@ -213,7 +213,7 @@ impl Connection {
         let routed = self.shared.engine.publish(msg, Some(&self.waker), now);
         if let Some(msg) = &told {
             self.shared.hooks.event(&Event::Published {
-                client_id: &a.client_id,
+                client_id: &a.client_id(),
                 msg,
                 sessions: routed.sessions,
             });
@@ -354,7 +354,7 @@ impl Connection {
     /// v5: PUBACK / PUBREC with `rc` (QoS 0: dropped); 3.x: dropped but
     /// acknowledged, like the ACL's default `v3_deny_action = "drop"`.
     pub(super) fn publish_refused(&mut self, a: &Active, p: &Publish, rc: ReasonCode) {
-        tracing::debug!(client_id = %a.client_id, topic = %p.topic, reason = %rc, "PUBLISH to a reserved topic refused");
+        tracing::debug!(client_id = %a.client_id(), topic = %p.topic, reason = %rc, "PUBLISH to a reserved topic refused");
         self.ack_unrouted(p, rc);
     }
 
@@ -385,7 +385,7 @@ impl Connection {
     /// acknowledged (so the client does not resend it forever), or closed.
     pub(super) fn publish_denied(&mut self, a: &Active, p: &Publish) {
         let v5 = self.protocol == Some(Protocol::V5);
-        tracing::debug!(client_id = %a.client_id, topic = %p.topic, "PUBLISH not authorized");
+        tracing::debug!(client_id = %a.client_id(), topic = %p.topic, "PUBLISH not authorized");
         let disconnect = !v5
             && self
                 .shared

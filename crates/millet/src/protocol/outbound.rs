@@ -70,7 +70,7 @@ impl Connection {
         let mut st = cell.state.lock();
         let session = &mut st.session;
         // Store records mirroring queue → in-flight moves, submitted once at the end.
-        let mut writes = self.shared.engine.session_writes(session);
+        let mut writes = self.shared.engine.session_writes(&cell.client_id, session);
         // QoS 2 PUBLISH held until its in-flight record is durable (and, to
         // keep the order and topic aliases right, everything behind it).
         let mut held: Vec<Packet> = Vec::new();
@@ -114,7 +114,7 @@ impl Connection {
                         }
                     }
                     if session.forget_inflight(pid) {
-                        writes.inflight_done(session, pid);
+                        writes.inflight_done(pid);
                     }
                     stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
                     stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
@@ -175,7 +175,7 @@ impl Connection {
                     }
                 }
             };
-            writes.queue_entry_sent(session, &d);
+            writes.queue_entry_sent(&d);
             let publish = active.publish_packet(&d, pid, false, now, protocol);
             let packet = Packet::Publish(publish);
             let fits = max_packet == usize::MAX
@@ -215,7 +215,7 @@ impl Connection {
                     .observe(now.saturating_duration_since(t.instant()));
             }
             self.shared.tell(|| Event::Delivered {
-                client_id: &active.client_id,
+                client_id: &active.client_id(),
                 msg: &d.msg,
                 qos: d.qos,
             });

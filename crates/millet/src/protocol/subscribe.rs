@@ -9,7 +9,7 @@ impl Connection {
         let mut ask = Vec::new();
         for (filter, _) in &s.filters {
             let v = self.authorize_now(
-                &a.client_id,
+                &a.client_id(),
                 a.username().map(|u| &**u),
                 a.acl(),
                 Access::Subscribe,
@@ -24,7 +24,7 @@ impl Connection {
             return self.subscribe_authorized(a, s, &verdicts);
         }
         let request = AuthorizeRequest {
-            client_id: a.client_id.clone(),
+            client_id: a.client_id().clone(),
             username: a.username().cloned(),
             rules: a.acl().to_vec(),
             access: Access::Subscribe,
@@ -54,7 +54,7 @@ impl Connection {
             let mut options = *options;
             if *verdict != Authorization::Allow {
                 // 0x87; the 3.x encoder turns any failure into 0x80.
-                tracing::debug!(client_id = %a.client_id, %filter, "SUBSCRIBE not authorized");
+                tracing::debug!(client_id = %a.client_id(), %filter, "SUBSCRIBE not authorized");
                 codes.push(SubCode::Known(ReasonCode::NOT_AUTHORIZED));
                 continue;
             }

@@ -37,7 +37,8 @@ use mio::{Events, Interest, Token};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
-use super::{drive, not_now, serve, Conn, LiveConns, Parked, PeerInfo, Transport, READ_MAX};
+use super::{drive, new_conn, not_now, Conn, Dormant, LiveConns, Parked, PeerInfo, Transport, READ_MAX};
+use crate::session::ConnWaker;
 use crate::stamp::Stamp;
 
 /// Events taken from the epoll set per system call.
@@ -67,6 +68,7 @@ impl Reactors {
             // connection, not for hundreds polled in one round (the
             // reactor yields after every round instead).
             tokio::spawn(tokio::task::unconstrained(reactor.run()));
+            live.reactors.lock().push(inbox.clone());
             inboxes.push(inbox);
         }
         Ok(Reactors {
@@ -117,11 +119,31 @@ fn register(poll: mio::Poll) -> std::io::Result<AsyncFd<mio::Poll>> {
 
 /// What other threads hand a reactor.
 #[derive(Default)]
-struct Inbox {
+pub(super) struct Inbox {
     incoming: parking_lot::Mutex<Vec<Incoming>>,
     /// Keys of connections woken (each queued once until it is polled).
     woken: parking_lot::Mutex<Vec<usize>>,
     notify: tokio::sync::Notify,
+    /// [`ConnWaker`] signals for every connection of the reactor, not yet
+    /// passed on ([`LiveConns::signal_all`]).
+    signals: std::sync::atomic::AtomicU8,
+    /// The parked connections' keep-alive deadlines are to be checked
+    /// ([`LiveConns::sweep`]).
+    sweep: AtomicBool,
+}
+
+impl Inbox {
+    /// Pass `signal` on to every connection of the reactor.
+    pub(super) fn signal_all(&self, signal: u8) {
+        self.signals.fetch_or(signal, Ordering::AcqRel);
+        self.notify.notify_one();
+    }
+
+    /// Wake the parked connections whose keep-alive deadline has passed.
+    pub(super) fn sweep_due(&self) {
+        self.sweep.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
 }
 
 struct Incoming {
@@ -174,6 +196,9 @@ enum State {
     Running(DriveFuture),
     /// Quiet: the connection's state alone, no future.
     Parked(Box<Conn<ReactorTcp>>),
+    /// Quiet, and of that state only what outlives the quiet spell (the
+    /// usual parked connection).
+    Dormant(Box<Dormant<ReactorTcp>>),
     /// Only while the reactor polls it.
     Polling,
 }
@@ -183,6 +208,15 @@ enum State {
 struct Entry {
     slot: Arc<Slot>,
     state: State,
+    /// The connection's own waker, for signals to every connection (the
+    /// reactor lists its connections: see [`LiveConns`]).
+    signals: Arc<ConnWaker>,
+}
+
+/// The size of a slab entry, for the size guard (`server::size_report`).
+#[cfg(test)]
+pub(super) fn entry_size() -> usize {
+    std::mem::size_of::<Entry>()
 }
 
 struct Reactor {
@@ -204,6 +238,7 @@ impl Reactor {
                 }
             }
             self.take_events(&mut ready);
+            self.take_broadcasts(&mut ready);
             ready.append(&mut self.inbox.woken.lock());
             if ready.is_empty() {
                 if self.slots.is_empty() && self.live.is_shutting_down() {
@@ -260,7 +295,12 @@ impl Reactor {
             sock: i.sock,
             slot: slot.clone(),
         };
-        let fut: DriveFuture = Box::pin(serve(stream, i.info, self.live.clone(), i.done));
+        let c = new_conn(stream, i.info, self.live.clone(), i.done);
+        let signals = c.conn.waker().clone();
+        if self.live.is_shutting_down() {
+            signals.signal(ConnWaker::SHUTDOWN);
+        }
+        let fut: DriveFuture = Box::pin(drive(c));
         tracing::trace!(
             future = std::mem::size_of_val(&*fut),
             state = std::mem::size_of::<Conn<ReactorTcp>>(),
@@ -269,8 +309,36 @@ impl Reactor {
         entry.insert(Entry {
             slot,
             state: State::Running(fut),
+            signals,
         });
         Some(key)
+    }
+
+    /// Pass on signals meant for every connection, and queue the parked
+    /// connections whose keep-alive deadline has passed (they resume, find
+    /// it expired and close): what [`LiveConns`] does for the connections
+    /// it lists.
+    fn take_broadcasts(&mut self, ready: &mut Vec<usize>) {
+        let signals = self.inbox.signals.swap(0, Ordering::AcqRel);
+        if signals != 0 {
+            // Each signal wakes its connection: queued in the inbox.
+            for (_, e) in self.slots.iter() {
+                e.signals.signal(signals);
+            }
+        }
+        if self.inbox.sweep.swap(false, Ordering::AcqRel) {
+            let now = Instant::now();
+            for (key, e) in self.slots.iter() {
+                let keepalive_at = match &e.state {
+                    State::Dormant(d) => d.keepalive_at(),
+                    State::Parked(c) => c.conn.poll_timeout(),
+                    State::Running(_) | State::Polling => None,
+                };
+                if keepalive_at.is_some_and(|t| t <= now) && e.slot.enqueue() {
+                    ready.push(key);
+                }
+            }
+        }
     }
 
     /// Read the epoll set without waiting: mark what is readable and queue
@@ -322,13 +390,23 @@ impl Reactor {
                 c.unpark();
                 Box::pin(drive(c))
             }
+            State::Dormant(d) => {
+                let mut c = d.wake();
+                c.unpark();
+                Box::pin(drive(c))
+            }
             State::Polling => return,
         };
         let waker = Waker::from(e.slot.clone());
         let mut cx = Context::from_waker(&waker);
         match fut.as_mut().poll(&mut cx) {
             Poll::Pending => e.state = State::Running(fut),
-            Poll::Ready(Some(c)) => e.state = State::Parked(c),
+            Poll::Ready(Some(c)) => {
+                e.state = match c.into_dormant() {
+                    Ok(d) => State::Dormant(d),
+                    Err(c) => State::Parked(c),
+                }
+            }
             // Done: the connection (and with it the socket, which leaves
             // the epoll set as it closes) is gone.
             Poll::Ready(None) => {
