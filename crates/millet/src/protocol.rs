@@ -93,13 +93,14 @@ pub struct ConnectVerdict {
 }
 
 /// Something the hooks hold for the life of a connection (released when
-/// the connection's state is dropped), opaque to the protocol.
+/// the connection's state is dropped), opaque to the protocol. A thin
+/// pointer: every connected client's state carries one, mostly empty.
 #[derive(Clone, Default)]
-pub struct Held(Option<Arc<dyn std::any::Any + Send + Sync>>);
+pub struct Held(Option<Arc<Box<dyn std::any::Any + Send + Sync>>>);
 
 impl Held {
     pub fn new<T: std::any::Any + Send + Sync>(t: T) -> Held {
-        Held(Some(Arc::new(t)))
+        Held(Some(Arc::new(Box::new(t))))
     }
 }
 
@@ -620,7 +621,7 @@ impl Connection {
 
     pub fn client_id(&self) -> Option<&str> {
         match &self.state {
-            State::Connected(a) => Some(&a.client_id()),
+            State::Connected(a) => Some(a.client_id()),
             _ => None,
         }
     }
@@ -927,7 +928,7 @@ impl Connection {
         self.received.add_received_to(&self.shared.node.stats);
         if let State::Connected(a) = &self.state {
             self.shared.tell(|| Event::Disconnected {
-                client_id: &a.client_id(),
+                client_id: a.client_id(),
                 close: self.close.as_deref(),
             });
         }

@@ -1222,8 +1222,8 @@ impl<S> Dormant<S> {
     }
 
     /// Back to a full [`Conn`], its other fields at their rest values.
-    fn wake(self: Box<Self>) -> Box<Conn<S>> {
-        let d = *self;
+    fn wake(self) -> Box<Conn<S>> {
+        let d = self;
         Box::new(Conn {
             stream: d.stream,
             conn: d.conn,
@@ -2372,12 +2372,12 @@ mod size_report {
             ("Slot", size_of::<super::reactor::Slot>(), 16),
             ("reactor Entry", super::reactor::entry_size(), 40),
             ("Connection", size_of::<crate::protocol::Connection>(), 200),
-            ("SessionCell", size_of::<crate::session::SessionCell>(), 352),
+            ("SessionCell", size_of::<crate::session::SessionCell>(), 328),
             ("Option<Will>", size_of::<Option<crate::session::Will>>(), 8),
             ("ConnWaker", size_of::<crate::session::ConnWaker>(), 32),
             ("Parking", size_of::<super::Parking>(), 40),
             ("ConnInfo", size_of::<crate::broker::admin::ConnInfo>(), 64),
-            ("Active", crate::protocol::active_size(), 96),
+            ("Active", crate::protocol::active_size(), 88),
         ];
         for (name, size, bound) in sizes {
             eprintln!("{name}: {size} bytes (bound {bound})");

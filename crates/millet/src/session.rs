@@ -493,11 +493,11 @@ impl std::ops::DerefMut for Will {
 
 #[derive(Debug)]
 pub struct Session {
-    pub id: SessionId,
     /// Filter (including the `$share/g/` prefix) → subscription.
     pub subscriptions: Subscriptions,
     queue: Queue,
-    max_queued: usize,
+    /// The queue's limits and the meter its bytes are charged to.
+    limits: Arc<QueueLimits>,
     /// Insertion-ordered outgoing window, keyed by packet id.
     inflight: crate::lazy::LazyDeque<(u16, Inflight)>,
     /// Incoming QoS 2 packet ids: PUBREC sent, PUBREL not yet received.
@@ -534,8 +534,6 @@ pub struct Session {
     /// window, mirrored into `meter`; the queue's are limited to `max_queued_bytes`.
     queued_bytes: usize,
     inflight_bytes: usize,
-    max_queued_bytes: usize,
-    meter: Arc<crate::budget::Meter>,
     /// Filters whose retained replay is under way (see [`Session::replay_started`]),
     /// and re-SUBSCRIBEs to them coalesced into one replay after it.
     replays: Option<Box<Replays>>,
@@ -557,9 +555,20 @@ pub struct DeferredReplay {
     pub identifier: Option<u32>,
 }
 
+/// A session's queue limits and the memory meter its bytes are charged to:
+/// the node's, one allocation that all its sessions share (8 bytes a
+/// session, where the three fields took 24).
+#[derive(Debug)]
+pub struct QueueLimits {
+    pub max_queued: usize,
+    pub max_queued_bytes: usize,
+    pub meter: Arc<crate::budget::Meter>,
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
-        self.meter
+        self.limits
+            .meter
             .charge(-((self.queued_bytes + self.inflight_bytes) as i64));
     }
 }
@@ -585,12 +594,21 @@ impl Session {
         }
     }
 
-    pub fn new(id: SessionId, max_queued: usize) -> Self {
+    /// A session limited to `max_queued` messages, with a meter of its own.
+    pub fn new(max_queued: usize) -> Self {
+        Session::with_limits(Arc::new(QueueLimits {
+            max_queued,
+            max_queued_bytes: usize::MAX,
+            meter: Arc::default(),
+        }))
+    }
+
+    /// A session under `limits` (the node's).
+    pub fn with_limits(limits: Arc<QueueLimits>) -> Self {
         Session {
-            id,
             subscriptions: Subscriptions::default(),
             queue: Queue::default(),
-            max_queued,
+            limits,
             inflight: crate::lazy::LazyDeque::new(),
             awaiting_rel: PacketIds::default(),
             next_packet_id: 1,
@@ -608,8 +626,6 @@ impl Session {
             consumer_stalled: false,
             queued_bytes: 0,
             inflight_bytes: 0,
-            max_queued_bytes: usize::MAX,
-            meter: Arc::default(),
             replays: None,
         }
     }
@@ -618,10 +634,13 @@ impl Session {
     /// `meter` (the broker's; a new session has a meter of its own).
     pub fn set_memory_limits(&mut self, max_queued_bytes: usize, meter: Arc<crate::budget::Meter>) {
         let held = (self.queued_bytes + self.inflight_bytes) as i64;
-        self.meter.charge(-held);
+        self.limits.meter.charge(-held);
         meter.charge(held);
-        self.meter = meter;
-        self.max_queued_bytes = max_queued_bytes;
+        self.limits = Arc::new(QueueLimits {
+            max_queued: self.limits.max_queued,
+            max_queued_bytes,
+            meter,
+        });
     }
 
     /// Bytes queued ([`Delivery::charge`]), not counting the in-flight window.
@@ -631,17 +650,17 @@ impl Session {
 
     fn add_queued(&mut self, n: usize) {
         self.queued_bytes += n;
-        self.meter.charge(n as i64);
+        self.limits.meter.charge(n as i64);
     }
 
     fn sub_queued(&mut self, n: usize) {
         self.queued_bytes -= n;
-        self.meter.charge(-(n as i64));
+        self.limits.meter.charge(-(n as i64));
     }
 
     fn sub_inflight(&mut self, n: usize) {
         self.inflight_bytes -= n;
-        self.meter.charge(-(n as i64));
+        self.limits.meter.charge(-(n as i64));
     }
 
     /// A SUBSCRIBE wants the retained messages of `filter` replayed. Returns
@@ -716,12 +735,13 @@ impl Session {
     /// needs room in the count).
     fn fits(&self, charge: usize) -> bool {
         self.queue.len() < self.capacity()
-            && (charge == 0 || self.queued_bytes.saturating_add(charge) <= self.max_queued_bytes)
+            && (charge == 0
+                || self.queued_bytes.saturating_add(charge) <= self.limits.max_queued_bytes)
     }
 
     /// `max_queued`, plus the room granted to retained replays not yet sent.
     fn capacity(&self) -> usize {
-        self.max_queued.saturating_add(self.replay_room)
+        self.limits.max_queued.saturating_add(self.replay_room)
     }
 
     /// A SUBSCRIBE is about to queue `n` retained messages: they get room
@@ -755,7 +775,7 @@ impl Session {
         let rest_bytes = self.queued_bytes - self.queue.bytes0();
         if !self.queue.has_q0()
             || self.queue.q12_len() >= self.capacity()
-            || (charge > 0 && rest_bytes.saturating_add(charge) > self.max_queued_bytes)
+            || (charge > 0 && rest_bytes.saturating_add(charge) > self.limits.max_queued_bytes)
         {
             return Enqueued::Dropped;
         }
@@ -763,7 +783,8 @@ impl Session {
         let mut freed = 0;
         while self.queue.len() >= self.capacity()
             || (charge > 0
-                && (self.queued_bytes - freed).saturating_add(charge) > self.max_queued_bytes)
+                && (self.queued_bytes - freed).saturating_add(charge)
+                    > self.limits.max_queued_bytes)
         {
             let Some((_, old)) = self.queue.pop_front_q0() else {
                 break; // not reached: checked above
@@ -849,7 +870,7 @@ impl Session {
     ) {
         let charge = delivery.charge();
         self.inflight_bytes += charge;
-        self.meter.charge(charge as i64);
+        self.limits.meter.charge(charge as i64);
         self.inflight
             .push_back((packet_id, Inflight { delivery, state }));
     }
@@ -1175,9 +1196,9 @@ impl Drop for SessionStateGuarded {
 }
 
 impl SessionCell {
-    pub fn new(session: Session, client_id: ByteString) -> Arc<Self> {
+    pub fn new(id: SessionId, client_id: ByteString, session: Session) -> Arc<Self> {
         Arc::new(SessionCell {
-            id: session.id,
+            id,
             client_id,
             state: parking_lot::Mutex::new(SessionStateGuarded {
                 session,
@@ -1227,7 +1248,7 @@ mod tests {
 
     #[test]
     fn retained_replay_room_lets_a_replay_past_max_queued_and_shrinks_as_it_drains() {
-        let mut s = Session::new(1, 2);
+        let mut s = Session::new(2);
         let d = |i: u8| Delivery {
             msg: Arc::new(Message {
                 topic: format!("t/{i}").into(),
@@ -1295,7 +1316,7 @@ mod tests {
 
     #[test]
     fn full_queue_drops_qos0_first() {
-        let mut s = Session::new(1, 2);
+        let mut s = Session::new(2);
         assert_eq!(s.enqueue(msg(QoS::AtMostOnce)), Enqueued::Queued);
         assert_eq!(s.enqueue(msg(QoS::AtLeastOnce)), Enqueued::Queued);
         assert_eq!(
@@ -1328,7 +1349,7 @@ mod tests {
 
     #[test]
     fn full_queue_of_qos1_drops_new_messages_and_keeps_order() {
-        let mut s = Session::new(1, 3);
+        let mut s = Session::new(3);
         for t in ["a", "b", "c"] {
             assert_eq!(s.enqueue(tagged(QoS::AtLeastOnce, t)), Enqueued::Queued);
         }
@@ -1342,7 +1363,7 @@ mod tests {
 
     #[test]
     fn mixed_full_queue_displaces_oldest_qos0_and_keeps_arrival_order() {
-        let mut s = Session::new(1, 5);
+        let mut s = Session::new(5);
         for (seq, (q, t)) in (10..).zip([
             (QoS::AtLeastOnce, "a"),
             (QoS::AtMostOnce, "b"),
@@ -1382,7 +1403,7 @@ mod tests {
 
     #[test]
     fn interleaved_qos_levels_pop_in_arrival_order() {
-        let mut s = Session::new(1, 100);
+        let mut s = Session::new(100);
         let qs = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
         let names: Vec<&'static str> = (0..30)
             .map(|i| &*Box::leak(format!("{i:02}").into_boxed_str()))
@@ -1418,7 +1439,7 @@ mod tests {
     #[test]
     fn full_queue_decides_in_constant_time() {
         let n = 100_000;
-        let mut s = Session::new(1, n);
+        let mut s = Session::new(n);
         let d = msg(QoS::AtLeastOnce);
         for _ in 0..n {
             s.enqueue(d.clone());
@@ -1428,7 +1449,7 @@ mod tests {
             assert_eq!(s.enqueue(d.clone()), Enqueued::Dropped);
         }
         // Half QoS 0 at the tail: each displacement finds it at once.
-        let mut s = Session::new(1, n);
+        let mut s = Session::new(n);
         for i in 0..n {
             s.enqueue(msg(if i < n / 2 {
                 QoS::AtLeastOnce
@@ -1462,7 +1483,7 @@ mod tests {
     #[test]
     fn queue_is_bounded_in_bytes_and_charges_the_meter() {
         let meter = Arc::new(crate::budget::Meter::default());
-        let mut s = Session::new(1, 100);
+        let mut s = Session::new(100);
         s.set_memory_limits(1000, meter.clone());
         assert_eq!(s.enqueue(sized(QoS::AtMostOnce, 300)), Enqueued::Queued);
         assert_eq!(s.enqueue(sized(QoS::AtMostOnce, 300)), Enqueued::Queued);
@@ -1507,7 +1528,7 @@ mod tests {
 
     #[test]
     fn repeated_subscribes_coalesce_while_a_replay_is_under_way() {
-        let mut s = Session::new(1, 10);
+        let mut s = Session::new(10);
         let f: ByteString = "a/+".into();
         let r = |id| DeferredReplay {
             filter: "a/+".into(),
@@ -1579,7 +1600,7 @@ mod tests {
 
     #[test]
     fn packet_ids_skip_inflight_and_zero() {
-        let mut s = Session::new(1, 10);
+        let mut s = Session::new(10);
         s.next_packet_id = u16::MAX;
         let a = s.alloc_packet_id();
         assert_eq!(a, Some(u16::MAX));
@@ -1591,7 +1612,7 @@ mod tests {
 
     #[test]
     fn qos2_outgoing_flow() {
-        let mut s = Session::new(1, 10);
+        let mut s = Session::new(10);
         s.push_inflight(7, msg(QoS::ExactlyOnce));
         assert!(!s.handle_puback(7), "PUBACK does not complete QoS 2");
         assert!(!s.handle_pubcomp(7), "PUBCOMP before PUBREC is ignored");

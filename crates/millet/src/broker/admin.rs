@@ -68,7 +68,13 @@ pub fn set_conn_info(cell: &SessionCell, epoch: u64, info: ConnInfo) {
 
 /// The username of the connection attached to `cell`, if it has one.
 pub fn conn_username(cell: &SessionCell) -> Option<String> {
-    cell.state.lock().conn_info.as_ref()?.username.as_deref().map(String::from)
+    cell.state
+        .lock()
+        .conn_info
+        .as_ref()?
+        .username
+        .as_deref()
+        .map(String::from)
 }
 
 /// One client (session) as the API lists it.
@@ -156,7 +162,9 @@ fn summary(client_id: &str, cell: &SessionCell) -> ClientSummary {
     ClientSummary {
         client_id: client_id.to_string(),
         connected: st.conn_epoch != 0,
-        username: info.as_ref().and_then(|i| i.username.as_deref().map(String::from)),
+        username: info
+            .as_ref()
+            .and_then(|i| i.username.as_deref().map(String::from)),
         peer: info.as_ref().map(|i| i.peer.to_string()),
         protocol: info.as_ref().map(|i| i.protocol),
         keep_alive: info.as_ref().map(|i| i.keep_alive),

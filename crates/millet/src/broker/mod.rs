@@ -63,6 +63,8 @@ pub struct Broker {
     index: RwLock<SubscriptionIndex<SessionId, IndexEntry>>,
     retained: RwLock<RetainedStore<Arc<Message>>>,
     registry: Mutex<registry::Registry>,
+    /// Every session's queue limits and memory meter (one, shared).
+    queue_limits: Arc<crate::session::QueueLimits>,
     delayed_wills: Mutex<Vec<DelayedWill>>,
     /// When offline sessions expire, soonest first: the ticker looks at the
     /// due ones only, instead of every session every tick. Entries are
@@ -95,11 +97,17 @@ impl Broker {
             ShareStrategyConfig::Random => ShareStrategy::Random,
             ShareStrategyConfig::HashClientId => ShareStrategy::HashClientId,
         };
+        let queue_limits = Arc::new(crate::session::QueueLimits {
+            max_queued: node.config.limits.max_queued,
+            max_queued_bytes: node.config.limits.max_queued_bytes,
+            meter: node.meter.clone(),
+        });
         Broker {
             node,
             index: RwLock::new(SubscriptionIndex::new(strategy)),
             retained: RwLock::new(RetainedStore::new()),
             registry: Mutex::default(),
+            queue_limits,
             delayed_wills: Mutex::new(Vec::new()),
             expiries: Mutex::default(),
             next_session_id: AtomicU64::new(1),

@@ -52,17 +52,11 @@ impl Broker {
         let (mut n_sessions, mut n_queued, mut n_inflight) = (0usize, 0usize, 0usize);
         let mut registry = super::registry::Registry::default();
         let mut wills = Vec::new();
-        let (max_queued, max_queued_bytes) = (
-            self.node.config.limits.max_queued,
-            self.node.config.limits.max_queued_bytes,
-        );
-        let meter = self.node.meter.clone();
         let idx = self.index.get_mut();
         for rs in &rec.sessions {
             let client_id = ByteString::from(rs.session.client_id.as_str());
             let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
-            let mut s = Session::new(id, max_queued);
-            s.set_memory_limits(max_queued_bytes, meter.clone());
+            let mut s = Session::with_limits(self.queue_limits.clone());
             s.persisted = true;
             s.expiry_interval = rs.session.expiry_interval;
             // Connected at the crash: the session's clock starts now.
@@ -155,7 +149,7 @@ impl Broker {
                     will: persist::Persistence::will_from_record(w, &client_id, id),
                 });
             }
-            let cell = SessionCell::new(s, client_id.clone());
+            let cell = SessionCell::new(id, client_id.clone(), s);
             for (filter, sub) in cell_subs {
                 let entry = IndexEntry {
                     cell: cell.clone(),

@@ -19,7 +19,7 @@ use millet_codec::{topic, LastWill, QoS};
 use super::route::remove_from_index;
 use super::wills::DelayedWill;
 use super::Broker;
-use crate::session::{ConnWaker, Session, SessionCell, SessionId, Subscription, Will};
+use crate::session::{ConnWaker, Session, SessionCell, Subscription, Will};
 use crate::stamp::Stamp;
 use crate::store::Op;
 
@@ -97,11 +97,8 @@ pub enum SessionRefusal {
 
 impl Broker {
     /// A new session with this broker's queue limits and memory meter.
-    fn new_session(&self, id: SessionId) -> Session {
-        let l = &self.node.config.limits;
-        let mut s = Session::new(id, l.max_queued);
-        s.set_memory_limits(l.max_queued_bytes, self.node.meter.clone());
-        s
+    fn new_session(&self) -> Session {
+        Session::with_limits(self.queue_limits.clone())
     }
 
     /// May `client_id` get a session? A session that exists (resumed, or
@@ -210,11 +207,11 @@ impl Broker {
                 },
                 None => {
                     let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
-                    let mut s = self.new_session(id);
+                    let mut s = self.new_session();
                     s.expiry_interval = expiry_interval;
                     // A copy, not a second handle: the cell holds the one
                     // handle, with no shared header (see `SessionCell::client_id`).
-                    let cell = SessionCell::new(s, ByteString::from(&**client_id));
+                    let cell = SessionCell::new(id, ByteString::from(&**client_id), s);
                     {
                         let mut st = cell.state.lock();
                         st.conn_epoch = epoch;
@@ -328,10 +325,9 @@ impl Broker {
                 st.session.expires_at = (expiry != u32::MAX)
                     .then(|| Stamp::from(now + Duration::from_secs(u64::from(expiry))));
                 if let Some(t) = st.session.expires_at {
-                    self.expiries.lock().push(std::cmp::Reverse((
-                        t.instant(),
-                        cell.client_id.clone(),
-                    )));
+                    self.expiries
+                        .lock()
+                        .push(std::cmp::Reverse((t.instant(), cell.client_id.clone())));
                 }
                 if let (Some(p), true) = (&self.persist, st.session.persisted) {
                     let will_at = delayed.as_ref().map(|d| d.1);

@@ -343,7 +343,7 @@ impl Connection {
         };
         tracing::debug!(client_id = %active.client_id(), protocol = ?c.protocol, session_present = attached.session_present, "client connected");
         self.shared.tell(|| Event::Connected {
-            client_id: &active.client_id(),
+            client_id: active.client_id(),
             username: active.username().map(|u| &**u),
             session_present: attached.session_present,
         });

@@ -138,7 +138,7 @@ impl Connection {
             }
         }
         match self.authorize_now(
-            &a.client_id(),
+            a.client_id(),
             a.username().map(|u| &**u),
             a.acl(),
             Access::Publish,
@@ -213,7 +213,7 @@ impl Connection {
         let routed = self.shared.engine.publish(msg, Some(&self.waker), now);
         if let Some(msg) = &told {
             self.shared.hooks.event(&Event::Published {
-                client_id: &a.client_id(),
+                client_id: a.client_id(),
                 msg,
                 sessions: routed.sessions,
             });

@@ -215,7 +215,7 @@ impl Connection {
                     .observe(now.saturating_duration_since(t.instant()));
             }
             self.shared.tell(|| Event::Delivered {
-                client_id: &active.client_id(),
+                client_id: active.client_id(),
                 msg: &d.msg,
                 qos: d.qos,
             });

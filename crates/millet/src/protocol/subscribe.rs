@@ -9,7 +9,7 @@ impl Connection {
         let mut ask = Vec::new();
         for (filter, _) in &s.filters {
             let v = self.authorize_now(
-                &a.client_id(),
+                a.client_id(),
                 a.username().map(|u| &**u),
                 a.acl(),
                 Access::Subscribe,

@@ -37,7 +37,9 @@ use mio::{Events, Interest, Token};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
-use super::{drive, new_conn, not_now, Conn, Dormant, LiveConns, Parked, PeerInfo, Transport, READ_MAX};
+use super::{
+    drive, new_conn, not_now, Conn, Dormant, LiveConns, Parked, PeerInfo, Transport, READ_MAX,
+};
 use crate::session::ConnWaker;
 use crate::stamp::Stamp;
 
@@ -391,7 +393,7 @@ impl Reactor {
                 Box::pin(drive(c))
             }
             State::Dormant(d) => {
-                let mut c = d.wake();
+                let mut c = (*d).wake();
                 c.unpark();
                 Box::pin(drive(c))
             }
