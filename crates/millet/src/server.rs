@@ -1,10 +1,18 @@
-//! The IO driver: TCP and TLS listeners, one task per connection, the broker
-//! ticker, and graceful drain on SIGINT / SIGTERM. It also runs the security
-//! layer's IO: ban and connection-rate checks at accept, TLS handshakes, the
-//! (async) authentication chain before a CONNECT reaches the state machine,
-//! and reloads on SIGHUP / file change.
+//! The IO driver: TCP and TLS listeners, the connections' drivers, the
+//! broker ticker, and graceful drain on SIGINT / SIGTERM. It also runs the
+//! security layer's IO: ban and connection-rate checks at accept, TLS
+//! handshakes, the (async) authentication chain before a CONNECT reaches the
+//! state machine, and reloads on SIGHUP / file change.
 //!
-//! A connection task only moves bytes, wake-ups and timers in and out of
+//! Each connection is one [`drive`] future over its [`Conn`] state. Plain
+//! TCP connections (PROXY protocol included) run in per-worker event loops
+//! ([`reactor`]: one epoll set and slab per worker, no tokio task or socket
+//! registration per connection); TLS and WebSocket connections run as one
+//! tokio task each (and so does plain TCP with `limits.tcp_reactor = false`).
+//! A quiet connection parks: in a reactor it becomes a [`Dormant`] record
+//! in the slab, elsewhere its task ends and a [`Parking`] waker keeps it.
+//!
+//! The driver only moves bytes, wake-ups and timers in and out of
 //! [`crate::protocol::Connection`]; it makes no protocol decisions. It waits
 //! for readability without holding a read buffer, so an idle connection keeps
 //! no per-connection buffers.
