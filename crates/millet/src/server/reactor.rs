@@ -135,6 +135,14 @@ pub(super) struct Inbox {
 }
 
 impl Inbox {
+    /// Connections woken, new connections, or signals waiting.
+    fn has_work(&self) -> bool {
+        !self.woken.lock().is_empty()
+            || !self.incoming.lock().is_empty()
+            || self.signals.load(Ordering::Acquire) != 0
+            || self.sweep.load(Ordering::Acquire)
+    }
+
     /// Pass `signal` on to every connection of the reactor.
     pub(super) fn signal_all(&self, signal: u8) {
         self.signals.fetch_or(signal, Ordering::AcqRel);
@@ -232,6 +240,11 @@ struct Reactor {
 impl Reactor {
     async fn run(mut self) {
         let mut ready: Vec<usize> = Vec::new();
+        // Whether the epoll set may hold events: it is read (a system call)
+        // only then, not on every round. Tokio says when it became readable
+        // (the readiness is cleared before the set is read, so an event that
+        // comes after that makes it readable again).
+        let mut events_due = true;
         loop {
             let incoming = std::mem::take(&mut *self.inbox.incoming.lock());
             for i in incoming {
@@ -239,7 +252,10 @@ impl Reactor {
                     ready.push(key);
                 }
             }
-            self.take_events(&mut ready);
+            if events_due || self.readable_now() {
+                events_due = false;
+                self.take_events(&mut ready);
+            }
             self.take_broadcasts(&mut ready);
             ready.append(&mut self.inbox.woken.lock());
             if ready.is_empty() {
@@ -248,12 +264,14 @@ impl Reactor {
                 }
                 tokio::select! {
                     r = self.poll.readable() => match r {
-                        // Cleared before the set is read: an event that
-                        // comes after this makes it readable again.
-                        Ok(mut guard) => guard.clear_ready(),
+                        Ok(mut guard) => {
+                            guard.clear_ready();
+                            events_due = true;
+                        }
                         Err(e) => {
                             tracing::error!(error = %e, "connection event loop: waiting for events failed");
                             tokio::time::sleep(Duration::from_millis(10)).await;
+                            events_due = true;
                         }
                     },
                     _ = self.inbox.notify.notified() => {}
@@ -263,9 +281,27 @@ impl Reactor {
             for key in ready.drain(..) {
                 self.run_slot(key);
             }
-            // The other tasks of this worker (accept loops, the store,
-            // TLS connections) run between rounds.
-            tokio::task::yield_now().await;
+            // More work already: the other tasks of this worker (accept
+            // loops, the store, TLS connections) run first. None: the next
+            // iteration waits (which lets them run), with no yield (a yield
+            // makes tokio poll its own epoll set once more).
+            if self.inbox.has_work() {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// Whether tokio saw the epoll set become readable since it was last
+    /// read (no system call); the readiness is cleared when it did.
+    fn readable_now(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.poll.poll_read_ready(&mut cx) {
+            Poll::Ready(Ok(mut guard)) => {
+                guard.clear_ready();
+                true
+            }
+            Poll::Ready(Err(_)) => true,
+            Poll::Pending => false,
         }
     }
 
