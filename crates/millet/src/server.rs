@@ -1191,6 +1191,44 @@ struct Dormant<S> {
 }
 
 impl<S> Conn<S> {
+    /// A connection's state with everything but its parts at rest: no
+    /// buffers, nothing pending, not connected yet.
+    fn at_rest(
+        stream: S,
+        conn: Machine,
+        peer: SocketAddr,
+        info: Option<Box<PeerInfo>>,
+        live: LiveConn,
+        last_active: Stamp,
+        done: mpsc::Sender<()>,
+    ) -> Box<Conn<S>> {
+        Box::new(Conn {
+            stream,
+            conn,
+            peer,
+            info,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            read_size: READ_MIN as u32,
+            eof: false,
+            write_failed: false,
+            shutting_down: false,
+            connected: false,
+            over_budget: false,
+            told_stalled: false,
+            hello: None,
+            live,
+            stalled_since: None,
+            last_active,
+            quiet: false,
+            parking: None,
+            pending: None,
+            _done: done,
+        })
+    }
+}
+
+impl<S> Conn<S> {
     /// This parked connection as a [`Dormant`] record; itself when a field
     /// that a dormant record does not keep is not at rest (not the case for
     /// a connection that [`Plan::idle`] let park).
@@ -1231,30 +1269,11 @@ impl<S> Dormant<S> {
 
     /// Back to a full [`Conn`], its other fields at their rest values.
     fn wake(self) -> Box<Conn<S>> {
-        let d = self;
-        Box::new(Conn {
-            stream: d.stream,
-            conn: d.conn,
-            peer: d.peer,
-            info: None,
-            rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
-            read_size: READ_MIN as u32,
-            eof: false,
-            write_failed: false,
-            shutting_down: false,
-            connected: true,
-            over_budget: false,
-            told_stalled: false,
-            hello: None,
-            live: d.live.unlisted(),
-            stalled_since: None,
-            last_active: d.last_active,
-            quiet: false,
-            parking: None,
-            pending: None,
-            _done: d._done,
-        })
+        let live = self.live.unlisted();
+        let (peer, active) = (self.peer, self.last_active);
+        let mut c = Conn::at_rest(self.stream, self.conn, peer, None, live, active, self._done);
+        c.connected = true;
+        c
     }
 }
 
@@ -1619,29 +1638,8 @@ fn new_conn<S: Transport + 'static>(
     } else {
         live.register(conn.waker())
     };
-    Box::new(Conn {
-        stream,
-        conn,
-        peer: info.addr,
-        info: Some(info),
-        rbuf: BytesMut::new(),
-        wbuf: BytesMut::new(),
-        read_size: READ_MIN as u32,
-        eof: false,
-        write_failed: false,
-        shutting_down: false,
-        connected: false,
-        over_budget: false,
-        told_stalled: false,
-        hello: None,
-        live,
-        stalled_since: None,
-        last_active: Stamp::from(now),
-        quiet: false,
-        parking: None,
-        pending: None,
-        _done: done,
-    })
+    let (peer, active) = (info.addr, Stamp::from(now));
+    Conn::at_rest(stream, conn, peer, Some(info), live, active, done)
 }
 
 /// Run a connection (new, or resumed from parking) until it closes or parks.
