@@ -13,6 +13,12 @@ log() { printf '\n=== %s\n' "$*"; }
 
 log "toolchain and test dependencies"
 cargo --version
+# A cold run builds everything once: incremental-compilation caches only cost
+# disk there (CI sets CI=true).
+if [[ -n "${CI:-}" ]]; then
+  export CARGO_INCREMENTAL=0
+fi
+df -h . | tail -1
 # Independent MQTT peers used by the tests (mosquitto_pub / mosquitto_sub,
 # and Mosquitto itself for the load tool's own tests); openssl for the README's
 # TLS recipes (tests/conformance/test_readme_recipes.py).
@@ -103,4 +109,5 @@ if [[ -z "${SKIP_FUZZ:-}" && -x scripts/fuzz.sh ]]; then
   scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
 fi
 
+du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null || true
 log "all tests passed"
