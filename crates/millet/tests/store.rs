@@ -1044,6 +1044,45 @@ fn absorbed_ops_leave_the_same_state_as_applying_them_one_by_one() {
     );
 }
 
+#[test]
+fn a_round_that_absorbs_everything_is_durable_without_a_write_or_an_fsync() {
+    // The fleet's round: a message queued for a persistent session and
+    // acknowledged by it before the writer took the round. Nothing is left
+    // to log, so nothing is fsynced, and the publisher's ticket is durable.
+    let dir = TempDir::new("absorb-all");
+    let (store, _) = open(dir.path());
+    commit(&store, vec![Op::PutSession(Box::new(session("s", None)))]);
+    let before = store.stats();
+    store.pause_writes(true); // one round
+    let id = store.alloc_message_id();
+    let published = store.submit(vec![put_m(id, msg("t", b"x", None)), put_q("s", 1, id)]);
+    let acked = store.submit(vec![Op::DeleteQueueEntry {
+        client_id: "s".into(),
+        seq: 1,
+    }]);
+    store.pause_writes(false);
+    store.wait_durable(published.max(acked), WAIT).unwrap();
+    let after = store.stats();
+    assert_eq!(after.commits - before.commits, 1, "{after:?}");
+    assert_eq!(after.absorbed - before.absorbed, 3, "{after:?}");
+    assert_eq!(
+        after.fsyncs, before.fsyncs,
+        "nothing logged, nothing to fsync: {after:?}"
+    );
+    assert!(store.synced_seq() >= acked);
+    // The next round that logs something is fsynced as before.
+    let id2 = store.alloc_message_id();
+    commit(
+        &store,
+        vec![put_m(id2, msg("t", b"y", None)), put_q("s", 2, id2)],
+    );
+    assert_eq!(store.stats().fsyncs, before.fsyncs + 1);
+    drop(store);
+    let (_store, r) = open(dir.path());
+    let q: Vec<u64> = find(&r, "s").queue.iter().map(|(k, _)| *k).collect();
+    assert_eq!(q, vec![2], "the absorbed entry left nothing behind");
+}
+
 // ---------------------------------------------------------------------------
 // Corruption and open errors.
 

@@ -559,12 +559,19 @@ impl Writer {
         drop(groups);
         let before = self.wal.len();
         let round_started = Instant::now();
-        let mut r = if survivors.is_empty() {
-            Ok(())
-        } else {
+        let appended = !survivors.is_empty();
+        let mut r = if appended {
             self.wal.append(&survivors)
+        } else {
+            Ok(())
         };
         drop(survivors);
+        // A round that absorbed everything (a fleet's message and its
+        // subscriber's acknowledgement in one round) logged nothing: unless
+        // earlier appends wait for their fsync (`Interval`), there is
+        // nothing to sync. Under `Sync` every earlier round was synced.
+        let nothing_to_sync = !appended && self.unsynced.is_none();
+        let sync = sync && !nothing_to_sync;
         if r.is_ok() && sync {
             r = self.wal.sync();
             if r.is_err() {
@@ -603,6 +610,8 @@ impl Writer {
                     c.fsyncs.fetch_add(1, Ordering::Relaxed);
                     self.last_sync = Instant::now();
                     self.unsynced = None;
+                    self.shared.advance(last, Some(last));
+                } else if nothing_to_sync {
                     self.shared.advance(last, Some(last));
                 } else {
                     self.unsynced = Some(last);
