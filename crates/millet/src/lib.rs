@@ -34,10 +34,9 @@
 //! - [`admin`]: the admin HTTP API (axum), API keys, Prometheus `/metrics`.
 //! - [`histogram`]: fixed-bucket latency histograms for `/metrics`.
 
-// No unsafe code, but for one call with its proof beside it: registering
-// the TCP event loops' epoll descriptor with tokio (`server/reactor.rs`,
-// `register`), which tokio offers only as an `unsafe fn`.
-#![deny(unsafe_code)]
+// No unsafe code (the TCP event loops' epoll set was registered with tokio
+// through an `unsafe fn` until they became threads of their own).
+#![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod admin;

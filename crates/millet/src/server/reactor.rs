@@ -1,5 +1,5 @@
-//! Plain-TCP connections served by per-worker event loops instead of a
-//! tokio task and a tokio socket registration each.
+//! Plain-TCP connections served by event-loop threads (one per tokio
+//! worker) instead of a tokio task and a tokio socket registration each.
 //!
 //! A fleet of quiet devices pays per connection for what waits on its
 //! behalf. Under tokio that is a task (a 128-byte-aligned cell around the
@@ -14,18 +14,22 @@
 //!
 //! The connection logic is the same [`drive`](super::drive) future as for
 //! TLS and WebSocket connections; only its transport ([`ReactorTcp`]) and
-//! who polls it differ. A reactor is itself a tokio task (one per worker
-//! thread): its epoll descriptor is registered with tokio (an epoll set is
-//! readable while it has events), and wake-ups from other threads
-//! (deliveries, engine answers, timers) queue the connection's key in the
-//! reactor's inbox. A round polls every connection that has something to
-//! do, once; then, if more work waits, it yields to the runtime (otherwise
-//! it waits, which also lets them run), so that accept loops, the store and
-//! TLS connections keep their turn; a busy connection still yields after
-//! [`BUSY_SLICE`](super::BUSY_SLICE) within its own poll. The epoll set is
-//! read (a system call) only when tokio has seen it readable, not on every
-//! round: a fleet of quiet devices wakes the loop a few thousand times a
-//! second.
+//! who polls it differ. A reactor is a thread of its own (one per tokio
+//! worker thread) that runs in the runtime's context: its connections'
+//! timers are the runtime's, and what they spawn runs on the runtime. It
+//! blocks in its own epoll set, which holds its sockets and an eventfd
+//! ([`mio::Waker`]) through which other threads wake it (deliveries from
+//! other threads, engine and store answers, timers): a wake-up queues the
+//! connection's key in the reactor's inbox, and costs a system call only
+//! when the reactor is waiting. A round polls every connection that has
+//! something to do, once; when the round woke more (a device's publish
+//! wakes its subscriber's connection), the next round follows at once, and
+//! every [`ROUNDS_PER_TURN`] rounds or [`BUSY_SLICE`](super::BUSY_SLICE)
+//! the epoll set is read without waiting, so that sockets keep their turn;
+//! a busy connection still yields after `BUSY_SLICE` within its own poll.
+//! A fleet of quiet devices costs one `epoll_wait` per wake-up, where a
+//! reactor nested in tokio's epoll set (until session 15) cost two: tokio's
+//! and its own.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -38,7 +42,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use mio::{Events, Interest, Token};
-use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use super::{
@@ -50,8 +53,12 @@ use crate::stamp::Stamp;
 /// Events taken from the epoll set per system call.
 const EVENTS: usize = 1024;
 
+/// The token of the inbox's waker in the epoll set (slab keys stay below
+/// 2^32).
+const WAKE: Token = Token(usize::MAX);
+
 /// Rounds a reactor runs back to back while more work waits, before it
-/// yields to the other tasks of its worker (and at most
+/// looks at its epoll set again (and at most
 /// [`BUSY_SLICE`](super::BUSY_SLICE) of them).
 const ROUNDS_PER_TURN: u32 = 8;
 
@@ -62,12 +69,16 @@ pub(super) struct Reactors {
 }
 
 impl Reactors {
-    /// Start `n` reactors (at least one) as tasks of the current runtime.
+    /// Start `n` reactors (at least one), each on a thread of its own that
+    /// runs within the current runtime's context (its connections use the
+    /// runtime's timers and spawn onto it).
     pub(super) fn start(n: usize, live: Arc<LiveConns>) -> std::io::Result<Reactors> {
+        let runtime = tokio::runtime::Handle::current();
         let mut inboxes = Vec::new();
-        for _ in 0..n.max(1) {
-            let inbox = Arc::new(Inbox::default());
-            let poll = register(mio::Poll::new()?)?;
+        for i in 0..n.max(1) {
+            let poll = mio::Poll::new()?;
+            let waker = mio::Waker::new(poll.registry(), WAKE)?;
+            let inbox = Arc::new(Inbox::new(waker));
             let reactor = Reactor {
                 poll,
                 events: Events::with_capacity(EVENTS),
@@ -75,10 +86,25 @@ impl Reactors {
                 inbox: inbox.clone(),
                 live: live.clone(),
             };
-            // Unconstrained: tokio's per-task budget is meant for one
-            // connection, not for hundreds polled in one round (the
-            // reactor yields after every round instead).
-            tokio::spawn(tokio::task::unconstrained(reactor.run()));
+            let rt = runtime.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("millet-reactor-{i}"))
+                .spawn(move || {
+                    let _context = rt.enter();
+                    reactor.run();
+                })?;
+            // Tells the reactor when the runtime goes (its tasks are
+            // dropped before its timers stop), and waits for it: the
+            // reactor drops its connections without polling them again,
+            // and with them what they hold of the broker, so that the last
+            // holder closes the store before the process exits.
+            runtime.spawn(
+                RuntimeGone {
+                    inbox: inbox.clone(),
+                    thread: Some(thread),
+                }
+                .wait(),
+            );
             live.reactors.lock().push(inbox.clone());
             inboxes.push(inbox);
         }
@@ -91,7 +117,7 @@ impl Reactors {
     /// Wake every reactor (at shutdown: one without connections ends).
     pub(super) fn wake_all(&self) {
         for i in &self.inboxes {
-            i.notify.notify_one();
+            i.notify();
         }
     }
 
@@ -109,59 +135,108 @@ impl Reactors {
             info,
             done,
         });
-        inbox.notify.notify_one();
+        inbox.notify();
     }
 }
 
-/// The reactor's epoll set, registered with tokio (readable while it has
-/// events).
-#[allow(unsafe_code)]
-fn register(poll: mio::Poll) -> std::io::Result<AsyncFd<mio::Poll>> {
-    // SAFETY: `register_with_interest` requires that the descriptor
-    // `poll.as_raw_fd()` returns stays open, refers to the same epoll set
-    // and is the one returned on every call, for as long as the `AsyncFd`
-    // lives. `mio::Poll` owns that descriptor, returns it unchanged and
-    // closes it only when dropped; the `AsyncFd` owns the `Poll` (dropping
-    // it deregisters before the `Poll` drops), and this module never
-    // replaces the `Poll` behind `get_mut`.
-    unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+/// Held by a task of the runtime that never ends: dropped when the runtime
+/// shuts down (tokio waits for its worker threads, and so for this drop).
+struct RuntimeGone {
+    inbox: Arc<Inbox>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RuntimeGone {
+    async fn wait(self) {
+        std::future::pending::<()>().await;
+    }
+}
+
+impl Drop for RuntimeGone {
+    fn drop(&mut self) {
+        self.inbox.stop.store(true, Ordering::Release);
+        self.inbox.notify();
+        if let Some(t) = self.thread.take() {
+            // The reactor ends at its next look at the inbox (it never
+            // waits on the runtime).
+            if t.join().is_err() {
+                tracing::error!("connection event loop: its thread panicked");
+            }
+        }
+    }
 }
 
 /// What other threads hand a reactor.
-#[derive(Default)]
 pub(super) struct Inbox {
     incoming: parking_lot::Mutex<Vec<Incoming>>,
     /// Keys of connections woken (each queued once until it is polled).
     woken: parking_lot::Mutex<Vec<usize>>,
-    notify: tokio::sync::Notify,
+    /// Interrupts the reactor's wait in its epoll set (an eventfd).
+    waker: mio::Waker,
+    /// The reactor waits in its epoll set (or is about to): the next
+    /// [`Inbox::notify`] must wake it. While it runs, a notify costs no
+    /// system call (it looks at its inbox before it waits).
+    sleeping: AtomicBool,
     /// [`ConnWaker`] signals for every connection of the reactor, not yet
     /// passed on ([`LiveConns::signal_all`]).
     signals: std::sync::atomic::AtomicU8,
     /// The parked connections' keep-alive deadlines are to be checked
     /// ([`LiveConns::sweep`]).
     sweep: AtomicBool,
+    /// The runtime is gone: drop every connection and end.
+    stop: AtomicBool,
+    /// A failed wake-up was logged (once).
+    wake_failed: AtomicBool,
 }
 
 impl Inbox {
-    /// Connections woken, new connections, or signals waiting.
+    fn new(waker: mio::Waker) -> Inbox {
+        Inbox {
+            incoming: Default::default(),
+            woken: Default::default(),
+            waker,
+            sleeping: AtomicBool::new(false),
+            signals: Default::default(),
+            sweep: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            wake_failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Make sure the reactor looks at its inbox: wake it if it waits.
+    /// Called after what it is to see was queued. The reactor sets
+    /// `sleeping` before its last look at the inbox and its wait, both
+    /// sides with sequentially consistent operations: either this swap sees
+    /// `sleeping` set and wakes it, or that last look sees what was queued.
+    fn notify(&self) {
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.waker.wake() {
+                if !self.wake_failed.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "connection event loop: cannot wake it");
+                }
+            }
+        }
+    }
+
+    /// Connections woken, new connections, signals, or the end.
     fn has_work(&self) -> bool {
         !self.woken.lock().is_empty()
             || !self.incoming.lock().is_empty()
             || self.signals.load(Ordering::Acquire) != 0
             || self.sweep.load(Ordering::Acquire)
+            || self.stop.load(Ordering::Acquire)
     }
 
     /// Pass `signal` on to every connection of the reactor.
     pub(super) fn signal_all(&self, signal: u8) {
         self.signals.fetch_or(signal, Ordering::AcqRel);
-        self.notify.notify_one();
+        self.notify();
     }
 
     /// Wake the parked connections whose keep-alive deadline has passed.
     pub(super) fn sweep_due(&self) {
         self.sweep.store(true, Ordering::Release);
-        self.notify.notify_one();
+        self.notify();
     }
 }
 
@@ -204,7 +279,7 @@ impl Wake for Slot {
     fn wake_by_ref(self: &Arc<Self>) {
         if self.enqueue() {
             self.inbox.woken.lock().push(self.key as usize);
-            self.inbox.notify.notify_one();
+            self.inbox.notify();
         }
     }
 }
@@ -239,7 +314,7 @@ pub(super) fn entry_size() -> usize {
 }
 
 struct Reactor {
-    poll: AsyncFd<mio::Poll>,
+    poll: mio::Poll,
     events: Events,
     slots: slab::Slab<Entry>,
     inbox: Arc<Inbox>,
@@ -247,27 +322,24 @@ struct Reactor {
 }
 
 impl Reactor {
-    async fn run(mut self) {
+    fn run(mut self) {
         let mut ready: Vec<usize> = Vec::new();
-        // Whether the epoll set may hold events: it is read (a system call)
-        // only then, not on every round. Tokio says when it became readable
-        // (the readiness is cleared before the set is read, so an event that
-        // comes after that makes it readable again).
-        let mut events_due = true;
-        // Rounds run back to back since the last yield or wait, and when
-        // the first of them ended (the clock is read only when one follows).
+        // Rounds run back to back since the last look at the epoll set, and
+        // when the first of them ended (the clock is read only when one
+        // follows).
         let mut rounds = 0u32;
         let mut turn_start: Option<Instant> = None;
         loop {
+            if self.inbox.stop.load(Ordering::Acquire) {
+                // The runtime is gone: its timers with it. The connections
+                // are dropped unpolled (their sockets close).
+                return;
+            }
             let incoming = std::mem::take(&mut *self.inbox.incoming.lock());
             for i in incoming {
                 if let Some(key) = self.add(i) {
                     ready.push(key);
                 }
-            }
-            if events_due || self.readable_now() {
-                events_due = false;
-                self.take_events(&mut ready);
             }
             self.take_broadcasts(&mut ready);
             ready.append(&mut self.inbox.woken.lock());
@@ -275,20 +347,9 @@ impl Reactor {
                 if self.slots.is_empty() && self.live.is_shutting_down() {
                     return;
                 }
-                tokio::select! {
-                    r = self.poll.readable() => match r {
-                        Ok(mut guard) => {
-                            guard.clear_ready();
-                            events_due = true;
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "connection event loop: waiting for events failed");
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            events_due = true;
-                        }
-                    },
-                    _ = self.inbox.notify.notified() => {}
-                }
+                self.wait(&mut ready);
+                rounds = 0;
+                turn_start = None;
                 continue;
             }
             for key in ready.drain(..) {
@@ -296,17 +357,14 @@ impl Reactor {
             }
             // More work already (typically what this round's connections
             // woke: a device's publish wakes its subscriber's connection):
-            // up to ROUNDS_PER_TURN rounds run back to back, then the other
-            // tasks of this worker (accept loops, TLS connections) get their
-            // turn. None: the next iteration waits (which lets them run).
-            // Each yield makes tokio read its own epoll set once more (a
-            // system call), so not yielding after every round saves one a
-            // message in a fleet.
+            // the next round runs at once, without a look at the epoll set
+            // (a system call) for up to ROUNDS_PER_TURN rounds or
+            // BUSY_SLICE, so that sockets with input still get their turn.
             if self.inbox.has_work() {
                 rounds += 1;
                 let since = *turn_start.get_or_insert_with(Instant::now);
                 if rounds >= ROUNDS_PER_TURN || since.elapsed() >= super::BUSY_SLICE {
-                    tokio::task::yield_now().await;
+                    self.take_events(&mut ready, Some(Duration::ZERO));
                     rounds = 0;
                     turn_start = None;
                 }
@@ -317,18 +375,16 @@ impl Reactor {
         }
     }
 
-    /// Whether tokio saw the epoll set become readable since it was last
-    /// read (no system call); the readiness is cleared when it did.
-    fn readable_now(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.poll.poll_read_ready(&mut cx) {
-            Poll::Ready(Ok(mut guard)) => {
-                guard.clear_ready();
-                true
-            }
-            Poll::Ready(Err(_)) => true,
-            Poll::Pending => false,
+    /// Nothing to do: wait in the epoll set for socket events or a wake-up
+    /// (see [`Inbox::notify`] for why none is lost).
+    fn wait(&mut self, ready: &mut Vec<usize>) {
+        self.inbox.sleeping.store(true, Ordering::SeqCst);
+        if self.inbox.has_work() {
+            self.inbox.sleeping.store(false, Ordering::SeqCst);
+            return;
         }
+        self.take_events(ready, None);
+        self.inbox.sleeping.store(false, Ordering::SeqCst);
     }
 
     /// Register a new connection and create its future; its key, to be
@@ -340,7 +396,7 @@ impl Reactor {
             tracing::warn!(peer = %i.info.addr, "too many connections in one event loop: closed");
             return None;
         };
-        if let Err(e) = self.poll.get_ref().registry().register(
+        if let Err(e) = self.poll.registry().register(
             &mut i.sock,
             Token(key),
             Interest::READABLE | Interest::WRITABLE,
@@ -405,24 +461,26 @@ impl Reactor {
         }
     }
 
-    /// Read the epoll set without waiting: mark what is readable and queue
-    /// every connection with an event.
-    fn take_events(&mut self, ready: &mut Vec<usize>) {
+    /// Read the epoll set, waiting at most `timeout` (`None`: until an
+    /// event or a wake-up): mark what is readable and queue every
+    /// connection with an event.
+    fn take_events(&mut self, ready: &mut Vec<usize>, mut timeout: Option<Duration>) {
         loop {
-            if let Err(e) = self
-                .poll
-                .get_mut()
-                .poll(&mut self.events, Some(Duration::ZERO))
-            {
+            if let Err(e) = self.poll.poll(&mut self.events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
                 }
                 tracing::error!(error = %e, "connection event loop: reading events failed");
+                // Not a busy loop if it keeps failing.
+                std::thread::sleep(Duration::from_millis(10));
                 return;
             }
             let mut n = 0;
             for ev in self.events.iter() {
                 n += 1;
+                if ev.token() == WAKE {
+                    continue; // the inbox is read next
+                }
                 let Some(e) = self.slots.get(ev.token().0) else {
                     continue; // closed meanwhile
                 };
@@ -439,6 +497,7 @@ impl Reactor {
             if n < EVENTS {
                 return;
             }
+            timeout = Some(Duration::ZERO);
         }
     }
 
@@ -463,7 +522,22 @@ impl Reactor {
         };
         let waker = Waker::from(e.slot.clone());
         let mut cx = Context::from_waker(&waker);
-        match fut.as_mut().poll(&mut cx) {
+        // A panic stays with its connection (dropped below) rather than
+        // ending the loop and every other connection with it. None is
+        // expected; the one known case is a poll that races the runtime's
+        // shutdown (its timers panic when polled after it).
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(&mut cx)));
+        let polled = match polled {
+            Ok(p) => p,
+            Err(_) => {
+                if !self.inbox.stop.load(Ordering::Acquire) {
+                    tracing::error!("connection event loop: a connection panicked; closed");
+                }
+                Poll::Ready(None)
+            }
+        };
+        match polled {
             Poll::Pending => e.state = State::Running(fut),
             Poll::Ready(Some(c)) => {
                 e.state = match c.into_dormant() {
