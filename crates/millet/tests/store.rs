@@ -1083,6 +1083,67 @@ fn a_round_that_absorbs_everything_is_durable_without_a_write_or_an_fsync() {
     assert_eq!(q, vec![2], "the absorbed entry left nothing behind");
 }
 
+#[test]
+fn an_in_flight_delivery_waits_for_its_acknowledgement_to_absorb_it() {
+    // `sync` with lingering (the broker's setting): a submit that puts a
+    // message in flight while the writer is idle starts its round up to
+    // SYNC_ABSORB_WINDOW later, so the subscriber's acknowledgement, if it
+    // comes within that, lands in the same round and nothing is logged.
+    let dir = TempDir::new("absorb-window");
+    let (store, _) = Store::open_with(
+        dir.path(),
+        StoreOptions {
+            linger: Duration::from_millis(10),
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    commit(&store, vec![Op::PutSession(Box::new(session("s", None)))]);
+    // After that round the writer gathers for at most SYNC_LINGER_ONE (a
+    // round of one group); past it the writer is idle, which is the case
+    // under test (while it gathers, the two submits share a round anyway).
+    std::thread::sleep(millet::store::SYNC_LINGER_ONE * 3);
+    let before = store.stats();
+    let id = store.alloc_message_id();
+    let t0 = Instant::now();
+    let published = store.submit(vec![
+        put_m(id, msg("t", b"x", None)),
+        Op::PutInflight {
+            client_id: "s".into(),
+            packet_id: 1,
+            entry: InflightEntry {
+                message_id: id,
+                qos: 1,
+                retain: false,
+                subscription_ids: vec![],
+                state: InflightState::AwaitAck,
+                order: 1,
+            },
+        },
+    ]);
+    // The acknowledgement comes a little later: after the writer has woken
+    // for the first submit (tens of microseconds), inside the window.
+    std::thread::sleep(Duration::from_micros(200));
+    let acked = store.submit(vec![Op::DeleteInflight {
+        client_id: "s".into(),
+        packet_id: 1,
+    }]);
+    let between = t0.elapsed();
+    store.wait_durable(published.max(acked), WAIT).unwrap();
+    let after = store.stats();
+    // Unless this thread was descheduled for long in between (then the
+    // window may have closed first), the two shared a round.
+    if between < millet::store::SYNC_ABSORB_WINDOW * 3 / 4 {
+        assert_eq!(after.commits - before.commits, 1, "one round: {after:?}");
+        assert_eq!(after.absorbed - before.absorbed, 3, "{after:?}");
+        assert_eq!(after.fsyncs, before.fsyncs, "nothing logged: {after:?}");
+    }
+    drop(store);
+    let (_store, r) = open(dir.path());
+    assert!(find(&r, "s").inflight.is_empty());
+    assert!(r.messages.is_empty());
+}
+
 // ---------------------------------------------------------------------------
 // Corruption and open errors.
 

@@ -104,6 +104,14 @@ pub struct StoreOptions {
 /// each acknowledgement, or a trickle), the writer gathers at most this
 /// long: lingering longer would only slow the lone publisher down.
 pub const SYNC_LINGER_ONE: Duration = Duration::from_millis(2);
+
+/// `Sync`: a submit that puts a message in flight to a connected client (its
+/// acknowledgement is expected within moments) while the writer is idle
+/// starts a round at most this much later, so that the acknowledgement's
+/// deletes land in the same round and absorb the whole exchange (nothing
+/// logged, no fsync). A fleet's device→backend message is acknowledged by
+/// the backend within a fraction of this.
+pub const SYNC_ABSORB_WINDOW: Duration = Duration::from_millis(1);
 /// `Sync`: this many waiting groups start a round at once, lingering or
 /// not: one fsync is then shared widely enough, and publishers with full
 /// windows are not held back (throughput under load).
@@ -338,6 +346,19 @@ pub(crate) enum Cmd {
     Sweep { seq: u64, now_unix_ms: u64 },
 }
 
+impl Cmd {
+    /// Puts a message in flight to a client, whose acknowledgement (deleting
+    /// the entry again) is expected shortly.
+    fn expects_ack(&self) -> bool {
+        match self {
+            Cmd::Submit { ops, .. } => ops.iter().any(|op| {
+                matches!(op, Op::PutInflight { entry, .. } if entry.state == InflightState::AwaitAck)
+            }),
+            Cmd::Sweep { .. } => false,
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Queue {
     cmds: Vec<Cmd>,
@@ -349,6 +370,11 @@ pub(crate) struct Queue {
     /// wakes it only once `gather_enough` commands wait.
     gathering: bool,
     gather_enough: usize,
+    /// `Sync`: the round waits until then for acknowledgements (see
+    /// [`SYNC_ABSORB_WINDOW`]); set by the first such submit.
+    absorb_until: Option<Instant>,
+    /// Whether submits may set `absorb_until` (`Sync` only).
+    absorb_window: bool,
 }
 
 type DurableFn = Arc<dyn Fn(u64) + Send + Sync>;
@@ -463,6 +489,9 @@ impl Store {
                 paused: false,
                 gathering: false,
                 gather_enough: usize::MAX,
+                absorb_until: None,
+                absorb_window: matches!(options.durability, Durability::Sync)
+                    && !options.linger.is_zero(),
             }),
             work: Condvar::new(),
             durable_seq: AtomicU64::new(0),
@@ -547,7 +576,11 @@ impl Store {
             self.shared.report_failed(&[seq..=seq], &StoreError::Closed);
             return seq;
         }
-        q.cmds.push(make(seq));
+        let cmd = make(seq);
+        if q.absorb_window && !q.gathering && q.absorb_until.is_none() && cmd.expects_ack() {
+            q.absorb_until = Some(Instant::now() + SYNC_ABSORB_WINDOW);
+        }
+        q.cmds.push(cmd);
         let wake = !q.gathering || q.cmds.len() >= q.gather_enough;
         drop(q);
         if wake {

@@ -376,12 +376,16 @@ impl Writer {
             if gather.is_none() {
                 self.gather_until = None;
             }
+            // Or waiting for acknowledgements to absorb what a submit put in
+            // flight (`SYNC_ABSORB_WINDOW`).
+            let gather = gather.or(q.absorb_until.filter(|t| now < *t));
             let ready = !q.cmds.is_empty() && (!q.paused || q.shutdown);
             // A timer of the writer's own (interval fsync, checkpoint) is
             // due: `run` handles it (gathering goes on afterwards).
             let timer_due = deadline.is_some_and(|d| now >= d);
             if ready && (gather.is_none() || q.shutdown || q.cmds.len() >= q.gather_enough) {
                 q.gathering = false;
+                q.absorb_until = None;
                 self.gather_until = None;
                 return (std::mem::take(&mut q.cmds), q.shutdown);
             }
