@@ -98,6 +98,22 @@ fn put_q(cid: &str, seq: u64, id: u64) -> Op {
     }
 }
 
+/// A QoS 1 message in flight to `cid` as `pid`, awaiting its PUBACK.
+fn put_i(cid: &str, pid: u16, id: u64) -> Op {
+    Op::PutInflight {
+        client_id: cid.into(),
+        packet_id: pid,
+        entry: InflightEntry {
+            message_id: id,
+            qos: 1,
+            retain: false,
+            subscription_ids: vec![],
+            state: InflightState::AwaitAck,
+            order: u64::from(pid),
+        },
+    }
+}
+
 fn put_m(id: u64, m: MessageRecord) -> Op {
     Op::PutMessage {
         id,
@@ -969,18 +985,7 @@ fn absorbed_ops_leave_the_same_state_as_applying_them_one_by_one() {
         },
     )
     .unwrap();
-    let inflight = |pid: u16, id: u64| Op::PutInflight {
-        client_id: "s".into(),
-        packet_id: pid,
-        entry: InflightEntry {
-            message_id: id,
-            qos: 1,
-            retain: false,
-            subscription_ids: vec![],
-            state: InflightState::AwaitAck,
-            order: u64::from(pid),
-        },
-    };
+    let inflight = |pid: u16, id: u64| put_i("s", pid, id);
     let del_q = |seq: u64| Op::DeleteQueueEntry {
         client_id: "s".into(),
         seq,
@@ -1106,21 +1111,7 @@ fn an_in_flight_delivery_waits_for_its_acknowledgement_to_absorb_it() {
     let before = store.stats();
     let id = store.alloc_message_id();
     let t0 = Instant::now();
-    let published = store.submit(vec![
-        put_m(id, msg("t", b"x", None)),
-        Op::PutInflight {
-            client_id: "s".into(),
-            packet_id: 1,
-            entry: InflightEntry {
-                message_id: id,
-                qos: 1,
-                retain: false,
-                subscription_ids: vec![],
-                state: InflightState::AwaitAck,
-                order: 1,
-            },
-        },
-    ]);
+    let published = store.submit(vec![put_m(id, msg("t", b"x", None)), put_i("s", 1, id)]);
     // The acknowledgement comes a little later: after the writer has woken
     // for the first submit (tens of microseconds), inside the window.
     std::thread::sleep(Duration::from_micros(200));
