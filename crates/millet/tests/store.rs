@@ -1135,6 +1135,76 @@ fn an_in_flight_delivery_waits_for_its_acknowledgement_to_absorb_it() {
     assert!(r.messages.is_empty());
 }
 
+#[test]
+fn a_round_leaves_the_newest_in_flight_deliveries_to_the_next() {
+    // A fleet in miniature under `sync` with the broker's linger, each
+    // message going the broker's way to a connected persistent session:
+    // queued (the publisher's submit, `submit_awaiting_ack`), put in flight
+    // (the subscriber's connection), acknowledged a moment later. Rounds
+    // end every `linger` while exchanges go on; a submit awaiting an
+    // acknowledgement that is younger than SYNC_ABSORB_WINDOW when a round
+    // is taken waits for the next round, with what follows it, so every
+    // exchange acknowledged within the window is absorbed whole, wherever
+    // the rounds fall. Without the hold-back most rounds cut an exchange in
+    // two (its message logged and fsynced in one round, its deletes in the
+    // next).
+    let dir = TempDir::new("absorb-straddle");
+    let (store, _) = Store::open_with(
+        dir.path(),
+        StoreOptions {
+            linger: Duration::from_millis(10),
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    commit(&store, vec![Op::PutSession(Box::new(session("s", None)))]);
+    let before = store.stats();
+    let (mut fast, mut last) = (0u64, 0u64);
+    for packet_id in 1..=300u16 {
+        let id = store.alloc_message_id();
+        let t0 = Instant::now();
+        let seq = u64::from(packet_id);
+        store.submit_awaiting_ack(vec![put_m(id, msg("t", b"x", None)), put_q("s", seq, id)]);
+        store.submit(vec![
+            Op::DeleteQueueEntry {
+                client_id: "s".into(),
+                seq,
+            },
+            put_i("s", packet_id, id),
+        ]);
+        std::thread::sleep(Duration::from_micros(300));
+        last = store.submit(vec![Op::DeleteInflight {
+            client_id: "s".into(),
+            packet_id,
+        }]);
+        // The delivery was still held when its acknowledgement came.
+        if t0.elapsed() < millet::store::SYNC_ABSORB_WINDOW {
+            fast += 1;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    store.wait_durable(last, WAIT).unwrap();
+    let after = store.stats();
+    let whole = (after.absorbed - before.absorbed) / 5;
+    assert!(fast > 0, "no exchange was timed within the window");
+    assert!(
+        whole >= fast,
+        "{whole} exchanges absorbed whole, {fast} acknowledged within the window: {after:?}"
+    );
+    // Only a slow exchange is logged: its message in one round, its delete
+    // in a later one.
+    let slow = 300 - fast;
+    assert!(
+        after.fsyncs - before.fsyncs <= 2 * slow,
+        "{} fsyncs for {slow} slow exchanges: {after:?}",
+        after.fsyncs - before.fsyncs
+    );
+    drop(store);
+    let (_store, r) = open(dir.path());
+    assert!(find(&r, "s").inflight.is_empty());
+    assert!(r.messages.is_empty());
+}
+
 // ---------------------------------------------------------------------------
 // Corruption and open errors.
 

@@ -156,6 +156,15 @@ impl Persistence {
         self.store.submit(ops)
     }
 
+    /// [`Persistence::submit`] for ops that queue a message for a
+    /// connected client (see [`crate::store::Store::submit_awaiting_ack`]).
+    pub fn submit_awaiting_ack(&self, ops: Vec<Op>) -> u64 {
+        if ops.is_empty() {
+            return 0;
+        }
+        self.store.submit_awaiting_ack(ops)
+    }
+
     /// The last sequence submitted to the store so far (see
     /// [`crate::store::Store::submitted_seq`]).
     pub fn submitted_seq(&self) -> u64 {

@@ -39,6 +39,18 @@ pub struct IndexEntry {
 }
 
 /// What [`Broker::publish`] did with a message.
+/// What [`Broker::deliver_with_pressure`] did with a delivery.
+#[derive(Default)]
+struct Offered {
+    /// The session is congested and the publisher was parked on it.
+    congested: bool,
+    /// A queue entry was stored for a session with a connection attached,
+    /// which will put it in flight and acknowledge it within moments: the
+    /// store holds the submit back to absorb the whole exchange (see
+    /// [`crate::store::SYNC_ABSORB_WINDOW`]).
+    awaits_ack: bool,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Routed {
     /// Sessions the message was offered to.
@@ -144,6 +156,8 @@ impl Broker {
             .matches(&msg.topic, &msg.publisher_client_id, &mut matches);
         let mut routed = Routed::default();
         let mut ops = Vec::new();
+        // Some of `ops` queue the message for a connected client.
+        let mut awaits_ack = false;
         // Read once per message (two shared loads), not per subscriber.
         let shed_qos0 = self.node.memory_pressure() >= crate::budget::Pressure::High;
         // The message detached from the publisher's read buffer, made once
@@ -182,7 +196,7 @@ impl Broker {
                 }
             }
             if let (Some(d), Some(first)) = (best, run.first()) {
-                routed.congested |= self.deliver_with_pressure(
+                let offered = self.deliver_with_pressure(
                     &first.value.cell,
                     d,
                     publisher,
@@ -191,13 +205,19 @@ impl Broker {
                     Some(&mut kept),
                     shed_qos0,
                 );
+                routed.congested |= offered.congested;
+                awaits_ack |= offered.awaits_ack;
                 routed.sessions += 1;
             }
         }
         matches.clear();
         MATCHES.with(|m| *m.borrow_mut() = matches);
         if let Some(p) = &self.persist {
-            routed.ticket = persist::Ticket(p.submit(ops));
+            routed.ticket = persist::Ticket(if awaits_ack {
+                p.submit_awaiting_ack(ops)
+            } else {
+                p.submit(ops)
+            });
         }
         routed
     }
@@ -206,9 +226,13 @@ impl Broker {
     pub fn deliver(&self, cell: &SessionCell, d: Delivery) {
         let mut ops = Vec::new();
         let shed_qos0 = !d.replay && self.node.memory_pressure() >= crate::budget::Pressure::High;
-        self.deliver_with_pressure(cell, d, None, &mut ops, true, None, shed_qos0);
+        let offered = self.deliver_with_pressure(cell, d, None, &mut ops, true, None, shed_qos0);
         if let Some(p) = &self.persist {
-            p.submit(ops);
+            if offered.awaits_ack {
+                p.submit_awaiting_ack(ops);
+            } else {
+                p.submit(ops);
+            }
         }
     }
 
@@ -220,8 +244,9 @@ impl Broker {
         }
     }
 
-    /// Queue a delivery; returns true if the session is congested and
-    /// `publisher` was parked on it.
+    /// Queue a delivery; returns whether the session is congested and
+    /// `publisher` was parked on it, and whether a store op was added for a
+    /// connected client (see [`Offered`]).
     ///
     /// QoS 0 is not queued for a session with no connection attached
     /// (unless `limits.queue_qos0_offline`), nor at all while `shed_qos0`
@@ -246,13 +271,13 @@ impl Broker {
         force_message: bool,
         detached: Option<&mut Option<Arc<Message>>>,
         shed_qos0: bool,
-    ) -> bool {
+    ) -> Offered {
         let threshold = self.node.config.limits.backpressure_queued;
         // In bytes too: half of `max_queued_bytes`, so that an online
         // reader of large messages holds publishers back before its queue
         // drops by the byte limit.
         let bytes_threshold = self.node.config.limits.max_queued_bytes / 2;
-        let (r, congested) = {
+        let (r, offered) = {
             let mut st = cell.state.lock();
             if d.qos == QoS::AtMostOnce && !d.replay {
                 if shed_qos0 {
@@ -265,10 +290,10 @@ impl Broker {
                         .stats
                         .messages_dropped
                         .fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return Offered::default();
                 }
                 if st.conn_epoch == 0 && !self.node.config.limits.queue_qos0_offline {
-                    return false; // like Mosquitto's queue_qos0_messages false
+                    return Offered::default(); // like Mosquitto's queue_qos0_messages false
                 }
             }
             if let Some(kept) = detached {
@@ -297,9 +322,11 @@ impl Broker {
                 _ => None,
             };
             let r = st.session.enqueue(d);
+            let mut awaits_ack = false;
             if let Some(op) = op {
                 if r != Enqueued::Dropped {
                     ops.push(op);
+                    awaits_ack = st.conn_epoch != 0;
                 }
             }
             if let Enqueued::DisplacedQos0 { seqs } = &r {
@@ -335,7 +362,13 @@ impl Broker {
                 }
                 _ => false,
             };
-            (r, congested)
+            (
+                r,
+                Offered {
+                    congested,
+                    awaits_ack,
+                },
+            )
         };
         if r != Enqueued::Queued {
             self.node
@@ -343,7 +376,7 @@ impl Broker {
                 .messages_dropped
                 .fetch_add(1, Ordering::Relaxed);
         }
-        congested
+        offered
     }
 
     /// A session's throttled "queue full" line (at most one a minute per

@@ -106,11 +106,16 @@ pub struct StoreOptions {
 pub const SYNC_LINGER_ONE: Duration = Duration::from_millis(2);
 
 /// `Sync`: a submit that puts a message in flight to a connected client (its
-/// acknowledgement is expected within moments) while the writer is idle
-/// starts a round at most this much later, so that the acknowledgement's
-/// deletes land in the same round and absorb the whole exchange (nothing
-/// logged, no fsync). A fleet's device→backend message is acknowledged by
-/// the backend within a fraction of this.
+/// acknowledgement is expected within moments) is not taken into a round
+/// until it is this old, so that the acknowledgement's deletes land in the
+/// same round and absorb the whole exchange (nothing logged, no fsync). A
+/// round takes the commands before the first such young submit and leaves
+/// it and everything after it for the next round (order and the durable
+/// watermark are kept; see `Writer::next_batch`). An idle writer so starts
+/// at most this much later; a gathering one leaves the newest exchanges,
+/// which would otherwise straddle two rounds, to the next. A fleet's
+/// device→backend message is acknowledged by the backend within a
+/// fraction of this.
 pub const SYNC_ABSORB_WINDOW: Duration = Duration::from_millis(1);
 /// `Sync`: this many waiting groups start a round at once, lingering or
 /// not: one fsync is then shared widely enough, and publishers with full
@@ -342,11 +347,31 @@ impl Counters {
 
 /// What the writer is asked to do; each command has its sequence number.
 pub(crate) enum Cmd {
-    Submit { seq: u64, ops: Vec<Op> },
-    Sweep { seq: u64, now_unix_ms: u64 },
+    Submit {
+        seq: u64,
+        ops: Vec<Op>,
+        /// `Sync`, for a submit that [`Cmd::expects_ack`]: not taken into a
+        /// round before then (see [`SYNC_ABSORB_WINDOW`]).
+        hold_until: Option<Instant>,
+    },
+    Sweep {
+        seq: u64,
+        now_unix_ms: u64,
+    },
 }
 
 impl Cmd {
+    /// Held back from a round taken at `now` (see [`SYNC_ABSORB_WINDOW`]).
+    pub(crate) fn held(&self, now: Instant) -> Option<Instant> {
+        match self {
+            Cmd::Submit {
+                hold_until: Some(t),
+                ..
+            } if now < *t => Some(*t),
+            _ => None,
+        }
+    }
+
     /// Puts a message in flight to a client, whose acknowledgement (deleting
     /// the entry again) is expected shortly.
     fn expects_ack(&self) -> bool {
@@ -370,10 +395,8 @@ pub(crate) struct Queue {
     /// wakes it only once `gather_enough` commands wait.
     gathering: bool,
     gather_enough: usize,
-    /// `Sync`: the round waits until then for acknowledgements (see
-    /// [`SYNC_ABSORB_WINDOW`]); set by the first such submit.
-    absorb_until: Option<Instant>,
-    /// Whether submits may set `absorb_until` (`Sync` only).
+    /// Whether submits that expect an acknowledgement are held back for
+    /// [`SYNC_ABSORB_WINDOW`] (`Sync` with a linger only).
     absorb_window: bool,
 }
 
@@ -489,7 +512,6 @@ impl Store {
                 paused: false,
                 gathering: false,
                 gather_enough: usize::MAX,
-                absorb_until: None,
                 absorb_window: matches!(options.durability, Durability::Sync)
                     && !options.linger.is_zero(),
             }),
@@ -552,10 +574,26 @@ impl Store {
     /// order; calls are applied in sequence order. After shutdown began the
     /// sequence is reported failed with [`StoreError::Closed`].
     pub fn submit(&self, ops: Vec<Op>) -> u64 {
+        self.submit_hinted(ops, false)
+    }
+
+    /// [`Store::submit`] for ops that queue a message for a connected
+    /// client, whose acknowledgement is expected within moments: under
+    /// `Sync` they wait [`SYNC_ABSORB_WINDOW`] for it, like a submit that
+    /// puts a message in flight ([`Cmd::expects_ack`]).
+    pub fn submit_awaiting_ack(&self, ops: Vec<Op>) -> u64 {
+        self.submit_hinted(ops, true)
+    }
+
+    fn submit_hinted(&self, ops: Vec<Op>, awaits_ack: bool) -> u64 {
         let c = &self.shared.counters;
         c.submits.fetch_add(1, Ordering::Relaxed);
         c.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
-        self.push(|seq| Cmd::Submit { seq, ops })
+        self.push(awaits_ack, |seq| Cmd::Submit {
+            seq,
+            ops,
+            hold_until: None,
+        })
     }
 
     /// Ask the writer to remove, as of `now_unix_ms`: expired sessions (with
@@ -564,10 +602,10 @@ impl Store {
     /// nothing references. In-flight entries are kept even if their message
     /// expired (delivery has started). Returns the sequence of the sweep.
     pub fn sweep(&self, now_unix_ms: u64) -> u64 {
-        self.push(|seq| Cmd::Sweep { seq, now_unix_ms })
+        self.push(false, |seq| Cmd::Sweep { seq, now_unix_ms })
     }
 
-    fn push(&self, make: impl FnOnce(u64) -> Cmd) -> u64 {
+    fn push(&self, awaits_ack: bool, make: impl FnOnce(u64) -> Cmd) -> u64 {
         let mut q = self.shared.queue.lock();
         let seq = q.next_seq;
         q.next_seq += 1;
@@ -576,9 +614,11 @@ impl Store {
             self.shared.report_failed(&[seq..=seq], &StoreError::Closed);
             return seq;
         }
-        let cmd = make(seq);
-        if q.absorb_window && !q.gathering && q.absorb_until.is_none() && cmd.expects_ack() {
-            q.absorb_until = Some(Instant::now() + SYNC_ABSORB_WINDOW);
+        let mut cmd = make(seq);
+        if q.absorb_window && (awaits_ack || cmd.expects_ack()) {
+            if let Cmd::Submit { hold_until, .. } = &mut cmd {
+                *hold_until = Some(Instant::now() + SYNC_ABSORB_WINDOW);
+            }
         }
         q.cmds.push(cmd);
         let wake = !q.gathering || q.cmds.len() >= q.gather_enough;

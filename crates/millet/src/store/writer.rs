@@ -376,23 +376,48 @@ impl Writer {
             if gather.is_none() {
                 self.gather_until = None;
             }
-            // Or waiting for acknowledgements to absorb what a submit put in
-            // flight (`SYNC_ABSORB_WINDOW`).
-            let gather = gather.or(q.absorb_until.filter(|t| now < *t));
             let ready = !q.cmds.is_empty() && (!q.paused || q.shutdown);
             // A timer of the writer's own (interval fsync, checkpoint) is
             // due: `run` handles it (gathering goes on afterwards).
             let timer_due = deadline.is_some_and(|d| now >= d);
-            if ready && (gather.is_none() || q.shutdown || q.cmds.len() >= q.gather_enough) {
+            let full = q.cmds.len() >= q.gather_enough;
+            // The first submit still waiting for its acknowledgement to be
+            // absorbed with it (`SYNC_ABSORB_WINDOW`): the round ends before
+            // it, and it and everything after wait for the next.
+            let mut hold = None;
+            if ready && !q.shutdown && (gather.is_none() || full) {
+                let (split, until) = q
+                    .cmds
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, c)| c.held(now).map(|t| (i, Some(t))))
+                    .unwrap_or((q.cmds.len(), None));
+                // So many young submits start a round whole: holding them
+                // would only slow publishers down.
+                let split = if q.cmds.len() - split >= q.gather_enough {
+                    q.cmds.len()
+                } else {
+                    split
+                };
+                if split > 0 {
+                    let rest = q.cmds.split_off(split);
+                    let round = std::mem::replace(&mut q.cmds, rest);
+                    q.gathering = false;
+                    self.gather_until = None;
+                    return (round, false);
+                }
+                hold = until;
+            }
+            if ready && q.shutdown {
                 q.gathering = false;
-                q.absorb_until = None;
                 self.gather_until = None;
-                return (std::mem::take(&mut q.cmds), q.shutdown);
+                return (std::mem::take(&mut q.cmds), true);
             }
             if q.shutdown || timer_due {
                 q.gathering = false;
                 return (Vec::new(), q.shutdown);
             }
+            let gather = gather.or(hold);
             q.gathering = gather.is_some();
             match [deadline, gather].into_iter().flatten().min() {
                 Some(due) => {
@@ -504,7 +529,7 @@ impl Writer {
         let mut segment: Vec<(u64, Vec<Op>)> = Vec::new();
         for cmd in cmds {
             match cmd {
-                Cmd::Submit { seq, ops } => segment.push((seq, ops)),
+                Cmd::Submit { seq, ops, .. } => segment.push((seq, ops)),
                 Cmd::Sweep { seq, now_unix_ms } => {
                     self.log(std::mem::take(&mut segment));
                     self.sweep(seq, now_unix_ms);
