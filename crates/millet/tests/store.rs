@@ -51,7 +51,7 @@ impl Drop for TempDir {
 fn msg(topic: &str, payload: &[u8], expires_at_ms: Option<u64>) -> MessageRecord {
     MessageRecord {
         topic: topic.into(),
-        payload: payload.to_vec(),
+        payload: payload.to_vec().into(),
         qos: 1,
         retain: false,
         properties: MessageProperties {
@@ -179,7 +179,7 @@ fn round_trip_every_record() {
     };
     let rich = MessageRecord {
         topic: "x/1".into(),
-        payload: vec![7; 64],
+        payload: vec![7; 64].into(),
         qos: 2,
         retain: true,
         properties: MessageProperties {

@@ -14,7 +14,6 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use bytestring::ByteString;
 use millet_codec::QoS;
 use parking_lot::Mutex;
@@ -271,29 +270,29 @@ impl Persistence {
 
     pub fn message_record(&self, m: &Message) -> MessageRecord {
         MessageRecord {
-            topic: m.topic.to_string(),
-            payload: m.payload.to_vec(),
+            topic: m.topic.clone(),
+            payload: m.payload.clone(),
             qos: m.qos as u8,
             retain: m.retain,
             properties: MessageProperties::from_publish(
                 &m.properties,
                 m.expires_at.map(|t| self.unix_ms(t)),
             ),
-            publisher: Some(m.publisher_client_id.to_string()),
+            publisher: Some(m.publisher_client_id.clone()),
         }
     }
 
     pub fn message_from_record(&self, id: u64, r: &MessageRecord, now: Instant) -> Message {
         let now_ms = self.unix_ms(now);
         let msg = Message {
-            topic: ByteString::from(r.topic.as_str()),
-            payload: Bytes::from(r.payload.clone()),
+            topic: r.topic.clone(),
+            payload: r.payload.clone(),
             qos: qos(r.qos),
             retain: r.retain,
             properties: r.properties.to_publish(now_ms),
             expires_at: r.properties.expires_at_ms.map(|ms| self.instant(ms, now)),
             publisher: None,
-            publisher_client_id: ByteString::from(r.publisher.as_deref().unwrap_or("")),
+            publisher_client_id: r.publisher.clone().unwrap_or_default(),
             engine_id: Default::default(),
             routed_at: None,
         };

@@ -139,18 +139,36 @@ pub struct SessionRecord {
 
 /// A message, stored once and referenced by queue / in-flight / retained
 /// entries.
+///
+/// Topic, payload and publisher share the broker's buffers (a record is
+/// built per stored message, and most are absorbed before they are
+/// written: copying them cost a third of the broker's allocations in a
+/// fleet). They encode exactly as `String` / `Vec<u8>` did (postcard:
+/// length, then the bytes). A record the writer keeps past its round is
+/// detached from those buffers ([`MessageRecord::detach`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageRecord {
-    pub topic: String,
-    pub payload: Vec<u8>,
+    pub topic: ByteString,
+    pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
     pub properties: MessageProperties,
     /// Client id of the publisher (No Local, shared-subscription hashing).
-    pub publisher: Option<String>,
+    pub publisher: Option<ByteString>,
 }
 
 impl MessageRecord {
+    /// Copy topic, payload and publisher into buffers of their own, so that
+    /// a record kept for long (the writer's segment awaiting its
+    /// checkpoint) does not pin the read buffer a message arrived in.
+    pub fn detach(&mut self) {
+        self.topic = ByteString::from(&*self.topic);
+        self.payload = Bytes::copy_from_slice(&self.payload);
+        if let Some(p) = &mut self.publisher {
+            *p = ByteString::from(&**p);
+        }
+    }
+
     pub fn is_expired(&self, now_unix_ms: u64) -> bool {
         self.properties
             .expires_at_ms
@@ -393,7 +411,7 @@ mod tests {
     fn round_trips() {
         rt(&MessageRecord {
             topic: "a/b".into(),
-            payload: vec![0u8; 64],
+            payload: vec![0u8; 64].into(),
             qos: 1,
             retain: true,
             properties: props(),
@@ -444,10 +462,52 @@ mod tests {
     }
 
     #[test]
+    fn message_records_encode_as_before_sharing_buffers() {
+        // The record's shape up to session 15: owned strings and bytes.
+        // Stores written then must still open, and vice versa.
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Owned {
+            topic: String,
+            payload: Vec<u8>,
+            qos: u8,
+            retain: bool,
+            properties: MessageProperties,
+            publisher: Option<String>,
+        }
+        impl Record for Owned {}
+        let old = Owned {
+            topic: "fleet/7/tele/é".into(),
+            payload: (0..=255u8).collect(),
+            qos: 1,
+            retain: false,
+            properties: props(),
+            publisher: Some("device-7".into()),
+        };
+        let read_buffer = Bytes::from(b"..fleet/7/tele/\xc3\xa9..".to_vec());
+        let mut shared = MessageRecord {
+            topic: ByteString::try_from(read_buffer.slice(2..17)).unwrap(),
+            payload: Bytes::from((0..=255u8).collect::<Vec<_>>()),
+            qos: 1,
+            retain: false,
+            properties: props(),
+            publisher: Some("device-7".into()),
+        };
+        assert_eq!(shared.encode(), old.encode());
+        assert_eq!(MessageRecord::decode(&old.encode()).unwrap(), shared);
+        assert_eq!(Owned::decode(&shared.encode()).unwrap(), old);
+        // Detached: equal, and no longer a view of the read buffer.
+        let before = shared.clone();
+        shared.detach();
+        assert_eq!(shared, before);
+        let buf = read_buffer.as_ptr_range();
+        assert!(!buf.contains(&shared.topic.as_bytes().as_ptr()));
+    }
+
+    #[test]
     fn invalid_fields_rejected() {
         let mut m = MessageRecord {
             topic: "t".into(),
-            payload: vec![],
+            payload: Bytes::new(),
             qos: 3,
             retain: false,
             properties: MessageProperties::default(),

@@ -622,8 +622,13 @@ impl Writer {
                 let mut survivors: Vec<Op> = Vec::new();
                 let mut keep = keep.into_iter();
                 for (_, ops) in accepted {
-                    for op in ops {
+                    for mut op in ops {
                         if keep.next().unwrap_or(true) {
+                            // Kept until the checkpoint: not in the buffer
+                            // the message arrived in.
+                            if let Op::PutMessage { message, .. } = &mut op {
+                                message.detach();
+                            }
                             survivors.push(op);
                         }
                     }
