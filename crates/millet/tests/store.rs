@@ -1088,15 +1088,11 @@ fn a_round_that_absorbs_everything_is_durable_without_a_write_or_an_fsync() {
     assert_eq!(q, vec![2], "the absorbed entry left nothing behind");
 }
 
-#[test]
-fn an_in_flight_delivery_waits_for_its_acknowledgement_to_absorb_it() {
-    // `sync` with lingering (the broker's setting): a submit that puts a
-    // message in flight while the writer is idle starts its round up to
-    // SYNC_ABSORB_WINDOW later, so the subscriber's acknowledgement, if it
-    // comes within that, lands in the same round and nothing is logged.
-    let dir = TempDir::new("absorb-window");
+/// A `sync` store lingering 10 ms after busy rounds (the broker's setting),
+/// holding session "s".
+fn open_lingering_with_session(dir: &Path) -> Store {
     let (store, _) = Store::open_with(
-        dir.path(),
+        dir,
         StoreOptions {
             linger: Duration::from_millis(10),
             ..StoreOptions::default()
@@ -1104,6 +1100,24 @@ fn an_in_flight_delivery_waits_for_its_acknowledgement_to_absorb_it() {
     )
     .unwrap();
     commit(&store, vec![Op::PutSession(Box::new(session("s", None)))]);
+    store
+}
+
+/// Reopened, session "s" has nothing in flight and no message is stored.
+fn assert_nothing_left(dir: &Path) {
+    let (_store, r) = open(dir);
+    assert!(find(&r, "s").inflight.is_empty());
+    assert!(r.messages.is_empty());
+}
+
+#[test]
+fn an_in_flight_delivery_waits_for_its_acknowledgement_to_absorb_it() {
+    // `sync` with lingering (the broker's setting): a submit that puts a
+    // message in flight while the writer is idle starts its round up to
+    // SYNC_ABSORB_WINDOW later, so the subscriber's acknowledgement, if it
+    // comes within that, lands in the same round and nothing is logged.
+    let dir = TempDir::new("absorb-window");
+    let store = open_lingering_with_session(dir.path());
     // After that round the writer gathers for at most SYNC_LINGER_ONE (a
     // round of one group); past it the writer is idle, which is the case
     // under test (while it gathers, the two submits share a round anyway).
@@ -1130,9 +1144,7 @@ fn an_in_flight_delivery_waits_for_its_acknowledgement_to_absorb_it() {
         assert_eq!(after.fsyncs, before.fsyncs, "nothing logged: {after:?}");
     }
     drop(store);
-    let (_store, r) = open(dir.path());
-    assert!(find(&r, "s").inflight.is_empty());
-    assert!(r.messages.is_empty());
+    assert_nothing_left(dir.path());
 }
 
 #[test]
@@ -1149,15 +1161,7 @@ fn a_round_leaves_the_newest_in_flight_deliveries_to_the_next() {
     // two (its message logged and fsynced in one round, its deletes in the
     // next).
     let dir = TempDir::new("absorb-straddle");
-    let (store, _) = Store::open_with(
-        dir.path(),
-        StoreOptions {
-            linger: Duration::from_millis(10),
-            ..StoreOptions::default()
-        },
-    )
-    .unwrap();
-    commit(&store, vec![Op::PutSession(Box::new(session("s", None)))]);
+    let store = open_lingering_with_session(dir.path());
     let before = store.stats();
     let (mut fast, mut last) = (0u64, 0u64);
     for packet_id in 1..=300u16 {
@@ -1200,9 +1204,7 @@ fn a_round_leaves_the_newest_in_flight_deliveries_to_the_next() {
         after.fsyncs - before.fsyncs
     );
     drop(store);
-    let (_store, r) = open(dir.path());
-    assert!(find(&r, "s").inflight.is_empty());
-    assert!(r.messages.is_empty());
+    assert_nothing_left(dir.path());
 }
 
 // ---------------------------------------------------------------------------
