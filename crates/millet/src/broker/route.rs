@@ -38,7 +38,6 @@ pub struct IndexEntry {
     pub share: Option<ByteString>,
 }
 
-/// What [`Broker::publish`] did with a message.
 /// What [`Broker::deliver_with_pressure`] did with a delivery.
 #[derive(Default)]
 struct Offered {
@@ -51,6 +50,7 @@ struct Offered {
     awaits_ack: bool,
 }
 
+/// What [`Broker::publish`] did with a message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Routed {
     /// Sessions the message was offered to.

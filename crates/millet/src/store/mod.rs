@@ -105,11 +105,11 @@ pub struct StoreOptions {
 /// long: lingering longer would only slow the lone publisher down.
 pub const SYNC_LINGER_ONE: Duration = Duration::from_millis(2);
 
-/// `Sync`: a submit that puts a message in flight to a connected client (its
-/// acknowledgement is expected within moments) is not taken into a round
-/// until it is this old, so that the acknowledgement's deletes land in the
-/// same round and absorb the whole exchange (nothing logged, no fsync). A
-/// round takes the commands before the first such young submit and leaves
+/// `Sync`: a submit that puts a message in flight to a connected client, or
+/// queues one for it ([`Store::submit_awaiting_ack`]; its acknowledgement is
+/// expected within moments), is not taken into a round until it is this
+/// old, so that the acknowledgement's deletes land in the same round and
+/// absorb the whole exchange (nothing logged, no fsync). A round takes the commands before the first such young submit and leaves
 /// it and everything after it for the next round (order and the durable
 /// watermark are kept; see `Writer::next_batch`). An idle writer so starts
 /// at most this much later; a gathering one leaves the newest exchanges,
@@ -350,8 +350,9 @@ pub(crate) enum Cmd {
     Submit {
         seq: u64,
         ops: Vec<Op>,
-        /// `Sync`, for a submit that [`Cmd::expects_ack`]: not taken into a
-        /// round before then (see [`SYNC_ABSORB_WINDOW`]).
+        /// `Sync`, for a submit that [`Cmd::expects_ack`] or was made with
+        /// [`Store::submit_awaiting_ack`]: not taken into a round before
+        /// then (see [`SYNC_ABSORB_WINDOW`]).
         hold_until: Option<Instant>,
     },
     Sweep {
