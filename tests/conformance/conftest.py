@@ -121,6 +121,8 @@ class Broker:
     workdir: str = ""
     log_path: str = ""
     extra: dict = field(default_factory=dict)
+    # Extra Millet flags (cluster nodes: --nats, --node-id).
+    args: list = field(default_factory=list)
 
     @property
     def is_mosquitto(self) -> bool:
@@ -157,6 +159,7 @@ class Broker:
             cmd += ["--no-ws"]  # no WebSocket listener on the default port 8083
             for key, value in self.settings.items():
                 cmd += [SETTINGS[key][0], str(value)]
+            cmd += self.args
             cmd += shlex.split(os.environ.get("MILLET_ARGS", ""))
         self.extra["cmd"] = cmd
         log = open(self.log_path, "wb")

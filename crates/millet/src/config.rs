@@ -69,12 +69,72 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
+    /// Which engine: `embedded` (one node, the default) or `nats` (cluster
+    /// mode: nodes joined through NATS, `[engine.nats]`; `--nats URL`).
+    pub kind: EngineKind,
+    /// Cluster mode's NATS connection (`[engine.nats]`).
+    pub nats: NatsConfig,
     /// For tests: answer every engine call (attach, subscribe, unsubscribe)
     /// after a random delay of up to this many milliseconds, as an engine
     /// across a network would (see [`crate::engine::delaying`]). 0: off.
     pub test_delay_ms: u64,
     /// Seed of the test delays (the same seed gives the same delays).
     pub test_delay_seed: u64,
+}
+
+/// The engine behind the protocol (`[engine] kind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// One node: in-process routing and the embedded store.
+    #[default]
+    Embedded,
+    /// Cluster mode: nodes joined through NATS (docs/CLUSTER.md).
+    Nats,
+}
+
+/// `[engine.nats]`: how a cluster node reaches NATS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URLs (`nats://host:port`, `tls://host:port`); the client
+    /// fails over between them.
+    pub servers: Vec<String>,
+    /// This node's id in the cluster (unique per node; default: the host
+    /// name and the first listen port).
+    pub node_id: Option<String>,
+    /// A NATS credentials file (JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// User and password, when the servers want them.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// A token, when the servers want one.
+    pub token: Option<String>,
+    /// CA certificates (PEM) to verify the servers by, instead of the
+    /// system's roots; setting it requires TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// A client certificate and key (PEM) for servers that ask for one.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// How long to wait for NATS at start-up before giving up (seconds).
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            servers: Vec::new(),
+            node_id: None,
+            credentials_file: None,
+            user: None,
+            password: None,
+            token: None,
+            tls_ca_file: None,
+            tls_cert: None,
+            tls_key: None,
+            connect_timeout_secs: 10,
+        }
+    }
 }
 
 /// `[admin]`: the admin HTTP API (REST, `/metrics`, health). See README
@@ -490,6 +550,13 @@ pub struct Cli {
     /// Serve the admin API and dashboard over HTTPS ([admin] tls_cert / tls_key, else [security.tls]).
     #[arg(long)]
     pub admin_tls: bool,
+    /// Cluster mode: join the nodes on these NATS servers (comma-separated
+    /// URLs; sets `[engine] kind = "nats"`).
+    #[arg(long, value_delimiter = ',')]
+    pub nats: Vec<String>,
+    /// This node's id in a cluster (`[engine.nats] node_id`).
+    #[arg(long)]
+    pub node_id: Option<String>,
     /// Log format on stderr: text (default) or json (one object per line).
     #[arg(long, env = "MILLET_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -587,6 +654,13 @@ impl Config {
         if cli.admin_tls {
             cfg.admin.tls = true;
         }
+        if !cli.nats.is_empty() {
+            cfg.engine.kind = EngineKind::Nats;
+            cfg.engine.nats.servers = cli.nats.clone();
+        }
+        if cli.node_id.is_some() {
+            cfg.engine.nats.node_id = cli.node_id.clone();
+        }
         cfg.validate()
             .map_err(|e| Box::new(figment::Error::from(e)))?;
         Ok(cfg)
@@ -662,6 +736,28 @@ impl Config {
                      (listen = {:?}, tls_listen = {:?}, ws_listen = {:?}, wss_listen = {:?})",
                     self.listen, self.tls_listen, self.ws_listen, self.wss_listen
                 ));
+            }
+        }
+        let n = &self.engine.nats;
+        if self.engine.kind == EngineKind::Nats {
+            if n.servers.is_empty() {
+                return Err(
+                    "[engine] kind = \"nats\" needs [engine.nats] servers (or --nats URL)".into(),
+                );
+            }
+            if self.engine.test_delay_ms != 0 {
+                return Err("engine.test_delay_ms is for the embedded engine only".into());
+            }
+            if n.node_id.as_deref().is_some_and(|id| {
+                id.is_empty()
+                    || !id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            }) {
+                return Err("engine.nats.node_id: letters, digits, `-` and `_` only".into());
+            }
+            if n.tls_cert.is_some() != n.tls_key.is_some() {
+                return Err("engine.nats.tls_cert and engine.nats.tls_key go together".into());
             }
         }
         if l.max_packet_size < 64 {

@@ -243,9 +243,15 @@ impl Server {
             anyhow::bail!("wss_listen needs [security.tls]");
         }
         let preauth = PreAuthBudget::new(broker.node.config.limits.preauth_memory);
+        let link = match broker.node.config.engine.kind {
+            crate::config::EngineKind::Nats => {
+                Some(crate::engine::nats::NatsLink::start(&broker).await?)
+            }
+            crate::config::EngineKind::Embedded => None,
+        };
         let live = Arc::new(LiveConns::new(Shared::with_hooks(
             broker.node.clone(),
-            crate::engine::from_config(&broker),
+            crate::engine::from_config(&broker, link),
             crate::hooks::from_config(&broker)?,
         )));
         // The admin API first: `/readyz` says "not ready" until every MQTT

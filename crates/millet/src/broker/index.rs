@@ -657,6 +657,11 @@ where
         Some(prev)
     }
 
+    /// How many keys hold a normal subscription to `filter`.
+    pub fn filter_subscribers(&self, filter: &str) -> usize {
+        self.subs(filter).map_or(0, |s| s.normal.len())
+    }
+
     /// The value of the normal subscription of `key` to `filter`.
     pub fn get(&self, filter: &str, key: K) -> Option<&V> {
         self.subs(filter)?.normal.get(key)

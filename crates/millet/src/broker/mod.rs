@@ -35,7 +35,7 @@ pub(crate) use sys::rss_bytes;
 mod topic_tree_tests;
 
 pub use registry::{Attached, SessionRefusal};
-pub use route::{IndexEntry, Routed, SubscribeOutcome};
+pub use route::{IndexEntry, Routed, Scope, SubscribeOutcome};
 pub use stats::{
     AuthFailure, AuthFailures, Direction, Overload, QosCounters, Stats, LATENCY_SAMPLE_EVERY,
 };
@@ -45,6 +45,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytestring::ByteString;
+use millet_codec::topic;
 use parking_lot::{Mutex, RwLock};
 
 use crate::auth::Authenticator;
@@ -83,6 +84,26 @@ pub struct Broker {
     /// Retained messages (their bytes are the node's, `Node::retained_bytes`),
     /// `$SYS` topics not included; changed only under the `retained` write lock.
     retained_count: AtomicU64,
+    /// The other nodes of a cluster ([`ClusterLink`]); unset on one node.
+    cluster: std::sync::OnceLock<Arc<dyn ClusterLink>>,
+}
+
+/// What routing needs from a cluster (the NATS engine,
+/// [`crate::engine::nats`]): a publish made on this node is forwarded to
+/// the nodes with interest in it, and the filters this node's sessions
+/// hold are its interest. Shared subscriptions are the cluster's: a message
+/// reaches one member of a group cluster-wide, so this node routes a local
+/// publish to its plain subscriptions only ([`Scope::Plain`]) and gets its
+/// share of every group's messages back from the cluster
+/// ([`Broker::route_from_cluster`]).
+pub trait ClusterLink: Send + Sync + 'static {
+    /// Send `msg`, just routed on this node, to the other nodes.
+    fn forward(&self, msg: &Message);
+    /// The first subscription of this node to `filter` (`share`: the
+    /// group of a shared subscription) was made.
+    fn interest_added(&self, filter: &str, share: Option<&str>);
+    /// The last subscription of this node to `filter` (in `share`) went.
+    fn interest_removed(&self, filter: &str, share: Option<&str>);
 }
 
 impl Broker {
@@ -118,7 +139,39 @@ impl Broker {
             last_sweep: Mutex::new(None),
             drop_lines: Mutex::default(),
             retained_count: AtomicU64::new(0),
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Join a cluster: from now on publishes are forwarded through `link`
+    /// and subscriptions change its interest. Called once, before serving;
+    /// the subscriptions restored from the store are reported to it here.
+    pub fn join_cluster(&self, link: Arc<dyn ClusterLink>) -> anyhow::Result<()> {
+        if self.cluster.set(link.clone()).is_err() {
+            anyhow::bail!("this node is already in a cluster");
+        }
+        let cells: Vec<Arc<crate::session::SessionCell>> =
+            self.registry.lock().values().cloned().collect();
+        let mut seen = std::collections::HashSet::new();
+        for cell in cells {
+            let st = cell.state.lock();
+            for (filter, sub) in st.session.subscriptions.iter() {
+                if !seen.insert(filter.clone()) {
+                    continue;
+                }
+                match topic::parse_shared(filter) {
+                    Ok(Some(sf)) if sub.share_group.is_some() => {
+                        link.interest_added(sf.filter, Some(sf.group))
+                    }
+                    _ => link.interest_added(filter, None),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn cluster(&self) -> Option<&Arc<dyn ClusterLink>> {
+        self.cluster.get()
     }
 
     /// Install the security layer (ACL, quotas, bans) consulted by connections.

@@ -374,7 +374,7 @@ impl Broker {
         {
             let mut idx = self.index.write();
             for (filter, sub) in &subs {
-                remove_from_index(&mut idx, filter, sub, cell.id);
+                remove_from_index(&mut idx, filter, sub, cell.id, self.cluster());
             }
         }
         self.node

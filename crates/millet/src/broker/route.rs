@@ -61,6 +61,30 @@ pub struct Routed {
     pub ticket: persist::Ticket,
 }
 
+/// Which subscriptions a message is routed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// Every matching subscription (one node).
+    All,
+    /// The plain (not shared) ones: in a cluster, shared subscriptions get
+    /// their messages through the cluster ([`super::ClusterLink`]).
+    Plain,
+    /// The members of one shared subscription, by its full `$share/g/f`
+    /// filter: the cluster chose this node for one of its messages.
+    Shared(&'a str),
+}
+
+impl Scope<'_> {
+    fn admits(&self, share: Option<&ByteString>) -> bool {
+        match (self, share) {
+            (Scope::All, _) => true,
+            (Scope::Plain, s) => s.is_none(),
+            (Scope::Shared(f), Some(s)) => **s == **f,
+            (Scope::Shared(_), None) => false,
+        }
+    }
+}
+
 /// Why a subscription was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubscribeOutcome {
@@ -144,12 +168,31 @@ impl Broker {
                 self.retained_changed(&msg.topic, Some(&kept), old.as_deref());
             }
         }
-        let mut routed = self.route(&msg, publisher);
+        let scope = match self.cluster() {
+            Some(link) if !msg.topic.starts_with("$SYS/") => {
+                link.forward(&msg);
+                Scope::Plain
+            }
+            _ => Scope::All,
+        };
+        let mut routed = self.route(&msg, publisher, scope);
         routed.ticket = routed.ticket.max(persist::Ticket(retained_seq));
         routed
     }
 
-    fn route(&self, msg: &Arc<Message>, publisher: Option<&Arc<ConnWaker>>) -> Routed {
+    /// Route a message another node of the cluster published (see
+    /// [`super::ClusterLink`]) to this node's subscriptions in `scope`:
+    /// not forwarded again, and not kept as retained here.
+    pub fn route_from_cluster(&self, msg: Arc<Message>, scope: Scope<'_>) -> Routed {
+        self.route(&msg, None, scope)
+    }
+
+    fn route(
+        &self,
+        msg: &Arc<Message>,
+        publisher: Option<&Arc<ConnWaker>>,
+        scope: Scope<'_>,
+    ) -> Routed {
         let mut matches = MATCHES.with(|m| std::mem::take(&mut *m.borrow_mut()));
         self.index
             .read()
@@ -169,6 +212,9 @@ impl Broker {
             let mut best: Option<Delivery> = None;
             for m in run {
                 let e = &m.value;
+                if !scope.admits(e.share.as_ref()) {
+                    continue;
+                }
                 if e.options.no_local && e.share.is_none() && msg.publisher == Some(m.key) {
                     continue; // [MQTT-3.8.3-3]
                 }
@@ -459,12 +505,23 @@ impl Broker {
         };
         {
             let mut idx = self.index.write();
-            match &shared {
+            let first = match &shared {
                 Some(sf) => {
-                    idx.insert_shared(sf.group, sf.filter, cell.id, entry);
+                    idx.insert_shared(sf.group, sf.filter, cell.id, entry)
+                        .is_none()
+                        && idx.shared_members(sf.group, sf.filter).nth(1).is_none()
                 }
                 None => {
-                    idx.insert(filter, cell.id, entry);
+                    idx.insert(filter, cell.id, entry).is_none()
+                        && idx.filter_subscribers(filter) == 1
+                }
+            };
+            // (Under the index lock: the cluster sees the changes of one
+            // filter in the order they were made.)
+            if let (true, Some(link)) = (first, self.cluster()) {
+                match &shared {
+                    Some(sf) => link.interest_added(sf.filter, Some(sf.group)),
+                    None => link.interest_added(filter, None),
                 }
             }
         }
@@ -487,7 +544,13 @@ impl Broker {
             self.persist_session(&cell.client_id, &st.session);
             sub
         };
-        remove_from_index(&mut self.index.write(), filter, &sub, cell.id);
+        remove_from_index(
+            &mut self.index.write(),
+            filter,
+            &sub,
+            cell.id,
+            self.cluster(),
+        );
         self.node
             .stats
             .subscriptions
@@ -496,18 +559,31 @@ impl Broker {
     }
 }
 
+/// Remove one session's subscription from the index; the cluster, if any,
+/// is told when it was the node's last one to that filter.
 pub(super) fn remove_from_index(
     idx: &mut SubscriptionIndex<SessionId, IndexEntry>,
     filter: &str,
     sub: &Subscription,
     id: SessionId,
+    cluster: Option<&Arc<dyn super::ClusterLink>>,
 ) {
     match (&sub.share_group, topic::parse_shared(filter)) {
         (Some(_), Ok(Some(sf))) => {
-            idx.remove_shared(sf.group, sf.filter, id);
+            let removed = idx.remove_shared(sf.group, sf.filter, id).is_some();
+            if let (true, Some(link)) = (removed, cluster) {
+                if idx.shared_members(sf.group, sf.filter).next().is_none() {
+                    link.interest_removed(sf.filter, Some(sf.group));
+                }
+            }
         }
         _ => {
-            idx.remove(filter, id);
+            let removed = idx.remove(filter, id).is_some();
+            if let (true, Some(link)) = (removed, cluster) {
+                if idx.filter_subscribers(filter) == 0 {
+                    link.interest_removed(filter, None);
+                }
+            }
         }
     }
 }

@@ -48,6 +48,7 @@ use crate::session::{ConnWaker, DeferredReplay, Message, Session, SessionCell, S
 
 pub mod delaying;
 mod embedded;
+pub mod nats;
 pub mod subject;
 
 /// Durability: a publish (or a session change) is acknowledged once its
@@ -543,8 +544,15 @@ impl Drop for Pending {
 
 /// Build the engine a server runs on from its configuration: the broker
 /// itself (embedded), wrapped in the test delay when
-/// `[engine] test_delay_ms` is set.
-pub fn from_config(broker: &Arc<crate::broker::Broker>) -> Arc<dyn Engine> {
+/// `[engine] test_delay_ms` is set; in cluster mode (`link`, started
+/// with [`nats::NatsLink::start`]) the broker as a cluster node.
+pub fn from_config(
+    broker: &Arc<crate::broker::Broker>,
+    link: Option<Arc<nats::NatsLink>>,
+) -> Arc<dyn Engine> {
+    if let Some(link) = link {
+        return Arc::new(nats::Clustered::new(broker.clone(), link));
+    }
     let cfg = &broker.node.config.engine;
     if cfg.test_delay_ms == 0 {
         return broker.clone();

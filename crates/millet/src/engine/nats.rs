@@ -1,0 +1,704 @@
+//! Cluster mode on NATS (issue 13, docs/CLUSTER.md): the nodes of a
+//! cluster route to each other through core NATS.
+//!
+//! What is built: **live routing** ("Routing" in docs/CLUSTER.md).
+//! - A publish made on a node is routed to that node's own plain
+//!   subscribers in-process, as on one node, and published once to NATS on
+//!   subject `m.<qos>.<topic>` ([`subject::topic_to_subject`]), with the
+//!   origin node and a per-node sequence number in its headers.
+//! - Each node subscribes once per distinct filter its sessions hold
+//!   (reference-counted by the broker's index: [`ClusterLink`]), so a
+//!   message reaches only the nodes with interest in it.
+//! - A node drops the copies of its own messages (it routed them already);
+//!   a node holding overlapping filters (`a/+` and `a/b`) gets one copy per
+//!   filter from NATS and routes the first only ([`Recent`]).
+//! - Shared subscriptions are NATS queue groups, one per `$share/g/f` on
+//!   every node with members: NATS gives each message to one node of the
+//!   group, which gives it to one of its members. Local publishes reach
+//!   local members through NATS too, so a message goes to one member
+//!   cluster-wide.
+//! - A SUBACK is sent once the node's NATS server has the subscriptions
+//!   (a request round trip after them): a message published after the
+//!   SUBACK on a node of the same NATS server reaches the subscriber.
+//!
+//! Not yet built (issue 13's open parts, in docs/CLUSTER.md): JetStream
+//! durability (the publish ticket waits only for this node's embedded store,
+//! and a message crosses nodes at most once), sessions and takeover across
+//! nodes, retained messages across nodes (they stay on the node they were
+//! published on), wills of a dead node, and the failure handling.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use bytestring::ByteString;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::{
+    subject, AckStatus, AttachRequest, Call, Engine, Reply, SessionWrites, SubscribeRequest,
+    Ticket, UnsubscribeRequest,
+};
+use crate::broker::index::{ShareStrategy, SubscriptionIndex};
+use crate::broker::{Broker, ClusterLink, Routed, Scope, SessionRefusal};
+use crate::config::NatsConfig;
+use crate::session::Message;
+use crate::session::{ConnWaker, DeferredReplay, Session, SessionCell};
+use crate::store::records::{MessageProperties, MessageRecord};
+
+/// The oldest NATS server this engine works with. Core routing needs
+/// headers (2.2) and "no responders" (2.2); JetStream's parts will need
+/// 2.10 (multi-filter consumers) and 2.11 (per-message TTL): asked for now,
+/// so that no cluster is set up on a server it will outgrow.
+const MIN_SERVER: (u64, u64) = (2, 11);
+
+/// Header: the publishing node's incarnation (random per process start).
+const ORIGIN: &str = "Millet-Origin";
+/// Header: the message's number among its origin's publishes.
+const SEQ: &str = "Millet-Seq";
+
+/// Messages waiting to be handed to the NATS client; past this a publish
+/// is not forwarded (counted, and logged at most once a minute).
+const FORWARD_QUEUE: usize = 65_536;
+
+/// How long a message's id is remembered to drop its later copies.
+const RECENT_FOR: Duration = Duration::from_secs(10);
+
+/// A node's link to the others through NATS.
+pub struct NatsLink {
+    node_id: String,
+    /// This process's incarnation: a node that restarts is a new origin.
+    origin: u64,
+    origin_header: HeaderValue,
+    seq: AtomicU64,
+    out: mpsc::Sender<(String, HeaderMap, Bytes)>,
+    ctl: mpsc::UnboundedSender<Control>,
+    /// The plain filters this node subscribes to, escaped as NATS sees
+    /// them: how many copies of a message NATS sends this node.
+    plain: Mutex<SubscriptionIndex<u64, ()>>,
+    recent: Mutex<Recent>,
+    forward_dropped: AtomicU64,
+    last_drop_line: Mutex<Option<Instant>>,
+}
+
+/// An interest of this node: a plain filter, or a shared subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Interest {
+    filter: String,
+    group: Option<String>,
+}
+
+enum Control {
+    Add(Interest),
+    Remove(Interest),
+    /// Run the closure once NATS has every change made before it.
+    Barrier(Box<dyn FnOnce() + Send>),
+}
+
+/// The ids of messages that came in more than one copy (overlapping
+/// filters) and have copies still to come, with when the first came.
+#[derive(Default)]
+struct Recent {
+    left: HashMap<(u64, u64), (usize, Instant)>,
+    last_sweep: Option<Instant>,
+}
+
+impl Recent {
+    /// Whether this copy of (`origin`, `seq`), one of `copies`, is the
+    /// first to arrive (route it) or a later one (drop it).
+    fn first(&mut self, origin: u64, seq: u64, copies: usize, now: Instant) -> bool {
+        if self
+            .last_sweep
+            .is_none_or(|t| now.duration_since(t) >= RECENT_FOR)
+        {
+            self.left
+                .retain(|_, (_, at)| now.duration_since(*at) < RECENT_FOR);
+            self.last_sweep = Some(now);
+        }
+        match self.left.get_mut(&(origin, seq)) {
+            None => {
+                self.left.insert((origin, seq), (copies - 1, now));
+                true
+            }
+            Some((left, _)) => {
+                *left = left.saturating_sub(1);
+                if *left == 0 {
+                    self.left.remove(&(origin, seq));
+                }
+                false
+            }
+        }
+    }
+}
+
+impl NatsLink {
+    /// Connect to NATS (checking the server's version) and start the
+    /// tasks that publish and subscribe for `broker`, on the current
+    /// runtime. The broker joins the cluster ([`Broker::join_cluster`]).
+    pub async fn start(broker: &Arc<Broker>) -> anyhow::Result<Arc<NatsLink>> {
+        let cfg = &broker.node.config.engine.nats;
+        let node_id = match &cfg.node_id {
+            Some(id) => id.clone(),
+            None => default_node_id(broker),
+        };
+        let client = connect(cfg, &node_id).await?;
+        let info = client.server_info();
+        check_version(&info.version)?;
+        let origin: u64 = rand::random();
+        let origin_header = HeaderValue::from(format!("{origin:016x}").as_str());
+        let (out, out_rx) = mpsc::channel(FORWARD_QUEUE);
+        let (ctl, ctl_rx) = mpsc::unbounded_channel();
+        let link = Arc::new(NatsLink {
+            node_id: node_id.clone(),
+            origin,
+            origin_header,
+            seq: AtomicU64::new(0),
+            out,
+            ctl,
+            plain: Mutex::new(SubscriptionIndex::new(ShareStrategy::RoundRobin)),
+            recent: Mutex::default(),
+            forward_dropped: AtomicU64::new(0),
+            last_drop_line: Mutex::new(None),
+        });
+        tokio::spawn(publisher(client.clone(), out_rx));
+        tokio::spawn(control(
+            client,
+            ctl_rx,
+            Arc::downgrade(&link),
+            Arc::downgrade(broker),
+        ));
+        broker.join_cluster(link.clone())?;
+        tracing::info!(
+            node_id = %node_id,
+            server = %info.server_name,
+            version = %info.version,
+            "cluster mode: joined through NATS"
+        );
+        Ok(link)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Messages not forwarded because the queue to NATS was full.
+    pub fn forward_dropped(&self) -> u64 {
+        self.forward_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Run `done` once NATS has every interest change made so far.
+    pub fn barrier(&self, done: Box<dyn FnOnce() + Send>) {
+        if let Err(mpsc::error::SendError(Control::Barrier(done))) =
+            self.ctl.send(Control::Barrier(done))
+        {
+            done(); // the control task is gone (shutting down): nothing to wait for
+        }
+    }
+
+    /// How many copies NATS sends this node of a message on `topic`: one
+    /// per plain filter of the node that matches it as NATS matches (a
+    /// NATS wildcard matches a `$` topic, so the forms compared are the
+    /// escaped ones).
+    fn copies(&self, topic: &str) -> usize {
+        let plain = self.plain.lock();
+        if plain.subscription_count() <= 1 {
+            return plain.subscription_count();
+        }
+        let mut n = 0;
+        plain.for_each_match(&subject::escaped_topic(topic), "", |_| true, |_| n += 1);
+        n
+    }
+
+    /// A message from NATS, on one of this node's subscriptions.
+    fn received(&self, broker: &Broker, interest: &Interest, m: async_nats::Message) {
+        let header = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let origin = header(ORIGIN).and_then(|v| u64::from_str_radix(&v, 16).ok());
+        let seq = header(SEQ).and_then(|v| v.parse::<u64>().ok());
+        let (Some(origin), Some(seq)) = (origin, seq) else {
+            tracing::debug!(subject = %m.subject, "cluster: a message without Millet's headers ignored");
+            return;
+        };
+        let Ok(record) = postcard::from_bytes::<MessageRecord>(&m.payload) else {
+            tracing::warn!(subject = %m.subject, "cluster: a message that is not a Millet message record ignored");
+            return;
+        };
+        let now = Instant::now();
+        match &interest.group {
+            None => {
+                if origin == self.origin {
+                    return; // routed here when it was published
+                }
+                let copies = self.copies(&record.topic);
+                if copies > 1 && !self.recent.lock().first(origin, seq, copies, now) {
+                    return;
+                }
+                broker.route_from_cluster(Arc::new(from_record(record, now)), Scope::Plain);
+            }
+            Some(group) => {
+                let share = format!("$share/{group}/{}", interest.filter);
+                broker
+                    .route_from_cluster(Arc::new(from_record(record, now)), Scope::Shared(&share));
+            }
+        }
+    }
+
+    fn log_forward_drop(&self) {
+        let n = self.forward_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = Instant::now();
+        let mut last = self.last_drop_line.lock();
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
+            *last = Some(now);
+            tracing::warn!(
+                dropped_total = n,
+                "cluster: the queue to NATS is full (NATS slow or unreachable): messages not forwarded to other nodes (at most one line a minute)"
+            );
+        }
+    }
+}
+
+impl ClusterLink for NatsLink {
+    fn forward(&self, msg: &Message) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let subject = subject::topic_to_subject(qos_prefix(msg.qos as u8), &msg.topic);
+        let mut headers = HeaderMap::new();
+        headers.insert(ORIGIN, self.origin_header.clone());
+        headers.insert(SEQ, seq.to_string().as_str());
+        let payload = match postcard::to_allocvec(&to_record(msg)) {
+            Ok(v) => Bytes::from(v),
+            Err(e) => {
+                tracing::error!(error = %e, "cluster: cannot encode a message: not forwarded");
+                return;
+            }
+        };
+        if self.out.try_send((subject, headers, payload)).is_err() {
+            self.log_forward_drop();
+        }
+    }
+
+    fn interest_added(&self, filter: &str, share: Option<&str>) {
+        if share.is_none() {
+            self.plain
+                .lock()
+                .insert(&subject::escaped_filter(filter), 0, ());
+        }
+        let _ = self.ctl.send(Control::Add(Interest {
+            filter: filter.to_owned(),
+            group: share.map(str::to_owned),
+        }));
+    }
+
+    fn interest_removed(&self, filter: &str, share: Option<&str>) {
+        if share.is_none() {
+            self.plain
+                .lock()
+                .remove(&subject::escaped_filter(filter), 0);
+        }
+        let _ = self.ctl.send(Control::Remove(Interest {
+            filter: filter.to_owned(),
+            group: share.map(str::to_owned),
+        }));
+    }
+}
+
+/// `m.<qos>`: the subject prefix of a message of that QoS.
+fn qos_prefix(qos: u8) -> &'static str {
+    match qos {
+        0 => "m.0",
+        1 => "m.1",
+        _ => "m.2",
+    }
+}
+
+/// The NATS queue group of `$share/{group}/{filter}`: the same on every
+/// node, a plain token whatever the group and filter hold.
+fn queue_group(group: &str, filter: &str) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(group.as_bytes());
+    h.update([0]);
+    h.update(filter.as_bytes());
+    format!("millet-share-{}", hex::encode(&h.finalize()[..16]))
+}
+
+fn unix_ms(now: Instant, at: Instant) -> u64 {
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let wall = wall.as_millis() as u64;
+    let ahead = at.saturating_duration_since(now).as_millis() as u64;
+    wall.saturating_add(ahead)
+}
+
+fn to_record(m: &Message) -> MessageRecord {
+    let now = Instant::now();
+    MessageRecord {
+        topic: m.topic.clone(),
+        payload: m.payload.clone(),
+        qos: m.qos as u8,
+        retain: m.retain,
+        properties: MessageProperties::from_publish(
+            &m.properties,
+            m.expires_at.map(|t| unix_ms(now, t)),
+        ),
+        publisher: Some(m.publisher_client_id.clone()),
+    }
+}
+
+fn from_record(r: MessageRecord, now: Instant) -> Message {
+    let now_ms = unix_ms(now, now);
+    let expires_at = r
+        .properties
+        .expires_at_ms
+        .map(|ms| now + Duration::from_millis(ms.saturating_sub(now_ms)));
+    Message {
+        properties: r.properties.to_publish(now_ms),
+        topic: r.topic,
+        payload: r.payload,
+        qos: crate::broker::persist::qos(r.qos),
+        retain: r.retain,
+        expires_at,
+        publisher: None,
+        publisher_client_id: r.publisher.unwrap_or_default(),
+        engine_id: Default::default(),
+        routed_at: None,
+    }
+}
+
+fn default_node_id(broker: &Broker) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match broker.node.config.listen.first() {
+        Some(a) => format!("{host}-{}", a.port()),
+        None => host,
+    }
+}
+
+async fn connect(cfg: &NatsConfig, node_id: &str) -> anyhow::Result<async_nats::Client> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!("millet-{node_id}"))
+        .connection_timeout(Duration::from_secs(cfg.connect_timeout_secs.max(1)))
+        .event_callback(|e| async move {
+            match e {
+                async_nats::Event::Connected => tracing::info!("cluster: NATS connected"),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("cluster: NATS disconnected: reconnecting")
+                }
+                other => tracing::warn!(event = %other, "cluster: NATS"),
+            }
+        });
+    if let Some(path) = &cfg.credentials_file {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .map_err(|e| anyhow::anyhow!("engine.nats.credentials_file {}: {e}", path.display()))?;
+    }
+    if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &cfg.token {
+        opts = opts.token(t.clone());
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    let mut addrs = Vec::with_capacity(cfg.servers.len());
+    for s in &cfg.servers {
+        let a: async_nats::ServerAddr = s
+            .parse()
+            .map_err(|e| anyhow::anyhow!("engine.nats.servers: {s:?} is not a NATS URL: {e}"))?;
+        addrs.push(a);
+    }
+    opts.connect(addrs.as_slice())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {}: {e}", cfg.servers.join(", ")))
+}
+
+/// Refuse a server older than [`MIN_SERVER`], with a clear message.
+fn check_version(version: &str) -> anyhow::Result<()> {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>().ok());
+    let major = parts.next().flatten();
+    let minor = parts.next().flatten();
+    match (major, minor) {
+        (Some(ma), Some(mi)) if (ma, mi) >= MIN_SERVER => Ok(()),
+        _ => anyhow::bail!(
+            "NATS server version {version:?} is too old or unknown: cluster mode needs {}.{} or later",
+            MIN_SERVER.0,
+            MIN_SERVER.1
+        ),
+    }
+}
+
+/// Hands forwarded messages to the NATS client, in order.
+async fn publisher(client: async_nats::Client, mut rx: mpsc::Receiver<(String, HeaderMap, Bytes)>) {
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        for (subject, headers, payload) in batch.drain(..) {
+            if let Err(e) = client.publish_with_headers(subject, headers, payload).await {
+                tracing::warn!(error = %e, "cluster: a message could not be handed to NATS");
+            }
+        }
+    }
+}
+
+/// Applies interest changes to NATS in order, and answers barriers.
+async fn control(
+    client: async_nats::Client,
+    mut rx: mpsc::UnboundedReceiver<Control>,
+    link: Weak<NatsLink>,
+    broker: Weak<Broker>,
+) {
+    // An interest's subscriptions (one, or two for a trailing `#`): each is
+    // a task that ends (unsubscribing) when its sender is dropped.
+    let mut subs: HashMap<Interest, Vec<tokio::sync::oneshot::Sender<()>>> = HashMap::new();
+    while let Some(c) = rx.recv().await {
+        match c {
+            Control::Add(i) => {
+                let mut stops = Vec::new();
+                for subject in subject::filter_to_subjects("m.*", &i.filter) {
+                    let sub = match &i.group {
+                        None => client.subscribe(subject.clone()).await,
+                        Some(g) => {
+                            client
+                                .queue_subscribe(subject.clone(), queue_group(g, &i.filter))
+                                .await
+                        }
+                    };
+                    match sub {
+                        Ok(sub) => {
+                            let (stop, stopped) = tokio::sync::oneshot::channel();
+                            tokio::spawn(reader(
+                                sub,
+                                stopped,
+                                i.clone(),
+                                link.clone(),
+                                broker.clone(),
+                            ));
+                            stops.push(stop);
+                        }
+                        Err(e) => {
+                            tracing::error!(%subject, error = %e, "cluster: cannot subscribe on NATS: messages of other nodes will not reach this filter")
+                        }
+                    }
+                }
+                subs.insert(i, stops);
+            }
+            Control::Remove(i) => {
+                subs.remove(&i); // the readers unsubscribe
+            }
+            Control::Barrier(done) => {
+                // A request goes to the server after the subscriptions
+                // above, on the same connection: its answer ("no
+                // responders") says the server has them.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.request("_MILLET.barrier", Bytes::new()),
+                )
+                .await;
+                done();
+            }
+        }
+    }
+}
+
+/// One NATS subscription: its messages routed until `stop` fires.
+async fn reader(
+    mut sub: async_nats::Subscriber,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    interest: Interest,
+    link: Weak<NatsLink>,
+    broker: Weak<Broker>,
+) {
+    use futures_util::StreamExt;
+    loop {
+        tokio::select! {
+            m = sub.next() => {
+                let Some(m) = m else { return };
+                let (Some(link), Some(broker)) = (link.upgrade(), broker.upgrade()) else {
+                    return;
+                };
+                link.received(&broker, &interest, m);
+            }
+            _ = &mut stop => {
+                let _ = sub.unsubscribe().await;
+                return;
+            }
+        }
+    }
+}
+
+/// The engine of a cluster node: the node's broker, with a SUBACK waiting
+/// until NATS has the node's subscriptions ([`NatsLink::barrier`]).
+pub struct Clustered {
+    broker: Arc<Broker>,
+    link: Arc<NatsLink>,
+}
+
+impl Clustered {
+    pub fn new(broker: Arc<Broker>, link: Arc<NatsLink>) -> Clustered {
+        Clustered { broker, link }
+    }
+}
+
+impl Engine for Clustered {
+    fn attach(&self, req: AttachRequest, reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
+        Engine::attach(&*self.broker, req, reply_to, now)
+    }
+
+    fn subscribe(&self, req: SubscribeRequest, reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
+        match Engine::subscribe(&*self.broker, req, reply_to, now) {
+            Call::Ready(c) => {
+                let (reply, pending) = Reply::new(reply_to);
+                self.link.barrier(Box::new(move || {
+                    // A connection gone meanwhile: its session keeps the
+                    // subscriptions, as after an answer it did not read.
+                    let _ = reply.complete(c);
+                }));
+                Call::Later(pending)
+            }
+            later => later,
+        }
+    }
+
+    fn unsubscribe(
+        &self,
+        req: UnsubscribeRequest,
+        reply_to: &Arc<ConnWaker>,
+        now: Instant,
+    ) -> Call {
+        Engine::unsubscribe(&*self.broker, req, reply_to, now)
+    }
+
+    fn detach(
+        &self,
+        cell: &Arc<SessionCell>,
+        epoch: u64,
+        publish_will: bool,
+        expiry_override: Option<u32>,
+        now: Instant,
+    ) {
+        Engine::detach(
+            &*self.broker,
+            cell,
+            epoch,
+            publish_will,
+            expiry_override,
+            now,
+        );
+    }
+
+    fn publish(
+        &self,
+        msg: Arc<Message>,
+        publisher: Option<&Arc<ConnWaker>>,
+        now: Instant,
+    ) -> Routed {
+        Broker::publish(&self.broker, msg, publisher, now)
+    }
+
+    fn ticket_status(&self, ticket: Ticket) -> AckStatus {
+        Broker::ticket_status(&self.broker, ticket)
+    }
+
+    fn ticket_wait(&self, ticket: Ticket, waker: &Arc<ConnWaker>) {
+        Broker::ticket_wait(&self.broker, ticket, waker)
+    }
+
+    fn last_ticket(&self) -> Ticket {
+        Broker::last_ticket(&self.broker)
+    }
+
+    fn session_writes<'a>(
+        &'a self,
+        client_id: &'a ByteString,
+        session: &Session,
+    ) -> SessionWrites<'a> {
+        Broker::session_writes(&self.broker, client_id, session)
+    }
+
+    fn handle_timeout(&self, now: Instant) {
+        Broker::handle_timeout(&self.broker, now);
+    }
+
+    fn assign_client_id(&self) -> ByteString {
+        Broker::assign_client_id(&self.broker)
+    }
+
+    fn admit_session(&self, client_id: &str) -> Result<(), SessionRefusal> {
+        Broker::admit_session(&self.broker, client_id)
+    }
+
+    fn retained_admits(&self, topic: &str, bytes: u64) -> bool {
+        Broker::retained_admits(&self.broker, topic, bytes)
+    }
+
+    fn replay_retained(&self, cell: &Arc<SessionCell>, replay: &DeferredReplay, now: Instant) {
+        Broker::replay_retained(&self.broker, cell, replay, now);
+    }
+
+    fn acks_early(&self) -> bool {
+        Broker::acks_early(&self.broker)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_later_copy_of_a_message_is_dropped_and_forgotten() {
+        let mut r = Recent::default();
+        let t = Instant::now();
+        assert!(r.first(7, 1, 3, t));
+        assert!(!r.first(7, 1, 3, t));
+        assert!(r.first(8, 1, 2, t), "another origin's message 1");
+        assert!(!r.first(7, 1, 3, t));
+        assert!(!r.left.contains_key(&(7, 1)), "all three copies came");
+        assert!(!r.first(8, 1, 2, t));
+        assert!(r.left.is_empty());
+    }
+
+    #[test]
+    fn old_servers_are_refused() {
+        assert!(check_version("2.14.6").is_ok());
+        assert!(check_version("v2.11.0-beta").is_ok());
+        assert!(check_version("3.0.0").is_ok());
+        assert!(check_version("2.10.22").is_err());
+        assert!(check_version("2.9").is_err());
+        assert!(check_version("").is_err());
+    }
+
+    #[test]
+    fn queue_groups_are_plain_tokens_and_tell_subscriptions_apart() {
+        let a = queue_group("g", "a/b");
+        assert!(a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        assert_ne!(a, queue_group("g/a", "b"));
+        assert_eq!(a, queue_group("g", "a/b"));
+    }
+}

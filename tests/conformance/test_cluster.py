@@ -1,0 +1,223 @@
+"""Cluster mode (issue 13, docs/CLUSTER.md): Millet nodes joined through
+NATS. Three nodes, each on its own server of a three-server NATS cluster
+(scripts/cluster-up.sh), with independent MQTT clients (paho) on each.
+
+What is built so far is live routing across nodes; the tests here cover it:
+wildcards, every QoS, 3.1.1 and 5.0, no copies doubled (own messages,
+overlapping filters), per-publisher order, shared subscriptions balanced
+across nodes, and a node's NATS interest following its subscriptions.
+"""
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from conftest import REPO, Broker, free_port
+from helpers import HOST, TIMEOUT, V311, V5, Client, unique, wait_until
+
+BASE = 24720  # NATS_PORT_BASE: away from cluster-up.sh's default and test_cluster_infra's
+
+
+@pytest.fixture(scope="module")
+def nats_urls():
+    if os.environ.get("MILLET_ENGINE__TEST_DELAY_MS"):
+        pytest.skip("the delaying engine is the embedded one's test wrapper; cluster mode runs once")
+    run = tempfile.mkdtemp(prefix="millet-nats-")
+    env = dict(os.environ, NATS_PORT_BASE=str(BASE))
+    up = subprocess.run([os.path.join(REPO, "scripts", "cluster-up.sh"), run], env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr + up.stdout
+    yield [f"nats://127.0.0.1:{BASE + i}" for i in (1, 2, 3)]
+    subprocess.run([os.path.join(REPO, "scripts", "cluster-down.sh"), run], timeout=60)
+
+
+@pytest.fixture(scope="module")
+def nodes(nats_urls):
+    """Three Millet nodes, node i on NATS server i."""
+    started = []
+    for i, url in enumerate(nats_urls, 1):
+        b = Broker(kind="millet", host=HOST, port=free_port(), settings={},
+                   args=["--nats", url, "--node-id", f"n{i}", "--no-admin"])
+        b.start()
+        started.append(b)
+    yield started
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def on(nodes):
+    """``on(i, version)``: a paho client for node i (0-based); all closed at teardown."""
+    made = []
+
+    def make(i, version=V311, **kw):
+        c = Client(nodes[i], version, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+    for b in nodes:
+        assert b.alive(), f"node died:\n{b.log_tail()}"
+
+
+def reached(pub, sub, topic, qos=0):
+    """Publish probes on `topic` from `pub` until `sub` gets one: NATS
+    propagates a subscription to the other servers of its cluster
+    asynchronously, after the SUBACK. Bounded; the probes are cleared."""
+    deadline = time.monotonic() + 10
+    while not sub.messages.items:
+        assert time.monotonic() < deadline, f"{topic}: no probe reached {sub.client_id} in 10 s"
+        pub.publish(topic, b"probe", qos=qos)
+        time.sleep(0.05)
+    time.sleep(0.2)  # late probes in flight land before the clear (they are skipped below anyway)
+    sub.messages.clear()
+
+
+def payloads(c, prefix=b""):
+    return [m.payload for m in c.messages.items if m.payload.startswith(prefix)]
+
+
+@pytest.mark.parametrize("version", [V311, V5])
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_a_publish_on_one_node_reaches_wildcard_subscribers_on_the_others(on, version, qos):
+    t = unique("cl/w")
+    a, b, c = on(0, version), on(1, version), on(2, version)
+    for x in (a, b, c):
+        x.connect()
+    assert b.subscribe(f"{t}/+/x", 2) == [2]
+    assert c.subscribe(f"{t}/#", 1) == [1]
+    reached(a, b, f"{t}/p/x")
+    reached(a, c, f"{t}/p/x")
+    kw = {}
+    if version == V5:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("k", "v")]
+        props.ContentType = "text/plain"
+        kw["properties"] = props
+    for i in range(20):
+        a.publish(f"{t}/d{i}/x", b"m%d" % i, qos=qos, **kw)
+    want = [b"m%d" % i for i in range(20)]
+    wait_until(lambda: len(payloads(b, b"m")) >= 20 and len(payloads(c, b"m")) >= 20,
+               what="20 messages on both nodes")
+    time.sleep(0.3)  # any extra copy would land within this window
+    assert payloads(b, b"m") == want, "each once, in the publisher's order"
+    assert payloads(c, b"m") == want
+    got_b = [m for m in b.messages.items if m.payload.startswith(b"m")]
+    got_c = [m for m in c.messages.items if m.payload.startswith(b"m")]
+    assert {m.qos for m in got_b} == {qos}
+    assert {m.qos for m in got_c} == {min(qos, 1)}
+    if version == V5:
+        for m in got_b + got_c:
+            assert m.props.get("UserProperty") == [("k", "v")]
+            assert m.props.get("ContentType") == "text/plain"
+
+
+def test_a_node_routes_its_own_messages_once(on):
+    """A local subscriber gets a local publish in-process; the copy NATS
+    sends back to its node (the node subscribes for it) is dropped."""
+    t = unique("cl/own")
+    a, b, far = on(0), on(0), on(1)
+    for x in (a, b, far):
+        x.connect()
+    assert b.subscribe(f"{t}/#", 1) == [1]
+    assert far.subscribe(f"{t}/#", 1) == [1]
+    reached(a, far, f"{t}/probe")
+    b.messages.clear()
+    for i in range(30):
+        a.publish(f"{t}/x", b"o%d" % i, qos=1)
+    wait_until(lambda: len(payloads(far, b"o")) >= 30, what="30 messages on the far node")
+    time.sleep(0.3)
+    assert payloads(b, b"o") == [b"o%d" % i for i in range(30)]
+
+
+def test_overlapping_filters_on_a_node_deliver_each_message_once(on):
+    """A node holding `t/#` and `t/+/x` gets two copies from NATS and
+    routes one; the session with both filters gets one delivery at the
+    higher QoS [MQTT-3.3.4-2], as on one node."""
+    t = unique("cl/ov")
+    a, b, other = on(0, V5), on(1, V5), on(1, V5)
+    for x in (a, b, other):
+        x.connect()
+    assert b.subscribe(f"{t}/#", 0) == [0]
+    assert b.subscribe(f"{t}/+/x", 1) == [1]
+    assert other.subscribe(f"{t}/+/x", 0) == [0]
+    reached(a, b, f"{t}/p/x")
+    reached(a, other, f"{t}/p/x")
+    for i in range(30):
+        a.publish(f"{t}/k/x", b"v%d" % i, qos=1)
+    wait_until(lambda: len(payloads(b, b"v")) >= 30 and len(payloads(other, b"v")) >= 30,
+               what="30 messages")
+    time.sleep(0.3)
+    assert payloads(b, b"v") == [b"v%d" % i for i in range(30)]
+    assert payloads(other, b"v") == [b"v%d" % i for i in range(30)]
+    assert {m.qos for m in b.messages.items if m.payload.startswith(b"v")} == {1}
+
+
+def test_a_shared_subscription_spread_over_three_nodes_gets_each_message_once(on):
+    t = unique("cl/sh")
+    members = [on(i, V5) for i in (0, 1, 2)]
+    pub = on(0, V5)
+    pub.connect()
+    for m in members:
+        m.connect()
+        assert m.subscribe(f"$share/g/{t}/#", 1) == [1]
+    # Every node's queue subscription known everywhere: probes until each
+    # member got one (each probe goes to one member).
+    deadline = time.monotonic() + 15
+    while not all(m.messages.items for m in members):
+        assert time.monotonic() < deadline, "the group never spread over three nodes"
+        pub.publish(f"{t}/probe", b"probe", qos=0)
+        time.sleep(0.02)
+    time.sleep(0.2)
+    for m in members:
+        m.messages.clear()
+    n = 300
+    for i in range(n):
+        pub.publish(f"{t}/s", b"s%d" % i, qos=1)
+    wait_until(lambda: sum(len(payloads(m, b"s")) for m in members) >= n, what=f"{n} messages across the group")
+    time.sleep(0.3)
+    got = [p for m in members for p in payloads(m, b"s")]
+    assert sorted(got) == sorted(b"s%d" % i for i in range(n)), "each message to one member"
+    for m in members:
+        assert len(payloads(m, b"s")) >= n // 10, [len(payloads(x, b"s")) for x in members]
+
+
+def nats_subjects(port_offset, node_name):
+    """The subjects a Millet node's NATS connection subscribes to, from
+    its NATS server's monitoring endpoint."""
+    url = f"http://127.0.0.1:{BASE + 20 + port_offset}/connz?subs=1"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        conns = json.load(r)["connections"]
+    for c in conns:
+        if c.get("name") == f"millet-{node_name}":
+            return set(c.get("subscriptions_list") or [])
+    raise AssertionError(f"no NATS connection named millet-{node_name}: {[c.get('name') for c in conns]}")
+
+
+def test_a_node_holds_one_nats_subscription_per_distinct_filter(on):
+    """Interest is per node and filter, reference-counted: two sessions on
+    one filter make one NATS subscription, gone with the last of them
+    (and a session's end removes its filters like an UNSUBSCRIBE)."""
+    t = unique("cl/int")
+    s1, s2 = on(1), on(1)
+    s1.connect()
+    s2.connect()
+    assert s1.subscribe(f"{t}/+/x", 1) == [1]
+    assert s2.subscribe(f"{t}/+/x", 1) == [1]
+    subject = "m.*." + t.replace("/", ".") + ".*.x"
+    assert subject in nats_subjects(2, "n2")
+    assert subject not in nats_subjects(1, "n1"), "no interest on a node without subscribers"
+    s1.unsubscribe(f"{t}/+/x")
+    time.sleep(0.2)
+    assert subject in nats_subjects(2, "n2"), "s2 still holds the filter"
+    s2.disconnect()  # a clean session ends with its connection
+    wait_until(lambda: subject not in nats_subjects(2, "n2"), what="the NATS subscription to go")
