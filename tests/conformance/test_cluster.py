@@ -28,7 +28,7 @@ def nats_urls():
     if os.environ.get("MILLET_ENGINE__TEST_DELAY_MS"):
         pytest.skip("the delaying engine is the embedded one's test wrapper; cluster mode runs once")
     run = tempfile.mkdtemp(prefix="millet-nats-")
-    env = dict(os.environ, NATS_PORT_BASE=str(BASE))
+    env = dict(os.environ, NATS_PORT_BASE=str(BASE), MILLET_NODES="0")
     up = subprocess.run([os.path.join(REPO, "scripts", "cluster-up.sh"), run], env=env,
                         capture_output=True, text=True, timeout=120)
     assert up.returncode == 0, up.stderr + up.stdout

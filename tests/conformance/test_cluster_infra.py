@@ -22,7 +22,7 @@ def nats_cluster():
     if os.environ.get("MILLET_ENGINE__TEST_DELAY_MS"):
         pytest.skip("no Millet involved: run once, not again on the delaying engine")
     run = tempfile.mkdtemp(prefix="millet-nats-")
-    env = dict(os.environ, NATS_PORT_BASE=str(BASE))
+    env = dict(os.environ, NATS_PORT_BASE=str(BASE), MILLET_NODES="0")
     up = subprocess.run([os.path.join(REPO, "scripts", "cluster-up.sh"), run], env=env,
                         capture_output=True, text=True, timeout=120)
     assert up.returncode == 0, up.stderr + up.stdout
