@@ -221,3 +221,59 @@ def test_a_node_holds_one_nats_subscription_per_distinct_filter(on):
     assert subject in nats_subjects(2, "n2"), "s2 still holds the filter"
     s2.disconnect()  # a clean session ends with its connection
     wait_until(lambda: subject not in nats_subjects(2, "n2"), what="the NATS subscription to go")
+
+
+def test_a_client_id_connecting_on_another_node_takes_the_connection_over(on):
+    """[MQTT-3.1.4-3] across nodes: the connection on the first node is
+    closed with 0x8E (Session taken over) before the new one is attached."""
+    cid = unique("cl-to")
+    first = on(0, V5, client_id=cid)
+    first.connect()
+    second = on(1, V5, client_id=cid)
+    second.connect()
+    rc, _ = first.wait_disconnected()
+    assert rc == 0x8E
+    assert second.is_connected
+    third = on(2, V5, client_id=cid)
+    third.connect()
+    rc, _ = second.wait_disconnected()
+    assert rc == 0x8E
+    assert third.is_connected
+    # Back on the first node: a takeover there too.
+    again = on(0, V5, client_id=cid)
+    again.connect()
+    rc, _ = third.wait_disconnected()
+    assert rc == 0x8E
+    assert again.is_connected
+
+
+def test_two_nodes_racing_for_one_client_id_leave_one_connection(on):
+    """The same client id connects to two nodes at once, 100 times: each
+    round ends with exactly one of the two connected (ownership is a
+    compare-and-set on the owner entry; the loser of a race takes over
+    from the winner)."""
+    import threading
+
+    cid = unique("cl-race")
+    for round_ in range(100):
+        pair = [on(0, client_id=cid), on(1, client_id=cid)]
+        errors = []
+
+        def go(c):
+            try:
+                c.connect(expect_rc=None)
+            except Exception as e:  # noqa: BLE001 - closed before its CONNACK: it lost
+                errors.append(e)
+
+        threads = [threading.Thread(target=go, args=(c,)) for c in pair]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wait_until(lambda: sum(c.is_connected for c in pair) <= 1,
+                   what=f"round {round_}: one connection left")
+        time.sleep(0.05)  # a late takeover would close the survivor within this window
+        alive = [c for c in pair if c.is_connected]
+        assert len(alive) == 1, f"round {round_}: {len(alive)} connections left ({errors})"
+        for c in pair:
+            c.close()

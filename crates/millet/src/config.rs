@@ -118,6 +118,9 @@ pub struct NatsConfig {
     pub tls_key: Option<PathBuf>,
     /// How long to wait for NATS at start-up before giving up (seconds).
     pub connect_timeout_secs: u64,
+    /// Replicas of the cluster's JetStream state (1 for a single NATS
+    /// server; 3 for a three-server cluster, which survives one loss).
+    pub replicas: usize,
 }
 
 impl Default for NatsConfig {
@@ -133,6 +136,7 @@ impl Default for NatsConfig {
             tls_cert: None,
             tls_key: None,
             connect_timeout_secs: 10,
+            replicas: 3,
         }
     }
 }
@@ -755,6 +759,9 @@ impl Config {
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             }) {
                 return Err("engine.nats.node_id: letters, digits, `-` and `_` only".into());
+            }
+            if !(1..=5).contains(&n.replicas) {
+                return Err("engine.nats.replicas must be 1 to 5".into());
             }
             if n.tls_cert.is_some() != n.tls_key.is_some() {
                 return Err("engine.nats.tls_cert and engine.nats.tls_key go together".into());

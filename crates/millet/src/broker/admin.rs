@@ -274,6 +274,30 @@ impl Broker {
     /// Close the client's connection with `reason` (v5 DISCONNECT; 3.x: the
     /// connection is closed); its session stays as its expiry says. A
     /// session with no connection is discarded (as if it expired).
+    /// Tell the connection attached to `client_id`'s session, if any, to
+    /// close with `reason` (its session stays); the epoch it had, to wait
+    /// for with [`Broker::connection_epoch`].
+    pub fn kick_connection(&self, client_id: &str, reason: ReasonCode) -> Option<u64> {
+        let cell = self.registry.lock().get(client_id).cloned()?;
+        let mut st = cell.state.lock();
+        if st.conn_epoch == 0 {
+            return None;
+        }
+        st.kick = Some(reason);
+        st.signal_kick();
+        Some(st.conn_epoch)
+    }
+
+    /// The epoch of the connection attached to `client_id`'s session (0:
+    /// none attached, or no such session).
+    pub fn connection_epoch(&self, client_id: &str) -> u64 {
+        let Some(cell) = self.registry.lock().get(client_id).cloned() else {
+            return 0;
+        };
+        let epoch = cell.state.lock().conn_epoch;
+        epoch
+    }
+
     pub fn admin_kick(&self, client_id: &str, reason: ReasonCode, now: Instant) -> Kicked {
         let mut reg = self.registry.lock();
         let Some(cell) = reg.get(client_id).cloned() else {

@@ -39,8 +39,8 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::{
-    subject, AckStatus, AttachRequest, Call, Engine, Reply, SessionWrites, SubscribeRequest,
-    Ticket, UnsubscribeRequest,
+    subject, AckStatus, AttachRequest, Call, Completion, Engine, Reply, SessionWrites,
+    SubscribeRequest, Ticket, UnsubscribeRequest,
 };
 use crate::broker::index::{ShareStrategy, SubscriptionIndex};
 use crate::broker::{Broker, ClusterLink, Routed, Scope, SessionRefusal};
@@ -82,6 +82,27 @@ pub struct NatsLink {
     recent: Mutex<Recent>,
     forward_dropped: AtomicU64,
     last_drop_line: Mutex<Option<Instant>>,
+    /// Who owns each client id cluster-wide ([`Owners`]).
+    owners: Owners,
+    /// The runtime the NATS tasks run on (engine calls come from the
+    /// connections' threads).
+    rt: tokio::runtime::Handle,
+}
+
+/// Ownership of client ids across the cluster: the JetStream KV bucket
+/// `millet_owners` (key: a hash of the client id; value: the owning node's
+/// origin), changed only by compare-and-set on its revision. A node taking
+/// a client id over asks the owner named there to close its connection
+/// (0x8E) and waits for it first (`_MILLET.kick.<origin>`).
+struct Owners {
+    kv: async_nats::jetstream::kv::Store,
+    client: async_nats::Client,
+    /// Attaches under way on this node, by client id: set when a kick for
+    /// that client id came meanwhile (the new connection must go too).
+    attaching: Mutex<HashMap<ByteString, bool>>,
+    /// The owner entries this node wrote, by client id: revision and the
+    /// connection's epoch (deleted when that connection ends).
+    owned: Mutex<HashMap<ByteString, (u64, u64)>>,
 }
 
 /// An interest of this node: a plain filter, or a shared subscription.
@@ -149,6 +170,23 @@ impl NatsLink {
         check_version(&info.version)?;
         let origin: u64 = rand::random();
         let origin_header = HeaderValue::from(format!("{origin:016x}").as_str());
+        let js = async_nats::jetstream::new(client.clone());
+        let kv = js
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: "millet_owners".into(),
+                history: 1,
+                num_replicas: cfg.replicas,
+                storage: async_nats::jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create the JetStream KV bucket millet_owners ({} replicas): {e} \
+                     (JetStream enabled on the NATS servers? engine.nats.replicas = 1 for a single server)",
+                    cfg.replicas
+                )
+            })?;
         let (out, out_rx) = mpsc::channel(FORWARD_QUEUE);
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let link = Arc::new(NatsLink {
@@ -162,7 +200,24 @@ impl NatsLink {
             recent: Mutex::default(),
             forward_dropped: AtomicU64::new(0),
             last_drop_line: Mutex::new(None),
+            owners: Owners {
+                kv,
+                client: client.clone(),
+                attaching: Mutex::default(),
+                owned: Mutex::default(),
+            },
+            rt: tokio::runtime::Handle::current(),
         });
+        let kicks = client
+            .subscribe(format!("_MILLET.kick.{origin:016x}"))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot subscribe on NATS: {e}"))?;
+        tokio::spawn(kick_service(
+            client.clone(),
+            kicks,
+            Arc::downgrade(&link),
+            Arc::downgrade(broker),
+        ));
         tokio::spawn(publisher(client.clone(), out_rx));
         tokio::spawn(control(
             client,
@@ -196,6 +251,140 @@ impl NatsLink {
         {
             done(); // the control task is gone (shutting down): nothing to wait for
         }
+    }
+
+    /// This node's owner entry.
+    fn owner_value(&self) -> Bytes {
+        Bytes::from(format!("{:016x} {}", self.origin, self.node_id))
+    }
+
+    /// Make this node the owner of `client_id` cluster-wide, closing the
+    /// connection another node has for it first; then attach locally.
+    /// Returns the local attach's answer.
+    async fn take_over_and_attach(
+        &self,
+        broker: &Arc<Broker>,
+        req: AttachRequest,
+        reply_to: &Arc<ConnWaker>,
+    ) -> Completion {
+        let client_id = req.client_id.clone();
+        let key = owner_key(&client_id);
+        self.owners
+            .attaching
+            .lock()
+            .insert(client_id.clone(), false);
+        let mut revision = None;
+        for attempt in 0..10 {
+            let entry = match self.owners.kv.entry(key.clone()).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(client_id = %client_id, error = %e, "cluster: cannot read the owner of a client id");
+                    break;
+                }
+            };
+            let (rev, owner) = match &entry {
+                Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+                    (Some(e.revision), owner_origin(&e.value))
+                }
+                Some(e) => (Some(e.revision), None),
+                None => (None, None),
+            };
+            if let Some(o) = owner.filter(|o| *o != self.origin) {
+                self.kick_remote(o, &client_id).await;
+            }
+            let value = self.owner_value();
+            let cas = match rev {
+                Some(r) => self
+                    .owners
+                    .kv
+                    .update(&key, value, r)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => self
+                    .owners
+                    .kv
+                    .create(&key, value)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            match cas {
+                Ok(r) => {
+                    revision = Some(r);
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(client_id = %client_id, attempt, error = %e, "cluster: owner entry changed meanwhile: again");
+                }
+            }
+        }
+        if revision.is_none() {
+            tracing::warn!(client_id = %client_id, "cluster: could not become the owner of a client id (NATS unreachable, or a takeover storm): the connection is closed after its CONNACK");
+        }
+        let c = match Engine::attach(&**broker, req, reply_to, Instant::now()) {
+            Call::Ready(c) => c,
+            // The broker answers at once; a wait here is bounded anyway.
+            Call::Later(p) => p
+                .wait(Duration::from_secs(60))
+                .unwrap_or(Completion::Detached),
+        };
+        let kicked = self
+            .owners
+            .attaching
+            .lock()
+            .remove(&client_id)
+            .unwrap_or(false);
+        if let Completion::Attached(a) = &c {
+            if let Some(r) = revision {
+                self.owners
+                    .owned
+                    .lock()
+                    .insert(client_id.clone(), (r, a.epoch));
+            }
+            if kicked || revision.is_none() {
+                // Another node took the client id over while this one
+                // attached: this connection goes (after its CONNACK).
+                broker.kick_connection(&client_id, millet_codec::ReasonCode::SESSION_TAKEN_OVER);
+            }
+        }
+        c
+    }
+
+    /// Ask the node of `origin` to close its connection for `client_id`
+    /// and wait until it has (or the node does not answer: it is gone).
+    async fn kick_remote(&self, origin: u64, client_id: &ByteString) {
+        let subject = format!("_MILLET.kick.{origin:016x}");
+        let payload = Bytes::copy_from_slice(client_id.as_bytes());
+        let asked = self.owners.client.request(subject, payload);
+        match tokio::time::timeout(Duration::from_secs(3), asked).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(client_id = %client_id, error = %e, "cluster: the owner node did not answer a takeover (gone)")
+            }
+            Err(_) => {
+                tracing::warn!(client_id = %client_id, "cluster: the owner node did not answer a takeover in 3 s")
+            }
+        }
+    }
+
+    /// The connection of `epoch` for `client_id` ended: its owner entry
+    /// goes, unless another connection took it since.
+    fn released(&self, client_id: &ByteString, epoch: u64) {
+        let rev = {
+            let mut owned = self.owners.owned.lock();
+            match owned.get(client_id) {
+                Some(&(rev, e)) if e == epoch => {
+                    owned.remove(client_id);
+                    rev
+                }
+                _ => return,
+            }
+        };
+        let kv = self.owners.kv.clone();
+        let key = owner_key(client_id);
+        self.rt.spawn(async move {
+            // A revision moved on means another connection owns it now.
+            let _ = kv.delete_expect_revision(key, Some(rev)).await;
+        });
     }
 
     /// How many copies NATS sends this node of a message on `topic`: one
@@ -305,6 +494,58 @@ impl ClusterLink for NatsLink {
             filter: filter.to_owned(),
             group: share.map(str::to_owned),
         }));
+    }
+}
+
+/// The owner entry's key for a client id: a hash, so that any client id
+/// (any UTF-8, up to 64 KiB) makes a valid, bounded key.
+fn owner_key(client_id: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(client_id.as_bytes())[..20])
+}
+
+/// The origin named by an owner entry.
+fn owner_origin(value: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(value).ok()?;
+    u64::from_str_radix(s.split(' ').next()?, 16).ok()
+}
+
+/// Answers other nodes' takeovers: closes this node's connection for the
+/// client id asked for (0x8E) and answers once it has closed (at most 2 s).
+async fn kick_service(
+    client: async_nats::Client,
+    mut kicks: async_nats::Subscriber,
+    link: Weak<NatsLink>,
+    broker: Weak<Broker>,
+) {
+    use futures_util::StreamExt;
+    while let Some(m) = kicks.next().await {
+        let (Some(link), Some(broker)) = (link.upgrade(), broker.upgrade()) else {
+            return;
+        };
+        let Ok(client_id) = std::str::from_utf8(&m.payload) else {
+            continue;
+        };
+        let client_id = ByteString::from(client_id);
+        let client = client.clone();
+        tokio::spawn(async move {
+            if let Some(a) = link.owners.attaching.lock().get_mut(&client_id) {
+                *a = true;
+            }
+            if let Some(epoch) =
+                broker.kick_connection(&client_id, millet_codec::ReasonCode::SESSION_TAKEN_OVER)
+            {
+                // Answered once the connection closed (bounded): the new
+                // one is attached only then.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while broker.connection_epoch(&client_id) == epoch && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            if let Some(reply) = m.reply {
+                let _ = client.publish(reply, Bytes::new()).await;
+            }
+        });
     }
 }
 
@@ -567,8 +808,20 @@ impl Clustered {
 }
 
 impl Engine for Clustered {
-    fn attach(&self, req: AttachRequest, reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
-        Engine::attach(&*self.broker, req, reply_to, now)
+    fn attach(&self, req: AttachRequest, reply_to: &Arc<ConnWaker>, _now: Instant) -> Call {
+        let (reply, pending) = Reply::new(reply_to);
+        let link = self.link.clone();
+        let broker = self.broker.clone();
+        let waker = reply_to.clone();
+        self.link.rt.spawn(async move {
+            let c = link.take_over_and_attach(&broker, req, &waker).await;
+            if let Err(Completion::Attached(a)) = reply.complete(c) {
+                // The connection went away meanwhile: undo the attach.
+                Engine::detach(&*broker, &a.cell, a.epoch, true, None, Instant::now());
+                link.released(&a.cell.client_id, a.epoch);
+            }
+        });
+        Call::Later(pending)
     }
 
     fn subscribe(&self, req: SubscribeRequest, reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
@@ -611,6 +864,7 @@ impl Engine for Clustered {
             expiry_override,
             now,
         );
+        self.link.released(&cell.client_id, epoch);
     }
 
     fn publish(
