@@ -274,28 +274,29 @@ impl Broker {
     /// Close the client's connection with `reason` (v5 DISCONNECT; 3.x: the
     /// connection is closed); its session stays as its expiry says. A
     /// session with no connection is discarded (as if it expired).
-    /// Tell the connection attached to `client_id`'s session, if any, to
-    /// close with `reason` (its session stays); the epoch it had, to wait
-    /// for with [`Broker::connection_epoch`].
-    pub fn kick_connection(&self, client_id: &str, reason: ReasonCode) -> Option<u64> {
+    /// Another node of the cluster took `client_id` over: the connection
+    /// attached here is detached at once (as a local takeover does: its
+    /// will follows the usual rules) and told to close with 0x8E. Returns
+    /// its waker, `None` when no connection was attached.
+    pub fn taken_over_elsewhere(
+        &self,
+        client_id: &str,
+        now: Instant,
+    ) -> Option<Arc<crate::session::ConnWaker>> {
         let cell = self.registry.lock().get(client_id).cloned()?;
-        let mut st = cell.state.lock();
-        if st.conn_epoch == 0 {
-            return None;
-        }
-        st.kick = Some(reason);
-        st.signal_kick();
-        Some(st.conn_epoch)
-    }
-
-    /// The epoch of the connection attached to `client_id`'s session (0:
-    /// none attached, or no such session).
-    pub fn connection_epoch(&self, client_id: &str) -> u64 {
-        let Some(cell) = self.registry.lock().get(client_id).cloned() else {
-            return 0;
+        let (epoch, waker) = {
+            let mut st = cell.state.lock();
+            if st.conn_epoch == 0 {
+                return None;
+            }
+            st.kick = Some(ReasonCode::SESSION_TAKEN_OVER);
+            (st.conn_epoch, st.waker.clone())
         };
-        let epoch = cell.state.lock().conn_epoch;
-        epoch
+        self.disconnect(&cell, epoch, true, None, now);
+        if let Some(w) = &waker {
+            w.signal(crate::session::ConnWaker::KICK);
+        }
+        waker
     }
 
     pub fn admin_kick(&self, client_id: &str, reason: ReasonCode, now: Instant) -> Kicked {

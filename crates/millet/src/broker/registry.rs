@@ -93,6 +93,9 @@ pub struct Attached {
 pub enum SessionRefusal {
     MaxSessions,
     Memory,
+    /// Cluster mode with NATS unreachable: who owns the client id cannot
+    /// be known, so no connection is attached (CONNACK 0x88 / 3.x 0x03).
+    ClusterUnavailable,
 }
 
 impl Broker {

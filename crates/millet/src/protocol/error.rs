@@ -213,6 +213,7 @@ pub fn session_refusal_text(r: SessionRefusal) -> &'static str {
     match r {
         SessionRefusal::MaxSessions => "max_sessions reached",
         SessionRefusal::Memory => "memory budget high watermark reached",
+        SessionRefusal::ClusterUnavailable => "cluster mode: NATS unreachable",
     }
 }
 
@@ -241,6 +242,7 @@ impl ProtocolError {
             | E::UnexpectedAuthReasonCode => ReasonCode::PROTOCOL_ERROR,
             E::Redirected { moved: true, .. } => ReasonCode::SERVER_MOVED,
             E::Redirected { moved: false, .. } => ReasonCode::USE_ANOTHER_SERVER,
+            E::SessionRefused(SessionRefusal::ClusterUnavailable) => ReasonCode::SERVER_UNAVAILABLE,
             E::MaxConnections | E::SessionRefused(_) | E::HeldPacketsExceeded => {
                 ReasonCode::QUOTA_EXCEEDED
             }

@@ -1,0 +1,128 @@
+"""Cluster mode when NATS goes away (issue 13, "Failure handling"): a node
+stops acknowledging QoS 1/2 rather than lying (v5 gets 0x80, a 3.1.1
+connection is closed), keeps delivering QoS 0 locally, and rejoins without
+a restart when NATS is back. Its own NATS cluster: the test stops it.
+"""
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import REPO, Broker, free_port
+from helpers import HOST, PUBREC, V311, V5, Client, RawClient, publish_packet, unique, wait_until
+from test_cluster import reached
+
+BASE = 24820
+
+
+@pytest.fixture
+def cluster():
+    if os.environ.get("MILLET_ENGINE__TEST_DELAY_MS"):
+        pytest.skip("the delaying engine is the embedded one's test wrapper; cluster mode runs once")
+    run = tempfile.mkdtemp(prefix="millet-nats-")
+    env = dict(os.environ, NATS_PORT_BASE=str(BASE), MILLET_NODES="0")
+    up = subprocess.run([os.path.join(REPO, "scripts", "cluster-up.sh"), run], env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr + up.stdout
+    urls = [f"nats://127.0.0.1:{BASE + i}" for i in (1, 2, 3)]
+    nodes = []
+    for i in (1, 2):
+        b = Broker(kind="millet", host=HOST, port=free_port(), settings={},
+                   args=["--nats", ",".join(urls), "--node-id", f"f{i}", "--no-admin"])
+        b.start()
+        nodes.append(b)
+    made = []
+
+    def client(i, version=V311):
+        c = Client(nodes[i], version)
+        made.append(c)
+        return c
+
+    restarted = []
+    yield run, nodes, client, restarted
+    for c in made:
+        c.close()
+    for b in nodes:
+        b.stop()
+    for p in restarted:  # ours to reap (cluster-down would wait on the zombies)
+        p.terminate()
+        p.wait(timeout=30)
+    subprocess.run([os.path.join(REPO, "scripts", "cluster-down.sh"), run], timeout=60)
+
+
+def nats_down(run):
+    with open(os.path.join(run, "pids")) as f:
+        pids = [int(p) for p in f.read().split()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def nats_up(run, restarted):
+    """Start the three NATS servers again on their configurations and stores."""
+    venv = os.path.join(REPO, ".venv", "bin", "nats-server")
+    for i in (1, 2, 3):
+        log = open(os.path.join(run, f"n{i}.restart.log"), "wb")
+        restarted.append(subprocess.Popen([venv, "-c", os.path.join(run, f"n{i}.conf")], stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        log.close()
+
+
+def test_without_nats_qos1_is_refused_qos0_stays_local_and_the_node_rejoins(cluster):
+    run, nodes, client, restarted = cluster
+    t = unique("cl/f")
+    pub5, pub3, sub, far = client(0, V5), client(0, V311), client(0, V311), client(1, V311)
+    for c in (pub5, pub3, sub, far):
+        c.connect()
+    assert sub.subscribe(f"{t}/#", 1) == [1]
+    assert far.subscribe(f"{t}/#", 1) == [1]
+    reached(pub5, far, f"{t}/probe")
+    assert pub5.publish(f"{t}/a", b"before", qos=1) == 0
+    raw = RawClient(nodes[0], V5)
+    raw.connect()
+
+    nats_down(run)
+    # The node notices when its connection to NATS breaks (at once on a
+    # killed server: the socket closes); until then a publish may still go.
+    wait_until(lambda: pub5.publish(f"{t}/a", b"probe-down", qos=1) == 0x80, timeout=15,
+               what="QoS 1 refused with 0x80 once NATS is down")
+    sub.messages.clear()
+    assert pub5.publish(f"{t}/a", b"refused", qos=1) == 0x80
+    # QoS 2: PUBREC 0x80 ends the exchange [MQTT-4.3.3-4] (paho reports no
+    # PUBREC reason, so a raw client looks).
+    # QoS 2: PUBREC 0x80 ends the exchange (paho does not report a
+    # PUBREC's reason, so a raw client looks).
+    try:
+        raw.send(publish_packet(f"{t}/a", b"refused2", qos=2, pid=9, version=V5))
+        assert raw.expect(PUBREC).ack()[:2] == (9, 0x80)
+    finally:
+        raw.close()
+    # New connections are refused: who owns a client id cannot be known
+    # (CONNACK 0x88 Server unavailable; 3.1.1: 0x03).
+    late5, late3 = client(1, V5), client(1, V311)
+    assert late5.connect(expect_rc=None).rc == 0x88
+    # (paho reports a 3.x return code as its v5 equivalent: 0x03 as 0x88)
+    assert late3.connect(expect_rc=None).rc == 0x88
+    # QoS 0 still reaches the local subscriber.
+    pub5.publish(f"{t}/a", b"local", qos=0)
+    sub.messages.wait_for(1, pred=lambda m: m.payload == b"local")
+    time.sleep(0.3)
+    assert b"refused" not in [m.payload for m in sub.messages.items], "a refused message is not routed"
+    # 3.1.1 has no negative acknowledgement: the connection is closed.
+    pub3.c.publish(f"{t}/a", b"v3", 1)
+    pub3.wait_disconnected()
+    assert all(b.alive() for b in nodes)
+
+    nats_up(run, restarted)
+    wait_until(lambda: pub5.publish(f"{t}/a", b"probe-up", qos=1) == 0, timeout=30,
+               what="QoS 1 accepted again once NATS is back")
+    far.messages.clear()
+    reached(pub5, far, f"{t}/again")
+    assert pub5.publish(f"{t}/a", b"after", qos=1) == 0
+    far.messages.wait_for(1, pred=lambda m: m.payload == b"after")
