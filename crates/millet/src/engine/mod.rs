@@ -21,7 +21,11 @@
 //! - [`delaying::Delaying`] wraps an engine and answers every call after a
 //!   seeded random delay: the proof, run in CI, that the protocol waits
 //!   correctly for an engine across a network (`[engine] test_delay_ms`).
-//! - cluster mode on NATS JetStream (issue 13) is the second real engine.
+//! - [`nats::Clustered`]: cluster mode (issue 13, partly built: see
+//!   docs/CLUSTER.md), the broker as one node of a cluster joined through
+//!   NATS: routing and shared subscriptions across nodes, takeover by an
+//!   owner entry in JetStream KV (its attach answers later), QoS 1/2
+//!   refused while NATS is unreachable.
 //!
 //! Publishing is an engine call that answers at once ([`Engine::publish`]):
 //! routing to the sessions is local in every engine (a networked one routes
