@@ -77,6 +77,15 @@ PY
         sleep 0.2
     done
 done
+# A port taken by another server (an earlier cluster left running) would
+# pass the health check with the wrong servers: every one must be ours.
+while read -r pid; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+        echo "cluster-up: a NATS server exited (ports $((base + 1))..$((base + 23)) in use?); see $run/n*.log" >&2
+        "$root/scripts/cluster-down.sh" "$run" || true
+        exit 1
+    fi
+done < "$run/pids"
 (IFS=,; echo "NATS cluster up: ${urls[*]}")
 nodes="${MILLET_NODES:-3}"
 if (( nodes > 0 )); then

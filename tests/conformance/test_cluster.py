@@ -40,14 +40,16 @@ def nats_urls():
 def nodes(nats_urls):
     """Three Millet nodes, node i on NATS server i."""
     started = []
-    for i, url in enumerate(nats_urls, 1):
-        b = Broker(kind="millet", host=HOST, port=free_port(), settings={},
-                   args=["--nats", url, "--node-id", f"n{i}", "--no-admin"])
-        b.start()
-        started.append(b)
-    yield started
-    for b in started:
-        b.stop()
+    try:
+        for i, url in enumerate(nats_urls, 1):
+            b = Broker(kind="millet", host=HOST, port=free_port(), settings={},
+                       args=["--nats", url, "--node-id", f"n{i}", "--no-admin"])
+            started.append(b)
+            b.start()
+        yield started
+    finally:
+        for b in started:
+            b.stop()
 
 
 @pytest.fixture

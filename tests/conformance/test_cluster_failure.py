@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, Broker, free_port
 from helpers import HOST, PUBREC, V311, V5, Client, RawClient, publish_packet, unique, wait_until
-from test_cluster import reached
+from test_cluster import reached  # noqa: E402
 
 BASE = 24820
 
@@ -29,29 +29,29 @@ def cluster():
                         capture_output=True, text=True, timeout=120)
     assert up.returncode == 0, up.stderr + up.stdout
     urls = [f"nats://127.0.0.1:{BASE + i}" for i in (1, 2, 3)]
-    nodes = []
-    for i in (1, 2):
-        b = Broker(kind="millet", host=HOST, port=free_port(), settings={},
-                   args=["--nats", ",".join(urls), "--node-id", f"f{i}", "--no-admin"])
-        b.start()
-        nodes.append(b)
-    made = []
+    nodes, made, restarted = [], [], []
 
     def client(i, version=V311):
         c = Client(nodes[i], version)
         made.append(c)
         return c
 
-    restarted = []
-    yield run, nodes, client, restarted
-    for c in made:
-        c.close()
-    for b in nodes:
-        b.stop()
-    for p in restarted:  # ours to reap (cluster-down would wait on the zombies)
-        p.terminate()
-        p.wait(timeout=30)
-    subprocess.run([os.path.join(REPO, "scripts", "cluster-down.sh"), run], timeout=60)
+    try:
+        for i in (1, 2):
+            b = Broker(kind="millet", host=HOST, port=free_port(), settings={},
+                       args=["--nats", ",".join(urls), "--node-id", f"f{i}", "--no-admin"])
+            nodes.append(b)
+            b.start()
+        yield run, nodes, client, restarted
+    finally:
+        for c in made:
+            c.close()
+        for b in nodes:
+            b.stop()
+        for p in restarted:  # ours to reap (cluster-down would wait on the zombies)
+            p.terminate()
+            p.wait(timeout=30)
+        subprocess.run([os.path.join(REPO, "scripts", "cluster-down.sh"), run], timeout=60)
 
 
 def nats_down(run):
@@ -126,3 +126,65 @@ def test_without_nats_qos1_is_refused_qos0_stays_local_and_the_node_rejoins(clus
     reached(pub5, far, f"{t}/again")
     assert pub5.publish(f"{t}/a", b"after", qos=1) == 0
     far.messages.wait_for(1, pred=lambda m: m.payload == b"after")
+
+
+def stored_wills(port):
+    """How many wills the MILLET_WILLS stream holds (nats-py)."""
+    import asyncio
+
+    import nats
+
+    async def count():
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
+        try:
+            info = await nc.jetstream().stream_info("MILLET_WILLS")
+            return info.state.messages
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
+def test_a_dead_nodes_wills_are_published_once_by_the_others(cluster):
+    """kill -9 of a node: another node publishes the wills of its
+    connections, once each, after their delays; a connection that ended
+    normally before leaves no will behind [MQTT-3.1.2-8], [MQTT-3.1.2-10]."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    _, nodes, client, _ = cluster
+    t = unique("cl/will")
+    watcher, prober = client(0, V5), client(1, V5)
+    watcher.connect()
+    prober.connect()
+    assert watcher.subscribe(f"{t}/#", 1) == [1]
+    reached(prober, watcher, f"{t}/probe")
+    delayed = Properties(PacketTypes.WILLMESSAGE)
+    delayed.WillDelayInterval = 3
+    dying = client(1, V5)
+    dying.connect(will={"topic": f"{t}/now", "payload": b"gone", "qos": 1})
+    dying_later = client(1, V5)
+    dying_later.connect(will={"topic": f"{t}/later", "payload": b"gone later", "qos": 1,
+                              "properties": delayed})
+    polite = client(1, V5)
+    polite.connect(will={"topic": f"{t}/polite", "payload": b"never", "qos": 1})
+    polite.disconnect()
+    # The node purges a will from JetStream once its connection ended (a
+    # crash before that purge lands would leave it to the others): wait
+    # for the two dying clients' wills to be all that is stored.
+    wait_until(lambda: stored_wills(BASE + 1) == 2, timeout=10,
+               what="the polite client's will purged from JetStream")
+    watcher.messages.clear()
+
+    nodes[1].proc.kill()
+    nodes[1].proc.wait()
+    got = watcher.messages.wait_for(2, timeout=30, pred=lambda m: m.payload.startswith(b"gone"))
+    by_topic = {m.topic: m for m in got}
+    assert set(by_topic) == {f"{t}/now", f"{t}/later"}
+    # Both found at once (the node's heartbeat expired); the delay counts
+    # from there.
+    assert by_topic[f"{t}/later"].received_at - by_topic[f"{t}/now"].received_at >= 2.5
+    time.sleep(1)  # any second copy, or the polite client's will, would land within this window
+    payloads = [m.payload for m in watcher.messages.items]
+    assert payloads.count(b"gone") == 1 and payloads.count(b"gone later") == 1, payloads
+    assert b"never" not in payloads

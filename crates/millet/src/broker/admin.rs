@@ -277,12 +277,12 @@ impl Broker {
     /// Another node of the cluster took `client_id` over: the connection
     /// attached here is detached at once (as a local takeover does: its
     /// will follows the usual rules) and told to close with 0x8E. Returns
-    /// its waker, `None` when no connection was attached.
+    /// its epoch and waker, `None` when no connection was attached.
     pub fn taken_over_elsewhere(
         &self,
         client_id: &str,
         now: Instant,
-    ) -> Option<Arc<crate::session::ConnWaker>> {
+    ) -> Option<(u64, Option<Arc<crate::session::ConnWaker>>)> {
         let cell = self.registry.lock().get(client_id).cloned()?;
         let (epoch, waker) = {
             let mut st = cell.state.lock();
@@ -296,7 +296,7 @@ impl Broker {
         if let Some(w) = &waker {
             w.signal(crate::session::ConnWaker::KICK);
         }
-        waker
+        Some((epoch, waker))
     }
 
     pub fn admin_kick(&self, client_id: &str, reason: ReasonCode, now: Instant) -> Kicked {

@@ -72,13 +72,19 @@ pub enum Scope<'a> {
     /// The members of one shared subscription, by its full `$share/g/f`
     /// filter: the cluster chose this node for one of its messages.
     Shared(&'a str),
+    /// A message from another node, in the copy NATS sent for this plain
+    /// filter: the sessions for which it is the least of their plain
+    /// filters matching the topic. A node holding overlapping filters
+    /// gets one copy per filter; each session takes its messages of a
+    /// topic always from the same copy, so it gets each once and in order.
+    Via(&'a str),
 }
 
 impl Scope<'_> {
     fn admits(&self, share: Option<&ByteString>) -> bool {
         match (self, share) {
             (Scope::All, _) => true,
-            (Scope::Plain, s) => s.is_none(),
+            (Scope::Plain | Scope::Via(_), s) => s.is_none(),
             (Scope::Shared(f), Some(s)) => **s == **f,
             (Scope::Shared(_), None) => false,
         }
@@ -239,6 +245,11 @@ impl Broker {
                         d.retain |= retain;
                         d.subscription_ids.extend(e.identifier);
                     }
+                }
+            }
+            if let (Scope::Via(via), Some(first), true) = (scope, run.first(), best.is_some()) {
+                if !takes_via(&first.value.cell, &msg.topic, via) {
+                    continue;
                 }
             }
             if let (Some(d), Some(first)) = (best, run.first()) {
@@ -557,6 +568,20 @@ impl Broker {
             .fetch_sub(1, Ordering::Relaxed);
         true
     }
+}
+
+/// Whether `cell`'s session takes a message on `topic` from the copy sent
+/// for `via` ([`Scope::Via`]).
+fn takes_via(cell: &SessionCell, topic: &str, via: &str) -> bool {
+    let st = cell.state.lock();
+    let least = st
+        .session
+        .subscriptions
+        .iter()
+        .filter(|(f, sub)| sub.share_group.is_none() && topic::topic_matches(f, topic))
+        .map(|(f, _)| &**f)
+        .min();
+    least == Some(via)
 }
 
 /// Remove one session's subscription from the index; the cluster, if any,

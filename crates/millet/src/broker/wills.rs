@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytestring::ByteString;
+
 use super::Broker;
 use crate::session::{Message, SessionId, Will, WillParts};
 
@@ -56,6 +58,19 @@ impl Broker {
         };
         tracing::debug!(topic = %msg.topic, "publishing will");
         self.publish(Arc::new(msg), None, now);
+    }
+
+    /// Publish the will of a connection another node of the cluster had,
+    /// that node being dead ([`crate::engine::nats`]): routed here and
+    /// forwarded to the other nodes like any will.
+    pub fn publish_orphan_will(
+        &self,
+        will: millet_codec::LastWill,
+        client_id: ByteString,
+        now: Instant,
+    ) {
+        // Session id 0 is no session of this node (ids start at 1).
+        self.publish_will(Will::new(will, client_id, 0), now);
     }
 
     /// Publish the delayed wills that are due (part of [`Broker::handle_timeout`]).
