@@ -24,8 +24,8 @@
 //!   SUBACK on a node of the same NATS server reaches the subscriber.
 //!
 //! - Takeover across nodes: the client id's owner entry in JetStream KV
-//!   ([`Owners`]); wills of a dead node ([`Wills`]); QoS 1/2 refused and
-//!   new connections turned away while NATS is unreachable ([`NATS_DOWN`]).
+//!   (`Owners`); wills of a dead node (`Wills`); QoS 1/2 refused and
+//!   new connections turned away while NATS is unreachable (`NATS_DOWN`).
 //!
 //! Not yet built (issue 13's open parts, in docs/CLUSTER.md): JetStream
 //! durability (the publish ticket waits only for this node's embedded store,
