@@ -23,17 +23,28 @@ from helpers import HOST, TIMEOUT, V311, V5, Client, unique, wait_until
 BASE = 24720  # NATS_PORT_BASE: away from cluster-up.sh's default and test_cluster_infra's
 
 
-@pytest.fixture(scope="module")
-def nats_urls():
+def nats_cluster_up(base):
+    """Start a three-server NATS cluster at NATS_PORT_BASE `base`
+    (scripts/cluster-up.sh, no Millet nodes); its run directory."""
     if os.environ.get("MILLET_ENGINE__TEST_DELAY_MS"):
         pytest.skip("the delaying engine is the embedded one's test wrapper; cluster mode runs once")
     run = tempfile.mkdtemp(prefix="millet-nats-")
-    env = dict(os.environ, NATS_PORT_BASE=str(BASE), MILLET_NODES="0")
+    env = dict(os.environ, NATS_PORT_BASE=str(base), MILLET_NODES="0")
     up = subprocess.run([os.path.join(REPO, "scripts", "cluster-up.sh"), run], env=env,
                         capture_output=True, text=True, timeout=120)
     assert up.returncode == 0, up.stderr + up.stdout
-    yield [f"nats://127.0.0.1:{BASE + i}" for i in (1, 2, 3)]
+    return run
+
+
+def nats_cluster_down(run):
     subprocess.run([os.path.join(REPO, "scripts", "cluster-down.sh"), run], timeout=60)
+
+
+@pytest.fixture(scope="module")
+def nats_urls():
+    run = nats_cluster_up(BASE)
+    yield [f"nats://127.0.0.1:{BASE + i}" for i in (1, 2, 3)]
+    nats_cluster_down(run)
 
 
 @pytest.fixture(scope="module")

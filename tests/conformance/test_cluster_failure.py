@@ -7,27 +7,20 @@ a restart when NATS is back. Its own NATS cluster: the test stops it.
 import os
 import signal
 import subprocess
-import tempfile
 import time
 
 import pytest
 
 from conftest import REPO, Broker, free_port
 from helpers import HOST, PUBREC, V311, V5, Client, RawClient, publish_packet, unique, wait_until
-from test_cluster import reached  # noqa: E402
+from test_cluster import nats_cluster_down, nats_cluster_up, reached  # noqa: E402
 
 BASE = 24820
 
 
 @pytest.fixture
 def cluster():
-    if os.environ.get("MILLET_ENGINE__TEST_DELAY_MS"):
-        pytest.skip("the delaying engine is the embedded one's test wrapper; cluster mode runs once")
-    run = tempfile.mkdtemp(prefix="millet-nats-")
-    env = dict(os.environ, NATS_PORT_BASE=str(BASE), MILLET_NODES="0")
-    up = subprocess.run([os.path.join(REPO, "scripts", "cluster-up.sh"), run], env=env,
-                        capture_output=True, text=True, timeout=120)
-    assert up.returncode == 0, up.stderr + up.stdout
+    run = nats_cluster_up(BASE)
     urls = [f"nats://127.0.0.1:{BASE + i}" for i in (1, 2, 3)]
     nodes, made, restarted = [], [], []
 
@@ -51,7 +44,7 @@ def cluster():
         for p in restarted:  # ours to reap (cluster-down would wait on the zombies)
             p.terminate()
             p.wait(timeout=30)
-        subprocess.run([os.path.join(REPO, "scripts", "cluster-down.sh"), run], timeout=60)
+        nats_cluster_down(run)
 
 
 def nats_down(run):

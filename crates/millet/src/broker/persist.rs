@@ -269,17 +269,7 @@ impl Persistence {
     }
 
     pub fn message_record(&self, m: &Message) -> MessageRecord {
-        MessageRecord {
-            topic: m.topic.clone(),
-            payload: m.payload.clone(),
-            qos: m.qos as u8,
-            retain: m.retain,
-            properties: MessageProperties::from_publish(
-                &m.properties,
-                m.expires_at.map(|t| self.unix_ms(t)),
-            ),
-            publisher: Some(m.publisher_client_id.clone()),
-        }
+        message_record(m, m.expires_at.map(|t| self.unix_ms(t)))
     }
 
     pub fn message_from_record(&self, id: u64, r: &MessageRecord, now: Instant) -> Message {
@@ -376,6 +366,19 @@ impl Persistence {
 
     pub fn shutdown(self) {
         self.store.shutdown();
+    }
+}
+
+/// The record of `m` (sharing its buffers), expiring at `expires_at_ms`
+/// (Unix milliseconds): the store's, and the cluster's wire form.
+pub fn message_record(m: &Message, expires_at_ms: Option<u64>) -> MessageRecord {
+    MessageRecord {
+        topic: m.topic.clone(),
+        payload: m.payload.clone(),
+        qos: m.qos as u8,
+        retain: m.retain,
+        properties: MessageProperties::from_publish(&m.properties, expires_at_ms),
+        publisher: Some(m.publisher_client_id.clone()),
     }
 }
 

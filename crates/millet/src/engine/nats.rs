@@ -52,7 +52,7 @@ use crate::broker::{Broker, ClusterLink, Routed, Scope, SessionRefusal};
 use crate::config::NatsConfig;
 use crate::session::Message;
 use crate::session::{ConnWaker, DeferredReplay, Session, SessionCell};
-use crate::store::records::{MessageProperties, MessageRecord};
+use crate::store::records::MessageRecord;
 
 /// The oldest NATS server this engine works with. Core routing needs
 /// headers (2.2) and "no responders" (2.2); JetStream's parts will need
@@ -305,10 +305,7 @@ impl NatsLink {
     /// and logged at most once a minute.
     fn log_refusal(&self) {
         let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = Instant::now();
-        let mut last = self.last_refusal_line.lock();
-        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
-            *last = Some(now);
+        if once_a_minute(&self.last_refusal_line) {
             tracing::warn!(
                 refused_total = n,
                 "cluster: NATS unreachable: QoS 1/2 publishes refused (at most one line a minute)"
@@ -557,10 +554,7 @@ impl NatsLink {
 
     fn log_forward_drop(&self) {
         let n = self.forward_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = Instant::now();
-        let mut last = self.last_drop_line.lock();
-        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
-            *last = Some(now);
+        if once_a_minute(&self.last_drop_line) {
             tracing::warn!(
                 dropped_total = n,
                 "cluster: the queue to NATS is full (NATS slow or unreachable): messages not forwarded to other nodes (at most one line a minute)"
@@ -774,6 +768,18 @@ async fn nudge(w: Arc<ConnWaker>) {
     }
 }
 
+/// Whether a line throttled to one a minute (its last time in `last`) is
+/// due now; if so, now is its last time.
+fn once_a_minute(last: &Mutex<Option<Instant>>) -> bool {
+    let now = Instant::now();
+    let mut last = last.lock();
+    let due = last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60));
+    if due {
+        *last = Some(now);
+    }
+    due
+}
+
 /// `m.<qos>`: the subject prefix of a message of that QoS.
 fn qos_prefix(qos: u8) -> &'static str {
     match qos {
@@ -805,17 +811,7 @@ fn unix_ms(now: Instant, at: Instant) -> u64 {
 
 fn to_record(m: &Message) -> MessageRecord {
     let now = Instant::now();
-    MessageRecord {
-        topic: m.topic.clone(),
-        payload: m.payload.clone(),
-        qos: m.qos as u8,
-        retain: m.retain,
-        properties: MessageProperties::from_publish(
-            &m.properties,
-            m.expires_at.map(|t| unix_ms(now, t)),
-        ),
-        publisher: Some(m.publisher_client_id.clone()),
-    }
+    crate::broker::persist::message_record(m, m.expires_at.map(|t| unix_ms(now, t)))
 }
 
 fn from_record(r: MessageRecord, now: Instant) -> Message {
