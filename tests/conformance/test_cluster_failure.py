@@ -181,3 +181,37 @@ def test_a_dead_nodes_wills_are_published_once_by_the_others(cluster):
     payloads = [m.payload for m in watcher.messages.items]
     assert payloads.count(b"gone") == 1 and payloads.count(b"gone later") == 1, payloads
     assert b"never" not in payloads
+
+
+def cluster_members(port):
+    """The node entries of millet_members (nats-py)."""
+    import asyncio
+
+    import nats
+
+    async def keys():
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
+        try:
+            kv = await nc.jetstream().key_value("millet_members")
+            try:
+                return await kv.keys()
+            except Exception:  # nats-py raises when a bucket has no keys
+                return []
+        finally:
+            await nc.close()
+
+    return asyncio.run(keys())
+
+
+def test_a_node_stopped_cleanly_leaves_no_will_for_the_others(cluster):
+    """SIGTERM: the node closes its connections itself (and decides on their
+    wills), then leaves: its member entry and stored wills are gone, so no
+    other node takes it for dead and publishes a will a second time."""
+    _, nodes, client, _ = cluster
+    assert len(cluster_members(BASE + 1)) == 2
+    c = client(1, V5)
+    c.connect(will={"topic": unique("cl/leave"), "payload": b"w", "qos": 1})
+    assert stored_wills(BASE + 1) == 1
+    nodes[1].stop()
+    assert len(cluster_members(BASE + 1)) == 1
+    assert stored_wills(BASE + 1) == 0

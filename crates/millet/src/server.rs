@@ -213,6 +213,8 @@ pub struct Server {
     ready: Arc<std::sync::atomic::AtomicBool>,
     live: Arc<LiveConns>,
     reactors: Option<Arc<reactor::Reactors>>,
+    /// Cluster mode's link to the other nodes (left at shutdown).
+    link: Option<Arc<crate::engine::nats::NatsLink>>,
     shutdown: watch::Sender<bool>,
     done: mpsc::Receiver<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -251,7 +253,7 @@ impl Server {
         };
         let live = Arc::new(LiveConns::new(Shared::with_hooks(
             broker.node.clone(),
-            crate::engine::from_config(&broker, link),
+            crate::engine::from_config(&broker, link.clone()),
             crate::hooks::from_config(&broker)?,
         )));
         // The admin API first: `/readyz` says "not ready" until every MQTT
@@ -349,6 +351,7 @@ impl Server {
             ready,
             live,
             reactors,
+            link,
             shutdown,
             done,
             tasks,
@@ -370,6 +373,9 @@ impl Server {
         }
         // Connection tasks hold `done` senders; recv() returns None when all are gone.
         let _ = tokio::time::timeout(grace, self.done.recv()).await;
+        if let Some(link) = self.link.take() {
+            link.leave().await;
+        }
         // The admin API answers (`/readyz`: 503) while connections drain.
         if let Some(a) = self.admin.take() {
             a.shutdown(Duration::from_secs(1)).await;

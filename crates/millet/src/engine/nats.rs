@@ -296,6 +296,32 @@ impl NatsLink {
         &self.node_id
     }
 
+    /// Leave the cluster on a clean shutdown, once this node's connections
+    /// are closed (their wills published or dropped here): its stored
+    /// wills are purged and its member and heartbeat entries deleted, so
+    /// that no other node takes it for dead and publishes them again.
+    /// Bounded: a node that cannot reach NATS is reaped as a dead one.
+    pub async fn leave(&self) {
+        let me = format!("{:016x}", self.origin);
+        let w = &self.wills;
+        let left = tokio::time::timeout(Duration::from_secs(3), async {
+            w.members.delete(&me).await?;
+            w.stream.purge().filter(format!("w.{me}.>")).await?;
+            w.nodes.delete(&me).await?;
+            Ok::<_, async_nats::Error>(())
+        })
+        .await;
+        match left {
+            Ok(Ok(())) => tracing::info!(node_id = %self.node_id, "cluster: left"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cluster: could not leave cleanly: the other nodes will take this one for dead")
+            }
+            Err(_) => tracing::warn!(
+                "cluster: could not leave within 3 s: the other nodes will take this one for dead"
+            ),
+        }
+    }
+
     /// Whether NATS is reachable (the client is connected).
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
