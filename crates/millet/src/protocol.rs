@@ -1010,6 +1010,15 @@ impl Connection {
         }
     }
 
+    /// Act on a takeover or kick signalled to this connection before
+    /// handling what the client sent after it (the driver calls this when
+    /// the KICK signal is up, ahead of the read packets): a connection
+    /// taken over must not answer a PINGREQ the client sent after the new
+    /// connection was attached [MQTT-3.1.4-3].
+    pub fn check_kick_now(&mut self) {
+        self.check_kick();
+    }
+
     fn check_kick(&mut self) {
         let State::Connected(a) = &self.state else {
             return;

@@ -1688,6 +1688,12 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
         // spans events that came without a wait (see the end of the loop).
         let mut handled = 0u32;
         take_answer(&mut c);
+        // Taken over (or kicked) since the last turn: closed before the
+        // packets read meanwhile are handled (they were sent to a
+        // connection that is no longer the client's).
+        if c.conn.waker().has_signal(ConnWaker::KICK) {
+            c.conn.check_kick_now();
+        }
         loop {
             // The clock is read every 16 packets, not per packet: the
             // packets in between share `now` (and its conversion to a

@@ -1033,6 +1033,12 @@ impl ConnWaker {
         self.waker.wake();
     }
 
+    /// Whether `signal` is raised (not taken: [`ConnWaker::take_signals`]
+    /// still sees it).
+    pub fn has_signal(&self, signal: u8) -> bool {
+        self.signals.load(Ordering::Acquire) & signal != 0
+    }
+
     /// The signals raised since the last call.
     pub fn take_signals(&self) -> u8 {
         if self.signals.load(Ordering::Acquire) == 0 {
