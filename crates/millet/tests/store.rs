@@ -1521,3 +1521,54 @@ fn disk_full_fails_writes_then_recovers_when_space_returns() {
     );
     assert_eq!(s.queue.last().unwrap().0, 1_000_000);
 }
+
+#[test]
+fn a_reservation_keeps_its_place_in_the_commit_order() {
+    // The router's case: a message is queued on a session (its place taken
+    // then), and the session's connection delivers it and submits the
+    // queue entry's removal before the router submits the entry. Applied
+    // in submission order instead, the entry would come back after the
+    // removal, and a restart would deliver the message a second time.
+    let dir = TempDir::new("reserve");
+    {
+        let (store, _) = open(dir.path());
+        commit(&store, vec![Op::PutSession(Box::new(session("s", None)))]);
+        let id = store.alloc_message_id();
+        let slot = store.reserve();
+        let removal = store.submit(vec![
+            Op::DeleteQueueEntry {
+                client_id: "s".into(),
+                seq: 1,
+            },
+            put_i("s", 7, id),
+        ]);
+        // Nothing after an unfilled place is applied, however long it waits.
+        assert!(matches!(
+            store.wait_durable(removal, Duration::from_millis(50)),
+            Err(StoreError::Timeout)
+        ));
+        assert!(store.durable_seq() < slot.seq());
+        let queued = slot.fill(
+            vec![put_m(id, msg("a/b", b"x", None)), put_q("s", 1, id)],
+            true,
+        );
+        assert!(queued < removal);
+        store.wait_durable(removal, WAIT).unwrap();
+        // A reservation dropped unfilled fills its place with nothing.
+        let dropped = store.reserve();
+        let later = store.submit(vec![Op::DeleteInflight {
+            client_id: "s".into(),
+            packet_id: 9,
+        }]);
+        drop(dropped);
+        store.wait_durable(later, WAIT).unwrap();
+    }
+    let (_store, r) = open(dir.path());
+    let s = find(&r, "s");
+    assert!(
+        s.queue.is_empty(),
+        "the removed entry came back: {:?}",
+        s.queue
+    );
+    assert_eq!(s.inflight.len(), 1, "{:?}", s.inflight);
+}

@@ -164,6 +164,12 @@ impl Persistence {
         self.store.submit_awaiting_ack(ops)
     }
 
+    /// The next place in the store's commit order, filled later (see
+    /// [`crate::store::Store::reserve`]).
+    pub fn reserve(&self) -> crate::store::Reservation<'_> {
+        self.store.reserve()
+    }
+
     /// The last sequence submitted to the store so far (see
     /// [`crate::store::Store::submitted_seq`]).
     pub fn submitted_seq(&self) -> u64 {

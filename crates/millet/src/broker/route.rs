@@ -205,6 +205,9 @@ impl Broker {
             .matches(&msg.topic, &msg.publisher_client_id, &mut matches);
         let mut routed = Routed::default();
         let mut ops = Vec::new();
+        // The ops' place in the store's order, taken under the lock of the
+        // first session that needs one (see `deliver_with_pressure`).
+        let mut slot = None;
         // Some of `ops` queue the message for a connected client.
         let mut awaits_ack = false;
         // Read once per message (two shared loads), not per subscriber.
@@ -258,6 +261,7 @@ impl Broker {
                     d,
                     publisher,
                     &mut ops,
+                    &mut slot,
                     false,
                     Some(&mut kept),
                     shed_qos0,
@@ -269,13 +273,9 @@ impl Broker {
         }
         matches.clear();
         MATCHES.with(|m| *m.borrow_mut() = matches);
-        if let Some(p) = &self.persist {
-            routed.ticket = persist::Ticket(if awaits_ack {
-                p.submit_awaiting_ack(ops)
-            } else {
-                p.submit(ops)
-            });
-        }
+        // Every op was pushed under a session's lock that took the slot.
+        debug_assert!(slot.is_some() || ops.is_empty());
+        routed.ticket = persist::Ticket(slot.map_or(0, |r| r.fill(ops, awaits_ack)));
         routed
     }
 
@@ -283,13 +283,12 @@ impl Broker {
     pub fn deliver(&self, cell: &SessionCell, d: Delivery) {
         let mut ops = Vec::new();
         let shed_qos0 = !d.replay && self.node.memory_pressure() >= crate::budget::Pressure::High;
-        let offered = self.deliver_with_pressure(cell, d, None, &mut ops, true, None, shed_qos0);
-        if let Some(p) = &self.persist {
-            if offered.awaits_ack {
-                p.submit_awaiting_ack(ops);
-            } else {
-                p.submit(ops);
-            }
+        let mut slot = None;
+        let offered =
+            self.deliver_with_pressure(cell, d, None, &mut ops, &mut slot, true, None, shed_qos0);
+        debug_assert!(slot.is_some() || ops.is_empty());
+        if let Some(r) = slot {
+            r.fill(ops, offered.awaits_ack);
         }
     }
 
@@ -319,12 +318,13 @@ impl Broker {
     /// 15-26% of the saturated fan-in rate, where queues sit at the
     /// back-pressure threshold; see docs/DESIGN.md.)
     #[allow(clippy::too_many_arguments)] // one private hot-path helper, three callers
-    fn deliver_with_pressure(
-        &self,
+    fn deliver_with_pressure<'s>(
+        &'s self,
         cell: &SessionCell,
         mut d: Delivery,
         publisher: Option<&Arc<ConnWaker>>,
         ops: &mut Vec<Op>,
+        slot: &mut Option<crate::store::Reservation<'s>>,
         force_message: bool,
         detached: Option<&mut Option<Arc<Message>>>,
         shed_qos0: bool,
@@ -395,6 +395,15 @@ impl Broker {
                         });
                     }
                 }
+            }
+            // The ops' place in the store's order is taken before the
+            // session's connection can take the message from its queue (it
+            // needs this lock): the entry's removal, which that connection
+            // submits, must not be applied before the entry itself, or a
+            // crash would bring a delivered message back under a new packet
+            // id (a QoS 2 message delivered twice).
+            if let (None, false, Some(p)) = (&slot, ops.is_empty(), &self.persist) {
+                *slot = Some(p.reserve());
             }
             if r != Enqueued::Queued {
                 if let Some(n) = st.session.drop_log.due_with(Instant::now) {

@@ -359,6 +359,11 @@ pub(crate) enum Cmd {
         seq: u64,
         now_unix_ms: u64,
     },
+    /// A place in the order taken by [`Store::reserve`], not filled yet:
+    /// no round takes it or anything after it.
+    Reserved {
+        seq: u64,
+    },
 }
 
 impl Cmd {
@@ -380,7 +385,7 @@ impl Cmd {
             Cmd::Submit { ops, .. } => ops.iter().any(|op| {
                 matches!(op, Op::PutInflight { entry, .. } if entry.state == InflightState::AwaitAck)
             }),
-            Cmd::Sweep { .. } => false,
+            Cmd::Sweep { .. } | Cmd::Reserved { .. } => false,
         }
     }
 }
@@ -430,6 +435,46 @@ pub struct Store {
     next_message_id: AtomicU64,
     path: PathBuf,
     writer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A place in the store's commit order (see [`Store::reserve`]).
+#[must_use = "a reservation holds every later submit back until it is filled"]
+pub struct Reservation<'a> {
+    store: &'a Store,
+    seq: u64,
+    filled: bool,
+}
+
+impl Reservation<'_> {
+    /// The reserved sequence number (the ticket of what fills it).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Put `ops` in the reserved place; returns its sequence number, as
+    /// [`Store::submit`] (or [`Store::submit_awaiting_ack`] when
+    /// `awaits_ack`) would have.
+    pub fn fill(mut self, ops: Vec<Op>, awaits_ack: bool) -> u64 {
+        self.filled = true;
+        self.store.fill(self.seq, ops, awaits_ack);
+        self.seq
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.filled {
+            self.store.fill(self.seq, Vec::new(), false);
+        }
+    }
+}
+
+impl fmt::Debug for Reservation<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("seq", &self.seq)
+            .finish()
+    }
 }
 
 impl fmt::Debug for Store {
@@ -597,6 +642,26 @@ impl Store {
         })
     }
 
+    /// Take the next place in the commit order now, for ops that are only
+    /// known later ([`Reservation::fill`]). Nothing submitted after this
+    /// call is applied before the reservation is filled (or dropped, which
+    /// fills it with nothing).
+    ///
+    /// The router needs it: it queues a message on a session under the
+    /// session's lock, and submits the queue entry once every matching
+    /// session has it. The session's connection may take the message from
+    /// the queue in between and submit the entry's removal: reserved under
+    /// the session's lock, the entry's place comes before the removal's,
+    /// and a crash cannot bring a delivered message back.
+    pub fn reserve(&self) -> Reservation<'_> {
+        let seq = self.push(false, |seq| Cmd::Reserved { seq });
+        Reservation {
+            store: self,
+            seq,
+            filled: false,
+        }
+    }
+
     /// Ask the writer to remove, as of `now_unix_ms`: expired sessions (with
     /// everything they own), queue entries and retained entries of expired
     /// messages, entries of sessions that no longer exist, and messages that
@@ -604,6 +669,42 @@ impl Store {
     /// expired (delivery has started). Returns the sequence of the sweep.
     pub fn sweep(&self, now_unix_ms: u64) -> u64 {
         self.push(false, |seq| Cmd::Sweep { seq, now_unix_ms })
+    }
+
+    fn fill(&self, seq: u64, ops: Vec<Op>, awaits_ack: bool) {
+        let c = &self.shared.counters;
+        if !ops.is_empty() {
+            c.submits.fetch_add(1, Ordering::Relaxed);
+            c.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        }
+        let mut q = self.shared.queue.lock();
+        // Usually the newest command or close to it.
+        let Some(i) = q
+            .cmds
+            .iter()
+            .rposition(|c| matches!(c, Cmd::Reserved { seq: s } if *s == seq))
+        else {
+            // Refused at `reserve` (shutdown), or failed by a shutdown
+            // that took it unfilled: reported failed already.
+            return;
+        };
+        let mut cmd = Cmd::Submit {
+            seq,
+            ops,
+            hold_until: None,
+        };
+        if q.absorb_window && (awaits_ack || cmd.expects_ack()) {
+            if let Cmd::Submit { hold_until, .. } = &mut cmd {
+                *hold_until = Some(Instant::now() + SYNC_ABSORB_WINDOW);
+            }
+        }
+        q.cmds[i] = cmd;
+        // The writer may be waiting for this very place (the first).
+        let wake = i == 0 || !q.gathering || q.cmds.len() >= q.gather_enough;
+        drop(q);
+        if wake {
+            self.shared.work.notify_one();
+        }
     }
 
     fn push(&self, awaits_ack: bool, make: impl FnOnce(u64) -> Cmd) -> u64 {

@@ -386,16 +386,22 @@ impl Writer {
             // it, and it and everything after wait for the next.
             let mut hold = None;
             if ready && !q.shutdown && (gather.is_none() || full) {
-                let (split, until) = q
+                // A reserved place not filled yet ends the round whatever
+                // else holds: nothing after it may be applied before it.
+                let reserved = q
                     .cmds
+                    .iter()
+                    .position(|c| matches!(c, Cmd::Reserved { .. }))
+                    .unwrap_or(q.cmds.len());
+                let (split, until) = q.cmds[..reserved]
                     .iter()
                     .enumerate()
                     .find_map(|(i, c)| c.held(now).map(|t| (i, Some(t))))
-                    .unwrap_or((q.cmds.len(), None));
+                    .unwrap_or((reserved, None));
                 // So many young submits start a round whole: holding them
                 // would only slow publishers down.
-                let split = if q.cmds.len() - split >= q.gather_enough {
-                    q.cmds.len()
+                let split = if reserved - split >= q.gather_enough {
+                    reserved
                 } else {
                     split
                 };
@@ -533,6 +539,12 @@ impl Writer {
                 Cmd::Sweep { seq, now_unix_ms } => {
                     self.log(std::mem::take(&mut segment));
                     self.sweep(seq, now_unix_ms);
+                }
+                // Only at shutdown: its ops never come in time.
+                Cmd::Reserved { seq } => {
+                    self.log(std::mem::take(&mut segment));
+                    self.shared.report_failed(&[seq..=seq], &StoreError::Closed);
+                    self.shared.advance(seq, None);
                 }
             }
         }
