@@ -290,3 +290,97 @@ def test_two_nodes_racing_for_one_client_id_leave_one_connection(on):
         assert len(alive) == 1, f"round {round_}: {len(alive)} connections left ({errors})"
         for c in pair:
             c.close()
+
+
+def retained_of(c, prefix=b"r"):
+    return sorted((m.topic, m.payload) for m in c.messages.items if m.retain and m.payload.startswith(prefix))
+
+
+@pytest.mark.parametrize("version", [V311, V5])
+def test_retained_messages_live_in_the_cluster(on, version):
+    """Retained messages are the cluster's (JetStream), not a node's: kept
+    on one node, found by wildcard and exact subscriptions on the others,
+    replaced and cleared from any node [MQTT-3.3.1-5, -10]. The QoS 1
+    acknowledgement comes once JetStream stored the message, so a
+    subscription made on another node right after it finds it."""
+    t = unique("cl/ret")
+    a, b, c = on(0, version), on(1, version), on(2, version)
+    for x in (a, b, c):
+        x.connect()
+    a.publish(f"{t}/a/1", b"r1", qos=1, retain=True)
+    a.publish(f"{t}/b", b"r2", qos=1, retain=True)
+    assert b.subscribe(f"{t}/#", 1) == [1]
+    b.messages.wait_for(2, pred=lambda m: m.retain)
+    assert c.subscribe(f"{t}/b", 1) == [1]  # no wildcard: a direct get
+    c.messages.wait_for(1, pred=lambda m: m.retain)
+    time.sleep(0.3)  # a third (wrong) retained message would land within this
+    assert retained_of(b) == [(f"{t}/a/1", b"r1"), (f"{t}/b", b"r2")]
+    assert retained_of(c) == [(f"{t}/b", b"r2")]
+    assert all(m.qos == 1 for m in b.messages.items if m.retain)
+
+    c.publish(f"{t}/a/1", b"", qos=1, retain=True)  # cleared on another node
+    b.publish(f"{t}/b", b"r3", qos=1, retain=True)  # replaced on a third
+    late = on(0, version)
+    late.connect()
+    assert late.subscribe(f"{t}/+/#", 0) == [0]
+    late.messages.wait_for(1, pred=lambda m: m.retain)
+    time.sleep(0.3)
+    assert retained_of(late) == [(f"{t}/b", b"r3")]
+    assert all(m.qos == 0 for m in late.messages.items if m.retain)
+
+
+def test_retained_message_expiry_holds_cluster_wide(on):
+    """A retained message with a Message Expiry Interval is gone for every
+    node once it expires [MQTT-3.3.2-5]; until then its remaining interval
+    goes with it [MQTT-3.3.2-6]."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    t = unique("cl/rexp")
+    a, b = on(0, V5), on(1, V5)
+    for x in (a, b):
+        x.connect()
+    props = Properties(PacketTypes.PUBLISH)
+    props.MessageExpiryInterval = 1
+    a.publish(f"{t}/short", b"rs", qos=1, retain=True, properties=props)
+    a.publish(f"{t}/long", b"rl", qos=1, retain=True)
+    assert b.subscribe(f"{t}/#", 1) == [1]
+    got = b.messages.wait_for(2, pred=lambda m: m.retain)
+    short = [m for m in got if m.payload == b"rs"]
+    assert short and 0 < short[0].props.get("MessageExpiryInterval", 0) <= 1
+    time.sleep(1.2)  # the expiry itself
+    late = on(2, V5)
+    late.connect()
+    assert late.subscribe(f"{t}/#", 1) == [1]
+    late.messages.wait_for(1, pred=lambda m: m.retain)
+    time.sleep(0.3)
+    assert retained_of(late) == [(f"{t}/long", b"rl")]
+
+
+def test_a_node_started_later_finds_the_clusters_retained_messages(nats_urls):
+    """No node holds the retained messages: one started after they were
+    kept, whose publisher's node is gone, finds them in JetStream (and
+    loads none at start-up: it asks for a subscription's own)."""
+    t = unique("cl/rnew")
+    first = Broker(kind="millet", host=HOST, port=free_port(), settings={},
+                   args=["--nats", nats_urls[0], "--node-id", "rn1", "--no-admin"])
+    first.start()
+    try:
+        p = Client(first, V5)
+        p.connect()
+        for i in range(5):
+            p.publish(f"{t}/{i}", b"r%d" % i, qos=1, retain=True)
+        p.close()
+    finally:
+        first.stop()
+    later = Broker(kind="millet", host=HOST, port=free_port(), settings={},
+                   args=["--nats", nats_urls[2], "--node-id", "rn2", "--no-admin"])
+    later.start()
+    try:
+        s = Client(later, V311)
+        s.connect()
+        assert s.subscribe(f"{t}/+", 1) == [1]
+        s.messages.wait_for(5, pred=lambda m: m.retain)
+        assert retained_of(s) == [(f"{t}/{i}", b"r%d" % i) for i in range(5)]
+        s.close()
+    finally:
+        later.stop()

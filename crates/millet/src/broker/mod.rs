@@ -97,8 +97,21 @@ pub struct Broker {
 /// share of every group's messages back from the cluster
 /// ([`Broker::route_from_cluster`]).
 pub trait ClusterLink: Send + Sync + 'static {
-    /// Send `msg`, just routed on this node, to the other nodes.
-    fn forward(&self, msg: &Message);
+    /// Send `msg`, just routed on this node, to the other nodes; with
+    /// `retain`, also keep it as the cluster's retained message for its
+    /// topic (an empty payload clears it). The ticket its acknowledgement
+    /// waits for (none: nothing).
+    fn forward(&self, msg: &Message, retain: bool) -> persist::Ticket;
+    /// A ticket done once both are ([`crate::engine::Engine::join_tickets`]).
+    fn join_tickets(&self, a: persist::Ticket, b: persist::Ticket) -> persist::Ticket;
+    /// Queue the cluster's retained messages matching `replay`'s filter on
+    /// `cell`'s session (with this node's own `$SYS` ones), once found:
+    /// [`Broker::replay_messages`].
+    fn replay_retained(
+        &self,
+        cell: &Arc<crate::session::SessionCell>,
+        replay: &crate::session::DeferredReplay,
+    );
     /// The first subscription of this node to `filter` (`share`: the
     /// group of a shared subscription) was made.
     fn interest_added(&self, filter: &str, share: Option<&str>);

@@ -359,7 +359,24 @@ impl Broker {
         r: &crate::session::DeferredReplay,
         now: Instant,
     ) {
+        if let Some(link) = self.cluster() {
+            // The cluster's retained messages are in its engine.
+            link.replay_retained(cell, r);
+            return;
+        }
         let retained = self.retained_matching(&r.filter, now);
+        self.replay_messages(cell, r, retained);
+    }
+
+    /// Queue `retained` (messages matching `r.filter`) on `cell`'s session
+    /// as the replay of `r`: [`Broker::replay_retained`] for messages an
+    /// engine found elsewhere (a cluster's).
+    pub fn replay_messages(
+        &self,
+        cell: &Arc<SessionCell>,
+        r: &crate::session::DeferredReplay,
+        retained: Vec<Arc<Message>>,
+    ) {
         let delivery = |m: Arc<Message>| {
             let mut ids = SmallVec::new();
             ids.extend(r.identifier);

@@ -141,6 +141,9 @@ impl Broker {
             .persist
             .as_ref()
             .filter(|_| !msg.topic.starts_with("$SYS/"));
+        // A cluster keeps its retained messages in its engine (see
+        // `engine::nats`); only this node's own `$SYS` ones are kept here.
+        let link = self.cluster().filter(|_| !msg.topic.starts_with("$SYS/"));
         let store_retained = msg.retain
             && (msg.payload.is_empty() || self.retained_admits(&msg.topic, message_bytes(&msg)));
         if msg.retain && !store_retained {
@@ -149,7 +152,7 @@ impl Broker {
                 .retained_refused
                 .fetch_add(1, Ordering::Relaxed);
         }
-        if store_retained {
+        if store_retained && link.is_none() {
             let mut r = self.retained.write();
             if msg.payload.is_empty() {
                 let old = r.remove(&msg.topic); // [MQTT-3.3.1-10]
@@ -174,15 +177,16 @@ impl Broker {
                 self.retained_changed(&msg.topic, Some(&kept), old.as_deref());
             }
         }
-        let scope = match self.cluster() {
-            Some(link) if !msg.topic.starts_with("$SYS/") => {
-                link.forward(&msg);
-                Scope::Plain
-            }
-            _ => Scope::All,
+        let (scope, forwarded) = match link {
+            Some(link) => (Scope::Plain, link.forward(&msg, store_retained)),
+            None => (Scope::All, persist::Ticket::NONE),
         };
         let mut routed = self.route(&msg, publisher, scope);
-        routed.ticket = routed.ticket.max(persist::Ticket(retained_seq));
+        let here = routed.ticket.max(persist::Ticket(retained_seq));
+        routed.ticket = match link {
+            Some(link) => link.join_tickets(forwarded, here),
+            None => here,
+        };
         routed
     }
 

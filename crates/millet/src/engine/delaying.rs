@@ -230,6 +230,10 @@ impl Engine for Delaying {
         }
     }
 
+    fn join_tickets(&self, a: Ticket, b: Ticket) -> Ticket {
+        self.inner.join_tickets(a, b)
+    }
+
     fn last_ticket(&self) -> Ticket {
         self.inner.last_ticket()
     }

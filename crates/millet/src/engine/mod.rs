@@ -295,6 +295,14 @@ pub trait Engine: Send + Sync + 'static {
     /// not): the connection then asks [`Engine::ticket_status`].
     fn ticket_wait(&self, ticket: Ticket, waker: &Arc<ConnWaker>);
 
+    /// A ticket that is done once both `a` and `b` are (a QoS 2 publish
+    /// waits for its id's record and for its message). Tickets of one
+    /// store are sequence numbers, so the later one covers both; an engine
+    /// with tickets of its own kinds combines them.
+    fn join_tickets(&self, a: Ticket, b: Ticket) -> Ticket {
+        a.max(b)
+    }
+
     /// A ticket covering everything submitted so far (a resend of
     /// in-flight state waits for it).
     fn last_ticket(&self) -> Ticket;

@@ -89,6 +89,68 @@ pub struct NatsLink {
     /// The wills of this node's connections, kept in JetStream for the
     /// other nodes should this one die ([`Wills`]).
     wills: Wills,
+    /// The cluster's retained messages ([`Retained`]).
+    retained: Retained,
+    /// Acknowledgements waiting for JetStream ([`Tickets`]).
+    tickets: Tickets,
+    /// The broker this link serves (which holds the link).
+    broker: Weak<Broker>,
+    /// This link (for the tasks it starts).
+    myself: Weak<NatsLink>,
+}
+
+/// Retained messages live in the stream `MILLET_RETAINED`, one per topic:
+/// subject `r.<topic>` ([`subject::topic_to_subject`]), last message per
+/// subject kept, replicated like the rest. The payload is the message
+/// record, with the absolute expiry; a message expiry interval is also the
+/// stream message's TTL (`Nats-TTL`, NATS 2.11), so JetStream removes it.
+/// Clearing a topic (an empty retained payload) stores an empty record,
+/// which replaces the message and expires after [`TOMBSTONE_TTL`].
+///
+/// No node loads them all: a subscription asks for its own. A filter
+/// without wildcards is one direct get of the subject's last message,
+/// served by any replica; a wildcard filter reads through an ordered
+/// consumer on the filter's subjects (last per subject), which exists only
+/// while it reads.
+struct Retained {
+    stream: async_nats::jetstream::stream::Stream,
+    /// Stores in order (a topic's later message must replace its earlier
+    /// one): subject, headers, record, and the ticket id to complete
+    /// (0: none).
+    tx: mpsc::Sender<(String, HeaderMap, Bytes, u64)>,
+    last_error_line: Mutex<Option<Instant>>,
+}
+
+/// A cleared retained topic's empty record stays this long.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(60);
+/// A replay reads at most this long from JetStream.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Tickets of this engine's own: an acknowledgement that waits for
+/// JetStream (a retained message stored) and then for another ticket (the
+/// node's store, or another of these). Their numbers have the top bit set
+/// ([`CLUSTER_TICKET`]); [`NATS_DOWN`] is apart.
+#[derive(Default)]
+struct Tickets {
+    next: AtomicU64,
+    pending: Mutex<HashMap<u64, PendingTicket>>,
+}
+
+struct PendingTicket {
+    /// JetStream's answer: stored, or not.
+    stored: Option<bool>,
+    /// What is waited for after it.
+    then: Ticket,
+    waiters: Vec<Arc<ConnWaker>>,
+    /// When JetStream answered (an entry nobody asked about is dropped a
+    /// while later: its connection went away).
+    answered: Option<Instant>,
+}
+
+const CLUSTER_TICKET: u64 = 1 << 63;
+
+fn is_cluster_ticket(t: Ticket) -> bool {
+    t.0 & CLUSTER_TICKET != 0 && t != NATS_DOWN
 }
 
 /// Wills of a dead node. Each connection's will is stored in the
@@ -107,6 +169,29 @@ struct Wills {
     /// This node's stored wills, by client id: stream sequence and the
     /// connection's epoch.
     stored: Mutex<HashMap<ByteString, (u64, u64)>>,
+}
+
+/// How long a node tries to set up its JetStream state at start-up (at
+/// least; `connect_timeout_secs` if longer).
+const SETUP_TIME: Duration = Duration::from_secs(30);
+
+/// `attempt` until it succeeds, or fails at or after `deadline`.
+async fn retrying<T, E, F, Fut>(deadline: Instant, mut attempt: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster: JetStream not ready yet: retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
 }
 
 /// A node whose heartbeat is older than this is dead.
@@ -163,14 +248,22 @@ impl NatsLink {
         let origin: u64 = rand::random();
         let origin_header = HeaderValue::from(format!("{origin:016x}").as_str());
         let js = async_nats::jetstream::new(client.clone());
-        let kv = js
-            .create_key_value(async_nats::jetstream::kv::Config {
-                bucket: "millet_owners".into(),
-                history: 1,
-                num_replicas: cfg.replicas,
-                storage: async_nats::jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
+        // A NATS cluster just started may not have elected its JetStream
+        // leaders yet (its health check passes before): every step of the
+        // set-up is retried until this deadline.
+        let deadline =
+            Instant::now() + Duration::from_secs(cfg.connect_timeout_secs.max(1)).max(SETUP_TIME);
+        let storage = async_nats::jetstream::stream::StorageType::File;
+        let kv_config = |bucket: &str, max_age: Duration| async_nats::jetstream::kv::Config {
+            bucket: bucket.into(),
+            history: 1,
+            max_age,
+            num_replicas: cfg.replicas,
+            storage,
+            ..Default::default()
+        };
+        let owners_config = kv_config("millet_owners", Duration::ZERO);
+        let kv = retrying(deadline, || js.create_key_value(owners_config.clone()))
             .await
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -179,66 +272,63 @@ impl NatsLink {
                     cfg.replicas
                 )
             })?;
-        let storage = async_nats::jetstream::stream::StorageType::File;
-        let wills_stream = js
-            .get_or_create_stream(async_nats::jetstream::stream::Config {
-                name: "MILLET_WILLS".into(),
-                subjects: vec!["w.>".into()],
-                max_messages_per_subject: 1,
-                num_replicas: cfg.replicas,
-                storage,
-                ..Default::default()
-            })
+        let wills_config = async_nats::jetstream::stream::Config {
+            name: "MILLET_WILLS".into(),
+            subjects: vec!["w.>".into()],
+            max_messages_per_subject: 1,
+            num_replicas: cfg.replicas,
+            storage,
+            ..Default::default()
+        };
+        let wills_stream = retrying(deadline, || js.get_or_create_stream(wills_config.clone()))
             .await
             .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_WILLS: {e}"))?;
-        let nodes = js
-            .create_key_value(async_nats::jetstream::kv::Config {
-                bucket: "millet_nodes".into(),
-                history: 1,
-                max_age: NODE_TTL,
-                num_replicas: cfg.replicas,
-                storage,
-                ..Default::default()
-            })
+        let retained_config = async_nats::jetstream::stream::Config {
+            name: "MILLET_RETAINED".into(),
+            subjects: vec!["r.>".into()],
+            max_messages_per_subject: 1,
+            num_replicas: cfg.replicas,
+            storage,
+            allow_direct: true,
+            allow_message_ttl: true,
+            ..Default::default()
+        };
+        let retained_stream = retrying(deadline, || {
+            js.get_or_create_stream(retained_config.clone())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_RETAINED: {e}"))?;
+        let nodes_config = kv_config("millet_nodes", NODE_TTL);
+        let nodes = retrying(deadline, || js.create_key_value(nodes_config.clone()))
             .await
             .map_err(|e| {
                 anyhow::anyhow!("cannot create the JetStream KV bucket millet_nodes: {e}")
             })?;
-        let members = js
-            .create_key_value(async_nats::jetstream::kv::Config {
-                bucket: "millet_members".into(),
-                history: 1,
-                num_replicas: cfg.replicas,
-                storage,
-                ..Default::default()
-            })
+        let members_config = kv_config("millet_members", Duration::ZERO);
+        let members = retrying(deadline, || js.create_key_value(members_config.clone()))
             .await
             .map_err(|e| {
                 anyhow::anyhow!("cannot create the JetStream KV bucket millet_members: {e}")
             })?;
         let me = format!("{origin:016x}");
         // A stream just created (by this node or another starting at the
-        // same time) answers once its replicas elected a leader: retried,
-        // bounded.
-        let deadline = Instant::now() + Duration::from_secs(cfg.connect_timeout_secs.max(1));
-        loop {
-            let r = async {
-                nodes.put(&me, Bytes::from(node_id.clone())).await?;
-                members.put(&me, Bytes::from(node_id.clone())).await?;
-                Ok::<_, async_nats::Error>(())
-            }
-            .await;
-            match r {
-                Ok(()) => break,
-                Err(e) if Instant::now() >= deadline => {
-                    anyhow::bail!("cannot join the cluster's JetStream state (millet_nodes, millet_members): {e}")
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
+        // same time) answers once its replicas elected a leader.
+        retrying(deadline, || async {
+            nodes.put(&me, Bytes::from(node_id.clone())).await?;
+            members.put(&me, Bytes::from(node_id.clone())).await?;
+            Ok::<_, async_nats::Error>(())
+        })
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot join the cluster's JetStream state (millet_nodes, millet_members): {e}"
+            )
+        })?;
         let (out, out_rx) = mpsc::channel(FORWARD_QUEUE);
+        let (retain_tx, retain_rx) = mpsc::channel(FORWARD_QUEUE);
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
-        let link = Arc::new(NatsLink {
+        let link = Arc::new_cyclic(|myself| NatsLink {
+            myself: myself.clone(),
             node_id: node_id.clone(),
             origin,
             origin_header,
@@ -258,12 +348,20 @@ impl NatsLink {
             rt: tokio::runtime::Handle::current(),
             wills: Wills {
                 stream: wills_stream,
-                js,
+                js: js.clone(),
                 nodes,
                 members,
                 stored: Mutex::default(),
             },
+            retained: Retained {
+                stream: retained_stream,
+                tx: retain_tx,
+                last_error_line: Mutex::new(None),
+            },
+            tickets: Tickets::default(),
+            broker: Arc::downgrade(broker),
         });
+        tokio::spawn(retained_writer(js, retain_rx, Arc::downgrade(&link)));
         tokio::spawn(heartbeat(Arc::downgrade(&link), Arc::downgrade(broker)));
         let kicks = client
             .subscribe(format!("_MILLET.kick.{origin:016x}"))
@@ -578,6 +676,224 @@ impl NatsLink {
         }
     }
 
+    /// Keep `msg` (its record `payload`, its headers) as the retained
+    /// message of its topic, in order after the earlier ones; the ticket
+    /// its QoS 1/2 acknowledgement waits for.
+    fn store_retained(&self, msg: &Message, mut headers: HeaderMap, payload: Bytes) -> Ticket {
+        let subject = subject::topic_to_subject("r", &msg.topic);
+        let ttl = if msg.payload.is_empty() {
+            Some(TOMBSTONE_TTL)
+        } else {
+            // Whole seconds, rounded up (the record's own expiry is exact).
+            msg.expires_at.map(|at| {
+                let left = at.saturating_duration_since(Instant::now());
+                Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0))
+                    .max(Duration::from_secs(1))
+            })
+        };
+        if let Some(ttl) = ttl {
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_TTL,
+                HeaderValue::from(ttl.as_secs()),
+            );
+        }
+        let id = if msg.qos == millet_codec::QoS::AtMostOnce {
+            0
+        } else {
+            let id = self.tickets.next.fetch_add(1, Ordering::Relaxed) + 1;
+            self.tickets.pending.lock().insert(
+                id | CLUSTER_TICKET,
+                PendingTicket {
+                    stored: None,
+                    then: Ticket::NONE,
+                    waiters: Vec::new(),
+                    answered: None,
+                },
+            );
+            id | CLUSTER_TICKET
+        };
+        if self
+            .retained
+            .tx
+            .try_send((subject, headers, payload, id))
+            .is_err()
+        {
+            self.retained_error("a store", "the queue to JetStream is full");
+            if id != 0 {
+                self.ticket_answered(id, false);
+            }
+        }
+        Ticket(id)
+    }
+
+    /// `what` failed on the retained stream (logged at most once a minute).
+    fn retained_error(&self, what: &str, error: &str) {
+        if once_a_minute(&self.retained.last_error_line) {
+            tracing::warn!(what, error, "cluster: retained messages in JetStream: {what} failed (a store's QoS 1/2 publish is refused; a replay delivers what it read; at most one line a minute)");
+        }
+    }
+
+    /// JetStream answered for ticket `id`.
+    fn ticket_answered(&self, id: u64, stored: bool) {
+        let (then, waiters) = {
+            let mut pending = self.tickets.pending.lock();
+            let Some(p) = pending.get_mut(&id) else {
+                return;
+            };
+            p.stored = Some(stored);
+            p.answered = Some(Instant::now());
+            (p.then, std::mem::take(&mut p.waiters))
+        };
+        for w in waiters {
+            if stored {
+                self.ticket_wait(then, &w);
+            } else {
+                w.wake();
+            }
+        }
+    }
+
+    /// Where ticket `t` (one of this engine's, or the broker's) stands.
+    fn ticket_status(&self, t: Ticket, broker: &Broker) -> AckStatus {
+        if t == NATS_DOWN {
+            return AckStatus::Failed {
+                out_of_space: false,
+            };
+        }
+        if !is_cluster_ticket(t) {
+            return Broker::ticket_status(broker, t);
+        }
+        let then = match self.tickets.pending.lock().get(&t.0) {
+            // Asked about after it was dropped: never acknowledge on doubt.
+            None => {
+                return AckStatus::Failed {
+                    out_of_space: false,
+                }
+            }
+            Some(p) => match p.stored {
+                None => return AckStatus::Pending,
+                Some(false) => {
+                    return AckStatus::Failed {
+                        out_of_space: false,
+                    }
+                }
+                Some(true) => p.then,
+            },
+        };
+        let status = self.ticket_status(then, broker);
+        if status != AckStatus::Pending {
+            // Asked once done by the one connection waiting for it.
+            self.tickets.pending.lock().remove(&t.0);
+        }
+        status
+    }
+
+    /// Wake `w` once ticket `t` is no longer pending.
+    fn ticket_wait(&self, t: Ticket, w: &Arc<ConnWaker>) {
+        if t == NATS_DOWN {
+            w.wake();
+            return;
+        }
+        if !is_cluster_ticket(t) {
+            if let Some(broker) = self.broker.upgrade() {
+                if Broker::ticket_status(&broker, t) == AckStatus::Pending {
+                    Broker::ticket_wait(&broker, t, w);
+                    return;
+                }
+            }
+            w.wake();
+            return;
+        }
+        let then = {
+            let mut pending = self.tickets.pending.lock();
+            match pending.get_mut(&t.0) {
+                Some(p) if p.stored.is_none() => {
+                    p.waiters.push(w.clone());
+                    return;
+                }
+                Some(p) if p.stored == Some(true) => p.then,
+                _ => {
+                    drop(pending);
+                    w.wake();
+                    return;
+                }
+            }
+        };
+        self.ticket_wait(then, w);
+    }
+
+    /// Drop the answered entries nobody asked about for a minute (their
+    /// connections went away).
+    fn sweep_tickets(&self) {
+        let now = Instant::now();
+        self.tickets.pending.lock().retain(|_, p| {
+            p.answered
+                .is_none_or(|t| now.duration_since(t) < Duration::from_secs(60))
+        });
+    }
+
+    /// The retained messages matching `filter`, from JetStream.
+    async fn fetch_retained(&self, filter: &str) -> anyhow::Result<Vec<Arc<Message>>> {
+        use futures_util::StreamExt;
+        let mut records = Vec::new();
+        if !filter.contains(['+', '#']) {
+            let subject = subject::topic_to_subject("r", filter);
+            match self
+                .retained
+                .stream
+                .direct_get_last_for_subject(subject)
+                .await
+            {
+                Ok(m) => records.push(m.payload),
+                Err(e)
+                    if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            let mut subjects = subject::filter_to_subjects("r", filter);
+            let mut config = async_nats::jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            };
+            if subjects.len() == 1 {
+                config.filter_subject = subjects.remove(0);
+            } else {
+                config.filter_subjects = subjects;
+            }
+            let consumer = self.retained.stream.create_consumer(config).await?;
+            if consumer.cached_info().num_pending > 0 {
+                let mut messages = consumer.messages().await?;
+                while let Some(m) = messages.next().await {
+                    let m = m?;
+                    let pending = m.info().map(|i| i.pending).unwrap_or(0);
+                    records.push(m.message.payload.clone());
+                    if pending == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        let mut out = Vec::with_capacity(records.len());
+        for payload in records {
+            let Ok(record) = postcard::from_bytes::<MessageRecord>(&payload) else {
+                continue;
+            };
+            // A cleared topic, a topic the filter's `$` rule leaves out, or
+            // one expired before JetStream removed it.
+            if record.payload.is_empty()
+                || !millet_codec::topic::topic_matches(filter, &record.topic)
+            {
+                continue;
+            }
+            let m = from_record(record, now);
+            if !m.is_expired(now) {
+                out.push(Arc::new(m));
+            }
+        }
+        Ok(out)
+    }
+
     fn log_forward_drop(&self) {
         let n = self.forward_dropped.fetch_add(1, Ordering::Relaxed) + 1;
         if once_a_minute(&self.last_drop_line) {
@@ -590,7 +906,7 @@ impl NatsLink {
 }
 
 impl ClusterLink for NatsLink {
-    fn forward(&self, msg: &Message) {
+    fn forward(&self, msg: &Message, retain: bool) -> Ticket {
         let subject = subject::topic_to_subject(qos_prefix(msg.qos as u8), &msg.topic);
         let mut headers = HeaderMap::new();
         headers.insert(ORIGIN, self.origin_header.clone());
@@ -598,12 +914,90 @@ impl ClusterLink for NatsLink {
             Ok(v) => Bytes::from(v),
             Err(e) => {
                 tracing::error!(error = %e, "cluster: cannot encode a message: not forwarded");
-                return;
+                return Ticket::NONE;
             }
+        };
+        let ticket = if retain {
+            self.store_retained(msg, headers.clone(), payload.clone())
+        } else {
+            Ticket::NONE
         };
         if self.out.try_send((subject, headers, payload)).is_err() {
             self.log_forward_drop();
         }
+        ticket
+    }
+
+    fn replay_retained(&self, cell: &Arc<SessionCell>, replay: &DeferredReplay) {
+        // From JetStream ([`Retained`]), and this node's own `$SYS` ones;
+        // queued when they are read (behind the SUBACK, which the
+        // connection sends first whatever the order).
+        let Some(link) = self.myself.upgrade() else {
+            return;
+        };
+        let Some(broker) = self.broker.upgrade() else {
+            return;
+        };
+        let cell = cell.clone();
+        let replay = replay.clone();
+        self.rt.spawn(async move {
+            let fetched =
+                tokio::time::timeout(REPLAY_TIMEOUT, link.fetch_retained(&replay.filter)).await;
+            let mut messages = match fetched {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    link.retained_error("a replay", &format!("{}: {e}", replay.filter));
+                    Vec::new()
+                }
+                Err(_) => {
+                    link.retained_error("a replay", &format!("{}: timed out", replay.filter));
+                    Vec::new()
+                }
+            };
+            let now = Instant::now();
+            messages.extend(
+                broker
+                    .retained_matching(&replay.filter, now)
+                    .into_iter()
+                    .filter(|m| m.topic.starts_with("$SYS/")),
+            );
+            broker.replay_messages(&cell, &replay, messages);
+        });
+    }
+
+    fn join_tickets(&self, a: Ticket, b: Ticket) -> Ticket {
+        if a == NATS_DOWN || b == NATS_DOWN {
+            return NATS_DOWN;
+        }
+        let (cluster, other) = match (is_cluster_ticket(a), is_cluster_ticket(b)) {
+            (false, false) => return a.max(b),
+            (true, _) => (a, b),
+            (false, true) => (b, a),
+        };
+        if other.is_none() {
+            return cluster;
+        }
+        let then = {
+            let mut pending = self.tickets.pending.lock();
+            match pending.get_mut(&cluster.0) {
+                Some(p) if p.stored.is_none() => {
+                    // Not answered yet: the answer waits for `other` too.
+                    let then = p.then;
+                    if !is_cluster_ticket(then) && !is_cluster_ticket(other) {
+                        p.then = then.max(other);
+                        return cluster;
+                    }
+                    then
+                }
+                _ => return other.max(cluster),
+            }
+        };
+        // Both have parts of this engine's: chained.
+        let joined = self.join_tickets(then, other);
+        if let Some(p) = self.tickets.pending.lock().get_mut(&cluster.0) {
+            p.then = joined;
+        }
+        cluster
     }
 
     fn interest_added(&self, filter: &str, share: Option<&str>) {
@@ -698,6 +1092,7 @@ async fn heartbeat(link: Weak<NatsLink>, broker: Weak<Broker>) {
         let (Some(link), Some(broker)) = (link.upgrade(), broker.upgrade()) else {
             return;
         };
+        link.sweep_tickets();
         let w = &link.wills;
         let me = format!("{:016x}", link.origin);
         if let Err(e) = w.nodes.put(&me, Bytes::from(link.node_id.clone())).await {
@@ -957,6 +1352,35 @@ fn check_version(version: &str) -> anyhow::Result<()> {
 }
 
 /// Hands forwarded messages to the NATS client, in order.
+/// Stores retained messages in JetStream in the order they come, and
+/// answers their tickets as JetStream acknowledges.
+async fn retained_writer(
+    js: async_nats::jetstream::Context,
+    mut rx: mpsc::Receiver<(String, HeaderMap, Bytes, u64)>,
+    link: Weak<NatsLink>,
+) {
+    while let Some((subject, headers, payload, id)) = rx.recv().await {
+        // Sent in order; the acknowledgements are awaited apart.
+        let sent = js.publish_with_headers(subject, headers, payload).await;
+        let link = link.clone();
+        tokio::spawn(async move {
+            let stored = match sent {
+                Ok(ack) => ack.await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let Some(link) = link.upgrade() else {
+                return;
+            };
+            if let Err(e) = &stored {
+                link.retained_error("a store", e);
+            }
+            if id != 0 {
+                link.ticket_answered(id, stored.is_ok());
+            }
+        });
+    }
+}
+
 async fn publisher(client: async_nats::Client, mut rx: mpsc::Receiver<(String, HeaderMap, Bytes)>) {
     let mut batch = Vec::with_capacity(256);
     while rx.recv_many(&mut batch, 256).await > 0 {
@@ -1152,20 +1576,19 @@ impl Engine for Clustered {
     }
 
     fn ticket_status(&self, ticket: Ticket) -> AckStatus {
-        if ticket == NATS_DOWN {
-            return AckStatus::Failed {
-                out_of_space: false,
-            };
-        }
-        Broker::ticket_status(&self.broker, ticket)
+        self.link.ticket_status(ticket, &self.broker)
     }
 
     fn ticket_wait(&self, ticket: Ticket, waker: &Arc<ConnWaker>) {
-        if ticket == NATS_DOWN {
-            waker.wake();
-            return;
+        if ticket == NATS_DOWN || is_cluster_ticket(ticket) {
+            self.link.ticket_wait(ticket, waker);
+        } else {
+            Broker::ticket_wait(&self.broker, ticket, waker)
         }
-        Broker::ticket_wait(&self.broker, ticket, waker)
+    }
+
+    fn join_tickets(&self, a: Ticket, b: Ticket) -> Ticket {
+        ClusterLink::join_tickets(&*self.link, a, b)
     }
 
     fn last_ticket(&self) -> Ticket {
@@ -1200,6 +1623,7 @@ impl Engine for Clustered {
     }
 
     fn replay_retained(&self, cell: &Arc<SessionCell>, replay: &DeferredReplay, now: Instant) {
+        // The link's ([`ClusterLink::replay_retained`]).
         Broker::replay_retained(&self.broker, cell, replay, now);
     }
 

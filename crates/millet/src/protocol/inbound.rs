@@ -228,7 +228,7 @@ impl Connection {
             ReasonCode::SUCCESS
         };
         // Acknowledged only once durable (group commit) [issue: durable by default].
-        let ticket = routed.ticket.max(rel_ticket);
+        let ticket = self.shared.engine.join_tickets(routed.ticket, rel_ticket);
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
@@ -311,11 +311,15 @@ impl Connection {
         }
         self.pending_acks.push_back((ticket, ack));
         if self.shared.engine.acks_early() {
-            // Decided now (refused only while the store is failing).
+            // Decided now (refused only while the store is failing)...
             self.release_acks();
-        } else {
-            self.shared.engine.ticket_wait(ticket, &self.waker);
+            if self.pending_acks.is_empty() {
+                return;
+            }
+            // ...unless the engine has a part of its own to wait for (the
+            // cluster's, for a retained message).
         }
+        self.shared.engine.ticket_wait(ticket, &self.waker);
     }
 
     /// Move held acknowledgements whose writes completed to `out`; a failed
