@@ -2,10 +2,12 @@
 NATS. Three nodes, each on its own server of a three-server NATS cluster
 (scripts/cluster-up.sh), with independent MQTT clients (paho) on each.
 
-What is built so far is live routing across nodes; the tests here cover it:
-wildcards, every QoS, 3.1.1 and 5.0, no copies doubled (own messages,
-overlapping filters), per-publisher order, shared subscriptions balanced
-across nodes, and a node's NATS interest following its subscriptions.
+Covered here: live routing across nodes (wildcards, every QoS, 3.1.1 and
+5.0, no copies doubled for own messages or overlapping filters,
+per-publisher order), shared subscriptions balanced across nodes, a node's
+NATS interest following its subscriptions, takeover across nodes, and
+retained messages kept in JetStream. Failures (NATS down, nodes killed) are
+in test_cluster_failure.py.
 """
 
 import json

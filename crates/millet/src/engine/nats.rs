@@ -24,14 +24,16 @@
 //!   SUBACK on a node of the same NATS server reaches the subscriber.
 //!
 //! - Takeover across nodes: the client id's owner entry in JetStream KV
-//!   (`Owners`); wills of a dead node (`Wills`); QoS 1/2 refused and
-//!   new connections turned away while NATS is unreachable (`NATS_DOWN`).
+//!   (`Owners`); wills of a dead node (`Wills`); retained messages in
+//!   JetStream (`Retained`), acknowledged once stored (`Tickets`); QoS 1/2
+//!   refused and new connections turned away while NATS is unreachable
+//!   (`NATS_DOWN`).
 //!
 //! Not yet built (issue 13's open parts, in docs/CLUSTER.md): JetStream
-//! durability (the publish ticket waits only for this node's embedded store,
-//! and a message crosses nodes at most once), sessions across nodes (a
-//! client moving to another node starts without its session), retained
-//! messages across nodes (they stay on the node they were published on).
+//! durability of ordinary messages (their publish ticket waits only for
+//! this node's embedded store, and a message crosses nodes at most once),
+//! sessions across nodes (a client moving to another node starts without
+//! its session).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
