@@ -386,3 +386,53 @@ def test_a_node_started_later_finds_the_clusters_retained_messages(nats_urls):
         s.close()
     finally:
         later.stop()
+
+
+def subject_of(prefix, topic):
+    """engine/subject.rs's topic_to_subject, again: plain bytes kept, the others %XX, an empty level %."""
+    out = []
+    for level in topic.split("/"):
+        if not level:
+            out.append("%")
+            continue
+        out.append("".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in "_-") else f"%{b:02X}"
+                           for b in level.encode()))
+    return ".".join([prefix] + out)
+
+
+def stream_last(port, stream, subject):
+    """The last message of `subject` in `stream` (nats-py), or None."""
+    import asyncio
+
+    import nats
+    from nats.js.errors import NotFoundError
+
+    async def get():
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
+        try:
+            return (await nc.jetstream().get_last_msg(stream, subject)).data
+        except NotFoundError:
+            return None
+        finally:
+            await nc.close()
+
+    return asyncio.run(get())
+
+
+@pytest.mark.parametrize("version", [V311, V5])
+def test_a_qos1_or_2_publish_is_acknowledged_once_jetstream_stored_it(on, version):
+    """PUBACK / PUBREC (then PUBCOMP) come once the message is in the
+    `MILLET_MSGS` stream (replicated: R3 on this three-server cluster);
+    QoS 0 is not stored. Looked at in JetStream right after the
+    acknowledgement, with an independent client (nats-py)."""
+    t = unique("cl/dur")
+    a = on(0, version)
+    a.connect()
+    for qos in (1, 2):
+        # 0, not 0x10 (no matching subscribers): other nodes may have some.
+        assert a.publish(f"{t}/q{qos}", b"stored-%d" % qos, qos=qos) == 0
+        data = stream_last(BASE + 2, "MILLET_MSGS", subject_of(f"m.{qos}", f"{t}/q{qos}"))
+        assert data is not None and b"stored-%d" % qos in data, data
+    a.publish(f"{t}/q0", b"not-stored", qos=0)
+    a.publish(f"{t}/q1", b"barrier", qos=1)  # the QoS 0 message went before it
+    assert stream_last(BASE + 2, "MILLET_MSGS", subject_of("m.0", f"{t}/q0")) is None

@@ -121,6 +121,10 @@ pub struct NatsConfig {
     /// Replicas of the cluster's JetStream state (1 for a single NATS
     /// server; 3 for a three-server cluster, which survives one loss).
     pub replicas: usize,
+    /// How long the stream of QoS 1/2 messages (`MILLET_MSGS`) keeps a
+    /// message (seconds): how long a session may be away and still be
+    /// caught up from it.
+    pub message_retention_secs: u64,
 }
 
 impl Default for NatsConfig {
@@ -137,6 +141,7 @@ impl Default for NatsConfig {
             tls_key: None,
             connect_timeout_secs: 10,
             replicas: 3,
+            message_retention_secs: 86_400,
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct Routed {
     pub congested: bool,
     /// What the acknowledgement must wait for (none: nothing stored).
     pub ticket: persist::Ticket,
+    /// Sent to the other nodes of a cluster too, which may have
+    /// subscribers this node does not know of (no v5 0x10 then).
+    pub forwarded: bool,
 }
 
 /// Which subscriptions a message is routed to.
@@ -182,6 +185,7 @@ impl Broker {
             None => (Scope::All, persist::Ticket::NONE),
         };
         let mut routed = self.route(&msg, publisher, scope);
+        routed.forwarded = link.is_some();
         let here = routed.ticket.max(persist::Ticket(retained_seq));
         routed.ticket = match link {
             Some(link) => link.join_tickets(forwarded, here),

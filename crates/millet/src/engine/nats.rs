@@ -75,7 +75,8 @@ pub struct NatsLink {
     /// This process's incarnation: a node that restarts is a new origin.
     origin: u64,
     origin_header: HeaderValue,
-    out: mpsc::Sender<(String, HeaderMap, Bytes)>,
+    out: mpsc::Sender<Forward>,
+    last_store_error_line: Mutex<Option<Instant>>,
     ctl: mpsc::UnboundedSender<Control>,
     forward_dropped: AtomicU64,
     last_drop_line: Mutex<Option<Instant>>,
@@ -244,7 +245,8 @@ impl NatsLink {
             None => default_node_id(broker),
         };
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let client = connect(cfg, &node_id, up.clone()).await?;
+        let lost = Arc::new(tokio::sync::Notify::new());
+        let client = connect(cfg, &node_id, up.clone(), lost.clone()).await?;
         let info = client.server_info();
         check_version(&info.version)?;
         let origin: u64 = rand::random();
@@ -300,6 +302,19 @@ impl NatsLink {
         })
         .await
         .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_RETAINED: {e}"))?;
+        let messages_config = async_nats::jetstream::stream::Config {
+            name: "MILLET_MSGS".into(),
+            subjects: vec!["m.1.>".into(), "m.2.>".into()],
+            max_age: Duration::from_secs(cfg.message_retention_secs.max(1)),
+            num_replicas: cfg.replicas,
+            storage,
+            ..Default::default()
+        };
+        retrying(deadline, || {
+            js.get_or_create_stream(messages_config.clone())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_MSGS: {e}"))?;
         let nodes_config = kv_config("millet_nodes", NODE_TTL);
         let nodes = retrying(deadline, || js.create_key_value(nodes_config.clone()))
             .await
@@ -337,6 +352,7 @@ impl NatsLink {
             out,
             ctl,
             forward_dropped: AtomicU64::new(0),
+            last_store_error_line: Mutex::new(None),
             last_drop_line: Mutex::new(None),
             up,
             refused: AtomicU64::new(0),
@@ -363,8 +379,22 @@ impl NatsLink {
             tickets: Tickets::default(),
             broker: Arc::downgrade(broker),
         });
-        tokio::spawn(retained_writer(js, retain_rx, Arc::downgrade(&link)));
+        tokio::spawn(retained_writer(
+            js.clone(),
+            retain_rx,
+            Arc::downgrade(&link),
+        ));
         tokio::spawn(heartbeat(Arc::downgrade(&link), Arc::downgrade(broker)));
+        let weak = Arc::downgrade(&link);
+        tokio::spawn(async move {
+            loop {
+                lost.notified().await;
+                match weak.upgrade() {
+                    Some(link) => link.fail_unanswered(),
+                    None => return,
+                }
+            }
+        });
         let kicks = client
             .subscribe(format!("_MILLET.kick.{origin:016x}"))
             .await
@@ -375,7 +405,12 @@ impl NatsLink {
             Arc::downgrade(&link),
             Arc::downgrade(broker),
         ));
-        tokio::spawn(publisher(client.clone(), out_rx));
+        tokio::spawn(publisher(
+            client.clone(),
+            js.clone(),
+            out_rx,
+            Arc::downgrade(&link),
+        ));
         tokio::spawn(control(
             client,
             ctl_rx,
@@ -702,17 +737,7 @@ impl NatsLink {
         let id = if msg.qos == millet_codec::QoS::AtMostOnce {
             0
         } else {
-            let id = self.tickets.next.fetch_add(1, Ordering::Relaxed) + 1;
-            self.tickets.pending.lock().insert(
-                id | CLUSTER_TICKET,
-                PendingTicket {
-                    stored: None,
-                    then: Ticket::NONE,
-                    waiters: Vec::new(),
-                    answered: None,
-                },
-            );
-            id | CLUSTER_TICKET
+            self.new_ticket()
         };
         if self
             .retained
@@ -729,17 +754,51 @@ impl NatsLink {
     }
 
     /// `what` failed on the retained stream (logged at most once a minute).
+    /// A ticket waiting for JetStream's answer ([`NatsLink::ticket_answered`]).
+    fn new_ticket(&self) -> u64 {
+        let id = (self.tickets.next.fetch_add(1, Ordering::Relaxed) + 1) | CLUSTER_TICKET;
+        self.tickets.pending.lock().insert(
+            id,
+            PendingTicket {
+                stored: None,
+                then: Ticket::NONE,
+                waiters: Vec::new(),
+                answered: None,
+            },
+        );
+        id
+    }
+
     fn retained_error(&self, what: &str, error: &str) {
         if once_a_minute(&self.retained.last_error_line) {
             tracing::warn!(what, error, "cluster: retained messages in JetStream: {what} failed (a store's QoS 1/2 publish is refused; a replay delivers what it read; at most one line a minute)");
         }
     }
 
-    /// JetStream answered for ticket `id`.
+    /// The connection to NATS broke: JetStream's answers to what was
+    /// sent before may never come, so those acknowledgements are refused
+    /// now (the message may still have been stored and delivered: the
+    /// publisher sends it again, at least once) rather than after a
+    /// time-out the client may not wait for.
+    fn fail_unanswered(&self) {
+        let ids: Vec<u64> = self
+            .tickets
+            .pending
+            .lock()
+            .iter()
+            .filter(|(_, p)| p.stored.is_none())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.ticket_answered(id, false);
+        }
+    }
+
+    /// JetStream answered for ticket `id` (the first answer counts).
     fn ticket_answered(&self, id: u64, stored: bool) {
         let (then, waiters) = {
             let mut pending = self.tickets.pending.lock();
-            let Some(p) = pending.get_mut(&id) else {
+            let Some(p) = pending.get_mut(&id).filter(|p| p.stored.is_none()) else {
                 return;
             };
             p.stored = Some(stored);
@@ -901,7 +960,7 @@ impl NatsLink {
         if once_a_minute(&self.last_drop_line) {
             tracing::warn!(
                 dropped_total = n,
-                "cluster: the queue to NATS is full (NATS slow or unreachable): messages not forwarded to other nodes (at most one line a minute)"
+                "cluster: the queue to NATS is full (NATS slow or unreachable): messages not forwarded to other nodes, their QoS 1/2 publishes refused (at most one line a minute)"
             );
         }
     }
@@ -919,15 +978,25 @@ impl ClusterLink for NatsLink {
                 return Ticket::NONE;
             }
         };
-        let ticket = if retain {
+        let retained = if retain {
             self.store_retained(msg, headers.clone(), payload.clone())
         } else {
             Ticket::NONE
         };
-        if self.out.try_send((subject, headers, payload)).is_err() {
+        // QoS 1/2: stored in `MILLET_MSGS` (which also routes it), and
+        // acknowledged once JetStream has it.
+        let id = if msg.qos == millet_codec::QoS::AtMostOnce {
+            0
+        } else {
+            self.new_ticket()
+        };
+        if self.out.try_send((subject, headers, payload, id)).is_err() {
             self.log_forward_drop();
+            if id != 0 {
+                self.ticket_answered(id, false);
+            }
         }
-        ticket
+        ClusterLink::join_tickets(self, Ticket(id), retained)
     }
 
     fn replay_retained(&self, cell: &Arc<SessionCell>, replay: &DeferredReplay) {
@@ -1283,6 +1352,7 @@ async fn connect(
     cfg: &NatsConfig,
     node_id: &str,
     up: Arc<std::sync::atomic::AtomicBool>,
+    lost: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<async_nats::Client> {
     let mut opts = async_nats::ConnectOptions::new()
         .name(format!("millet-{node_id}"))
@@ -1291,6 +1361,7 @@ async fn connect(
         .max_reconnects(None)
         .event_callback(move |e| {
             let up = up.clone();
+            let lost = lost.clone();
             async move {
                 match e {
                     async_nats::Event::Connected => {
@@ -1299,6 +1370,7 @@ async fn connect(
                     }
                     async_nats::Event::Disconnected => {
                         up.store(false, Ordering::Release);
+                        lost.notify_one();
                         tracing::warn!("cluster: NATS disconnected: QoS 1/2 publishes refused (v5 0x80; 3.x connections closed) until it is back; reconnecting")
                     }
                     other => tracing::warn!(event = %other, "cluster: NATS"),
@@ -1383,16 +1455,49 @@ async fn retained_writer(
     }
 }
 
-async fn publisher(client: async_nats::Client, mut rx: mpsc::Receiver<(String, HeaderMap, Bytes)>) {
+/// Hands this node's messages to NATS, in order: QoS 0 as core messages,
+/// QoS 1/2 to JetStream (`MILLET_MSGS`, which delivers them to the
+/// subscriptions as a core publish would), whose acknowledgements answer
+/// their tickets.
+async fn publisher(
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    mut rx: mpsc::Receiver<Forward>,
+    link: Weak<NatsLink>,
+) {
     let mut batch = Vec::with_capacity(256);
     while rx.recv_many(&mut batch, 256).await > 0 {
-        for (subject, headers, payload) in batch.drain(..) {
-            if let Err(e) = client.publish_with_headers(subject, headers, payload).await {
-                tracing::warn!(error = %e, "cluster: a message could not be handed to NATS");
+        for (subject, headers, payload, id) in batch.drain(..) {
+            if id == 0 {
+                if let Err(e) = client.publish_with_headers(subject, headers, payload).await {
+                    tracing::warn!(error = %e, "cluster: a message could not be handed to NATS");
+                }
+                continue;
             }
+            let sent = js.publish_with_headers(subject, headers, payload).await;
+            let link = link.clone();
+            tokio::spawn(async move {
+                let stored = match sent {
+                    Ok(ack) => ack.await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let Some(link) = link.upgrade() else {
+                    return;
+                };
+                if let Err(e) = &stored {
+                    if once_a_minute(&link.last_store_error_line) {
+                        tracing::warn!(error = %e, "cluster: a QoS 1/2 message could not be stored in JetStream: its publish is refused (at most one line a minute)");
+                    }
+                }
+                link.ticket_answered(id, stored.is_ok());
+            });
         }
     }
 }
+
+/// A message for [`publisher`]: subject, headers, record, and its ticket
+/// (0: QoS 0, none).
+type Forward = (String, HeaderMap, Bytes, u64);
 
 /// Applies interest changes to NATS in order, and answers barriers.
 async fn control(

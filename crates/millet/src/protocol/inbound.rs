@@ -222,7 +222,7 @@ impl Connection {
             self.timers
                 .set(Timer::Pause, Some(now + MAX_BACKPRESSURE_PAUSE));
         }
-        let rc = if routed.sessions == 0 && v5 {
+        let rc = if routed.sessions == 0 && !routed.forwarded && v5 {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
         } else {
             ReasonCode::SUCCESS
