@@ -29,11 +29,14 @@
 //!   refused and new connections turned away while NATS is unreachable
 //!   (`NATS_DOWN`).
 //!
-//! Not yet built (issue 13's open parts, in docs/CLUSTER.md): JetStream
-//! durability of ordinary messages (their publish ticket waits only for
-//! this node's embedded store, and a message crosses nodes at most once),
-//! sessions across nodes (a client moving to another node starts without
-//! its session).
+//! - QoS 1/2 messages are published to JetStream (`MILLET_MSGS`), which
+//!   stores them (R3) and delivers them to the subscriptions; the publish
+//!   ticket waits for JetStream's acknowledgement ([`publisher`]).
+//!
+//! Not yet built (issue 13's open parts, in docs/CLUSTER.md): sessions
+//! across nodes (a client moving to another node starts without its
+//! session), catch-up from the stream (a node that lost its NATS
+//! connection misses what was sent meanwhile).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
