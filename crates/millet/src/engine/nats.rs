@@ -31,7 +31,7 @@
 //!
 //! - QoS 1/2 messages are published to JetStream (`MILLET_MSGS`), which
 //!   stores them (R3) and delivers them to the subscriptions; the publish
-//!   ticket waits for JetStream's acknowledgement ([`publisher`]).
+//!   ticket waits for JetStream's acknowledgement (`publisher`).
 //!
 //! Not yet built (issue 13's open parts, in docs/CLUSTER.md): sessions
 //! across nodes (a client moving to another node starts without its
