@@ -286,3 +286,41 @@ def test_losing_one_nats_server_under_load_loses_no_acknowledged_message(cluster
     finally:
         for b in pinned:
             b.stop()
+
+
+def msgs_stream(port, action):
+    """Delete, or create again (as the nodes do), the MILLET_MSGS stream (nats-py)."""
+    import asyncio
+
+    import nats
+    from nats.js.api import StreamConfig
+
+    async def run():
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            if action == "delete":
+                await js.delete_stream("MILLET_MSGS")
+            else:
+                await js.add_stream(StreamConfig(name="MILLET_MSGS", subjects=["m.1.>", "m.2.>"],
+                                                 num_replicas=3, max_age=86400))
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
+def test_a_qos1_publish_jetstream_does_not_store_is_refused(cluster):
+    """The acknowledgement is JetStream's: with the MILLET_MSGS stream gone
+    (deleted by an operator), a QoS 1 PUBLISH gets PUBACK 0x80 instead of a
+    success it could not keep; once the stream is back, 0 again."""
+    _, _, client, _ = cluster
+    t = unique("cl/nostore")
+    pub = client(0, V5)
+    pub.connect()
+    assert pub.publish(f"{t}/a", b"kept", qos=1) == 0
+    msgs_stream(BASE + 1, "delete")
+    assert try_publish(pub, f"{t}/a", b"not kept") == 0x80
+    msgs_stream(BASE + 1, "create")
+    wait_until(lambda: try_publish(pub, f"{t}/a", b"kept again") == 0, timeout=30,
+               what="QoS 1 acknowledged again once the stream is back")

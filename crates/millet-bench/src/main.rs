@@ -247,6 +247,13 @@ struct RunArgs {
     /// HTTP path of the WebSocket upgrade (--transport ws).
     #[arg(long, default_value = "/mqtt")]
     ws_path: String,
+    /// Publishers connect to these ports of --host, in turn (publisher i
+    /// to port i mod n; default: --port): the nodes of a cluster.
+    #[arg(long, value_delimiter = ',')]
+    pub_ports: Vec<u16>,
+    /// Subscribers connect to these ports, in turn (default: --port).
+    #[arg(long, value_delimiter = ',')]
+    sub_ports: Vec<u16>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -474,8 +481,19 @@ fn build_run_cfg(addr: SocketAddr, mode: Mode, a: &RunArgs) -> Result<run::RunCf
     if duration.is_none() && count.is_none() && retained.is_none() {
         duration = Some(10.0);
     }
+    let ports = |list: &[u16]| -> Vec<SocketAddr> {
+        if list.is_empty() {
+            vec![addr]
+        } else {
+            list.iter()
+                .map(|&p| SocketAddr::new(addr.ip(), p))
+                .collect()
+        }
+    };
     let cfg = run::RunCfg {
         addr,
+        pub_addrs: ports(&a.pub_ports),
+        sub_addrs: ports(&a.sub_ports),
         transport: match a.transport {
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",

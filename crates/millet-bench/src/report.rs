@@ -288,6 +288,68 @@ const PASSES: &[(&str, &str)] = &[
     ),
 ];
 
+/// The cluster pass (`bench/cluster.sh`): one column per deployment, one
+/// table row per (case, metric).
+const CLUSTER_PASS: &str = "cluster";
+const CLUSTER_BROKERS: [(&str, &str); 5] = [
+    ("mosquitto", "Mosquitto"),
+    ("millet", "Millet (embedded)"),
+    ("cluster-1", "cluster, 1 node"),
+    ("cluster-2", "cluster, 2 nodes"),
+    ("cluster-3", "cluster, 3 nodes"),
+];
+const CLUSTER_CASES: &[(&str, &[Metric])] = &[
+    (
+        "qos0-fanin",
+        &[
+            m("QoS 0 fan-in received", "recv_rate", Higher, "msg/s"),
+            m("QoS 0 fan-in end-to-end p99", "latency.p99_us", Lower, "µs"),
+        ],
+    ),
+    (
+        "qos1",
+        &[
+            m("QoS 1 acknowledged", "ack_rate", Higher, "msg/s"),
+            m(
+                "QoS 1 PUBLISH→PUBACK p99",
+                "ack_latency.p99_us",
+                Lower,
+                "µs",
+            ),
+        ],
+    ),
+    (
+        "lat-qos1-1k",
+        &[
+            m(
+                "QoS 1 at 1,000 msg/s: PUBLISH→PUBACK p50",
+                "ack_latency.p50_us",
+                Lower,
+                "µs",
+            ),
+            m(
+                "QoS 1 at 1,000 msg/s: PUBLISH→PUBACK p99",
+                "ack_latency.p99_us",
+                Lower,
+                "µs",
+            ),
+            m(
+                "QoS 1 at 1,000 msg/s: end-to-end p99",
+                "latency.p99_us",
+                Lower,
+                "µs",
+            ),
+        ],
+    ),
+    (
+        "conn",
+        &[
+            m("connect rate", "connect_rate", Higher, "conn/s"),
+            m("connect p99", "connect_latency.p99_us", Lower, "µs"),
+        ],
+    ),
+];
+
 /// The fleet pass (`bench/fleet.sh`): one column per broker configuration.
 const FLEET_PASS: &str = "fleet";
 const FLEET_CASE: &str = "fleet";
@@ -575,12 +637,15 @@ pub fn report(a: &ReportArgs) -> Result<()> {
         let mut md = String::new();
         match sec.as_str() {
             "fleet" => fleet_section(&mut md, &results, &a.results),
-            other => match PASSES.iter().find(|(p, _)| *p == other) {
-                Some((p, t)) => pass_section(&mut md, &results, p, t),
-                None => {
-                    anyhow::bail!("unknown section {other:?} (fleet, idle, scale, default, pinned)")
+            "cluster" => cluster_section(&mut md, &results, &a.results),
+            other => {
+                match PASSES.iter().find(|(p, _)| *p == other) {
+                    Some((p, t)) => pass_section(&mut md, &results, p, t),
+                    None => {
+                        anyhow::bail!("unknown section {other:?} (fleet, cluster, idle, scale, default, pinned)")
+                    }
                 }
-            },
+            }
         }
         print!("{md}");
         return Ok(());
@@ -648,6 +713,7 @@ pub fn report(a: &ReportArgs) -> Result<()> {
 
     durability_section(w, &results, &meta);
     fleet_section(w, &results, &a.results);
+    cluster_section(w, &results, &a.results);
     // The overload section (`millet-bench overload-report --splice`) is
     // produced by bench/overload.sh: carried over as it is.
     if let Some(sec) = std::fs::read_to_string(&a.out)
@@ -928,6 +994,54 @@ fn durability_section(w: &mut String, results: &Results, meta: &Value) {
     let _ = writeln!(w);
 }
 
+/// The cluster pass (`bench/cluster.sh`): Millet's cluster mode on a
+/// three-server NATS cluster, with 1, 2 and 3 nodes, next to the embedded
+/// engine and Mosquitto, all on this one machine.
+fn cluster_section(w: &mut String, results: &Results, dir: &Path) {
+    let pass = CLUSTER_PASS;
+    if !results.keys().any(|(p, _, _)| p == pass) {
+        return;
+    }
+    let _ = writeln!(w, "## Cluster mode (`bench/cluster.sh`)\n");
+    let _ = writeln!(
+        w,
+        "Millet nodes joined through a three-server NATS cluster (JetStream, R3), \
+         every process on this 2-core machine: the figures show what crossing nodes \
+         costs (a NATS hop, and for QoS 1 the JetStream store before the PUBACK), \
+         not how a cluster scales. With 2 nodes the publishers are on node 1 and the \
+         subscribers on node 2; with 3 nodes publisher i is on node i and subscriber i \
+         on node i+1. Connections are made to node 1.\n"
+    );
+    if let Ok(p) = std::fs::read_to_string(dir.join("cluster-params.txt")) {
+        let _ = writeln!(w, "Commands of this run:\n\n```\n{}\n```\n", p.trim_end());
+    }
+    let _ = write!(w, "| metric |");
+    for (_, title) in CLUSTER_BROKERS {
+        let _ = write!(w, " {title} |");
+    }
+    let _ = writeln!(w, " better |\n|---|---:|---:|---:|---:|---:|---|");
+    for (case, metrics) in CLUSTER_CASES {
+        for mt in *metrics {
+            let _ = write!(w, "| {} ({}) |", mt.name, mt.unit);
+            for (b, _) in CLUSTER_BROKERS {
+                let _ = write!(w, " {} |", cell(results, pass, case, b, mt.path));
+            }
+            let better = if mt.better == Higher {
+                "higher"
+            } else {
+                "lower"
+            };
+            let _ = writeln!(w, " {better} |");
+        }
+    }
+    let brokers: Vec<&str> = CLUSTER_BROKERS.iter().map(|(b, _)| *b).collect();
+    for (case, _) in CLUSTER_CASES {
+        run_notes(w, results, pass, case, &brokers);
+    }
+    let _ = writeln!(w);
+    notes_file(w, dir, "cluster-notes.md");
+}
+
 /// The fleet pass (`bench/fleet.sh`): Millet against Mosquitto with and
 /// without persistence, with Millet/Mosquitto ratios.
 fn fleet_section(w: &mut String, results: &Results, dir: &Path) {
@@ -1000,6 +1114,15 @@ fn fleet_section(w: &mut String, results: &Results, dir: &Path) {
     }
     run_notes(w, results, pass, case, &brokers);
     let _ = writeln!(w);
+    notes_file(w, dir, "fleet-notes.md");
+}
+
+/// The hand-written reading of a pass's results (`bench/results/NAME`),
+/// kept with them so that a new report carries it.
+fn notes_file(w: &mut String, dir: &Path, name: &str) {
+    if let Ok(t) = std::fs::read_to_string(dir.join(name)) {
+        let _ = writeln!(w, "{}\n", t.trim_end());
+    }
 }
 
 /// Panels of the chart: (title, case, metric path).

@@ -28,6 +28,11 @@ const LAT_BATCH: usize = 256;
 pub struct RunCfg {
     #[serde(skip)]
     pub addr: SocketAddr,
+    /// Where publisher i connects: `pub_addrs[i % len]` (a cluster's
+    /// nodes; `[addr]` by default).
+    pub pub_addrs: Vec<SocketAddr>,
+    /// Where subscriber i connects, likewise.
+    pub sub_addrs: Vec<SocketAddr>,
     /// `tcp` or `ws` (MQTT over WebSocket, `ws_path`).
     #[serde(default)]
     pub transport: String,
@@ -88,10 +93,37 @@ impl RunCfg {
         client_id: &str,
         rbuf_cap: usize,
     ) -> Result<mqtt::Connected> {
+        self.connect_to(self.addr, opts, client_id, rbuf_cap).await
+    }
+
+    /// Publisher `idx`'s address.
+    fn pub_addr(&self, idx: usize) -> SocketAddr {
+        self.pub_addrs
+            .get(idx % self.pub_addrs.len().max(1))
+            .copied()
+            .unwrap_or(self.addr)
+    }
+
+    /// Subscriber `idx`'s address.
+    fn sub_addr(&self, idx: usize) -> SocketAddr {
+        self.sub_addrs
+            .get(idx % self.sub_addrs.len().max(1))
+            .copied()
+            .unwrap_or(self.addr)
+    }
+
+    /// [`RunCfg::connect`] to `addr`.
+    async fn connect_to(
+        &self,
+        addr: SocketAddr,
+        opts: &mqtt::ConnectOpts,
+        client_id: &str,
+        rbuf_cap: usize,
+    ) -> Result<mqtt::Connected> {
         match self.transport.as_str() {
             "ws" => {
                 mqtt::mqtt_connect_ws(
-                    self.addr,
+                    addr,
                     &self.ws_path,
                     opts,
                     client_id,
@@ -102,7 +134,7 @@ impl RunCfg {
             }
             _ => {
                 mqtt::mqtt_connect(
-                    self.addr,
+                    addr,
                     None,
                     opts,
                     client_id,
@@ -342,7 +374,8 @@ pub async fn publisher(
     let client_id = format!("{}-{:08x}-p{idx}", cfg.client_prefix, cfg.nonce);
     let connected = {
         let _permit = ctx.connect_sem.acquire().await;
-        cfg.connect(&cfg.connect_opts(true), &client_id, 4096).await
+        cfg.connect_to(cfg.pub_addr(idx), &cfg.connect_opts(true), &client_id, 4096)
+            .await
     };
     let mut link = match connected {
         Ok(c) => Link::new(c, cfg.version, 4096),
@@ -628,7 +661,10 @@ pub async fn subscriber(
     if !cfg.clean_session {
         // Remove the persistent session we created.
         let _permit = ctx.connect_sem.acquire().await;
-        if let Ok(c) = cfg.connect(&cfg.connect_opts(true), &client_id, 256).await {
+        if let Ok(c) = cfg
+            .connect_to(cfg.sub_addr(idx), &cfg.connect_opts(true), &client_id, 256)
+            .await
+        {
             let mut l = Link::new(c, cfg.version, 256);
             l.disconnect().await;
         }
@@ -656,7 +692,8 @@ async fn subscribe_loop(
     };
     let connect = || async {
         let _permit = ctx.connect_sem.acquire().await;
-        cfg.connect(
+        cfg.connect_to(
+            cfg.sub_addr(idx),
             &mqtt::ConnectOpts {
                 topic_alias_max: cfg.sub_topic_alias_max,
                 ..cfg.connect_opts(cfg.clean_session)
