@@ -56,7 +56,36 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "mosquitto_only(reason): only meaningful against Mosquitto")
 
 
+# Tests of the cluster subset (MILLET_CLUSTER=1) that need what cluster mode
+# does not do yet (docs/CLUSTER.md), skipped there with the reason. A prefix
+# of the test id (file::name, or file::name[params]).
+_SESSIONS = "cluster: sessions do not move between nodes yet (issue 13; docs/CLUSTER.md)"
+CLUSTER_GAPS = {
+    "test_session.py::test_session_present_and_queued_messages": _SESSIONS,
+    "test_session.py::test_v5_session_survives_within_expiry": _SESSIONS,
+    "test_session.py::test_takeover_keeps_persistent_session": _SESSIONS,
+    "test_session.py::test_unacked_qos1_resent_with_dup_on_resume": _SESSIONS,
+    "test_session.py::test_unacked_qos2_publish_resent_with_dup": _SESSIONS,
+    "test_session.py::test_unacked_pubrel_resent_on_resume": _SESSIONS,
+    "test_v5_features.py::test_v5_message_expiry_for_offline_session": _SESSIONS,
+    "test_will.py::test_v5_will_delay_cancelled_by_reconnect": _SESSIONS,
+    "test_will.py::test_v5_delayed_will_published_when_a_clean_connection_ends_the_session": _SESSIONS,
+    "test_will.py::test_takeover_publishes_the_will_only_when_the_session_ends[3.1.1-persistent-persistent]":
+        _SESSIONS,
+    "test_will.py::test_takeover_publishes_the_will_only_when_the_session_ends[5-persistent-persistent]":
+        _SESSIONS,
+    "test_shared.py::test_shared_messages_distributed_round_robin":
+        "cluster: a group's messages are spread by NATS queue groups (at random), not in turn",
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    if IN_CLUSTER:
+        for item in items:
+            nodeid = item.nodeid.split("/")[-1]
+            for prefix, reason in CLUSTER_GAPS.items():
+                if nodeid == prefix or nodeid.startswith(prefix + "["):
+                    item.add_marker(pytest.mark.skip(reason=reason))
     if os.environ.get("CONFORMANCE_RUN_ALL"):
         return  # debugging aid: run millet_only / mosquitto_only tests against any broker
     for item in items:
@@ -194,10 +223,87 @@ class Broker:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+# MILLET_CLUSTER=1: every broker of the suite is a cluster of three Millet
+# nodes on one three-server NATS cluster (cluster mode, issue 13), and each
+# client is given one of its nodes in turn (helpers: ``broker.pick()``), so a
+# test's clients are spread over the nodes. scripts/test-cluster-suite.sh
+# runs the subset that holds across nodes.
+IN_CLUSTER = bool(os.environ.get("MILLET_CLUSTER"))
+CLUSTER_NATS_BASE = 24920
+_nats_run: list = []
+
+
+def _cluster_nats_urls() -> list[str]:
+    if not _nats_run:
+        from test_cluster import nats_cluster_up
+        _nats_run.append(nats_cluster_up(CLUSTER_NATS_BASE))
+    return [f"nats://127.0.0.1:{CLUSTER_NATS_BASE + i}" for i in (1, 2, 3)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cluster_nats():
+    yield
+    if _nats_run:
+        from test_cluster import nats_cluster_down
+        nats_cluster_down(_nats_run.pop())
+
+
+class ClusterBroker:
+    """Three Millet nodes with the same settings, node i on NATS server i."""
+
+    kind = "millet"
+    is_mosquitto = False
+
+    def __init__(self, settings: dict):
+        self.host = HOST
+        self.settings = settings
+        self.nodes: list[Broker] = []
+        self._next = 0
+
+    def start(self):
+        for i, url in enumerate(_cluster_nats_urls(), 1):
+            b = Broker(kind="millet", host=HOST, port=free_port(), settings=self.settings,
+                       args=["--nats", url, "--node-id", f"s{i}-{free_port()}", "--no-admin"])
+            self.nodes.append(b)
+            b.start()
+
+    def pick(self) -> Broker:
+        """The next node, in turn."""
+        b = self.nodes[self._next % len(self.nodes)]
+        self._next += 1
+        return b
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0].port
+
+    @property
+    def proc(self):
+        return self.nodes[0].proc
+
+    def alive(self) -> bool:
+        return all(b.alive() for b in self.nodes)
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(f"--- node {i}:\n{b.log_tail(n)}" for i, b in enumerate(self.nodes, 1))
+
+    def stop(self):
+        for b in self.nodes:
+            b.stop()
+
+
 def start_broker(**settings) -> Broker:
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise ValueError(f"unknown broker settings: {unknown}")
+    if IN_CLUSTER:
+        c = ClusterBroker(settings)
+        try:
+            c.start()
+        except RuntimeError:
+            c.stop()
+            raise
+        return c  # type: ignore[return-value]
     b = Broker(kind="mosquitto" if IS_MOSQUITTO else "millet", host=HOST, port=free_port(), settings=settings)
     last = None
     for _ in range(3):  # a free port may be grabbed between probe and bind; retry a few times

@@ -194,7 +194,8 @@ class Client:
 
     def __init__(self, broker, version: str = V311, client_id: str | None = None,
                  clean_session: bool = True, manual_ack: bool = False):
-        self.broker = broker
+        # A cluster (MILLET_CLUSTER=1) gives each client one of its nodes, in turn.
+        self.broker = broker = broker.pick() if hasattr(broker, "pick") else broker
         self.version = version
         self.client_id = unique("p") if client_id is None else client_id
         kw: dict[str, Any] = {}
@@ -747,7 +748,8 @@ class RawClient:
     """Minimal hand-encoded MQTT client over a blocking TCP socket."""
 
     def __init__(self, broker, version: str = V311, timeout: float = TIMEOUT):
-        self.broker = broker
+        # A cluster (MILLET_CLUSTER=1) gives each client one of its nodes, in turn.
+        self.broker = broker = broker.pick() if hasattr(broker, "pick") else broker
         self.version = version
         self.sock = socket.create_connection((broker.host, broker.port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
