@@ -436,3 +436,25 @@ def test_a_qos1_or_2_publish_is_acknowledged_once_jetstream_stored_it(on, versio
     a.publish(f"{t}/q0", b"not-stored", qos=0)
     a.publish(f"{t}/q1", b"barrier", qos=1)  # the QoS 0 message went before it
     assert stream_last(BASE + 2, "MILLET_MSGS", subject_of("m.0", f"{t}/q0")) is None
+
+
+def test_a_long_topic_cannot_cut_a_node_off_the_cluster(on):
+    """A topic travels as a NATS subject, and a NATS server closes a
+    connection whose protocol line passes 4 KiB: in cluster mode topics and
+    filters are held to 1,024 bytes (limits.max_topic_length), so a client
+    sending a longer one is refused like any over-long topic (v5 PUBACK /
+    SUBACK 0x90 / 0x8F) and the node stays joined: its QoS 1 publishes are
+    still acknowledged and still reach the other nodes."""
+    t = unique("cl/long")
+    attacker, pub, far = on(0, V5), on(0, V5), on(1, V5)
+    for c in (attacker, pub, far):
+        c.connect()
+    assert far.subscribe(f"{t}/#", 1) == [1]
+    reached(pub, far, f"{t}/probe")
+    long = f"{t}/" + "x" * 1100
+    assert attacker.publish(long, b"long", qos=1) == 0x90
+    assert attacker.subscribe(long + "/#", 1) == [0x8F]
+    assert attacker.publish(f"{t}/" + "é" * 500, b"escaped", qos=1) == 0  # 1,000 bytes: 3 kB as a subject
+    for i in range(5):
+        assert pub.publish(f"{t}/after", b"a%d" % i, qos=1) == 0
+    far.messages.wait_for(6, pred=lambda m: m.payload in {b"escaped"} | {b"a%d" % i for i in range(5)})

@@ -127,6 +127,11 @@ pub struct NatsConfig {
     pub message_retention_secs: u64,
 }
 
+/// `limits.max_topic_length` in cluster mode, at most: the longest topic
+/// whose NATS subject (three bytes per escaped byte, plus the prefix) fits
+/// in a NATS server's default protocol line of 4 KiB with room to spare.
+pub const CLUSTER_MAX_TOPIC_LENGTH: usize = 1024;
+
 impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
@@ -278,7 +283,8 @@ pub struct Limits {
     /// Back-pressure threshold: a publisher sending to an online session with
     /// this many messages queued stops being read until the queue halves.
     pub backpressure_queued: usize,
-    /// Longest topic name or filter, bytes.
+    /// Longest topic name or filter, bytes (at most
+    /// [`CLUSTER_MAX_TOPIC_LENGTH`] in cluster mode).
     pub max_topic_length: usize,
     /// Most levels in a topic name or filter.
     pub max_topic_levels: usize,
@@ -670,6 +676,13 @@ impl Config {
         if cli.node_id.is_some() {
             cfg.engine.nats.node_id = cli.node_id.clone();
         }
+        if cfg.engine.kind == EngineKind::Nats {
+            // A topic travels as a NATS subject (each byte escaped to at
+            // most three), and NATS refuses a protocol line over 4 KiB by
+            // closing the connection: one long topic would cut the node
+            // off the cluster.
+            cfg.limits.max_topic_length = cfg.limits.max_topic_length.min(CLUSTER_MAX_TOPIC_LENGTH);
+        }
         cfg.validate()
             .map_err(|e| Box::new(figment::Error::from(e)))?;
         Ok(cfg)
@@ -1026,6 +1039,20 @@ mod tests {
             e.contains("proxy_protocol_listeners names 127.0.0.1:1999, which is not a listener"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn cluster_mode_caps_the_topic_length() {
+        let c =
+            load_text("[engine]\nkind = \"nats\"\n[engine.nats]\nservers = [\"nats://a:4222\"]\n")
+                .unwrap();
+        assert_eq!(c.limits.max_topic_length, CLUSTER_MAX_TOPIC_LENGTH);
+        let c = load_text(
+            "[engine]\nkind = \"nats\"\n[engine.nats]\nservers = [\"nats://a:4222\"]\n[limits]\nmax_topic_length = 200\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_topic_length, 200, "a lower limit stays");
+        assert_eq!(load_text("").unwrap().limits.max_topic_length, 65535);
     }
 
     #[test]
