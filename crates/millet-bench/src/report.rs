@@ -929,19 +929,8 @@ fn durability_section(w: &mut String, results: &Results, meta: &Value) {
         let _ = write!(w, " {title} |");
     }
     let _ = writeln!(w, " better |\n|---|---:|---:|---:|---:|---|");
-    for mt in DURABILITY_METRICS {
-        let _ = write!(w, "| {} ({}) |", mt.name, mt.unit);
-        for (b, _) in DURABILITY_BROKERS {
-            let _ = write!(w, " {} |", cell(results, pass, case, b, mt.path));
-        }
-        let better = if mt.better == Higher {
-            "higher"
-        } else {
-            "lower"
-        };
-        let _ = writeln!(w, " {better} |");
-    }
     let brokers: Vec<&str> = DURABILITY_BROKERS.iter().map(|(b, _)| *b).collect();
+    metric_rows(w, results, pass, case, &brokers, DURABILITY_METRICS);
     let nruns = brokers
         .iter()
         .map(|b| runs_of(results, pass, case, b))
@@ -1020,21 +1009,10 @@ fn cluster_section(w: &mut String, results: &Results, dir: &Path) {
         let _ = write!(w, " {title} |");
     }
     let _ = writeln!(w, " better |\n|---|---:|---:|---:|---:|---:|---|");
-    for (case, metrics) in CLUSTER_CASES {
-        for mt in *metrics {
-            let _ = write!(w, "| {} ({}) |", mt.name, mt.unit);
-            for (b, _) in CLUSTER_BROKERS {
-                let _ = write!(w, " {} |", cell(results, pass, case, b, mt.path));
-            }
-            let better = if mt.better == Higher {
-                "higher"
-            } else {
-                "lower"
-            };
-            let _ = writeln!(w, " {better} |");
-        }
-    }
     let brokers: Vec<&str> = CLUSTER_BROKERS.iter().map(|(b, _)| *b).collect();
+    for (case, metrics) in CLUSTER_CASES {
+        metric_rows(w, results, pass, case, &brokers, metrics);
+    }
     for (case, _) in CLUSTER_CASES {
         run_notes(w, results, pass, case, &brokers);
     }
@@ -1115,6 +1093,30 @@ fn fleet_section(w: &mut String, results: &Results, dir: &Path) {
     run_notes(w, results, pass, case, &brokers);
     let _ = writeln!(w);
     notes_file(w, dir, "fleet-notes.md");
+}
+
+/// One table row per metric of `case`: its value for each broker, and
+/// which way is better.
+fn metric_rows(
+    w: &mut String,
+    results: &Results,
+    pass: &str,
+    case: &str,
+    brokers: &[&str],
+    metrics: &[Metric],
+) {
+    for mt in metrics {
+        let _ = write!(w, "| {} ({}) |", mt.name, mt.unit);
+        for b in brokers {
+            let _ = write!(w, " {} |", cell(results, pass, case, b, mt.path));
+        }
+        let better = if mt.better == Higher {
+            "higher"
+        } else {
+            "lower"
+        };
+        let _ = writeln!(w, " {better} |");
+    }
 }
 
 /// The hand-written reading of a pass's results (`bench/results/NAME`),

@@ -1437,25 +1437,40 @@ async fn retained_writer(
     link: Weak<NatsLink>,
 ) {
     while let Some((subject, headers, payload, id)) = rx.recv().await {
-        // Sent in order; the acknowledgements are awaited apart.
-        let sent = js.publish_with_headers(subject, headers, payload).await;
-        let link = link.clone();
-        tokio::spawn(async move {
-            let stored = match sent {
-                Ok(ack) => ack.await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            let Some(link) = link.upgrade() else {
-                return;
-            };
-            if let Err(e) = &stored {
-                link.retained_error("a store", e);
-            }
-            if id != 0 {
-                link.ticket_answered(id, stored.is_ok());
-            }
-        });
+        store(&js, &link, (subject, headers, payload), id, |link, e| {
+            link.retained_error("a store", e)
+        })
+        .await;
     }
+}
+
+/// Publish `m` (subject, headers, payload) to JetStream, in the caller's
+/// order, and answer ticket `id` (0: none) once JetStream acknowledges it,
+/// apart; `failed` reports an error.
+async fn store(
+    js: &async_nats::jetstream::Context,
+    link: &Weak<NatsLink>,
+    m: (String, HeaderMap, Bytes),
+    id: u64,
+    failed: fn(&NatsLink, &str),
+) {
+    let sent = js.publish_with_headers(m.0, m.1, m.2).await;
+    let link = link.clone();
+    tokio::spawn(async move {
+        let stored = match sent {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let Some(link) = link.upgrade() else {
+            return;
+        };
+        if let Err(e) = &stored {
+            failed(&link, e);
+        }
+        if id != 0 {
+            link.ticket_answered(id, stored.is_ok());
+        }
+    });
 }
 
 /// Hands this node's messages to NATS, in order: QoS 0 as core messages,
@@ -1477,23 +1492,12 @@ async fn publisher(
                 }
                 continue;
             }
-            let sent = js.publish_with_headers(subject, headers, payload).await;
-            let link = link.clone();
-            tokio::spawn(async move {
-                let stored = match sent {
-                    Ok(ack) => ack.await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                let Some(link) = link.upgrade() else {
-                    return;
-                };
-                if let Err(e) = &stored {
-                    if once_a_minute(&link.last_store_error_line) {
-                        tracing::warn!(error = %e, "cluster: a QoS 1/2 message could not be stored in JetStream: its publish is refused (at most one line a minute)");
-                    }
+            store(&js, &link, (subject, headers, payload), id, |link, e| {
+                if once_a_minute(&link.last_store_error_line) {
+                    tracing::warn!(error = %e, "cluster: a QoS 1/2 message could not be stored in JetStream: its publish is refused (at most one line a minute)");
                 }
-                link.ticket_answered(id, stored.is_ok());
-            });
+            })
+            .await;
         }
     }
 }
