@@ -133,8 +133,8 @@ const TOMBSTONE_TTL: Duration = Duration::from_secs(60);
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Tickets of this engine's own: an acknowledgement that waits for
-/// JetStream (a retained message stored) and then for another ticket (the
-/// node's store, or another of these). Their numbers have the top bit set
+/// JetStream (a QoS 1/2 or a retained message stored) and then for another
+/// ticket (the node's store, or another of these). Their numbers have the top bit set
 /// ([`CLUSTER_TICKET`]); [`NATS_DOWN`] is apart.
 #[derive(Default)]
 struct Tickets {
@@ -1051,11 +1051,13 @@ impl ClusterLink for NatsLink {
         if other.is_none() {
             return cluster;
         }
+        // Joined before anyone waits on the ticket (the publish's own
+        // tickets, before its acknowledgement is queued), so `then` may be
+        // changed whether JetStream answered yet or not.
         let then = {
             let mut pending = self.tickets.pending.lock();
             match pending.get_mut(&cluster.0) {
-                Some(p) if p.stored.is_none() => {
-                    // Not answered yet: the answer waits for `other` too.
+                Some(p) if p.stored != Some(false) => {
                     let then = p.then;
                     if !is_cluster_ticket(then) && !is_cluster_ticket(other) {
                         p.then = then.max(other);
@@ -1063,7 +1065,8 @@ impl ClusterLink for NatsLink {
                     }
                     then
                 }
-                _ => return other.max(cluster),
+                // Refused (or gone, which counts as refused): so is the join.
+                _ => return cluster,
             }
         };
         // Both have parts of this engine's: chained.
