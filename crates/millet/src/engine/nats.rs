@@ -129,8 +129,10 @@ struct Retained {
 
 /// A cleared retained topic's empty record stays this long.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(60);
-/// A replay reads at most this long from JetStream.
+/// A replay reads at most this long from JetStream...
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
+/// ... and stops when nothing came for this long.
+const REPLAY_QUIET: Duration = Duration::from_secs(2);
 
 /// Tickets of this engine's own: an acknowledgement that waits for
 /// JetStream (a QoS 1/2 or a retained message stored) and then for another
@@ -756,7 +758,6 @@ impl NatsLink {
         Ticket(id)
     }
 
-    /// `what` failed on the retained stream (logged at most once a minute).
     /// A ticket waiting for JetStream's answer ([`NatsLink::ticket_answered`]).
     fn new_ticket(&self) -> u64 {
         let id = (self.tickets.next.fetch_add(1, Ordering::Relaxed) + 1) | CLUSTER_TICKET;
@@ -772,6 +773,7 @@ impl NatsLink {
         id
     }
 
+    /// `what` failed on the retained stream (logged at most once a minute).
     fn retained_error(&self, what: &str, error: &str) {
         if once_a_minute(&self.retained.last_error_line) {
             tracing::warn!(what, error, "cluster: retained messages in JetStream: {what} failed (a store's QoS 1/2 publish is refused; a replay delivers what it read; at most one line a minute)");
@@ -927,7 +929,10 @@ impl NatsLink {
             let consumer = self.retained.stream.create_consumer(config).await?;
             if consumer.cached_info().num_pending > 0 {
                 let mut messages = consumer.messages().await?;
-                while let Some(m) = messages.next().await {
+                // Until the last pending one; a quiet stream (its last
+                // pending message expired meanwhile) ends the read with
+                // what came.
+                while let Ok(Some(m)) = tokio::time::timeout(REPLAY_QUIET, messages.next()).await {
                     let m = m?;
                     let pending = m.info().map(|i| i.pending).unwrap_or(0);
                     records.push(m.message.payload.clone());

@@ -317,7 +317,7 @@ impl Connection {
                 return;
             }
             // ...unless the engine has a part of its own to wait for (the
-            // cluster's, for a retained message).
+            // cluster's JetStream store).
         }
         self.shared.engine.ticket_wait(ticket, &self.waker);
     }
