@@ -1196,10 +1196,14 @@ fn a_round_leaves_the_newest_in_flight_deliveries_to_the_next() {
         "{whole} exchanges absorbed whole, {fast} acknowledged within the window: {after:?}"
     );
     // Only a slow exchange is logged: its message in one round, its delete
-    // in a later one.
+    // in a later one. Give or take a couple: the queue entry and the
+    // in-flight put of one exchange are submitted microseconds apart, each
+    // held for the window, and a writer that wakes within those
+    // microseconds of the first one's hold ending takes it alone (seen in
+    // CI under load: 4 fsyncs with 1 slow exchange).
     let slow = 300 - fast;
     assert!(
-        after.fsyncs - before.fsyncs <= 2 * slow,
+        after.fsyncs - before.fsyncs <= 2 * slow + 4,
         "{} fsyncs for {slow} slow exchanges: {after:?}",
         after.fsyncs - before.fsyncs
     );
