@@ -1043,6 +1043,19 @@ mod tests {
 
     #[test]
     fn cluster_mode_caps_the_topic_length() {
+        if std::env::var_os("MILLET_ENGINE__TEST_DELAY_MS").is_some() {
+            // The suite's delaying-engine pass sets it, and cluster mode
+            // refuses it (the delaying engine wraps the embedded one).
+            let e = load_text(
+                "[engine]\nkind = \"nats\"\n[engine.nats]\nservers = [\"nats://a:4222\"]\n",
+            )
+            .unwrap_err();
+            assert!(
+                e.contains("test_delay_ms is for the embedded engine only"),
+                "{e}"
+            );
+            return;
+        }
         let c =
             load_text("[engine]\nkind = \"nats\"\n[engine.nats]\nservers = [\"nats://a:4222\"]\n")
                 .unwrap();
