@@ -59,21 +59,7 @@ def pytest_configure(config):
 # Tests of the cluster subset (MILLET_CLUSTER=1) that need what cluster mode
 # does not do yet (docs/CLUSTER.md), skipped there with the reason. A prefix
 # of the test id (file::name, or file::name[params]).
-_SESSIONS = "cluster: sessions do not move between nodes yet (issue 13; docs/CLUSTER.md)"
 CLUSTER_GAPS = {
-    "test_session.py::test_session_present_and_queued_messages": _SESSIONS,
-    "test_session.py::test_v5_session_survives_within_expiry": _SESSIONS,
-    "test_session.py::test_takeover_keeps_persistent_session": _SESSIONS,
-    "test_session.py::test_unacked_qos1_resent_with_dup_on_resume": _SESSIONS,
-    "test_session.py::test_unacked_qos2_publish_resent_with_dup": _SESSIONS,
-    "test_session.py::test_unacked_pubrel_resent_on_resume": _SESSIONS,
-    "test_v5_features.py::test_v5_message_expiry_for_offline_session": _SESSIONS,
-    "test_will.py::test_v5_will_delay_cancelled_by_reconnect": _SESSIONS,
-    "test_will.py::test_v5_delayed_will_published_when_a_clean_connection_ends_the_session": _SESSIONS,
-    "test_will.py::test_takeover_publishes_the_will_only_when_the_session_ends[3.1.1-persistent-persistent]":
-        _SESSIONS,
-    "test_will.py::test_takeover_publishes_the_will_only_when_the_session_ends[5-persistent-persistent]":
-        _SESSIONS,
     "test_shared.py::test_shared_messages_distributed_round_robin":
         "cluster: a group's messages are spread by NATS queue groups (at random), not in turn",
 }

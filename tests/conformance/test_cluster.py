@@ -458,3 +458,65 @@ def test_a_long_topic_cannot_cut_a_node_off_the_cluster(on):
     for i in range(5):
         assert pub.publish(f"{t}/after", b"a%d" % i, qos=1) == 0
     far.messages.wait_for(6, pred=lambda m: m.payload in {b"escaped"} | {b"a%d" % i for i in range(5)})
+
+
+def session_on(on, i, version, cid, clean=False):
+    """A paho client on node i for `cid`: persistent unless `clean`
+    (v5: Session Expiry Interval 300)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    c = on(i, version, client_id=cid, clean_session=clean)
+    if version == V5:
+        p = Properties(PacketTypes.CONNECT)
+        if not clean:
+            p.SessionExpiryInterval = 300
+        return c, c.connect(clean_start=clean, properties=p)
+    return c, c.connect()
+
+
+@pytest.mark.parametrize("version", [V311, V5])
+def test_a_persistent_session_moves_to_the_node_its_client_reconnects_to(on, version):
+    """Issue 13: subscribe on node A, disconnect, publish via node B,
+    reconnect on node C: session present = 1 [MQTT-3.2.2-2], and every
+    QoS 1/2 message published meanwhile arrives, QoS 2 exactly once. The
+    session then lives on C: live messages reach it there, and node A no
+    longer queues for it (back on A, nothing arrives twice)."""
+    cid = unique("cl-move")
+    t = unique("cl/move")
+    sub, ack = session_on(on, 0, version, cid)
+    assert not ack.session_present
+    assert sub.subscribe(f"{t}/#", 2) == [2]
+    sub.disconnect()
+    pub = on(1, version)
+    pub.connect()
+    for i in range(40):
+        pub.publish(f"{t}/a", b"q%d-%d" % (1 + i % 2, i), qos=1 + i % 2)
+    moved, ack = session_on(on, 2, version, cid)
+    assert ack.session_present, "the session moved from node A to node C"
+    got = moved.messages.wait_for(40, pred=lambda m: m.payload.startswith(b"q"))
+    assert sorted(m.payload for m in got) == sorted(b"q%d-%d" % (1 + i % 2, i) for i in range(40))
+    # Per topic and QoS, in order [MQTT-4.6.0-6].
+    for q in (1, 2):
+        seq = [int(m.payload.split(b"-")[1]) for m in got if m.payload.startswith(b"q%d" % q)]
+        assert seq == sorted(seq)
+    # Live, on node C now: published on A and B.
+    on0 = on(0, version)
+    on0.connect()
+    on0.publish(f"{t}/b", b"live-a", qos=2)
+    pub.publish(f"{t}/b", b"live-b", qos=1)
+    moved.messages.wait_for(2, pred=lambda m: m.payload.startswith(b"live"))
+    moved.disconnect()
+    pub.publish(f"{t}/c", b"offline-2", qos=1)
+    # Back on node A: the session moves again, with the one queued message.
+    back, ack = session_on(on, 0, version, cid)
+    assert ack.session_present
+    back.messages.wait_for(1, pred=lambda m: m.payload == b"offline-2")
+    back.messages.assert_no_more(1)  # fixed negative window: nothing twice
+    # A clean start on another node ends the session everywhere.
+    back.disconnect()
+    fresh, ack = session_on(on, 1, version, cid, clean=True)
+    assert not ack.session_present
+    fresh.disconnect()
+    again, ack = session_on(on, 2, version, cid)
+    assert not ack.session_present

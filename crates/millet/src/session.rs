@@ -441,6 +441,13 @@ impl PacketIds {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Take every id out (in no particular order).
+    pub fn take(&mut self) -> Vec<u16> {
+        self.0
+            .take()
+            .map_or_else(Vec::new, |s| s.into_iter().collect())
+    }
 }
 
 impl Extend<u16> for PacketIds {
@@ -982,6 +989,19 @@ impl Session {
             out.push(d);
         }
         out
+    }
+
+    /// Take the whole in-flight window (both states, in send order) and
+    /// the queue, for a session moving to another node of a cluster.
+    pub fn take_pending(&mut self) -> (Vec<(u16, Inflight)>, Vec<Delivery>) {
+        self.sub_inflight(self.inflight_bytes);
+        self.sub_queued(self.queued_bytes);
+        let inflight = self.inflight.take().into_iter().collect();
+        let mut queue = Vec::with_capacity(self.queue.len());
+        while let Some(d) = self.queue.pop_front() {
+            queue.push(d);
+        }
+        (inflight, queue)
     }
 
     /// Forget messages that have expired while queued.

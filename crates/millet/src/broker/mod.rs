@@ -34,7 +34,7 @@ pub(crate) use sys::rss_bytes;
 #[cfg(test)]
 mod topic_tree_tests;
 
-pub use registry::{Attached, SessionRefusal};
+pub use registry::{Attached, MovedSession, SessionRefusal};
 pub use route::{IndexEntry, Routed, Scope, SubscribeOutcome};
 pub use stats::{
     AuthFailure, AuthFailures, Direction, Overload, QosCounters, Stats, LATENCY_SAMPLE_EVERY,
@@ -117,6 +117,9 @@ pub trait ClusterLink: Send + Sync + 'static {
     fn interest_added(&self, filter: &str, share: Option<&str>);
     /// The last subscription of this node to `filter` (in `share`) went.
     fn interest_removed(&self, filter: &str, share: Option<&str>);
+    /// The session of `client_id` ended on this node (expired, discarded
+    /// by a clean start, or moved to another node).
+    fn session_ended(&self, client_id: &str);
 }
 
 impl Broker {

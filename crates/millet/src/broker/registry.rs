@@ -19,7 +19,9 @@ use millet_codec::{topic, LastWill, QoS};
 use super::route::remove_from_index;
 use super::wills::DelayedWill;
 use super::Broker;
-use crate::session::{ConnWaker, Session, SessionCell, Subscription, Will};
+use crate::session::{
+    ConnWaker, Delivery, Inflight, InflightState, Session, SessionCell, Subscription, Will,
+};
 use crate::stamp::Stamp;
 use crate::store::Op;
 
@@ -86,6 +88,19 @@ pub struct Attached {
     pub cell: Arc<SessionCell>,
     pub epoch: u64,
     pub session_present: bool,
+}
+
+/// A session leaving this node for another node of a cluster
+/// ([`Broker::give_up_session`], [`Broker::take_moved_session`]): what a
+/// resumed session needs, in the broker's terms. The engine carries it.
+#[derive(Debug, Default)]
+pub struct MovedSession {
+    pub subscriptions: Vec<(ByteString, Subscription)>,
+    /// The in-flight window, in send order.
+    pub inflight: Vec<(u16, Inflight)>,
+    pub queue: Vec<Delivery>,
+    /// Incoming QoS 2 ids: PUBREC sent, PUBREL not received yet.
+    pub awaiting_rel: Vec<u16>,
 }
 
 /// Why a new session is refused ([`Broker::admit_session`]).
@@ -401,6 +416,206 @@ impl Broker {
             if let Some((_, entry)) = member {
                 self.deliver(&entry.cell, d);
             }
+        }
+        if let Some(link) = self.cluster() {
+            link.session_ended(&cell.client_id);
+        }
+    }
+
+    /// Whether this node holds a session for `client_id` (connected or not).
+    pub fn has_session(&self, client_id: &str) -> bool {
+        self.registry.lock().contains_key(client_id)
+    }
+
+    /// Another node of the cluster takes `client_id` over: close this
+    /// node's connection for it (0x8E) and end its session here. With
+    /// `moving` (the new connection resumes the session, clean start 0) the
+    /// session is returned, to continue on the other node, and its will
+    /// is cancelled as by a reconnection [MQTT-3.1.3-9]; otherwise the
+    /// session ends here and its will goes out now.
+    ///
+    /// Returns the closed connection's epoch and waker, if there was one,
+    /// and the moved session.
+    #[allow(clippy::type_complexity)]
+    pub fn give_up_session(
+        &self,
+        client_id: &str,
+        moving: bool,
+        now: Instant,
+    ) -> (Option<(u64, Option<Arc<ConnWaker>>)>, Option<MovedSession>) {
+        let mut closed = None;
+        let cell = self.registry.lock().get(client_id).cloned();
+        let Some(cell) = cell else {
+            return (None, None);
+        };
+        {
+            let mut st = cell.state.lock();
+            if st.conn_epoch != 0 {
+                // As a takeover on this node ([`Broker::connect`]): the old
+                // connection sees its epoch replaced and closes with 0x8E;
+                // if the session ends (expiry 0, or the new connection
+                // starts clean) its will is left for it to decide on when
+                // it closes [MQTT-3.1.2-10] (a DISCONNECT it sent just
+                // before deletes it); a session that moves cancels it.
+                let ends = !moving || st.session.expiry_interval == 0;
+                let will = st.session.will.take();
+                if let (true, Some(w)) = (ends, will) {
+                    st.takeover_will = Some((st.conn_epoch, w));
+                }
+                closed = Some((st.conn_epoch, st.waker.clone()));
+                st.conn_epoch = 0;
+                st.signal_kick();
+                st.waker = None;
+                st.conn_info = None;
+                st.release_blocked();
+                self.node
+                    .stats
+                    .clients_connected
+                    .fetch_sub(1, Ordering::Relaxed);
+                if st.session.expiry_interval == 0 {
+                    // Ends here, whatever the new connection wants.
+                    drop(st);
+                    let mut reg = self.registry.lock();
+                    if reg.get(client_id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                        reg.remove(client_id);
+                    }
+                    drop(reg);
+                    self.end_session(&cell, now);
+                    return (closed, None);
+                }
+            }
+        }
+        {
+            let mut reg = self.registry.lock();
+            let same = reg.get(client_id).is_some_and(|c| Arc::ptr_eq(c, &cell));
+            // A connection attached here meanwhile keeps it (its own
+            // takeover of the client id follows).
+            if !same || cell.state.lock().conn_epoch != 0 {
+                return (closed, None);
+            }
+            reg.remove(client_id);
+        }
+        let delayed = self.take_delayed_will(cell.id);
+        if !moving {
+            self.end_session(&cell, now);
+            if let Some(w) = delayed {
+                self.publish_will(w, now);
+            }
+            return (closed, None);
+        }
+        // Out of the index first, so that nothing more is queued here.
+        let subscriptions: Vec<(ByteString, Subscription)> = {
+            let mut st = cell.state.lock();
+            if let (Some(p), true) = (&self.persist, st.session.persisted) {
+                st.session.persisted = false;
+                p.submit(vec![Op::DeleteSession {
+                    client_id: cell.client_id.clone(),
+                }]);
+            }
+            st.session.subscriptions.drain().collect()
+        };
+        {
+            let mut idx = self.index.write();
+            for (filter, sub) in &subscriptions {
+                remove_from_index(&mut idx, filter, sub, cell.id, self.cluster());
+            }
+        }
+        self.node
+            .stats
+            .subscriptions
+            .fetch_sub(subscriptions.len() as u64, Ordering::Relaxed);
+        let (inflight, queue, awaiting_rel) = {
+            let mut st = cell.state.lock();
+            let (inflight, queue) = st.session.take_pending();
+            (inflight, queue, st.session.awaiting_rel.take())
+        };
+        if let Some(link) = self.cluster() {
+            link.session_ended(client_id);
+        }
+        (
+            closed,
+            Some(MovedSession {
+                subscriptions,
+                inflight,
+                queue,
+                awaiting_rel,
+            }),
+        )
+    }
+
+    /// A session moved here from another node of the cluster
+    /// ([`Broker::give_up_session`] there): it replaces any session this
+    /// node had for `client_id` (older: the other node owned the client id
+    /// since), for the connection attaching next to resume.
+    pub fn take_moved_session(&self, client_id: &ByteString, moved: MovedSession, now: Instant) {
+        let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
+        let client_id = ByteString::from(&**client_id);
+        let mut s = self.new_session();
+        // Until the connection attaching next sets its own.
+        s.expiry_interval = u32::MAX;
+        // This node's store gets the session's queue, in-flight window and
+        // QoS 2 ids (the session record is written when the connection
+        // attaches).
+        let mut ops = Vec::new();
+        let p = self.persist.as_ref();
+        s.persisted = p.is_some();
+        for (pid, i) in moved.inflight {
+            let order = s.take_seq();
+            if let Some(p) = p {
+                p.message_id(&i.delivery.msg, &mut ops, false);
+                let op = p.inflight_op(
+                    &client_id,
+                    pid,
+                    &i.delivery,
+                    i.state == InflightState::AwaitComp,
+                    order,
+                );
+                ops.push(op);
+            }
+            s.push_inflight_state(pid, i.delivery, i.state);
+        }
+        for mut d in moved.queue {
+            d.seq = s.take_seq();
+            if let Some(p) = p {
+                let op = p.queue_op(&client_id, &d, &mut ops, false);
+                ops.push(op);
+            }
+            s.enqueue(d);
+        }
+        for &packet_id in &moved.awaiting_rel {
+            ops.push(Op::PutAwaitingRel {
+                client_id: client_id.clone(),
+                packet_id,
+            });
+        }
+        s.awaiting_rel.extend(moved.awaiting_rel);
+        let record = p.map(|p| p.session_record(&client_id, &s, None));
+        let cell = SessionCell::new(id, client_id.clone(), s);
+        let old = {
+            let mut reg = self.registry.lock();
+            if reg
+                .get(&client_id)
+                .is_some_and(|c| c.state.lock().conn_epoch != 0)
+            {
+                // A connection of this node attached meanwhile: it keeps
+                // its session (a later takeover decides).
+                tracing::warn!(client_id = %client_id, "cluster: a moved session arrived while the client id is connected here: dropped");
+                return;
+            }
+            reg.insert(cell.clone())
+        };
+        if let Some(old) = old {
+            let _ = self.take_delayed_will(old.id);
+            // (Its records go before the moved session's are written.)
+            self.end_session(&old, now);
+        }
+        if let (Some(p), Some(record)) = (p, record) {
+            let mut all = vec![Op::PutSession(Box::new(record))];
+            all.extend(ops);
+            p.submit(all);
+        }
+        for (filter, sub) in moved.subscriptions {
+            let _ = self.subscribe(&cell, &filter, sub);
         }
     }
 

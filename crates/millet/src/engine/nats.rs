@@ -33,10 +33,13 @@
 //!   stores them (R3) and delivers them to the subscriptions; the publish
 //!   ticket waits for JetStream's acknowledgement (`publisher`).
 //!
-//! Not yet built (issue 13's open parts, in docs/CLUSTER.md): sessions
-//! across nodes (a client moving to another node starts without its
-//! session), catch-up from the stream (a node that lost its NATS
-//! connection misses what was sent meanwhile).
+//! - Sessions move with their clients: the node a client reconnects to
+//!   asks the node that holds its session for it with the takeover
+//!   (`kick_remote`, `kick_service`, [`MovedRecord`]).
+//!
+//! Not yet built (issue 13's open parts, in docs/CLUSTER.md): sessions in
+//! KV (what a dead node held is lost), catch-up from the stream (a node
+//! that lost its NATS connection misses what was sent meanwhile).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,11 +56,14 @@ use super::{
     subject, AckStatus, AttachRequest, Call, Completion, Engine, Reply, SessionWrites,
     SubscribeRequest, Ticket, UnsubscribeRequest,
 };
-use crate::broker::{Broker, ClusterLink, Routed, Scope, SessionRefusal};
+use crate::broker::{Broker, ClusterLink, MovedSession, Routed, Scope, SessionRefusal};
 use crate::config::NatsConfig;
 use crate::session::Message;
-use crate::session::{ConnWaker, DeferredReplay, Session, SessionCell};
-use crate::store::records::MessageRecord;
+use crate::session::{
+    ConnWaker, DeferredReplay, Delivery, Inflight, InflightState, Session, SessionCell,
+    Subscription,
+};
+use crate::store::records::{MessageRecord, SubscriptionRecord};
 
 /// The oldest NATS server this engine works with. Core routing needs
 /// headers (2.2) and "no responders" (2.2); JetStream's parts will need
@@ -512,6 +518,7 @@ impl NatsLink {
         let key = owner_key(&client_id);
         self.owners.attaching.lock().insert(client_id.clone(), 0);
         let mut revision = None;
+        let mut moved = None;
         for attempt in 0..10 {
             let entry = match self.owners.kv.entry(key.clone()).await {
                 Ok(e) => e,
@@ -530,7 +537,9 @@ impl NatsLink {
                 None => (None, None),
             };
             if let (Some(o), Some(r)) = (owner.filter(|o| *o != self.origin), rev) {
-                self.kick_remote(o, r, &client_id).await;
+                if let Some(m) = self.kick_remote(o, r, &client_id, !req.clean_start).await {
+                    moved = Some(m);
+                }
             }
             let value = self.owner_value();
             let cas = match rev {
@@ -559,6 +568,18 @@ impl NatsLink {
         }
         if revision.is_none() {
             tracing::warn!(client_id = %client_id, "cluster: could not become the owner of a client id (NATS unreachable, or a takeover storm): the connection is closed after its CONNACK");
+        }
+        if let Some(m) = moved {
+            // The session the other node gave up: resumed by this attach.
+            tracing::debug!(client_id = %client_id, queued = m.queue.len(), inflight = m.inflight.len(), "cluster: session moved here");
+            broker.take_moved_session(&client_id, m, Instant::now());
+            // Attached (and CONNACKed) once NATS has the subscriptions, as
+            // a SUBACK is.
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            self.barrier(Box::new(move || {
+                let _ = tx.send(());
+            }));
+            let _ = tokio::time::timeout(MOVE_TIMEOUT, rx).await;
         }
         let c = match Engine::attach(&**broker, req, reply_to, Instant::now()) {
             Call::Ready(c) => c,
@@ -599,19 +620,79 @@ impl NatsLink {
     }
 
     /// Ask the node of `origin` to close its connection for `client_id`
-    /// and wait until it has (or the node does not answer: it is gone).
-    async fn kick_remote(&self, origin: u64, revision: u64, client_id: &ByteString) {
+    /// and end its session there, and wait until it has (or the node does
+    /// not answer: it is gone). With `moving` (the new connection resumes
+    /// the session) the node sends the session over: returned.
+    async fn kick_remote(
+        &self,
+        origin: u64,
+        revision: u64,
+        client_id: &ByteString,
+        moving: bool,
+    ) -> Option<MovedSession> {
+        use futures_util::StreamExt;
         let subject = format!("_MILLET.kick.{origin:016x}");
-        tracing::debug!(client_id = %client_id, revision, "cluster: asking the owner to close its connection");
-        let payload = Bytes::from(format!("{revision} {client_id}"));
-        let asked = self.owners.client.request(subject, payload);
-        match tokio::time::timeout(Duration::from_secs(3), asked).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(client_id = %client_id, error = %e, "cluster: the owner node did not answer a takeover (gone)")
+        tracing::debug!(client_id = %client_id, revision, moving, "cluster: asking the owner to close its connection");
+        let mode = if moving { 'h' } else { 'k' };
+        let payload = Bytes::from(format!("{revision} {mode} {client_id}"));
+        let client = &self.owners.client;
+        let inbox = client.new_inbox();
+        let mut answers = match client.subscribe(inbox.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(client_id = %client_id, error = %e, "cluster: cannot ask the owner node to close its connection");
+                return None;
             }
-            Err(_) => {
-                tracing::warn!(client_id = %client_id, "cluster: the owner node did not answer a takeover in 3 s")
+        };
+        if let Err(e) = client.publish_with_reply(subject, inbox, payload).await {
+            tracing::warn!(client_id = %client_id, error = %e, "cluster: cannot ask the owner node to close its connection");
+            return None;
+        }
+        // The answer: chunks `i/n` of the moved session's record (`0/0`:
+        // none), in order; "no responders" when the node is gone.
+        let mut bytes = Vec::new();
+        let mut expected = None;
+        loop {
+            let next = tokio::time::timeout(MOVE_TIMEOUT, answers.next()).await;
+            let m = match next {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(_) => {
+                    tracing::warn!(client_id = %client_id, "cluster: the owner node did not answer a takeover in time: its session is not moved");
+                    return None;
+                }
+            };
+            if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                tracing::debug!(client_id = %client_id, "cluster: the owner node did not answer a takeover (gone)");
+                return None;
+            }
+            let chunk = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(CHUNK))
+                .and_then(|v| parse_chunk(v.as_str()));
+            let Some((i, n)) = chunk else {
+                tracing::warn!(client_id = %client_id, "cluster: a takeover's answer without its chunk header ignored");
+                return None;
+            };
+            if n == 0 {
+                return None;
+            }
+            if i != expected.unwrap_or(1) {
+                tracing::warn!(client_id = %client_id, i, n, "cluster: a moved session's chunks out of order: not moved");
+                return None;
+            }
+            bytes.extend_from_slice(&m.payload);
+            if i == n {
+                break;
+            }
+            expected = Some(i + 1);
+        }
+        match postcard::from_bytes::<MovedRecord>(&bytes) {
+            Ok(r) => Some(r.into_moved(Instant::now())),
+            Err(e) => {
+                tracing::warn!(client_id = %client_id, error = %e, "cluster: a moved session that does not decode: not moved");
+                None
             }
         }
     }
@@ -663,6 +744,16 @@ impl NatsLink {
                 // Up to this will: a newer one of a new connection stays.
                 let _ = stream.purge().filter(subject).sequence(seq + 1).await;
             });
+        }
+        // A session kept here (persistent, disconnected) keeps its owner
+        // entry: the node its client connects to next asks for it
+        // ([`NatsLink::session_ended`] deletes the entry).
+        if self
+            .broker
+            .upgrade()
+            .is_some_and(|b| b.has_session(client_id))
+        {
+            return;
         }
         let rev = {
             let mut owned = self.owners.owned.lock();
@@ -1089,6 +1180,18 @@ impl ClusterLink for NatsLink {
         }));
     }
 
+    fn session_ended(&self, client_id: &str) {
+        let Some((rev, _)) = self.owners.owned.lock().remove(client_id) else {
+            return;
+        };
+        let kv = self.owners.kv.clone();
+        let key = owner_key(client_id);
+        self.rt.spawn(async move {
+            // A revision moved on means another connection owns it now.
+            let _ = kv.delete_expect_revision(key, Some(rev)).await;
+        });
+    }
+
     fn interest_removed(&self, filter: &str, share: Option<&str>) {
         let _ = self.ctl.send(Control::Remove(Interest {
             filter: filter.to_owned(),
@@ -1123,11 +1226,7 @@ async fn kick_service(
         let (Some(link), Some(broker)) = (link.upgrade(), broker.upgrade()) else {
             return;
         };
-        let Some((revision, client_id)) = std::str::from_utf8(&m.payload)
-            .ok()
-            .and_then(|p| p.split_once(' '))
-            .and_then(|(r, c)| Some((r.parse::<u64>().ok()?, ByteString::from(c))))
-        else {
+        let Some((revision, moving, client_id)) = parse_kick(&m.payload) else {
             continue;
         };
         let client = client.clone();
@@ -1138,22 +1237,35 @@ async fn kick_service(
             // A kick naming an older entry than this node's connection
             // wrote is stale: its sender's compare-and-set fails, and it
             // asks again with the current revision.
-            let stale = link
-                .owners
-                .owned
-                .lock()
-                .get(&client_id)
-                .is_some_and(|&(mine, _)| revision < mine);
-            tracing::debug!(client_id = %client_id, revision, stale, "cluster: asked to close a connection");
-            // Detached before the answer: the new connection is attached
-            // elsewhere only once nothing reaches this one.
-            let old = if stale {
-                None
+            let stale = {
+                let mut owned = link.owners.owned.lock();
+                let stale = owned
+                    .get(&client_id)
+                    .is_some_and(|&(mine, _)| revision < mine);
+                if !stale {
+                    // The asking node takes the entry over: this node
+                    // does not delete it when the session goes.
+                    owned.remove(&client_id);
+                }
+                stale
+            };
+            tracing::debug!(client_id = %client_id, revision, stale, moving, "cluster: asked to close a connection");
+            // Detached and ended before the answer: the new connection is
+            // attached elsewhere only once nothing reaches this one.
+            let (old, session) = if stale {
+                (None, None)
             } else {
-                broker.taken_over_elsewhere(&client_id, Instant::now())
+                broker.give_up_session(&client_id, moving, Instant::now())
             };
             if let Some(reply) = m.reply {
-                let _ = client.publish(reply, Bytes::new()).await;
+                let chunks = match &session {
+                    Some(s) => {
+                        let max = client.server_info().max_payload.max(4096);
+                        encode_moved(s, max.saturating_sub(1024))
+                    }
+                    None => Vec::new(),
+                };
+                send_chunks(&client, reply, chunks, &client_id).await;
             }
             if let Some((epoch, w)) = old {
                 link.released(&client_id, epoch);
@@ -1162,6 +1274,189 @@ async fn kick_service(
                 }
             }
         });
+    }
+}
+
+/// A kick's request: `<revision> <h|k> <client id>` (`h`: hand the
+/// session over).
+fn parse_kick(payload: &[u8]) -> Option<(u64, bool, ByteString)> {
+    let p = std::str::from_utf8(payload).ok()?;
+    let (rev, rest) = p.split_once(' ')?;
+    let (mode, client_id) = rest.split_once(' ')?;
+    let moving = match mode {
+        "h" => true,
+        "k" => false,
+        _ => return None,
+    };
+    Some((rev.parse().ok()?, moving, ByteString::from(client_id)))
+}
+
+/// Header of a takeover's answer: chunk `i/n` of the moved session
+/// (`0/0`: no session).
+const CHUNK: &str = "Millet-Chunk";
+
+/// How long a takeover waits for each part of the old node's answer.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn parse_chunk(v: &str) -> Option<(u32, u32)> {
+    let (i, n) = v.split_once('/')?;
+    Some((i.parse().ok()?, n.parse().ok()?))
+}
+
+/// A moved session's record, cut to fit NATS's payload limit.
+fn encode_moved(s: &MovedSession, chunk: usize) -> Vec<Bytes> {
+    match postcard::to_allocvec(&MovedRecord::from_moved(s)) {
+        Ok(v) => {
+            let v = Bytes::from(v);
+            let chunk = chunk.max(1024);
+            (0..v.len().div_ceil(chunk).max(1))
+                .map(|i| v.slice(i * chunk..((i + 1) * chunk).min(v.len())))
+                .collect()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster: cannot encode a moved session");
+            Vec::new()
+        }
+    }
+}
+
+/// Send a takeover's answer: the chunks (`i/n`), or `0/0` for none.
+async fn send_chunks(
+    client: &async_nats::Client,
+    reply: async_nats::Subject,
+    chunks: Vec<Bytes>,
+    client_id: &str,
+) {
+    let n = chunks.len();
+    if n == 0 {
+        let mut h = HeaderMap::new();
+        h.insert(CHUNK, "0/0");
+        let _ = client.publish_with_headers(reply, h, Bytes::new()).await;
+        return;
+    }
+    for (i, c) in chunks.into_iter().enumerate() {
+        let mut h = HeaderMap::new();
+        h.insert(CHUNK, format!("{}/{n}", i + 1).as_str());
+        if let Err(e) = client.publish_with_headers(reply.clone(), h, c).await {
+            tracing::warn!(client_id = %client_id, error = %e, "cluster: cannot send a moved session: it is lost");
+            return;
+        }
+    }
+    let _ = client.flush().await;
+}
+
+/// A session moving to another node, on the wire (postcard).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MovedRecord {
+    subscriptions: Vec<SubscriptionRecord>,
+    /// In send order; `true`: awaiting PUBCOMP.
+    inflight: Vec<(u16, MovedDelivery, bool)>,
+    queue: Vec<MovedDelivery>,
+    awaiting_rel: Vec<u16>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MovedDelivery {
+    message: MessageRecord,
+    qos: u8,
+    retain: bool,
+    subscription_ids: Vec<u32>,
+    share: Option<String>,
+}
+
+impl MovedDelivery {
+    fn from_delivery(d: &Delivery) -> MovedDelivery {
+        MovedDelivery {
+            message: to_record(&d.msg),
+            qos: d.qos as u8,
+            retain: d.retain,
+            subscription_ids: d.subscription_ids.to_vec(),
+            share: d.share.as_ref().map(|s| s.to_string()),
+        }
+    }
+
+    fn into_delivery(self, now: Instant) -> Delivery {
+        Delivery {
+            msg: Arc::new(from_record(self.message, now)),
+            qos: crate::broker::persist::qos(self.qos),
+            retain: self.retain,
+            subscription_ids: self.subscription_ids.into_iter().collect(),
+            share: self.share.map(ByteString::from),
+            seq: 0,
+            replay: false,
+        }
+    }
+}
+
+impl MovedRecord {
+    fn from_moved(s: &MovedSession) -> MovedRecord {
+        MovedRecord {
+            subscriptions: s
+                .subscriptions
+                .iter()
+                .map(|(f, sub)| SubscriptionRecord::new(f, &sub.options, sub.identifier))
+                .collect(),
+            inflight: s
+                .inflight
+                .iter()
+                .map(|(pid, i)| {
+                    (
+                        *pid,
+                        MovedDelivery::from_delivery(&i.delivery),
+                        i.state == InflightState::AwaitComp,
+                    )
+                })
+                .collect(),
+            queue: s.queue.iter().map(MovedDelivery::from_delivery).collect(),
+            awaiting_rel: s.awaiting_rel.clone(),
+        }
+    }
+
+    fn into_moved(self, now: Instant) -> MovedSession {
+        MovedSession {
+            subscriptions: self
+                .subscriptions
+                .into_iter()
+                .map(|r| {
+                    let share_group = match millet_codec::topic::parse_shared(&r.filter) {
+                        Ok(Some(sf)) => Some(ByteString::from(sf.group)),
+                        _ => None,
+                    };
+                    (
+                        ByteString::from(r.filter.as_str()),
+                        Subscription {
+                            options: r.options(),
+                            identifier: r.identifier,
+                            share_group,
+                        },
+                    )
+                })
+                .collect(),
+            inflight: self
+                .inflight
+                .into_iter()
+                .map(|(pid, d, comp)| {
+                    let state = if comp {
+                        InflightState::AwaitComp
+                    } else {
+                        InflightState::AwaitAck
+                    };
+                    (
+                        pid,
+                        Inflight {
+                            delivery: d.into_delivery(now),
+                            state,
+                        },
+                    )
+                })
+                .collect(),
+            queue: self
+                .queue
+                .into_iter()
+                .map(|d| d.into_delivery(now))
+                .collect(),
+            awaiting_rel: self.awaiting_rel,
+        }
     }
 }
 
