@@ -324,3 +324,106 @@ def test_a_qos1_publish_jetstream_does_not_store_is_refused(cluster):
     msgs_stream(BASE + 1, "create")
     wait_until(lambda: try_publish(pub, f"{t}/a", b"kept again") == 0, timeout=30,
                what="QoS 1 acknowledged again once the stream is back")
+
+
+def session_kv_keys(port):
+    """The keys of millet_sessions and millet_marks (nats-py)."""
+    import asyncio
+
+    import nats
+
+    async def keys():
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
+        out = []
+        try:
+            js = nc.jetstream()
+            for bucket in ("millet_sessions", "millet_marks"):
+                kv = await js.key_value(bucket)
+                try:
+                    out.append(set(await kv.keys()))
+                except Exception:  # nats-py raises when a bucket has no keys
+                    out.append(set())
+            return out
+        finally:
+            await nc.close()
+
+    return asyncio.run(keys())
+
+
+def kv_key(client_id):
+    import hashlib
+
+    return hashlib.sha256(client_id.encode()).hexdigest()[:40]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("version", [V311, V5])
+def test_a_dead_nodes_persistent_sessions_resume_elsewhere_with_no_acknowledged_message_lost(
+        cluster, version):
+    """kill -9 of the node holding two persistent sessions, one connected and
+    one offline, under QoS 1 load from another node: both clients reconnect
+    to the surviving node with session present = 1 [MQTT-3.2.2-2], and
+    every message the publisher had acknowledged, before and after the
+    kill, reaches both (at least once: the sessions are rebuilt from KV
+    and catch up from MILLET_MSGS since their last mark)."""
+    import threading
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    _, nodes, client, _ = cluster
+    t = unique("cl/dead")
+
+    def persistent(i, cid):
+        c = Client(nodes[i], version, client_id=cid, clean_session=False)
+        if version == V5:
+            p = Properties(PacketTypes.CONNECT)
+            p.SessionExpiryInterval = 300
+            return c, c.connect(clean_start=False, properties=p)
+        return c, c.connect()
+
+    online_id, offline_id = unique("cl-on"), unique("cl-off")
+    online, _ = persistent(1, online_id)
+    assert online.subscribe(f"{t}/#", 1) == [1]
+    offline, _ = persistent(1, offline_id)
+    assert offline.subscribe(f"{t}/#", 2) == [2]
+    offline.disconnect()
+    pub = client(0, version)
+    pub.connect()
+    reached(pub, online, f"{t}/probe", qos=1)
+    # Both sessions written to KV (record and mark) before the kill.
+    wait_until(lambda: all({kv_key(online_id), kv_key(offline_id)} <= keys
+                           for keys in session_kv_keys(BASE + 1)),
+               timeout=10, what="the sessions' records and marks in KV")
+
+    acked, stop = [], threading.Event()
+
+    def load():
+        i = 0
+        while not stop.is_set():
+            payload = b"m-%d" % i
+            if try_publish(pub, f"{t}/x", payload) == 0:
+                acked.append(payload)
+            i += 1
+
+    th = threading.Thread(target=load)
+    th.start()
+    try:
+        wait_until(lambda: len(acked) >= 100, timeout=30, what="100 acknowledged before the kill")
+        nodes[1].proc.kill()
+        nodes[1].proc.wait()
+        at_kill = len(acked)
+        wait_until(lambda: len(acked) >= at_kill + 100, timeout=30,
+                   what="100 more acknowledged after the kill")
+    finally:
+        stop.set()
+        th.join()
+    online.close()
+    want = set(acked)
+    for cid in (online_id, offline_id):
+        c, ack = persistent(0, cid)
+        assert ack.session_present, f"{cid}: the session of the dead node resumes here"
+        got = c.messages.wait_for(len(want), timeout=30,
+                                  pred=lambda m: m.payload in want)
+        assert want <= {m.payload for m in got}, f"{cid}: {len(want - {m.payload for m in got})} lost"
+        c.close()

@@ -890,6 +890,12 @@ impl Session {
             .map(|(_, i)| i)
     }
 
+    /// The next outgoing packet id: it moves with every QoS 1/2 message
+    /// sent (cluster mode's checkpoint compares it).
+    pub fn packet_id_cursor(&self) -> u16 {
+        self.next_packet_id
+    }
+
     /// Take the next store sequence number.
     pub fn take_seq(&mut self) -> u64 {
         let s = self.next_seq;

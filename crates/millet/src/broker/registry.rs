@@ -20,7 +20,7 @@ use super::route::remove_from_index;
 use super::wills::DelayedWill;
 use super::Broker;
 use crate::session::{
-    ConnWaker, Delivery, Inflight, InflightState, Session, SessionCell, Subscription, Will,
+    ConnWaker, Delivery, Inflight, InflightState, Message, Session, SessionCell, Subscription, Will,
 };
 use crate::stamp::Stamp;
 use crate::store::Op;
@@ -547,7 +547,12 @@ impl Broker {
     /// ([`Broker::give_up_session`] there): it replaces any session this
     /// node had for `client_id` (older: the other node owned the client id
     /// since), for the connection attaching next to resume.
-    pub fn take_moved_session(&self, client_id: &ByteString, moved: MovedSession, now: Instant) {
+    pub fn take_moved_session(
+        &self,
+        client_id: &ByteString,
+        moved: MovedSession,
+        now: Instant,
+    ) -> Option<Arc<SessionCell>> {
         let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
         let client_id = ByteString::from(&**client_id);
         let mut s = self.new_session();
@@ -600,7 +605,7 @@ impl Broker {
                 // A connection of this node attached meanwhile: it keeps
                 // its session (a later takeover decides).
                 tracing::warn!(client_id = %client_id, "cluster: a moved session arrived while the client id is connected here: dropped");
-                return;
+                return None;
             }
             reg.insert(cell.clone())
         };
@@ -616,6 +621,58 @@ impl Broker {
         }
         for (filter, sub) in moved.subscriptions {
             let _ = self.subscribe(&cell, &filter, sub);
+        }
+        Some(cell)
+    }
+
+    /// Queue on `cell`'s session the messages it missed (a session
+    /// recovered from a node that is gone), as routing would have: once
+    /// per message, merged over the session's plain subscriptions that
+    /// match (highest QoS, every identifier), No Local applied.
+    pub fn catch_up(&self, cell: &Arc<SessionCell>, messages: impl Iterator<Item = Arc<Message>>) {
+        let subs: Vec<(ByteString, Subscription)> = cell
+            .state
+            .lock()
+            .session
+            .subscriptions
+            .iter()
+            .filter(|(_, s)| s.share_group.is_none())
+            .map(|(f, s)| (f.clone(), s.clone()))
+            .collect();
+        for msg in messages {
+            let mut best: Option<Delivery> = None;
+            for (filter, sub) in &subs {
+                if !topic::topic_matches(filter, &msg.topic)
+                    || (sub.options.no_local && msg.publisher_client_id == cell.client_id)
+                {
+                    continue;
+                }
+                let qos = msg.qos.min(sub.options.qos);
+                let retain = sub.options.retain_as_published && msg.retain;
+                match &mut best {
+                    None => {
+                        let mut ids = smallvec::SmallVec::new();
+                        ids.extend(sub.identifier);
+                        best = Some(Delivery {
+                            msg: msg.clone(),
+                            qos,
+                            retain,
+                            subscription_ids: ids,
+                            share: None,
+                            seq: 0,
+                            replay: false,
+                        });
+                    }
+                    Some(d) => {
+                        d.qos = d.qos.max(qos);
+                        d.retain |= retain;
+                        d.subscription_ids.extend(sub.identifier);
+                    }
+                }
+            }
+            if let Some(d) = best {
+                self.deliver(cell, d);
+            }
         }
     }
 

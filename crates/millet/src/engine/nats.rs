@@ -105,6 +105,8 @@ pub struct NatsLink {
     retained: Retained,
     /// Acknowledgements waiting for JetStream ([`Tickets`]).
     tickets: Tickets,
+    /// Persistent sessions in KV, for when this node dies ([`Sessions`]).
+    sessions: Sessions,
     /// The broker this link serves (which holds the link).
     broker: Weak<Broker>,
     /// This link (for the tasks it starts).
@@ -184,6 +186,57 @@ struct Wills {
     /// connection's epoch.
     stored: Mutex<HashMap<ByteString, (u64, u64)>>,
 }
+
+/// Persistent sessions, for the nodes that outlive the one holding them
+/// (docs/CLUSTER.md, "Sessions of a dead node"). The session's node keeps
+/// two KV entries per persistent session, keyed like the owner entry:
+/// - `millet_sessions`: the session record ([`SessionKv`]: client id,
+///   expiry, subscriptions), written when a connection attaches and when
+///   its subscriptions change;
+/// - `millet_marks`: the *mark*, a time (unix ms) at which the session had
+///   nothing queued or in flight, written when a connection attaches or
+///   ends with nothing pending, and by a checkpoint every
+///   [`CHECKPOINT`] for connected sessions that were sent QoS 1/2 messages
+///   since and have none pending.
+///
+/// A node taking over a client id whose owner does not answer (dead)
+/// rebuilds the session from its record and catches up from
+/// `MILLET_MSGS`: every QoS 1/2 message its filters match stored since the
+/// mark (less [`MARK_MARGIN`]). At least once: what the dead node had
+/// delivered since the mark comes again.
+struct Sessions {
+    kv: async_nats::jetstream::kv::Store,
+    marks: async_nats::jetstream::kv::Store,
+    messages: async_nats::jetstream::stream::Stream,
+    /// Writes, in order, to [`session_writer`].
+    tx: mpsc::UnboundedSender<SessionOp>,
+    /// The client ids this node wrote a session record for (deleted when
+    /// the session ends here).
+    recorded: Mutex<std::collections::HashSet<ByteString>>,
+}
+
+/// A write of [`Sessions`], applied in order by [`session_writer`].
+enum SessionOp {
+    Put { key: String, record: Bytes },
+    Mark { key: String, at_ms: u64 },
+    Delete { key: String },
+}
+
+/// A persistent session's record in `millet_sessions` (postcard).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SessionKv {
+    client_id: String,
+    expiry_interval: u32,
+    subscriptions: Vec<SubscriptionRecord>,
+}
+
+/// How often connected sessions' marks move on ([`Sessions`]).
+const CHECKPOINT: Duration = Duration::from_secs(10);
+
+/// A catch-up starts this long before the mark: for clock differences
+/// between nodes and NATS servers, and messages stored but still on their
+/// way to the node when the mark was taken.
+const MARK_MARGIN: Duration = Duration::from_secs(2);
 
 /// How long a node tries to set up its JetStream state at start-up (at
 /// least; `connect_timeout_secs` if longer).
@@ -321,11 +374,24 @@ impl NatsLink {
             storage,
             ..Default::default()
         };
-        retrying(deadline, || {
+        let messages_stream = retrying(deadline, || {
             js.get_or_create_stream(messages_config.clone())
         })
         .await
         .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_MSGS: {e}"))?;
+        let sessions_config = kv_config("millet_sessions", Duration::ZERO);
+        let sessions_kv = retrying(deadline, || js.create_key_value(sessions_config.clone()))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot create the JetStream KV bucket millet_sessions: {e}")
+            })?;
+        let marks_config = kv_config("millet_marks", Duration::ZERO);
+        let marks_kv = retrying(deadline, || js.create_key_value(marks_config.clone()))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot create the JetStream KV bucket millet_marks: {e}")
+            })?;
+        let (sessions_tx, sessions_rx) = mpsc::unbounded_channel();
         let nodes_config = kv_config("millet_nodes", NODE_TTL);
         let nodes = retrying(deadline, || js.create_key_value(nodes_config.clone()))
             .await
@@ -388,8 +454,17 @@ impl NatsLink {
                 last_error_line: Mutex::new(None),
             },
             tickets: Tickets::default(),
+            sessions: Sessions {
+                kv: sessions_kv,
+                marks: marks_kv,
+                messages: messages_stream,
+                tx: sessions_tx,
+                recorded: Mutex::default(),
+            },
             broker: Arc::downgrade(broker),
         });
+        tokio::spawn(session_writer(js.clone(), sessions_rx));
+        tokio::spawn(checkpoint(Arc::downgrade(&link), Arc::downgrade(broker)));
         tokio::spawn(retained_writer(
             js.clone(),
             retain_rx,
@@ -519,6 +594,8 @@ impl NatsLink {
         self.owners.attaching.lock().insert(client_id.clone(), 0);
         let mut revision = None;
         let mut moved = None;
+        let (mut had_owner, mut owner_gone) = (false, false);
+        let clean_start = req.clean_start;
         for attempt in 0..10 {
             let entry = match self.owners.kv.entry(key.clone()).await {
                 Ok(e) => e,
@@ -537,8 +614,11 @@ impl NatsLink {
                 None => (None, None),
             };
             if let (Some(o), Some(r)) = (owner.filter(|o| *o != self.origin), rev) {
-                if let Some(m) = self.kick_remote(o, r, &client_id, !req.clean_start).await {
-                    moved = Some(m);
+                had_owner = true;
+                match self.kick_remote(o, r, &client_id, !req.clean_start).await {
+                    Kicked::Moved(m) => moved = Some(m),
+                    Kicked::NoSession => {}
+                    Kicked::Gone => owner_gone = true,
                 }
             }
             let value = self.owner_value();
@@ -569,10 +649,19 @@ impl NatsLink {
         if revision.is_none() {
             tracing::warn!(client_id = %client_id, "cluster: could not become the owner of a client id (NATS unreachable, or a takeover storm): the connection is closed after its CONNACK");
         }
+        let mut catch_up = None;
+        if moved.is_none() && owner_gone && !clean_start {
+            // The node that held the session is gone: rebuilt from KV.
+            if let Some((m, mark)) = self.recover(&client_id).await {
+                tracing::info!(client_id = %client_id, mark, "cluster: the session of a node that is gone resumes here (catching up from MILLET_MSGS)");
+                moved = Some(m);
+                catch_up = Some(mark);
+            }
+        }
         if let Some(m) = moved {
             // The session the other node gave up: resumed by this attach.
             tracing::debug!(client_id = %client_id, queued = m.queue.len(), inflight = m.inflight.len(), "cluster: session moved here");
-            broker.take_moved_session(&client_id, m, Instant::now());
+            let cell = broker.take_moved_session(&client_id, m, Instant::now());
             // Attached (and CONNACKed) once NATS has the subscriptions, as
             // a SUBACK is.
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -580,6 +669,24 @@ impl NatsLink {
                 let _ = tx.send(());
             }));
             let _ = tokio::time::timeout(MOVE_TIMEOUT, rx).await;
+            if let (Some(cell), Some(mark)) = (cell, catch_up) {
+                // What the session missed, from the stream: everything its
+                // filters match since the mark (some of it again).
+                let filters: Vec<String> = cell
+                    .state
+                    .lock()
+                    .session
+                    .subscriptions
+                    .iter()
+                    .filter(|(_, sub)| sub.share_group.is_none())
+                    .map(|(f, _)| f.to_string())
+                    .collect();
+                let from = mark.saturating_sub(MARK_MARGIN.as_millis() as u64);
+                let limit = broker.node.config.limits.max_queued;
+                let found = self.stored_since(&filters, from, limit).await;
+                tracing::info!(client_id = %client_id, messages = found.len(), "cluster: caught up from MILLET_MSGS");
+                broker.catch_up(&cell, found.into_iter().map(|(_, m)| m));
+            }
         }
         let c = match Engine::attach(&**broker, req, reply_to, Instant::now()) {
             Call::Ready(c) => c,
@@ -599,6 +706,15 @@ impl NatsLink {
             self.store_will(&client_id, w, a.epoch).await;
         }
         if let Completion::Attached(a) = &c {
+            let persistent = a.cell.state.lock().session.expiry_interval > 0;
+            if persistent {
+                self.save_session(&a.cell, true);
+            } else if had_owner {
+                // A session record another node may have left.
+                let _ = self.sessions.tx.send(SessionOp::Delete {
+                    key: owner_key(&client_id),
+                });
+            }
             if let Some(r) = revision {
                 self.owners
                     .owned
@@ -619,6 +735,158 @@ impl NatsLink {
         c
     }
 
+    /// Write the session record of `cell` to KV if its session is
+    /// persistent ([`Sessions`]), and with `mark` its mark if nothing is
+    /// pending; a session that is not persistent (any more) has its record
+    /// deleted if this node wrote one.
+    fn save_session(&self, cell: &Arc<SessionCell>, mark: bool) {
+        let key = owner_key(&cell.client_id);
+        let (record, idle) = {
+            let st = cell.state.lock();
+            if st.session.expiry_interval == 0 {
+                drop(st);
+                if self.sessions.recorded.lock().remove(&cell.client_id) {
+                    let _ = self.sessions.tx.send(SessionOp::Delete { key });
+                }
+                return;
+            }
+            let record = SessionKv {
+                client_id: cell.client_id.to_string(),
+                expiry_interval: st.session.expiry_interval,
+                subscriptions: st
+                    .session
+                    .subscriptions
+                    .iter()
+                    .map(|(f, sub)| SubscriptionRecord::new(f, &sub.options, sub.identifier))
+                    .collect(),
+            };
+            let idle = st.session.queue_len() == 0 && st.session.inflight_len() == 0;
+            (record, idle)
+        };
+        let Ok(record) = postcard::to_allocvec(&record) else {
+            return;
+        };
+        self.sessions.recorded.lock().insert(cell.client_id.clone());
+        let _ = self.sessions.tx.send(SessionOp::Put {
+            key: key.clone(),
+            record: Bytes::from(record),
+        });
+        if mark && idle {
+            let _ = self.sessions.tx.send(SessionOp::Mark {
+                key,
+                at_ms: unix_ms(Instant::now(), Instant::now()),
+            });
+        }
+    }
+
+    /// The session of `client_id` as its record in KV has it, and its mark
+    /// (unix ms; 0 without one): for a takeover from a node that is gone.
+    async fn recover(&self, client_id: &ByteString) -> Option<(MovedSession, u64)> {
+        use async_nats::jetstream::kv::Operation;
+        let key = owner_key(client_id);
+        let entry = match self.sessions.kv.entry(key.clone()).await {
+            Ok(Some(e)) if e.operation == Operation::Put => e,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::warn!(client_id = %client_id, error = %e, "cluster: cannot read the session of a client id whose node is gone: it starts anew");
+                return None;
+            }
+        };
+        let record = postcard::from_bytes::<SessionKv>(&entry.value).ok()?;
+        if record.client_id != **client_id {
+            return None;
+        }
+        let mark = match self.sessions.marks.entry(key).await {
+            Ok(Some(e)) if e.operation == Operation::Put => std::str::from_utf8(&e.value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok()),
+            _ => None,
+        };
+        let moved = MovedSession {
+            subscriptions: subscriptions_from_records(record.subscriptions),
+            ..Default::default()
+        };
+        Some((moved, mark.unwrap_or(0)))
+    }
+
+    /// The QoS 1/2 messages of `MILLET_MSGS` that `filters` (plain ones)
+    /// match, stored since `from_ms` (unix ms), in stream order, at most
+    /// `limit`: one ordered consumer per subject, each only while it reads
+    /// (overlapping filters are read twice and kept once).
+    async fn stored_since(
+        &self,
+        filters: &[String],
+        from_ms: u64,
+        limit: usize,
+    ) -> Vec<(u64, Arc<Message>)> {
+        use futures_util::StreamExt;
+        let Ok(start_time) = async_nats::datetime::from_nanos(i128::from(from_ms) * 1_000_000)
+        else {
+            return Vec::new();
+        };
+        let mut found: std::collections::BTreeMap<u64, Bytes> = Default::default();
+        let deadline = tokio::time::Instant::now() + REPLAY_TIMEOUT;
+        'subjects: for filter in filters {
+            for prefix in ["m.1", "m.2"] {
+                for subject in subject::filter_to_subjects(prefix, filter) {
+                    let config = async_nats::jetstream::consumer::pull::OrderedConfig {
+                        deliver_policy:
+                            async_nats::jetstream::consumer::DeliverPolicy::ByStartTime {
+                                start_time,
+                            },
+                        filter_subject: subject,
+                        ..Default::default()
+                    };
+                    let consumer = match self.sessions.messages.create_consumer(config).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cluster: cannot read MILLET_MSGS for a session's catch-up");
+                            continue;
+                        }
+                    };
+                    if consumer.cached_info().num_pending == 0 {
+                        continue;
+                    }
+                    let Ok(mut messages) = consumer.messages().await else {
+                        continue;
+                    };
+                    loop {
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        if left.is_zero() {
+                            tracing::warn!(
+                                "cluster: a session's catch-up took too long: it has what was read"
+                            );
+                            break 'subjects;
+                        }
+                        let next =
+                            tokio::time::timeout(REPLAY_QUIET.min(left), messages.next()).await;
+                        let Ok(Some(Ok(m))) = next else {
+                            break;
+                        };
+                        let Ok(info) = m.info() else {
+                            break;
+                        };
+                        let (seq, pending) = (info.stream_sequence, info.pending);
+                        found.insert(seq, m.message.payload.clone());
+                        if pending == 0 || found.len() >= limit {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        found
+            .into_iter()
+            .filter_map(|(seq, payload)| {
+                let record = postcard::from_bytes::<MessageRecord>(&payload).ok()?;
+                let m = from_record(record, now);
+                (!m.is_expired(now)).then(|| (seq, Arc::new(m)))
+            })
+            .take(limit)
+            .collect()
+    }
+
     /// Ask the node of `origin` to close its connection for `client_id`
     /// and end its session there, and wait until it has (or the node does
     /// not answer: it is gone). With `moving` (the new connection resumes
@@ -629,7 +897,7 @@ impl NatsLink {
         revision: u64,
         client_id: &ByteString,
         moving: bool,
-    ) -> Option<MovedSession> {
+    ) -> Kicked {
         use futures_util::StreamExt;
         let subject = format!("_MILLET.kick.{origin:016x}");
         tracing::debug!(client_id = %client_id, revision, moving, "cluster: asking the owner to close its connection");
@@ -641,12 +909,12 @@ impl NatsLink {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(client_id = %client_id, error = %e, "cluster: cannot ask the owner node to close its connection");
-                return None;
+                return Kicked::NoSession;
             }
         };
         if let Err(e) = client.publish_with_reply(subject, inbox, payload).await {
             tracing::warn!(client_id = %client_id, error = %e, "cluster: cannot ask the owner node to close its connection");
-            return None;
+            return Kicked::NoSession;
         }
         // The answer: chunks `i/n` of the moved session's record (`0/0`:
         // none), in order; "no responders" when the node is gone.
@@ -656,15 +924,19 @@ impl NatsLink {
             let next = tokio::time::timeout(MOVE_TIMEOUT, answers.next()).await;
             let m = match next {
                 Ok(Some(m)) => m,
-                Ok(None) => return None,
+                Ok(None) => return Kicked::NoSession,
                 Err(_) => {
-                    tracing::warn!(client_id = %client_id, "cluster: the owner node did not answer a takeover in time: its session is not moved");
-                    return None;
+                    tracing::warn!(client_id = %client_id, "cluster: the owner node did not answer a takeover in time (gone?)");
+                    return if expected.is_none() {
+                        Kicked::Gone
+                    } else {
+                        Kicked::NoSession
+                    };
                 }
             };
             if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
                 tracing::debug!(client_id = %client_id, "cluster: the owner node did not answer a takeover (gone)");
-                return None;
+                return Kicked::Gone;
             }
             let chunk = m
                 .headers
@@ -673,14 +945,14 @@ impl NatsLink {
                 .and_then(|v| parse_chunk(v.as_str()));
             let Some((i, n)) = chunk else {
                 tracing::warn!(client_id = %client_id, "cluster: a takeover's answer without its chunk header ignored");
-                return None;
+                return Kicked::NoSession;
             };
             if n == 0 {
-                return None;
+                return Kicked::NoSession;
             }
             if i != expected.unwrap_or(1) {
                 tracing::warn!(client_id = %client_id, i, n, "cluster: a moved session's chunks out of order: not moved");
-                return None;
+                return Kicked::NoSession;
             }
             bytes.extend_from_slice(&m.payload);
             if i == n {
@@ -689,10 +961,10 @@ impl NatsLink {
             expected = Some(i + 1);
         }
         match postcard::from_bytes::<MovedRecord>(&bytes) {
-            Ok(r) => Some(r.into_moved(Instant::now())),
+            Ok(r) => Kicked::Moved(r.into_moved(Instant::now())),
             Err(e) => {
                 tracing::warn!(client_id = %client_id, error = %e, "cluster: a moved session that does not decode: not moved");
-                None
+                Kicked::NoSession
             }
         }
     }
@@ -1181,9 +1453,17 @@ impl ClusterLink for NatsLink {
     }
 
     fn session_ended(&self, client_id: &str) {
+        let recorded = self.sessions.recorded.lock().remove(client_id);
+        // Not owned any more: another node took the client id over, and
+        // its entries are that node's to write.
         let Some((rev, _)) = self.owners.owned.lock().remove(client_id) else {
             return;
         };
+        if recorded {
+            let _ = self.sessions.tx.send(SessionOp::Delete {
+                key: owner_key(client_id),
+            });
+        }
         let kv = self.owners.kv.clone();
         let key = owner_key(client_id);
         self.rt.spawn(async move {
@@ -1277,6 +1557,16 @@ async fn kick_service(
     }
 }
 
+/// What a takeover's kick found on the owner node.
+enum Kicked {
+    /// The session, handed over.
+    Moved(MovedSession),
+    /// The node answered: no session to move (or it could not be moved).
+    NoSession,
+    /// The node did not answer: gone (its sessions are in KV).
+    Gone,
+}
+
 /// A kick's request: `<revision> <h|k> <client id>` (`h`: hand the
 /// session over).
 fn parse_kick(payload: &[u8]) -> Option<(u64, bool, ByteString)> {
@@ -1343,6 +1633,27 @@ async fn send_chunks(
         }
     }
     let _ = client.flush().await;
+}
+
+/// Subscriptions as the broker has them, from their records.
+fn subscriptions_from_records(records: Vec<SubscriptionRecord>) -> Vec<(ByteString, Subscription)> {
+    records
+        .into_iter()
+        .map(|r| {
+            let share_group = match millet_codec::topic::parse_shared(&r.filter) {
+                Ok(Some(sf)) => Some(ByteString::from(sf.group)),
+                _ => None,
+            };
+            (
+                ByteString::from(r.filter.as_str()),
+                Subscription {
+                    options: r.options(),
+                    identifier: r.identifier,
+                    share_group,
+                },
+            )
+        })
+        .collect()
 }
 
 /// A session moving to another node, on the wire (postcard).
@@ -1414,24 +1725,7 @@ impl MovedRecord {
 
     fn into_moved(self, now: Instant) -> MovedSession {
         MovedSession {
-            subscriptions: self
-                .subscriptions
-                .into_iter()
-                .map(|r| {
-                    let share_group = match millet_codec::topic::parse_shared(&r.filter) {
-                        Ok(Some(sf)) => Some(ByteString::from(sf.group)),
-                        _ => None,
-                    };
-                    (
-                        ByteString::from(r.filter.as_str()),
-                        Subscription {
-                            options: r.options(),
-                            identifier: r.identifier,
-                            share_group,
-                        },
-                    )
-                })
-                .collect(),
+            subscriptions: subscriptions_from_records(self.subscriptions),
             inflight: self
                 .inflight
                 .into_iter()
@@ -1734,6 +2028,107 @@ fn check_version(version: &str) -> anyhow::Result<()> {
 /// Hands forwarded messages to the NATS client, in order.
 /// Stores retained messages in JetStream in the order they come, and
 /// answers their tickets as JetStream acknowledges.
+/// Applies [`Sessions`]' writes in order: published to the KV buckets'
+/// subjects one after the other (one connection keeps their order), the
+/// acknowledgements awaited alongside (at most 1,024 outstanding).
+async fn session_writer(
+    js: async_nats::jetstream::Context,
+    mut rx: mpsc::UnboundedReceiver<SessionOp>,
+) {
+    use futures_util::stream::FuturesUnordered;
+    use futures_util::{FutureExt, StreamExt};
+    let last_error = Mutex::new(None);
+    let log = |e: &dyn std::fmt::Display| {
+        if once_a_minute(&last_error) {
+            tracing::warn!(error = %e, "cluster: cannot write a session to JetStream KV: a node dying now would lose it (at most one line a minute)");
+        }
+    };
+    let mut acks = FuturesUnordered::new();
+    while let Some(op) = rx.recv().await {
+        let del = || {
+            let mut h = HeaderMap::new();
+            h.insert("KV-Operation", "DEL");
+            h
+        };
+        let sent = match op {
+            SessionOp::Put { key, record } => js
+                .publish(format!("$KV.millet_sessions.{key}"), record)
+                .await
+                .map(|a| vec![a]),
+            SessionOp::Mark { key, at_ms } => js
+                .publish(
+                    format!("$KV.millet_marks.{key}"),
+                    Bytes::from(at_ms.to_string()),
+                )
+                .await
+                .map(|a| vec![a]),
+            SessionOp::Delete { key } => {
+                let a = js
+                    .publish_with_headers(format!("$KV.millet_sessions.{key}"), del(), Bytes::new())
+                    .await;
+                let b = js
+                    .publish_with_headers(format!("$KV.millet_marks.{key}"), del(), Bytes::new())
+                    .await;
+                a.and_then(|a| b.map(|b| vec![a, b]))
+            }
+        };
+        match sent {
+            Ok(v) => acks.extend(v.into_iter().map(std::future::IntoFuture::into_future)),
+            Err(e) => log(&e),
+        }
+        while acks.len() > 1024 {
+            if let Some(Err(e)) = acks.next().await {
+                log(&e);
+            }
+        }
+        while let Some(Some(r)) = acks.next().now_or_never() {
+            if let Err(e) = r {
+                log(&e);
+            }
+        }
+    }
+}
+
+/// Every [`CHECKPOINT`], moves on the mark of each connected persistent
+/// session that has been sent QoS 1/2 messages since its last mark and has
+/// none pending now ([`Sessions`]).
+async fn checkpoint(link: Weak<NatsLink>, broker: Weak<Broker>) {
+    // Each session's packet id cursor at its last mark: it moves with
+    // every QoS 1/2 message sent.
+    let mut cursors: HashMap<u64, u16> = HashMap::new();
+    loop {
+        tokio::time::sleep(CHECKPOINT).await;
+        let (Some(link), Some(broker)) = (link.upgrade(), broker.upgrade()) else {
+            return;
+        };
+        let now_ms = unix_ms(Instant::now(), Instant::now());
+        let mut seen = HashMap::with_capacity(cursors.len());
+        for cell in broker.all_sessions() {
+            let st = cell.state.lock();
+            if st.conn_epoch == 0 || st.session.expiry_interval == 0 {
+                continue;
+            }
+            let cursor = st.session.packet_id_cursor();
+            let idle = st.session.queue_len() == 0 && st.session.inflight_len() == 0;
+            drop(st);
+            let kept = match cursors.get(&cell.id) {
+                // First seen: its attach marked it if nothing was pending.
+                None => cursor,
+                Some(&old) if idle && old != cursor => {
+                    let _ = link.sessions.tx.send(SessionOp::Mark {
+                        key: owner_key(&cell.client_id),
+                        at_ms: now_ms,
+                    });
+                    cursor
+                }
+                Some(&old) => old,
+            };
+            seen.insert(cell.id, kept);
+        }
+        cursors = seen;
+    }
+}
+
 async fn retained_writer(
     js: async_nats::jetstream::Context,
     mut rx: mpsc::Receiver<(String, HeaderMap, Bytes, u64)>,
@@ -1931,8 +2326,10 @@ impl Engine for Clustered {
     }
 
     fn subscribe(&self, req: SubscribeRequest, reply_to: &Arc<ConnWaker>, now: Instant) -> Call {
+        let cell = req.cell.clone();
         match Engine::subscribe(&*self.broker, req, reply_to, now) {
             Call::Ready(c) => {
+                self.link.save_session(&cell, false);
                 let (reply, pending) = Reply::new(reply_to);
                 self.link.barrier(Box::new(move || {
                     // A connection gone meanwhile: its session keeps the
@@ -1951,7 +2348,10 @@ impl Engine for Clustered {
         reply_to: &Arc<ConnWaker>,
         now: Instant,
     ) -> Call {
-        Engine::unsubscribe(&*self.broker, req, reply_to, now)
+        let cell = req.cell.clone();
+        let c = Engine::unsubscribe(&*self.broker, req, reply_to, now);
+        self.link.save_session(&cell, false);
+        c
     }
 
     fn detach(
@@ -1970,6 +2370,10 @@ impl Engine for Clustered {
             expiry_override,
             now,
         );
+        if self.broker.has_session(&cell.client_id) {
+            // Kept, disconnected: its expiry may have changed.
+            self.link.save_session(cell, true);
+        }
         self.link.released(&cell.client_id, epoch);
     }
 
