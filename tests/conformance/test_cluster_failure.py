@@ -427,3 +427,40 @@ def test_a_dead_nodes_persistent_sessions_resume_elsewhere_with_no_acknowledged_
                                   pred=lambda m: m.payload in want)
         assert want <= {m.payload for m in got}, f"{cid}: {len(want - {m.payload for m in got})} lost"
         c.close()
+
+
+def test_a_dead_nodes_session_keeps_its_expiry(cluster):
+    """kill -9 of the node holding two disconnected v5 sessions: the one
+    whose Session Expiry Interval (2 s) has passed since its disconnection
+    is gone on the surviving node (session present = 0 [MQTT-3.1.2-23]),
+    the other (300 s) resumes there."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    _, nodes, _, _ = cluster
+
+    def session(i, cid, expiry):
+        c = Client(nodes[i], V5, client_id=cid)
+        p = Properties(PacketTypes.CONNECT)
+        p.SessionExpiryInterval = expiry
+        return c, c.connect(clean_start=False, properties=p)
+
+    short_id, long_id = unique("cl-short"), unique("cl-long")
+    for cid, expiry in ((short_id, 2), (long_id, 300)):
+        c, _ = session(1, cid, expiry)
+        c.subscribe(unique("cl/exp"), 1)
+        c.disconnect()
+        c.close()
+    wait_until(lambda: all({kv_key(short_id), kv_key(long_id)} <= keys
+                           for keys in session_kv_keys(BASE + 1)),
+               timeout=10, what="the sessions' records and marks in KV")
+    disconnected = time.monotonic()
+    nodes[1].proc.kill()
+    nodes[1].proc.wait()
+    time.sleep(max(0.0, disconnected + 2.5 - time.monotonic()))  # past the short expiry (2 s)
+    c, ack = session(0, short_id, 300)
+    assert not ack.session_present, "expired 2 s after its disconnection"
+    c.close()
+    c, ack = session(0, long_id, 300)
+    assert ack.session_present
+    c.close()

@@ -37,9 +37,13 @@
 //!   asks the node that holds its session for it with the takeover
 //!   (`kick_remote`, `kick_service`, [`MovedRecord`]).
 //!
-//! Not yet built (issue 13's open parts, in docs/CLUSTER.md): sessions in
-//! KV (what a dead node held is lost), catch-up from the stream (a node
-//! that lost its NATS connection misses what was sent meanwhile).
+//! - A dead node's persistent sessions resume on the node their clients
+//!   reconnect to: recorded in KV, caught up from `MILLET_MSGS`
+//!   ([`Sessions`]).
+//!
+//! Not yet built (issue 13's open parts, in docs/CLUSTER.md): catch-up of
+//! a node that lost its NATS connection (it misses what was sent
+//! meanwhile), exactly once across a node's death, `FILTERS`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -228,6 +232,11 @@ struct SessionKv {
     client_id: String,
     expiry_interval: u32,
     subscriptions: Vec<SubscriptionRecord>,
+    /// When its connection ended (unix ms); `None` while one is attached.
+    /// A node that recovers the session of a dead node treats it as
+    /// expired from there ([MQTT-3.1.2-23]'s clock runs from the
+    /// disconnection).
+    offline_since_ms: Option<u64>,
 }
 
 /// How often connected sessions' marks move on ([`Sessions`]).
@@ -759,8 +768,14 @@ impl NatsLink {
                     .iter()
                     .map(|(f, sub)| SubscriptionRecord::new(f, &sub.options, sub.identifier))
                     .collect(),
+                offline_since_ms: None,
             };
             let idle = st.session.queue_len() == 0 && st.session.inflight_len() == 0;
+            let record = SessionKv {
+                offline_since_ms: (st.conn_epoch == 0)
+                    .then(|| unix_ms(Instant::now(), Instant::now())),
+                ..record
+            };
             (record, idle)
         };
         let Ok(record) = postcard::to_allocvec(&record) else {
@@ -795,6 +810,14 @@ impl NatsLink {
         let record = postcard::from_bytes::<SessionKv>(&entry.value).ok()?;
         if record.client_id != **client_id {
             return None;
+        }
+        let now_ms = unix_ms(Instant::now(), Instant::now());
+        if let (Some(off), false) = (record.offline_since_ms, record.expiry_interval == u32::MAX) {
+            if off.saturating_add(u64::from(record.expiry_interval) * 1000) <= now_ms {
+                tracing::debug!(client_id = %client_id, "cluster: the session of a node that is gone has expired");
+                let _ = self.sessions.tx.send(SessionOp::Delete { key });
+                return None;
+            }
         }
         let mark = match self.sessions.marks.entry(key).await {
             Ok(Some(e)) if e.operation == Operation::Put => std::str::from_utf8(&e.value)
