@@ -520,3 +520,43 @@ def test_a_persistent_session_moves_to_the_node_its_client_reconnects_to(on, ver
     fresh.disconnect()
     again, ack = session_on(on, 2, version, cid)
     assert not ack.session_present
+
+
+def test_a_leaving_shared_members_unacknowledged_messages_go_to_a_member_on_another_node(on):
+    """Issue 13: a member of a shared subscription that leaves (its session
+    ends) with QoS 1 messages it did not acknowledge has them given to
+    another member of the group [MQTT-4.8.2-6's "SHOULD"]; with none left on
+    its node, to one on another node (once: not to plain subscribers)."""
+    t = unique("cl/shl")
+    keeper = on(1, V5)
+    keeper.connect()
+    assert keeper.subscribe(f"$share/g/{t}/#", 1) == [1]
+    leaver = on(0, V5, manual_ack=True)  # never acknowledges
+    leaver.connect()
+    assert leaver.subscribe(f"$share/g/{t}/#", 1) == [1]
+    plain = on(2, V5)
+    plain.connect()
+    assert plain.subscribe(f"{t}/#", 1) == [1]
+    pub = on(2, V5)
+    pub.connect()
+    deadline = time.monotonic() + 15
+    while not (keeper.messages.items and leaver.messages.items and plain.messages.items):
+        assert time.monotonic() < deadline, "the group never spread over two nodes"
+        pub.publish(f"{t}/probe", b"probe", qos=0)
+        time.sleep(0.02)
+    time.sleep(0.2)
+    for c in (keeper, leaver, plain):
+        c.messages.clear()
+    n = 100
+    want = sorted(b"s%d" % i for i in range(n))
+    for i in range(n):
+        pub.publish(f"{t}/s", b"s%d" % i, qos=1)
+    # (Past its in-flight window, the leaver's messages wait in its queue.)
+    wait_until(lambda: payloads(leaver, b"s"), what="messages at the member that leaves")
+    held = payloads(leaver, b"s")
+    leaver.disconnect()  # clean session: it ends, with its messages unacknowledged
+    wait_until(lambda: set(payloads(keeper, b"s")) >= set(want), timeout=10,
+               what=f"the leaver's messages ({len(held)} of them sent to it) at the other member")
+    time.sleep(0.3)  # a second copy would land within this window
+    assert sorted(payloads(keeper, b"s")) == sorted(set(payloads(keeper, b"s"))), "each once"
+    assert sorted(payloads(plain, b"s")) == want, "plain subscribers get each message once"

@@ -117,6 +117,10 @@ pub trait ClusterLink: Send + Sync + 'static {
     fn interest_added(&self, filter: &str, share: Option<&str>);
     /// The last subscription of this node to `filter` (in `share`) went.
     fn interest_removed(&self, filter: &str, share: Option<&str>);
+    /// A QoS 1/2 message of the shared subscription `$share/{group}/{filter}`
+    /// whose member left without acknowledging it, and which has no other
+    /// member on this node: give it to a member on another node.
+    fn redeliver_shared(&self, group: &str, filter: &str, msg: &Message);
     /// The session of `client_id` ended on this node (expired, discarded
     /// by a clean start, or moved to another node).
     fn session_ended(&self, client_id: &str);

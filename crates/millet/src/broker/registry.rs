@@ -415,6 +415,8 @@ impl Broker {
                 .pick_shared_member(sf.group, sf.filter, cell.id);
             if let Some((_, entry)) = member {
                 self.deliver(&entry.cell, d);
+            } else if let Some(link) = self.cluster() {
+                link.redeliver_shared(sf.group, sf.filter, &d.msg);
             }
         }
         if let Some(link) = self.cluster() {

@@ -75,6 +75,12 @@ use crate::store::records::{MessageRecord, SubscriptionRecord};
 /// so that no cluster is set up on a server it will outgrow.
 const MIN_SERVER: (u64, u64) = (2, 11);
 
+/// Subject prefix of a shared subscription's redeliveries: a member that
+/// left with messages not acknowledged has its node give them to another
+/// member, through the group's own subject (`<prefix>.<queue group>`), so
+/// that no plain subscription gets them twice.
+const REDELIVER: &str = "_MILLET.share";
+
 /// Header: the publishing node's incarnation (random per process start).
 const ORIGIN: &str = "Millet-Origin";
 
@@ -1468,6 +1474,24 @@ impl ClusterLink for NatsLink {
         cluster
     }
 
+    fn redeliver_shared(&self, group: &str, filter: &str, msg: &Message) {
+        let subject = format!("{REDELIVER}.{}", queue_group(group, filter));
+        let mut headers = HeaderMap::new();
+        headers.insert(ORIGIN, self.origin_header.clone());
+        let Ok(payload) = postcard::to_allocvec(&to_record(msg)) else {
+            return;
+        };
+        let client = self.owners.client.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = client
+                .publish_with_headers(subject, headers, Bytes::from(payload))
+                .await
+            {
+                tracing::warn!(error = %e, "cluster: a shared subscription's message could not be given to another member");
+            }
+        });
+    }
+
     fn interest_added(&self, filter: &str, share: Option<&str>) {
         let _ = self.ctl.send(Control::Add(Interest {
             filter: filter.to_owned(),
@@ -2264,6 +2288,30 @@ async fn control(
                         }
                         Err(e) => {
                             tracing::error!(%subject, error = %e, "cluster: cannot subscribe on NATS: messages of other nodes will not reach this filter")
+                        }
+                    }
+                }
+                if let Some(g) = &i.group {
+                    // The group's redeliveries ([`ClusterLink::redeliver_shared`]),
+                    // to one member node as its messages.
+                    let qg = queue_group(g, &i.filter);
+                    match client
+                        .queue_subscribe(format!("{REDELIVER}.{qg}"), qg)
+                        .await
+                    {
+                        Ok(sub) => {
+                            let (stop, stopped) = tokio::sync::oneshot::channel();
+                            tokio::spawn(reader(
+                                sub,
+                                stopped,
+                                i.clone(),
+                                link.clone(),
+                                broker.clone(),
+                            ));
+                            stops.push(stop);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cluster: cannot subscribe on NATS: a shared subscription's redeliveries will not reach this node")
                         }
                     }
                 }
