@@ -234,9 +234,8 @@ def test_losing_one_nats_server_under_load_loses_no_acknowledged_message(cluster
     acknowledged to its publisher (stored R3 in JetStream) reaches the
     subscriber on another node, and acknowledgements resume (the streams'
     leaders move to the two left). The publisher's and subscriber's nodes
-    are each held to a server that stays: a node whose own server dies
-    misses live messages while it reconnects, until sessions catch up from
-    JetStream (docs/CLUSTER.md, what is built next)."""
+    are each held to a server that stays (a node whose own server dies:
+    test_a_node_back_from_a_nats_break_catches_up_what_was_sent_meanwhile)."""
     import threading
 
     run, _, _, _ = cluster
@@ -464,3 +463,73 @@ def test_a_dead_nodes_session_keeps_its_expiry(cluster):
     c, ack = session(0, long_id, 300)
     assert ack.session_present
     c.close()
+
+
+def nats_restart_one(run, i, restarted):
+    """Start NATS server i (1-based) again on its configuration and store."""
+    venv = os.path.join(REPO, ".venv", "bin", "nats-server")
+    log = open(os.path.join(run, f"n{i}.restart.log"), "wb")
+    restarted.append(subprocess.Popen([venv, "-c", os.path.join(run, f"n{i}.conf")], stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    log.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_node_back_from_a_nats_break_catches_up_what_was_sent_meanwhile(cluster):
+    """The subscriber's node is held to one NATS server, which is killed
+    (kill -9) while a node on another server publishes QoS 1 messages
+    (acknowledged: JetStream keeps quorum with two servers of three), then
+    started again: the node reconnects and catches up from MILLET_MSGS, so
+    every acknowledged message reaches its subscriber, including those
+    published while it was cut off."""
+    import threading
+
+    run, _, _, restarted = cluster
+    urls = [f"nats://127.0.0.1:{BASE + i}" for i in (1, 2, 3)]
+    pinned = []
+    try:
+        for i in (0, 2):
+            b = Broker(kind="millet", host=HOST, port=free_port(), settings={},
+                       args=["--nats", urls[i], "--node-id", f"brk{i}", "--no-admin"])
+            pinned.append(b)
+            b.start()
+        t = unique("cl/brk")
+        pub, sub = Client(pinned[0], V5), Client(pinned[1], V5)
+        pub.connect()
+        sub.connect()
+        assert sub.subscribe(f"{t}/#", 1) == [1]
+        reached(pub, sub, f"{t}/probe", qos=1)
+        acked, stop = [], threading.Event()
+
+        def load():
+            i = 0
+            while not stop.is_set():
+                payload = b"k%d" % i
+                if try_publish(pub, f"{t}/x", payload) == 0:
+                    acked.append(payload)
+                i += 1
+
+        th = threading.Thread(target=load, daemon=True)
+        th.start()
+        wait_until(lambda: len(acked) >= 100, timeout=30, what="100 acknowledged before the break")
+        with open(os.path.join(run, "pids")) as f:
+            third = int(f.read().split()[2])
+        os.kill(third, signal.SIGKILL)
+        at_kill = len(acked)
+        wait_until(lambda: len(acked) >= at_kill + 200, timeout=60,
+                   what="200 acknowledged while the subscriber's node is cut off")
+        nats_restart_one(run, 3, restarted)
+        wait_until(lambda: len(acked) >= at_kill + 400, timeout=60,
+                   what="200 more acknowledged once the server is back")
+        stop.set()
+        th.join(timeout=30)
+        want = set(acked)
+        wait_until(lambda: want <= {m.payload for m in sub.messages.items}, timeout=60,
+                   what=f"all {len(want)} acknowledged messages delivered "
+                        f"({len(want - {m.payload for m in sub.messages.items})} missing)")
+        for c in (pub, sub):
+            c.close()
+        assert all(b.alive() for b in pinned)
+    finally:
+        for b in pinned:
+            b.stop()

@@ -41,9 +41,12 @@
 //!   reconnect to: recorded in KV, caught up from `MILLET_MSGS`
 //!   ([`Sessions`]).
 //!
-//! Not yet built (issue 13's open parts, in docs/CLUSTER.md): catch-up of
-//! a node that lost its NATS connection (it misses what was sent
-//! meanwhile), exactly once across a node's death, `FILTERS`.
+//! - A node back from a NATS break catches up from `MILLET_MSGS`
+//!   ([`NatsLink::catch_up_node`]); a leaving shared member's unacknowledged
+//!   messages go to another member (`REDELIVER`).
+//!
+//! Not yet built (issue 13's open parts, in docs/CLUSTER.md): exactly once
+//! across a node's death, the move's window, `FILTERS`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -253,6 +256,10 @@ const CHECKPOINT: Duration = Duration::from_secs(10);
 /// way to the node when the mark was taken.
 const MARK_MARGIN: Duration = Duration::from_secs(2);
 
+/// A node back from a NATS break reads at most this many messages of
+/// `MILLET_MSGS` to catch up ([`NatsLink::catch_up_node`]).
+const NODE_CATCH_UP: u64 = 1_000_000;
+
 /// How long a node tries to set up its JetStream state at start-up (at
 /// least; `connect_timeout_secs` if longer).
 const SETUP_TIME: Duration = Duration::from_secs(30);
@@ -325,7 +332,8 @@ impl NatsLink {
         };
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let lost = Arc::new(tokio::sync::Notify::new());
-        let client = connect(cfg, &node_id, up.clone(), lost.clone()).await?;
+        let (back_tx, mut back_rx) = mpsc::unbounded_channel();
+        let client = connect(cfg, &node_id, up.clone(), lost.clone(), back_tx).await?;
         let info = client.server_info();
         check_version(&info.version)?;
         let origin: u64 = rand::random();
@@ -492,6 +500,16 @@ impl NatsLink {
                 lost.notified().await;
                 match weak.upgrade() {
                     Some(link) => link.fail_unanswered(),
+                    None => return,
+                }
+            }
+        });
+        let weak = Arc::downgrade(&link);
+        tokio::spawn(async move {
+            // Back after a break: what the node's subscribers missed.
+            while let Some(since) = back_rx.recv().await {
+                match weak.upgrade() {
+                    Some(link) => link.catch_up_node(since).await,
                     None => return,
                 }
             }
@@ -914,6 +932,86 @@ impl NatsLink {
             })
             .take(limit)
             .collect()
+    }
+
+    /// The node's NATS connection is back after a break that began at
+    /// `since_ms` (unix ms): the QoS 1/2 messages the other nodes stored in
+    /// `MILLET_MSGS` meanwhile (from [`MARK_MARGIN`] before) are routed to
+    /// this node's plain subscribers, as live routing would have, in
+    /// stream order, through one ordered consumer that exists only while it
+    /// reads (at most [`NODE_CATCH_UP`] messages). At least once: what came
+    /// live just before the break or just after the reconnection comes
+    /// again.
+    async fn catch_up_node(&self, since_ms: u64) {
+        use futures_util::StreamExt;
+        let Some(broker) = self.broker.upgrade() else {
+            return;
+        };
+        let from = since_ms.saturating_sub(MARK_MARGIN.as_millis() as u64);
+        let Ok(start_time) = async_nats::datetime::from_nanos(i128::from(from) * 1_000_000) else {
+            return;
+        };
+        let config = async_nats::jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartTime {
+                start_time,
+            },
+            ..Default::default()
+        };
+        // JetStream may still be electing leaders right after a break.
+        let deadline = Instant::now() + SETUP_TIME;
+        let consumer = match retrying(deadline, || {
+            self.sessions.messages.create_consumer(config.clone())
+        })
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: cannot catch up after a NATS break: messages sent meanwhile are missed here");
+                return;
+            }
+        };
+        let (mut routed, mut read) = (0u64, 0u64);
+        if consumer.cached_info().num_pending > 0 {
+            let Ok(mut messages) = consumer.messages().await else {
+                return;
+            };
+            let until = tokio::time::Instant::now() + SETUP_TIME;
+            loop {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                let Ok(Some(Ok(m))) =
+                    tokio::time::timeout(REPLAY_QUIET.min(left), messages.next()).await
+                else {
+                    break;
+                };
+                read += 1;
+                let pending = m.info().map(|i| i.pending).unwrap_or(0);
+                let origin = m
+                    .message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(ORIGIN))
+                    .and_then(|v| u64::from_str_radix(v.as_str(), 16).ok());
+                // This node's own were routed here when published.
+                if origin.is_some_and(|o| o != self.origin) {
+                    if let Ok(record) = postcard::from_bytes::<MessageRecord>(&m.message.payload) {
+                        let now = Instant::now();
+                        let msg = from_record(record, now);
+                        if !msg.is_expired(now) {
+                            broker.route_from_cluster(Arc::new(msg), Scope::Plain);
+                            routed += 1;
+                        }
+                    }
+                }
+                if pending == 0 || read >= NODE_CATCH_UP {
+                    break;
+                }
+            }
+        }
+        tracing::info!(
+            read,
+            routed,
+            "cluster: caught up after a NATS break (MILLET_MSGS)"
+        );
     }
 
     /// Ask the node of `origin` to close its connection for `client_id`
@@ -2000,7 +2098,10 @@ async fn connect(
     node_id: &str,
     up: Arc<std::sync::atomic::AtomicBool>,
     lost: Arc<tokio::sync::Notify>,
+    back: mpsc::UnboundedSender<u64>,
 ) -> anyhow::Result<async_nats::Client> {
+    // When the connection broke (unix ms), until it is back.
+    let down_since: Arc<Mutex<Option<u64>>> = Arc::default();
     let mut opts = async_nats::ConnectOptions::new()
         .name(format!("millet-{node_id}"))
         .connection_timeout(Duration::from_secs(cfg.connect_timeout_secs.max(1)))
@@ -2009,14 +2110,22 @@ async fn connect(
         .event_callback(move |e| {
             let up = up.clone();
             let lost = lost.clone();
+            let back = back.clone();
+            let down_since = down_since.clone();
             async move {
                 match e {
                     async_nats::Event::Connected => {
                         up.store(true, Ordering::Release);
+                        if let Some(since) = down_since.lock().take() {
+                            let _ = back.send(since);
+                        }
                         tracing::info!("cluster: NATS connected: QoS 1/2 publishes accepted")
                     }
                     async_nats::Event::Disconnected => {
                         up.store(false, Ordering::Release);
+                        down_since
+                            .lock()
+                            .get_or_insert_with(|| unix_ms(Instant::now(), Instant::now()));
                         lost.notify_one();
                         tracing::warn!("cluster: NATS disconnected: QoS 1/2 publishes refused (v5 0x80; 3.x connections closed) until it is back; reconnecting")
                     }
