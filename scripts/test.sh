@@ -102,7 +102,9 @@ MILLET_CLUSTER=1 MILLET_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/millet" \
   tests/conformance/test_will.py tests/conformance/test_shared.py tests/conformance/test_v5_features.py \
   tests/conformance/test_session.py tests/conformance/test_flow_control.py \
   tests/conformance/test_retained_replay.py tests/conformance/test_connect.py \
-  tests/conformance/test_malformed.py tests/conformance/test_disconnect.py
+  tests/conformance/test_malformed.py tests/conformance/test_disconnect.py \
+  tests/conformance/test_compat.py tests/conformance/test_security.py \
+  tests/conformance/test_stalled_reader.py tests/conformance/test_memory_limits.py
 
 log "the engine seam: every suite again on the delaying engine (engine.test_delay_ms = 20)"
 # Every engine call (attach, subscribe, unsubscribe) is answered after a
