@@ -7,12 +7,19 @@
 # PUBACK), not how a cluster scales out.
 #
 # Usage: bench/cluster.sh [--quick] [--skip-build] [--results DIR]
+#        CASES="resume conn" bench/cluster.sh   # only these cases (default: all:
+#        qos0-fanin qos1 lat-qos1-1k conn resume); the other cases' results stay
 #
 # Placement: 1 node: every client on node 1. 2 nodes: publishers on node 1,
 # subscribers on node 2 (every message crosses). 3 nodes: publisher i on node
 # i, subscriber i on node i+1 (millet-bench --pub-ports / --sub-ports).
 # Connection rate: `conn` to node 1 (each connect takes the client id's owner
-# entry in JetStream KV).
+# entry in JetStream KV). Resume (`millet-bench resume`: 10,000 QoS 1
+# messages queued for an offline persistent session, then it reconnects):
+# the session made on node 1, the messages published on node 2, the session
+# resumed on the last node N (it moves between nodes); one port for Mosquitto
+# (restarted for the case with `max_queued_messages 10000`, Millet's
+# `max_queued`: its default keeps 1,000) and the embedded engine.
 #
 # Results: bench/results/cluster__<case>__<deployment>__r1.json, rendered by
 # `millet-bench report` into BENCHMARKS.md's "Cluster mode" section (printed
@@ -31,7 +38,7 @@ while [ $# -gt 0 ]; do
         --skip-build) BUILD=0 ;;
         --results) RESULTS="$2"; shift ;;
         -h | --help)
-            sed -n '2,20p' "$0"
+            sed -n '2,30p' "$0"
             exit 0
             ;;
         *)
@@ -42,7 +49,19 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-N_FANIN=200000 N_Q1=50000 LAT_DUR=10s CONNS=2000
+N_FANIN=200000 N_Q1=50000 LAT_DUR=10s CONNS=2000 N_RESUME=10000
+ALL_CASES="qos0-fanin qos1 lat-qos1-1k conn resume"
+CASES="${CASES:-$ALL_CASES}"
+for c in $CASES; do
+    case " $ALL_CASES " in
+        *" $c "*) ;;
+        *)
+            echo "unknown case in CASES: $c (cases: $ALL_CASES)" >&2
+            exit 2
+            ;;
+    esac
+done
+want() { case " $CASES " in *" $1 "*) return 0 ;; esac; return 1; }
 if [ "$QUICK" = 1 ]; then
     N_FANIN=20000 N_Q1=5000 LAT_DUR=3s CONNS=500
 fi
@@ -126,11 +145,11 @@ start_nodes() {
     done
 }
 
-start_single() { # mosquitto | millet
+start_single() { # mosquitto | millet [EXTRA MOSQUITTO CONF LINE]
     local port
     port="$(free_port 26300)"
     if [ "$1" = mosquitto ]; then
-        printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 32\n' "$port" >"$WORK/mosquitto.conf"
+        printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 32\n%s\n' "$port" "${2:-}" >"$WORK/mosquitto.conf"
         "$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
     else
         rm -rf "$WORK/single"
@@ -143,8 +162,18 @@ start_single() { # mosquitto | millet
 }
 
 mkdir -p "$RESULTS"
-rm -f "$RESULTS"/cluster__*.json
-: >"$RESULTS/cluster-params.txt"
+if [ "$CASES" = "$ALL_CASES" ]; then
+    rm -f "$RESULTS"/cluster__*.json
+    : >"$RESULTS/cluster-params.txt"
+else
+    # Only these cases: their old results and commands go, the others stay.
+    touch "$RESULTS/cluster-params.txt"
+    for c in $CASES; do
+        rm -f "$RESULTS"/cluster__"$c"__*.json
+        grep -v "^[^/ ]*/$c: " "$RESULTS/cluster-params.txt" >"$WORK/params" || true
+        cat "$WORK/params" >"$RESULTS/cluster-params.txt"
+    done
+fi
 
 # bench DEPLOYMENT CASE ARGS...: one millet-bench run against NODE_PORTS.
 bench() {
@@ -152,7 +181,8 @@ bench() {
     shift 2
     local ports=("${NODE_PORTS[@]}") placement=()
     local n="${#ports[@]}"
-    if [ "$1" != conn ] && [ "$n" -gt 1 ]; then
+    # `conn` and `resume` place their clients themselves (not `run` options).
+    if [ "$1" != conn ] && [ "$1" != resume ] && [ "$n" -gt 1 ]; then
         local pubs subs i
         pubs="$(IFS=,; echo "${ports[*]}")"
         subs=""
@@ -164,19 +194,44 @@ bench() {
     local out="$RESULTS/cluster__${case}__${dep}__r1.json"
     log "$dep/$case: $* ${placement[*]}"
     echo "$dep/$case: millet-bench --port ${ports[0]} $* ${placement[*]}" >>"$RESULTS/cluster-params.txt"
+    local rc=0
     timeout 300 "$BENCH" --port "${ports[0]}" --label "$dep" --case "$case" --json-out "$out" \
-        "$@" "${placement[@]}" >/dev/null 2>"$WORK/run.log" || log "  exit $?: $(tail -2 "$WORK/run.log")"
+        "$@" "${placement[@]}" >/dev/null 2>"$WORK/run.log" || rc=$?
+    if [ "$rc" != 0 ]; then
+        log "  exit $rc: $(tail -3 "$WORK/run.log")"
+        local f
+        for f in "$WORK"/node*.log "$WORK/single.log" "$WORK/mosquitto.log"; do
+            [ -s "$f" ] && log "  ${f##*/}: $(tail -5 "$f")"
+        done
+    fi
 }
 
 cases() { # DEPLOYMENT
     local dep="$1" p=4
-    bench "$dep" qos0-fanin scenario fan-in -p "$p" --qos 0 --size 64 --count "$N_FANIN"
-    bench "$dep" qos1 run -p "$p" -s 1 --qos 1 --inflight 32 --size 64 --count "$N_Q1"
-    bench "$dep" lat-qos1-1k run -p 1 -s 1 --qos 1 --size 64 --rate 1000 --duration "$LAT_DUR"
+    want qos0-fanin && bench "$dep" qos0-fanin scenario fan-in -p "$p" --qos 0 --size 64 --count "$N_FANIN"
+    want qos1 && bench "$dep" qos1 run -p "$p" -s 1 --qos 1 --inflight 32 --size 64 --count "$N_Q1"
+    want lat-qos1-1k && bench "$dep" lat-qos1-1k run -p 1 -s 1 --qos 1 --size 64 --rate 1000 --duration "$LAT_DUR"
     case "$dep" in
         cluster-2 | cluster-3) ;;
-        *) bench "$dep" conn conn -n "$CONNS" --rate 0 --hold 2s --keepalive 30 ;;
+        *) want conn && bench "$dep" conn conn -n "$CONNS" --rate 0 --hold 2s --keepalive 30 ;;
     esac
+    if want resume; then
+        if [ "$dep" = mosquitto ]; then
+            # Mosquitto keeps 1,000 queued messages per client by default.
+            stop_broker
+            start_single mosquitto "max_queued_messages $N_RESUME" || {
+                log "mosquitto did not restart"
+                return
+            }
+        fi
+        # Session made on node 1, messages published on node 2, resumed on
+        # the last node (one port: all the same).
+        local n="${#NODE_PORTS[@]}"
+        local sub="${NODE_PORTS[0]}" pub="${NODE_PORTS[$((n > 1 ? 1 : 0))]}" res="${NODE_PORTS[$((n - 1))]}"
+        bench "$dep" resume resume --count "$N_RESUME" --size 64 --inflight 32 \
+            --sub-port "$sub" --pub-port "$pub" --resume-port "$res"
+    fi
+    return 0
 }
 
 for single in mosquitto millet; do

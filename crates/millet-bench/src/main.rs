@@ -8,6 +8,7 @@ mod fleet;
 mod mqtt;
 mod overload;
 mod report;
+mod resume;
 mod run;
 mod stats;
 
@@ -29,7 +30,8 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
         millet-bench --port 1883 run --scenario fan-in --count 50000\n  \
         millet-bench --port 1883 scenario fan-out -s 1000 --count 2000\n  \
         millet-bench --port 1883 run -p 1 -s 1 --qos 1 --rate 1000 --duration 10s\n  \
-        millet-bench --port 1883 conn -n 10000 --rate 2000 --hold 10s --broker-pid 1234"
+        millet-bench --port 1883 conn -n 10000 --rate 2000 --hold 10s --broker-pid 1234\n  \
+        millet-bench --port 1883 resume --count 10000 --resume-port 1884"
 )]
 struct Cli {
     /// Broker host (name or IP).
@@ -84,6 +86,11 @@ enum Cmd {
     /// Render `overload` JSON results as a markdown section (or splice it into
     /// BENCHMARKS.md between its markers).
     OverloadReport(overload::OverloadReportArgs),
+    /// Resume time of a persistent session with N queued QoS 1 messages:
+    /// subscribe (--sub-port), go offline, N messages published
+    /// (--pub-port), then reconnect (--resume-port): CONNACK and last
+    /// message times, drain msg/s.
+    Resume(resume::ResumeArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -774,6 +781,19 @@ fn real_main(cli: Cli) -> Result<i32> {
             i32::from(r.connected == 0)
         }
         Cmd::Report(_) | Cmd::OverloadReport(_) => 0,
+        Cmd::Resume(a) => {
+            let cfg = resume::ResumeCfg::new(addr, &a, run_nonce())?;
+            let bound = cfg.bound();
+            let mut r = rt
+                .block_on(async { tokio::time::timeout(bound, resume::run(cfg)).await })
+                .map_err(|_| anyhow!("resume run exceeded its time bound"))??;
+            r.label = cli.label;
+            r.case = cli.case_name;
+            r.command = command;
+            resume::print_summary(&r);
+            emit(&r, cli.json_out.as_ref())?;
+            i32::from(!r.ok())
+        }
         Cmd::Overload(a) => {
             let mut r = overload::run(&rt, addr, &a, run_nonce())?;
             r.label = cli.label;
