@@ -377,28 +377,21 @@ impl Broker {
     /// messages it received through shared subscriptions but did not
     /// acknowledge go to another member of their group.
     pub(super) fn end_session(&self, cell: &Arc<SessionCell>, now: Instant) {
-        let (subs, pending) = {
+        let subs = {
             let mut st = cell.state.lock();
             let subs: Vec<(ByteString, Subscription)> = st.session.subscriptions.drain().collect();
-            let pending = st.session.drain_all();
             if let (Some(p), true) = (&self.persist, st.session.persisted) {
                 st.session.persisted = false;
                 p.submit(vec![Op::DeleteSession {
                     client_id: cell.client_id.clone(),
                 }]);
             }
-            (subs, pending)
+            subs
         };
-        {
-            let mut idx = self.index.write();
-            for (filter, sub) in &subs {
-                remove_from_index(&mut idx, filter, sub, cell.id, self.cluster());
-            }
-        }
-        self.node
-            .stats
-            .subscriptions
-            .fetch_sub(subs.len() as u64, Ordering::Relaxed);
+        // Out of the index before its messages are taken: routing that
+        // found the session before still queues there first.
+        self.unindex(cell, &subs);
+        let pending = cell.state.lock().session.drain_all();
         for d in pending {
             let Some(share) = d.share.clone() else {
                 continue;
@@ -422,6 +415,21 @@ impl Broker {
         if let Some(link) = self.cluster() {
             link.session_ended(&cell.client_id);
         }
+    }
+
+    /// Take a session's subscriptions `subs` out of the index (the cluster
+    /// is told of the filters this node no longer has) and the count.
+    fn unindex(&self, cell: &SessionCell, subs: &[(ByteString, Subscription)]) {
+        {
+            let mut idx = self.index.write();
+            for (filter, sub) in subs {
+                remove_from_index(&mut idx, filter, sub, cell.id, self.cluster());
+            }
+        }
+        self.node
+            .stats
+            .subscriptions
+            .fetch_sub(subs.len() as u64, Ordering::Relaxed);
     }
 
     /// Whether this node holds a session for `client_id` (connected or not).
@@ -516,16 +524,7 @@ impl Broker {
             }
             st.session.subscriptions.drain().collect()
         };
-        {
-            let mut idx = self.index.write();
-            for (filter, sub) in &subscriptions {
-                remove_from_index(&mut idx, filter, sub, cell.id, self.cluster());
-            }
-        }
-        self.node
-            .stats
-            .subscriptions
-            .fetch_sub(subscriptions.len() as u64, Ordering::Relaxed);
+        self.unindex(&cell, &subscriptions);
         let (inflight, queue, awaiting_rel) = {
             let mut st = cell.state.lock();
             let (inflight, queue) = st.session.take_pending();
@@ -649,28 +648,7 @@ impl Broker {
                 {
                     continue;
                 }
-                let qos = msg.qos.min(sub.options.qos);
-                let retain = sub.options.retain_as_published && msg.retain;
-                match &mut best {
-                    None => {
-                        let mut ids = smallvec::SmallVec::new();
-                        ids.extend(sub.identifier);
-                        best = Some(Delivery {
-                            msg: msg.clone(),
-                            qos,
-                            retain,
-                            subscription_ids: ids,
-                            share: None,
-                            seq: 0,
-                            replay: false,
-                        });
-                    }
-                    Some(d) => {
-                        d.qos = d.qos.max(qos);
-                        d.retain |= retain;
-                        d.subscription_ids.extend(sub.identifier);
-                    }
-                }
+                super::route::merge_match(&mut best, &msg, &sub.options, sub.identifier, None);
             }
             if let Some(d) = best {
                 self.deliver(cell, d);

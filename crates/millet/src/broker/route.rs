@@ -235,28 +235,7 @@ impl Broker {
                 if e.options.no_local && e.share.is_none() && msg.publisher == Some(m.key) {
                     continue; // [MQTT-3.8.3-3]
                 }
-                let qos = msg.qos.min(e.options.qos);
-                let retain = e.options.retain_as_published && msg.retain;
-                match &mut best {
-                    None => {
-                        let mut ids = SmallVec::new();
-                        ids.extend(e.identifier);
-                        best = Some(Delivery {
-                            msg: msg.clone(),
-                            qos,
-                            retain,
-                            subscription_ids: ids,
-                            share: e.share.clone(),
-                            seq: 0,
-                            replay: false,
-                        });
-                    }
-                    Some(d) => {
-                        d.qos = d.qos.max(qos);
-                        d.retain |= retain;
-                        d.subscription_ids.extend(e.identifier);
-                    }
-                }
+                merge_match(&mut best, msg, &e.options, e.identifier, e.share.as_ref());
             }
             if let (Scope::Via(via), Some(first), true) = (scope, run.first(), best.is_some()) {
                 if !takes_via(&first.value.cell, &msg.topic, via) {
@@ -584,6 +563,41 @@ impl Broker {
             .subscriptions
             .fetch_sub(1, Ordering::Relaxed);
         true
+    }
+}
+
+/// One more subscription of a session matching `msg`: merged into the
+/// session's one delivery of it, with the highest QoS, the retain flag if
+/// any asks for it, and every subscription identifier [MQTT-3.3.4-2..5].
+#[inline]
+pub(super) fn merge_match(
+    best: &mut Option<Delivery>,
+    msg: &Arc<Message>,
+    options: &millet_codec::SubscriptionOptions,
+    identifier: Option<u32>,
+    share: Option<&ByteString>,
+) {
+    let qos = msg.qos.min(options.qos);
+    let retain = options.retain_as_published && msg.retain;
+    match best {
+        None => {
+            let mut ids = SmallVec::new();
+            ids.extend(identifier);
+            *best = Some(Delivery {
+                msg: msg.clone(),
+                qos,
+                retain,
+                subscription_ids: ids,
+                share: share.cloned(),
+                seq: 0,
+                replay: false,
+            });
+        }
+        Some(d) => {
+            d.qos = d.qos.max(qos);
+            d.retain |= retain;
+            d.subscription_ids.extend(identifier);
+        }
     }
 }
 

@@ -84,6 +84,12 @@ const MIN_SERVER: (u64, u64) = (2, 11);
 /// that no plain subscription gets them twice.
 const REDELIVER: &str = "_MILLET.share";
 
+/// Header: how many times a shared subscription's message was passed on
+/// by a node with no member left ([`NatsLink::redeliver`]); at most
+/// [`MAX_HOPS`].
+const HOPS: &str = "Millet-Hops";
+const MAX_HOPS: u32 = 5;
+
 /// Header: the publishing node's incarnation (random per process start).
 const ORIGIN: &str = "Millet-Origin";
 
@@ -316,6 +322,11 @@ struct Interest {
 enum Control {
     Add(Interest),
     Remove(Interest),
+    /// Publish a shared subscription's message to its group's own subject
+    /// ([`NatsLink::redeliver`]): after the interest changes before it
+    /// reached the server, so not back to this node if its last member
+    /// left.
+    Redeliver(String, HeaderMap, Bytes),
     /// Run the closure once NATS has every change made before it.
     Barrier(Box<dyn FnOnce() + Send>),
 }
@@ -1014,6 +1025,22 @@ impl NatsLink {
         );
     }
 
+    /// Give `msg` to a member of `$share/{group}/{filter}` on another node
+    /// (one NATS chooses): published on the group's own subject
+    /// ([`REDELIVER`]), `hops` times so far.
+    fn redeliver(&self, group: &str, filter: &str, msg: &Message, hops: u32) {
+        let subject = format!("{REDELIVER}.{}", queue_group(group, filter));
+        let mut headers = HeaderMap::new();
+        headers.insert(ORIGIN, self.origin_header.clone());
+        headers.insert(HOPS, hops.to_string().as_str());
+        let Ok(payload) = postcard::to_allocvec(&to_record(msg)) else {
+            return;
+        };
+        let _ = self
+            .ctl
+            .send(Control::Redeliver(subject, headers, Bytes::from(payload)));
+    }
+
     /// Ask the node of `origin` to close its connection for `client_id`
     /// and end its session there, and wait until it has (or the node does
     /// not answer: it is gone). With `moving` (the new connection resumes
@@ -1202,8 +1229,21 @@ impl NatsLink {
             }
             Some(group) => {
                 let share = format!("$share/{group}/{}", interest.filter);
-                broker
-                    .route_from_cluster(Arc::new(from_record(record, now)), Scope::Shared(&share));
+                let msg = Arc::new(from_record(record, now));
+                let routed = broker.route_from_cluster(msg.clone(), Scope::Shared(&share));
+                if routed.sessions == 0 && msg.qos != millet_codec::QoS::AtMostOnce {
+                    // The node's last member of the group left while NATS
+                    // still chose this node for the group: the message goes
+                    // to another member node (a few times at most).
+                    let hops = header(HOPS)
+                        .and_then(|h| h.parse::<u32>().ok())
+                        .unwrap_or(0);
+                    if hops < MAX_HOPS {
+                        self.redeliver(group, &interest.filter, &msg, hops + 1);
+                    } else {
+                        tracing::debug!(%share, "cluster: a shared subscription's message found no member");
+                    }
+                }
             }
         }
     }
@@ -1573,21 +1613,7 @@ impl ClusterLink for NatsLink {
     }
 
     fn redeliver_shared(&self, group: &str, filter: &str, msg: &Message) {
-        let subject = format!("{REDELIVER}.{}", queue_group(group, filter));
-        let mut headers = HeaderMap::new();
-        headers.insert(ORIGIN, self.origin_header.clone());
-        let Ok(payload) = postcard::to_allocvec(&to_record(msg)) else {
-            return;
-        };
-        let client = self.owners.client.clone();
-        self.rt.spawn(async move {
-            if let Err(e) = client
-                .publish_with_headers(subject, headers, Bytes::from(payload))
-                .await
-            {
-                tracing::warn!(error = %e, "cluster: a shared subscription's message could not be given to another member");
-            }
-        });
+        self.redeliver(group, filter, msg, 0);
     }
 
     fn interest_added(&self, filter: &str, share: Option<&str>) {
@@ -2369,7 +2395,7 @@ async fn control(
 ) {
     // An interest's subscriptions (one, or two for a trailing `#`): each is
     // a task that ends (unsubscribing) when its sender is dropped.
-    let mut subs: HashMap<Interest, Vec<tokio::sync::oneshot::Sender<()>>> = HashMap::new();
+    let mut subs: HashMap<Interest, Vec<Stop>> = HashMap::new();
     while let Some(c) = rx.recv().await {
         match c {
             Control::Add(i) => {
@@ -2384,17 +2410,7 @@ async fn control(
                         }
                     };
                     match sub {
-                        Ok(sub) => {
-                            let (stop, stopped) = tokio::sync::oneshot::channel();
-                            tokio::spawn(reader(
-                                sub,
-                                stopped,
-                                i.clone(),
-                                link.clone(),
-                                broker.clone(),
-                            ));
-                            stops.push(stop);
-                        }
+                        Ok(sub) => stops.push(spawn_reader(sub, &i, &link, &broker)),
                         Err(e) => {
                             tracing::error!(%subject, error = %e, "cluster: cannot subscribe on NATS: messages of other nodes will not reach this filter")
                         }
@@ -2408,17 +2424,7 @@ async fn control(
                         .queue_subscribe(format!("{REDELIVER}.{qg}"), qg)
                         .await
                     {
-                        Ok(sub) => {
-                            let (stop, stopped) = tokio::sync::oneshot::channel();
-                            tokio::spawn(reader(
-                                sub,
-                                stopped,
-                                i.clone(),
-                                link.clone(),
-                                broker.clone(),
-                            ));
-                            stops.push(stop);
-                        }
+                        Ok(sub) => stops.push(spawn_reader(sub, &i, &link, &broker)),
                         Err(e) => {
                             tracing::error!(error = %e, "cluster: cannot subscribe on NATS: a shared subscription's redeliveries will not reach this node")
                         }
@@ -2427,7 +2433,19 @@ async fn control(
                 subs.insert(i, stops);
             }
             Control::Remove(i) => {
-                subs.remove(&i); // the readers unsubscribe
+                // The readers unsubscribe (draining); the next command
+                // waits until their unsubscriptions are on the connection.
+                for stop in subs.remove(&i).unwrap_or_default() {
+                    let (done, unsubscribed) = tokio::sync::oneshot::channel();
+                    if stop.send(done).is_ok() {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), unsubscribed).await;
+                    }
+                }
+            }
+            Control::Redeliver(subject, headers, payload) => {
+                if let Err(e) = client.publish_with_headers(subject, headers, payload).await {
+                    tracing::warn!(error = %e, "cluster: a shared subscription's message could not be given to another member");
+                }
             }
             Control::Barrier(done) => {
                 // A request goes to the server after the subscriptions
@@ -2444,10 +2462,37 @@ async fn control(
     }
 }
 
+/// Start the [`reader`] of `sub` for `interest`: dropping (or firing) the
+/// returned sender stops it.
+fn spawn_reader(
+    sub: async_nats::Subscriber,
+    interest: &Interest,
+    link: &Weak<NatsLink>,
+    broker: &Weak<Broker>,
+) -> Stop {
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    tokio::spawn(reader(
+        sub,
+        stopped,
+        interest.clone(),
+        link.clone(),
+        broker.clone(),
+    ));
+    stop
+}
+
+/// Stops a [`reader`]: it answers on the sender it is given once its
+/// unsubscription is on the connection (dropped: stops it too).
+type Stop = tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>;
+
+/// How long a stopped subscription waits for each message NATS still
+/// delivers to it (the drain ends with the server's answer, well before).
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
 /// One NATS subscription: its messages routed until `stop` fires.
 async fn reader(
     mut sub: async_nats::Subscriber,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
+    mut stop: tokio::sync::oneshot::Receiver<tokio::sync::oneshot::Sender<()>>,
     interest: Interest,
     link: Weak<NatsLink>,
     broker: Weak<Broker>,
@@ -2462,8 +2507,26 @@ async fn reader(
                 };
                 link.received(&broker, &interest, m);
             }
-            _ = &mut stop => {
-                let _ = sub.unsubscribe().await;
+            done = &mut stop => {
+                // Drained, not dropped: what NATS sent to this subscription
+                // before it took the unsubscription in is still routed (the
+                // subscription ends at the server's answer to a ping sent
+                // after it), so a shared subscription's message chosen for
+                // this node as its last member left goes to another member
+                // ([`NatsLink::received`]).
+                let drained = sub.drain().await;
+                if let Ok(done) = done {
+                    let _ = done.send(());
+                }
+                if drained.is_err() {
+                    return;
+                }
+                while let Ok(Some(m)) = tokio::time::timeout(DRAIN_TIME, sub.next()).await {
+                    let (Some(link), Some(broker)) = (link.upgrade(), broker.upgrade()) else {
+                        return;
+                    };
+                    link.received(&broker, &interest, m);
+                }
                 return;
             }
         }
