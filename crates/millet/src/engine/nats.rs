@@ -768,11 +768,8 @@ impl NatsLink {
             if kicked || revision.is_none() {
                 // Another node took the client id over while this one
                 // attached: this connection goes (after its CONNACK).
-                if let Some((epoch, w)) = broker.taken_over_elsewhere(&client_id, Instant::now()) {
+                if let Some((epoch, _)) = broker.taken_over_elsewhere(&client_id, Instant::now()) {
                     self.released(&client_id, epoch);
-                    if let Some(w) = w {
-                        self.rt.spawn(nudge(w));
-                    }
                 }
             }
         }
@@ -1718,11 +1715,8 @@ async fn kick_service(
                 };
                 send_chunks(&client, reply, chunks, &client_id).await;
             }
-            if let Some((epoch, w)) = old {
+            if let Some((epoch, _)) = old {
                 link.released(&client_id, epoch);
-                if let Some(w) = w {
-                    nudge(w).await;
-                }
             }
         });
     }
@@ -2017,18 +2011,6 @@ async fn reap(link: &NatsLink, broker: &Arc<Broker>, origin: &str, node: &str) {
     }
     let _ = w.stream.purge().filter(filter).await;
     tracing::warn!(dead_node = %node, wills = published, "cluster: a node stopped heartbeating: its connections' wills published here");
-}
-
-/// Signal a connection taken over again a few times (bounded): in about
-/// one of 150 takeovers of a connection kicked within a millisecond of its
-/// CONNACK, the first signal was seen to be missed (the connection stayed
-/// open, detached, until something else woke it). Not yet explained; see
-/// docs/CLUSTER.md.
-async fn nudge(w: Arc<ConnWaker>) {
-    for ms in [10, 50, 250, 1000] {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        w.signal(ConnWaker::KICK);
-    }
 }
 
 /// Whether a line throttled to one a minute (its last time in `last`) is

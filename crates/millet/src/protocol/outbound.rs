@@ -26,6 +26,12 @@ impl Connection {
         let Some(protocol) = self.protocol else {
             return;
         };
+        // The pending wake-up is consumed before anything it may stand for
+        // is looked at (a kick, an acknowledgement's ticket, deliveries): a
+        // wake-up arriving meanwhile stays pending, and the connection
+        // comes back. Consumed later, it would be lost with what it
+        // announced (a PUBACK held until the next unrelated wake-up).
+        self.waker.clear();
         self.check_kick();
         if !self.pending_acks.is_empty() {
             self.release_acks();
@@ -63,7 +69,6 @@ impl Connection {
         let stats = &self.shared.node.stats;
         let mut sent = SentCount::default();
         let cell = active.cell.clone();
-        self.waker.clear();
         if !self.waker.is_blocked() {
             self.timers.set(Timer::Pause, None); // every congested session drained
         }
