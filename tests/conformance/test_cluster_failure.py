@@ -217,15 +217,30 @@ def cluster_members(port):
 def test_a_node_stopped_cleanly_leaves_no_will_for_the_others(cluster):
     """SIGTERM: the node closes its connections itself (and decides on their
     wills), then leaves: its member entry and stored wills are gone, so no
-    other node takes it for dead and publishes a will a second time."""
+    other node takes it for dead and publishes a will a second time. Its
+    persistent sessions stay for their clients to resume elsewhere, and
+    their entries in KV expire with them [MQTT-3.1.2-23]."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
     _, nodes, client, _ = cluster
-    assert len(cluster_members(BASE + 1)) == 2
+    # (The listing answers [] while JetStream is still settling after start.)
+    wait_until(lambda: len(cluster_members(BASE + 1)) == 2, timeout=10, what="two members")
     c = client(1, V5)
-    c.connect(will={"topic": unique("cl/leave"), "payload": b"w", "qos": 1})
+    p = Properties(PacketTypes.CONNECT)
+    p.SessionExpiryInterval = 2
+    c.connect(clean_start=False, properties=p,
+              will={"topic": unique("cl/leave"), "payload": b"w", "qos": 1})
     assert stored_wills(BASE + 1) == 1
+    buckets = ("millet_owners", "millet_sessions", "millet_marks")
+    key = kv_key(c.client_id)
+    wait_until(lambda: all(key in keys for keys in session_kv_keys(BASE + 1, buckets)),
+               timeout=10, what="the session's entries in KV")
     nodes[1].stop()
-    assert len(cluster_members(BASE + 1)) == 1
+    wait_until(lambda: len(cluster_members(BASE + 1)) == 1, timeout=10, what="one member left")
     assert stored_wills(BASE + 1) == 0
+    wait_until(lambda: not any(key in keys for keys in session_kv_keys(BASE + 1, buckets)),
+               timeout=10, what="the session's entries to expire with it (2 s)")
 
 
 @pytest.mark.timeout(180)
@@ -325,8 +340,8 @@ def test_a_qos1_publish_jetstream_does_not_store_is_refused(cluster):
                what="QoS 1 acknowledged again once the stream is back")
 
 
-def session_kv_keys(port):
-    """The keys of millet_sessions and millet_marks (nats-py)."""
+def session_kv_keys(port, buckets=("millet_sessions", "millet_marks")):
+    """The keys of millet_sessions and millet_marks, or of `buckets` (nats-py)."""
     import asyncio
 
     import nats
@@ -336,7 +351,7 @@ def session_kv_keys(port):
         out = []
         try:
             js = nc.jetstream()
-            for bucket in ("millet_sessions", "millet_marks"):
+            for bucket in buckets:
                 kv = await js.key_value(bucket)
                 try:
                     out.append(set(await kv.keys()))
@@ -461,6 +476,59 @@ def test_a_dead_nodes_session_keeps_its_expiry(cluster):
     assert not ack.session_present, "expired 2 s after its disconnection"
     c.close()
     c, ack = session(0, long_id, 300)
+    assert ack.session_present
+    c.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_nodes_client_ids_leave_kv_when_their_sessions_expire(cluster):
+    """kill -9 of a node: what it left in KV goes with its sessions. The
+    owner entry of a client without a persistent session goes at once; a
+    session's owner entry, record and mark go when its expiry has passed,
+    counted from its disconnection, which for a session connected at the
+    node's death is the death [MQTT-3.1.2-23]; a longer session keeps them
+    and resumes elsewhere."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    _, nodes, _, _ = cluster
+    buckets = ("millet_owners", "millet_sessions", "millet_marks")
+
+    def session(i, cid, expiry):
+        c = Client(nodes[i], V5, client_id=cid)
+        p = Properties(PacketTypes.CONNECT)
+        p.SessionExpiryInterval = expiry
+        return c, c.connect(clean_start=False, properties=p)
+
+    connected_short, offline_short, connected_long = (
+        unique("cl-cs"), unique("cl-os"), unique("cl-cl"))
+    keep = []
+    for cid, expiry in ((connected_short, 3), (offline_short, 3), (connected_long, 300)):
+        c, _ = session(1, cid, expiry)
+        c.subscribe(unique("cl/kv"), 1)
+        keep.append(c)
+    keep[1].disconnect()
+    plain = Client(nodes[1], V311, client_id=unique("cl-plain"))
+    plain.connect()
+    keep.append(plain)
+    persistent = {kv_key(c) for c in (connected_short, offline_short, connected_long)}
+    wait_until(lambda: all(persistent <= keys for keys in session_kv_keys(BASE + 1)),
+               timeout=10, what="the sessions' records and marks in KV")
+    assert kv_key(plain.client_id) in session_kv_keys(BASE + 1, ("millet_owners",))[0]
+    nodes[1].proc.kill()
+    nodes[1].proc.wait()
+    gone = {kv_key(c) for c in (connected_short, offline_short, plain.client_id)}
+
+    def left():
+        return [keys & gone for keys in session_kv_keys(BASE + 1, buckets)]
+
+    # Found dead after its heartbeat's 6 s, then 3 s more for the connected one.
+    wait_until(lambda: not any(left()), timeout=40, what="the dead node's expired entries to go")
+    assert all(kv_key(connected_long) in keys for keys in session_kv_keys(BASE + 1, buckets))
+    c, ack = session(0, connected_short, 300)
+    assert not ack.session_present, "expired 3 s after the node's death"
+    c.close()
+    c, ack = session(0, connected_long, 300)
     assert ack.session_present
     c.close()
 

@@ -236,9 +236,19 @@ struct Sessions {
 
 /// A write of [`Sessions`], applied in order by [`session_writer`].
 enum SessionOp {
-    Put { key: String, record: Bytes },
-    Mark { key: String, at_ms: u64 },
-    Delete { key: String },
+    Put {
+        key: String,
+        record: Bytes,
+    },
+    Mark {
+        key: String,
+        at_ms: u64,
+    },
+    Delete {
+        key: String,
+    },
+    /// Answered once every write before it is acknowledged (or failed).
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// A persistent session's record in `millet_sessions` (postcard).
@@ -287,6 +297,29 @@ where
             }
         }
     }
+}
+
+/// The KV bucket of `config`, created if need be, whose entries may carry
+/// a TTL of their own (`Nats-TTL`, NATS 2.11): the entries a dead node
+/// leaves are given what is left of their sessions' expiry
+/// ([`NatsLink::expire_sessions_of`]). Opened first: once a node let the
+/// entries expire, the bucket's configuration is no longer the one
+/// `create_key_value` would ask for.
+async fn kv_with_entry_ttl(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::kv::Config,
+) -> Result<async_nats::jetstream::kv::Store, async_nats::Error> {
+    let kv = match js.get_key_value(&config.bucket).await {
+        Ok(kv) => kv,
+        Err(_) => js.create_key_value(config.clone()).await?,
+    };
+    let mut stream = js.get_stream(format!("KV_{}", config.bucket)).await?;
+    let mut stream_config = stream.info().await?.config.clone();
+    if !stream_config.allow_message_ttl {
+        stream_config.allow_message_ttl = true;
+        js.update_stream(stream_config).await?;
+    }
+    Ok(kv)
 }
 
 /// A node whose heartbeat is older than this is dead.
@@ -365,7 +398,7 @@ impl NatsLink {
             ..Default::default()
         };
         let owners_config = kv_config("millet_owners", Duration::ZERO);
-        let kv = retrying(deadline, || js.create_key_value(owners_config.clone()))
+        let kv = retrying(deadline, || kv_with_entry_ttl(&js, owners_config.clone()))
             .await
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -414,13 +447,13 @@ impl NatsLink {
         .await
         .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_MSGS: {e}"))?;
         let sessions_config = kv_config("millet_sessions", Duration::ZERO);
-        let sessions_kv = retrying(deadline, || js.create_key_value(sessions_config.clone()))
+        let sessions_kv = retrying(deadline, || kv_with_entry_ttl(&js, sessions_config.clone()))
             .await
             .map_err(|e| {
                 anyhow::anyhow!("cannot create the JetStream KV bucket millet_sessions: {e}")
             })?;
         let marks_config = kv_config("millet_marks", Duration::ZERO);
-        let marks_kv = retrying(deadline, || js.create_key_value(marks_config.clone()))
+        let marks_kv = retrying(deadline, || kv_with_entry_ttl(&js, marks_config.clone()))
             .await
             .map_err(|e| {
                 anyhow::anyhow!("cannot create the JetStream KV bucket millet_marks: {e}")
@@ -576,6 +609,26 @@ impl NatsLink {
             Ok::<_, async_nats::Error>(())
         })
         .await;
+        // Its persistent sessions, all disconnected now, are left to the
+        // node their clients reconnect to: their entries in KV expire with
+        // them should the clients never come back (what a dead node's
+        // survivors do for it).
+        let (tx, flushed) = tokio::sync::oneshot::channel();
+        let _ = self.sessions.tx.send(SessionOp::Flush(tx));
+        let expired = tokio::time::timeout(Duration::from_secs(10), async {
+            let _ = flushed.await;
+            self.expire_sessions_of(self.origin).await
+        })
+        .await;
+        if let Ok((expiring, deleted)) = expired {
+            tracing::debug!(
+                expiring,
+                deleted,
+                "cluster: this node's client ids: entries deleted, or expiring with their sessions"
+            );
+        } else {
+            tracing::warn!("cluster: could not give this node's sessions in KV their expiry within 10 s: the rest stay until their clients connect again");
+        }
         match left {
             Ok(Ok(())) => tracing::info!(node_id = %self.node_id, "cluster: left"),
             Ok(Err(e)) => {
@@ -862,6 +915,152 @@ impl NatsLink {
             ..Default::default()
         };
         Some((moved, mark.unwrap_or(0)))
+    }
+
+    /// Give the entries that node `origin` left behind (it died, or left)
+    /// the lifetime of their sessions, so that a client that never comes
+    /// back leaves nothing in KV. For every owner entry naming `origin`:
+    /// - no persistent session (no record): the entry is deleted now;
+    /// - a session whose expiry has passed, counted from its disconnection
+    ///   (for one connected when the node died: from now)
+    ///   [MQTT-3.1.2-23]: its owner entry, record and mark are deleted now;
+    /// - otherwise the three are written again with what is left of the
+    ///   expiry as their TTL (`Nats-TTL`), the record with its
+    ///   disconnection time, so JetStream removes them when the session
+    ///   expires; a session that never expires (0xFFFFFFFF) keeps them.
+    ///
+    /// Every change is a compare-and-set on the revision read, the owner
+    /// entry first: a client that took its id over meanwhile keeps what its
+    /// new node wrote. Returns (entries given a TTL, entries deleted).
+    async fn expire_sessions_of(&self, origin: u64) -> (usize, usize) {
+        use async_nats::jetstream::kv::Operation;
+        use futures_util::StreamExt;
+        let mut owned = Vec::new();
+        // (`Store::status` is the bucket as it was when opened.)
+        let entries = match self.wills.js.get_stream("KV_millet_owners").await {
+            Ok(mut st) => st.info().await.map(|i| i.state.messages).ok(),
+            Err(_) => None,
+        };
+        if entries == Some(0) {
+            return (0, 0); // (a watch of an empty bucket would only time out)
+        }
+        match self.owners.kv.watch_with_history(">").await {
+            Ok(mut watch) => loop {
+                // Nothing within the time: an empty bucket, or NATS gone.
+                let next = tokio::time::timeout(Duration::from_secs(2), watch.next()).await;
+                let Ok(Some(Ok(e))) = next else {
+                    break;
+                };
+                if e.operation == Operation::Put && owner_origin(&e.value) == Some(origin) {
+                    owned.push((e.key, e.revision, e.value));
+                }
+                if e.delta == 0 {
+                    break;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: cannot read the owner entries of a node that is gone: they stay until their client ids connect again");
+                return (0, 0);
+            }
+        }
+        let (mut expiring, mut deleted) = (0, 0);
+        let now_ms = unix_ms(Instant::now(), Instant::now());
+        for (key, rev, value) in owned {
+            let record = match self.sessions.kv.entry(key.clone()).await {
+                Ok(Some(e)) if e.operation == Operation::Put => {
+                    postcard::from_bytes::<SessionKv>(&e.value)
+                        .ok()
+                        .map(|r| (r, e.revision))
+                }
+                Ok(_) => None,
+                Err(_) => continue, // unknown: left for the client id's next connection
+            };
+            let mark = match self.sessions.marks.entry(key.clone()).await {
+                Ok(Some(e)) if e.operation == Operation::Put => Some((e.value, e.revision)),
+                Ok(_) => None,
+                Err(_) => continue,
+            };
+            let left_ms = match &record {
+                None => 0,
+                Some((r, _)) if r.expiry_interval == u32::MAX => continue,
+                Some((r, _)) => r
+                    .offline_since_ms
+                    .unwrap_or(now_ms)
+                    .saturating_add(u64::from(r.expiry_interval) * 1000)
+                    .saturating_sub(now_ms),
+            };
+            if left_ms == 0 {
+                if self
+                    .owners
+                    .kv
+                    .delete_expect_revision(&key, Some(rev))
+                    .await
+                    .is_err()
+                {
+                    continue; // taken over meanwhile
+                }
+                if let Some((_, r)) = record {
+                    let _ = self.sessions.kv.delete_expect_revision(&key, Some(r)).await;
+                }
+                if let Some((_, r)) = mark {
+                    let _ = self
+                        .sessions
+                        .marks
+                        .delete_expect_revision(&key, Some(r))
+                        .await;
+                }
+                deleted += 1;
+                continue;
+            }
+            let ttl = left_ms.div_ceil(1000);
+            if self
+                .put_with_ttl("millet_owners", &key, value, ttl, rev)
+                .await
+                .is_err()
+            {
+                continue; // taken over meanwhile
+            }
+            if let Some((mut r, rrev)) = record {
+                r.offline_since_ms.get_or_insert(now_ms);
+                if let Ok(v) = postcard::to_allocvec(&r) {
+                    let _ = self
+                        .put_with_ttl("millet_sessions", &key, Bytes::from(v), ttl, rrev)
+                        .await;
+                }
+            }
+            if let Some((v, r)) = mark {
+                let _ = self.put_with_ttl("millet_marks", &key, v, ttl, r).await;
+            }
+            expiring += 1;
+        }
+        (expiring, deleted)
+    }
+
+    /// Write `value` for `key` in KV bucket `bucket` if the entry is still
+    /// at `revision`, to expire after `ttl_s` seconds.
+    async fn put_with_ttl(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: Bytes,
+        ttl_s: u64,
+        revision: u64,
+    ) -> Result<(), async_nats::Error> {
+        let mut h = HeaderMap::new();
+        h.insert(
+            async_nats::header::NATS_MESSAGE_TTL,
+            HeaderValue::from(ttl_s.max(1)),
+        );
+        h.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            HeaderValue::from(revision),
+        );
+        self.wills
+            .js
+            .publish_with_headers(format!("$KV.{bucket}.{key}"), h, value)
+            .await?
+            .await?;
+        Ok(())
     }
 
     /// The QoS 1/2 messages of `MILLET_MSGS` that `filters` (plain ones)
@@ -1971,6 +2170,15 @@ async fn heartbeat(link: Weak<NatsLink>, broker: Weak<Broker>) {
             }
             let node = String::from_utf8_lossy(&entry.value).into_owned();
             reap(&link, &broker, &m, &node).await;
+            // Its entries in KV expire with their sessions (a task: there
+            // may be many, and this node keeps heartbeating meanwhile).
+            if let Ok(origin) = u64::from_str_radix(&m, 16) {
+                let link = link.clone();
+                tokio::spawn(async move {
+                    let (expiring, deleted) = link.expire_sessions_of(origin).await;
+                    tracing::info!(dead_node = %node, expiring, deleted, "cluster: the client ids of a node that is gone: entries deleted, or expiring with their sessions");
+                });
+            }
         }
     }
 }
@@ -2234,6 +2442,15 @@ async fn session_writer(
                     .publish_with_headers(format!("$KV.millet_marks.{key}"), del(), Bytes::new())
                     .await;
                 a.and_then(|a| b.map(|b| vec![a, b]))
+            }
+            SessionOp::Flush(done) => {
+                while let Some(r) = acks.next().await {
+                    if let Err(e) = r {
+                        log(&e);
+                    }
+                }
+                let _ = done.send(());
+                continue;
             }
         };
         match sent {
