@@ -522,6 +522,55 @@ def test_a_persistent_session_moves_to_the_node_its_client_reconnects_to(on, ver
     assert not ack.session_present
 
 
+def test_a_session_moving_between_nodes_under_load_loses_no_acknowledged_message(on):
+    """Issue 13: a persistent subscriber taken over on another node 15 times
+    (its old connection still open: kicked, 0x8E) while publishers on two
+    nodes send QoS 1 without pause: every message acknowledged to them
+    reaches one of its connections (at least once), including those
+    published while the session was moving."""
+    import threading
+
+    cid = unique("cl-mv")
+    t = unique("cl/mvl")
+    sub, _ = session_on(on, 0, V5, cid)
+    assert sub.subscribe(f"{t}/#", 1) == [1]
+    subs = [sub]
+    acked, stop = [], threading.Event()
+    pubs = [on(i, V5) for i in (1, 2)]
+    for p in pubs:
+        p.connect()
+    reached(pubs[1], sub, f"{t}/probe")
+
+    def publish(p, tag):
+        i = 0
+        while not stop.is_set():
+            payload = b"%s-%d" % (tag, i)
+            if p.publish(f"{t}/m", payload, qos=1, timeout=10) == 0:
+                acked.append(payload)
+            i += 1
+
+    threads = [threading.Thread(target=publish, args=(p, tag)) for p, tag in zip(pubs, (b"x", b"y"))]
+    for th in threads:
+        th.start()
+    try:
+        for move in range(15):
+            wait_until(lambda: len(acked) >= 20 * (move + 1), what=f"publishes before move {move}")
+            nxt, ack = session_on(on, (move + 1) % 3, V5, cid)
+            assert ack.session_present, f"move {move}"
+            subs.append(nxt)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    want = set(acked)
+
+    def got():
+        return {m.payload for c in subs for m in c.messages.items} & want
+
+    wait_until(lambda: got() == want, timeout=10,
+               what=f"every acknowledged message (missing: {sorted(want - got())[:10]})")
+
+
 def test_a_leaving_shared_members_unacknowledged_messages_go_to_a_member_on_another_node(on):
     """Issue 13: a member of a shared subscription that leaves (its session
     ends) with QoS 1 messages it did not acknowledge has them given to

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -49,7 +50,12 @@ def test_three_nats_servers_keep_an_r3_stream_writable_with_one_down(nats_cluste
                 break
             except Exception:  # no meta leader yet: retried, bounded
                 await asyncio.sleep(0.1)
-        info = await js.stream_info("PROBE")
+        # Replicas are listed once they have joined the stream's group.
+        for _ in range(100):
+            info = await js.stream_info("PROBE")
+            if len(info.cluster.replicas or []) == 2:
+                break
+            await asyncio.sleep(0.1)
         assert info.config.num_replicas == 3
         assert len(info.cluster.replicas or []) == 2, "a leader and two replicas"
         ack = await js.publish("probe.a", b"1")
@@ -57,12 +63,16 @@ def test_three_nats_servers_keep_an_r3_stream_writable_with_one_down(nats_cluste
         # One server down (not the one we talk to necessarily): a majority
         # of the replicas remains, so writes are still acknowledged.
         os.kill(pids[2], signal.SIGKILL)
-        for _ in range(100):
+        ack, last_error = None, None
+        deadline = time.monotonic() + 40
+        while ack is None and time.monotonic() < deadline:
             try:
-                ack = await js.publish("probe.a", b"2")
-                break
-            except Exception:  # leader moving: retried, bounded
+                # (An identifier: a retry of a write that was stored is not stored twice.)
+                ack = await js.publish("probe.a", b"2", timeout=5, headers={"Nats-Msg-Id": "probe-2"})
+            except Exception as e:  # leader moving, client reconnecting: retried, bounded
+                last_error = e
                 await asyncio.sleep(0.1)
+        assert ack is not None, f"no write acknowledged within 40 s with one server down: {last_error!r}"
         assert ack.seq == 2
         await nc.close()
 

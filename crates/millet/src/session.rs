@@ -271,6 +271,11 @@ impl Queue {
         self.0.as_ref().is_some_and(|l| !l.q0.is_empty())
     }
 
+    /// The QoS 1/2 entries, in no particular order.
+    fn iter_q12(&self) -> impl Iterator<Item = &Delivery> {
+        self.0.iter().flat_map(|l| l.q12.iter().map(|(_, d)| d))
+    }
+
     fn q12_len(&self) -> usize {
         self.0.as_ref().map_or(0, |l| l.q12.len())
     }
@@ -963,6 +968,15 @@ impl Session {
     }
 
     /// The in-flight window in send order, for resending on session resume.
+    /// The QoS 1/2 messages the session holds: in flight, and queued (in no
+    /// particular order).
+    pub fn held_messages(&self) -> impl Iterator<Item = &Arc<Message>> {
+        self.inflight
+            .iter()
+            .map(|(_, i)| &i.delivery.msg)
+            .chain(self.queue.iter_q12().map(|d| &d.msg))
+    }
+
     pub fn inflight(&self) -> impl Iterator<Item = (u16, &Inflight)> {
         self.inflight.iter().map(|(p, i)| (*p, i))
     }

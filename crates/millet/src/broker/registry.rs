@@ -7,7 +7,7 @@
 //! [`crate::broker`]).
 
 use std::borrow::Borrow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -101,6 +101,12 @@ pub struct MovedSession {
     pub queue: Vec<Delivery>,
     /// Incoming QoS 2 ids: PUBREC sent, PUBREL not received yet.
     pub awaiting_rel: Vec<u16>,
+    /// Set by a cluster engine: unix ms (the old node's clock) before
+    /// which every QoS 1/2 message stored in the cluster's stream was
+    /// routed to the session there, and after which none was delivered to
+    /// its client. The node it moves to reads back from there what was
+    /// published while it moved. `None`: not known.
+    pub complete_before_ms: Option<u64>,
 }
 
 /// Why a new session is refused ([`Broker::admit_session`]).
@@ -540,6 +546,7 @@ impl Broker {
                 inflight,
                 queue,
                 awaiting_rel,
+                complete_before_ms: None,
             }),
         )
     }
@@ -627,20 +634,51 @@ impl Broker {
     }
 
     /// Queue on `cell`'s session the messages it missed (a session
-    /// recovered from a node that is gone), as routing would have: once
-    /// per message, merged over the session's plain subscriptions that
-    /// match (highest QoS, every identifier), No Local applied.
-    pub fn catch_up(&self, cell: &Arc<SessionCell>, messages: impl Iterator<Item = Arc<Message>>) {
-        let subs: Vec<(ByteString, Subscription)> = cell
-            .state
-            .lock()
-            .session
-            .subscriptions
-            .iter()
-            .filter(|(_, s)| s.share_group.is_none())
-            .map(|(f, s)| (f.clone(), s.clone()))
-            .collect();
+    /// recovered from a node that is gone, or moved here from another), as
+    /// routing would have: once per message, merged over the session's
+    /// plain subscriptions that match (highest QoS, every identifier), No
+    /// Local applied.
+    ///
+    /// A message the session already holds (in flight or queued: moved
+    /// with it, or routed to it since it was installed here) is not queued
+    /// again: each held message stands for one equal message of `messages`
+    /// (same topic, payload, QoS and publisher), so a publisher's identical
+    /// messages still count one by one. Returns how many were queued.
+    pub fn catch_up(
+        &self,
+        cell: &Arc<SessionCell>,
+        messages: impl Iterator<Item = Arc<Message>>,
+    ) -> usize {
+        type Key = (ByteString, bytes::Bytes, u8, ByteString);
+        let key = |m: &Message| -> Key {
+            (
+                m.topic.clone(),
+                m.payload.clone(),
+                m.qos as u8,
+                m.publisher_client_id.clone(),
+            )
+        };
+        let (subs, mut held) = {
+            let st = cell.state.lock();
+            let subs: Vec<(ByteString, Subscription)> = st
+                .session
+                .subscriptions
+                .iter()
+                .filter(|(_, s)| s.share_group.is_none())
+                .map(|(f, s)| (f.clone(), s.clone()))
+                .collect();
+            let mut held: HashMap<Key, usize> = HashMap::new();
+            for m in st.session.held_messages() {
+                *held.entry(key(m)).or_default() += 1;
+            }
+            (subs, held)
+        };
+        let mut queued = 0;
         for msg in messages {
+            if let Some(n) = held.get_mut(&key(&msg)).filter(|n| **n > 0) {
+                *n -= 1;
+                continue;
+            }
             let mut best: Option<Delivery> = None;
             for (filter, sub) in &subs {
                 if !topic::topic_matches(filter, &msg.topic)
@@ -652,8 +690,10 @@ impl Broker {
             }
             if let Some(d) = best {
                 self.deliver(cell, d);
+                queued += 1;
             }
         }
+        queued
     }
 
     /// Sessions in the registry: connected ones, and disconnected ones

@@ -232,6 +232,9 @@ struct Sessions {
     /// The client ids this node wrote a session record for (deleted when
     /// the session ends here).
     recorded: Mutex<std::collections::HashSet<ByteString>>,
+    /// When sessions kept here lost their connections, in the last second
+    /// or so ([`NatsLink::complete_before`]).
+    detached: Mutex<HashMap<ByteString, Instant>>,
 }
 
 /// A write of [`Sessions`], applied in order by [`session_writer`].
@@ -271,6 +274,15 @@ const CHECKPOINT: Duration = Duration::from_secs(10);
 /// between nodes and NATS servers, and messages stored but still on their
 /// way to the node when the mark was taken.
 const MARK_MARGIN: Duration = Duration::from_secs(2);
+
+/// A session moving between nodes reads back from `MILLET_MSGS` what was
+/// stored from this long before the move, when the old node does not say
+/// from when ([`NatsLink::complete_before`]).
+const MOVE_MARGIN: Duration = Duration::from_millis(250);
+
+/// How long a message may take from its publisher's node to the node of a
+/// session that moves, as [`NatsLink::complete_before`] counts it.
+const MOVE_TRANSIT: Duration = Duration::from_millis(50);
 
 /// A node back from a NATS break reads at most this many messages of
 /// `MILLET_MSGS` to catch up ([`NatsLink::catch_up_node`]).
@@ -527,6 +539,7 @@ impl NatsLink {
                 messages: messages_stream,
                 tx: sessions_tx,
                 recorded: Mutex::default(),
+                detached: Mutex::default(),
             },
             broker: Arc::downgrade(broker),
         });
@@ -693,6 +706,13 @@ impl NatsLink {
         let mut moved = None;
         let (mut had_owner, mut owner_gone) = (false, false);
         let clean_start = req.clean_start;
+        // A session moving here misses what is published while it moves
+        // (from when the old node stops routing to it until this node's
+        // subscriptions reach every NATS server): read back from the
+        // stream from where the old node says ([`NatsLink::complete_before`]),
+        // or from a little before the move.
+        let move_from =
+            unix_ms(Instant::now(), Instant::now()).saturating_sub(MOVE_MARGIN.as_millis() as u64);
         for attempt in 0..10 {
             let entry = match self.owners.kv.entry(key.clone()).await {
                 Ok(e) => e,
@@ -746,13 +766,16 @@ impl NatsLink {
         if revision.is_none() {
             tracing::warn!(client_id = %client_id, "cluster: could not become the owner of a client id (NATS unreachable, or a takeover storm): the connection is closed after its CONNACK");
         }
-        let mut catch_up = None;
+        // From when (unix ms) the session reads back what it missed.
+        let mut catch_up = moved
+            .as_ref()
+            .map(|m| m.complete_before_ms.unwrap_or(move_from));
         if moved.is_none() && owner_gone && !clean_start {
             // The node that held the session is gone: rebuilt from KV.
             if let Some((m, mark)) = self.recover(&client_id).await {
                 tracing::info!(client_id = %client_id, mark, "cluster: the session of a node that is gone resumes here (catching up from MILLET_MSGS)");
                 moved = Some(m);
-                catch_up = Some(mark);
+                catch_up = Some(mark.saturating_sub(MARK_MARGIN.as_millis() as u64));
             }
         }
         if let Some(m) = moved {
@@ -766,9 +789,12 @@ impl NatsLink {
                 let _ = tx.send(());
             }));
             let _ = tokio::time::timeout(MOVE_TIMEOUT, rx).await;
-            if let (Some(cell), Some(mark)) = (cell, catch_up) {
+            if let (Some(cell), Some(from)) = (cell, catch_up) {
                 // What the session missed, from the stream: everything its
-                // filters match since the mark (some of it again).
+                // filters match since then, but what it holds already
+                // (moved with it, or routed to it here since it was
+                // installed). Some of it again: what the other node had
+                // delivered since.
                 let filters: Vec<String> = cell
                     .state
                     .lock()
@@ -778,11 +804,11 @@ impl NatsLink {
                     .filter(|(_, sub)| sub.share_group.is_none())
                     .map(|(f, _)| f.to_string())
                     .collect();
-                let from = mark.saturating_sub(MARK_MARGIN.as_millis() as u64);
                 let limit = broker.node.config.limits.max_queued;
                 let found = self.stored_since(&filters, from, limit).await;
-                tracing::info!(client_id = %client_id, messages = found.len(), "cluster: caught up from MILLET_MSGS");
-                broker.catch_up(&cell, found.into_iter().map(|(_, m)| m));
+                let read = found.len();
+                let queued = broker.catch_up(&cell, found.into_iter().map(|(_, m)| m));
+                tracing::debug!(client_id = %client_id, read, queued, "cluster: caught up from MILLET_MSGS");
             }
         }
         let c = match Engine::attach(&**broker, req, reply_to, Instant::now()) {
@@ -1034,6 +1060,40 @@ impl NatsLink {
             expiring += 1;
         }
         (expiring, deleted)
+    }
+
+    /// For a session this node gives up now: unix ms before which every
+    /// QoS 1/2 message stored in `MILLET_MSGS` was routed to it here, and
+    /// after which none was delivered to its client, so that the node it
+    /// moves to reads back from there what it missed while it moved, and
+    /// nothing it had. Messages on their way here when the session leaves
+    /// the index are not routed to it here: from [`MOVE_TRANSIT`] before
+    /// now. A client gone from here since (`connected` false) was sent
+    /// nothing after it went: from then, if it went only just now (what
+    /// was delivered to it is not delivered again). Assumes the nodes'
+    /// and NATS servers' clocks agree to within [`MOVE_TRANSIT`].
+    fn complete_before(&self, client_id: &ByteString, connected: bool) -> u64 {
+        let now = Instant::now();
+        let wall = unix_ms(now, now);
+        let from = wall.saturating_sub(MOVE_TRANSIT.as_millis() as u64);
+        if connected {
+            return from;
+        }
+        match self.sessions.detached.lock().get(client_id) {
+            Some(&at) => from.max(wall.saturating_sub(now.duration_since(at).as_millis() as u64)),
+            None => from,
+        }
+    }
+
+    /// A connection of a session kept here ended now (for
+    /// [`NatsLink::complete_before`]; only the last second is kept).
+    fn detached_now(&self, client_id: &ByteString) {
+        let now = Instant::now();
+        let mut d = self.sessions.detached.lock();
+        if d.len() >= 1024 {
+            d.retain(|_, at| now.duration_since(*at) < Duration::from_secs(1));
+        }
+        d.insert(client_id.clone(), now);
     }
 
     /// Write `value` for `key` in KV bucket `bucket` if the entry is still
@@ -1899,11 +1959,14 @@ async fn kick_service(
             tracing::debug!(client_id = %client_id, revision, stale, moving, "cluster: asked to close a connection");
             // Detached and ended before the answer: the new connection is
             // attached elsewhere only once nothing reaches this one.
-            let (old, session) = if stale {
+            let (old, mut session) = if stale {
                 (None, None)
             } else {
                 broker.give_up_session(&client_id, moving, Instant::now())
             };
+            if let Some(s) = &mut session {
+                s.complete_before_ms = Some(link.complete_before(&client_id, old.is_some()));
+            }
             if let Some(reply) = m.reply {
                 let chunks = match &session {
                     Some(s) => {
@@ -2028,6 +2091,8 @@ struct MovedRecord {
     inflight: Vec<(u16, MovedDelivery, bool)>,
     queue: Vec<MovedDelivery>,
     awaiting_rel: Vec<u16>,
+    /// [`MovedSession::complete_before_ms`] (0: not known).
+    complete_before_ms: u64,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -2084,6 +2149,7 @@ impl MovedRecord {
                 .collect(),
             queue: s.queue.iter().map(MovedDelivery::from_delivery).collect(),
             awaiting_rel: s.awaiting_rel.clone(),
+            complete_before_ms: s.complete_before_ms.unwrap_or(0),
         }
     }
 
@@ -2114,6 +2180,7 @@ impl MovedRecord {
                 .map(|d| d.into_delivery(now))
                 .collect(),
             awaiting_rel: self.awaiting_rel,
+            complete_before_ms: (self.complete_before_ms > 0).then_some(self.complete_before_ms),
         }
     }
 }
@@ -2815,6 +2882,7 @@ impl Engine for Clustered {
         if self.broker.has_session(&cell.client_id) {
             // Kept, disconnected: its expiry may have changed.
             self.link.save_session(cell, true);
+            self.link.detached_now(&cell.client_id);
         }
         self.link.released(&cell.client_id, epoch);
     }
