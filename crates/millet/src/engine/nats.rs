@@ -280,9 +280,15 @@ const MARK_MARGIN: Duration = Duration::from_secs(2);
 /// from when ([`NatsLink::complete_before`]).
 const MOVE_MARGIN: Duration = Duration::from_millis(250);
 
+/// A catch-up from `MILLET_MSGS` reads what was stored when it began, and
+/// goes on with what is stored meanwhile for this long: NATS propagates a
+/// new subscription to the other servers of its cluster asynchronously,
+/// and what a server publishes before it has it does not reach the node.
+const CATCH_UP_FOLLOW: Duration = Duration::from_millis(250);
+
 /// How long a message may take from its publisher's node to the node of a
 /// session that moves, as [`NatsLink::complete_before`] counts it.
-const MOVE_TRANSIT: Duration = Duration::from_millis(50);
+const MOVE_TRANSIT: Duration = Duration::from_millis(250);
 
 /// A node back from a NATS break reads at most this many messages of
 /// `MILLET_MSGS` to catch up ([`NatsLink::catch_up_node`]).
@@ -1125,8 +1131,9 @@ impl NatsLink {
 
     /// The QoS 1/2 messages of `MILLET_MSGS` that `filters` (plain ones)
     /// match, stored since `from_ms` (unix ms), in stream order, at most
-    /// `limit`: one ordered consumer per subject, each only while it reads
-    /// (overlapping filters are read twice and kept once).
+    /// `limit`: one ordered consumer for all their subjects (or one per
+    /// subject if NATS refuses them together), only while it reads;
+    /// overlapping filters are kept once.
     async fn stored_since(
         &self,
         filters: &[String],
@@ -1140,52 +1147,97 @@ impl NatsLink {
         };
         let mut found: std::collections::BTreeMap<u64, Bytes> = Default::default();
         let deadline = tokio::time::Instant::now() + REPLAY_TIMEOUT;
-        'subjects: for filter in filters {
+        let follow_until = tokio::time::Instant::now() + CATCH_UP_FOLLOW;
+        // Every subject the filters read, less those another one covers:
+        // one consumer for them all (NATS 2.10's several filter subjects),
+        // or, should NATS refuse them together (two that overlap without
+        // one covering the other), one each.
+        let mut subjects: Vec<String> = Vec::new();
+        for filter in filters {
             for prefix in ["m.1", "m.2"] {
-                for subject in subject::filter_to_subjects(prefix, filter) {
-                    let config = async_nats::jetstream::consumer::pull::OrderedConfig {
-                        deliver_policy:
-                            async_nats::jetstream::consumer::DeliverPolicy::ByStartTime {
-                                start_time,
-                            },
-                        filter_subject: subject,
-                        ..Default::default()
-                    };
-                    let consumer = match self.sessions.messages.create_consumer(config).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cluster: cannot read MILLET_MSGS for a session's catch-up");
-                            continue;
-                        }
-                    };
-                    if consumer.cached_info().num_pending == 0 {
-                        continue;
-                    }
-                    let Ok(mut messages) = consumer.messages().await else {
-                        continue;
-                    };
-                    loop {
-                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                        if left.is_zero() {
-                            tracing::warn!(
-                                "cluster: a session's catch-up took too long: it has what was read"
-                            );
-                            break 'subjects;
-                        }
-                        let next =
-                            tokio::time::timeout(REPLAY_QUIET.min(left), messages.next()).await;
-                        let Ok(Some(Ok(m))) = next else {
-                            break;
-                        };
-                        let Ok(info) = m.info() else {
-                            break;
-                        };
-                        let (seq, pending) = (info.stream_sequence, info.pending);
-                        found.insert(seq, m.message.payload.clone());
-                        if pending == 0 || found.len() >= limit {
-                            break;
-                        }
-                    }
+                subjects.extend(subject::filter_to_subjects(prefix, filter));
+            }
+        }
+        subjects.sort();
+        subjects.dedup();
+        let covered: Vec<bool> = subjects
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                subjects
+                    .iter()
+                    .enumerate()
+                    .any(|(j, y)| i != j && subject::covers(y, x))
+            })
+            .collect();
+        let subjects: Vec<String> = subjects
+            .into_iter()
+            .zip(covered)
+            .filter_map(|(x, c)| (!c).then_some(x))
+            .collect();
+        let mut groups = vec![subjects];
+        'groups: while let Some(group) = groups.pop() {
+            if group.is_empty() {
+                continue;
+            }
+            let mut config = async_nats::jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartTime {
+                    start_time,
+                },
+                ..Default::default()
+            };
+            if group.len() == 1 {
+                config.filter_subject = group[0].clone();
+            } else {
+                config.filter_subjects = group.clone();
+            }
+            let consumer = match self.sessions.messages.create_consumer(config).await {
+                Ok(c) => c,
+                Err(e) if group.len() > 1 => {
+                    tracing::debug!(error = %e, "cluster: a catch-up's subjects refused together: one consumer each");
+                    groups.extend(group.into_iter().map(|x| vec![x]));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: cannot read MILLET_MSGS for a session's catch-up");
+                    continue;
+                }
+            };
+            // What was stored when the consumer was made, then what comes
+            // until [`CATCH_UP_FOLLOW`] after the catch-up began: by then
+            // the session's new subscriptions have reached every NATS
+            // server, and what comes after reaches it live (a consumer
+            // following live traffic until it is idle might never end).
+            let mut stored = consumer.cached_info().num_pending;
+            if stored == 0 {
+                continue;
+            }
+            let Ok(mut messages) = consumer.messages().await else {
+                continue;
+            };
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    tracing::warn!(
+                        "cluster: a session's catch-up took too long: it has what was read"
+                    );
+                    break 'groups;
+                }
+                let next = tokio::time::timeout(REPLAY_QUIET.min(left), messages.next()).await;
+                let Ok(Some(Ok(m))) = next else {
+                    break;
+                };
+                let Ok(info) = m.info() else {
+                    break;
+                };
+                let (seq, pending) = (info.stream_sequence, info.pending);
+                found.insert(seq, m.message.payload.clone());
+                stored = stored.saturating_sub(1);
+                if pending == 0
+                    || found.len() >= limit
+                    || (stored == 0 && tokio::time::Instant::now() >= follow_until)
+                {
+                    break;
                 }
             }
         }

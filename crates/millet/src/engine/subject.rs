@@ -156,6 +156,21 @@ pub fn filter_to_subjects(prefix: &str, filter: &str) -> Vec<String> {
     vec![out]
 }
 
+/// Whether every subject NATS matches with `specific` is matched by
+/// `general` too (`*` one token, `>` the rest).
+pub fn covers(general: &str, specific: &str) -> bool {
+    let (mut g, mut s) = (general.split('.'), specific.split('.'));
+    loop {
+        match (g.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,5 +303,22 @@ mod tests {
                 "filter {filter:?} topic {topic:?} subject {subject}"
             );
         }
+    }
+
+    #[test]
+    fn a_subject_covers_those_it_matches() {
+        assert!(covers("m.1.a.>", "m.1.a.b"));
+        assert!(covers("m.1.a.>", "m.1.a.*.c"));
+        assert!(covers("m.1.a.>", "m.1.a.>"));
+        assert!(covers("m.1.*.b", "m.1.a.b"));
+        assert!(covers("m.1.*.b", "m.1.*.b"));
+        assert!(!covers("m.1.*.b", "m.1.>"));
+        assert!(!covers("m.1.*", "m.1.>"));
+        assert!(!covers("m.1.a.b", "m.1.*.b"));
+        assert!(!covers("m.1.a", "m.1.a.b"));
+        assert!(!covers("m.1.a.b", "m.1.a"));
+        assert!(!covers("m.2.a", "m.1.a"));
+        // Overlapping, neither covering the other.
+        assert!(!covers("m.1.a.*", "m.1.*.b") && !covers("m.1.*.b", "m.1.a.*"));
     }
 }
