@@ -746,3 +746,79 @@ impl Broker {
         self.registry.lock().values().cloned().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::session::{Delivery, Message};
+    use bytes::Bytes;
+    use millet_codec::{PublishProperties, SubscriptionOptions};
+
+    fn message(topic: &str, payload: &'static [u8]) -> Arc<Message> {
+        Arc::new(Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(payload),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: PublishProperties::default(),
+            expires_at: None,
+            publisher: None,
+            publisher_client_id: "pub".into(),
+            engine_id: Default::default(),
+            routed_at: None,
+        })
+    }
+
+    fn delivery(m: &Arc<Message>) -> Delivery {
+        Delivery {
+            msg: Arc::new(m.detached()), // an equal copy, as one moved over NATS is
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: Default::default(),
+            share: None,
+            seq: 0,
+            replay: false,
+        }
+    }
+
+    /// A session moved with two equal messages queued, and a third one
+    /// published while it moved: reading back the three (and one more)
+    /// queues the third and the other, not the two it holds; equal
+    /// messages count one by one.
+    #[test]
+    fn a_catch_up_queues_what_the_session_does_not_hold_counting_equal_messages() {
+        let b = Broker::new(
+            Config {
+                sys_interval: 0,
+                ..Config::default()
+            },
+            Instant::now(),
+        );
+        let same = message("t/a", b"same");
+        let other = message("t/b", b"other");
+        let elsewhere = message("u/c", b"not matched");
+        let moved = MovedSession {
+            subscriptions: vec![(
+                ByteString::from("t/#"),
+                Subscription {
+                    options: SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        ..Default::default()
+                    },
+                    identifier: None,
+                    share_group: None,
+                },
+            )],
+            queue: vec![delivery(&same), delivery(&same)],
+            ..Default::default()
+        };
+        let cell = b
+            .take_moved_session(&ByteString::from("c"), moved, Instant::now())
+            .expect("installed");
+        let read = [&same, &same, &same, &other, &elsewhere];
+        let queued = b.catch_up(&cell, read.into_iter().cloned());
+        assert_eq!(queued, 2, "the third equal message and the other one");
+        assert_eq!(cell.state.lock().session.queue_len(), 4);
+    }
+}
