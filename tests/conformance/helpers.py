@@ -189,6 +189,54 @@ class Connack:
     props: dict
 
 
+# The conformance subset against a cluster (MILLET_CLUSTER=1; conftest's
+# CLUSTER_NATS_BASE): NATS servers' monitoring ports.
+CLUSTER_NATS_MONITOR = [24920 + 20 + i for i in (1, 2, 3)]
+_PLAIN_LEVEL = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def cluster_interest_settled(broker, filters, timeout: float = TIMEOUT) -> None:
+    """In the cluster subset, after a SUBACK: wait until every NATS server
+    of the cluster has the node's interest in `filters`. A node's SUBACK
+    waits for its own NATS server only; the others learn of it
+    asynchronously (docs/CLUSTER.md), and a message published through one
+    of them meanwhile would miss the new subscriber: a race of the test's,
+    not a failure of the broker's. Filters whose subjects this does not
+    spell (escaped levels, shared, `$`) are not waited for."""
+    if not os.environ.get("MILLET_CLUSTER") or "--nats" not in (getattr(broker, "args", None) or []):
+        return  # not a node of the subset's cluster
+    import json
+    import urllib.request
+
+    want = set()
+    for f in filters:
+        levels = f.split("/")
+        if f.startswith("$") or not all(
+                lv in ("+", "#") or (lv and set(lv) <= _PLAIN_LEVEL) for lv in levels):
+            continue
+        toks = ["*" if lv == "+" else ">" if lv == "#" else lv for lv in levels]
+        want.add("m.*." + ".".join(toks))
+    if not want:
+        return
+
+    def known(port):
+        subs = set()
+        for path, key in (("routez", "routes"), ("connz", "connections")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{path}?subs=1", timeout=5) as r:
+                for c in json.load(r).get(key) or []:
+                    subs |= set(c.get("subscriptions_list") or [])
+        return want <= subs
+
+    deadline = time.monotonic() + timeout
+    pending = list(CLUSTER_NATS_MONITOR)
+    while pending:
+        pending = [p for p in pending if not known(p)]
+        if pending and time.monotonic() > deadline:
+            raise AssertionError(f"NATS servers {pending} never learnt of the interest in {sorted(want)}")
+        if pending:
+            time.sleep(0.005)
+
+
 class Client:
     """Synchronous wrapper over a paho-mqtt 2.x client."""
 
@@ -311,7 +359,10 @@ class Client:
         else:
             result, mid = self.c.subscribe(topic, qos)
         assert result == mqtt.MQTT_ERR_SUCCESS, f"subscribe failed locally: {result}"
-        return self._wait(lambda: self._subacks.get(mid), timeout, f"SUBACK for {topic!r}")
+        codes = self._wait(lambda: self._subacks.get(mid), timeout, f"SUBACK for {topic!r}")
+        if all(c < 0x80 for c in codes):
+            cluster_interest_settled(self.broker, [topic])
+        return codes
 
     def unsubscribe(self, topic, properties: Properties | None = None, timeout: float = TIMEOUT) -> list[int]:
         if self.version == V5:
@@ -931,6 +982,7 @@ class RawClient:
         self.send(subscribe_packet(pid, filters, self.version, properties))
         got_pid, codes, _ = self.expect(SUBACK, stash=True).suback()
         assert got_pid == pid, f"SUBACK packet id {got_pid}, expected {pid}"
+        cluster_interest_settled(self.broker, [f for (f, _), c in zip(filters, codes) if c < 0x80])
         return codes
 
     def unsubscribe(self, filters, properties=None, pid=None) -> list[int]:
