@@ -12,7 +12,8 @@ import time
 import pytest
 
 from conftest import REPO, Broker, free_port
-from helpers import HOST, PUBREC, V311, V5, Client, RawClient, publish_packet, unique, wait_until
+from helpers import (HOST, P_SESSION_EXPIRY, PUBCOMP, PUBREC, PUBREL, V311, V5, Client, RawClient,
+                     ack_packet, publish_packet, unique, wait_until)
 from test_cluster import nats_cluster_down, nats_cluster_up, reached  # noqa: E402
 
 BASE = 24820
@@ -531,6 +532,66 @@ def test_a_dead_nodes_client_ids_leave_kv_when_their_sessions_expire(cluster):
     c, ack = session(0, connected_long, 300)
     assert ack.session_present
     c.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("version", [V311, V5])
+def test_a_qos2_publish_resent_after_its_node_died_is_not_delivered_twice(cluster, version):
+    """A persistent publisher's QoS 2 message is acknowledged (PUBREC) by a
+    node that is then killed (kill -9) before the PUBREL. The publisher
+    resumes its session on another node and sends the PUBLISH again with
+    DUP, as it must [MQTT-4.4.0-1]: that node knows the packet id from KV
+    (millet_qos2), acknowledges it and does not deliver it again
+    [MQTT-4.3.3-10]. The PUBREL then releases the id: a new message with
+    the same id is delivered, once."""
+    _, nodes, client, _ = cluster
+    t = unique("cl/q2")
+    sub = client(0, version)
+    sub.connect()
+    assert sub.subscribe(t, 2) == [2]
+    cid = unique("cl-q2pub")
+    props = {P_SESSION_EXPIRY: 300} if version == V5 else None
+
+    def publisher(i):
+        c = RawClient(nodes[i], version)
+        ack = c.connect(cid, clean=False, properties=props)
+        return c, ack
+
+    probe = client(1, version)
+    probe.connect()
+    reached(probe, sub, t)
+    pub, ack = publisher(1)
+    assert not ack.session_present
+    pid = 7
+    pub.send(publish_packet(t, b"once", qos=2, pid=pid, version=version))
+    assert pub.expect(PUBREC).ack()[0] == pid
+    sub.messages.wait_for(1, pred=lambda m: m.payload == b"once")
+    # The id is in KV before its PUBREC (the acknowledgement waits for it).
+    assert kv_key(cid) in session_kv_keys(BASE + 1, ("millet_qos2",))[0]
+    nodes[1].proc.kill()
+    nodes[1].proc.wait()
+    pub.close()
+
+    pub, ack = publisher(0)
+    assert ack.session_present, "the dead node's session resumes here"
+    pub.send(publish_packet(t, b"once", qos=2, pid=pid, dup=True, version=version))
+    assert pub.expect(PUBREC).ack()[:2] == (pid, 0)
+    pub.send(ack_packet(PUBREL, pid, version=version))
+    assert pub.expect(PUBCOMP).ack()[:2] == (pid, 0)
+    # Released: the same id is a new message now.
+    pub.send(publish_packet(t, b"next", qos=2, pid=pid, version=version))
+    assert pub.expect(PUBREC).ack()[:2] == (pid, 0)
+    pub.send(ack_packet(PUBREL, pid, version=version))
+    assert pub.expect(PUBCOMP).ack()[0] == pid
+    # Routed in order on this node: "next" comes after any second "once".
+    sub.messages.wait_for(1, pred=lambda m: m.payload == b"next")
+    got = [m.payload for m in sub.messages.items]
+    assert got.count(b"once") == 1, got
+    assert got.count(b"next") == 1, got
+    # The session's entry goes with the id released.
+    wait_until(lambda: kv_key(cid) not in session_kv_keys(BASE + 1, ("millet_qos2",))[0],
+               timeout=10, what="the released id to leave millet_qos2")
+    pub.close()
 
 
 def nats_restart_one(run, i, restarted):

@@ -447,6 +447,13 @@ impl PacketIds {
         self.len() == 0
     }
 
+    /// Every id, in increasing order.
+    pub fn sorted(&self) -> Vec<u16> {
+        let mut ids: Vec<u16> = self.0.iter().flat_map(|s| s.iter().copied()).collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Take every id out (in no particular order).
     pub fn take(&mut self) -> Vec<u16> {
         self.0

@@ -328,7 +328,10 @@ pub trait Engine: Send + Sync + 'static {
     /// message it sent) and record it: whether the id was known there, and
     /// the [`Ticket`] of the record (a PUBREL answering a PUBREC waits for
     /// it: "awaiting PUBCOMP" must survive a crash before the client may
-    /// forget the id). Answers at once. The default keeps the session in
+    /// forget the id; a PUBCOMP answering a PUBREL too: the client may
+    /// reuse the id for a new message once it has the PUBCOMP, which a
+    /// crash that brought back "awaiting PUBREL" would take for a resend
+    /// and not deliver). Answers at once. The default keeps the session in
     /// the cell and records through [`Engine::session_writes`]; the session
     /// lock is taken here, never by the protocol.
     fn acknowledge(&self, cell: &SessionCell, ack: SessionAck) -> Acknowledged {
@@ -364,12 +367,13 @@ pub trait Engine: Send + Sync + 'static {
             }
             SessionAck::PubRel(id) => {
                 let known = s.awaiting_rel.remove(&id);
+                let mut ticket = Ticket::NONE;
                 if known {
                     let mut w = self.session_writes(&cell.client_id, s);
                     w.awaiting_rel_done(id);
-                    w.submit();
+                    ticket = w.submit();
                 }
-                (known, Ticket::NONE)
+                (known, ticket)
             }
         };
         Acknowledged { known, ticket }

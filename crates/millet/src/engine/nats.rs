@@ -60,8 +60,8 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::{
-    subject, AckStatus, AttachRequest, Call, Completion, Engine, Reply, SessionWrites,
-    SubscribeRequest, Ticket, UnsubscribeRequest,
+    subject, AckStatus, Acknowledged, AttachRequest, Call, Completion, Engine, Qos2Arrival, Reply,
+    SessionAck, SessionWrites, SubscribeRequest, Ticket, UnsubscribeRequest,
 };
 use crate::broker::{Broker, ClusterLink, MovedSession, Routed, Scope, SessionRefusal};
 use crate::config::NatsConfig;
@@ -226,6 +226,9 @@ struct Wills {
 struct Sessions {
     kv: async_nats::jetstream::kv::Store,
     marks: async_nats::jetstream::kv::Store,
+    /// `millet_qos2`: a persistent session's incoming QoS 2 ids awaiting
+    /// their PUBREL ([`NatsLink::save_qos2`]).
+    qos2: async_nats::jetstream::kv::Store,
     messages: async_nats::jetstream::stream::Stream,
     /// Writes, in order, to [`session_writer`].
     tx: mpsc::UnboundedSender<SessionOp>,
@@ -249,6 +252,13 @@ enum SessionOp {
     },
     Delete {
         key: String,
+    },
+    /// The incoming QoS 2 ids awaiting their PUBREL (none: the entry is
+    /// deleted), and the ticket to answer once stored (0: none).
+    Qos2 {
+        key: String,
+        ids: Vec<u16>,
+        ticket: u64,
     },
     /// Answered once every write before it is acknowledged (or failed).
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -476,6 +486,12 @@ impl NatsLink {
             .map_err(|e| {
                 anyhow::anyhow!("cannot create the JetStream KV bucket millet_marks: {e}")
             })?;
+        let qos2_config = kv_config("millet_qos2", Duration::ZERO);
+        let qos2_kv = retrying(deadline, || kv_with_entry_ttl(&js, qos2_config.clone()))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot create the JetStream KV bucket millet_qos2: {e}")
+            })?;
         let (sessions_tx, sessions_rx) = mpsc::unbounded_channel();
         let nodes_config = kv_config("millet_nodes", NODE_TTL);
         let nodes = retrying(deadline, || js.create_key_value(nodes_config.clone()))
@@ -542,6 +558,7 @@ impl NatsLink {
             sessions: Sessions {
                 kv: sessions_kv,
                 marks: marks_kv,
+                qos2: qos2_kv,
                 messages: messages_stream,
                 tx: sessions_tx,
                 recorded: Mutex::default(),
@@ -549,7 +566,11 @@ impl NatsLink {
             },
             broker: Arc::downgrade(broker),
         });
-        tokio::spawn(session_writer(js.clone(), sessions_rx));
+        tokio::spawn(session_writer(
+            js.clone(),
+            sessions_rx,
+            Arc::downgrade(&link),
+        ));
         tokio::spawn(checkpoint(Arc::downgrade(&link), Arc::downgrade(broker)));
         tokio::spawn(retained_writer(
             js.clone(),
@@ -893,6 +914,15 @@ impl NatsLink {
                     .then(|| unix_ms(Instant::now(), Instant::now())),
                 ..record
             };
+            if !st.session.awaiting_rel.is_empty() {
+                // Written again by this node (the session may come from a
+                // dead node's entries, which have a TTL).
+                let _ = self.sessions.tx.send(SessionOp::Qos2 {
+                    key: key.clone(),
+                    ids: st.session.awaiting_rel.sorted(),
+                    ticket: 0,
+                });
+            }
             (record, idle)
         };
         let Ok(record) = postcard::to_allocvec(&record) else {
@@ -909,6 +939,34 @@ impl NatsLink {
                 at_ms: unix_ms(Instant::now(), Instant::now()),
             });
         }
+    }
+
+    /// Write the incoming QoS 2 ids of `cell`'s session awaiting their
+    /// PUBREL to `millet_qos2`, if the session is persistent (a clean one
+    /// ends with its connection, and its ids with it), and return the
+    /// write's ticket: a PUBREC waits for it (a publisher resending the
+    /// message to another node after this one died has it acknowledged,
+    /// not delivered again [MQTT-4.3.3-10]), and so does a PUBCOMP (the
+    /// publisher may reuse the id once it has it). The ids are read under
+    /// the session's lock and sent in that order, so the entry's last value
+    /// is the session's last set.
+    fn save_qos2(&self, cell: &SessionCell) -> Ticket {
+        let st = cell.state.lock();
+        if st.session.expiry_interval == 0 {
+            return Ticket::NONE;
+        }
+        let ids = st.session.awaiting_rel.sorted();
+        let ticket = self.new_ticket();
+        let op = SessionOp::Qos2 {
+            key: owner_key(&cell.client_id),
+            ids,
+            ticket,
+        };
+        if self.sessions.tx.send(op).is_err() {
+            drop(st);
+            self.ticket_answered(ticket, false);
+        }
+        Ticket(ticket)
     }
 
     /// The session of `client_id` as its record in KV has it, and its mark
@@ -942,8 +1000,13 @@ impl NatsLink {
                 .and_then(|v| v.parse::<u64>().ok()),
             _ => None,
         };
+        let awaiting_rel = match self.sessions.qos2.entry(owner_key(client_id)).await {
+            Ok(Some(e)) if e.operation == Operation::Put => decode_qos2(&e.value),
+            _ => Vec::new(),
+        };
         let moved = MovedSession {
             subscriptions: subscriptions_from_records(record.subscriptions),
+            awaiting_rel,
             ..Default::default()
         };
         Some((moved, mark.unwrap_or(0)))
@@ -1012,6 +1075,11 @@ impl NatsLink {
                 Ok(_) => None,
                 Err(_) => continue,
             };
+            let qos2 = match self.sessions.qos2.entry(key.clone()).await {
+                Ok(Some(e)) if e.operation == Operation::Put => Some((e.value, e.revision)),
+                Ok(_) => None,
+                Err(_) => continue,
+            };
             let left_ms = match &record {
                 None => 0,
                 Some((r, _)) if r.expiry_interval == u32::MAX => continue,
@@ -1041,6 +1109,13 @@ impl NatsLink {
                         .delete_expect_revision(&key, Some(r))
                         .await;
                 }
+                if let Some((_, r)) = qos2 {
+                    let _ = self
+                        .sessions
+                        .qos2
+                        .delete_expect_revision(&key, Some(r))
+                        .await;
+                }
                 deleted += 1;
                 continue;
             }
@@ -1062,6 +1137,9 @@ impl NatsLink {
             }
             if let Some((v, r)) = mark {
                 let _ = self.put_with_ttl("millet_marks", &key, v, ttl, r).await;
+            }
+            if let Some((v, r)) = qos2 {
+                let _ = self.put_with_ttl("millet_qos2", &key, v, ttl, r).await;
             }
             expiring += 1;
         }
@@ -1959,6 +2037,19 @@ impl ClusterLink for NatsLink {
     }
 }
 
+/// A session's incoming QoS 2 ids awaiting PUBREL, as `millet_qos2` holds
+/// them: two bytes each, big-endian.
+fn encode_qos2(ids: &[u16]) -> Bytes {
+    ids.iter().flat_map(|id| id.to_be_bytes()).collect()
+}
+
+fn decode_qos2(v: &[u8]) -> Vec<u16> {
+    v.chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .filter(|&id| id != 0)
+        .collect()
+}
+
 /// The owner entry's key for a client id: a hash, so that any client id
 /// (any UTF-8, up to 64 KiB) makes a valid, bounded key.
 fn owner_key(client_id: &str) -> String {
@@ -2525,9 +2616,27 @@ fn check_version(version: &str) -> anyhow::Result<()> {
 async fn session_writer(
     js: async_nats::jetstream::Context,
     mut rx: mpsc::UnboundedReceiver<SessionOp>,
+    link: Weak<NatsLink>,
 ) {
+    use futures_util::future::BoxFuture;
     use futures_util::stream::FuturesUnordered;
     use futures_util::{FutureExt, StreamExt};
+    type Ack = BoxFuture<'static, Result<(), String>>;
+    // JetStream's acknowledgement of a write; `ticket` (0: none) is
+    // answered with it.
+    let ack = |a: async_nats::jetstream::context::PublishAckFuture, ticket: u64| -> Ack {
+        let link = link.clone();
+        async move {
+            let r = a.await.map(|_| ()).map_err(|e| e.to_string());
+            if ticket != 0 {
+                if let Some(link) = link.upgrade() {
+                    link.ticket_answered(ticket, r.is_ok());
+                }
+            }
+            r
+        }
+        .boxed()
+    };
     let last_error = Mutex::new(None);
     let log = |e: &dyn std::fmt::Display| {
         if once_a_minute(&last_error) {
@@ -2535,7 +2644,21 @@ async fn session_writer(
         }
     };
     let mut acks = FuturesUnordered::new();
-    while let Some(op) = rx.recv().await {
+    loop {
+        // JetStream's acknowledgements are taken as they come (a ticket
+        // waits for one), not only when the next write is sent.
+        let op = tokio::select! {
+            op = rx.recv() => match op {
+                Some(op) => op,
+                None => break,
+            },
+            Some(r) = acks.next(), if !acks.is_empty() => {
+                if let Err(e) = r {
+                    log(&e);
+                }
+                continue;
+            }
+        };
         let del = || {
             let mut h = HeaderMap::new();
             h.insert("KV-Operation", "DEL");
@@ -2545,22 +2668,47 @@ async fn session_writer(
             SessionOp::Put { key, record } => js
                 .publish(format!("$KV.millet_sessions.{key}"), record)
                 .await
-                .map(|a| vec![a]),
+                .map(|a| vec![ack(a, 0)]),
             SessionOp::Mark { key, at_ms } => js
                 .publish(
                     format!("$KV.millet_marks.{key}"),
                     Bytes::from(at_ms.to_string()),
                 )
                 .await
-                .map(|a| vec![a]),
+                .map(|a| vec![ack(a, 0)]),
+            SessionOp::Qos2 { key, ids, ticket } => {
+                let subject = format!("$KV.millet_qos2.{key}");
+                let sent = if ids.is_empty() {
+                    js.publish_with_headers(subject, del(), Bytes::new()).await
+                } else {
+                    js.publish(subject, encode_qos2(&ids)).await
+                };
+                match sent {
+                    Ok(a) => Ok(vec![ack(a, ticket)]),
+                    Err(e) => {
+                        if let (true, Some(link)) = (ticket != 0, link.upgrade()) {
+                            link.ticket_answered(ticket, false);
+                        }
+                        Err(e)
+                    }
+                }
+            }
             SessionOp::Delete { key } => {
-                let a = js
-                    .publish_with_headers(format!("$KV.millet_sessions.{key}"), del(), Bytes::new())
-                    .await;
-                let b = js
-                    .publish_with_headers(format!("$KV.millet_marks.{key}"), del(), Bytes::new())
-                    .await;
-                a.and_then(|a| b.map(|b| vec![a, b]))
+                let mut acks = Vec::with_capacity(3);
+                let mut failed = None;
+                for bucket in ["millet_sessions", "millet_marks", "millet_qos2"] {
+                    match js
+                        .publish_with_headers(format!("$KV.{bucket}.{key}"), del(), Bytes::new())
+                        .await
+                    {
+                        Ok(a) => acks.push(ack(a, 0)),
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                match failed {
+                    None => Ok(acks),
+                    Some(e) => Err(e),
+                }
             }
             SessionOp::Flush(done) => {
                 while let Some(r) = acks.next().await {
@@ -2573,7 +2721,7 @@ async fn session_writer(
             }
         };
         match sent {
-            Ok(v) => acks.extend(v.into_iter().map(std::future::IntoFuture::into_future)),
+            Ok(v) => acks.extend(v),
             Err(e) => log(&e),
         }
         while acks.len() > 1024 {
@@ -2984,6 +3132,40 @@ impl Engine for Clustered {
         session: &Session,
     ) -> SessionWrites<'a> {
         Broker::session_writes(&self.broker, client_id, session)
+    }
+
+    fn qos2_arrived(
+        &self,
+        cell: &SessionCell,
+        packet_id: u16,
+        receive_maximum: usize,
+    ) -> Qos2Arrival {
+        match Engine::qos2_arrived(&*self.broker, cell, packet_id, receive_maximum) {
+            Qos2Arrival::New(t) => {
+                // Also in KV, for the node a dead one's client resumes on.
+                let kv = self.link.save_qos2(cell);
+                Qos2Arrival::New(self.join_tickets(t, kv))
+            }
+            other => other,
+        }
+    }
+
+    fn acknowledge(&self, cell: &SessionCell, ack: SessionAck) -> Acknowledged {
+        let a = Engine::acknowledge(&*self.broker, cell, ack);
+        match ack {
+            SessionAck::PubRel(_) if a.known => {
+                let kv = self.link.save_qos2(cell);
+                Acknowledged {
+                    ticket: self.join_tickets(a.ticket, kv),
+                    ..a
+                }
+            }
+            _ => a,
+        }
+    }
+
+    fn qos2_awaiting(&self, cell: &SessionCell, packet_id: u16) -> bool {
+        Engine::qos2_awaiting(&*self.broker, cell, packet_id)
     }
 
     fn handle_timeout(&self, now: Instant) {

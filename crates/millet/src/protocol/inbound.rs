@@ -42,14 +42,20 @@ impl Connection {
             }
             Packet::PubRel(r) => {
                 let ack = SessionAck::PubRel(r.packet_id);
-                let known = self.shared.engine.acknowledge(&a.cell, ack).known;
+                let Acknowledged { known, ticket } = self.shared.engine.acknowledge(&a.cell, ack);
                 let reason = if known || !v5 {
                     ReasonCode::SUCCESS
                 } else {
                     ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
                 };
-                self.out
-                    .push_back(Packet::PubComp(PubResp::with_reason(r.packet_id, reason)));
+                // PUBCOMP only once the release is durable: the client may
+                // reuse the packet id for a new message once it has it, and
+                // a crash that brought back "awaiting PUBREL" would take
+                // that message for a resend and never deliver it.
+                self.queue_ack(
+                    ticket,
+                    Packet::PubComp(PubResp::with_reason(r.packet_id, reason)),
+                );
             }
             Packet::PubComp(r) => {
                 let ack = SessionAck::PubComp(r.packet_id);
