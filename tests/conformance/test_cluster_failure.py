@@ -12,8 +12,9 @@ import time
 import pytest
 
 from conftest import REPO, Broker, free_port
-from helpers import (HOST, P_SESSION_EXPIRY, PUBCOMP, PUBREC, PUBREL, V311, V5, Client, RawClient,
-                     ack_packet, publish_packet, unique, wait_until)
+from helpers import (HOST, P_SESSION_EXPIRY, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBACK, V311, V5,
+                     Client, RawClient, ack_packet, publish_packet, subscribe_packet, unique,
+                     wait_until)
 from test_cluster import nats_cluster_down, nats_cluster_up, reached  # noqa: E402
 
 BASE = 24820
@@ -566,8 +567,10 @@ def test_a_qos2_publish_resent_after_its_node_died_is_not_delivered_twice(cluste
     pub.send(publish_packet(t, b"once", qos=2, pid=pid, version=version))
     assert pub.expect(PUBREC).ack()[0] == pid
     sub.messages.wait_for(1, pred=lambda m: m.payload == b"once")
-    # The id is in KV before its PUBREC (the acknowledgement waits for it).
-    assert kv_key(cid) in session_kv_keys(BASE + 1, ("millet_qos2",))[0]
+    # The id is in KV (the PUBREC waited for it; the resend below is
+    # delivered twice if the node died before it was).
+    wait_until(lambda: kv_key(cid) in session_kv_keys(BASE + 1, ("millet_qos2",))[0],
+               timeout=10, what="the id in millet_qos2")
     nodes[1].proc.kill()
     nodes[1].proc.wait()
     pub.close()
@@ -592,6 +595,79 @@ def test_a_qos2_publish_resent_after_its_node_died_is_not_delivered_twice(cluste
     wait_until(lambda: kv_key(cid) not in session_kv_keys(BASE + 1, ("millet_qos2",))[0],
                timeout=10, what="the released id to leave millet_qos2")
     pub.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("version", [V311, V5])
+def test_qos2_to_a_subscriber_stays_exactly_once_when_its_node_dies(cluster, version):
+    """A persistent QoS 2 subscriber on a node that is killed (kill -9) with
+    one message completed (PUBCOMP sent), one released (PUBREL received, no
+    PUBCOMP) and one in flight (PUBLISH received, no PUBREC). It resumes on
+    the other node: the PUBREL and the PUBLISH are resent with their packet
+    ids (the PUBLISH with DUP) [MQTT-4.4.0-1], and nothing is delivered to
+    it as a new message again: exactly once across the node's death
+    [MQTT-4.3.3], from what the dead node recorded in KV (millet_qos2)."""
+    _, nodes, client, _ = cluster
+    t = unique("cl/q2out")
+    cid = unique("cl-q2sub")
+    props = {P_SESSION_EXPIRY: 300} if version == V5 else None
+    sub = RawClient(nodes[1], version)
+    assert not sub.connect(cid, clean=False, properties=props).session_present
+    sub.send(subscribe_packet(1, [(t, 2)], version=version))
+    assert sub.expect(SUBACK).suback()[1] == [2]
+    pub = client(0, version)
+    pub.connect()
+    # Until the subscription reached the publisher's NATS server (QoS 0
+    # probes: never stored, never caught up).
+    deadline = time.monotonic() + 10
+    while True:
+        assert time.monotonic() < deadline, "no probe reached the subscriber"
+        pub.publish(t, b"probe", qos=0)
+        try:
+            if sub.expect(PUBLISH, timeout=0.2).publish().payload == b"probe":
+                break
+        except AssertionError:
+            pass
+    time.sleep(0.2)  # late probes land before the test's messages (and are skipped)
+
+    def next_publish(payload):
+        while True:
+            p = sub.expect(PUBLISH).publish()
+            if p.payload != b"probe":
+                assert p.payload == payload, p
+                return p
+
+    pub.publish(t, b"a", qos=2)
+    a = next_publish(b"a")
+    sub.send(ack_packet(PUBREC, a.pid, version=version))
+    assert sub.expect(PUBREL).ack()[0] == a.pid
+    sub.send(ack_packet(PUBCOMP, a.pid, version=version))
+    pub.publish(t, b"b", qos=2)
+    b = next_publish(b"b")
+    sub.send(ack_packet(PUBREC, b.pid, version=version))
+    # The PUBREL waits for the KV write (which has a's completion too).
+    assert sub.expect(PUBREL).ack()[0] == b.pid
+    pub.publish(t, b"c", qos=2)
+    c = next_publish(b"c")  # sent once its in-flight entry is in KV
+    nodes[1].proc.kill()
+    nodes[1].proc.wait()
+    sub.close()
+
+    sub = RawClient(nodes[0], version)
+    assert sub.connect(cid, clean=False, properties=props).session_present
+    resent = [sub.expect(PUBREL, stash=True), sub.expect(PUBLISH, stash=True)]
+    assert resent[0].ack()[0] == b.pid, "b's PUBREL again, same packet id"
+    again = resent[1].publish()
+    assert (again.payload, again.pid, again.dup) == (b"c", c.pid, True), again
+    sub.send(ack_packet(PUBCOMP, b.pid, version=version))
+    sub.send(ack_packet(PUBREC, c.pid, version=version))
+    assert sub.expect(PUBREL).ack()[0] == c.pid
+    sub.send(ack_packet(PUBCOMP, c.pid, version=version))
+    # Nothing else of a, b, c: the next PUBLISH is a new message.
+    pub.publish(t, b"e", qos=2)
+    e = sub.expect(PUBLISH).publish()
+    assert e.payload == b"e" and not e.dup, f"{e}: a message delivered again"
+    sub.close()
 
 
 def nats_restart_one(run, i, restarted):

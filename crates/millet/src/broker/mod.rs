@@ -34,7 +34,7 @@ pub(crate) use sys::rss_bytes;
 #[cfg(test)]
 mod topic_tree_tests;
 
-pub use registry::{Attached, MovedSession, SessionRefusal};
+pub use registry::{qos2_digest, Attached, MovedSession, Qos2Resume, SessionRefusal};
 pub use route::{IndexEntry, Routed, Scope, SubscribeOutcome};
 pub use stats::{
     AuthFailure, AuthFailures, Direction, Overload, QosCounters, Stats, LATENCY_SAMPLE_EVERY,

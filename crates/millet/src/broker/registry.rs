@@ -109,6 +109,40 @@ pub struct MovedSession {
     pub complete_before_ms: Option<u64>,
 }
 
+/// What a cluster node recorded of a session's outgoing QoS 2 messages,
+/// for the node that rebuilds the session after its death
+/// ([`Broker::catch_up`]): messages are told by [`qos2_digest`].
+#[derive(Debug, Default, Clone)]
+pub struct Qos2Resume {
+    /// In flight: packet id, PUBREC received (PUBREL sent), digest.
+    pub inflight: Vec<(u16, bool, u64)>,
+    /// Completed (PUBCOMP received) since the catch-up's start.
+    pub completed: Vec<u64>,
+}
+
+impl Qos2Resume {
+    pub fn is_empty(&self) -> bool {
+        self.inflight.is_empty() && self.completed.is_empty()
+    }
+}
+
+/// A message's identity across nodes, without an id of its own: a hash of
+/// its topic, payload and publisher (equal messages count one by one).
+/// Stable across processes and versions (SHA-256, first 8 bytes).
+pub fn qos2_digest(m: &Message) -> u64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update((m.topic.len() as u64).to_be_bytes());
+    h.update(m.topic.as_bytes());
+    h.update((m.publisher_client_id.len() as u64).to_be_bytes());
+    h.update(m.publisher_client_id.as_bytes());
+    h.update(&m.payload);
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(b)
+}
+
 /// Why a new session is refused ([`Broker::admit_session`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionRefusal {
@@ -644,10 +678,17 @@ impl Broker {
     /// again: each held message stands for one equal message of `messages`
     /// (same topic, payload, QoS and publisher), so a publisher's identical
     /// messages still count one by one. Returns how many were queued.
+    ///
+    /// `qos2`: what the node that held the session recorded of its
+    /// outgoing QoS 2 messages ([`Qos2Resume`]): a message it had in flight
+    /// goes back in flight under its packet id (resent with DUP, or its
+    /// PUBREL resent), one it had completed is not queued again; so QoS 2
+    /// stays exactly once across that node's death.
     pub fn catch_up(
         &self,
         cell: &Arc<SessionCell>,
         messages: impl Iterator<Item = Arc<Message>>,
+        mut qos2: Qos2Resume,
     ) -> usize {
         type Key = (ByteString, bytes::Bytes, u8, ByteString);
         let key = |m: &Message| -> Key {
@@ -689,11 +730,86 @@ impl Broker {
                 super::route::merge_match(&mut best, &msg, &sub.options, sub.identifier, None);
             }
             if let Some(d) = best {
+                if d.qos == QoS::ExactlyOnce && !qos2.is_empty() {
+                    let digest = qos2_digest(&msg);
+                    if let Some(i) = qos2.completed.iter().position(|&c| c == digest) {
+                        qos2.completed.swap_remove(i);
+                        continue;
+                    }
+                    if let Some(i) = qos2.inflight.iter().position(|o| o.2 == digest) {
+                        let (pid, released, _) = qos2.inflight.remove(i);
+                        let state = if released {
+                            InflightState::AwaitComp
+                        } else {
+                            InflightState::AwaitAck
+                        };
+                        self.restore_inflight(cell, pid, d, state);
+                        continue;
+                    }
+                }
                 self.deliver(cell, d);
                 queued += 1;
             }
         }
+        for (pid, released, _) in qos2.inflight {
+            // Its message was not read back (stored before the catch-up's
+            // start: the nodes' clocks disagree by more than its margin).
+            // A PUBREL is resent all the same, so the client frees the id;
+            // a PUBLISH cannot be.
+            if released {
+                let d = Delivery {
+                    msg: Arc::new(Message {
+                        topic: ByteString::new(),
+                        payload: bytes::Bytes::new(),
+                        qos: QoS::ExactlyOnce,
+                        retain: false,
+                        properties: Default::default(),
+                        expires_at: None,
+                        publisher: None,
+                        publisher_client_id: ByteString::new(),
+                        engine_id: Default::default(),
+                        routed_at: None,
+                    }),
+                    qos: QoS::ExactlyOnce,
+                    retain: false,
+                    subscription_ids: Default::default(),
+                    share: None,
+                    seq: 0,
+                    replay: false,
+                };
+                self.restore_inflight(cell, pid, d, InflightState::AwaitComp);
+            } else {
+                tracing::warn!(client_id = %cell.client_id, packet_id = pid, "cluster: a QoS 2 message in flight on a node that is gone was not found in MILLET_MSGS: not resent");
+            }
+        }
         queued
+    }
+
+    /// Put `d` in `cell`'s in-flight window under `packet_id` in `state`
+    /// (and in this node's store), as a moved session's window is.
+    fn restore_inflight(
+        &self,
+        cell: &SessionCell,
+        packet_id: u16,
+        d: Delivery,
+        state: InflightState,
+    ) {
+        let mut st = cell.state.lock();
+        let s = &mut st.session;
+        let order = s.take_seq();
+        if let Some(p) = self.persist.as_ref().filter(|_| s.persisted) {
+            let mut ops = Vec::new();
+            p.message_id(&d.msg, &mut ops, false);
+            ops.push(p.inflight_op(
+                &cell.client_id,
+                packet_id,
+                &d,
+                state == InflightState::AwaitComp,
+                order,
+            ));
+            p.submit(ops);
+        }
+        s.push_inflight_state(packet_id, d, state);
     }
 
     /// Sessions in the registry: connected ones, and disconnected ones
@@ -817,8 +933,75 @@ mod tests {
             .take_moved_session(&ByteString::from("c"), moved, Instant::now())
             .expect("installed");
         let read = [&same, &same, &same, &other, &elsewhere];
-        let queued = b.catch_up(&cell, read.into_iter().cloned());
+        let queued = b.catch_up(&cell, read.into_iter().cloned(), Qos2Resume::default());
         assert_eq!(queued, 2, "the third equal message and the other one");
         assert_eq!(cell.state.lock().session.queue_len(), 4);
+    }
+
+    /// A session rebuilt after its node died, with what that node recorded
+    /// of its QoS 2 deliveries: the read-back message it had completed is
+    /// skipped, the one it had released goes back in flight awaiting
+    /// PUBCOMP and the one it had sent awaiting PUBREC, each under its
+    /// packet id; an equal message after them is new; a released id whose
+    /// message was not read back is still in flight (its PUBREL resent).
+    #[test]
+    fn a_catch_up_restores_a_dead_nodes_qos2_window_and_skips_what_it_completed() {
+        let b = Broker::new(
+            Config {
+                sys_interval: 0,
+                ..Config::default()
+            },
+            Instant::now(),
+        );
+        let q2 = |topic: &str, payload: &'static [u8]| {
+            let mut m = (*message(topic, payload)).detached();
+            m.qos = QoS::ExactlyOnce;
+            Arc::new(m)
+        };
+        let (done, released, sent) = (q2("t/a", b"a"), q2("t/b", b"b"), q2("t/c", b"c"));
+        let again = q2("t/a", b"a"); // equal to `done`, published after it
+        let moved = MovedSession {
+            subscriptions: vec![(
+                ByteString::from("t/#"),
+                Subscription {
+                    options: SubscriptionOptions {
+                        qos: QoS::ExactlyOnce,
+                        ..Default::default()
+                    },
+                    identifier: None,
+                    share_group: None,
+                },
+            )],
+            ..Default::default()
+        };
+        let cell = b
+            .take_moved_session(&ByteString::from("c"), moved, Instant::now())
+            .expect("installed");
+        let resume = Qos2Resume {
+            inflight: vec![
+                (7, true, qos2_digest(&released)),
+                (9, false, qos2_digest(&sent)),
+                (11, true, 0xdead),
+            ],
+            completed: vec![qos2_digest(&done)],
+        };
+        let read = [&done, &released, &sent, &again];
+        let queued = b.catch_up(&cell, read.into_iter().cloned(), resume);
+        assert_eq!(queued, 1, "only the later equal message is new");
+        let st = cell.state.lock();
+        let window: Vec<(u16, InflightState, &[u8])> = st
+            .session
+            .inflight()
+            .map(|(p, i)| (p, i.state, &i.delivery.msg.payload[..]))
+            .collect();
+        assert_eq!(
+            window,
+            vec![
+                (7, InflightState::AwaitComp, &b"b"[..]),
+                (9, InflightState::AwaitAck, &b"c"[..]),
+                (11, InflightState::AwaitComp, &b""[..]),
+            ]
+        );
+        assert_eq!(st.session.queue_len(), 1);
     }
 }

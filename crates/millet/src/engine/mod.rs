@@ -406,6 +406,23 @@ pub trait Engine: Send + Sync + 'static {
         Qos2Arrival::New(w.submit())
     }
 
+    /// QoS 2 PUBLISHes were just put in flight in `session` (of
+    /// `client_id`; the caller holds its lock). An engine that records the
+    /// outgoing QoS 2 window somewhere else too (a cluster node: for the
+    /// node that rebuilds the session if this one dies) starts that write
+    /// here; with [`Engine::holds_qos2`], those PUBLISHes, and what follows
+    /// them, go out once the ticket is done. The default records nothing.
+    fn qos2_sent(&self, client_id: &ByteString, session: &Session) -> Ticket {
+        let _ = (client_id, session);
+        Ticket::NONE
+    }
+
+    /// Whether QoS 2 PUBLISHes to `session` wait for [`Engine::qos2_sent`].
+    fn holds_qos2(&self, session: &Session) -> bool {
+        let _ = session;
+        false
+    }
+
     /// Whether `packet_id` of `cell`'s session is a QoS 2 message awaiting
     /// its PUBREL (a resend is acknowledged again, whatever the limits).
     fn qos2_awaiting(&self, cell: &SessionCell, packet_id: u16) -> bool {

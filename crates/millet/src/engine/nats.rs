@@ -63,7 +63,9 @@ use super::{
     subject, AckStatus, Acknowledged, AttachRequest, Call, Completion, Engine, Qos2Arrival, Reply,
     SessionAck, SessionWrites, SubscribeRequest, Ticket, UnsubscribeRequest,
 };
-use crate::broker::{Broker, ClusterLink, MovedSession, Routed, Scope, SessionRefusal};
+use crate::broker::{
+    qos2_digest, Broker, ClusterLink, MovedSession, Qos2Resume, Routed, Scope, SessionRefusal,
+};
 use crate::config::NatsConfig;
 use crate::session::Message;
 use crate::session::{
@@ -226,9 +228,11 @@ struct Wills {
 struct Sessions {
     kv: async_nats::jetstream::kv::Store,
     marks: async_nats::jetstream::kv::Store,
-    /// `millet_qos2`: a persistent session's incoming QoS 2 ids awaiting
-    /// their PUBREL ([`NatsLink::save_qos2`]).
+    /// `millet_qos2`: a persistent session's QoS 2 state ([`Qos2Kv`],
+    /// [`NatsLink::save_qos2`]).
     qos2: async_nats::jetstream::kv::Store,
+    /// The QoS 2 messages sessions here completed lately ([`Completed`]).
+    completed: Mutex<HashMap<ByteString, Completed>>,
     messages: async_nats::jetstream::stream::Stream,
     /// Writes, in order, to [`session_writer`].
     tx: mpsc::UnboundedSender<SessionOp>,
@@ -253,11 +257,12 @@ enum SessionOp {
     Delete {
         key: String,
     },
-    /// The incoming QoS 2 ids awaiting their PUBREL (none: the entry is
-    /// deleted), and the ticket to answer once stored (0: none).
+    /// The session's QoS 2 state ([`Qos2Kv`], postcard; `None`: nothing,
+    /// the entry is deleted), and the ticket to answer once stored (0:
+    /// none).
     Qos2 {
         key: String,
-        ids: Vec<u16>,
+        value: Option<Bytes>,
         ticket: u64,
     },
     /// Answered once every write before it is acknowledged (or failed).
@@ -559,6 +564,7 @@ impl NatsLink {
                 kv: sessions_kv,
                 marks: marks_kv,
                 qos2: qos2_kv,
+                completed: Mutex::default(),
                 messages: messages_stream,
                 tx: sessions_tx,
                 recorded: Mutex::default(),
@@ -797,11 +803,14 @@ impl NatsLink {
         let mut catch_up = moved
             .as_ref()
             .map(|m| m.complete_before_ms.unwrap_or(move_from));
+        // A dead node's record of the session's outgoing QoS 2 messages.
+        let mut qos2 = Qos2Resume::default();
         if moved.is_none() && owner_gone && !clean_start {
             // The node that held the session is gone: rebuilt from KV.
-            if let Some((m, mark)) = self.recover(&client_id).await {
-                tracing::info!(client_id = %client_id, mark, "cluster: the session of a node that is gone resumes here (catching up from MILLET_MSGS)");
+            if let Some((m, mark, q)) = self.recover(&client_id).await {
+                tracing::info!(client_id = %client_id, mark, qos2_inflight = q.inflight.len(), qos2_completed = q.completed.len(), "cluster: the session of a node that is gone resumes here (catching up from MILLET_MSGS)");
                 moved = Some(m);
+                qos2 = q;
                 catch_up = Some(mark.saturating_sub(MARK_MARGIN.as_millis() as u64));
             }
         }
@@ -834,7 +843,7 @@ impl NatsLink {
                 let limit = broker.node.config.limits.max_queued;
                 let found = self.stored_since(&filters, from, limit).await;
                 let read = found.len();
-                let queued = broker.catch_up(&cell, found.into_iter().map(|(_, m)| m));
+                let queued = broker.catch_up(&cell, found.into_iter().map(|(_, m)| m), qos2);
                 tracing::debug!(client_id = %client_id, read, queued, "cluster: caught up from MILLET_MSGS");
             }
         }
@@ -914,14 +923,10 @@ impl NatsLink {
                     .then(|| unix_ms(Instant::now(), Instant::now())),
                 ..record
             };
-            if !st.session.awaiting_rel.is_empty() {
+            if !st.session.awaiting_rel.is_empty() || !idle {
                 // Written again by this node (the session may come from a
                 // dead node's entries, which have a TTL).
-                let _ = self.sessions.tx.send(SessionOp::Qos2 {
-                    key: key.clone(),
-                    ids: st.session.awaiting_rel.sorted(),
-                    ticket: 0,
-                });
+                self.save_qos2_of(&cell.client_id, &st.session, false);
             }
             (record, idle)
         };
@@ -934,10 +939,9 @@ impl NatsLink {
             record: Bytes::from(record),
         });
         if mark && idle {
-            let _ = self.sessions.tx.send(SessionOp::Mark {
-                key,
-                at_ms: unix_ms(Instant::now(), Instant::now()),
-            });
+            let at_ms = unix_ms(Instant::now(), Instant::now());
+            let _ = self.sessions.tx.send(SessionOp::Mark { key, at_ms });
+            self.marked(&cell.client_id, at_ms);
         }
     }
 
@@ -950,28 +954,82 @@ impl NatsLink {
     /// publisher may reuse the id once it has it). The ids are read under
     /// the session's lock and sent in that order, so the entry's last value
     /// is the session's last set.
-    fn save_qos2(&self, cell: &SessionCell) -> Ticket {
+    fn save_qos2(&self, cell: &SessionCell, with_ticket: bool) -> Ticket {
         let st = cell.state.lock();
-        if st.session.expiry_interval == 0 {
+        self.save_qos2_of(&cell.client_id, &st.session, with_ticket)
+    }
+
+    /// [`NatsLink::save_qos2`] for `session`, whose lock the caller holds.
+    /// The entry has the incoming ids, the outgoing QoS 2 messages in flight
+    /// (packet id, state, [`qos2_digest`]) and those completed lately
+    /// ([`Completed`]); a session with none of these has it deleted.
+    fn save_qos2_of(&self, client_id: &ByteString, session: &Session, with_ticket: bool) -> Ticket {
+        if session.expiry_interval == 0 {
             return Ticket::NONE;
         }
-        let ids = st.session.awaiting_rel.sorted();
-        let ticket = self.new_ticket();
+        let kv = Qos2Kv {
+            incoming: session.awaiting_rel.sorted(),
+            outgoing: session
+                .inflight()
+                .filter(|(_, i)| i.delivery.qos == millet_codec::QoS::ExactlyOnce)
+                .map(|(pid, i)| {
+                    (
+                        pid,
+                        i.state == InflightState::AwaitComp,
+                        qos2_digest(&i.delivery.msg),
+                    )
+                })
+                .collect(),
+            completed: self
+                .sessions
+                .completed
+                .lock()
+                .get(client_id)
+                .map(|c| c.done.iter().copied().collect())
+                .unwrap_or_default(),
+        };
+        let value = if kv.is_empty() {
+            None
+        } else {
+            postcard::to_allocvec(&kv).ok().map(Bytes::from)
+        };
+        let ticket = if with_ticket { self.new_ticket() } else { 0 };
         let op = SessionOp::Qos2 {
-            key: owner_key(&cell.client_id),
-            ids,
+            key: owner_key(client_id),
+            value,
             ticket,
         };
-        if self.sessions.tx.send(op).is_err() {
-            drop(st);
+        if self.sessions.tx.send(op).is_err() && ticket != 0 {
             self.ticket_answered(ticket, false);
         }
         Ticket(ticket)
     }
 
+    /// `client_id`'s session completed the QoS 2 message of `digest`.
+    fn qos2_completed(&self, client_id: &ByteString, digest: u64) {
+        let now_ms = unix_ms(Instant::now(), Instant::now());
+        let mut all = self.sessions.completed.lock();
+        let c = all.entry(client_id.clone()).or_default();
+        c.done.push_back((digest, now_ms));
+        c.trim();
+    }
+
+    /// A mark at `at_ms` was written for `client_id`'s session: completed
+    /// QoS 2 messages from before it (less the margin) are not needed.
+    fn marked(&self, client_id: &ByteString, at_ms: u64) {
+        let mut all = self.sessions.completed.lock();
+        if let Some(c) = all.get_mut(client_id) {
+            c.mark_ms = at_ms;
+            c.trim();
+            if c.done.is_empty() {
+                all.remove(client_id);
+            }
+        }
+    }
+
     /// The session of `client_id` as its record in KV has it, and its mark
     /// (unix ms; 0 without one): for a takeover from a node that is gone.
-    async fn recover(&self, client_id: &ByteString) -> Option<(MovedSession, u64)> {
+    async fn recover(&self, client_id: &ByteString) -> Option<(MovedSession, u64, Qos2Resume)> {
         use async_nats::jetstream::kv::Operation;
         let key = owner_key(client_id);
         let entry = match self.sessions.kv.entry(key.clone()).await {
@@ -1000,16 +1058,30 @@ impl NatsLink {
                 .and_then(|v| v.parse::<u64>().ok()),
             _ => None,
         };
-        let awaiting_rel = match self.sessions.qos2.entry(owner_key(client_id)).await {
-            Ok(Some(e)) if e.operation == Operation::Put => decode_qos2(&e.value),
-            _ => Vec::new(),
+        let mark = mark.unwrap_or(0);
+        let qos2 = match self.sessions.qos2.entry(owner_key(client_id)).await {
+            Ok(Some(e)) if e.operation == Operation::Put => {
+                postcard::from_bytes::<Qos2Kv>(&e.value).unwrap_or_default()
+            }
+            _ => Qos2Kv::default(),
+        };
+        // Completed before the catch-up's start: not read back, not needed.
+        let from = mark.saturating_sub(MARK_MARGIN.as_millis() as u64);
+        let resume = Qos2Resume {
+            inflight: qos2.outgoing,
+            completed: qos2
+                .completed
+                .into_iter()
+                .filter(|&(_, at)| at >= from)
+                .map(|(d, _)| d)
+                .collect(),
         };
         let moved = MovedSession {
             subscriptions: subscriptions_from_records(record.subscriptions),
-            awaiting_rel,
+            awaiting_rel: qos2.incoming,
             ..Default::default()
         };
-        Some((moved, mark.unwrap_or(0)))
+        Some((moved, mark, resume))
     }
 
     /// Give the entries that node `origin` left behind (it died, or left)
@@ -2011,6 +2083,7 @@ impl ClusterLink for NatsLink {
 
     fn session_ended(&self, client_id: &str) {
         let recorded = self.sessions.recorded.lock().remove(client_id);
+        self.sessions.completed.lock().remove(client_id);
         // Not owned any more: another node took the client id over, and
         // its entries are that node's to write.
         let Some((rev, _)) = self.owners.owned.lock().remove(client_id) else {
@@ -2037,17 +2110,52 @@ impl ClusterLink for NatsLink {
     }
 }
 
-/// A session's incoming QoS 2 ids awaiting PUBREL, as `millet_qos2` holds
-/// them: two bytes each, big-endian.
-fn encode_qos2(ids: &[u16]) -> Bytes {
-    ids.iter().flat_map(|id| id.to_be_bytes()).collect()
+/// A persistent session's QoS 2 state in `millet_qos2` (postcard), for the
+/// node that rebuilds the session if its own dies ([`NatsLink::save_qos2`]).
+#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Qos2Kv {
+    /// Incoming: packet ids awaiting their PUBREL.
+    incoming: Vec<u16>,
+    /// Outgoing, in flight: packet id, PUBREL sent, the message's
+    /// [`qos2_digest`].
+    outgoing: Vec<(u16, bool, u64)>,
+    /// Outgoing, completed (PUBCOMP received): digest, when (unix ms).
+    completed: Vec<(u64, u64)>,
 }
 
-fn decode_qos2(v: &[u8]) -> Vec<u16> {
-    v.chunks_exact(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .filter(|&id| id != 0)
-        .collect()
+impl Qos2Kv {
+    fn is_empty(&self) -> bool {
+        self.incoming.is_empty() && self.outgoing.is_empty() && self.completed.is_empty()
+    }
+}
+
+/// The QoS 2 messages a session completed lately, kept for its
+/// `millet_qos2` entry: those completed since its last mark less
+/// [`MARK_MARGIN`] (a catch-up after this node's death reads back from
+/// there), at most [`MAX_COMPLETED`].
+#[derive(Default)]
+struct Completed {
+    done: std::collections::VecDeque<(u64, u64)>,
+    mark_ms: u64,
+}
+
+/// At most this many completed QoS 2 messages per session are remembered
+/// ([`Completed`]): beyond, the oldest would be delivered again after the
+/// node's death (a session sent QoS 2 without pause, never idle at a
+/// checkpoint, so its mark does not move).
+const MAX_COMPLETED: usize = 4096;
+
+impl Completed {
+    fn trim(&mut self) {
+        let from = self.mark_ms.saturating_sub(MARK_MARGIN.as_millis() as u64);
+        while self
+            .done
+            .front()
+            .is_some_and(|&(_, at)| at < from || self.done.len() > MAX_COMPLETED)
+        {
+            self.done.pop_front();
+        }
+    }
 }
 
 /// The owner entry's key for a client id: a hash, so that any client id
@@ -2676,12 +2784,11 @@ async fn session_writer(
                 )
                 .await
                 .map(|a| vec![ack(a, 0)]),
-            SessionOp::Qos2 { key, ids, ticket } => {
+            SessionOp::Qos2 { key, value, ticket } => {
                 let subject = format!("$KV.millet_qos2.{key}");
-                let sent = if ids.is_empty() {
-                    js.publish_with_headers(subject, del(), Bytes::new()).await
-                } else {
-                    js.publish(subject, encode_qos2(&ids)).await
+                let sent = match value {
+                    None => js.publish_with_headers(subject, del(), Bytes::new()).await,
+                    Some(v) => js.publish(subject, v).await,
                 };
                 match sent {
                     Ok(a) => Ok(vec![ack(a, ticket)]),
@@ -2767,6 +2874,7 @@ async fn checkpoint(link: Weak<NatsLink>, broker: Weak<Broker>) {
                         key: owner_key(&cell.client_id),
                         at_ms: now_ms,
                     });
+                    link.marked(&cell.client_id, now_ms);
                     cursor
                 }
                 Some(&old) => old,
@@ -3143,7 +3251,7 @@ impl Engine for Clustered {
         match Engine::qos2_arrived(&*self.broker, cell, packet_id, receive_maximum) {
             Qos2Arrival::New(t) => {
                 // Also in KV, for the node a dead one's client resumes on.
-                let kv = self.link.save_qos2(cell);
+                let kv = self.link.save_qos2(cell, true);
                 Qos2Arrival::New(self.join_tickets(t, kv))
             }
             other => other,
@@ -3151,17 +3259,55 @@ impl Engine for Clustered {
     }
 
     fn acknowledge(&self, cell: &SessionCell, ack: SessionAck) -> Acknowledged {
-        let a = Engine::acknowledge(&*self.broker, cell, ack);
-        match ack {
-            SessionAck::PubRel(_) if a.known => {
-                let kv = self.link.save_qos2(cell);
-                Acknowledged {
-                    ticket: self.join_tickets(a.ticket, kv),
-                    ..a
-                }
+        // A QoS 2 delivery the PUBCOMP completes: remembered, so that a
+        // node rebuilding the session after this one's death does not
+        // deliver it again.
+        let completes = match ack {
+            SessionAck::PubComp(id) => {
+                let st = cell.state.lock();
+                (st.session.expiry_interval != 0)
+                    .then(|| {
+                        st.session
+                            .inflight()
+                            .find(|(p, i)| *p == id && i.state == InflightState::AwaitComp)
+                            .map(|(_, i)| qos2_digest(&i.delivery.msg))
+                    })
+                    .flatten()
             }
-            _ => a,
+            _ => None,
+        };
+        let a = Engine::acknowledge(&*self.broker, cell, ack);
+        if !a.known {
+            return a;
         }
+        // What waits for the KV write: the PUBCOMP to a PUBREL (the
+        // publisher may reuse the id), the PUBREL to a PUBREC (the client
+        // forgets the message's id).
+        let wait = match ack {
+            SessionAck::PubAck(_) => return a,
+            SessionAck::PubRel(_) => true,
+            SessionAck::PubRec { refused, .. } => !refused,
+            SessionAck::PubComp(_) => {
+                let Some(digest) = completes else {
+                    return a;
+                };
+                self.link.qos2_completed(&cell.client_id, digest);
+                false
+            }
+        };
+        let kv = self.link.save_qos2(cell, wait);
+        Acknowledged {
+            ticket: self.join_tickets(a.ticket, kv),
+            ..a
+        }
+    }
+
+    fn qos2_sent(&self, client_id: &ByteString, session: &Session) -> Ticket {
+        self.link.save_qos2_of(client_id, session, true)
+    }
+
+    fn holds_qos2(&self, session: &Session) -> bool {
+        session.expiry_interval != 0
     }
 
     fn qos2_awaiting(&self, cell: &SessionCell, packet_id: u16) -> bool {
@@ -3209,6 +3355,38 @@ mod tests {
         assert!(check_version("2.10.22").is_err());
         assert!(check_version("2.9").is_err());
         assert!(check_version("").is_err());
+    }
+
+    /// What a session completed is kept from its last mark less the
+    /// margin (a catch-up reads back from there), at most MAX_COMPLETED;
+    /// the KV value round-trips.
+    #[test]
+    fn completed_qos2_messages_are_kept_from_the_mark_less_its_margin() {
+        let margin = MARK_MARGIN.as_millis() as u64;
+        let mut c = Completed::default();
+        for at in [1_000, 5_000, 9_000, 10_000] {
+            c.done.push_back((at, at));
+        }
+        c.mark_ms = 10_000 + margin - 1_000; // the catch-up starts at 9,000
+        c.trim();
+        assert_eq!(
+            c.done.iter().map(|d| d.1).collect::<Vec<_>>(),
+            [9_000, 10_000]
+        );
+        for i in 0..MAX_COMPLETED as u64 + 5 {
+            c.done.push_back((i, 20_000));
+        }
+        c.trim();
+        assert_eq!(c.done.len(), MAX_COMPLETED);
+        assert_eq!(c.done.front(), Some(&(5, 20_000)));
+        let kv = Qos2Kv {
+            incoming: vec![1, 65_535],
+            outgoing: vec![(7, true, u64::MAX)],
+            completed: vec![(3, 4)],
+        };
+        let bytes = postcard::to_allocvec(&kv).expect("encodes");
+        assert_eq!(postcard::from_bytes::<Qos2Kv>(&bytes).ok(), Some(kv));
+        assert!(Qos2Kv::default().is_empty());
     }
 
     #[test]

@@ -333,11 +333,19 @@ impl Connection {
     /// disk, 0x80 otherwise; 3.x has no negative ack, so the connection is
     /// closed and the client will resend).
     pub(super) fn release_acks(&mut self) {
+        // Packets held together share their ticket; an engine may forget a
+        // ticket once it told it is done (the cluster's do), so it is asked
+        // once per run of equal tickets.
+        let mut last: Option<(Ticket, AckStatus)> = None;
         while let Some((ticket, _)) = self.pending_acks.front() {
-            let status = self.shared.engine.ticket_status(*ticket);
+            let status = match last {
+                Some((t, s)) if t == *ticket => s,
+                _ => self.shared.engine.ticket_status(*ticket),
+            };
             if status == AckStatus::Pending {
                 break;
             }
+            last = Some((*ticket, status));
             let Some((_, mut ack)) = self.pending_acks.pop_front() else {
                 break;
             };

@@ -81,6 +81,10 @@ impl Connection {
         let mut held: Vec<Packet> = Vec::new();
         // What the held packets wait for.
         let mut hold = Ticket::NONE;
+        // The engine records QoS 2 deliveries of its own (a cluster node):
+        // they wait for it as for the store.
+        let holds_qos2 = self.shared.engine.holds_qos2(session);
+        let mut sent_qos2 = false;
         let max_packet = self.peer_max_packet;
         if active.resend {
             active.resend = false;
@@ -201,7 +205,7 @@ impl Connection {
             // A QoS 2 PUBLISH the client completes (PUBREC, PUBREL, PUBCOMP)
             // before its in-flight record is durable would, after a crash, be
             // sent again from the queue under a new packet id: delivered twice.
-            let hold = writes.holds_deliveries()
+            let hold = (writes.holds_deliveries() || holds_qos2)
                 && (d.qos == QoS::ExactlyOnce || !held.is_empty() || delivery_held);
             if hold {
                 held.push(packet);
@@ -225,6 +229,7 @@ impl Connection {
                 qos: d.qos,
             });
             if let Some(pid) = pid {
+                sent_qos2 |= d.qos == QoS::ExactlyOnce;
                 writes.inflight_added(session, pid, &d);
                 session.push_inflight(pid, d);
             }
@@ -234,7 +239,11 @@ impl Connection {
         } else {
             None
         };
-        let ticket = writes.submit().max(hold);
+        let mut ticket = writes.submit().max(hold);
+        if sent_qos2 && holds_qos2 {
+            let own = self.shared.engine.qos2_sent(&cell.client_id, session);
+            ticket = self.shared.engine.join_tickets(ticket, own);
+        }
         if !held.is_empty() {
             self.shared.engine.ticket_wait(ticket, &self.waker);
             self.pending_acks
