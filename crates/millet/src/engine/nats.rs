@@ -228,11 +228,12 @@ struct Wills {
 struct Sessions {
     kv: async_nats::jetstream::kv::Store,
     marks: async_nats::jetstream::kv::Store,
-    /// `millet_qos2`: a persistent session's QoS 2 state ([`Qos2Kv`],
-    /// [`NatsLink::save_qos2`]).
+    /// `millet_qos2`: a persistent session's incoming QoS 2 ids awaiting
+    /// their PUBREL ([`NatsLink::save_qos2`]).
     qos2: async_nats::jetstream::kv::Store,
-    /// The QoS 2 messages sessions here completed lately ([`Completed`]).
-    completed: Mutex<HashMap<ByteString, Completed>>,
+    /// `MILLET_QOS2OUT`: persistent sessions' outgoing QoS 2 events
+    /// ([`Qos2Event`]).
+    qos2_out: async_nats::jetstream::stream::Stream,
     messages: async_nats::jetstream::stream::Stream,
     /// Writes, in order, to [`session_writer`].
     tx: mpsc::UnboundedSender<SessionOp>,
@@ -257,12 +258,18 @@ enum SessionOp {
     Delete {
         key: String,
     },
-    /// The session's QoS 2 state ([`Qos2Kv`], postcard; `None`: nothing,
-    /// the entry is deleted), and the ticket to answer once stored (0:
-    /// none).
+    /// The incoming QoS 2 ids awaiting their PUBREL (none: the entry is
+    /// deleted), and the ticket to answer once stored (0: none).
     Qos2 {
         key: String,
-        value: Option<Bytes>,
+        ids: Vec<u16>,
+        ticket: u64,
+    },
+    /// Outgoing QoS 2 events of a session, to `MILLET_QOS2OUT`, and the
+    /// ticket to answer once stored (0: none).
+    Qos2Out {
+        key: String,
+        events: Vec<Qos2Event>,
         ticket: u64,
     },
     /// Answered once every write before it is acknowledged (or failed).
@@ -491,6 +498,20 @@ impl NatsLink {
             .map_err(|e| {
                 anyhow::anyhow!("cannot create the JetStream KV bucket millet_marks: {e}")
             })?;
+        let qos2_out_config = async_nats::jetstream::stream::Config {
+            name: "MILLET_QOS2OUT".into(),
+            subjects: vec!["q.>".into()],
+            // What a catch-up can reach: MILLET_MSGS's retention.
+            max_age: Duration::from_secs(cfg.message_retention_secs.max(1)),
+            num_replicas: cfg.replicas,
+            storage,
+            ..Default::default()
+        };
+        let qos2_out_stream = retrying(deadline, || {
+            js.get_or_create_stream(qos2_out_config.clone())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_QOS2OUT: {e}"))?;
         let qos2_config = kv_config("millet_qos2", Duration::ZERO);
         let qos2_kv = retrying(deadline, || kv_with_entry_ttl(&js, qos2_config.clone()))
             .await
@@ -564,7 +585,7 @@ impl NatsLink {
                 kv: sessions_kv,
                 marks: marks_kv,
                 qos2: qos2_kv,
-                completed: Mutex::default(),
+                qos2_out: qos2_out_stream,
                 messages: messages_stream,
                 tx: sessions_tx,
                 recorded: Mutex::default(),
@@ -923,7 +944,7 @@ impl NatsLink {
                     .then(|| unix_ms(Instant::now(), Instant::now())),
                 ..record
             };
-            if !st.session.awaiting_rel.is_empty() || !idle {
+            if !st.session.awaiting_rel.is_empty() {
                 // Written again by this node (the session may come from a
                 // dead node's entries, which have a TTL).
                 self.save_qos2_of(&cell.client_id, &st.session, false);
@@ -941,7 +962,6 @@ impl NatsLink {
         if mark && idle {
             let at_ms = unix_ms(Instant::now(), Instant::now());
             let _ = self.sessions.tx.send(SessionOp::Mark { key, at_ms });
-            self.marked(&cell.client_id, at_ms);
         }
     }
 
@@ -960,43 +980,14 @@ impl NatsLink {
     }
 
     /// [`NatsLink::save_qos2`] for `session`, whose lock the caller holds.
-    /// The entry has the incoming ids, the outgoing QoS 2 messages in flight
-    /// (packet id, state, [`qos2_digest`]) and those completed lately
-    /// ([`Completed`]); a session with none of these has it deleted.
     fn save_qos2_of(&self, client_id: &ByteString, session: &Session, with_ticket: bool) -> Ticket {
         if session.expiry_interval == 0 {
             return Ticket::NONE;
         }
-        let kv = Qos2Kv {
-            incoming: session.awaiting_rel.sorted(),
-            outgoing: session
-                .inflight()
-                .filter(|(_, i)| i.delivery.qos == millet_codec::QoS::ExactlyOnce)
-                .map(|(pid, i)| {
-                    (
-                        pid,
-                        i.state == InflightState::AwaitComp,
-                        qos2_digest(&i.delivery.msg),
-                    )
-                })
-                .collect(),
-            completed: self
-                .sessions
-                .completed
-                .lock()
-                .get(client_id)
-                .map(|c| c.done.iter().copied().collect())
-                .unwrap_or_default(),
-        };
-        let value = if kv.is_empty() {
-            None
-        } else {
-            postcard::to_allocvec(&kv).ok().map(Bytes::from)
-        };
         let ticket = if with_ticket { self.new_ticket() } else { 0 };
         let op = SessionOp::Qos2 {
             key: owner_key(client_id),
-            value,
+            ids: session.awaiting_rel.sorted(),
             ticket,
         };
         if self.sessions.tx.send(op).is_err() && ticket != 0 {
@@ -1005,26 +996,76 @@ impl NatsLink {
         Ticket(ticket)
     }
 
-    /// `client_id`'s session completed the QoS 2 message of `digest`.
-    fn qos2_completed(&self, client_id: &ByteString, digest: u64) {
-        let now_ms = unix_ms(Instant::now(), Instant::now());
-        let mut all = self.sessions.completed.lock();
-        let c = all.entry(client_id.clone()).or_default();
-        c.done.push_back((digest, now_ms));
-        c.trim();
+    /// Record outgoing QoS 2 `events` of `client_id`'s persistent session
+    /// in `MILLET_QOS2OUT`; with `with_ticket`, the ticket of the write
+    /// (what depends on it waits: a PUBLISH, a PUBREL).
+    fn save_qos2_out(
+        &self,
+        client_id: &ByteString,
+        events: Vec<Qos2Event>,
+        with_ticket: bool,
+    ) -> Ticket {
+        let ticket = if with_ticket { self.new_ticket() } else { 0 };
+        let op = SessionOp::Qos2Out {
+            key: owner_key(client_id),
+            events,
+            ticket,
+        };
+        if self.sessions.tx.send(op).is_err() && ticket != 0 {
+            self.ticket_answered(ticket, false);
+        }
+        Ticket(ticket)
     }
 
-    /// A mark at `at_ms` was written for `client_id`'s session: completed
-    /// QoS 2 messages from before it (less the margin) are not needed.
-    fn marked(&self, client_id: &ByteString, at_ms: u64) {
-        let mut all = self.sessions.completed.lock();
-        if let Some(c) = all.get_mut(client_id) {
-            c.mark_ms = at_ms;
-            c.trim();
-            if c.done.is_empty() {
-                all.remove(client_id);
+    /// The outgoing QoS 2 state of `client_id`'s session as its node
+    /// recorded it from `from_ms` on (unix ms; its mark, less the margin:
+    /// nothing was in flight at the mark): the events of `q.<key>` since
+    /// then, replayed ([`replay_qos2`]).
+    async fn outgoing_qos2(&self, client_id: &ByteString, from_ms: u64) -> Qos2Resume {
+        use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+        use futures_util::StreamExt;
+        let Ok(start_time) = async_nats::datetime::from_nanos(i128::from(from_ms) * 1_000_000)
+        else {
+            return Qos2Resume::default();
+        };
+        let consumer = self
+            .sessions
+            .qos2_out
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: format!("q.{}", owner_key(client_id)),
+                deliver_policy: DeliverPolicy::ByStartTime { start_time },
+                ..Default::default()
+            })
+            .await;
+        let mut consumer = match consumer {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(client_id = %client_id, error = %e, "cluster: cannot read a dead node's QoS 2 deliveries: they may be delivered again");
+                return Qos2Resume::default();
+            }
+        };
+        let mut events = Vec::new();
+        let pending = consumer.info().await.map(|i| i.num_pending).unwrap_or(0);
+        if pending > 0 {
+            let Ok(mut messages) = consumer.messages().await else {
+                return Qos2Resume::default();
+            };
+            let until = tokio::time::Instant::now() + REPLAY_TIMEOUT;
+            loop {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                let Ok(Some(Ok(m))) = tokio::time::timeout(left, messages.next()).await else {
+                    tracing::warn!(client_id = %client_id, "cluster: a dead node's QoS 2 deliveries not read in time: some may be delivered again");
+                    break;
+                };
+                if let Ok(batch) = postcard::from_bytes::<Vec<Qos2Event>>(&m.message.payload) {
+                    events.extend(batch);
+                }
+                if m.info().map(|i| i.pending).unwrap_or(0) == 0 {
+                    break;
+                }
             }
         }
+        replay_qos2(events)
     }
 
     /// The session of `client_id` as its record in KV has it, and its mark
@@ -1059,26 +1100,15 @@ impl NatsLink {
             _ => None,
         };
         let mark = mark.unwrap_or(0);
-        let qos2 = match self.sessions.qos2.entry(owner_key(client_id)).await {
-            Ok(Some(e)) if e.operation == Operation::Put => {
-                postcard::from_bytes::<Qos2Kv>(&e.value).unwrap_or_default()
-            }
-            _ => Qos2Kv::default(),
+        let awaiting_rel = match self.sessions.qos2.entry(owner_key(client_id)).await {
+            Ok(Some(e)) if e.operation == Operation::Put => decode_qos2(&e.value),
+            _ => Vec::new(),
         };
-        // Completed before the catch-up's start: not read back, not needed.
         let from = mark.saturating_sub(MARK_MARGIN.as_millis() as u64);
-        let resume = Qos2Resume {
-            inflight: qos2.outgoing,
-            completed: qos2
-                .completed
-                .into_iter()
-                .filter(|&(_, at)| at >= from)
-                .map(|(d, _)| d)
-                .collect(),
-        };
+        let resume = self.outgoing_qos2(client_id, from).await;
         let moved = MovedSession {
             subscriptions: subscriptions_from_records(record.subscriptions),
-            awaiting_rel: qos2.incoming,
+            awaiting_rel,
             ..Default::default()
         };
         Some((moved, mark, resume))
@@ -2083,7 +2113,6 @@ impl ClusterLink for NatsLink {
 
     fn session_ended(&self, client_id: &str) {
         let recorded = self.sessions.recorded.lock().remove(client_id);
-        self.sessions.completed.lock().remove(client_id);
         // Not owned any more: another node took the client id over, and
         // its entries are that node's to write.
         let Some((rev, _)) = self.owners.owned.lock().remove(client_id) else {
@@ -2110,52 +2139,66 @@ impl ClusterLink for NatsLink {
     }
 }
 
-/// A persistent session's QoS 2 state in `millet_qos2` (postcard), for the
-/// node that rebuilds the session if its own dies ([`NatsLink::save_qos2`]).
-#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-struct Qos2Kv {
-    /// Incoming: packet ids awaiting their PUBREL.
-    incoming: Vec<u16>,
-    /// Outgoing, in flight: packet id, PUBREL sent, the message's
-    /// [`qos2_digest`].
-    outgoing: Vec<(u16, bool, u64)>,
-    /// Outgoing, completed (PUBCOMP received): digest, when (unix ms).
-    completed: Vec<(u64, u64)>,
+/// A persistent session's incoming QoS 2 ids awaiting PUBREL, as
+/// `millet_qos2` holds them: two bytes each, big-endian.
+fn encode_qos2(ids: &[u16]) -> Bytes {
+    ids.iter().flat_map(|id| id.to_be_bytes()).collect()
 }
 
-impl Qos2Kv {
-    fn is_empty(&self) -> bool {
-        self.incoming.is_empty() && self.outgoing.is_empty() && self.completed.is_empty()
-    }
+fn decode_qos2(v: &[u8]) -> Vec<u16> {
+    v.chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .filter(|&id| id != 0)
+        .collect()
 }
 
-/// The QoS 2 messages a session completed lately, kept for its
-/// `millet_qos2` entry: those completed since its last mark less
-/// [`MARK_MARGIN`] (a catch-up after this node's death reads back from
-/// there), at most [`MAX_COMPLETED`].
-#[derive(Default)]
-struct Completed {
-    done: std::collections::VecDeque<(u64, u64)>,
-    mark_ms: u64,
+/// What happened to an outgoing QoS 2 message of a persistent session, as
+/// `MILLET_QOS2OUT` holds it (postcard, at `q.<owner key>`): the node that
+/// rebuilds the session after this one's death replays them
+/// ([`NatsLink::outgoing_qos2`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+enum Qos2Event {
+    /// PUBLISH sent under `pid`; the message's [`qos2_digest`].
+    Sent { pid: u16, digest: u64 },
+    /// PUBREC received, PUBREL sent.
+    Released { pid: u16 },
+    /// An error PUBREC: done (a PUBCOMP is not recorded: the id's next
+    /// `Sent` says it).
+    Done { pid: u16 },
 }
 
-/// At most this many completed QoS 2 messages per session are remembered
-/// ([`Completed`]): beyond, the oldest would be delivered again after the
-/// node's death (a session sent QoS 2 without pause, never idle at a
-/// checkpoint, so its mark does not move).
-const MAX_COMPLETED: usize = 4096;
-
-impl Completed {
-    fn trim(&mut self) {
-        let from = self.mark_ms.saturating_sub(MARK_MARGIN.as_millis() as u64);
-        while self
-            .done
-            .front()
-            .is_some_and(|&(_, at)| at < from || self.done.len() > MAX_COMPLETED)
-        {
-            self.done.pop_front();
+/// A session's outgoing QoS 2 state after `events`, in order: what is in
+/// flight (packet id, PUBREL sent, digest) and the digests of what was
+/// done (completed, or refused by an error PUBREC: not delivered again
+/// either way).
+fn replay_qos2(events: impl IntoIterator<Item = Qos2Event>) -> Qos2Resume {
+    let mut r = Qos2Resume::default();
+    for e in events {
+        match e {
+            Qos2Event::Sent { pid, digest } => {
+                // An id is reused once its message is done: no event says
+                // so for a PUBCOMP (one write less per message; a message
+                // whose PUBCOMP came last is resent as a PUBREL only).
+                if let Some(i) = r.inflight.iter().position(|o| o.0 == pid) {
+                    let (_, _, done) = r.inflight.remove(i);
+                    r.completed.push(done);
+                }
+                r.inflight.push((pid, false, digest));
+            }
+            Qos2Event::Released { pid } => {
+                if let Some(o) = r.inflight.iter_mut().find(|o| o.0 == pid) {
+                    o.1 = true;
+                }
+            }
+            Qos2Event::Done { pid } => {
+                if let Some(i) = r.inflight.iter().position(|o| o.0 == pid) {
+                    let (_, _, digest) = r.inflight.remove(i);
+                    r.completed.push(digest);
+                }
+            }
         }
     }
+    r
 }
 
 /// The owner entry's key for a client id: a hash, so that any client id
@@ -2784,11 +2827,31 @@ async fn session_writer(
                 )
                 .await
                 .map(|a| vec![ack(a, 0)]),
-            SessionOp::Qos2 { key, value, ticket } => {
+            SessionOp::Qos2Out {
+                key,
+                events,
+                ticket,
+            } => {
+                let sent = match postcard::to_allocvec(&events) {
+                    Ok(v) => js.publish(format!("q.{key}"), Bytes::from(v)).await,
+                    Err(_) => continue, // invariant: a Vec of plain enums encodes
+                };
+                match sent {
+                    Ok(a) => Ok(vec![ack(a, ticket)]),
+                    Err(e) => {
+                        if let (true, Some(link)) = (ticket != 0, link.upgrade()) {
+                            link.ticket_answered(ticket, false);
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            SessionOp::Qos2 { key, ids, ticket } => {
                 let subject = format!("$KV.millet_qos2.{key}");
-                let sent = match value {
-                    None => js.publish_with_headers(subject, del(), Bytes::new()).await,
-                    Some(v) => js.publish(subject, v).await,
+                let sent = if ids.is_empty() {
+                    js.publish_with_headers(subject, del(), Bytes::new()).await
+                } else {
+                    js.publish(subject, encode_qos2(&ids)).await
                 };
                 match sent {
                     Ok(a) => Ok(vec![ack(a, ticket)]),
@@ -2874,7 +2937,6 @@ async fn checkpoint(link: Weak<NatsLink>, broker: Weak<Broker>) {
                         key: owner_key(&cell.client_id),
                         at_ms: now_ms,
                     });
-                    link.marked(&cell.client_id, now_ms);
                     cursor
                 }
                 Some(&old) => old,
@@ -3259,51 +3321,51 @@ impl Engine for Clustered {
     }
 
     fn acknowledge(&self, cell: &SessionCell, ack: SessionAck) -> Acknowledged {
-        // A QoS 2 delivery the PUBCOMP completes: remembered, so that a
-        // node rebuilding the session after this one's death does not
-        // deliver it again.
-        let completes = match ack {
-            SessionAck::PubComp(id) => {
-                let st = cell.state.lock();
-                (st.session.expiry_interval != 0)
-                    .then(|| {
-                        st.session
-                            .inflight()
-                            .find(|(p, i)| *p == id && i.state == InflightState::AwaitComp)
-                            .map(|(_, i)| qos2_digest(&i.delivery.msg))
-                    })
-                    .flatten()
-            }
-            _ => None,
-        };
+        let persistent = || cell.state.lock().session.expiry_interval != 0;
         let a = Engine::acknowledge(&*self.broker, cell, ack);
         if !a.known {
             return a;
         }
-        // What waits for the KV write: the PUBCOMP to a PUBREL (the
-        // publisher may reuse the id), the PUBREL to a PUBREC (the client
-        // forgets the message's id).
-        let wait = match ack {
+        // Recorded for the node that rebuilds the session if this one dies.
+        // What waits for the write: the PUBCOMP to a PUBREL (the publisher
+        // may reuse the id once it has it), the PUBREL to a PUBREC (the
+        // client forgets the message's id).
+        let kv = match ack {
             SessionAck::PubAck(_) => return a,
-            SessionAck::PubRel(_) => true,
-            SessionAck::PubRec { refused, .. } => !refused,
-            SessionAck::PubComp(_) => {
-                let Some(digest) = completes else {
-                    return a;
-                };
-                self.link.qos2_completed(&cell.client_id, digest);
-                false
-            }
+            SessionAck::PubRel(_) => self.link.save_qos2(cell, true),
+            _ if !persistent() => return a,
+            SessionAck::PubRec {
+                packet_id,
+                refused: false,
+            } => self.link.save_qos2_out(
+                &cell.client_id,
+                vec![Qos2Event::Released { pid: packet_id }],
+                true,
+            ),
+            SessionAck::PubRec { packet_id, .. } => self.link.save_qos2_out(
+                &cell.client_id,
+                vec![Qos2Event::Done { pid: packet_id }],
+                false,
+            ),
+            // Not recorded: the id's next `Sent` says the message is done;
+            // one whose PUBCOMP came last is resent as a PUBREL only.
+            SessionAck::PubComp(_) => return a,
         };
-        let kv = self.link.save_qos2(cell, wait);
         Acknowledged {
             ticket: self.join_tickets(a.ticket, kv),
             ..a
         }
     }
 
-    fn qos2_sent(&self, client_id: &ByteString, session: &Session) -> Ticket {
-        self.link.save_qos2_of(client_id, session, true)
+    fn qos2_sent(&self, client_id: &ByteString, sent: &[(u16, Arc<Message>)]) -> Ticket {
+        let events = sent
+            .iter()
+            .map(|(pid, m)| Qos2Event::Sent {
+                pid: *pid,
+                digest: qos2_digest(m),
+            })
+            .collect();
+        self.link.save_qos2_out(client_id, events, true)
     }
 
     fn holds_qos2(&self, session: &Session) -> bool {
@@ -3357,36 +3419,34 @@ mod tests {
         assert!(check_version("").is_err());
     }
 
-    /// What a session completed is kept from its last mark less the
-    /// margin (a catch-up reads back from there), at most MAX_COMPLETED;
-    /// the KV value round-trips.
+    /// A dead node's outgoing QoS 2 events replay into what was in flight
+    /// (a reused packet id is the new message's) and what was done.
     #[test]
-    fn completed_qos2_messages_are_kept_from_the_mark_less_its_margin() {
-        let margin = MARK_MARGIN.as_millis() as u64;
-        let mut c = Completed::default();
-        for at in [1_000, 5_000, 9_000, 10_000] {
-            c.done.push_back((at, at));
-        }
-        c.mark_ms = 10_000 + margin - 1_000; // the catch-up starts at 9,000
-        c.trim();
+    fn outgoing_qos2_events_replay_into_the_window_and_what_was_done() {
+        use Qos2Event::*;
+        let events = [
+            Sent { pid: 1, digest: 10 },
+            Sent { pid: 2, digest: 20 },
+            Released { pid: 1 },
+            Done { pid: 1 },
+            Sent { pid: 1, digest: 11 }, // id 1 again: a new message
+            Sent { pid: 3, digest: 30 },
+            Released { pid: 2 },
+            Done { pid: 3 }, // an error PUBREC: done too
+            Done { pid: 9 }, // unknown: nothing
+            Sent { pid: 4, digest: 40 },
+            Released { pid: 4 },
+            Sent { pid: 4, digest: 41 }, // its PUBCOMP, not recorded, came before
+        ];
+        let bytes = postcard::to_allocvec(&events.to_vec()).expect("encodes");
+        let decoded: Vec<Qos2Event> = postcard::from_bytes(&bytes).expect("decodes");
+        let r = replay_qos2(decoded);
         assert_eq!(
-            c.done.iter().map(|d| d.1).collect::<Vec<_>>(),
-            [9_000, 10_000]
+            r.inflight,
+            vec![(2, true, 20), (1, false, 11), (4, false, 41)]
         );
-        for i in 0..MAX_COMPLETED as u64 + 5 {
-            c.done.push_back((i, 20_000));
-        }
-        c.trim();
-        assert_eq!(c.done.len(), MAX_COMPLETED);
-        assert_eq!(c.done.front(), Some(&(5, 20_000)));
-        let kv = Qos2Kv {
-            incoming: vec![1, 65_535],
-            outgoing: vec![(7, true, u64::MAX)],
-            completed: vec![(3, 4)],
-        };
-        let bytes = postcard::to_allocvec(&kv).expect("encodes");
-        assert_eq!(postcard::from_bytes::<Qos2Kv>(&bytes).ok(), Some(kv));
-        assert!(Qos2Kv::default().is_empty());
+        assert_eq!(r.completed, vec![10, 30, 40]);
+        assert_eq!(decode_qos2(&encode_qos2(&[1, 65_535])), vec![1, 65_535]);
     }
 
     #[test]

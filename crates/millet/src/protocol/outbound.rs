@@ -84,7 +84,7 @@ impl Connection {
         // The engine records QoS 2 deliveries of its own (a cluster node):
         // they wait for it as for the store.
         let holds_qos2 = self.shared.engine.holds_qos2(session);
-        let mut sent_qos2 = false;
+        let mut sent_qos2: Vec<(u16, Arc<Message>)> = Vec::new();
         let max_packet = self.peer_max_packet;
         if active.resend {
             active.resend = false;
@@ -229,7 +229,9 @@ impl Connection {
                 qos: d.qos,
             });
             if let Some(pid) = pid {
-                sent_qos2 |= d.qos == QoS::ExactlyOnce;
+                if holds_qos2 && d.qos == QoS::ExactlyOnce {
+                    sent_qos2.push((pid, d.msg.clone()));
+                }
                 writes.inflight_added(session, pid, &d);
                 session.push_inflight(pid, d);
             }
@@ -240,8 +242,8 @@ impl Connection {
             None
         };
         let mut ticket = writes.submit().max(hold);
-        if sent_qos2 && holds_qos2 {
-            let own = self.shared.engine.qos2_sent(&cell.client_id, session);
+        if !sent_qos2.is_empty() {
+            let own = self.shared.engine.qos2_sent(&cell.client_id, &sent_qos2);
             ticket = self.shared.engine.join_tickets(ticket, own);
         }
         if !held.is_empty() {
