@@ -522,6 +522,59 @@ def test_a_persistent_session_moves_to_the_node_its_client_reconnects_to(on, ver
     assert not ack.session_present
 
 
+@pytest.mark.parametrize("version", [V311, V5])
+def test_a_qos2_message_completed_just_before_a_takeover_is_not_delivered_again(
+        nodes, on, version):
+    """A persistent QoS 2 subscriber completes a message (PUBCOMP) and is
+    at once taken over on another node (clean start 0): the new node reads
+    back from MILLET_MSGS what was published just before the move, and the
+    old node's QoS 2 events (MILLET_QOS2OUT) tell it that this message was
+    completed, so it is not delivered again: exactly once across the move
+    [MQTT-4.3.3]. The next message is delivered, once."""
+    from helpers import (P_SESSION_EXPIRY, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBACK, RawClient,
+                         ack_packet, subscribe_packet)
+
+    t = unique("cl/q2mv")
+    cid = unique("cl-q2mv")
+    props = {P_SESSION_EXPIRY: 300} if version == V5 else None
+    sub = RawClient(nodes[0], version)
+    sub.connect(cid, clean=False, properties=props)
+    sub.send(subscribe_packet(1, [(t, 2)], version=version))
+    assert sub.expect(SUBACK).suback()[1] == [2]
+    pub = on(1, version)
+    pub.connect()
+    deadline = time.monotonic() + 10
+    while True:  # QoS 0 probes until the subscription reached the publisher's server
+        assert time.monotonic() < deadline, "no probe reached the subscriber"
+        pub.publish(t, b"probe", qos=0)
+        try:
+            if sub.expect(PUBLISH, timeout=0.2).publish().payload == b"probe":
+                break
+        except AssertionError:
+            pass
+    time.sleep(0.2)  # late probes land before the test's message (and are skipped)
+    pub.publish(t, b"x", qos=2)
+    while True:
+        x = sub.expect(PUBLISH).publish()
+        if x.payload != b"probe":
+            break
+    assert x.payload == b"x"
+    sub.send(ack_packet(PUBREC, x.pid, version=version))
+    assert sub.expect(PUBREL).ack()[0] == x.pid
+    sub.send(ack_packet(PUBCOMP, x.pid, version=version))
+    # Taken over at once (well within the move's 250 ms read-back).
+    moved = RawClient(nodes[2], version)
+    assert moved.connect(cid, clean=False, properties=props).session_present
+    pub.publish(t, b"y", qos=2)
+    p = moved.expect(PUBLISH).publish()
+    assert p.payload == b"y" and not p.dup, f"{p}: delivered again after the move"
+    moved.send(ack_packet(PUBREC, p.pid, version=version))
+    assert moved.expect(PUBREL).ack()[0] == p.pid
+    moved.send(ack_packet(PUBCOMP, p.pid, version=version))
+    moved.close()
+    sub.close()
+
+
 def test_a_session_moving_between_nodes_under_load_loses_no_acknowledged_message(on):
     """Issue 13: a persistent subscriber taken over on another node 15 times
     (its old connection still open: kicked, 0x8E) while publishers on two

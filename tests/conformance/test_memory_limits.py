@@ -41,6 +41,10 @@ def offline_subscriber(b, cid: str, topic: str, version=V311, qos=1) -> None:
     r.send(subscribe_packet(1, [(topic, sub_opts(qos=qos))], version=version))
     r.expect(SUBACK)
     r.send(disconnect_packet(version))
+    # Offline once the server closed the connection: a message published
+    # (on another node, in the cluster subset) before it handled the
+    # DISCONNECT would still find the session connected.
+    r.wait_closed()
     r.sock.close()
 
 

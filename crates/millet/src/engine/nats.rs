@@ -826,13 +826,45 @@ impl NatsLink {
             .map(|m| m.complete_before_ms.unwrap_or(move_from));
         // A dead node's record of the session's outgoing QoS 2 messages.
         let mut qos2 = Qos2Resume::default();
+        let mut recovered = false;
         if moved.is_none() && owner_gone && !clean_start {
             // The node that held the session is gone: rebuilt from KV.
             if let Some((m, mark, q)) = self.recover(&client_id).await {
                 tracing::info!(client_id = %client_id, mark, qos2_inflight = q.inflight.len(), qos2_completed = q.completed.len(), "cluster: the session of a node that is gone resumes here (catching up from MILLET_MSGS)");
                 moved = Some(m);
                 qos2 = q;
+                recovered = true;
                 catch_up = Some(mark.saturating_sub(MARK_MARGIN.as_millis() as u64));
+            }
+        }
+        if let (Some(m), Some(from), false) = (&moved, catch_up, recovered) {
+            // Moved from a live node, with its window exactly. What it
+            // completed in QoS 2 just before the move is read back too:
+            // its events say which (what they show in flight but the
+            // window lacks was completed there: a PUBCOMP is not
+            // recorded), so that it is not delivered again.
+            let qos2_subscribed = m.subscriptions.iter().any(|(_, s)| {
+                s.options.qos == millet_codec::QoS::ExactlyOnce && s.share_group.is_none()
+            });
+            if qos2_subscribed {
+                let since = from.saturating_sub(MOVE_TRANSIT.as_millis() as u64);
+                let r = self.outgoing_qos2(&client_id, since).await;
+                let window: Vec<(u16, u64)> = m
+                    .inflight
+                    .iter()
+                    .map(|(pid, i)| (*pid, qos2_digest(&i.delivery.msg)))
+                    .collect();
+                let mut completed = r.completed;
+                completed.extend(
+                    r.inflight
+                        .into_iter()
+                        .filter(|(pid, _, d)| !window.contains(&(*pid, *d)))
+                        .map(|(_, _, d)| d),
+                );
+                qos2 = Qos2Resume {
+                    inflight: Vec::new(),
+                    completed,
+                };
             }
         }
         if let Some(m) = moved {
