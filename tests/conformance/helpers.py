@@ -237,6 +237,25 @@ def cluster_interest_settled(broker, filters, timeout: float = TIMEOUT) -> None:
             time.sleep(0.005)
 
 
+def raw_reached(pub, sub, topic: str, timeout: float = 10) -> None:
+    """Publish QoS 0 probes (payload ``b"probe"``) on `topic` from the paho
+    client `pub` until the RawClient `sub` gets one: in a cluster, NATS
+    propagates a subscription to its other servers asynchronously, after
+    the SUBACK. QoS 0 is never stored, so a catch-up never brings a probe
+    back; probes still on their way land in the next 0.2 s, and callers
+    skip them by payload."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, f"{topic}: no probe reached the subscriber in {timeout} s"
+        pub.publish(topic, b"probe", qos=0)
+        try:
+            if sub.expect(PUBLISH, timeout=0.2).publish().payload == b"probe":
+                break
+        except AssertionError:
+            pass
+    time.sleep(0.2)
+
+
 class Client:
     """Synchronous wrapper over a paho-mqtt 2.x client."""
 

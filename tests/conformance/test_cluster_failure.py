@@ -13,8 +13,8 @@ import pytest
 
 from conftest import REPO, Broker, free_port
 from helpers import (HOST, P_SESSION_EXPIRY, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBACK, V311, V5,
-                     Client, RawClient, ack_packet, publish_packet, subscribe_packet, unique,
-                     wait_until)
+                     Client, RawClient, ack_packet, publish_packet, raw_reached, subscribe_packet,
+                     unique, wait_until)
 from test_cluster import nats_cluster_down, nats_cluster_up, reached  # noqa: E402
 
 BASE = 24820
@@ -617,18 +617,7 @@ def test_qos2_to_a_subscriber_stays_exactly_once_when_its_node_dies(cluster, ver
     assert sub.expect(SUBACK).suback()[1] == [2]
     pub = client(0, version)
     pub.connect()
-    # Until the subscription reached the publisher's NATS server (QoS 0
-    # probes: never stored, never caught up).
-    deadline = time.monotonic() + 10
-    while True:
-        assert time.monotonic() < deadline, "no probe reached the subscriber"
-        pub.publish(t, b"probe", qos=0)
-        try:
-            if sub.expect(PUBLISH, timeout=0.2).publish().payload == b"probe":
-                break
-        except AssertionError:
-            pass
-    time.sleep(0.2)  # late probes land before the test's messages (and are skipped)
+    raw_reached(pub, sub, t)
 
     def next_publish(payload):
         while True:

@@ -408,10 +408,11 @@ pub trait Engine: Send + Sync + 'static {
 
     /// QoS 2 PUBLISHes (`sent`: packet id, message) were just put in
     /// flight in the session of `client_id` (the caller holds its lock). An
-    /// engine that records the outgoing QoS 2 window somewhere else too (a cluster node: for the
-    /// node that rebuilds the session if this one dies) starts that write
-    /// here; with [`Engine::holds_qos2`], those PUBLISHes, and what follows
-    /// them, go out once the ticket is done. The default records nothing.
+    /// engine that records the outgoing QoS 2 window somewhere else too (a
+    /// cluster node: for the node that rebuilds the session if this one
+    /// dies) starts that write here; with [`Engine::holds_qos2`], those
+    /// PUBLISHes, and what follows them, go out once the ticket is done.
+    /// The default records nothing.
     fn qos2_sent(&self, client_id: &ByteString, sent: &[(u16, Arc<Message>)]) -> Ticket {
         let _ = (client_id, sent);
         Ticket::NONE

@@ -486,18 +486,20 @@ impl NatsLink {
         })
         .await
         .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_MSGS: {e}"))?;
-        let sessions_config = kv_config("millet_sessions", Duration::ZERO);
-        let sessions_kv = retrying(deadline, || kv_with_entry_ttl(&js, sessions_config.clone()))
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot create the JetStream KV bucket millet_sessions: {e}")
-            })?;
-        let marks_config = kv_config("millet_marks", Duration::ZERO);
-        let marks_kv = retrying(deadline, || kv_with_entry_ttl(&js, marks_config.clone()))
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot create the JetStream KV bucket millet_marks: {e}")
-            })?;
+        // KV buckets whose entries may carry their own TTL.
+        let ttl_kv = |bucket: &'static str| {
+            let config = kv_config(bucket, Duration::ZERO);
+            let js = js.clone();
+            async move {
+                retrying(deadline, || kv_with_entry_ttl(&js, config.clone()))
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!("cannot create the JetStream KV bucket {bucket}: {e}")
+                    })
+            }
+        };
+        let sessions_kv = ttl_kv("millet_sessions").await?;
+        let marks_kv = ttl_kv("millet_marks").await?;
         let qos2_out_config = async_nats::jetstream::stream::Config {
             name: "MILLET_QOS2OUT".into(),
             subjects: vec!["q.>".into()],
@@ -512,12 +514,7 @@ impl NatsLink {
         })
         .await
         .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_QOS2OUT: {e}"))?;
-        let qos2_config = kv_config("millet_qos2", Duration::ZERO);
-        let qos2_kv = retrying(deadline, || kv_with_entry_ttl(&js, qos2_config.clone()))
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot create the JetStream KV bucket millet_qos2: {e}")
-            })?;
+        let qos2_kv = ttl_kv("millet_qos2").await?;
         let (sessions_tx, sessions_rx) = mpsc::unbounded_channel();
         let nodes_config = kv_config("millet_nodes", NODE_TTL);
         let nodes = retrying(deadline, || js.create_key_value(nodes_config.clone()))
@@ -1016,7 +1013,7 @@ impl NatsLink {
         if session.expiry_interval == 0 {
             return Ticket::NONE;
         }
-        let ticket = if with_ticket { self.new_ticket() } else { 0 };
+        let ticket = self.write_ticket(with_ticket);
         let op = SessionOp::Qos2 {
             key: owner_key(client_id),
             ids: session.awaiting_rel.sorted(),
@@ -1028,6 +1025,20 @@ impl NatsLink {
         Ticket(ticket)
     }
 
+    /// A ticket for a QoS 2 record's write (0: none), if asked for and
+    /// NATS is reachable. While it is not, nothing waits for such a write:
+    /// it would fail, and a held delivery or PUBCOMP would then close a
+    /// 3.x connection, again after every reconnection; and nothing could
+    /// be recovered from KV meanwhile anyway. (A QoS 2 PUBLISH is refused
+    /// then in any case: `Clustered::publish`.)
+    fn write_ticket(&self, with_ticket: bool) -> u64 {
+        if with_ticket && self.is_up() {
+            self.new_ticket()
+        } else {
+            0
+        }
+    }
+
     /// Record outgoing QoS 2 `events` of `client_id`'s persistent session
     /// in `MILLET_QOS2OUT`; with `with_ticket`, the ticket of the write
     /// (what depends on it waits: a PUBLISH, a PUBREL).
@@ -1037,7 +1048,7 @@ impl NatsLink {
         events: Vec<Qos2Event>,
         with_ticket: bool,
     ) -> Ticket {
-        let ticket = if with_ticket { self.new_ticket() } else { 0 };
+        let ticket = self.write_ticket(with_ticket);
         let op = SessionOp::Qos2Out {
             key: owner_key(client_id),
             events,
