@@ -388,6 +388,97 @@ def test_a_node_started_later_finds_the_clusters_retained_messages(nats_urls):
         later.stop()
 
 
+def stream_config(port, stream):
+    """`stream`'s configuration as its NATS server reports it (nats-py)."""
+    import asyncio
+
+    import nats
+
+    async def get():
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
+        try:
+            return (await nc.jetstream().stream_info(stream)).config
+        finally:
+            await nc.close()
+
+    return asyncio.run(get())
+
+
+@pytest.mark.timeout(120)
+def test_the_retained_caps_hold_cluster_wide(nats_urls, monkeypatch):
+    """`limits.max_retained_messages` caps the cluster's retained topics,
+    not a node's: the stream `MILLET_RETAINED` is limited to it and refuses
+    a new topic beyond (discard new). Such a message is routed but not
+    kept, as on one node for 3.x and QoS 0; replacing and clearing a kept
+    topic still work at the cap. A node started with another cap sets it
+    for the cluster. One NATS server (R1) of this test's own: the caps are
+    the whole cluster's (`nats_urls` only installs the NATS server)."""
+    monkeypatch.setenv("MILLET_ENGINE__NATS__REPLICAS", "1")
+    port = free_port()
+    store = tempfile.mkdtemp(prefix="millet-nats-r1-")
+    nats = subprocess.Popen([os.path.join(REPO, ".venv", "bin", "nats-server"), "-js", "-a", "127.0.0.1",
+                             "-p", str(port), "-sd", store], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    started = []
+
+    def node(name, cap):
+        b = Broker(kind="millet", host=HOST, port=free_port(), settings={},
+                   args=["--nats", f"nats://127.0.0.1:{port}", "--node-id", name, "--no-admin",
+                         "--max-retained-messages", str(cap)])
+        started.append(b)
+        b.start()
+        return b
+
+    try:
+        n1, n2 = node("cap1", 3), node("cap2", 3)
+        config = stream_config(port, "MILLET_RETAINED")
+        assert (config.max_msgs, str(getattr(config.discard, "value", config.discard))) == (3, "new"), config
+        t = unique("cl/cap")
+        pub = Client(n1, V5)
+        pub.connect()
+        live = Client(n2, V311)
+        live.connect()
+        assert live.subscribe(f"{t}/#", 1) == [1]
+        reached(pub, live, f"{t}/probe")  # a QoS 0 probe: never retained
+        for i in range(3):
+            assert pub.publish(f"{t}/{i}", b"r%d" % i, qos=1, retain=True) == 0
+        # A fourth topic: beyond the cap, routed but not kept.
+        assert pub.publish(f"{t}/3", b"r3", qos=1, retain=True) == 0
+        live.messages.wait_for(4)
+        assert sorted(m.payload for m in live.messages.items) == [b"r0", b"r1", b"r2", b"r3"]
+        # At the cap, a kept topic is replaced, and another cleared.
+        assert pub.publish(f"{t}/0", b"r0'", qos=1, retain=True) == 0
+        assert pub.publish(f"{t}/1", b"", qos=1, retain=True) == 0
+        late = Client(n2, V5)
+        late.connect()
+        assert late.subscribe(f"{t}/#", 1) == [1]
+        late.messages.wait_for(2, pred=lambda m: m.retain)
+        time.sleep(0.3)  # a wrong third one would land within this
+        assert retained_of(late) == [(f"{t}/0", b"r0'"), (f"{t}/2", b"r2")]
+        for c in (pub, live, late):
+            c.close()
+
+        # A node with a larger cap raises it for the cluster.
+        n2.stop()
+        n3 = node("cap3", 6)
+        assert stream_config(port, "MILLET_RETAINED").max_msgs == 6
+        pub = Client(n1, V311)
+        pub.connect()
+        pub.publish(f"{t}/4", b"r4", qos=1, retain=True)
+        late = Client(n3, V311)
+        late.connect()
+        assert late.subscribe(f"{t}/4", 1) == [1]  # no wildcard: a direct get
+        late.messages.wait_for(1, pred=lambda m: m.retain)
+        assert retained_of(late) == [(f"{t}/4", b"r4")]
+        for c in (pub, late):
+            c.close()
+    finally:
+        for b in started:
+            b.stop()
+        nats.terminate()
+        nats.wait(timeout=10)
+
+
 def subject_of(prefix, topic):
     """engine/subject.rs's topic_to_subject, again: plain bytes kept, the others %XX, an empty level %."""
     out = []

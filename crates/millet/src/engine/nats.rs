@@ -154,6 +154,8 @@ struct Retained {
     /// (0: none).
     tx: mpsc::Sender<(String, HeaderMap, Bytes, u64)>,
     last_error_line: Mutex<Option<Instant>>,
+    /// The last "retained store full" line (at most one a minute).
+    last_full_line: Mutex<Option<Instant>>,
 }
 
 /// A cleared retained topic's empty record stays this long.
@@ -362,6 +364,56 @@ async fn kv_with_entry_ttl(
     Ok(kv)
 }
 
+/// The stream of `config`, created if need be; an existing one whose
+/// limits (`max_age`, `max_messages`, `max_bytes`, `discard`) differ from
+/// `config`'s gets them, the rest of its configuration kept: a changed
+/// `message_retention_secs` or retained cap applies to the cluster at the
+/// next node's start (the last node started sets them: keep the nodes'
+/// settings equal).
+async fn stream_with_limits(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+) -> Result<async_nats::jetstream::stream::Stream, async_nats::Error> {
+    let mut stream = js.get_or_create_stream(config.clone()).await?;
+    let have = stream.info().await?.config.clone();
+    // JetStream answers -1 for "no limit", which a config asks with 0.
+    let none = |n: i64| if n <= 0 { -1 } else { n };
+    if (
+        have.max_age,
+        none(have.max_messages),
+        none(have.max_bytes),
+        have.discard,
+    ) != (
+        config.max_age,
+        none(config.max_messages),
+        none(config.max_bytes),
+        config.discard,
+    ) {
+        tracing::info!(
+            stream = %config.name,
+            max_age_secs = config.max_age.as_secs(),
+            max_messages = config.max_messages,
+            max_bytes = config.max_bytes,
+            "cluster: the stream's limits changed to this node's settings"
+        );
+        let wanted = async_nats::jetstream::stream::Config {
+            max_age: config.max_age,
+            max_messages: config.max_messages,
+            max_bytes: config.max_bytes,
+            discard: config.discard,
+            ..have
+        };
+        js.update_stream(wanted).await?;
+        stream = js.get_stream(&config.name).await?;
+    }
+    Ok(stream)
+}
+
+/// A cap as a stream limit (JetStream has no "none at all": 0 is 1).
+fn stream_limit(n: u64) -> i64 {
+    i64::try_from(n.max(1)).unwrap_or(i64::MAX)
+}
+
 /// A node whose heartbeat is older than this is dead.
 const NODE_TTL: Duration = Duration::from_secs(6);
 /// How often a node heartbeats, and looks for dead ones.
@@ -410,6 +462,7 @@ impl NatsLink {
     /// runtime. The broker joins the cluster ([`Broker::join_cluster`]).
     pub async fn start(broker: &Arc<Broker>) -> anyhow::Result<Arc<NatsLink>> {
         let cfg = &broker.node.config.engine.nats;
+        let limits = &broker.node.config.limits;
         let node_id = match &cfg.node_id {
             Some(id) => id.clone(),
             None => default_node_id(broker),
@@ -462,6 +515,12 @@ impl NatsLink {
             name: "MILLET_RETAINED".into(),
             subjects: vec!["r.>".into()],
             max_messages_per_subject: 1,
+            // The cluster-wide retained caps: a new topic beyond them is
+            // refused by JetStream (a replacement or a clear is not), and
+            // the message is routed without being kept (`retained_writer`).
+            max_messages: stream_limit(limits.max_retained_messages as u64),
+            max_bytes: stream_limit(limits.max_retained_bytes),
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
             num_replicas: cfg.replicas,
             storage,
             allow_direct: true,
@@ -469,7 +528,7 @@ impl NatsLink {
             ..Default::default()
         };
         let retained_stream = retrying(deadline, || {
-            js.get_or_create_stream(retained_config.clone())
+            stream_with_limits(&js, retained_config.clone())
         })
         .await
         .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_RETAINED: {e}"))?;
@@ -482,7 +541,7 @@ impl NatsLink {
             ..Default::default()
         };
         let messages_stream = retrying(deadline, || {
-            js.get_or_create_stream(messages_config.clone())
+            stream_with_limits(&js, messages_config.clone())
         })
         .await
         .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_MSGS: {e}"))?;
@@ -510,7 +569,7 @@ impl NatsLink {
             ..Default::default()
         };
         let qos2_out_stream = retrying(deadline, || {
-            js.get_or_create_stream(qos2_out_config.clone())
+            stream_with_limits(&js, qos2_out_config.clone())
         })
         .await
         .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream MILLET_QOS2OUT: {e}"))?;
@@ -576,6 +635,7 @@ impl NatsLink {
                 stream: retained_stream,
                 tx: retain_tx,
                 last_error_line: Mutex::new(None),
+                last_full_line: Mutex::new(None),
             },
             tickets: Tickets::default(),
             sessions: Sessions {
@@ -2997,7 +3057,23 @@ async fn retained_writer(
 ) {
     while let Some((subject, headers, payload, id)) = rx.recv().await {
         store(&js, &link, (subject, headers, payload), id, |link, e| {
-            link.retained_error("a store", e)
+            if !e.full {
+                link.retained_error("a store", &e.error);
+                return false;
+            }
+            // Beyond the cluster's retained caps: routed, not kept, as a
+            // new topic beyond the caps is on one node.
+            if let Some(broker) = link.broker.upgrade() {
+                broker
+                    .node
+                    .overload
+                    .retained_refused
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            if once_a_minute(&link.retained.last_full_line) {
+                tracing::warn!(error = %e.error, "cluster: the retained store is full (limits.max_retained_messages / max_retained_bytes, cluster-wide): a new retained topic is routed but not kept (at most one line a minute)");
+            }
+            true
         })
         .await;
     }
@@ -3005,31 +3081,56 @@ async fn retained_writer(
 
 /// Publish `m` (subject, headers, payload) to JetStream, in the caller's
 /// order, and answer ticket `id` (0: none) once JetStream acknowledges it,
-/// apart; `failed` reports an error.
+/// apart. `failed` hears of a refusal and says whether the ticket is
+/// answered as done all the same (a retained message beyond the cluster's
+/// caps: routed, not kept).
 async fn store(
     js: &async_nats::jetstream::Context,
     link: &Weak<NatsLink>,
     m: (String, HeaderMap, Bytes),
     id: u64,
-    failed: fn(&NatsLink, &str),
+    failed: fn(&NatsLink, &StoreFailure) -> bool,
 ) {
     let sent = js.publish_with_headers(m.0, m.1, m.2).await;
     let link = link.clone();
     tokio::spawn(async move {
         let stored = match sent {
-            Ok(ack) => ack.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(ack) => ack.await.map_err(|e| StoreFailure::of(&e)),
+            Err(e) => Err(StoreFailure::of(&e)),
         };
         let Some(link) = link.upgrade() else {
             return;
         };
-        if let Err(e) = &stored {
-            failed(&link, e);
-        }
+        let done = match &stored {
+            Ok(_) => true,
+            Err(e) => failed(&link, e),
+        };
         if id != 0 {
-            link.ticket_answered(id, stored.is_ok());
+            link.ticket_answered(id, done);
         }
     });
+}
+
+/// Why JetStream did not store a message.
+struct StoreFailure {
+    error: String,
+    /// The stream's limits refused it (`discard: new`, at `max_msgs` or
+    /// `max_bytes`).
+    full: bool,
+}
+
+impl StoreFailure {
+    fn of(e: &async_nats::jetstream::context::PublishError) -> StoreFailure {
+        let error = match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        };
+        // JetStream's "maximum messages exceeded" / "maximum bytes
+        // exceeded" (error code 10077, the store's own words).
+        let full =
+            error.contains("maximum messages exceeded") || error.contains("maximum bytes exceeded");
+        StoreFailure { error, full }
+    }
 }
 
 /// Hands this node's messages to NATS, in order: QoS 0 as core messages,
@@ -3053,8 +3154,9 @@ async fn publisher(
             }
             store(&js, &link, (subject, headers, payload), id, |link, e| {
                 if once_a_minute(&link.last_store_error_line) {
-                    tracing::warn!(error = %e, "cluster: a QoS 1/2 message could not be stored in JetStream: its publish is refused (at most one line a minute)");
+                    tracing::warn!(error = %e.error, "cluster: a QoS 1/2 message could not be stored in JetStream: its publish is refused (at most one line a minute)");
                 }
+                false
             })
             .await;
         }
