@@ -7,7 +7,7 @@
 #   --no-pinned   skip the taskset pass (broker on CPU 0, load tool on CPU 1)
 #   --skip-build  use the existing target/release binaries
 #   --only LIST   run only these passes (comma-separated: default, durability,
-#                 pinned, idle, scale, fleet, ws) and keep the other passes'
+#                 pinned, idle, scale, fleet, cluster, ws) and keep the other passes'
 #                 results in bench/results (BENCHMARKS.md is regenerated from
 #                 all of them; the new passes' date and notes go to
 #                 bench/results/meta-<pass>.json)
@@ -165,7 +165,7 @@ else
     N_FANIN=50000 N_Q1=50000 N_Q1OV=50000 FANOUT_SUBS=1000 FANOUT_N=300
     LAT_DUR=10s CONN_SMALL=10000 CONN_BIG=50000 CONN_RATE=5000 HOLD=5s
     SMALL_CASE=conn-10k REPEAT=3 N_PERSIST=25000 DUR_REPEAT=3
-    N_IDLE=10000 N_SCALE=19000 FLEET_ARGS=(--devices 18000 --warmup 15 --window 60)
+    N_IDLE=10000 N_SCALE=19000 FLEET_ARGS=(--devices 18000 --warmup 15 --window 60 --runs 3)
 fi
 
 mkdir -p "$RESULTS"
@@ -492,6 +492,15 @@ if wanted fleet; then
         "${FLEET_ARGS[@]}" "${fleet_pin[@]}" >&2
     PASS_NOTE[fleet]="Fleet pass: bench/fleet.sh (parameters in the section)."
     PASS_NOTES+=("${PASS_NOTE[fleet]}")
+fi
+if wanted cluster; then
+    # Cluster mode (issue 13): bench/cluster.sh starts its own NATS cluster
+    # and Millet nodes; its section is rendered from its results as the others.
+    cluster_args=(--skip-build --results "$RESULTS")
+    [ "$MODE" = quick ] && cluster_args+=(--quick)
+    MILLET_BIN="$MILLET" MILLET_BENCH_BIN="$BENCH" bench/cluster.sh "${cluster_args[@]}" >&2
+    PASS_NOTE[cluster]="Cluster pass: bench/cluster.sh (commands in the section)."
+    PASS_NOTES+=("${PASS_NOTE[cluster]}")
 fi
 if wanted ws; then
     WS=1

@@ -480,7 +480,7 @@ impl Op {
         }
     }
 
-    fn is_delete(&self) -> bool {
+    pub(crate) fn is_delete(&self) -> bool {
         matches!(
             self,
             Op::DeleteQueueEntry { .. } | Op::DeleteInflight { .. } | Op::DeleteAwaitingRel { .. }

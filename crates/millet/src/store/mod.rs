@@ -404,6 +404,62 @@ pub(crate) struct Queue {
     /// Whether submits that expect an acknowledgement are held back for
     /// [`SYNC_ABSORB_WINDOW`] (`Sync` with a linger only).
     absorb_window: bool,
+    /// The writer took a round and has not reported it durable yet.
+    in_round: bool,
+    /// Times submit-time absorption left nothing to write (the writer
+    /// gathers while they go on: `Writer::next_batch`).
+    absorbed_at_submit: u64,
+}
+
+/// Submit-time absorption looks at no more waiting commands than this (a
+/// quiet broker's: an exchange is three submits; a busy one's rounds
+/// absorb as they are taken, and its hot path is not made to do it twice).
+const ABSORB_AT_SUBMIT_MAX: usize = 16;
+
+impl Queue {
+    /// Absorb the commands waiting now, as the writer would absorb them as
+    /// one round ([`engine::absorb`]), when they are all submits and few:
+    /// a delivery and its acknowledgement, both still waiting, leave
+    /// nothing. Returns the ops dropped, and whether nothing is left to
+    /// write: then, with no round under way, everything submitted is
+    /// durable already ([`Store::push`]).
+    fn absorb_waiting(&mut self) -> (u64, bool) {
+        if self.cmds.len() > ABSORB_AT_SUBMIT_MAX
+            || !self.cmds.iter().all(|c| matches!(c, Cmd::Submit { .. }))
+        {
+            return (0, false);
+        }
+        let groups: Vec<&[Op]> = self
+            .cmds
+            .iter()
+            .map(|c| match c {
+                Cmd::Submit { ops, .. } => ops.as_slice(),
+                _ => &[],
+            })
+            .collect();
+        let (keep, dropped) = engine::absorb(&groups);
+        drop(groups);
+        if dropped > 0 {
+            let mut keep = keep.into_iter();
+            for c in &mut self.cmds {
+                if let Cmd::Submit {
+                    ops, hold_until, ..
+                } = c
+                {
+                    ops.retain(|_| keep.next().unwrap_or(true));
+                    if ops.is_empty() {
+                        // Nothing left to wait for.
+                        *hold_until = None;
+                    }
+                }
+            }
+        }
+        let empty = self
+            .cmds
+            .iter()
+            .all(|c| matches!(c, Cmd::Submit { ops, .. } if ops.is_empty()));
+        (dropped, empty)
+    }
 }
 
 type DurableFn = Arc<dyn Fn(u64) + Send + Sync>;
@@ -560,6 +616,8 @@ impl Store {
                 gather_enough: usize::MAX,
                 absorb_window: matches!(options.durability, Durability::Sync)
                     && !options.linger.is_zero(),
+                in_round: false,
+                absorbed_at_submit: 0,
             }),
             work: Condvar::new(),
             durable_seq: AtomicU64::new(0),
@@ -699,8 +757,9 @@ impl Store {
             }
         }
         q.cmds[i] = cmd;
-        // The writer may be waiting for this very place (the first).
-        let wake = i == 0 || !q.gathering || q.cmds.len() >= q.gather_enough;
+        // The writer waiting for this very place (the first) is not
+        // gathering: a gathering one takes it at the end of its gathering.
+        let wake = !q.gathering || q.cmds.len() >= q.gather_enough;
         drop(q);
         if wake {
             self.shared.work.notify_one();
@@ -722,7 +781,32 @@ impl Store {
                 *hold_until = Some(Instant::now() + SYNC_ABSORB_WINDOW);
             }
         }
+        // An acknowledgement (a delete) whose delivery still waits for the
+        // writer: absorbed here, and when that leaves nothing to write and
+        // no round is under way, everything submitted so far is durable
+        // now: the publisher's acknowledgement goes out without the
+        // writer's round (`Sync` only: its absorb window holds deliveries
+        // back for this; not while the store is failing, whose rounds
+        // refuse what grows).
+        let deletes = q.absorb_window
+            && matches!(&cmd, Cmd::Submit { ops, .. } if ops.iter().any(Op::is_delete));
         q.cmds.push(cmd);
+        if deletes && !q.shutdown && self.shared.failing.load(Ordering::Acquire) == 0 {
+            let (dropped, empty) = q.absorb_waiting();
+            if dropped > 0 {
+                let c = &self.shared.counters;
+                c.absorbed.fetch_add(dropped, Ordering::Relaxed);
+            }
+            // A round under way is reported durable after what it holds,
+            // which may come before these: then the writer reports them.
+            if empty && !q.in_round && !q.paused {
+                q.cmds.clear();
+                q.absorbed_at_submit = q.absorbed_at_submit.wrapping_add(1);
+                drop(q);
+                self.shared.advance(seq, Some(seq));
+                return seq;
+            }
+        }
         let wake = !q.gathering || q.cmds.len() >= q.gather_enough;
         drop(q);
         if wake {

@@ -203,6 +203,8 @@ pub(crate) struct Writer {
     /// Until when the writer gathers writes for its next round (see
     /// [`Writer::next_linger`]).
     gather_until: Option<Instant>,
+    /// `Queue::absorbed_at_submit` when the writer last looked.
+    seen_absorbed: u64,
     /// Highest sequence logged but not fsynced (Interval).
     unsynced: Option<u64>,
     /// Groups in the current segment, when its first one was logged, and
@@ -256,6 +258,7 @@ impl Writer {
             checkpointer: Some(checkpointer),
             last_sync: Instant::now(),
             gather_until: None,
+            seen_absorbed: 0,
             unsynced: None,
             pending: Vec::new(),
             pending_since: None,
@@ -301,6 +304,9 @@ impl Writer {
                     .filter(|c| matches!(c, Cmd::Submit { ops, .. } if ops.iter().any(Op::grows)))
                     .count();
                 self.process(cmds);
+                // Reported durable: submit-time absorption may now report
+                // what it leaves empty (`Store::push`).
+                self.shared.queue.lock().in_round = false;
                 let linger = self.next_linger(publishes);
                 self.gather_until = (!shutdown && !linger.is_zero()).then(|| started + linger);
             }
@@ -372,11 +378,25 @@ impl Writer {
             // Gathering after a round (see `next_linger`): submits do not
             // wake the writer, unless enough of them wait.
             let now = Instant::now();
-            let gather = self.gather_until.filter(|t| now < *t);
+            let mut gather = self.gather_until.filter(|t| now < *t);
             if gather.is_none() {
                 self.gather_until = None;
             }
             let ready = !q.cmds.is_empty() && (!q.paused || q.shutdown);
+            // Exchanges absorbed at their submits since the last look
+            // (`Store::push`) are the fleet's steady state: the writer
+            // gathers as after a busy round, so that the next exchanges'
+            // submits do not each wake it (they are held for their
+            // acknowledgements anyway, and most are absorbed at them).
+            if !ready
+                && gather.is_none()
+                && q.absorbed_at_submit != self.seen_absorbed
+                && !self.options.linger.is_zero()
+            {
+                self.seen_absorbed = q.absorbed_at_submit;
+                self.gather_until = Some(now + self.options.linger);
+                gather = self.gather_until;
+            }
             // A timer of the writer's own (interval fsync, checkpoint) is
             // due: `run` handles it (gathering goes on afterwards).
             let timer_due = deadline.is_some_and(|d| now >= d);
@@ -409,6 +429,7 @@ impl Writer {
                     let rest = q.cmds.split_off(split);
                     let round = std::mem::replace(&mut q.cmds, rest);
                     q.gathering = false;
+                    q.in_round = true;
                     self.gather_until = None;
                     return (round, false);
                 }
@@ -416,6 +437,7 @@ impl Writer {
             }
             if ready && q.shutdown {
                 q.gathering = false;
+                q.in_round = true;
                 self.gather_until = None;
                 return (std::mem::take(&mut q.cmds), true);
             }
