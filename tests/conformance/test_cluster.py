@@ -12,6 +12,7 @@ in test_cluster_failure.py.
 
 import json
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -421,6 +422,14 @@ def test_the_retained_caps_hold_cluster_wide(nats_urls, monkeypatch):
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     started = []
 
+    def nats_listening():
+        assert nats.poll() is None, "the NATS server exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
     def node(name, cap):
         b = Broker(kind="millet", host=HOST, port=free_port(), settings={},
                    args=["--nats", f"nats://127.0.0.1:{port}", "--node-id", name, "--no-admin",
@@ -430,6 +439,7 @@ def test_the_retained_caps_hold_cluster_wide(nats_urls, monkeypatch):
         return b
 
     try:
+        wait_until(nats_listening, timeout=20, what="the NATS server listening")
         n1, n2 = node("cap1", 3), node("cap2", 3)
         config = stream_config(port, "MILLET_RETAINED")
         assert (config.max_msgs, str(getattr(config.discard, "value", config.discard))) == (3, "new"), config
