@@ -404,6 +404,7 @@ impl Engine {
 /// gives the same state as applying everything (see `Tables::apply_group`,
 /// which does the same while applying).
 pub(crate) fn absorb<'a>(groups: &[&'a [Op]]) -> (Vec<bool>, u64) {
+    let n: usize = groups.iter().map(|g| g.len()).sum();
     let mut keys: FxHashMap<EntryKey<'a>, (bool, (usize, usize))> = FxHashMap::default();
     for (g, ops) in groups.iter().enumerate() {
         for (i, op) in ops.iter().enumerate() {
@@ -414,7 +415,7 @@ pub(crate) fn absorb<'a>(groups: &[&'a [Op]]) -> (Vec<bool>, u64) {
             }
         }
     }
-    let mut keep: Vec<bool> = Vec::new();
+    let mut keep = Vec::with_capacity(n);
     let mut referenced: rustc_hash::FxHashSet<u64> = Default::default();
     let mut dropped = 0u64;
     for (g, ops) in groups.iter().enumerate() {
@@ -430,17 +431,8 @@ pub(crate) fn absorb<'a>(groups: &[&'a [Op]]) -> (Vec<bool>, u64) {
                     continue;
                 }
             }
-            match op {
-                Op::PutQueueEntry { entry, .. } => {
-                    referenced.insert(entry.message_id);
-                }
-                Op::PutInflight { entry, .. } => {
-                    referenced.insert(entry.message_id);
-                }
-                Op::PutRetained { message_id, .. } => {
-                    referenced.insert(*message_id);
-                }
-                _ => {}
+            if let Some(id) = op.references() {
+                referenced.insert(id);
             }
             keep.push(true);
         }
@@ -456,6 +448,123 @@ pub(crate) fn absorb<'a>(groups: &[&'a [Op]]) -> (Vec<bool>, u64) {
         }
     }
     (keep, dropped)
+}
+
+/// Absorb the deletes of the newest submit `ack` (an acknowledgement, a
+/// delivery from a queue) into the submits still waiting before it
+/// (`waiting`, oldest first), as [`absorb`] would absorb them all, given
+/// that what waits was absorbed already at the earlier submits: only the
+/// keys `ack` deletes and the messages their ops referenced can change, so
+/// the work is linear in what waits, with nothing allocated for the usual
+/// few. Returns how many
+/// ops were dropped. Where what waits was not absorbed before (a submit
+/// made when this was skipped), less is absorbed here than [`absorb`]
+/// would: the writer's round absorbs the rest.
+///
+/// An exchange's three submits (a message queued for a connected
+/// persistent session, its delivery, its acknowledgement) so leave nothing
+/// at the acknowledgement: `Queue::absorb_waiting`. Absorbing everything
+/// waiting again at every acknowledgement instead was 10% of the event
+/// loop's time in an 18,000-device fleet (session 23's profile).
+pub(crate) fn absorb_deletes(waiting: &mut [&mut Vec<Op>], ack: &mut Vec<Op>) -> u64 {
+    // Positions dropped in `waiting` and in `ack`, and the messages whose
+    // references went with them.
+    let mut gone: smallvec::SmallVec<[(usize, usize); 8]> = Default::default();
+    let mut ack_gone: smallvec::SmallVec<[usize; 4]> = Default::default();
+    let mut messages: smallvec::SmallVec<[u64; 4]> = Default::default();
+    for (d, del) in ack.iter().enumerate() {
+        let Some(k) = del.entry_key().filter(|_| del.is_delete()) else {
+            continue;
+        };
+        let mut first_creates = None;
+        for (g, ops) in waiting.iter().enumerate() {
+            for (i, op) in ops.iter().enumerate() {
+                if !op.entry_key().is_some_and(|o| same_entry(&o, &k)) || gone.contains(&(g, i)) {
+                    continue;
+                }
+                // Superseded by the delete; and when the first op on the
+                // key created the entry, the delete has nothing to delete.
+                first_creates.get_or_insert(op.creates());
+                gone.push((g, i));
+                if let Some(m) = op.references() {
+                    if !messages.contains(&m) {
+                        messages.push(m);
+                    }
+                }
+            }
+        }
+        // Earlier ops of the same submit on the key (a record updated and
+        // deleted within one turn) go the same way.
+        for (i, op) in ack[..d].iter().enumerate() {
+            if op.entry_key().is_some_and(|o| same_entry(&o, &k)) && !ack_gone.contains(&i) {
+                first_creates.get_or_insert(op.creates());
+                ack_gone.push(i);
+                if let Some(m) = op.references() {
+                    if !messages.contains(&m) {
+                        messages.push(m);
+                    }
+                }
+            }
+        }
+        if first_creates == Some(true) {
+            ack_gone.push(d);
+        }
+    }
+    // A message stored while waiting, that nothing waiting references any
+    // more, need not be written.
+    for m in messages {
+        let referenced = waiting.iter().enumerate().any(|(g, ops)| {
+            ops.iter()
+                .enumerate()
+                .any(|(i, op)| op.references() == Some(m) && !gone.contains(&(g, i)))
+        }) || ack
+            .iter()
+            .enumerate()
+            .any(|(i, op)| op.references() == Some(m) && !ack_gone.contains(&i));
+        if referenced {
+            continue;
+        }
+        for (g, ops) in waiting.iter().enumerate() {
+            for (i, op) in ops.iter().enumerate() {
+                if matches!(op, Op::PutMessage { id, .. } if *id == m) && !gone.contains(&(g, i)) {
+                    gone.push((g, i));
+                }
+            }
+        }
+        for (i, op) in ack.iter().enumerate() {
+            if matches!(op, Op::PutMessage { id, .. } if *id == m) && !ack_gone.contains(&i) {
+                ack_gone.push(i);
+            }
+        }
+    }
+    let dropped = (gone.len() + ack_gone.len()) as u64;
+    for (g, ops) in waiting.iter_mut().enumerate() {
+        if gone.iter().any(|&(h, _)| h == g) {
+            let mut i = 0;
+            ops.retain(|_| {
+                i += 1;
+                !gone.contains(&(g, i - 1))
+            });
+        }
+    }
+    if !ack_gone.is_empty() {
+        let mut i = 0;
+        ack.retain(|_| {
+            i += 1;
+            !ack_gone.contains(&(i - 1))
+        });
+    }
+    dropped
+}
+
+/// Whether two keys name the same entry (the numbers compared first).
+fn same_entry(a: &EntryKey<'_>, b: &EntryKey<'_>) -> bool {
+    match (a, b) {
+        (EntryKey::Queue(c, s), EntryKey::Queue(d, t)) => s == t && c == d,
+        (EntryKey::Inflight(c, p), EntryKey::Inflight(d, q))
+        | (EntryKey::AwaitingRel(c, p), EntryKey::AwaitingRel(d, q)) => p == q && c == d,
+        _ => false,
+    }
 }
 
 /// The table key an op writes, for write absorption within a group.
@@ -477,6 +586,16 @@ impl Op {
             Op::PutQueueEntry { .. } => true,
             Op::PutInflight { entry, .. } => entry.state == super::InflightState::AwaitAck,
             _ => false,
+        }
+    }
+
+    /// The message a surviving op keeps alive (see [`absorb`]).
+    fn references(&self) -> Option<u64> {
+        match self {
+            Op::PutQueueEntry { entry, .. } => Some(entry.message_id),
+            Op::PutInflight { entry, .. } => Some(entry.message_id),
+            Op::PutRetained { message_id, .. } => Some(*message_id),
+            _ => None,
         }
     }
 
@@ -904,5 +1023,185 @@ impl<'t> Tables<'t> {
             swept.messages += 1;
         }
         Ok(swept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::records::{
+        InflightEntry, InflightState, MessageProperties, MessageRecord, QueueEntry,
+    };
+
+    fn message() -> Box<MessageRecord> {
+        Box::new(MessageRecord {
+            topic: "t".into(),
+            payload: bytes::Bytes::from_static(b"p"),
+            qos: 1,
+            retain: false,
+            properties: MessageProperties::default(),
+            publisher: None,
+        })
+    }
+
+    fn queue_put(client_id: &str, seq: u64, message_id: u64) -> Op {
+        Op::PutQueueEntry {
+            client_id: client_id.into(),
+            seq,
+            entry: QueueEntry {
+                message_id,
+                qos: 1,
+                retain: false,
+                subscription_ids: vec![],
+                share: None,
+            },
+        }
+    }
+
+    fn inflight_put(client_id: &str, packet_id: u16, message_id: u64, first: bool) -> Op {
+        Op::PutInflight {
+            client_id: client_id.into(),
+            packet_id,
+            entry: InflightEntry {
+                message_id,
+                qos: 2,
+                retain: false,
+                subscription_ids: vec![],
+                state: if first {
+                    InflightState::AwaitAck
+                } else {
+                    InflightState::AwaitComp
+                },
+                order: 0,
+            },
+        }
+    }
+
+    /// Every submit with a delete absorbed into what waits as it comes
+    /// (`absorb_deletes`), then the round's absorption over what is left:
+    /// the same entry ops survive as from the round's absorption over
+    /// everything. The submits keep the store's contracts (a queue position
+    /// is never reused, an in-flight id is created only when free, an entry
+    /// is deleted or updated only while it exists).
+    #[test]
+    fn deletes_absorbed_as_they_come_leave_what_a_round_would() {
+        let mut r = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |m: u64| {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            r % m
+        };
+        let mut emptied = 0;
+        for _ in 0..20_000 {
+            // Entries that exist (in the engine or waiting): queue
+            // positions, in-flight ids, awaiting ids; per client "a"/"b".
+            let mut queued: Vec<(&str, u64)> = Vec::new();
+            let mut inflight: Vec<(&str, u16)> = Vec::new();
+            let mut next_seq = 0u64;
+            let mut submits: Vec<Vec<Op>> = Vec::new();
+            for _ in 0..1 + next(8) {
+                let mut ops = Vec::new();
+                for _ in 0..1 + next(3) {
+                    let client: &'static str = if next(2) == 0 { "a" } else { "b" };
+                    let message_id = next(3);
+                    let put_message = |ops: &mut Vec<Op>| {
+                        ops.push(Op::PutMessage {
+                            id: message_id,
+                            message: message(),
+                        })
+                    };
+                    match next(6) {
+                        0 | 1 => {
+                            next_seq += 1;
+                            queued.push((client, next_seq));
+                            put_message(&mut ops);
+                            ops.push(queue_put(client, next_seq, message_id));
+                        }
+                        2 if !queued.is_empty() => {
+                            let (c, seq) = queued.remove(next(queued.len() as u64) as usize);
+                            ops.push(Op::DeleteQueueEntry {
+                                client_id: c.into(),
+                                seq,
+                            });
+                        }
+                        3 => {
+                            let id = next(4) as u16;
+                            let exists = inflight.contains(&(client, id));
+                            if !exists {
+                                inflight.push((client, id));
+                            }
+                            put_message(&mut ops);
+                            ops.push(inflight_put(client, id, message_id, !exists));
+                        }
+                        4 if !inflight.is_empty() => {
+                            let (c, id) = inflight.remove(next(inflight.len() as u64) as usize);
+                            ops.push(Op::DeleteInflight {
+                                client_id: c.into(),
+                                packet_id: id,
+                            });
+                        }
+                        _ => {
+                            put_message(&mut ops);
+                            ops.push(Op::PutRetained {
+                                topic: "r".into(),
+                                message_id,
+                            });
+                        }
+                    }
+                }
+                submits.push(ops);
+            }
+            let survivors = |groups: &[Vec<Op>]| -> Vec<Op> {
+                let refs: Vec<&[Op]> = groups.iter().map(Vec::as_slice).collect();
+                let (keep, _) = absorb(&refs);
+                refs.iter()
+                    .flat_map(|g| g.iter())
+                    .zip(keep)
+                    .filter(|(_, k)| *k)
+                    .map(|(op, _)| op.clone())
+                    .collect()
+            };
+            let mut waiting: Vec<Vec<Op>> = Vec::new();
+            for s in &submits {
+                let mut ack = s.clone();
+                if ack.iter().any(Op::is_delete) {
+                    let mut before: Vec<&mut Vec<Op>> = waiting.iter_mut().collect();
+                    absorb_deletes(&mut before, &mut ack);
+                }
+                waiting.push(ack);
+            }
+            if waiting.iter().all(Vec::is_empty) {
+                emptied += 1;
+            }
+            // The same entry ops survive, and each message they reference
+            // is stored by both or by neither (a duplicate put of a message
+            // stored again later may go).
+            let split = |ops: Vec<Op>| {
+                let stored: HashSet<u64> = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        Op::PutMessage { id, .. } => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                let entries: Vec<Op> = ops
+                    .into_iter()
+                    .filter(|op| !matches!(op, Op::PutMessage { .. }))
+                    .collect();
+                (entries, stored)
+            };
+            let (left, left_stored) = split(survivors(&waiting));
+            let (right, right_stored) = split(survivors(&submits));
+            assert_eq!(left, right, "{submits:?}");
+            for m in left.iter().filter_map(Op::references) {
+                assert_eq!(
+                    left_stored.contains(&m),
+                    right_stored.contains(&m),
+                    "message {m}: {submits:?}"
+                );
+            }
+        }
+        assert!(emptied > 100, "some batches leave nothing: {emptied}");
     }
 }

@@ -414,39 +414,40 @@ pub(crate) struct Queue {
 /// Submit-time absorption looks at no more waiting commands than this (a
 /// quiet broker's: an exchange is three submits; a busy one's rounds
 /// absorb as they are taken, and its hot path is not made to do it twice).
-const ABSORB_AT_SUBMIT_MAX: usize = 16;
+const ABSORB_AT_SUBMIT_MAX: usize = 64;
 
 impl Queue {
-    /// Absorb the commands waiting now, as the writer would absorb them as
-    /// one round ([`engine::absorb`]), when they are all submits and few:
-    /// a delivery and its acknowledgement, both still waiting, leave
-    /// nothing. Returns the ops dropped, and whether nothing is left to
-    /// write: then, with no round under way, everything submitted is
-    /// durable already ([`Store::push`]).
+    /// Absorb the newest command's deletes (an acknowledgement's, a
+    /// delivery's) into the commands waiting before it, when they are all
+    /// submits ([`engine::absorb_deletes`]): a delivery and its
+    /// acknowledgement, both still waiting, leave nothing. Returns the ops dropped, and
+    /// whether nothing is left to write: then, with no round under way,
+    /// everything submitted is durable already ([`Store::push`]).
     fn absorb_waiting(&mut self) -> (u64, bool) {
         if self.cmds.len() > ABSORB_AT_SUBMIT_MAX
             || !self.cmds.iter().all(|c| matches!(c, Cmd::Submit { .. }))
         {
             return (0, false);
         }
-        let groups: Vec<&[Op]> = self
-            .cmds
-            .iter()
-            .map(|c| match c {
-                Cmd::Submit { ops, .. } => ops.as_slice(),
-                _ => &[],
+        let Some((Cmd::Submit { ops: ack, .. }, before)) = self.cmds.split_last_mut() else {
+            return (0, false);
+        };
+        let mut waiting: smallvec::SmallVec<[&mut Vec<Op>; 16]> = before
+            .iter_mut()
+            .filter_map(|c| match c {
+                Cmd::Submit { ops, .. } if !ops.is_empty() => Some(ops),
+                _ => None,
             })
             .collect();
-        let (keep, dropped) = engine::absorb(&groups);
-        drop(groups);
+        let dropped = engine::absorb_deletes(&mut waiting, ack);
+        let empty = ack.is_empty() && waiting.iter().all(|ops| ops.is_empty());
+        drop(waiting);
         if dropped > 0 {
-            let mut keep = keep.into_iter();
             for c in &mut self.cmds {
                 if let Cmd::Submit {
                     ops, hold_until, ..
                 } = c
                 {
-                    ops.retain(|_| keep.next().unwrap_or(true));
                     if ops.is_empty() {
                         // Nothing left to wait for.
                         *hold_until = None;
@@ -454,10 +455,6 @@ impl Queue {
                 }
             }
         }
-        let empty = self
-            .cmds
-            .iter()
-            .all(|c| matches!(c, Cmd::Submit { ops, .. } if ops.is_empty()));
         (dropped, empty)
     }
 }
