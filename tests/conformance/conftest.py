@@ -130,6 +130,24 @@ def _find_millet() -> str:
     pytest.exit("Millet binary not found: build it (cargo build --release) or set MILLET_BIN", returncode=3)
 
 
+# Brokers started and not stopped yet: a failing test's report shows the
+# end of each one's log (a CI failure is otherwise all there is to go by).
+RUNNING: list = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when != "call" or not rep.failed or not RUNNING:
+        return
+    tails = []
+    for b in RUNNING:
+        node = [a for a in b.args if not str(a).startswith("nats://")][-3:]
+        tails.append(f"--- {b.kind} on port {b.port} {' '.join(map(str, node))}:\n{b.log_tail(30)}")
+    rep.sections.append(("broker logs (the last 30 lines of each broker running)", "\n".join(tails)))
+
+
 @dataclass
 class Broker:
     kind: str
@@ -184,6 +202,7 @@ class Broker:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
+        RUNNING.append(self)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
             if self.proc.poll() is not None:
@@ -204,6 +223,7 @@ class Broker:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self):
+        RUNNING[:] = [b for b in RUNNING if b is not self]
         if self.proc is None:
             return
         terminate(self.proc)
@@ -434,6 +454,7 @@ class ConfigBroker(Broker):
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
+        RUNNING.append(self)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
             if self.proc.poll() is not None:

@@ -82,7 +82,8 @@ def test_without_nats_qos1_is_refused_qos0_stays_local_and_the_node_rejoins(clus
     run, nodes, client, restarted = cluster
     t = unique("cl/f")
     pub5, pub3, sub, far = client(0, V5), client(0, V311), client(0, V311), client(1, V311)
-    for c in (pub5, pub3, sub, far):
+    far5 = client(1, V5)
+    for c in (pub5, pub3, sub, far, far5):
         c.connect()
     assert sub.subscribe(f"{t}/#", 1) == [1]
     assert far.subscribe(f"{t}/#", 1) == [1]
@@ -96,12 +97,14 @@ def test_without_nats_qos1_is_refused_qos0_stays_local_and_the_node_rejoins(clus
     # killed server: the socket closes); until then a publish may still go.
     wait_until(lambda: pub5.publish(f"{t}/a", b"probe-down", qos=1) == 0x80, timeout=15,
                what="QoS 1 refused with 0x80 once NATS is down")
+    # Each node notices on its own: the other one too, before it is asked
+    # for a connection below.
+    wait_until(lambda: far5.publish(f"{t}/b", b"probe-down", qos=1) == 0x80, timeout=15,
+               what="QoS 1 refused with 0x80 on the other node too")
     sub.messages.clear()
     assert pub5.publish(f"{t}/a", b"refused", qos=1) == 0x80
     # QoS 2: PUBREC 0x80 ends the exchange [MQTT-4.3.3-4] (paho reports no
     # PUBREC reason, so a raw client looks).
-    # QoS 2: PUBREC 0x80 ends the exchange (paho does not report a
-    # PUBREC's reason, so a raw client looks).
     try:
         raw.send(publish_packet(f"{t}/a", b"refused2", qos=2, pid=9, version=V5))
         assert raw.expect(PUBREC).ack()[:2] == (9, 0x80)
@@ -198,6 +201,41 @@ def test_a_dead_nodes_wills_are_published_once_by_the_others(cluster):
 
 def cluster_members(port):
     """The node entries of millet_members (nats-py)."""
+    return sorted(kv_live_keys(port, ("millet_members",))[0])
+
+
+async def _live_keys(js, bucket):
+    """A bucket's live keys, read without nats-py's `kv.keys()`. That lists
+    through an ordered consumer and waits for a delivery that reports nothing
+    pending; when JetStream removes entries meanwhile (their TTL, a delete),
+    that delivery may never come and the listing waits forever (the same
+    defect nats.go fixed in its PR 1824). Here: the stream's subjects, then
+    each one's last message, skipping delete, purge and TTL markers."""
+    import nats.js.errors
+
+    stream = f"KV_{bucket}"
+    prefix = f"$KV.{bucket}."
+    try:
+        info = await js.stream_info(stream, subjects_filter=f"{prefix}>")
+    except nats.js.errors.NotFoundError:
+        return set()  # not created yet: JetStream still settling after start
+    live = set()
+    for subject in info.state.subjects or {}:
+        try:
+            msg = await js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            continue  # removed since the stream's answer
+        headers = msg.headers or {}
+        if headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers:
+            continue
+        live.add(subject[len(prefix):])
+    return live
+
+
+def kv_live_keys(port, buckets):
+    """The live keys of each bucket in `buckets` (nats-py), each listing
+    bounded in time so that a stuck request fails the test instead of
+    wedging it."""
     import asyncio
 
     import nats
@@ -205,11 +243,8 @@ def cluster_members(port):
     async def keys():
         nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
         try:
-            kv = await nc.jetstream().key_value("millet_members")
-            try:
-                return await kv.keys()
-            except Exception:  # nats-py raises when a bucket has no keys
-                return []
+            js = nc.jetstream()
+            return [await asyncio.wait_for(_live_keys(js, b), timeout=10) for b in buckets]
         finally:
             await nc.close()
 
@@ -343,27 +378,8 @@ def test_a_qos1_publish_jetstream_does_not_store_is_refused(cluster):
 
 
 def session_kv_keys(port, buckets=("millet_sessions", "millet_marks")):
-    """The keys of millet_sessions and millet_marks, or of `buckets` (nats-py)."""
-    import asyncio
-
-    import nats
-
-    async def keys():
-        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
-        out = []
-        try:
-            js = nc.jetstream()
-            for bucket in buckets:
-                kv = await js.key_value(bucket)
-                try:
-                    out.append(set(await kv.keys()))
-                except Exception:  # nats-py raises when a bucket has no keys
-                    out.append(set())
-            return out
-        finally:
-            await nc.close()
-
-    return asyncio.run(keys())
+    """The live keys of millet_sessions and millet_marks, or of `buckets`."""
+    return kv_live_keys(port, buckets)
 
 
 def kv_key(client_id):

@@ -70,21 +70,40 @@ def test_keep_alive_ends_a_parked_connection_and_publishes_its_will(millet_confi
     publishes the will [MQTT-3.1.2-8]. A parked connection has no timer of its own: the
     broker-wide sweep must wake it."""
     b = millet_config(park_config)
-    will_topic = unique("park-will/")
+    # keep alive 3 s: deadline 4.5 s, far enough to park (the watcher parks too).
+    elapsed = silent_client_closes(b, lambda: wait_parked(b, 2, "the quiet client parked"))
+    assert 4.4 <= elapsed <= 6.5, f"closed after {elapsed:.2f} s, expected about 4.5 s"
+    assert "keep alive" in b.log_text().lower()
+
+
+def silent_client_closes(b, meanwhile=lambda: None) -> float:
+    """A client with keep alive 3 s and a will that sends nothing after CONNECT: how many
+    seconds after its CONNECT the broker closed it, once a watcher got its will."""
+    will_topic = unique("ka-will/")
     watcher = RawClient(b, V311)
     watcher.connect(unique("watcher"), keepalive=60)
     watcher.subscribe([(will_topic, 0)])
     quiet = RawClient(b, V311, timeout=15)
     started = time.monotonic()
     quiet.connect(unique("quiet"), keepalive=3, will={"topic": will_topic, "payload": b"gone"})
-    # keep alive 3 s: deadline 4.5 s, far enough to park (the watcher parks too).
-    wait_parked(b, 2, "the quiet client parked")
+    meanwhile()
     quiet.wait_closed(timeout=10)
     elapsed = time.monotonic() - started
-    assert 4.4 <= elapsed <= 6.5, f"closed after {elapsed:.2f} s, expected about 4.5 s"
     w = watcher.recv_publish(timeout=5)
     assert w.topic == will_topic and w.payload == b"gone"
-    assert "keep alive" in b.log_text().lower()
+    return elapsed
+
+
+@pytest.mark.parametrize("reactor", ["true", "false"], ids=["event-loop", "task-per-connection"])
+def test_keep_alive_ends_a_connection_that_never_parks(millet_config, reactor):
+    """[MQTT-3.1.2-22] for a connection that is not parked: parking is off (an hour), so the
+    connection keeps its task. In an event loop its keep-alive, 4.5 s away, is left to the
+    loop's sweep rather than to a timer of its own (`Plan::split`); with a task per connection
+    it is a timer. Either way the connection closes between 1 and 1.5 x keep alive (plus the
+    0.75 s the strict keep-alive test allows, as the sweep may be that late), with its will."""
+    b = millet_config(f"[limits]\npark_after_ms = 3600000\ntcp_reactor = {reactor}\n")
+    elapsed = silent_client_closes(b)
+    assert 3.0 <= elapsed <= 4.5 + 0.75, f"closed after {elapsed:.2f} s, expected 4.5 s"
 
 
 def test_takeover_and_shutdown_reach_parked_connections(millet_config, park_config):

@@ -26,6 +26,14 @@ pub fn valid_topic_name(s: &str) -> bool {
         && !s.bytes().any(|b| b == b'+' || b == b'#' || b == 0)
 }
 
+/// The number of levels of a topic name or filter (`a/b` has 2, `a/` has 2,
+/// `a` has 1): one more than its `/` separators. Counted over the bytes
+/// (`/` never occurs inside a multi-byte UTF-8 character), which the
+/// compiler vectorises; `str::split` searches character by character.
+pub fn topic_levels(s: &str) -> usize {
+    s.bytes().filter(|&b| b == b'/').count() + 1
+}
+
 /// A topic filter a SUBSCRIBE / UNSUBSCRIBE may carry: non-empty
 /// [MQTT-4.7.3-1], `#` only alone in the last level [MQTT-4.7.1-1], `+` only
 /// alone in its level [MQTT-4.7.1-2], no U+0000 [MQTT-4.7.3-2], at most 65,535
@@ -130,6 +138,13 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn levels_are_counted_as_split_counts_them() {
+        for t in ["a", "a/b", "a/", "/", "//", "", "é/ü/€/𝄞", "$SYS/broker/x"] {
+            assert_eq!(topic_levels(t), t.split('/').count(), "{t:?}");
+        }
+    }
 
     #[test]
     fn topic_names() {

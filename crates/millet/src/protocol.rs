@@ -58,6 +58,10 @@ use crate::security::V3DenyAction;
 use crate::session::{ConnWaker, Delivery, InflightState, Message, SessionCell, Subscription};
 use crate::stamp::Stamp;
 
+// The connection's packet queues come from a per-thread pool.
+crate::lazy::recycled!(Packet);
+crate::lazy::recycled!((Ticket, Packet));
+
 mod connect;
 pub mod error;
 mod inbound;
@@ -188,8 +192,8 @@ impl Timers {
     }
 
     /// The earliest armed deadline.
-    fn next(&self) -> Option<Instant> {
-        self.0.iter().flatten().min().map(|s| s.instant())
+    fn next(&self) -> Option<Stamp> {
+        self.0.iter().flatten().min().copied()
     }
 }
 
@@ -425,6 +429,12 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(shared: Arc<Shared>, now: Instant) -> Connection {
+        Connection::with_waker(shared, now, Arc::default())
+    }
+
+    /// [`Connection::new`] with its waker made beforehand (the event loop
+    /// keeps it beside the connection's socket).
+    pub fn with_waker(shared: Arc<Shared>, now: Instant, waker: Arc<ConnWaker>) -> Connection {
         let timeout = Duration::from_secs(shared.node.config.limits.connect_timeout.max(1));
         Connection {
             shared,
@@ -438,7 +448,7 @@ impl Connection {
                 t
             },
             disconnect_expiry: None,
-            waker: Arc::new(ConnWaker::default()),
+            waker,
             accepted: false,
             keepalive_stale: false,
             detach_due: false,
@@ -575,8 +585,8 @@ impl Connection {
     /// Since when the client's in-flight window has been full with
     /// messages waiting behind it (it is not acknowledging), as of the last
     /// [`Connection::poll_transmit`].
-    pub fn ack_blocked_since(&self) -> Option<Instant> {
-        self.ack_blocked_since.map(Stamp::instant)
+    pub fn ack_blocked_since(&self) -> Option<Stamp> {
+        self.ack_blocked_since
     }
 
     /// The keep alive in force (None before CONNECT or when 0).
@@ -712,6 +722,14 @@ impl Connection {
                     return;
                 }
                 self.handle_attached(p, a, now);
+            }
+            (Then::Attach(_), Completion::Refused(refusal)) => {
+                if self.close.is_some() || !matches!(self.state, State::Attaching) {
+                    return;
+                }
+                let why = error::session_refusal_text(refusal);
+                tracing::debug!(why, "session refused while attaching");
+                self.fail(ProtocolError::SessionRefused(refusal));
             }
             (Then::Will(c), Completion::Authorized(v)) => {
                 if self.close.is_some() || !matches!(self.state, State::Verifying) {
@@ -863,7 +881,7 @@ impl Connection {
     /// The timer returned by [`Connection::poll_timeout`] fired.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.keepalive_stale {
-            self.rearm_keepalive(self.last_recv.instant());
+            self.rearm_keepalive(self.last_recv);
         }
         self.timers.take_due(Timer::Throttle, now);
         if self.timers.take_due(Timer::Credentials, now) && self.close.is_none() {
@@ -947,6 +965,12 @@ impl Connection {
     /// the keep-alive deadline may still be the earlier one: a timeout then
     /// only re-arms it.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next().map(Stamp::instant)
+    }
+
+    /// [`Connection::poll_timeout`] as a [`Stamp`] (what the driver
+    /// compares and stores, without converting).
+    pub fn poll_deadline(&self) -> Option<Stamp> {
         self.timers.next()
     }
 
@@ -958,11 +982,11 @@ impl Connection {
 
     // ---- internals -----------------------------------------------------
 
-    fn rearm_keepalive(&mut self, now: Instant) {
+    fn rearm_keepalive(&mut self, last_recv: Stamp) {
         self.keepalive_stale = false;
         if let State::Connected(a) = &self.state {
-            let at = a.keep_alive().map(|k| now + k + k / 2);
-            self.timers.set(Timer::KeepAlive, at);
+            let at = a.keep_alive().map(|k| last_recv + (k + k / 2));
+            self.timers.0[Timer::KeepAlive as usize] = at;
         }
     }
 

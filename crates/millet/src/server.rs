@@ -183,12 +183,12 @@ impl LiveConn {
     const UNLISTED: usize = usize::MAX;
 
     /// Parking with this keep-alive deadline (`None`: no keep-alive).
-    fn park_until(&self, deadline: Option<Instant>) {
+    fn park_until(&self, deadline: Option<Stamp>) {
         if self.key == LiveConn::UNLISTED {
             return; // its reactor sweeps it
         }
         if let Some(e) = self.conns.conns.lock().get_mut(self.key) {
-            e.parked_until = deadline;
+            e.parked_until = deadline.map(Stamp::instant);
         }
     }
 }
@@ -878,10 +878,13 @@ async fn upgrade_and_serve<S>(
     }
 }
 
+/// How often the node's clock ticks.
+const TICK: Duration = Duration::from_millis(250);
+
 /// The node's clock: the engine's deadlines (wills, expiry, `$SYS`) and
 /// the parked connections' keep-alive sweep.
 async fn ticker(live: Arc<LiveConns>, mut shutdown: watch::Receiver<bool>) {
-    let mut every = tokio::time::interval(std::time::Duration::from_millis(250));
+    let mut every = tokio::time::interval(TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut swept = Instant::now();
     loop {
@@ -889,7 +892,10 @@ async fn ticker(live: Arc<LiveConns>, mut shutdown: watch::Receiver<bool>) {
             _ = every.tick() => {
                 let now = Instant::now();
                 live.shared.engine.handle_timeout(now);
-                if now.duration_since(swept) >= SWEEP_EVERY {
+                // Every other tick: a tick runs a little after its time, so
+                // an exact comparison would skip one now and then and sweep
+                // after 750 ms.
+                if now.duration_since(swept) + TICK / 2 >= SWEEP_EVERY {
                     live.sweep(now);
                     swept = now;
                 }
@@ -931,11 +937,11 @@ trait Transport: AsyncWrite + Unpin + Send {
 
     /// Park a quiet connection (see [`park`]; a reactor's connections
     /// park in their reactor).
-    fn park(c: Box<Conn<Self>>, keepalive_at: Option<Instant>) -> Parked<Self>
+    fn park(c: Box<Conn<Self>>, keepalive_at: Option<Stamp>, now: Instant) -> Parked<Self>
     where
         Self: Sized + 'static,
     {
-        match park(c, keepalive_at) {
+        match park(c, keepalive_at, now) {
             Ok(()) => Parked::Gone,
             Err(c) => Parked::NotNow(c),
         }
@@ -1274,11 +1280,6 @@ impl<S> Conn<S> {
 }
 
 impl<S> Dormant<S> {
-    /// The deadline its keep-alive sweep checks (see [`Plan`]).
-    fn keepalive_at(&self) -> Option<Instant> {
-        self.conn.poll_timeout()
-    }
-
     /// Back to a full [`Conn`], its other fields at their rest values.
     fn wake(self) -> Box<Conn<S>> {
         let live = self.live.unlisted();
@@ -1440,8 +1441,8 @@ fn poll_event<S: Transport>(
     c: &mut Conn<S>,
     read: bool,
     full: bool,
-    timer_armed: bool,
-    timer: Pin<&mut tokio::time::Sleep>,
+    timer: Option<Pin<&mut tokio::time::Sleep>>,
+    coarse_at: Option<Stamp>,
     cx: &mut Context<'_>,
 ) -> Poll<Event> {
     let Conn {
@@ -1482,31 +1483,70 @@ fn poll_event<S: Transport>(
     if woken.is_ready() || pending.as_ref().is_some_and(|p| p.is_answered()) {
         return Poll::Ready(Event::Woken);
     }
-    if timer_armed && std::future::Future::poll(timer, cx).is_ready() {
+    if timer.is_some_and(|t| std::future::Future::poll(t, cx).is_ready()) {
         return Poll::Ready(Event::Timer);
+    }
+    // A deadline left to the reactor's sweep: due once a sweep has passed
+    // it (the sweep queued this connection then).
+    if let Some(at) = coarse_at {
+        if reactor::swept_past(at) {
+            return Poll::Ready(Event::Timer);
+        }
+        reactor::sweep_at(at);
     }
     Poll::Pending
 }
 
 /// What a connection waits for, worked out before each wait (and again
-/// when its timer fires) rather than kept across it.
+/// when its timer fires) rather than kept across it. In stamps: planning
+/// converts nothing to or from `Instant`.
 struct Plan {
     /// The protocol's next deadline (keep-alive, connect, ...).
-    keepalive_at: Option<Instant>,
+    keepalive_at: Option<Stamp>,
     /// A write waiting this long without progress ends the connection.
-    stall_at: Option<Instant>,
+    stall_at: Option<Stamp>,
     /// Since when the client has consumed nothing (see [`Conn::consuming_nothing`]).
-    consuming_nothing: Option<Instant>,
+    consuming_nothing: Option<Stamp>,
     /// When the session is to be told that its client consumes nothing.
-    block_at: Option<Instant>,
+    block_at: Option<Stamp>,
     /// Nothing in progress: the connection may park.
     idle: bool,
     /// When it parks, if nothing happens first.
-    park_at: Option<Instant>,
+    park_at: Option<Stamp>,
 }
 
 impl Plan {
-    fn deadline(&self) -> Option<Instant> {
+    /// The deadlines as (timer, sweep): in a reactor, those that may be
+    /// up to SWEEP_EVERY late are left to its sweep (a keep-alive at least
+    /// PARK_HORIZON away, parking when `park_after` is no shorter than the
+    /// sweep's period); the rest need a timer. Elsewhere all need a timer.
+    fn split(
+        &self,
+        now: Stamp,
+        in_reactor: bool,
+        park_after: Duration,
+    ) -> (Option<Stamp>, Option<Stamp>) {
+        if !in_reactor {
+            return (self.deadline(), None);
+        }
+        let (mut fine, mut coarse) = (None, None);
+        let mut put = |at: Option<Stamp>, far: bool| {
+            let slot = if far { &mut coarse } else { &mut fine };
+            if let Some(t) = at {
+                *slot = Some(slot.map_or(t, |s: Stamp| s.min(t)));
+            }
+        };
+        put(
+            self.keepalive_at,
+            self.keepalive_at.is_some_and(|k| k >= now + PARK_HORIZON),
+        );
+        put(self.park_at, park_after >= SWEEP_EVERY);
+        put(self.stall_at, false);
+        put(self.block_at, false);
+        (fine, coarse)
+    }
+
+    fn deadline(&self) -> Option<Stamp> {
         [
             self.keepalive_at,
             self.stall_at,
@@ -1526,26 +1566,22 @@ impl<S: Transport> Conn<S> {
 
     /// Since when the client has consumed nothing: writes stuck, or its
     /// in-flight window full.
-    fn consuming_nothing(&self) -> Option<Instant> {
-        match (
-            self.stalled_since.map(Stamp::instant),
-            self.conn.ack_blocked_since(),
-        ) {
+    fn consuming_nothing(&self) -> Option<Stamp> {
+        match (self.stalled_since, self.conn.ack_blocked_since()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
-    fn plan(&self, now: Instant) -> Plan {
+    fn plan(&self, now: Stamp) -> Plan {
         let park_after = self.park_after();
         let stall_at = self.stalled_since.map(|t| {
-            t.instant()
-                + write_stall_limit(
-                    self.conn.keep_alive(),
-                    self.conn.node().config.limits.write_timeout,
-                )
+            t + write_stall_limit(
+                self.conn.keep_alive(),
+                self.conn.node().config.limits.write_timeout,
+            )
         });
-        let keepalive_at = self.conn.poll_timeout();
+        let keepalive_at = self.conn.poll_deadline();
         let consuming_nothing = self.consuming_nothing();
         let idle = S::PARKS
             && !park_after.is_zero()
@@ -1558,7 +1594,7 @@ impl<S: Transport> Conn<S> {
             && self.conn.is_idle()
             // A keep-alive due soon is left to the task's own timer (the
             // sweep that wakes parked connections is coarse).
-            && keepalive_at.is_none_or(|k| k > now + park_after + PARK_HORIZON);
+            && keepalive_at.is_none_or(|k| k > now + (park_after + PARK_HORIZON));
         Plan {
             keepalive_at,
             stall_at,
@@ -1567,7 +1603,7 @@ impl<S: Transport> Conn<S> {
                 .filter(|_| !self.told_stalled)
                 .map(|t| t + crate::session::WRITE_BLOCK_GRACE),
             idle,
-            park_at: idle.then(|| self.last_active.instant() + park_after),
+            park_at: idle.then(|| self.last_active + park_after),
         }
     }
 }
@@ -1632,7 +1668,10 @@ fn serve<S: Transport + 'static>(
     live: Arc<LiveConns>,
     done: mpsc::Sender<()>,
 ) -> impl std::future::Future<Output = Option<Box<Conn<S>>>> + Send {
-    drive(new_conn(stream, info, live, done))
+    drive(
+        new_conn(stream, info, live, done, Arc::default()),
+        Instant::now(),
+    )
 }
 
 /// A new connection's state. Listed in `live` unless it runs in a reactor
@@ -1642,9 +1681,10 @@ fn new_conn<S: Transport + 'static>(
     info: Box<PeerInfo>,
     live: Arc<LiveConns>,
     done: mpsc::Sender<()>,
+    waker: Arc<ConnWaker>,
 ) -> Box<Conn<S>> {
     let now = Instant::now();
-    let conn = Machine(Connection::new(live.shared.clone(), now));
+    let conn = Machine(Connection::with_waker(live.shared.clone(), now, waker));
     let live = if S::IN_REACTOR {
         live.unlisted()
     } else {
@@ -1656,17 +1696,27 @@ fn new_conn<S: Transport + 'static>(
 
 /// Run a connection (new, or resumed from parking) until it closes or parks.
 /// `Some`: parked in its reactor ([`Parked::Kept`]), which keeps it.
-async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S>>> {
+/// `now`: the clock's reading when it was (re)started.
+async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>, now: Instant) -> Option<Box<Conn<S>>> {
     // The keep-alive / connect / retry timer: one timer entry, moved as the
     // deadline moves (not a new one per wait).
-    let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+    // The clock is read once per turn (after each wait or yield): what the
+    // turn does shares that `now` (and, through `Stamp`'s per-thread cache,
+    // its conversion). A turn lasts at most BUSY_SLICE, so no deadline
+    // planned from it is early by more than that. Reading the clock at each
+    // use cost ~25 reads and ~20 conversions per message (callgrind, fleet).
+    let mut now = now;
+    // Made at the first deadline that needs it: in a reactor, a connection
+    // whose deadlines are all far away (its keep-alive) leaves them to the
+    // reactor's sweep and never registers a timer (see `coarse_at`).
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut timer_at: Option<Stamp> = None;
     // Nothing handled yet since the task (re)started: a resumed connection
     // first handles what woke it before it may park again.
     let mut fresh = true;
     // When this turn on the worker began: the last wait that was not ready
     // at once, or the last yield.
-    let mut slice_start = Instant::now();
+    let mut slice_start = now;
     loop {
         // 1. Decode and handle every complete packet received so far.
         if c.conn.is_awaiting_connect() && c.hello.is_none() {
@@ -1687,7 +1737,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
         // this worker (and its I/O) run before it goes on. The slice
         // spans events that came without a wait (see the end of the loop).
         let mut handled = 0u32;
-        take_answer(&mut c);
+        take_answer(&mut c, now);
         // Taken over (or kicked) since the last turn: closed before the
         // packets read meanwhile are handled (they were sent to a
         // connection that is no longer the client's).
@@ -1695,12 +1745,10 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
             c.conn.check_kick_now();
         }
         loop {
-            // The clock is read every 16 packets, not per packet: the
+            // The clock is read again every 16 packets, not per packet: the
             // packets in between share `now` (and its conversion to a
-            // `Stamp`). `now` lives in this block only, so the task does not
-            // keep it across the yield below.
+            // `Stamp`).
             let must_yield = {
-                let mut now = Instant::now();
                 let mut must_yield = false;
                 while c.conn.poll_close().is_none()
                     && !c.rbuf.is_empty()
@@ -1736,7 +1784,8 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
                 break;
             }
             yield_turn::<S>().await;
-            slice_start = Instant::now();
+            now = Instant::now();
+            slice_start = now;
         }
         if c.rbuf.is_empty() {
             // Idle: hold no read buffer. Even at zero capacity, a buffer
@@ -1755,7 +1804,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
         let signals = c.conn.waker().take_signals();
         if c.wbuf.len() < WRITE_HIGH || signals & ConnWaker::KICK != 0 {
             let c = &mut *c;
-            c.conn.poll_transmit(Instant::now(), &mut c.wbuf);
+            c.conn.poll_transmit(now, &mut c.wbuf);
         }
         if !c.wbuf.is_empty() {
             fresh = false;
@@ -1775,7 +1824,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
                     break;
                 }
                 Poll::Pending if before != c.wbuf.len() || c.stalled_since.is_none() => {
-                    c.stalled_since = Some(Stamp::from(Instant::now()));
+                    c.stalled_since = Some(Stamp::from(now));
                 }
                 Poll::Pending => {}
             }
@@ -1850,27 +1899,38 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
         // limit while a write waits, and when to park). Polled by hand
         // rather than with `select!`: no per-branch future is stored, so
         // the waiting task stays small.
-        {
-            let plan = c.plan(Instant::now());
+        // The deadlines that may be late by up to SWEEP_EVERY are left to
+        // the reactor's sweep, as parked connections' keep-alive is (see
+        // `Plan::split`). Registering, moving and dropping a tokio timer at
+        // every wake-up was ~1,000 instructions per message in the fleet
+        // (callgrind).
+        let coarse_at = {
+            let stamp = Stamp::from(now);
+            let plan = c.plan(stamp);
             if plan.idle && c.quiet && !fresh {
                 // Resumed after a long quiet (a device's message, a command to
                 // it) and done: park again at once, without waiting
                 // `park_after` for a timer to say so.
-                match S::park(c, plan.keepalive_at) {
+                match S::park(c, plan.keepalive_at, now) {
                     Parked::Gone => return None,
                     Parked::Kept(c) => return Some(c),
                     Parked::NotNow(back) => c = back,
                 }
                 continue;
             }
-            let deadline = plan.deadline();
-            if deadline.map(Stamp::from) != timer_at {
+            let (deadline, coarse_at) = plan.split(stamp, S::IN_REACTOR, c.park_after());
+            if deadline != timer_at {
                 if let Some(d) = deadline {
-                    timer.as_mut().reset(tokio::time::Instant::from_std(d));
+                    let d = tokio::time::Instant::from_std(d.instant());
+                    match timer.as_mut() {
+                        Some(t) => t.as_mut().reset(d),
+                        None => timer = Some(Box::pin(tokio::time::sleep_until(d))),
+                    }
                 }
-                timer_at = deadline.map(Stamp::from);
+                timer_at = deadline;
             }
-        }
+            coarse_at
+        };
         c.conn.release_idle_memory();
         let full = c.wbuf.len() >= WRITE_HIGH;
         // While the protocol waits for the engine the client's bytes stay
@@ -1880,30 +1940,32 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
             // The closure holds one reference and three flags: what it
             // captures is stored in every waiting task.
             let conn = &mut *c;
-            let armed = timer_at.is_some();
-            let mut timer = timer.as_mut();
+            let mut timer = timer.as_mut().filter(|_| timer_at.is_some());
             let mut waited = false;
             std::future::poll_fn(move |cx| {
-                let r = poll_event(conn, read, full, armed, timer.as_mut(), cx);
+                let timer = timer.as_mut().map(|t| t.as_mut());
+                let r = poll_event(conn, read, full, timer, coarse_at, cx);
                 waited |= r.is_pending();
                 r.map(|e| (e, waited))
             })
             .await
         };
         let (event, waited) = event;
+        now = Instant::now();
         // A client that keeps its socket full (big packets back to back)
         // gets every event at once: without this it would yield only when
         // tokio's per-task budget runs out, after megabytes.
         if waited {
-            slice_start = Instant::now();
-        } else if slice_start.elapsed() >= BUSY_SLICE {
+            slice_start = now;
+        } else if now.saturating_duration_since(slice_start) >= BUSY_SLICE {
             yield_turn::<S>().await;
-            slice_start = Instant::now();
+            now = Instant::now();
+            slice_start = now;
         }
         fresh = false;
         match event {
             Event::Read(r) => {
-                c.last_active = Stamp::from(Instant::now());
+                c.last_active = Stamp::from(now);
                 if let Ok(n) = &r {
                     c.conn.node().stats.count_bytes_received(*n);
                 }
@@ -1912,7 +1974,7 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
                 }
             }
             Event::Wrote(n, r) => {
-                c.last_active = Stamp::from(Instant::now());
+                c.last_active = Stamp::from(now);
                 c.conn.node().stats.count_bytes_sent(n);
                 match r {
                     Poll::Ready(Err(_)) => {
@@ -1923,19 +1985,19 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
                         c.stalled_since = None;
                         wbuf_done(&mut c.wbuf);
                     }
-                    Poll::Pending => c.stalled_since = Some(Stamp::from(Instant::now())),
+                    Poll::Pending => c.stalled_since = Some(Stamp::from(now)),
                 }
             }
-            Event::Woken => c.last_active = Stamp::from(Instant::now()),
+            Event::Woken => c.last_active = Stamp::from(now),
             Event::Timer => {
                 timer_at = None;
-                let now = Instant::now();
                 // Planned again (not kept across the wait: the task stays small).
-                let plan = c.plan(now);
-                if plan.park_at.is_some_and(|t| t <= now) {
+                let stamp = Stamp::from(now);
+                let plan = c.plan(stamp);
+                if plan.park_at.is_some_and(|t| t <= stamp) {
                     // Quiet for `park_after` with nothing in progress (any
                     // other event would have come first): give up the task.
-                    match S::park(c, plan.keepalive_at) {
+                    match S::park(c, plan.keepalive_at, now) {
                         Parked::Gone => return None,
                         Parked::Kept(c) => return Some(c),
                         Parked::NotNow(back) => c = back,
@@ -1945,12 +2007,12 @@ async fn drive<S: Transport + 'static>(mut c: Box<Conn<S>>) -> Option<Box<Conn<S
                 if !c.told_stalled
                     && plan
                         .consuming_nothing
-                        .is_some_and(|t| now >= t + crate::session::WRITE_BLOCK_GRACE)
+                        .is_some_and(|t| stamp >= t + crate::session::WRITE_BLOCK_GRACE)
                 {
                     c.conn.set_consumer_stalled(true);
                     c.told_stalled = true;
                 }
-                if plan.stall_at.is_some_and(|t| t <= now) {
+                if plan.stall_at.is_some_and(|t| t <= stamp) {
                     let stall = write_stall_limit(
                         c.conn.keep_alive(),
                         c.conn.node().config.limits.write_timeout,
@@ -2054,7 +2116,7 @@ fn submit_pending_requests<S: Transport>(c: &mut Conn<S>) {
             }
         };
         match call {
-            Call::Ready(done) => handle_answer(c, done),
+            Call::Ready(done) => handle_answer(c, done, Instant::now()),
             Call::Later(pending) => c.pending = Some(pending),
         }
     }
@@ -2107,19 +2169,19 @@ fn note_connected<S: Transport>(c: &mut Conn<S>) {
 
 /// An engine answer that came later (it woke the task): handled, and the
 /// requests it led to submitted.
-fn take_answer<S: Transport>(c: &mut Conn<S>) {
+fn take_answer<S: Transport>(c: &mut Conn<S>, now: Instant) {
     if let Some(done) = c.pending.as_ref().and_then(|p| p.take()) {
         c.pending = None;
-        handle_answer(c, done);
+        handle_answer(c, done, now);
         submit_requests(c);
     }
 }
 
-fn handle_answer<S>(c: &mut Conn<S>, done: Completion) {
+fn handle_answer<S>(c: &mut Conn<S>, done: Completion, now: Instant) {
     if let (Completion::Verdict(v), Some(h)) = (&done, c.hello.as_mut()) {
         h.username = v.username.clone();
     }
-    c.conn.handle_completion(done, Instant::now());
+    c.conn.handle_completion(done, now);
 }
 
 /// The authentication hooks (`[security]`: bans, the authentication chain,
@@ -2176,9 +2238,9 @@ struct VerdictPeer {
 
 /// A park that found something waiting: the connection goes on, active now,
 /// and parks by the timer next time.
-fn not_now<S>(mut c: Box<Conn<S>>) -> Box<Conn<S>> {
+fn not_now<S>(mut c: Box<Conn<S>>, now: Instant) -> Box<Conn<S>> {
     c.quiet = false;
-    c.last_active = Stamp::from(Instant::now());
+    c.last_active = Stamp::from(now);
     c
 }
 
@@ -2214,11 +2276,11 @@ trait Resume: Send {
 
 impl<S> Conn<S> {
     /// Leaving parking: quiet if it was parked at least `park_after`.
-    fn unpark(&mut self) {
-        let now = Instant::now();
+    fn unpark(&mut self, now: Instant) {
         let park_after = Duration::from_millis(self.conn.node().config.limits.park_after_ms);
-        self.quiet = now.duration_since(self.last_active.instant()) >= park_after;
-        self.last_active = Stamp::from(now);
+        let now = Stamp::from(now);
+        self.quiet = now.saturating_since(self.last_active) >= park_after;
+        self.last_active = now;
         self.conn
             .node()
             .stats
@@ -2229,10 +2291,11 @@ impl<S> Conn<S> {
 
 impl<S: Transport + 'static> Resume for Conn<S> {
     fn resume(mut self: Box<Self>, runtime: &tokio::runtime::Handle) {
-        self.unpark();
+        let now = Instant::now();
+        self.unpark(now);
         // A runtime that is shutting down drops the future: the
         // connection's `Drop` then detaches its session.
-        runtime.spawn(drive(self));
+        runtime.spawn(drive(self, now));
     }
 }
 
@@ -2272,7 +2335,8 @@ impl std::task::Wake for Parking {
 /// between (under the same lock the waker takes it with).
 fn park<S: Transport + 'static>(
     mut c: Box<Conn<S>>,
-    keepalive_at: Option<Instant>,
+    keepalive_at: Option<Stamp>,
+    now: Instant,
 ) -> Result<(), Box<Conn<S>>> {
     let parking = c
         .parking
@@ -2292,15 +2356,15 @@ fn park<S: Transport + 'static>(
     let waker = std::task::Waker::from(parking.clone());
     let mut cx = Context::from_waker(&waker);
     if c.stream.poll_park(&mut cx).is_ready() || c.conn.waker().poll_woken(&mut cx).is_ready() {
-        return Err(not_now(c));
+        return Err(not_now(c, now));
     }
     c.live.park_until(keepalive_at);
-    c.last_active = Stamp::from(Instant::now());
+    c.last_active = Stamp::from(now);
     let mut st = parking.state.lock();
     if matches!(*st, ParkState::Running { woken: true }) {
         *st = ParkState::Running { woken: false };
         drop(st);
-        return Err(not_now(c));
+        return Err(not_now(c, now));
     }
     // Counted before it can be resumed (which takes this lock).
     c.conn
@@ -2393,7 +2457,7 @@ mod size_report {
                 size_of::<super::Dormant<super::reactor::ReactorTcp>>(),
                 280,
             ),
-            ("Slot", size_of::<super::reactor::Slot>(), 16),
+            ("Slot", size_of::<super::reactor::Slot>(), 24),
             ("reactor Entry", super::reactor::entry_size(), 40),
             ("Connection", size_of::<crate::protocol::Connection>(), 200),
             ("SessionCell", size_of::<crate::session::SessionCell>(), 328),

@@ -191,6 +191,9 @@ pub struct Subscription {
     pub share_group: Option<ByteString>,
 }
 
+// The in-flight window's deque comes from a per-thread pool.
+crate::lazy::recycled!((u16, Inflight));
+
 /// An outgoing QoS 1/2 message not yet fully acknowledged.
 #[derive(Debug, Clone)]
 pub struct Inflight {

@@ -23,8 +23,12 @@ fn base() -> Instant {
     *BASE.get_or_init(Instant::now)
 }
 
+/// `d` in nanoseconds, saturating (in 64-bit arithmetic: `as_nanos` is
+/// 128-bit, and this runs for every conversion).
 fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
 }
 
 /// An instant in 8 bytes; `Option<Stamp>` is 8 bytes too.
@@ -67,12 +71,27 @@ impl From<Instant> for Stamp {
 impl Stamp {
     fn convert(t: Instant) -> Stamp {
         let b = base();
-        let v = if t >= b {
-            ORIGIN.saturating_add(nanos(t - b))
-        } else {
-            ORIGIN.saturating_sub(nanos(b - t))
+        let v = match t.checked_duration_since(b) {
+            Some(d) => ORIGIN.saturating_add(nanos(d)),
+            None => ORIGIN.saturating_sub(nanos(b.saturating_duration_since(t))),
         };
         Stamp(NonZeroU64::new(v).unwrap_or(NonZeroU64::MIN))
+    }
+}
+
+/// `d` later (saturating): no `Instant` arithmetic, no conversion.
+impl std::ops::Add<Duration> for Stamp {
+    type Output = Stamp;
+
+    fn add(self, d: Duration) -> Stamp {
+        Stamp(self.0.saturating_add(nanos(d)))
+    }
+}
+
+impl Stamp {
+    /// How long after `earlier` this is (zero if it is not after it).
+    pub fn saturating_since(self, earlier: Stamp) -> Duration {
+        Duration::from_nanos(self.0.get().saturating_sub(earlier.0.get()))
     }
 }
 
@@ -108,5 +127,17 @@ mod tests {
             assert_eq!(Stamp::from(t).instant(), t);
         }
         assert_eq!(std::mem::size_of::<Option<Stamp>>(), 8);
+    }
+
+    #[test]
+    fn arithmetic_on_stamps_matches_arithmetic_on_instants() {
+        let now = Instant::now();
+        let d = Duration::from_millis(1_500);
+        let s = Stamp::from(now);
+        assert_eq!(s + d, Stamp::from(now + d));
+        assert_eq!((s + d).instant(), now + d);
+        assert_eq!((s + d).saturating_since(s), d);
+        assert_eq!(s.saturating_since(s + d), Duration::ZERO);
+        assert!((s + Duration::MAX).saturating_since(s).as_secs() > 100 * 365 * 24 * 3600);
     }
 }

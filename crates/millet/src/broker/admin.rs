@@ -424,7 +424,7 @@ impl Broker {
         let l = &self.node.config.limits;
         if !topic::valid_topic_name(topic_name)
             || topic_name.len() > l.max_topic_length
-            || topic_name.split('/').count() > l.max_topic_levels
+            || millet_codec::topic::topic_levels(topic_name) > l.max_topic_levels
         {
             return Err(PublishRefused::InvalidTopic);
         }

@@ -860,7 +860,8 @@ where
                 }
             }
             let rest = topic.get(start..).unwrap_or_default();
-            let (level, next) = match rest.find('/') {
+            // By byte: a `/` is never inside a multi-byte character.
+            let (level, next) = match rest.bytes().position(|b| b == b'/') {
                 Some(i) => (&rest[..i], Some(start + i + 1)),
                 None => (rest, None),
             };

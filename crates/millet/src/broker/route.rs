@@ -476,7 +476,7 @@ impl Broker {
     ) -> SubscribeOutcome {
         let limits = &self.node.config.limits;
         if filter.len() > limits.max_topic_length
-            || filter.split('/').count() > limits.max_topic_levels
+            || millet_codec::topic::topic_levels(filter) > limits.max_topic_levels
         {
             return SubscribeOutcome::Refused(ReasonCode::TOPIC_FILTER_INVALID);
         }

@@ -155,6 +155,10 @@ pub enum Completion {
     /// One verdict per topic of the [`AuthorizeRequest`], in order.
     Authorized(Vec<bool>),
     Attached(Attached),
+    /// An [`AttachRequest`] refused after all (cluster mode: NATS became
+    /// unreachable while the client id was being taken over): CONNACK
+    /// with the refusal's reason code, no session.
+    Refused(SessionRefusal),
     /// One outcome per requested filter, in order.
     Subscribed(Vec<SubscribeOutcome>),
     /// Per requested filter: whether the subscription existed.
@@ -175,6 +179,7 @@ impl std::fmt::Debug for Completion {
                 .finish(),
             Completion::Subscribed(o) => f.debug_tuple("Subscribed").field(o).finish(),
             Completion::Unsubscribed(o) => f.debug_tuple("Unsubscribed").field(o).finish(),
+            Completion::Refused(r) => f.debug_tuple("Refused").field(r).finish(),
             Completion::Detached => f.write_str("Detached"),
         }
     }

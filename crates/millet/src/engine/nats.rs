@@ -769,6 +769,17 @@ impl NatsLink {
         self.up.load(Ordering::Acquire)
     }
 
+    /// [`Self::is_up`], and the client's own connection state too: that
+    /// changes in the client's connection task the moment the connection
+    /// breaks, while the flag follows its events (delivered by another
+    /// task, and dropped when their queue is full). For the connect path,
+    /// where a stale answer means a CONNECT waiting on requests that cannot
+    /// be answered.
+    fn reachable(&self) -> bool {
+        self.is_up()
+            && self.owners.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// A QoS 1/2 publish was refused while NATS is unreachable: counted,
     /// and logged at most once a minute.
     fn log_refusal(&self) {
@@ -825,6 +836,13 @@ impl NatsLink {
         let move_from =
             unix_ms(Instant::now(), Instant::now()).saturating_sub(MOVE_MARGIN.as_millis() as u64);
         for attempt in 0..10 {
+            if !self.reachable() {
+                // NATS went away since the connection was admitted: who
+                // owns the client id cannot be known (CONNACK 0x88).
+                self.owners.attaching.lock().remove(&client_id);
+                tracing::debug!(client_id = %client_id, attempt, "cluster: NATS unreachable while taking a client id over: refused");
+                return Completion::Refused(SessionRefusal::ClusterUnavailable);
+            }
             let entry = match self.owners.kv.entry(key.clone()).await {
                 Ok(e) => e,
                 Err(e) => {
@@ -873,6 +891,11 @@ impl NatsLink {
                     tracing::debug!(client_id = %client_id, attempt, error = %e, "cluster: owner entry changed meanwhile: again");
                 }
             }
+        }
+        if revision.is_none() && !self.reachable() {
+            self.owners.attaching.lock().remove(&client_id);
+            tracing::debug!(client_id = %client_id, "cluster: NATS unreachable while taking a client id over: refused");
+            return Completion::Refused(SessionRefusal::ClusterUnavailable);
         }
         if revision.is_none() {
             tracing::warn!(client_id = %client_id, "cluster: could not become the owner of a client id (NATS unreachable, or a takeover storm): the connection is closed after its CONNACK");
@@ -3530,7 +3553,7 @@ impl Engine for Clustered {
     }
 
     fn admit_session(&self, client_id: &str) -> Result<(), SessionRefusal> {
-        if !self.link.is_up() {
+        if !self.link.reachable() {
             return Err(SessionRefusal::ClusterUnavailable);
         }
         Broker::admit_session(&self.broker, client_id)

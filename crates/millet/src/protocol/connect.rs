@@ -76,7 +76,7 @@ impl Connection {
         if let Some(w) = &c.will {
             if !topic::valid_topic_name(&w.topic)
                 || w.topic.len() > limits.max_topic_length
-                || w.topic.split('/').count() > limits.max_topic_levels
+                || millet_codec::topic::topic_levels(&w.topic) > limits.max_topic_levels
             {
                 return self.fail(ProtocolError::WillTopicInvalid);
             }
@@ -349,7 +349,7 @@ impl Connection {
         });
         self.state = State::Connected(Box::new(active));
         self.timers.set(Timer::Connect, None);
-        self.rearm_keepalive(now);
+        self.rearm_keepalive(Stamp::from(now));
         // Checked: a validly signed token may carry any `exp`.
         let expires = grant
             .valid_for

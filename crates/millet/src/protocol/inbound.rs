@@ -107,7 +107,7 @@ impl Connection {
             // [MQTT-3.3.4-6]
         }
         if p.topic.len() > limits.max_topic_length
-            || p.topic.split('/').count() > limits.max_topic_levels
+            || millet_codec::topic::topic_levels(&p.topic) > limits.max_topic_levels
         {
             if v5 && p.qos != QoS::AtMostOnce {
                 let rc = ReasonCode::TOPIC_NAME_INVALID;

@@ -21,7 +21,7 @@ impl Connection {
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) {
         self.received.add_received_to(&self.shared.node.stats);
         if self.keepalive_stale {
-            self.rearm_keepalive(self.last_recv.instant());
+            self.rearm_keepalive(self.last_recv);
         }
         let Some(protocol) = self.protocol else {
             return;
@@ -237,7 +237,7 @@ impl Connection {
             }
         }
         self.ack_blocked_since = if ack_blocked {
-            Some(self.ack_blocked_since.unwrap_or(Stamp::from(now)))
+            Some(self.ack_blocked_since.unwrap_or_else(|| Stamp::from(now)))
         } else {
             None
         };
