@@ -524,6 +524,7 @@ if [ "$MILLET_STATUS" = built ]; then
     fi
 fi
 NOTES+=("Mosquitto logs only errors and warnings (\`log_type error\`, \`log_type warning\`) and Millet runs with \`MILLET_LOG=warn\`, so that per-connection logging does not dominate the connection cases.")
+NOTES+=("Fleet work per message in user-space instructions (callgrind, independent of the machine's load, unlike CPU percentages): bench/fleet-callgrind.sh, Millet against Mosquitto; the latest figures are in bench/HISTORY.md (\"Where fleet CPU goes\").")
 NOTES+=("Mosquitto keeps its default \`set_tcp_nodelay false\`: Nagle's algorithm can delay its small PUBACKs, which shows in PUBLISH→PUBACK latency at low rates.")
 NOTES+=("Unlimited-rate QoS 0 cases measure delivery throughput; their latency percentiles are mostly queueing time in socket buffers, not broker latency. Use the 1k msg/s cases for latency.")
 NOTES+=("\"acknowledged but lost\": the broker PUBACKed a QoS 1 message to its publisher but never delivered it to the subscriber within the drain period (2 s without progress). Mosquitto drops messages beyond \`max_queued_messages\` (default 1000) per subscriber.")
