@@ -12,7 +12,9 @@
 # the broker's threads.
 #
 # usage: bench/fleet-callgrind.sh [--devices N] [--window W] [--skip-build]
-#                                 [--only millet|mosquitto]
+#                                 [--only millet|mosquitto] [--keep DIR]
+#   --keep DIR: keep each run's callgrind output there (KIND-W.out), for
+#   callgrind_annotate (where the instructions go, function by function).
 #   defaults: 600 devices, telemetry every 2 s (300 msg/s), commands to 2%
 #   of the devices each second, W = 20 s. About 5 minutes for both brokers.
 # Installs valgrind and mosquitto with apt-get when they are missing.
@@ -23,12 +25,14 @@ DEVICES=600
 WINDOW=20
 BUILD=1
 ONLY=""
+KEEP=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --devices) DEVICES=$2; shift 2 ;;
         --window) WINDOW=$2; shift 2 ;;
         --skip-build) BUILD=0; shift ;;
         --only) ONLY=$2; shift 2 ;;
+        --keep) KEEP=$2; shift 2 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -91,6 +95,10 @@ run() {
         exit 1
     fi
     callgrind_annotate "$dir/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }'
+    if [ -n "$KEEP" ]; then
+        mkdir -p "$KEEP"
+        cp "$dir/cg.out" "$KEEP/$kind-$window.out"
+    fi
     rm -rf "$dir"
 }
 

@@ -73,6 +73,18 @@ impl Connection {
             self.timers.set(Timer::Pause, None); // every congested session drained
         }
         let mut st = cell.state.lock();
+        if !active.resend
+            && !st.session.has_pending()
+            && st.blocked.is_empty()
+            && !st.session.has_deferred_replays()
+        {
+            // Nothing to send, release or replay: most calls in a fleet of
+            // quiet devices (a wake-up for an acknowledgement, a PINGREQ).
+            // What the rest would do comes to this.
+            drop(st);
+            self.ack_blocked_since = None;
+            return;
+        }
         let session = &mut st.session;
         // Store records mirroring queue → in-flight moves, submitted once at the end.
         let mut writes = self.shared.engine.session_writes(&cell.client_id, session);
